@@ -1,0 +1,41 @@
+# Strata: `make demo` and `make test` do all the set-up they need on a fresh Debian-like
+# machine with the Rust toolchain (system packages are installed when missing).
+
+SHELL := /bin/bash
+CARGO ?= cargo
+TARGET_DIR := $(or $(CARGO_TARGET_DIR),target)
+# loom models build with --cfg loom, in their own target dir so nothing else rebuilds.
+LOOM_TARGET_DIR := $(TARGET_DIR)/loom
+
+.PHONY: deps build test test-rust test-loom demo release clean
+
+deps:
+	@.ci/install-deps
+
+build: deps
+	$(CARGO) build --workspace --all-targets --locked
+
+release: deps
+	$(CARGO) build --release --locked --bin strata
+
+# The whole test suite: build (timed), every Rust test (timed), the loom models (timed).
+test: deps
+	@t0=$$(date +%s); \
+	$(CARGO) build --workspace --all-targets --locked || exit 1; \
+	t1=$$(date +%s); echo "test: build took $$((t1 - t0)) s"; \
+	$(CARGO) test --workspace --locked --no-fail-fast || exit 1; \
+	t2=$$(date +%s); echo "test: tests took $$((t2 - t1)) s"; \
+	$(MAKE) --no-print-directory test-loom || exit 1; \
+	t3=$$(date +%s); echo "test: loom models took $$((t3 - t2)) s"; \
+	echo "test: all passed in $$((t3 - t0)) s"
+
+test-loom:
+	RUSTFLAGS="--cfg loom" LOOM_MAX_PREEMPTIONS=2 $(CARGO) test --locked -p strata-sync --release --target-dir $(LOOM_TARGET_DIR)
+
+# Until `strata demo` exists (issue 7) the demo checks the example continuum's configs.
+demo: release
+	@echo "demo: 'strata demo' is not built yet; checking the example continuum instead"
+	$(TARGET_DIR)/release/strata check configs/edge.toml configs/fog.toml configs/cloud.toml
+
+clean:
+	$(CARGO) clean

@@ -1,0 +1,1195 @@
+//! Typed node configuration, read from TOML.
+//!
+//! Every section is `#[serde(default, deny_unknown_fields)]` with an explicit `Default`, and
+//! every bound, timeout and size carries its unit in its name (`lease_ms`,
+//! `commit_queue_len_max`). `configs/reference.toml` documents every key with its unit and
+//! default; a test checks that it lists every key and that its values are the defaults.
+//!
+//! Errors name the file, the key path and what was wrong:
+//! `configs/edge.toml: actors[1].outputs[0]: "Readings!" is not a valid stream name: ...`.
+//! [`NodeConfig::load`] reports the first error serde meets while parsing (with its line), or
+//! every problem [`NodeConfig::validate`] finds in a config that parsed.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::codec::PAYLOAD_BYTES_CEILING;
+use crate::model::{string_newtype, NameError, NodeId, StreamName, Tier};
+
+// ---------------------------------------------------------------------------------------
+// Errors
+
+/// One thing wrong in a config: where (`path`, `line`) and what.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// Key path such as `actors[1].outputs[0]`; empty for the whole file.
+    pub path: String,
+    pub message: String,
+    /// 1-based line, when known.
+    pub line: Option<usize>,
+}
+
+impl Problem {
+    fn new(path: impl Into<String>, message: impl Into<String>) -> Problem {
+        Problem { path: path.into(), message: message.into(), line: None }
+    }
+}
+
+/// Everything wrong with one config file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub file: PathBuf,
+    pub problems: Vec<Problem>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, p) in self.problems.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{}: ", self.file.display())?;
+            if !p.path.is_empty() {
+                write!(f, "{}: ", p.path)?;
+            }
+            write!(f, "{}", p.message)?;
+            if let Some(line) = p.line {
+                write!(f, " (line {line})")?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+// ---------------------------------------------------------------------------------------
+// Validated small types used by the config
+
+/// A Zenoh locator that Strata accepts: `tcp/<host>:<port>` or `tls/<host>:<port>`.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
+#[serde(try_from = "String")]
+pub struct Endpoint(String);
+
+impl Endpoint {
+    pub fn new(value: impl Into<String>) -> Result<Endpoint, String> {
+        let value = value.into();
+        let bad = |why: &str| Err(format!("{value:?} is not a valid endpoint: {why} (expected tcp/<host>:<port> or tls/<host>:<port>)"));
+        let Some((proto, addr)) = value.split_once('/') else {
+            return bad("no protocol");
+        };
+        if proto != "tcp" && proto != "tls" {
+            return bad(&format!("protocol {proto:?} is not supported"));
+        }
+        let Some((host, port)) = addr.rsplit_once(':') else {
+            return bad("no port");
+        };
+        if host.is_empty() || host.chars().any(|c| c.is_whitespace() || c == '/' || c == '#' || c == '?') {
+            return bad("bad host");
+        }
+        match port.parse::<u16>() {
+            Ok(p) if p > 0 => Ok(Endpoint(value)),
+            _ => bad(&format!("port {port:?} is not in 1..=65535")),
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    pub fn port(&self) -> u16 {
+        self.0.rsplit_once(':').and_then(|(_, p)| p.parse().ok()).expect("validated on construction")
+    }
+}
+
+/// A pattern over stream names, segment-wise like Zenoh key expressions: `*` matches one
+/// segment, `**` any number of segments (also none). `readings/**`, `*/alarms`, `decisions`.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
+#[serde(try_from = "String")]
+pub struct StreamPattern(String);
+
+impl StreamPattern {
+    pub fn new(value: impl Into<String>) -> Result<StreamPattern, String> {
+        let value = value.into();
+        check_pattern(&value, "stream pattern")?;
+        Ok(StreamPattern(value))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    pub fn matches(&self, stream: &StreamName) -> bool {
+        let pattern: Vec<&str> = self.0.split('/').collect();
+        let name: Vec<&str> = stream.as_str().split('/').collect();
+        segments_match(&pattern, &name)
+    }
+}
+
+fn check_pattern(value: &str, what: &str) -> Result<(), String> {
+    if value.is_empty() || value.len() > StreamName::LEN_MAX {
+        return Err(format!("{value:?} is not a valid {what}: it must be 1..=128 bytes"));
+    }
+    for segment in value.split('/') {
+        if segment.is_empty() {
+            return Err(format!("{value:?} is not a valid {what}: it has an empty segment"));
+        }
+        if segment == "*" || segment == "**" {
+            continue;
+        }
+        if segment.contains("..") {
+            return Err(format!("{value:?} is not a valid {what}: it contains '..'"));
+        }
+        if let Some(c) = segment
+            .chars()
+            .find(|&c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '_' | '.' | '-')))
+        {
+            return Err(format!(
+                "{value:?} is not a valid {what}: character {c:?} is not one of [a-z0-9_./-] (or a whole segment * or **)"
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn segments_match(pattern: &[&str], name: &[&str]) -> bool {
+    match (pattern.first(), name.first()) {
+        (None, None) => true,
+        (Some(&"**"), _) => {
+            segments_match(&pattern[1..], name) || (!name.is_empty() && segments_match(pattern, &name[1..]))
+        }
+        (Some(&p), Some(&n)) => (p == "*" || p == n) && segments_match(&pattern[1..], &name[1..]),
+        _ => false,
+    }
+}
+
+/// What a node replicates from others: `<origin>/<stream pattern>`, where `<origin>` is a
+/// node id or `*`. `edge-1/readings/**`, `*/events`.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
+#[serde(try_from = "String")]
+pub struct Subscription(String);
+
+impl Subscription {
+    pub fn new(value: impl Into<String>) -> Result<Subscription, String> {
+        let value = value.into();
+        let Some((origin, stream)) = value.split_once('/') else {
+            return Err(format!(
+                "{value:?} is not a valid subscription: expected <origin node id or *>/<stream pattern>"
+            ));
+        };
+        if origin != "*" {
+            NodeId::new(origin).map_err(|e| format!("{value:?} is not a valid subscription: origin {e}"))?;
+        }
+        check_pattern(stream, "stream pattern").map_err(|e| format!("{value:?} is not a valid subscription: {e}"))?;
+        Ok(Subscription(value))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// `None` for `*`.
+    pub fn origin(&self) -> Option<NodeId> {
+        let (origin, _) = self.0.split_once('/').expect("validated on construction");
+        (origin != "*").then(|| NodeId::new(origin).expect("validated on construction"))
+    }
+
+    pub fn stream_pattern(&self) -> StreamPattern {
+        let (_, stream) = self.0.split_once('/').expect("validated on construction");
+        StreamPattern(stream.to_owned())
+    }
+
+    pub fn matches(&self, origin: &NodeId, stream: &StreamName) -> bool {
+        self.origin().is_none_or(|o| &o == origin) && self.stream_pattern().matches(stream)
+    }
+}
+
+/// A reference to a stream as an actor input: `readings/line-3` (this node's own stream) or
+/// `edge-1:readings/line-3` (a stream of node `edge-1`, replicated here).
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct StreamRef {
+    pub origin: Option<NodeId>,
+    pub stream: StreamName,
+}
+
+impl TryFrom<String> for StreamRef {
+    type Error = String;
+    fn try_from(value: String) -> Result<Self, String> {
+        let (origin, stream) = match value.split_once(':') {
+            Some((o, s)) => (Some(NodeId::new(o).map_err(|e| e.to_string())?), s),
+            None => (None, value.as_str()),
+        };
+        Ok(StreamRef { origin, stream: StreamName::new(stream).map_err(|e| e.to_string())? })
+    }
+}
+
+impl From<StreamRef> for String {
+    fn from(r: StreamRef) -> String {
+        r.to_string()
+    }
+}
+
+impl fmt::Display for StreamRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.origin {
+            Some(o) => write!(f, "{o}:{}", self.stream),
+            None => write!(f, "{}", self.stream),
+        }
+    }
+}
+
+/// A short lower-case name: actor kinds and names, capabilities, action classes.
+/// 1..=64 bytes of `[a-z0-9_-]`.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
+#[serde(try_from = "String")]
+pub struct Name(String);
+
+impl Name {
+    pub fn new(value: impl Into<String>) -> Result<Name, NameError> {
+        let value = value.into();
+        crate::model::check_alphabet("name", &value, NodeId::LEN_MAX, "[a-z0-9_-]", |b| {
+            b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-'
+        })?;
+        Ok(Name(value))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+string_newtype!(String: Endpoint, StreamPattern, Subscription);
+string_newtype!(NameError: Name);
+
+impl fmt::Debug for StreamRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&self.to_string(), f)
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The config
+
+/// A node's whole configuration. Only `[node]` is required.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    pub node: NodeSection,
+    #[serde(default)]
+    pub zenoh: ZenohSection,
+    #[serde(default)]
+    pub log: LogSection,
+    #[serde(default)]
+    pub replication: ReplicationSection,
+    #[serde(default)]
+    pub ingest: IngestSection,
+    #[serde(default)]
+    pub supervision: SupervisionSection,
+    #[serde(default)]
+    pub actors: Vec<ActorSpec>,
+    #[serde(default)]
+    pub routing: RoutingSection,
+    #[serde(default)]
+    pub modes: ModesSection,
+    #[serde(default)]
+    pub autonomy: AutonomySection,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeSection {
+    /// Stable identity of the node. Required.
+    pub id: NodeId,
+    /// `edge`, `fog` or `cloud`. Required.
+    pub tier: Tier,
+    /// Directory of the node's RocksDB store. Default `data/<id>`, relative to the working
+    /// directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_dir: Option<PathBuf>,
+}
+
+impl NodeSection {
+    pub fn data_dir(&self) -> PathBuf {
+        self.data_dir.clone().unwrap_or_else(|| Path::new("data").join(self.id.as_str()))
+    }
+}
+
+/// Zenoh session mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ZenohMode {
+    Peer,
+    Client,
+    Router,
+}
+
+impl ZenohMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ZenohMode::Peer => "peer",
+            ZenohMode::Client => "client",
+            ZenohMode::Router => "router",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ZenohSection {
+    /// `peer`, `client` or `router`. Default by tier: edge = client, fog and cloud = router.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mode: Option<ZenohMode>,
+    /// Endpoints this node listens on. Default none.
+    pub listen: Vec<Endpoint>,
+    /// Endpoints this node connects to (its parent tier, or a `zenohd`). Default none.
+    pub connect: Vec<Endpoint>,
+    /// Zenoh lease: how long a silent link is trusted, in ms. Default 1000.
+    pub lease_ms: u64,
+    /// Period between attempts to re-open a lost connection, in ms. Default 250.
+    pub connect_retry_ms: u64,
+    /// Multicast scouting (peer discovery on the LAN). Default false: links are explicit.
+    pub scouting_multicast: bool,
+}
+
+impl Default for ZenohSection {
+    fn default() -> Self {
+        ZenohSection {
+            mode: None,
+            listen: Vec::new(),
+            connect: Vec::new(),
+            lease_ms: 1000,
+            connect_retry_ms: 250,
+            scouting_multicast: false,
+        }
+    }
+}
+
+impl ZenohSection {
+    pub fn mode_for(&self, tier: Tier) -> ZenohMode {
+        self.mode.unwrap_or(match tier {
+            Tier::Edge => ZenohMode::Client,
+            Tier::Fog | Tier::Cloud => ZenohMode::Router,
+        })
+    }
+}
+
+/// When an append counts as durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SyncPolicy {
+    /// Every batch's WAL is fsync'd before its appends return. Survives power loss.
+    Always,
+    /// The WAL is fsync'd every `sync_interval_ms`; appends return once written to the OS.
+    /// A crash of the process loses nothing; a power loss loses up to one interval.
+    Interval,
+    /// Never fsync'd by Strata. A process crash loses nothing; a power loss may lose any
+    /// amount not yet flushed by the OS.
+    Never,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogSection {
+    /// `always`, `interval` or `never`. Default `always`.
+    pub sync: SyncPolicy,
+    /// WAL fsync period for `sync = "interval"`, in ms. Default 100.
+    pub sync_interval_ms: u64,
+    /// Most appends written in one group-commit batch. Default 1024.
+    pub commit_batch_len_max: usize,
+    /// How long the committer waits for more appends once one arrived, in µs. Default 0:
+    /// batches form on their own while the previous sync runs.
+    pub commit_linger_us: u64,
+    /// Adaptive group commit: when fewer appends are queued than the last batch held, wait
+    /// for that many, at most half a batch write (and at most 2 ms). Keeps N producers in one
+    /// sync instead of two alternating half batches. Default true.
+    pub commit_wait_adaptive: bool,
+    /// Appends waiting for the committer; producers wait when it is full. Default 4096.
+    pub commit_queue_len_max: usize,
+    /// Largest payload of one envelope, in bytes. Default 1048576 (1 MiB).
+    pub payload_bytes_max: usize,
+    /// RocksDB memtable size (write buffer), in bytes. Default 4194304 (4 MiB).
+    pub memtable_bytes: usize,
+    /// RocksDB block cache size, in bytes. Default 8388608 (8 MiB).
+    pub block_cache_bytes: usize,
+    /// Period of the retention sweep, in ms. Default 10000.
+    pub retention_check_interval_ms: u64,
+    /// Retention rules; the first rule whose `streams` matches a stream applies.
+    /// Default none: keep everything.
+    pub retention: Vec<RetentionRule>,
+}
+
+impl Default for LogSection {
+    fn default() -> Self {
+        LogSection {
+            sync: SyncPolicy::Always,
+            sync_interval_ms: 100,
+            commit_batch_len_max: 1024,
+            commit_linger_us: 0,
+            commit_wait_adaptive: true,
+            commit_queue_len_max: 4096,
+            payload_bytes_max: 1024 * 1024,
+            memtable_bytes: 4 * 1024 * 1024,
+            block_cache_bytes: 8 * 1024 * 1024,
+            retention_check_interval_ms: 10_000,
+            retention: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetentionRule {
+    /// Streams this rule applies to (pattern). Required.
+    pub streams: StreamPattern,
+    /// Keep at most this many bytes per stream; oldest records go first. Default unlimited.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes_max: Option<u64>,
+    /// Keep records at most this old, in seconds. Default unlimited.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub age_s_max: Option<u64>,
+    /// Never delete a record before every named tier acknowledged it. Default none.
+    #[serde(default)]
+    pub keep_until_acked: Vec<Tier>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ReplicationSection {
+    /// Streams of other nodes to replicate here, as `<origin or *>/<stream pattern>`.
+    /// Default none.
+    pub subscribe: Vec<Subscription>,
+    /// Most records in one replay reply batch. Default 256.
+    pub replay_batch_len_max: usize,
+    /// Period of the check for gaps and lagging watermarks, in ms. Default 1000.
+    pub replay_check_interval_ms: u64,
+    /// How long one replay query may take before it is retried, in ms. Default 2000.
+    pub replay_timeout_ms: u64,
+    /// Period at which this node publishes its watermarks as acknowledgements, in ms.
+    /// Default 250.
+    pub ack_interval_ms: u64,
+    /// Received live samples waiting to be stored; beyond it samples are dropped and
+    /// later repaired by replay. Default 8192.
+    pub live_queue_len_max: usize,
+}
+
+impl Default for ReplicationSection {
+    fn default() -> Self {
+        ReplicationSection {
+            subscribe: Vec::new(),
+            replay_batch_len_max: 256,
+            replay_check_interval_ms: 1000,
+            replay_timeout_ms: 2000,
+            ack_interval_ms: 250,
+            live_queue_len_max: 8192,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct IngestSection {
+    /// Streams that foreign clients may write through `strata/ingest/<stream>`.
+    /// Default none: ingest is off.
+    pub streams: Vec<StreamPattern>,
+    /// Largest accepted ingest message, in bytes. Default 65536.
+    pub payload_bytes_max: usize,
+}
+
+impl Default for IngestSection {
+    fn default() -> Self {
+        IngestSection { streams: Vec::new(), payload_bytes_max: 64 * 1024 }
+    }
+}
+
+/// OTP restart strategy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Strategy {
+    OneForOne,
+    OneForAll,
+    RestForOne,
+}
+
+/// OTP child restart type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RestartType {
+    /// Always restarted.
+    Permanent,
+    /// Restarted only after a failure, not after a normal exit.
+    Transient,
+    /// Never restarted.
+    Temporary,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SupervisionSection {
+    /// `one_for_one`, `one_for_all` or `rest_for_one`. Default `one_for_one`.
+    pub strategy: Strategy,
+    /// Restarts allowed within `restart_window_ms` before escalating. Default 5.
+    pub restarts_max: u32,
+    /// Window of the restart intensity, in ms. Default 10000.
+    pub restart_window_ms: u64,
+    /// First restart delay, in ms; doubles with each restart in the window. Default 50.
+    pub backoff_base_ms: u64,
+    /// Largest restart delay, in ms. Default 5000.
+    pub backoff_max_ms: u64,
+    /// Random spread added to each delay, in percent of it. Default 20.
+    pub backoff_jitter_pct: u8,
+    /// How long one child may take to stop before it is killed, in ms. Default 5000.
+    pub child_shutdown_timeout_ms: u64,
+}
+
+impl Default for SupervisionSection {
+    fn default() -> Self {
+        SupervisionSection {
+            strategy: Strategy::OneForOne,
+            restarts_max: 5,
+            restart_window_ms: 10_000,
+            backoff_base_ms: 50,
+            backoff_max_ms: 5_000,
+            backoff_jitter_pct: 20,
+            child_shutdown_timeout_ms: 5_000,
+        }
+    }
+}
+
+/// One actor of the node's supervision tree.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ActorSpec {
+    /// Registered actor kind, e.g. `sensor`, `inference`, `arbiter`. Required.
+    pub kind: Name,
+    /// Unique name of this actor in the node; also its cursor's name. Required.
+    pub name: Name,
+    /// Streams the actor consumes: `stream` (this node's) or `origin:stream`.
+    #[serde(default)]
+    pub inputs: Vec<StreamRef>,
+    /// Streams the actor appends to.
+    #[serde(default)]
+    pub outputs: Vec<StreamName>,
+    /// `permanent`, `transient` or `temporary`. Default `permanent`.
+    #[serde(default = "permanent")]
+    pub restart: RestartType,
+    /// Kind-specific parameters, checked by the kind when the node is built.
+    #[serde(default)]
+    pub params: toml::Table,
+}
+
+fn permanent() -> RestartType {
+    RestartType::Permanent
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RoutingSection {
+    /// Tiers in order of preference when several can meet a deadline.
+    /// Default `["cloud", "fog", "edge"]`.
+    pub preference: Vec<Tier>,
+    /// Time kept in reserve when judging whether a tier fits a budget, in ms. Default 2.
+    pub safety_margin_ms: u64,
+    /// Send to two tiers when estimates are uncertain. Default false.
+    pub hedging: bool,
+    /// Period of latency probes to each reachable tier, in ms. Default 500.
+    pub probe_interval_ms: u64,
+    /// Deadline of a decision whose capability has no entry in `deadline_ms`, in ms.
+    /// Default 100.
+    pub default_deadline_ms: u64,
+    /// Deadline per capability, in ms, e.g. `{ anomaly = 20 }`. Default none.
+    pub deadline_ms: BTreeMap<Name, u64>,
+}
+
+impl Default for RoutingSection {
+    fn default() -> Self {
+        RoutingSection {
+            preference: vec![Tier::Cloud, Tier::Fog, Tier::Edge],
+            safety_margin_ms: 2,
+            hedging: false,
+            probe_interval_ms: 500,
+            default_deadline_ms: 100,
+            deadline_ms: BTreeMap::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ModesSection {
+    /// How long a lost tier must stay back before the mode goes up again, in ms.
+    /// Default 3000.
+    pub recover_hold_ms: u64,
+}
+
+impl Default for ModesSection {
+    fn default() -> Self {
+        ModesSection { recover_hold_ms: 3000 }
+    }
+}
+
+/// What may be decided without a human in one degraded mode.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Bounds {
+    /// Action classes allowed autonomously.
+    pub actions: Vec<Name>,
+    /// Highest risk score (0.0..=1.0) allowed autonomously.
+    pub risk_max: f64,
+}
+
+fn bounds(actions: &[&str], risk_max: f64) -> Bounds {
+    Bounds { actions: actions.iter().map(|a| Name::new(*a).expect("static name")).collect(), risk_max }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AutonomySection {
+    /// How long an escalation waits for an operator, in ms. Default 30000.
+    pub escalation_timeout_ms: u64,
+    /// Action taken when an escalation times out. Default `hold`.
+    pub safe_default_action: Name,
+    /// Bounds in mode `Full`. Default actions log, alert, adjust, stop; risk_max 1.0.
+    pub full: Bounds,
+    /// Bounds in mode `NoCloud`. Default actions log, alert, adjust, stop; risk_max 0.7.
+    pub no_cloud: Bounds,
+    /// Bounds in mode `Isolated`. Default actions log, alert, stop; risk_max 0.4.
+    pub isolated: Bounds,
+    /// Bounds in mode `Safe`. Default actions log, alert; risk_max 0.1.
+    pub safe: Bounds,
+}
+
+impl Default for AutonomySection {
+    fn default() -> Self {
+        AutonomySection {
+            escalation_timeout_ms: 30_000,
+            safe_default_action: Name::new("hold").expect("static name"),
+            full: bounds(&["log", "alert", "adjust", "stop"], 1.0),
+            no_cloud: bounds(&["log", "alert", "adjust", "stop"], 0.7),
+            isolated: bounds(&["log", "alert", "stop"], 0.4),
+            safe: bounds(&["log", "alert"], 0.1),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Loading and validation
+
+impl NodeConfig {
+    /// Reads, parses and validates the config at `file`.
+    pub fn load(file: &Path) -> Result<NodeConfig, ConfigError> {
+        let text = std::fs::read_to_string(file).map_err(|e| ConfigError {
+            file: file.to_owned(),
+            problems: vec![Problem::new("", format!("cannot read the file: {e}"))],
+        })?;
+        NodeConfig::parse(file, &text)
+    }
+
+    /// Parses and validates `text`; `file` is only used in error messages.
+    pub fn parse(file: &Path, text: &str) -> Result<NodeConfig, ConfigError> {
+        let config = parse_toml(text).map_err(|p| ConfigError { file: file.to_owned(), problems: vec![p] })?;
+        let problems = config.validate();
+        if problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigError { file: file.to_owned(), problems })
+        }
+    }
+
+    /// Every problem that parsing alone cannot see (ranges, cross-field rules).
+    pub fn validate(&self) -> Vec<Problem> {
+        let mut out = Vec::new();
+        let mut bad = |path: &str, message: String| out.push(Problem::new(path, message));
+
+        let z = &self.zenoh;
+        let mode = z.mode_for(self.node.tier);
+        if !(100..=60_000).contains(&z.lease_ms) {
+            bad("zenoh.lease_ms", format!("{} is not in 100..=60000", z.lease_ms));
+        }
+        if !(10..=60_000).contains(&z.connect_retry_ms) {
+            bad("zenoh.connect_retry_ms", format!("{} is not in 10..=60000", z.connect_retry_ms));
+        }
+        if mode == ZenohMode::Client && !z.listen.is_empty() {
+            bad("zenoh.listen", "a Zenoh client does not listen; remove `listen` or set mode = \"peer\" or \"router\"".into());
+        }
+        if mode == ZenohMode::Client && z.connect.is_empty() {
+            bad("zenoh.connect", "a Zenoh client needs at least one endpoint to connect to".into());
+        }
+        duplicates("zenoh.listen", &z.listen, &mut bad);
+        duplicates("zenoh.connect", &z.connect, &mut bad);
+        for (i, c) in z.connect.iter().enumerate() {
+            if z.listen.contains(c) {
+                bad(&format!("zenoh.connect[{i}]"), format!("{:?} is this node's own listen endpoint", c.as_str()));
+            }
+        }
+
+        let l = &self.log;
+        if l.sync == SyncPolicy::Interval && !(1..=60_000).contains(&l.sync_interval_ms) {
+            bad("log.sync_interval_ms", format!("{} is not in 1..=60000", l.sync_interval_ms));
+        }
+        if !(1..=65_536).contains(&l.commit_batch_len_max) {
+            bad("log.commit_batch_len_max", format!("{} is not in 1..=65536", l.commit_batch_len_max));
+        }
+        if l.commit_linger_us > 1_000_000 {
+            bad("log.commit_linger_us", format!("{} is more than 1000000 (1 s)", l.commit_linger_us));
+        }
+        if !(1..=1_048_576).contains(&l.commit_queue_len_max) {
+            bad("log.commit_queue_len_max", format!("{} is not in 1..=1048576", l.commit_queue_len_max));
+        }
+        if !(1..=PAYLOAD_BYTES_CEILING).contains(&l.payload_bytes_max) {
+            bad("log.payload_bytes_max", format!("{} is not in 1..={PAYLOAD_BYTES_CEILING}", l.payload_bytes_max));
+        }
+        if l.memtable_bytes < 64 * 1024 {
+            bad("log.memtable_bytes", format!("{} is less than 65536", l.memtable_bytes));
+        }
+        if l.retention_check_interval_ms == 0 {
+            bad("log.retention_check_interval_ms", "must be at least 1".into());
+        }
+        for (i, r) in l.retention.iter().enumerate() {
+            if r.bytes_max.is_none() && r.age_s_max.is_none() {
+                bad(&format!("log.retention[{i}]"), "a rule needs bytes_max, age_s_max or both".into());
+            }
+            if r.bytes_max == Some(0) {
+                bad(&format!("log.retention[{i}].bytes_max"), "must be at least 1".into());
+            }
+        }
+
+        let r = &self.replication;
+        for (key, value, min) in [
+            ("replication.replay_batch_len_max", r.replay_batch_len_max as u64, 1),
+            ("replication.replay_check_interval_ms", r.replay_check_interval_ms, 10),
+            ("replication.replay_timeout_ms", r.replay_timeout_ms, 10),
+            ("replication.ack_interval_ms", r.ack_interval_ms, 10),
+            ("replication.live_queue_len_max", r.live_queue_len_max as u64, 1),
+            ("ingest.payload_bytes_max", self.ingest.payload_bytes_max as u64, 16),
+            ("supervision.restart_window_ms", self.supervision.restart_window_ms, 1),
+            ("supervision.child_shutdown_timeout_ms", self.supervision.child_shutdown_timeout_ms, 1),
+            ("routing.probe_interval_ms", self.routing.probe_interval_ms, 10),
+            ("routing.default_deadline_ms", self.routing.default_deadline_ms, 1),
+            ("autonomy.escalation_timeout_ms", self.autonomy.escalation_timeout_ms, 1),
+        ] {
+            if value < min {
+                bad(key, format!("{value} is less than {min}"));
+            }
+        }
+        if self.ingest.payload_bytes_max > l.payload_bytes_max {
+            bad("ingest.payload_bytes_max", format!("{} is larger than log.payload_bytes_max ({})", self.ingest.payload_bytes_max, l.payload_bytes_max));
+        }
+
+        let s = &self.supervision;
+        if s.backoff_base_ms > s.backoff_max_ms {
+            bad("supervision.backoff_base_ms", format!("{} is larger than backoff_max_ms ({})", s.backoff_base_ms, s.backoff_max_ms));
+        }
+        if s.backoff_jitter_pct > 100 {
+            bad("supervision.backoff_jitter_pct", format!("{} is more than 100", s.backoff_jitter_pct));
+        }
+
+        let mut names = BTreeSet::new();
+        for (i, a) in self.actors.iter().enumerate() {
+            if !names.insert(&a.name) {
+                bad(&format!("actors[{i}].name"), format!("{:?} is already the name of another actor", a.name.as_str()));
+            }
+            duplicates(&format!("actors[{i}].outputs"), &a.outputs, &mut bad);
+        }
+
+        let rt = &self.routing;
+        if rt.preference.is_empty() {
+            bad("routing.preference", "must name at least one tier".into());
+        }
+        duplicates("routing.preference", &rt.preference, &mut bad);
+        for (cap, ms) in &rt.deadline_ms {
+            if *ms == 0 {
+                bad(&format!("routing.deadline_ms.{cap}"), "must be at least 1".into());
+            }
+        }
+
+        for (mode, b) in [
+            ("full", &self.autonomy.full),
+            ("no_cloud", &self.autonomy.no_cloud),
+            ("isolated", &self.autonomy.isolated),
+            ("safe", &self.autonomy.safe),
+        ] {
+            if !(0.0..=1.0).contains(&b.risk_max) {
+                bad(&format!("autonomy.{mode}.risk_max"), format!("{} is not in 0.0..=1.0", b.risk_max));
+            }
+            duplicates(&format!("autonomy.{mode}.actions"), &b.actions, &mut bad);
+        }
+        out
+    }
+}
+
+fn duplicates<T: PartialEq + fmt::Debug>(path: &str, items: &[T], bad: &mut impl FnMut(&str, String)) {
+    for (i, item) in items.iter().enumerate() {
+        if items[..i].contains(item) {
+            bad(&format!("{path}[{i}]"), format!("{item:?} is listed twice"));
+        }
+    }
+}
+
+fn parse_toml(text: &str) -> Result<NodeConfig, Problem> {
+    let deserializer = toml::Deserializer::new(text);
+    serde_path_to_error::deserialize(deserializer).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        let line = inner.span().map(|span| text[..span.start.min(text.len())].lines().count().max(1));
+        let path = if path == "." { String::new() } else { path };
+        Problem { path, message: inner.message().trim().to_owned(), line }
+    })
+}
+
+// ---------------------------------------------------------------------------------------
+// A continuum of several configs
+
+/// A set of node configs that form a consistent continuum, with its links.
+#[derive(Debug, Clone)]
+pub struct Continuum {
+    pub nodes: Vec<(PathBuf, NodeConfig)>,
+    /// `(from, to)` indexes into `nodes`: `from` connects to an endpoint `to` listens on.
+    pub links: Vec<(usize, usize)>,
+    /// One path edge → fog → cloud, as node indexes.
+    pub path: [usize; 3],
+}
+
+/// Checks that configs (already loaded and valid one by one) form a continuum: unique node
+/// ids and listen endpoints, every `connect` endpoint is some node's `listen`, and at least
+/// one edge → fog → cloud path.
+pub fn check_continuum(nodes: Vec<(PathBuf, NodeConfig)>) -> Result<Continuum, Vec<ConfigError>> {
+    let mut errors: Vec<ConfigError> = Vec::new();
+    let mut report = |file: &Path, path: String, message: String| {
+        match errors.iter_mut().find(|e| e.file == file) {
+            Some(e) => e.problems.push(Problem::new(path, message)),
+            None => errors.push(ConfigError { file: file.to_owned(), problems: vec![Problem::new(path, message)] }),
+        }
+    };
+
+    let mut ids: BTreeMap<&NodeId, &Path> = BTreeMap::new();
+    let mut listeners: BTreeMap<&Endpoint, (usize, &Path)> = BTreeMap::new();
+    for (i, (file, cfg)) in nodes.iter().enumerate() {
+        if let Some(first) = ids.insert(&cfg.node.id, file) {
+            ids.insert(&cfg.node.id, first);
+            report(file, "node.id".into(), format!("{:?} is already the id of the node in {}", cfg.node.id.as_str(), first.display()));
+        }
+        for (j, ep) in cfg.zenoh.listen.iter().enumerate() {
+            if let Some(&(_, first)) = listeners.get(ep) {
+                report(file, format!("zenoh.listen[{j}]"), format!("{:?} is already a listen endpoint of {}", ep.as_str(), first.display()));
+            } else {
+                listeners.insert(ep, (i, file));
+            }
+        }
+    }
+
+    let mut links = Vec::new();
+    for (i, (file, cfg)) in nodes.iter().enumerate() {
+        for (j, ep) in cfg.zenoh.connect.iter().enumerate() {
+            match listeners.get(ep) {
+                Some(&(to, _)) => links.push((i, to)),
+                None => {
+                    let known: Vec<String> = listeners
+                        .iter()
+                        .map(|(ep, (n, _))| format!("{} ({})", ep.as_str(), nodes[*n].1.node.id))
+                        .collect();
+                    let known = if known.is_empty() { "none".to_owned() } else { known.join(", ") };
+                    report(
+                        file,
+                        format!("zenoh.connect[{j}]"),
+                        format!("{:?} is not the listen endpoint of any node given (listening: {known})", ep.as_str()),
+                    );
+                }
+            }
+        }
+    }
+
+    let tier = |i: usize| nodes[i].1.node.tier;
+    let linked = |a: usize, b: usize| links.iter().any(|&(x, y)| (x, y) == (a, b) || (x, y) == (b, a));
+    let mut path = None;
+    'search: for e in (0..nodes.len()).filter(|&i| tier(i) == Tier::Edge) {
+        for f in (0..nodes.len()).filter(|&i| tier(i) == Tier::Fog && linked(e, i)) {
+            for c in (0..nodes.len()).filter(|&i| tier(i) == Tier::Cloud && linked(f, i)) {
+                path = Some([e, f, c]);
+                break 'search;
+            }
+        }
+    }
+    if path.is_none() && errors.is_empty() {
+        let count = |t| nodes.iter().filter(|(_, c)| c.node.tier == t).count();
+        let message = format!(
+            "no path edge -> fog -> cloud through the connect/listen links ({} edge, {} fog, {} cloud node(s) given)",
+            count(Tier::Edge),
+            count(Tier::Fog),
+            count(Tier::Cloud)
+        );
+        errors.push(ConfigError { file: PathBuf::from("continuum"), problems: vec![Problem::new("", message)] });
+    }
+    match path {
+        Some(path) if errors.is_empty() => Ok(Continuum { nodes, links, path }),
+        _ => Err(errors),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = "[node]\nid = \"edge-1\"\ntier = \"edge\"\n[zenoh]\nconnect = [\"tcp/127.0.0.1:7448\"]\n";
+
+    /// Parses `text` and returns `Ok` or the error rendered as the CLI shows it.
+    fn check(text: &str, expected: Result<(), &str>) {
+        let got = NodeConfig::parse(Path::new("t.toml"), text).map(|_| ()).map_err(|e| e.to_string());
+        match (got, expected) {
+            (Ok(()), Ok(())) => {}
+            (Err(e), Err(fragment)) => assert!(e.contains(fragment), "error {e:?} lacks {fragment:?}"),
+            (got, expected) => panic!("got {got:?}, expected {expected:?}"),
+        }
+    }
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let c = NodeConfig::parse(Path::new("t.toml"), MINIMAL).unwrap();
+        assert_eq!(c.zenoh.mode_for(c.node.tier), ZenohMode::Client);
+        assert_eq!(c.log, LogSection::default());
+        assert_eq!(c.node.data_dir(), PathBuf::from("data/edge-1"));
+    }
+
+    #[test]
+    fn errors_name_key_path_and_problem() {
+        check(&format!("{MINIMAL}[[actors]]\nkind = \"sensor\"\nname = \"a\"\n[[actors]]\nkind = \"sensor\"\nname = \"b\"\noutputs = [\"Readings!\"]\n"),
+            Err("t.toml: actors[1].outputs[0]: \"Readings!\" is not a valid stream name"));
+        check(&format!("{MINIMAL}lease = 3\n"), Err("t.toml: zenoh.lease: unknown field `lease`"));
+        check("[node]\nid = \"Edge\"\ntier = \"edge\"\n", Err("t.toml: node.id: \"Edge\" is not a valid node id"));
+        check("[node]\nid = \"e\"\ntier = \"sky\"\n", Err("t.toml: node.tier: unknown variant `sky`"));
+        check("[node]\ntier = \"edge\"\n", Err("missing field `id`"));
+        check(&format!("{MINIMAL}[log]\nsync = \"sometimes\"\n"), Err("t.toml: log.sync: unknown variant `sometimes`"));
+        check(&format!("{MINIMAL}[log]\ncommit_batch_len_max = 0\n"), Err("t.toml: log.commit_batch_len_max: 0 is not in 1..=65536"));
+        check(&format!("{MINIMAL}[zenoh]\n"), Err("duplicate key"));
+        check("[node]\nid = \"e\"\ntier = \"edge\"\n[zenoh]\nlisten = [\"tcp/127.0.0.1:1\"]\nconnect = [\"tcp/h:2\"]\n", Err("zenoh.listen: a Zenoh client does not listen"));
+        check("[node]\nid = \"e\"\ntier = \"fog\"\n[zenoh]\nlisten = [\"udp/127.0.0.1:1\"]\n", Err("zenoh.listen[0]: \"udp/127.0.0.1:1\" is not a valid endpoint: protocol \"udp\" is not supported"));
+        check("[node]\nid = \"e\"\ntier = \"fog\"\n[zenoh]\nlisten = [\"tcp/127.0.0.1:70000\"]\n", Err("port \"70000\" is not in 1..=65535"));
+        check(&format!("{MINIMAL}[[actors]]\nkind = \"x\"\nname = \"a\"\n[[actors]]\nkind = \"y\"\nname = \"a\"\n"), Err("actors[1].name: \"a\" is already the name of another actor"));
+        check(&format!("{MINIMAL}[autonomy.safe]\nactions = []\nrisk_max = 1.5\n"), Err("autonomy.safe.risk_max: 1.5 is not in 0.0..=1.0"));
+        check(&format!("{MINIMAL}[replication]\nsubscribe = [\"edge-1\"]\n"), Err("replication.subscribe[0]: \"edge-1\" is not a valid subscription"));
+        check(&format!("{MINIMAL}[[log.retention]]\nstreams = \"readings/**\"\n"), Err("log.retention[0]: a rule needs bytes_max, age_s_max or both"));
+        check("[node\n", Err("line 1"));
+    }
+
+    #[test]
+    fn stream_patterns() {
+        let m = |p: &str, s: &str| StreamPattern::new(p).unwrap().matches(&StreamName::new(s).unwrap());
+        assert!(m("readings/**", "readings/line-3"));
+        assert!(m("readings/**", "readings/a/b"));
+        assert!(m("**", "x"));
+        assert!(m("*/alarms", "line/alarms"));
+        assert!(!m("*/alarms", "alarms"));
+        assert!(!m("readings/*", "readings/a/b"));
+        assert!(m("a/**/z", "a/z"));
+        assert!(m("a/**/z", "a/b/c/z"));
+        assert!(!m("a/**/z", "a/b/c"));
+        assert!(StreamPattern::new("a//b").is_err());
+        assert!(StreamPattern::new("a/b*").is_err());
+        let s = Subscription::new("edge-1/readings/**").unwrap();
+        assert!(s.matches(&NodeId::new("edge-1").unwrap(), &StreamName::new("readings/x").unwrap()));
+        assert!(!s.matches(&NodeId::new("edge-2").unwrap(), &StreamName::new("readings/x").unwrap()));
+        assert!(Subscription::new("*/events").unwrap().origin().is_none());
+    }
+
+    #[test]
+    fn stream_refs() {
+        let r = StreamRef::try_from("edge-1:readings/a".to_owned()).unwrap();
+        assert_eq!(r.origin.as_ref().map(NodeId::as_str), Some("edge-1"));
+        assert_eq!(r.to_string(), "edge-1:readings/a");
+        assert!(StreamRef::try_from("readings/a".to_owned()).unwrap().origin.is_none());
+        assert!(StreamRef::try_from("E:readings".to_owned()).is_err());
+    }
+
+    fn node(id: &str, tier: &str, listen: &[&str], connect: &[&str]) -> (PathBuf, NodeConfig) {
+        let q = |v: &[&str]| v.iter().map(|s| format!("{s:?}")).collect::<Vec<_>>().join(", ");
+        let mode = if listen.is_empty() { "client" } else { "router" };
+        let text = format!(
+            "[node]\nid = \"{id}\"\ntier = \"{tier}\"\n[zenoh]\nmode = \"{mode}\"\nlisten = [{}]\nconnect = [{}]\n",
+            q(listen),
+            q(connect)
+        );
+        let file = PathBuf::from(format!("{id}.toml"));
+        let cfg = NodeConfig::parse(&file, &text).unwrap();
+        (file, cfg)
+    }
+
+    #[test]
+    fn continuum_checks() {
+        let e = node("edge-1", "edge", &[], &["tcp/127.0.0.1:2"]);
+        let f = node("fog-1", "fog", &["tcp/127.0.0.1:2"], &["tcp/127.0.0.1:3"]);
+        let c = node("cloud-1", "cloud", &["tcp/127.0.0.1:3"], &[]);
+        let ok = check_continuum(vec![e.clone(), f.clone(), c.clone()]).unwrap();
+        assert_eq!(ok.path, [0, 1, 2]);
+
+        let render = |r: Result<Continuum, Vec<ConfigError>>| {
+            r.unwrap_err().iter().map(|e| e.to_string()).collect::<Vec<_>>().join("\n")
+        };
+        let dup = node("edge-1", "edge", &[], &["tcp/127.0.0.1:2"]);
+        let err = render(check_continuum(vec![e.clone(), f.clone(), c.clone(), (PathBuf::from("b.toml"), dup.1)]));
+        assert!(err.contains("b.toml: node.id: \"edge-1\" is already the id of the node in edge-1.toml"), "{err}");
+
+        let dangling = node("edge-2", "edge", &[], &["tcp/127.0.0.1:9"]);
+        let err = render(check_continuum(vec![dangling, f.clone(), c.clone()]));
+        assert!(err.contains("edge-2.toml: zenoh.connect[0]: \"tcp/127.0.0.1:9\" is not the listen endpoint of any node given"), "{err}");
+
+        let lonely_cloud = node("cloud-1", "cloud", &["tcp/127.0.0.1:3"], &[]);
+        let fog_alone = node("fog-1", "fog", &["tcp/127.0.0.1:2"], &[]);
+        let err = render(check_continuum(vec![e, fog_alone, lonely_cloud]));
+        assert!(err.contains("no path edge -> fog -> cloud"), "{err}");
+    }
+}
+
+#[cfg(test)]
+mod config_files {
+    //! The files under `configs/` are documentation: they must parse, and the reference
+    //! must list every key with its default value.
+    use super::*;
+
+    fn configs_dir() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs")
+    }
+
+    #[test]
+    fn every_config_file_parses() {
+        let mut seen = 0;
+        for entry in std::fs::read_dir(configs_dir()).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "toml") {
+                if let Err(e) = NodeConfig::load(&path) {
+                    panic!("{e}");
+                }
+                seen += 1;
+            }
+        }
+        assert!(seen >= 4, "expected edge, fog, cloud and reference configs, found {seen}");
+    }
+
+    #[test]
+    fn example_continuum_is_consistent() {
+        let nodes = ["edge", "fog", "cloud"]
+            .iter()
+            .map(|n| {
+                let p = configs_dir().join(format!("{n}.toml"));
+                let c = NodeConfig::load(&p).unwrap();
+                (p, c)
+            })
+            .collect();
+        let c = check_continuum(nodes).unwrap();
+        assert_eq!(c.path, [0, 1, 2]);
+    }
+
+    fn key_paths(value: &toml::Value, prefix: &str, out: &mut BTreeSet<String>) {
+        match value {
+            toml::Value::Table(t) => {
+                for (k, v) in t {
+                    let path = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+                    // Free-form tables: their keys are not config keys.
+                    if k == "params" || k == "deadline_ms" {
+                        out.insert(path);
+                        continue;
+                    }
+                    out.insert(path.clone());
+                    key_paths(v, &path, out);
+                }
+            }
+            toml::Value::Array(items) => {
+                for item in items {
+                    key_paths(item, &format!("{prefix}[]"), out);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    #[test]
+    fn reference_names_every_key_with_its_default() {
+        let path = configs_dir().join("reference.toml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let reference = NodeConfig::parse(&path, &text).unwrap();
+
+        // A config with every optional part present, so that every key is serialised.
+        let mut full = reference.clone();
+        full.zenoh.mode = Some(ZenohMode::Client);
+        full.node.data_dir = Some("x".into());
+        let full_value = toml::Value::try_from(&full).unwrap();
+        let mut wanted = BTreeSet::new();
+        key_paths(&full_value, "", &mut wanted);
+        let mut documented = BTreeSet::new();
+        key_paths(&text.parse::<toml::Value>().unwrap(), "", &mut documented);
+        let missing: Vec<_> = wanted.difference(&documented).collect();
+        assert!(missing.is_empty(), "configs/reference.toml does not document {missing:?}");
+
+        // Values not marked "example" must be the defaults.
+        let d = |mut c: NodeConfig| {
+            c.zenoh.mode = None;
+            c.zenoh.connect.clear();
+            c.log.retention.clear();
+            c.replication.subscribe.clear();
+            c.ingest.streams.clear();
+            c.actors.clear();
+            c.routing.deadline_ms.clear();
+            c
+        };
+        let reference = d(reference);
+        assert_eq!(reference.zenoh, ZenohSection::default());
+        assert_eq!(reference.log, LogSection::default());
+        assert_eq!(reference.replication, ReplicationSection::default());
+        assert_eq!(reference.ingest, IngestSection::default());
+        assert_eq!(reference.supervision, SupervisionSection::default());
+        assert_eq!(reference.routing, RoutingSection::default());
+        assert_eq!(reference.modes, ModesSection::default());
+        assert_eq!(reference.autonomy, AutonomySection::default());
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// One-screen summaries for `strata check`
+
+/// One line per node: id, tier, Zenoh mode, endpoints, actors and subscriptions.
+pub fn summary_table(nodes: &[(PathBuf, NodeConfig)]) -> String {
+    let list = |v: Vec<String>| if v.is_empty() { "-".to_owned() } else { v.join(",") };
+    let rows: Vec<[String; 8]> = nodes
+        .iter()
+        .map(|(file, c)| {
+            [
+                c.node.id.to_string(),
+                c.node.tier.to_string(),
+                c.zenoh.mode_for(c.node.tier).as_str().to_owned(),
+                list(c.zenoh.listen.iter().map(|e| e.to_string()).collect()),
+                list(c.zenoh.connect.iter().map(|e| e.to_string()).collect()),
+                list(c.actors.iter().map(|a| format!("{}({})", a.name, a.kind)).collect()),
+                list(c.replication.subscribe.iter().map(|s| s.to_string()).collect()),
+                file.display().to_string(),
+            ]
+        })
+        .collect();
+    let header = ["node", "tier", "mode", "listen", "connect", "actors", "replicates", "file"].map(String::from);
+    let mut widths = header.clone().map(|h| h.len());
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    for row in std::iter::once(&header).chain(&rows) {
+        let line: Vec<String> = row.iter().zip(widths).map(|(c, w)| format!("{c:<w$}")).collect();
+        out.push_str(line.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+impl fmt::Display for Continuum {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "continuum of {} nodes: consistent", self.nodes.len())?;
+        write!(f, "{}", summary_table(&self.nodes))?;
+        let id = |i: usize| self.nodes[i].1.node.id.as_str();
+        let links: Vec<String> = self.links.iter().map(|&(a, b)| format!("{} -> {}", id(a), id(b))).collect();
+        writeln!(f, "links (connects to): {}", links.join(", "))?;
+        let [e, fo, c] = self.path;
+        write!(f, "path edge -> fog -> cloud: {} -> {} -> {}", id(e), id(fo), id(c))
+    }
+}

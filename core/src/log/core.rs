@@ -1,0 +1,432 @@
+//! The planning half of the log, shared by every backend: turns a batch of operations into
+//! the writes to make and the results to hand back, against the in-memory state of the
+//! streams (seqs, watermarks, figures, cursors, acknowledgements). No IO: the backend reads
+//! records through [`Backend::scan`] and applies the writes itself, atomically, and only
+//! then is the staged state made current ([`Core::apply`]). A failed write leaves the state
+//! as it was, so it consumes no seq.
+
+use std::collections::{BTreeMap, HashMap};
+
+use serde::{Deserialize, Serialize};
+
+use crate::codec::{self, Limits};
+use crate::config::{Name, RetentionRule};
+use crate::model::{EnvelopeId, HlcTime, Incarnation, NodeId, Tier};
+
+use super::keys::{self, cursor_key, record_key, record_key_into, stream_prefix};
+use super::ranges::{Insert, Watermark};
+use super::{next_seq, Inserted, LogError, Op, OpOutcome, OpResult, StreamInfo, StreamKey, SweepReport};
+use crate::model::Envelope;
+
+/// Version of the store layout (keys, column families, stats values), kept in `meta`.
+pub(crate) const STORE_FORMAT_VERSION: u32 = 1;
+
+/// Most records one retention sweep removes; the next sweep continues.
+pub(crate) const SWEEP_RECORDS_MAX: u64 = 100_000;
+
+/// Records read per scan while sweeping or rebuilding state.
+const SCAN_CHUNK: usize = 1024;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) enum Cf {
+    Log,
+    Cursors,
+    Watermarks,
+    Meta,
+}
+
+impl Cf {
+    pub(crate) const ALL: [Cf; 4] = [Cf::Log, Cf::Cursors, Cf::Watermarks, Cf::Meta];
+
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Cf::Log => "log",
+            Cf::Cursors => "cursors",
+            Cf::Watermarks => "watermarks",
+            Cf::Meta => "meta",
+        }
+    }
+}
+
+/// Where a plan's writes go: a RocksDB `WriteBatch`, or a list for the in-memory store.
+pub(crate) trait Sink {
+    fn put(&mut self, cf: Cf, key: &[u8], value: &[u8]);
+    fn delete(&mut self, cf: Cf, key: &[u8]);
+}
+
+#[derive(Debug)]
+pub(crate) enum Write {
+    Put(Cf, Vec<u8>, Vec<u8>),
+    Delete(Cf, Vec<u8>),
+}
+
+impl Sink for Vec<Write> {
+    fn put(&mut self, cf: Cf, key: &[u8], value: &[u8]) {
+        self.push(Write::Put(cf, key.to_vec(), value.to_vec()));
+    }
+
+    fn delete(&mut self, cf: Cf, key: &[u8]) {
+        self.push(Write::Delete(cf, key.to_vec()));
+    }
+}
+
+/// Reads a backend needs to offer the planner.
+pub(crate) trait Backend {
+    /// `(seq, value)` of the records of the stream with `prefix`, seq >= `from`, in seq
+    /// order, at most `limit`.
+    fn scan(&self, prefix: &[u8], from: u64, limit: usize) -> Result<Vec<(u64, Vec<u8>)>, LogError>;
+}
+
+/// A stream's figures as persisted in the `watermarks` column family.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct StoredStats {
+    pub watermark: u64,
+    pub first: u64,
+    pub count: u64,
+    pub bytes: u64,
+    pub expired: u64,
+    pub removed: u64,
+}
+
+const STATS_VERSION: u8 = 1;
+
+impl StoredStats {
+    pub(crate) fn encode(&self) -> Vec<u8> {
+        let mut out = vec![STATS_VERSION];
+        bincode::serde::encode_into_std_write(self, &mut out, bincode::config::standard())
+            .expect("encoding into a Vec cannot fail");
+        out
+    }
+
+    pub(crate) fn decode(bytes: &[u8]) -> Result<StoredStats, String> {
+        match bytes.split_first() {
+            Some((&STATS_VERSION, body)) => {
+                let config = bincode::config::standard().with_limit::<256>();
+                match bincode::serde::decode_from_slice::<StoredStats, _>(body, config) {
+                    Ok((stats, used)) if used == body.len() => Ok(stats),
+                    Ok(_) => Err("trailing bytes".into()),
+                    Err(e) => Err(e.to_string()),
+                }
+            }
+            Some((v, _)) => Err(format!("unknown stats version {v}")),
+            None => Err("empty stats value".into()),
+        }
+    }
+}
+
+/// One stream's live state.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Entry {
+    pub wm: Watermark,
+    pub first: u64,
+    pub count: u64,
+    pub bytes: u64,
+    pub expired: u64,
+    pub removed: u64,
+}
+
+impl Entry {
+    fn stats(&self) -> StoredStats {
+        StoredStats {
+            watermark: self.wm.get(),
+            first: self.first,
+            count: self.count,
+            bytes: self.bytes,
+            expired: self.expired,
+            removed: self.removed,
+        }
+    }
+
+    fn add(&mut self, seq: u64, len: usize) {
+        if self.first == 0 || seq < self.first {
+            self.first = seq;
+        }
+        self.count += 1;
+        self.bytes += len as u64;
+    }
+}
+
+/// Buffers reused across the ops of one batch.
+#[derive(Default)]
+struct Scratch {
+    key: Vec<u8>,
+    value: Vec<u8>,
+}
+
+pub(crate) struct Core {
+    pub node: NodeId,
+    pub incarnation: Incarnation,
+    pub limits: Limits,
+    hlc: uhlc::HLC,
+    streams: HashMap<StreamKey, Entry>,
+    cursors: HashMap<StreamKey, BTreeMap<Name, u64>>,
+    acks: HashMap<StreamKey, BTreeMap<Tier, u64>>,
+    retention: Vec<RetentionRule>,
+}
+
+/// Results of one batch (its writes went to a [`Sink`]), and the state to make current
+/// once they are written.
+pub(crate) struct Plan {
+    pub results: Vec<OpOutcome>,
+    staged: HashMap<StreamKey, Entry>,
+    cursors: Vec<(Name, StreamKey, u64)>,
+}
+
+impl Core {
+    pub(crate) fn new(node: NodeId, incarnation: Incarnation, limits: Limits, retention: Vec<RetentionRule>) -> Core {
+        let id = uhlc::ID::try_from(incarnation.get().max(1).to_le_bytes()).expect("non-zero id");
+        Core {
+            node,
+            incarnation,
+            limits,
+            hlc: uhlc::HLCBuilder::new().with_id(id).build(),
+            streams: HashMap::new(),
+            cursors: HashMap::new(),
+            acks: HashMap::new(),
+            retention,
+        }
+    }
+
+    /// Restores a stream from its persisted stats, re-reading what lies above its
+    /// watermark (received out of order before a restart).
+    pub(crate) fn load_stream(&mut self, key: StreamKey, stats: StoredStats, backend: &dyn Backend) -> Result<(), LogError> {
+        let mut wm = Watermark::new(stats.watermark);
+        let prefix = stream_prefix(&key);
+        let mut from = stats.watermark + 1;
+        loop {
+            let chunk = backend.scan(&prefix, from, SCAN_CHUNK)?;
+            let Some(&(last, _)) = chunk.last() else { break };
+            for (seq, _) in &chunk {
+                wm.insert(*seq);
+            }
+            from = last + 1;
+        }
+        let entry = Entry {
+            wm,
+            first: stats.first,
+            count: stats.count,
+            bytes: stats.bytes,
+            expired: stats.expired,
+            removed: stats.removed,
+        };
+        self.streams.insert(key, entry);
+        Ok(())
+    }
+
+    pub(crate) fn load_cursor(&mut self, consumer: Name, key: StreamKey, seq: u64) {
+        self.cursors.entry(key).or_default().insert(consumer, seq);
+    }
+
+    fn entry<'a>(&'a self, staged: &'a mut HashMap<StreamKey, Entry>, key: &StreamKey) -> &'a mut Entry {
+        if !staged.contains_key(key) {
+            staged.insert(key.clone(), self.streams.get(key).cloned().unwrap_or_default());
+        }
+        staged.get_mut(key).expect("inserted above")
+    }
+
+    /// Plans a batch, writing into `sink`. Never fails as a whole: each op gets its own
+    /// result.
+    pub(crate) fn plan(&self, ops: Vec<Op>, backend: &dyn Backend, sink: &mut dyn Sink) -> Plan {
+        let mut plan = Plan { results: Vec::with_capacity(ops.len()), staged: HashMap::new(), cursors: Vec::new() };
+        let mut scratch = Scratch::default();
+        for op in ops {
+            let result = match op {
+                Op::Append { stream, draft } => self.plan_append(&mut plan, sink, &mut scratch, stream, draft),
+                Op::Insert { envelope } => self.plan_insert(&mut plan, sink, &mut scratch, envelope),
+                Op::Cursor { consumer, key, seq } => {
+                    sink.put(Cf::Cursors, &cursor_key(&consumer, &key), &seq.to_be_bytes());
+                    plan.cursors.push((consumer, key, seq));
+                    Ok(OpResult::Cursor)
+                }
+                Op::Sweep { now_unix_ms } => self.plan_sweep(&mut plan, sink, now_unix_ms, backend).map(OpResult::Swept),
+            };
+            plan.results.push(result);
+        }
+        for (key, entry) in &plan.staged {
+            sink.put(Cf::Watermarks, &stream_prefix(key), &entry.stats().encode());
+        }
+        plan
+    }
+
+    fn plan_append(&self, plan: &mut Plan, sink: &mut dyn Sink, scratch: &mut Scratch, stream: crate::model::StreamName, draft: super::Draft) -> OpOutcome {
+        let key = StreamKey { origin: self.node.clone(), incarnation: self.incarnation, stream };
+        let entry = self.entry(&mut plan.staged, &key);
+        let seq = next_seq(entry.wm.get(), &key.stream)?;
+        let envelope = Envelope {
+            id: EnvelopeId { origin: key.origin.clone(), incarnation: key.incarnation, stream: key.stream.clone(), seq },
+            kind: draft.kind,
+            hlc: HlcTime::from_uhlc(self.hlc.new_timestamp()),
+            budget_us: draft.budget_us,
+            priority: draft.priority,
+            trace: draft.trace,
+            payload_type: draft.payload_type,
+            payload: draft.payload,
+        };
+        codec::encode_into(&envelope, &self.limits, &mut scratch.value)?;
+        let inserted = entry.wm.insert(seq.get());
+        assert_eq!(inserted, Insert::New, "local seqs have no gaps");
+        entry.add(seq.get(), scratch.value.len());
+        record_key_into(&mut scratch.key, &key, seq.get());
+        sink.put(Cf::Log, &scratch.key, &scratch.value);
+        Ok(OpResult::Appended(envelope))
+    }
+
+    fn plan_insert(&self, plan: &mut Plan, sink: &mut dyn Sink, scratch: &mut Scratch, envelope: Envelope) -> OpOutcome {
+        let key = StreamKey::of(&envelope.id);
+        if key.origin == self.node && key.incarnation == self.incarnation {
+            return Ok(OpResult::Inserted(Inserted::Own));
+        }
+        // Keep causality: our next timestamps come after what we received. A remote clock
+        // far ahead is refused by uhlc; the envelope is still stored.
+        let _ = self.hlc.update_with_timestamp(envelope.hlc.as_uhlc());
+        let seq = envelope.id.seq.get();
+        let entry = self.entry(&mut plan.staged, &key);
+        match entry.wm.check(seq) {
+            Insert::Duplicate => return Ok(OpResult::Inserted(Inserted::Duplicate { watermark: entry.wm.get() })),
+            Insert::TooFragmented => return Ok(OpResult::Inserted(Inserted::Deferred { watermark: entry.wm.get() })),
+            Insert::New => {}
+        }
+        codec::encode_into(&envelope, &self.limits, &mut scratch.value)?;
+        entry.wm.insert(seq);
+        entry.add(seq, scratch.value.len());
+        let watermark = entry.wm.get();
+        record_key_into(&mut scratch.key, &key, seq);
+        sink.put(Cf::Log, &scratch.key, &scratch.value);
+        Ok(OpResult::Inserted(Inserted::Stored { watermark }))
+    }
+
+    fn plan_sweep(&self, plan: &mut Plan, sink: &mut dyn Sink, now_unix_ms: u64, backend: &dyn Backend) -> Result<SweepReport, LogError> {
+        let mut report = SweepReport::default();
+        let mut keys: Vec<StreamKey> = self.streams.keys().chain(plan.staged.keys()).cloned().collect();
+        keys.sort();
+        keys.dedup();
+        for key in keys {
+            let Some(rule) = self.retention.iter().find(|r| r.streams.matches(&key.stream)) else { continue };
+            let mut upper = self.entry(&mut plan.staged, &key).wm.get();
+            for tier in &rule.keep_until_acked {
+                let acked = self.acks.get(&key).and_then(|a| a.get(tier)).copied().unwrap_or(0);
+                upper = upper.min(acked);
+            }
+            let slowest_reader = self.cursors.get(&key).and_then(|c| c.values().min().copied());
+            let age_cutoff_ms = rule.age_s_max.map(|s| now_unix_ms.saturating_sub(s.saturating_mul(1000)));
+            let prefix = stream_prefix(&key);
+            let entry = self.entry(&mut plan.staged, &key);
+            let mut from = entry.first.max(1);
+            'stream: while from <= upper {
+                let chunk = backend.scan(&prefix, from, SCAN_CHUNK)?;
+                if chunk.is_empty() {
+                    break;
+                }
+                for (seq, value) in chunk {
+                    if seq > upper {
+                        break 'stream;
+                    }
+                    if report.removed >= SWEEP_RECORDS_MAX {
+                        report.unfinished += 1;
+                        break 'stream;
+                    }
+                    let too_big = rule.bytes_max.is_some_and(|max| entry.bytes > max);
+                    let too_old = match age_cutoff_ms {
+                        Some(cutoff) => {
+                            let env = codec::decode(&value, &self.limits).map_err(|error| LogError::CorruptRecord {
+                                key: format!("{key}#{seq}"),
+                                error,
+                            })?;
+                            env.hlc.unix_ms() < cutoff
+                        }
+                        None => false,
+                    };
+                    if !too_big && !too_old {
+                        break 'stream;
+                    }
+                    sink.delete(Cf::Log, &record_key(&key, seq));
+                    entry.count -= 1;
+                    entry.bytes -= value.len() as u64;
+                    entry.removed += 1;
+                    entry.first = seq + 1;
+                    report.removed += 1;
+                    report.removed_bytes += value.len() as u64;
+                    if slowest_reader.is_some_and(|c| c < seq) {
+                        entry.expired += 1;
+                        report.expired += 1;
+                    }
+                    from = seq + 1;
+                }
+            }
+            if entry.count == 0 {
+                entry.first = 0;
+            }
+        }
+        Ok(report)
+    }
+
+    /// Makes a written plan's state current; returns the results to hand back.
+    pub(crate) fn apply(&mut self, plan: Plan) -> Vec<OpOutcome> {
+        for (key, entry) in plan.staged {
+            self.streams.insert(key, entry);
+        }
+        for (consumer, key, seq) in plan.cursors {
+            self.cursors.entry(key).or_default().insert(consumer, seq);
+        }
+        plan.results
+    }
+
+    pub(crate) fn info(&self, key: &StreamKey) -> Option<StreamInfo> {
+        let e = self.streams.get(key)?;
+        Some(StreamInfo {
+            origin: key.origin.clone(),
+            incarnation: key.incarnation,
+            stream: key.stream.clone(),
+            local: key.origin == self.node && key.incarnation == self.incarnation,
+            first: e.first,
+            last: e.wm.last(),
+            count: e.count,
+            bytes: e.bytes,
+            watermark: e.wm.get(),
+            expired: e.expired,
+            removed: e.removed,
+        })
+    }
+
+    pub(crate) fn infos(&self) -> Vec<StreamInfo> {
+        let mut keys: Vec<&StreamKey> = self.streams.keys().collect();
+        keys.sort();
+        keys.into_iter().filter_map(|k| self.info(k)).collect()
+    }
+
+    pub(crate) fn gaps(&self, key: &StreamKey, max: usize) -> Vec<std::ops::RangeInclusive<u64>> {
+        self.streams.get(key).map(|e| e.wm.gaps(max)).unwrap_or_default()
+    }
+
+    pub(crate) fn cursor(&self, consumer: &Name, key: &StreamKey) -> Option<u64> {
+        self.cursors.get(key)?.get(consumer).copied()
+    }
+
+    pub(crate) fn record_ack(&mut self, tier: Tier, key: &StreamKey, watermark: u64) {
+        let acked = self.acks.entry(key.clone()).or_default().entry(tier).or_insert(0);
+        *acked = (*acked).max(watermark);
+    }
+}
+
+/// Decodes one stored record, naming it on failure.
+pub(crate) fn decode_record(key: &StreamKey, seq: u64, value: &[u8], limits: &Limits) -> Result<Envelope, LogError> {
+    let envelope = codec::decode(value, limits)
+        .map_err(|error| LogError::CorruptRecord { key: format!("{key}#{seq}"), error })?;
+    // Pair the assertion with what was written: a record's id is its key.
+    if StreamKey::of(&envelope.id) != *key || envelope.id.seq.get() != seq {
+        return Err(LogError::CorruptRecord {
+            key: format!("{key}#{seq}"),
+            error: codec::DecodeError::Malformed(format!("record holds envelope {}", envelope.id)),
+        });
+    }
+    Ok(envelope)
+}
+
+/// Parses a `watermarks` entry.
+pub(crate) fn parse_stats_entry(k: &[u8], v: &[u8]) -> Result<(StreamKey, StoredStats), String> {
+    let (key, rest) = keys::parse_stream_prefix(k).ok_or("unreadable stream key")?;
+    if !rest.is_empty() {
+        return Err("unreadable stream key".into());
+    }
+    Ok((key, StoredStats::decode(v)?))
+}

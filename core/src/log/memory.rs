@@ -1,0 +1,140 @@
+//! An in-memory [`Store`] for pure tests and deterministic simulation: the same planning
+//! code as RocksDB's, applied to ordered maps under one lock. Every operation is durable (in
+//! the sense of this store) as soon as it is queued, so its futures resolve on first poll.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::ops::RangeInclusive;
+use std::pin::Pin;
+use std::sync::Mutex;
+
+use crate::codec::Limits;
+use crate::config::{Name, RetentionRule};
+use crate::model::{Envelope, Incarnation, NodeId, Tier};
+
+use super::core::{decode_record, Backend, Cf, Core, Write};
+use super::keys::{record_seq, stream_prefix};
+use super::{LogError, Op, Pending, PendingInner, StreamInfo, StreamKey, Store};
+
+struct Inner {
+    core: Core,
+    data: BTreeMap<(u8, Vec<u8>), Vec<u8>>,
+    closed: bool,
+}
+
+fn cf_id(cf: Cf) -> u8 {
+    cf as u8
+}
+
+impl Backend for BTreeMap<(u8, Vec<u8>), Vec<u8>> {
+    fn scan(&self, prefix: &[u8], from: u64, limit: usize) -> Result<Vec<(u64, Vec<u8>)>, LogError> {
+        let mut start = prefix.to_vec();
+        start.extend_from_slice(&from.to_be_bytes());
+        Ok(self
+            .range((cf_id(Cf::Log), start)..)
+            .take_while(|((cf, k), _)| *cf == cf_id(Cf::Log) && k.starts_with(prefix))
+            .filter_map(|((_, k), v)| record_seq(prefix, k).map(|s| (s.get(), v.clone())))
+            .take(limit)
+            .collect())
+    }
+}
+
+pub struct MemStore {
+    node: NodeId,
+    incarnation: Incarnation,
+    inner: Mutex<Inner>,
+    commits: tokio::sync::watch::Sender<u64>,
+}
+
+impl MemStore {
+    pub fn new(node: NodeId, incarnation: Incarnation, limits: Limits, retention: Vec<RetentionRule>) -> MemStore {
+        MemStore {
+            node: node.clone(),
+            incarnation,
+            inner: Mutex::new(Inner {
+                core: Core::new(node, incarnation, limits, retention),
+                data: BTreeMap::new(),
+                closed: false,
+            }),
+            commits: tokio::sync::watch::channel(0).0,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Runs one op to completion (what the committer does for a batch of one).
+    fn run(&self, op: Op) -> Result<Pending, LogError> {
+        let mut inner = self.lock();
+        if inner.closed {
+            return Err(LogError::Closed);
+        }
+        let Inner { core, data, .. } = &mut *inner;
+        let mut writes: Vec<Write> = Vec::new();
+        let plan = core.plan(vec![op], &*data, &mut writes);
+        for write in writes {
+            match write {
+                Write::Put(cf, k, v) => {
+                    data.insert((cf_id(cf), k), v);
+                }
+                Write::Delete(cf, k) => {
+                    data.remove(&(cf_id(cf), k));
+                }
+            }
+        }
+        let result = core.apply(plan).pop().expect("one result per op");
+        drop(inner);
+        self.commits.send_modify(|n| *n += 1);
+        Ok(Pending(PendingInner::Ready(Some(result))))
+    }
+}
+
+impl Store for MemStore {
+    fn node(&self) -> &NodeId {
+        &self.node
+    }
+
+    fn incarnation(&self) -> Incarnation {
+        self.incarnation
+    }
+
+    fn submit(&self, op: Op) -> Pin<Box<dyn Future<Output = Result<Pending, LogError>> + Send + '_>> {
+        let result = self.run(op);
+        Box::pin(async move { result })
+    }
+
+    fn read(&self, key: &StreamKey, from: u64, limit: usize) -> Result<Vec<Envelope>, LogError> {
+        let inner = self.lock();
+        let records = inner.data.scan(&stream_prefix(key), from, limit)?;
+        records.iter().map(|(seq, v)| decode_record(key, *seq, v, &inner.core.limits)).collect()
+    }
+
+    fn streams(&self) -> Vec<StreamInfo> {
+        self.lock().core.infos()
+    }
+
+    fn stream(&self, key: &StreamKey) -> Option<StreamInfo> {
+        self.lock().core.info(key)
+    }
+
+    fn gaps(&self, key: &StreamKey, max: usize) -> Vec<RangeInclusive<u64>> {
+        self.lock().core.gaps(key, max)
+    }
+
+    fn cursor(&self, consumer: &Name, key: &StreamKey) -> Option<u64> {
+        self.lock().core.cursor(consumer, key)
+    }
+
+    fn record_ack(&self, tier: Tier, key: &StreamKey, watermark: u64) {
+        self.lock().core.record_ack(tier, key, watermark)
+    }
+
+    fn commits(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.commits.subscribe()
+    }
+
+    fn close(&self) {
+        self.lock().closed = true;
+    }
+}

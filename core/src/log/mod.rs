@@ -1,0 +1,376 @@
+//! Durable streams: Strata's buffer and its memory.
+//!
+//! Every stream a node produces, and every stream it receives from another node, lives in
+//! its store. [`Log`] is the handle the rest of the runtime uses; behind it a [`Store`] is
+//! either [`RocksStore`] (RocksDB; the only code in Strata that knows RocksDB) or
+//! [`MemStore`] (in memory, for pure and simulation tests). Both share the same planning
+//! code ([`core`]), so they agree on seqs, watermarks, cursors and retention.
+//!
+//! Guarantees:
+//! - [`Log::append`] assigns the next seq of a local stream with no holes, whatever the
+//!   number of concurrent producers, and its ticket resolves only once the record is durable
+//!   under the configured [`SyncPolicy`](crate::config::SyncPolicy). Seqs are assigned by the
+//!   committer when it writes a batch, so a failed write consumes no seq.
+//! - Group commit: appends, remote inserts and cursor commits queued while a write is in
+//!   progress go into the next `WriteBatch` with one WAL sync.
+//! - [`Log::insert_remote`] is idempotent and keeps the per-`(origin, incarnation, stream)`
+//!   watermark; gaps are reported as ranges ([`Log::gaps`]).
+//! - Retention ([`Log::sweep`]) counts records it removes before a registered consumer read
+//!   them as `expired`.
+//!
+//! Backpressure: the queue to the committer holds `log.commit_queue_len_max` operations;
+//! producers wait when it is full. Shutdown: [`Log::close`] refuses new operations, the
+//! committer finishes what is queued, and the store is flushed.
+
+pub(crate) mod core;
+pub(crate) mod keys;
+mod memory;
+pub mod ranges;
+mod rocks;
+pub mod show;
+#[cfg(test)]
+mod tests;
+
+use std::future::Future;
+use std::ops::RangeInclusive;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use serde::Serialize;
+use thiserror::Error;
+
+use crate::codec::{DecodeError, EncodeError};
+use crate::config::Name;
+use crate::model::{Envelope, EnvelopeId, Incarnation, Kind, NodeId, PayloadType, Priority, Seq, StreamName, Tier, Trace};
+
+pub use memory::MemStore;
+pub use rocks::{RocksStore, StoreOptions};
+
+/// Identifies one stream's history: `(origin, incarnation, stream)`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct StreamKey {
+    pub origin: NodeId,
+    pub incarnation: Incarnation,
+    pub stream: StreamName,
+}
+
+impl StreamKey {
+    pub fn of(id: &EnvelopeId) -> StreamKey {
+        StreamKey { origin: id.origin.clone(), incarnation: id.incarnation, stream: id.stream.clone() }
+    }
+}
+
+impl std::fmt::Display for StreamKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}@{}", self.origin, self.stream, self.incarnation)
+    }
+}
+
+/// What a producer appends; the store fills in the id (origin, incarnation, stream, seq)
+/// and the HLC timestamp.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Draft {
+    pub kind: Kind,
+    pub payload_type: PayloadType,
+    pub payload: Vec<u8>,
+    pub priority: Priority,
+    pub trace: Trace,
+    pub budget_us: Option<u64>,
+}
+
+impl Draft {
+    /// A draft with normal priority, no trace and no deadline.
+    pub fn new(kind: Kind, payload_type: PayloadType, payload: Vec<u8>) -> Draft {
+        Draft { kind, payload_type, payload, priority: Priority::NORMAL, trace: Trace::default(), budget_us: None }
+    }
+}
+
+/// What [`Log::insert_remote`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Inserted {
+    /// Stored; the stream's watermark is now `watermark`.
+    Stored { watermark: u64 },
+    /// Already stored (or below the watermark): nothing changed.
+    Duplicate { watermark: u64 },
+    /// Not stored because too many disjoint ranges are pending above the watermark
+    /// ([`ranges::PRESENT_RANGES_MAX`]); replay will bring it again, in order.
+    Deferred { watermark: u64 },
+    /// The envelope is one of this store's own local records: ignored.
+    Own,
+}
+
+/// Per-stream figures, as `strata log ls` shows them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct StreamInfo {
+    pub origin: NodeId,
+    pub incarnation: Incarnation,
+    pub stream: StreamName,
+    /// True for this store's own streams (origin and incarnation are the store's).
+    pub local: bool,
+    /// Lowest seq still stored (0 if none).
+    pub first: u64,
+    /// Highest seq stored (0 if none).
+    pub last: u64,
+    pub count: u64,
+    pub bytes: u64,
+    /// Every seq up to here was received (and stored, unless retention removed it).
+    pub watermark: u64,
+    /// Records retention removed before every registered consumer had read them.
+    pub expired: u64,
+    /// Records retention removed in all.
+    pub removed: u64,
+}
+
+impl StreamInfo {
+    pub fn key(&self) -> StreamKey {
+        StreamKey { origin: self.origin.clone(), incarnation: self.incarnation, stream: self.stream.clone() }
+    }
+}
+
+/// What one retention sweep removed.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct SweepReport {
+    pub removed: u64,
+    pub removed_bytes: u64,
+    pub expired: u64,
+    /// Streams where the sweep stopped at its per-sweep bound; the next sweep continues.
+    pub unfinished: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum LogError {
+    #[error("{path}: is a file, not a store directory")]
+    PathIsFile { path: PathBuf },
+    #[error("{path}: no store here (no RocksDB files)")]
+    NotAStore { path: PathBuf },
+    #[error("{path}: store is locked by another running process ({holder})")]
+    Locked { path: PathBuf, holder: String },
+    #[error("{path}: store was written with format version {found}; this build reads version {supported}")]
+    IncompatibleFormat { path: PathBuf, found: u32, supported: u32 },
+    #[error("{path}: store belongs to node {found:?}, not {expected:?}")]
+    WrongNode { path: PathBuf, found: String, expected: String },
+    #[error("{path}: store is corrupted: {detail}")]
+    Corrupt { path: PathBuf, detail: String },
+    #[error("{path}: {detail}")]
+    Io { path: PathBuf, detail: String },
+    #[error("record {key} is corrupted: {error}")]
+    CorruptRecord { key: String, error: DecodeError },
+    #[error(transparent)]
+    Encode(#[from] EncodeError),
+    #[error("stream {stream} is full: seq would overflow")]
+    SeqOverflow { stream: String },
+    #[error("the log is closed")]
+    Closed,
+}
+
+/// One operation for the committer (used through [`Log`]).
+#[doc(hidden)]
+#[derive(Debug)]
+pub enum Op {
+    Append { stream: StreamName, draft: Draft },
+    Insert { envelope: Envelope },
+    Cursor { consumer: Name, key: StreamKey, seq: u64 },
+    Sweep { now_unix_ms: u64 },
+}
+
+#[doc(hidden)]
+#[derive(Debug)]
+pub enum OpResult {
+    Appended(Envelope),
+    Inserted(Inserted),
+    Cursor,
+    Swept(SweepReport),
+}
+
+#[doc(hidden)]
+pub type OpOutcome = Result<OpResult, LogError>;
+
+/// The backend interface behind [`Log`]. Implemented by [`RocksStore`] and [`MemStore`].
+pub trait Store: Send + Sync + 'static {
+    fn node(&self) -> &NodeId;
+    fn incarnation(&self) -> Incarnation;
+    /// Queues `op`; resolves once it is queued (its order is then fixed) to the pending
+    /// result, which resolves once the op is durable.
+    #[doc(hidden)]
+    fn submit(&self, op: Op) -> Pin<Box<dyn Future<Output = Result<Pending, LogError>> + Send + '_>>;
+    /// Up to `limit` records of `key` from seq `from` on, in seq order.
+    fn read(&self, key: &StreamKey, from: u64, limit: usize) -> Result<Vec<Envelope>, LogError>;
+    fn streams(&self) -> Vec<StreamInfo>;
+    fn stream(&self, key: &StreamKey) -> Option<StreamInfo>;
+    fn gaps(&self, key: &StreamKey, max: usize) -> Vec<RangeInclusive<u64>>;
+    /// Last seq `consumer` committed for `key`; `None` if it never committed one.
+    fn cursor(&self, consumer: &Name, key: &StreamKey) -> Option<u64>;
+    /// Records that nodes of `tier` hold `key` up to `watermark` (for `keep_until_acked`).
+    fn record_ack(&self, tier: Tier, key: &StreamKey, watermark: u64);
+    /// A counter bumped after every durable batch (for tailing readers).
+    fn commits(&self) -> tokio::sync::watch::Receiver<u64>;
+    /// Refuses new operations and waits until queued ones are durable.
+    fn close(&self);
+}
+
+/// The result of a queued operation; resolves once it is durable.
+pub struct Pending(PendingInner);
+
+enum PendingInner {
+    Ready(Option<OpOutcome>),
+    Waiting(strata_sync::handoff::Ticket<OpOutcome>),
+}
+
+impl Future for Pending {
+    type Output = OpOutcome;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<OpOutcome> {
+        match &mut self.0 {
+            PendingInner::Ready(r) => Poll::Ready(r.take().expect("Pending polled after completion")),
+            PendingInner::Waiting(t) => Pin::new(t).poll(cx).map(|r| r.unwrap_or(Err(LogError::Closed))),
+        }
+    }
+}
+
+/// An append whose seq is fixed; resolves once it is durable.
+pub struct AppendTicket(Pending);
+
+impl Future for AppendTicket {
+    type Output = Result<Envelope, LogError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        Pin::new(&mut self.0).poll(cx).map(|r| match r? {
+            OpResult::Appended(envelope) => Ok(envelope),
+            other => unreachable!("append answered with {other:?}"),
+        })
+    }
+}
+
+/// The handle to a node's durable log. Cheap to clone.
+#[derive(Clone)]
+pub struct Log {
+    store: Arc<dyn Store>,
+}
+
+impl Log {
+    pub fn new(store: Arc<dyn Store>) -> Log {
+        Log { store }
+    }
+
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    pub fn node(&self) -> &NodeId {
+        self.store.node()
+    }
+
+    pub fn incarnation(&self) -> Incarnation {
+        self.store.incarnation()
+    }
+
+    /// The key of this node's own stream `stream`.
+    pub fn local_key(&self, stream: &StreamName) -> StreamKey {
+        StreamKey { origin: self.node().clone(), incarnation: self.incarnation(), stream: stream.clone() }
+    }
+
+    /// Queues an append to this node's stream `stream`. Resolves once queued (waiting while
+    /// the commit queue is full), to a ticket that resolves with the stored envelope (its seq
+    /// assigned) once it is durable. Appends queued one after another get increasing seqs.
+    pub async fn append(&self, stream: StreamName, draft: Draft) -> Result<AppendTicket, LogError> {
+        Ok(AppendTicket(self.store.submit(Op::Append { stream, draft }).await?))
+    }
+
+    /// [`Log::append`] and wait until durable.
+    pub async fn append_durable(&self, stream: StreamName, draft: Draft) -> Result<Envelope, LogError> {
+        self.append(stream, draft).await?.await
+    }
+
+    /// Stores an envelope received from another node under its origin key; idempotent.
+    /// Resolves once durable.
+    pub async fn insert_remote(&self, envelope: Envelope) -> Result<Inserted, LogError> {
+        match self.store.submit(Op::Insert { envelope }).await?.await? {
+            OpResult::Inserted(i) => Ok(i),
+            other => unreachable!("insert answered with {other:?}"),
+        }
+    }
+
+    /// Records that `consumer` finished every record of `key` up to `seq`. Cursor commits
+    /// share group-commit batches with appends. Resolves once durable.
+    pub async fn commit_cursor(&self, consumer: &Name, key: &StreamKey, seq: u64) -> Result<(), LogError> {
+        let op = Op::Cursor { consumer: consumer.clone(), key: key.clone(), seq };
+        match self.store.submit(op).await?.await? {
+            OpResult::Cursor => Ok(()),
+            other => unreachable!("cursor answered with {other:?}"),
+        }
+    }
+
+    /// Registers `consumer` on `key` (cursor 0) unless it already has a cursor, so that
+    /// retention counts what it has not read as expired.
+    pub async fn register_consumer(&self, consumer: &Name, key: &StreamKey) -> Result<u64, LogError> {
+        match self.cursor(consumer, key) {
+            Some(seq) => Ok(seq),
+            None => self.commit_cursor(consumer, key, 0).await.map(|()| 0),
+        }
+    }
+
+    /// Applies the configured retention rules at wall-clock time `now_unix_ms`.
+    pub async fn sweep(&self, now_unix_ms: u64) -> Result<SweepReport, LogError> {
+        match self.store.submit(Op::Sweep { now_unix_ms }).await?.await? {
+            OpResult::Swept(r) => Ok(r),
+            other => unreachable!("sweep answered with {other:?}"),
+        }
+    }
+
+    pub fn read(&self, key: &StreamKey, from: u64, limit: usize) -> Result<Vec<Envelope>, LogError> {
+        self.store.read(key, from, limit)
+    }
+
+    /// Like [`Log::read`], but waits up to `wait` for records if there are none yet.
+    /// Returns an empty batch if none arrived in time.
+    pub async fn tail(&self, key: &StreamKey, from: u64, limit: usize, wait: Duration) -> Result<Vec<Envelope>, LogError> {
+        let mut commits = self.store.commits();
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            // Mark the current value seen before reading, so no commit slips between.
+            commits.borrow_and_update();
+            let batch = self.store.read(key, from, limit)?;
+            if !batch.is_empty() {
+                return Ok(batch);
+            }
+            match tokio::time::timeout_at(deadline, commits.changed()).await {
+                Ok(Ok(())) => continue,
+                Ok(Err(_)) => return Err(LogError::Closed),
+                Err(_) => return Ok(Vec::new()),
+            }
+        }
+    }
+
+    pub fn streams(&self) -> Vec<StreamInfo> {
+        self.store.streams()
+    }
+
+    pub fn stream(&self, key: &StreamKey) -> Option<StreamInfo> {
+        self.store.stream(key)
+    }
+
+    pub fn gaps(&self, key: &StreamKey, max: usize) -> Vec<RangeInclusive<u64>> {
+        self.store.gaps(key, max)
+    }
+
+    pub fn cursor(&self, consumer: &Name, key: &StreamKey) -> Option<u64> {
+        self.store.cursor(consumer, key)
+    }
+
+    pub fn record_ack(&self, tier: Tier, key: &StreamKey, watermark: u64) {
+        self.store.record_ack(tier, key, watermark)
+    }
+
+    pub fn close(&self) {
+        self.store.close()
+    }
+}
+
+/// The seq after `last` for a stream, or an overflow error.
+pub(crate) fn next_seq(last: u64, stream: &StreamName) -> Result<Seq, LogError> {
+    last.checked_add(1).and_then(Seq::new).ok_or_else(|| LogError::SeqOverflow { stream: stream.to_string() })
+}

@@ -1,0 +1,534 @@
+//! The RocksDB [`Store`]: the only code in Strata that knows RocksDB.
+//!
+//! Column families: `log` (records, keyed `origin | incarnation | stream | seq`), `cursors`
+//! (`consumer | stream key` → seq), `watermarks` (stream key → figures), `meta` (format
+//! version, incarnation, node id).
+//!
+//! One committer thread takes operations from the group-commit hand-off in batches, plans
+//! them ([`Core::plan`]), writes each batch as one `WriteBatch` (with a WAL fsync under
+//! `sync = "always"`), and only then completes the producers' tickets. A `WriteBatch` is
+//! atomic, and a stream's figures are written in the same batch as its records, so after a
+//! crash the store is exactly as of some batch boundary: no acknowledged record missing, no
+//! hole in any seq.
+
+use std::fs::{File, OpenOptions};
+use std::future::Future;
+use std::io::{Read, Seek, Write as _};
+use std::ops::RangeInclusive;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::{mpsc, Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use rocksdb::{
+    BlockBasedOptions, Cache, ColumnFamilyDescriptor, DBCompressionType, Direction, ErrorKind, IteratorMode,
+    Options, WriteBatch, WriteOptions, DB,
+};
+use strata_sync::handoff::{Completer, Handoff};
+
+use crate::codec::Limits;
+use crate::config::{LogSection, Name, RetentionRule, SyncPolicy};
+use crate::model::{Envelope, Incarnation, NodeId, Tier};
+
+use super::core::{decode_record, parse_stats_entry, Backend, Cf, Core, Sink, STORE_FORMAT_VERSION};
+use super::keys::{parse_cursor_key, record_seq, stream_prefix};
+use super::{LogError, Op, OpOutcome, Pending, PendingInner, StreamInfo, StreamKey, Store};
+
+const META_FORMAT: &[u8] = b"format_version";
+const META_INCARNATION: &[u8] = b"incarnation";
+const META_NODE: &[u8] = b"node_id";
+const LOCK_FILE: &str = "strata.lock";
+
+/// How a store is opened; see `[log]` in `configs/reference.toml`.
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    pub sync: SyncPolicy,
+    pub sync_interval_ms: u64,
+    pub commit_batch_len_max: usize,
+    pub commit_linger_us: u64,
+    pub commit_wait_adaptive: bool,
+    pub commit_queue_len_max: usize,
+    pub limits: Limits,
+    pub memtable_bytes: usize,
+    pub block_cache_bytes: usize,
+    pub retention: Vec<RetentionRule>,
+}
+
+impl StoreOptions {
+    pub fn from_config(log: &LogSection) -> StoreOptions {
+        StoreOptions {
+            sync: log.sync,
+            sync_interval_ms: log.sync_interval_ms,
+            commit_batch_len_max: log.commit_batch_len_max,
+            commit_linger_us: log.commit_linger_us,
+            commit_wait_adaptive: log.commit_wait_adaptive,
+            commit_queue_len_max: log.commit_queue_len_max,
+            limits: Limits { max_payload_bytes: log.payload_bytes_max },
+            memtable_bytes: log.memtable_bytes,
+            block_cache_bytes: log.block_cache_bytes,
+            retention: log.retention.clone(),
+        }
+    }
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions::from_config(&LogSection::default())
+    }
+}
+
+pub struct RocksStore {
+    path: PathBuf,
+    node: NodeId,
+    incarnation: Incarnation,
+    db: Arc<DB>,
+    core: Arc<Mutex<Core>>,
+    handoff: Handoff<Op, OpOutcome>,
+    commits: tokio::sync::watch::Sender<u64>,
+    threads: Mutex<Threads>,
+    /// Held for the store's lifetime: other processes cannot open it for writing.
+    _lock: Option<File>,
+    /// Set for read-only (secondary) instances: the directory of the secondary's own files.
+    secondary_dir: Option<PathBuf>,
+}
+
+#[derive(Default)]
+struct Threads {
+    committer: Option<JoinHandle<()>>,
+    syncer: Option<(mpsc::Sender<()>, JoinHandle<()>)>,
+}
+
+fn lock_core(core: &Mutex<Core>) -> MutexGuard<'_, Core> {
+    core.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+struct DbBackend<'a>(&'a DB);
+
+impl Backend for DbBackend<'_> {
+    fn scan(&self, prefix: &[u8], from: u64, limit: usize) -> Result<Vec<(u64, Vec<u8>)>, LogError> {
+        scan(self.0, prefix, from, limit).map_err(|e| LogError::Io { path: self.0.path().to_owned(), detail: e.into_string() })
+    }
+}
+
+fn cf(db: &DB, cf: Cf) -> &rocksdb::ColumnFamily {
+    db.cf_handle(cf.name()).expect("column families are created at open")
+}
+
+fn scan(db: &DB, prefix: &[u8], from: u64, limit: usize) -> Result<Vec<(u64, Vec<u8>)>, rocksdb::Error> {
+    let mut start = prefix.to_vec();
+    start.extend_from_slice(&from.to_be_bytes());
+    let mut out = Vec::new();
+    for item in db.iterator_cf(cf(db, Cf::Log), IteratorMode::From(&start, Direction::Forward)) {
+        let (k, v) = item?;
+        if out.len() >= limit || !k.starts_with(prefix) {
+            break;
+        }
+        if let Some(seq) = record_seq(prefix, &k) {
+            out.push((seq.get(), v.into_vec()));
+        }
+    }
+    Ok(out)
+}
+
+fn db_options(opts: &StoreOptions) -> Options {
+    let mut o = Options::default();
+    o.create_if_missing(true);
+    o.create_missing_column_families(true);
+    // Built without compression libraries (see Cargo.toml): say so, or RocksDB asks for Snappy.
+    o.set_compression_type(DBCompressionType::None);
+    o.set_write_buffer_size(opts.memtable_bytes);
+    o.set_max_write_buffer_number(2);
+    // All column families' memtables together stay within two memtables' worth.
+    o.set_db_write_buffer_size(opts.memtable_bytes * 2);
+    o.set_atomic_flush(true);
+    o.set_max_background_jobs(2);
+    o.set_keep_log_file_num(3);
+    o.set_max_log_file_size(1024 * 1024);
+    let mut table = BlockBasedOptions::default();
+    table.set_block_cache(&Cache::new_lru_cache(opts.block_cache_bytes));
+    o.set_block_based_table_factory(&table);
+    o
+}
+
+fn descriptors(o: &Options) -> Vec<ColumnFamilyDescriptor> {
+    Cf::ALL.iter().map(|cf| ColumnFamilyDescriptor::new(cf.name(), o.clone())).collect()
+}
+
+/// Classifies a RocksDB error at open.
+fn open_error(path: &Path, e: rocksdb::Error) -> LogError {
+    let detail = e.clone().into_string();
+    match e.kind() {
+        ErrorKind::Corruption => LogError::Corrupt { path: path.to_owned(), detail },
+        _ if detail.contains("lock") || detail.contains("LOCK") => {
+            LogError::Locked { path: path.to_owned(), holder: detail }
+        }
+        _ => LogError::Io { path: path.to_owned(), detail },
+    }
+}
+
+fn take_lock(path: &Path) -> Result<File, LogError> {
+    let io = |e: std::io::Error| LogError::Io { path: path.to_owned(), detail: format!("lock file: {e}") };
+    let mut file = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path.join(LOCK_FILE)).map_err(io)?;
+    // SAFETY: flock on a file descriptor we own; no memory is involved.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc != 0 {
+        let mut holder = String::new();
+        let _ = file.read_to_string(&mut holder);
+        let holder = match holder.trim() {
+            "" => "unknown process".to_owned(),
+            pid => format!("pid {pid}"),
+        };
+        return Err(LogError::Locked { path: path.to_owned(), holder });
+    }
+    file.set_len(0).map_err(io)?;
+    file.rewind().map_err(io)?;
+    write!(file, "{}", std::process::id()).map_err(io)?;
+    Ok(file)
+}
+
+impl RocksStore {
+    /// Opens (creating if needed) the store of node `node` at `path`, for writing.
+    pub fn open(path: &Path, node: &NodeId, opts: StoreOptions) -> Result<RocksStore, LogError> {
+        if path.is_file() {
+            return Err(LogError::PathIsFile { path: path.to_owned() });
+        }
+        std::fs::create_dir_all(path).map_err(|e| LogError::Io { path: path.to_owned(), detail: format!("cannot create the directory: {e}") })?;
+        let lock = take_lock(path)?;
+        let o = db_options(&opts);
+        let db = DB::open_cf_descriptors(&o, path, descriptors(&o)).map_err(|e| open_error(path, e))?;
+        let io = |e: rocksdb::Error| LogError::Io { path: path.to_owned(), detail: e.into_string() };
+
+        let meta = cf(&db, Cf::Meta);
+        let incarnation = match read_meta(&db, path)? {
+            Some((found_node, incarnation)) => {
+                if found_node != node.as_str() {
+                    return Err(LogError::WrongNode { path: path.to_owned(), found: found_node, expected: node.to_string() });
+                }
+                incarnation
+            }
+            None => {
+                if db.iterator_cf(cf(&db, Cf::Log), IteratorMode::Start).next().is_some() {
+                    return Err(LogError::Corrupt { path: path.to_owned(), detail: "records present but no meta".into() });
+                }
+                let incarnation = Incarnation::random();
+                let mut batch = WriteBatch::default();
+                batch.put_cf(meta, META_FORMAT, STORE_FORMAT_VERSION.to_be_bytes());
+                batch.put_cf(meta, META_INCARNATION, incarnation.get().to_be_bytes());
+                batch.put_cf(meta, META_NODE, node.as_str().as_bytes());
+                let mut wo = WriteOptions::default();
+                wo.set_sync(true);
+                db.write_opt(batch, &wo).map_err(io)?;
+                incarnation
+            }
+        };
+
+        let mut core = Core::new(node.clone(), incarnation, opts.limits, opts.retention.clone());
+        load_state(&db, path, &mut core)?;
+        let db = Arc::new(db);
+        let store = RocksStore {
+            path: path.to_owned(),
+            node: node.clone(),
+            incarnation,
+            db,
+            core: Arc::new(Mutex::new(core)),
+            handoff: Handoff::new(opts.commit_queue_len_max),
+            commits: tokio::sync::watch::channel(0).0,
+            threads: Mutex::new(Threads::default()),
+            _lock: Some(lock),
+            secondary_dir: None,
+        };
+        store.start_threads(&opts);
+        Ok(store)
+    }
+
+    /// Opens an existing store for reading only, while its node may be running (a RocksDB
+    /// secondary instance: no lock taken). Operations that write fail with `Closed`;
+    /// [`RocksStore::refresh`] catches up with the writer.
+    pub fn open_read_only(path: &Path) -> Result<RocksStore, LogError> {
+        if path.is_file() {
+            return Err(LogError::PathIsFile { path: path.to_owned() });
+        }
+        if !path.join("CURRENT").is_file() {
+            return Err(LogError::NotAStore { path: path.to_owned() });
+        }
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let secondary = std::env::temp_dir().join(format!("strata-reader-{}-{n}", std::process::id()));
+        let mut o = db_options(&StoreOptions::default());
+        o.create_if_missing(false);
+        o.create_missing_column_families(false);
+        o.set_max_open_files(-1);
+        let names: Vec<&str> = Cf::ALL.iter().map(|c| c.name()).collect();
+        let db = DB::open_cf_as_secondary(&o, path, &secondary, names).map_err(|e| open_error(path, e))?;
+        let (node, incarnation) = read_meta(&db, path)?.ok_or_else(|| LogError::NotAStore { path: path.to_owned() })?;
+        let node = NodeId::new(node).map_err(|e| LogError::Corrupt { path: path.to_owned(), detail: format!("meta node_id: {e}") })?;
+        let mut core = Core::new(node.clone(), incarnation, Limits::default(), Vec::new());
+        load_state(&db, path, &mut core)?;
+        let handoff = Handoff::new(1);
+        handoff.close();
+        Ok(RocksStore {
+            path: path.to_owned(),
+            node,
+            incarnation,
+            db: Arc::new(db),
+            core: Arc::new(Mutex::new(core)),
+            handoff,
+            commits: tokio::sync::watch::channel(0).0,
+            threads: Mutex::new(Threads::default()),
+            _lock: None,
+            secondary_dir: Some(secondary),
+        })
+    }
+
+    /// For a read-only instance: catches up with what the writer has written since.
+    pub fn refresh(&self) -> Result<(), LogError> {
+        if self.secondary_dir.is_none() {
+            return Ok(());
+        }
+        self.db.try_catch_up_with_primary().map_err(|e| open_error(&self.path, e))?;
+        let mut core = Core::new(self.node.clone(), self.incarnation, Limits::default(), Vec::new());
+        load_state(&self.db, &self.path, &mut core)?;
+        *lock_core(&self.core) = core;
+        self.commits.send_modify(|n| *n += 1);
+        Ok(())
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn start_threads(&self, opts: &StoreOptions) {
+        let mut threads = self.threads.lock().unwrap_or_else(|p| p.into_inner());
+        let committer = Committer {
+            db: self.db.clone(),
+            core: self.core.clone(),
+            handoff: self.handoff.clone(),
+            commits: self.commits.clone(),
+            batch_max: opts.commit_batch_len_max,
+            linger: Duration::from_micros(opts.commit_linger_us),
+            adaptive: opts.commit_wait_adaptive,
+            sync: opts.sync == SyncPolicy::Always,
+        };
+        threads.committer = Some(
+            std::thread::Builder::new()
+                .name("strata-commit".into())
+                .spawn(move || committer.run())
+                .expect("spawn the committer thread"),
+        );
+        if opts.sync == SyncPolicy::Interval {
+            let (stop, stopped) = mpsc::channel::<()>();
+            let db = self.db.clone();
+            let every = Duration::from_millis(opts.sync_interval_ms);
+            let handle = std::thread::Builder::new()
+                .name("strata-sync".into())
+                .spawn(move || {
+                    while let Err(mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(every) {
+                        if let Err(e) = db.flush_wal(true) {
+                            tracing::error!(error = %e, "periodic WAL sync failed");
+                        }
+                    }
+                })
+                .expect("spawn the WAL sync thread");
+            threads.syncer = Some((stop, handle));
+        }
+    }
+}
+
+/// Reads `(node id, incarnation)` from `meta`, checking the format version.
+fn read_meta(db: &DB, path: &Path) -> Result<Option<(String, Incarnation)>, LogError> {
+    let meta = cf(db, Cf::Meta);
+    let get = |k: &[u8]| db.get_cf(meta, k).map_err(|e| LogError::Io { path: path.to_owned(), detail: e.into_string() });
+    let corrupt = |what: &str| LogError::Corrupt { path: path.to_owned(), detail: format!("meta {what} is unreadable") };
+    let Some(format) = get(META_FORMAT)? else { return Ok(None) };
+    let format = u32::from_be_bytes(format.as_slice().try_into().map_err(|_| corrupt("format_version"))?);
+    if format != STORE_FORMAT_VERSION {
+        return Err(LogError::IncompatibleFormat { path: path.to_owned(), found: format, supported: STORE_FORMAT_VERSION });
+    }
+    let inc = get(META_INCARNATION)?.ok_or_else(|| corrupt("incarnation"))?;
+    let inc = Incarnation::from_raw(u64::from_be_bytes(inc.as_slice().try_into().map_err(|_| corrupt("incarnation"))?));
+    let node = get(META_NODE)?.ok_or_else(|| corrupt("node_id"))?;
+    let node = String::from_utf8(node).map_err(|_| corrupt("node_id"))?;
+    Ok(Some((node, inc)))
+}
+
+fn load_state(db: &DB, path: &Path, core: &mut Core) -> Result<(), LogError> {
+    let corrupt = |detail: String| LogError::Corrupt { path: path.to_owned(), detail };
+    let io = |e: rocksdb::Error| LogError::Io { path: path.to_owned(), detail: e.into_string() };
+    for item in db.iterator_cf(cf(db, Cf::Watermarks), IteratorMode::Start) {
+        let (k, v) = item.map_err(io)?;
+        let (key, stats) = parse_stats_entry(&k, &v).map_err(|e| corrupt(format!("watermarks entry: {e}")))?;
+        core.load_stream(key, stats, &DbBackend(db))?;
+    }
+    for item in db.iterator_cf(cf(db, Cf::Cursors), IteratorMode::Start) {
+        let (k, v) = item.map_err(io)?;
+        let (consumer, key) = parse_cursor_key(&k).ok_or_else(|| corrupt("unreadable cursor key".into()))?;
+        let seq = u64::from_be_bytes(v.as_ref().try_into().map_err(|_| corrupt("unreadable cursor value".into()))?);
+        core.load_cursor(consumer, key, seq);
+    }
+    Ok(())
+}
+
+struct Committer {
+    db: Arc<DB>,
+    core: Arc<Mutex<Core>>,
+    handoff: Handoff<Op, OpOutcome>,
+    commits: tokio::sync::watch::Sender<u64>,
+    batch_max: usize,
+    linger: Duration,
+    adaptive: bool,
+    sync: bool,
+}
+
+/// Longest adaptive wait for a batch to fill, whatever the write time.
+const ADAPTIVE_WAIT_MAX: Duration = Duration::from_millis(2);
+
+/// A `WriteBatch` as the planner's sink.
+struct BatchSink<'a> {
+    db: &'a DB,
+    batch: WriteBatch,
+}
+
+impl Sink for BatchSink<'_> {
+    fn put(&mut self, c: Cf, key: &[u8], value: &[u8]) {
+        self.batch.put_cf(cf(self.db, c), key, value);
+    }
+
+    fn delete(&mut self, c: Cf, key: &[u8]) {
+        self.batch.delete_cf(cf(self.db, c), key);
+    }
+}
+
+impl Committer {
+    fn run(self) {
+        let mut wo = WriteOptions::default();
+        wo.set_sync(self.sync);
+        // Size of the last batch and a moving average of how long writing one takes.
+        let mut last_len = 0usize;
+        let mut write_time = Duration::ZERO;
+        loop {
+            // Adaptive group commit: the producers acknowledged by the last batch are about
+            // to append again. Wait (at most half a batch write) until as many are queued, so
+            // that N producers share one sync instead of splitting into two half batches, and
+            // the committer is woken once per batch rather than once per arrival.
+            let expected = last_len.min(self.batch_max);
+            let mut batch = if self.adaptive && expected > 1 {
+                let wait = (write_time / 2).min(ADAPTIVE_WAIT_MAX);
+                self.handoff.take_batch_until(self.batch_max, expected, Instant::now() + wait)
+            } else {
+                Vec::new()
+            };
+            if batch.is_empty() {
+                match self.handoff.take_batch(self.batch_max) {
+                    Some(b) => batch = b,
+                    None => break,
+                }
+            }
+            if !self.linger.is_zero() && batch.len() < self.batch_max {
+                std::thread::sleep(self.linger);
+                batch.extend(self.handoff.try_take_batch(self.batch_max - batch.len()));
+            }
+            last_len = batch.len();
+            let (ops, completers): (Vec<Op>, Vec<Completer<OpOutcome>>) = batch.into_iter().unzip();
+            let mut sink = BatchSink { db: &self.db, batch: WriteBatch::default() };
+            let plan = lock_core(&self.core).plan(ops, &DbBackend(&self.db), &mut sink);
+            let started = Instant::now();
+            let written = self.db.write_opt(sink.batch, &wo);
+            let took = started.elapsed();
+            write_time = if write_time.is_zero() { took } else { (write_time * 7 + took) / 8 };
+            match written {
+                Ok(()) => {
+                    let results = lock_core(&self.core).apply(plan);
+                    self.commits.send_modify(|n| *n += 1);
+                    for (done, result) in completers.into_iter().zip(results) {
+                        done.complete(result);
+                    }
+                }
+                Err(e) => {
+                    let error = LogError::Io { path: self.db.path().to_owned(), detail: format!("batch write failed: {}", e.into_string()) };
+                    tracing::error!(%error, "group commit failed; its operations are refused");
+                    for done in completers {
+                        done.complete(Err(error.clone()));
+                    }
+                }
+            }
+        }
+        if let Err(e) = self.db.flush_wal(true) {
+            tracing::error!(error = %e, "final WAL sync failed");
+        }
+    }
+}
+
+impl Store for RocksStore {
+    fn node(&self) -> &NodeId {
+        &self.node
+    }
+
+    fn incarnation(&self) -> Incarnation {
+        self.incarnation
+    }
+
+    fn submit(&self, op: Op) -> Pin<Box<dyn Future<Output = Result<Pending, LogError>> + Send + '_>> {
+        Box::pin(async move {
+            match self.handoff.submit(op).await {
+                Ok(ticket) => Ok(Pending(PendingInner::Waiting(ticket))),
+                Err(_) => Err(LogError::Closed),
+            }
+        })
+    }
+
+    fn read(&self, key: &StreamKey, from: u64, limit: usize) -> Result<Vec<Envelope>, LogError> {
+        let records = scan(&self.db, &stream_prefix(key), from, limit)
+            .map_err(|e| LogError::Io { path: self.path.clone(), detail: e.into_string() })?;
+        let limits = lock_core(&self.core).limits;
+        records.iter().map(|(seq, v)| decode_record(key, *seq, v, &limits)).collect()
+    }
+
+    fn streams(&self) -> Vec<StreamInfo> {
+        lock_core(&self.core).infos()
+    }
+
+    fn stream(&self, key: &StreamKey) -> Option<StreamInfo> {
+        lock_core(&self.core).info(key)
+    }
+
+    fn gaps(&self, key: &StreamKey, max: usize) -> Vec<RangeInclusive<u64>> {
+        lock_core(&self.core).gaps(key, max)
+    }
+
+    fn cursor(&self, consumer: &Name, key: &StreamKey) -> Option<u64> {
+        lock_core(&self.core).cursor(consumer, key)
+    }
+
+    fn record_ack(&self, tier: Tier, key: &StreamKey, watermark: u64) {
+        lock_core(&self.core).record_ack(tier, key, watermark)
+    }
+
+    fn commits(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.commits.subscribe()
+    }
+
+    fn close(&self) {
+        self.handoff.close();
+        let mut threads = self.threads.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(committer) = threads.committer.take() {
+            if committer.join().is_err() {
+                tracing::error!(path = %self.path.display(), "the committer thread panicked");
+            }
+        }
+        if let Some((stop, handle)) = threads.syncer.take() {
+            drop(stop);
+            let _ = handle.join();
+        }
+    }
+}
+
+impl Drop for RocksStore {
+    fn drop(&mut self) {
+        self.close();
+        if let Some(dir) = &self.secondary_dir {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}

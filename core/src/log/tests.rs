@@ -1,0 +1,319 @@
+//! Behaviour of the log through its public handle, against both stores.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::*;
+use crate::codec::Limits;
+use crate::config::{RetentionRule, StreamPattern};
+use crate::model::*;
+
+fn node() -> NodeId {
+    NodeId::new("edge-1").unwrap()
+}
+
+fn stream(s: &str) -> StreamName {
+    StreamName::new(s).unwrap()
+}
+
+fn draft(payload: &[u8]) -> Draft {
+    Draft::new(Kind::Reading, PayloadType::new("test/1").unwrap(), payload.to_vec())
+}
+
+fn rocks(dir: &Path, opts: StoreOptions) -> Log {
+    Log::new(Arc::new(RocksStore::open(dir, &node(), opts).unwrap()))
+}
+
+fn mem(retention: Vec<RetentionRule>) -> Log {
+    Log::new(Arc::new(MemStore::new(node(), Incarnation::from_raw(7), Limits::default(), retention)))
+}
+
+/// Runs `test` against a fresh RocksDB store and a fresh in-memory store.
+async fn both<F, Fut>(retention: Vec<RetentionRule>, test: F)
+where
+    F: Fn(Log) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let dir = tempfile::tempdir().unwrap();
+    let opts = StoreOptions { retention: retention.clone(), ..StoreOptions::default() };
+    test(rocks(dir.path(), opts)).await;
+    test(mem(retention)).await;
+}
+
+fn remote(origin: &str, inc: u64, s: &str, seq: u64) -> Envelope {
+    let hlc = uhlc::HLC::default();
+    Envelope {
+        id: EnvelopeId {
+            origin: NodeId::new(origin).unwrap(),
+            incarnation: Incarnation::from_raw(inc),
+            stream: stream(s),
+            seq: Seq::new(seq).unwrap(),
+        },
+        kind: Kind::Reading,
+        hlc: HlcTime::from_uhlc(hlc.new_timestamp()),
+        budget_us: None,
+        priority: Priority::NORMAL,
+        trace: Trace::default(),
+        payload_type: PayloadType::new("test/1").unwrap(),
+        payload: seq.to_le_bytes().to_vec(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_appends_get_every_seq_once_in_order() {
+    both(vec![], |log| async move {
+        let s = stream("readings/a");
+        let tasks: Vec<_> = (0..8u8)
+            .map(|p| {
+                let (log, s) = (log.clone(), s.clone());
+                tokio::spawn(async move {
+                    let mut seqs = Vec::new();
+                    for i in 0..50u8 {
+                        let env = log.append_durable(s.clone(), draft(&[p, i])).await.unwrap();
+                        seqs.push(env.id.seq.get());
+                    }
+                    seqs
+                })
+            })
+            .collect();
+        let mut all = Vec::new();
+        for t in tasks {
+            let seqs = t.await.unwrap();
+            assert!(seqs.windows(2).all(|w| w[0] < w[1]), "one producer's seqs increase");
+            all.extend(seqs);
+        }
+        all.sort();
+        assert_eq!(all, (1..=400).collect::<Vec<u64>>());
+        let key = log.local_key(&s);
+        let records = log.read(&key, 1, 1000).unwrap();
+        assert_eq!(records.iter().map(|e| e.id.seq.get()).collect::<Vec<_>>(), (1..=400).collect::<Vec<_>>());
+        let hlcs: Vec<_> = records.iter().map(|e| e.hlc).collect();
+        assert!(hlcs.windows(2).all(|w| w[0] < w[1]), "HLC order follows seq order");
+        let info = log.stream(&key).unwrap();
+        assert_eq!((info.first, info.last, info.count, info.watermark, info.local), (1, 400, 400, 400, true));
+        // Bounded reads.
+        assert_eq!(log.read(&key, 399, 10).unwrap().len(), 2);
+        assert_eq!(log.read(&key, 401, 10).unwrap().len(), 0);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn oversized_payload_is_refused_and_consumes_no_seq() {
+    both(vec![], |log| async move {
+        let s = stream("x");
+        assert_eq!(log.append_durable(s.clone(), draft(b"a")).await.unwrap().id.seq.get(), 1);
+        let err = log.append_durable(s.clone(), draft(&vec![0; 1024 * 1024 + 1])).await.unwrap_err();
+        assert_eq!(err.to_string(), "payload of 1048577 bytes is larger than the limit of 1048576 bytes");
+        assert_eq!(log.append_durable(s.clone(), draft(b"b")).await.unwrap().id.seq.get(), 2);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn remote_inserts_are_idempotent_and_track_watermarks_and_gaps() {
+    both(vec![], |log| async move {
+        let key = StreamKey::of(&remote("fog-9", 3, "r", 1).id);
+        for (seq, expected) in [
+            (1, Inserted::Stored { watermark: 1 }),
+            (1, Inserted::Duplicate { watermark: 1 }),
+            (4, Inserted::Stored { watermark: 1 }),
+            (6, Inserted::Stored { watermark: 1 }),
+            (4, Inserted::Duplicate { watermark: 1 }),
+            (2, Inserted::Stored { watermark: 2 }),
+        ] {
+            assert_eq!(log.insert_remote(remote("fog-9", 3, "r", seq)).await.unwrap(), expected, "seq {seq}");
+        }
+        assert_eq!(log.gaps(&key, 10), vec![3..=3, 5..=5]);
+        assert_eq!(log.insert_remote(remote("fog-9", 3, "r", 3)).await.unwrap(), Inserted::Stored { watermark: 4 });
+        let info = log.stream(&key).unwrap();
+        assert_eq!((info.watermark, info.last, info.count, info.local), (4, 6, 5, false));
+        // Another incarnation of the same origin is another history.
+        assert_eq!(log.insert_remote(remote("fog-9", 4, "r", 1)).await.unwrap(), Inserted::Stored { watermark: 1 });
+        assert_eq!(log.streams().len(), 2);
+        // Our own records coming back are ignored.
+        let own = log.append_durable(stream("mine"), draft(b"x")).await.unwrap();
+        assert_eq!(log.insert_remote(own).await.unwrap(), Inserted::Own);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn tail_waits_for_new_records() {
+    both(vec![], |log| async move {
+        let s = stream("t");
+        let key = log.local_key(&s);
+        assert!(log.tail(&key, 1, 10, Duration::from_millis(20)).await.unwrap().is_empty());
+        let writer = {
+            let (log, s) = (log.clone(), s.clone());
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                log.append_durable(s, draft(b"late")).await.unwrap();
+            })
+        };
+        let got = log.tail(&key, 1, 10, Duration::from_secs(10)).await.unwrap();
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].payload, b"late");
+        writer.await.unwrap();
+    })
+    .await;
+}
+
+fn rule(streams: &str, bytes_max: Option<u64>, age_s_max: Option<u64>, acked: &[Tier]) -> RetentionRule {
+    RetentionRule { streams: StreamPattern::new(streams).unwrap(), bytes_max, age_s_max, keep_until_acked: acked.to_vec() }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64
+}
+
+#[tokio::test]
+async fn retention_by_bytes_counts_expired_for_registered_consumers() {
+    both(vec![rule("readings/**", Some(1), None, &[])], |log| async move {
+        let s = stream("readings/a");
+        let key = log.local_key(&s);
+        let reader = crate::config::Name::new("reader").unwrap();
+        log.register_consumer(&reader, &key).await.unwrap();
+        for i in 0..10u8 {
+            log.append_durable(s.clone(), draft(&[i; 10])).await.unwrap();
+        }
+        log.commit_cursor(&reader, &key, 4).await.unwrap();
+        let other = stream("other");
+        log.append_durable(other.clone(), draft(b"kept")).await.unwrap();
+        let report = log.sweep(now_ms()).await.unwrap();
+        // bytes_max = 1 byte: the stream is over budget until every record is gone.
+        let info = log.stream(&key).unwrap();
+        assert_eq!(report.removed, 10, "{report:?}");
+        assert_eq!(report.expired, 6, "seqs 5..=10 were not read yet");
+        assert_eq!((info.count, info.bytes, info.first, info.expired, info.removed, info.watermark), (0, 0, 0, 6, 10, 10));
+        assert_eq!(log.stream(&log.local_key(&other)).unwrap().count, 1, "no rule, no removal");
+        // The seq continues after retention emptied the stream.
+        assert_eq!(log.append_durable(s.clone(), draft(b"next")).await.unwrap().id.seq.get(), 11);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn retention_keeps_what_the_named_tiers_have_not_acknowledged() {
+    both(vec![rule("**", None, Some(0), &[Tier::Cloud])], |log| async move {
+        let s = stream("r");
+        let key = log.local_key(&s);
+        for i in 0..5u8 {
+            log.append_durable(s.clone(), draft(&[i])).await.unwrap();
+        }
+        let later = now_ms() + 10;
+        assert_eq!(log.sweep(later).await.unwrap().removed, 0, "cloud acknowledged nothing yet");
+        log.record_ack(Tier::Fog, &key, 5);
+        assert_eq!(log.sweep(later).await.unwrap().removed, 0, "fog is not cloud");
+        log.record_ack(Tier::Cloud, &key, 3);
+        assert_eq!(log.sweep(later).await.unwrap().removed, 3);
+        let info = log.stream(&key).unwrap();
+        assert_eq!((info.first, info.count, info.expired), (4, 2, 0), "no consumer registered: nothing expired");
+        assert_eq!(log.read(&key, 1, 10).unwrap().first().map(|e| e.id.seq.get()), Some(4));
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn reopen_keeps_seqs_cursors_incarnation_and_gaps() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = stream("r");
+    let consumer = crate::config::Name::new("c").unwrap();
+    let (inc, key) = {
+        let log = rocks(dir.path(), StoreOptions::default());
+        for _ in 0..3 {
+            log.append_durable(s.clone(), draft(b"x")).await.unwrap();
+        }
+        let key = log.local_key(&s);
+        log.commit_cursor(&consumer, &key, 2).await.unwrap();
+        for seq in [1, 2, 5] {
+            log.insert_remote(remote("fog-9", 1, "q", seq)).await.unwrap();
+        }
+        log.close();
+        (log.incarnation(), key)
+    };
+    let log = rocks(dir.path(), StoreOptions::default());
+    assert_eq!(log.incarnation(), inc);
+    assert_eq!(log.cursor(&consumer, &key), Some(2));
+    assert_eq!(log.append_durable(s.clone(), draft(b"y")).await.unwrap().id.seq.get(), 4);
+    let rkey = StreamKey::of(&remote("fog-9", 1, "q", 1).id);
+    assert_eq!(log.gaps(&rkey, 10), vec![3..=4]);
+    assert_eq!(log.insert_remote(remote("fog-9", 1, "q", 5)).await.unwrap(), Inserted::Duplicate { watermark: 2 });
+    assert_eq!(log.insert_remote(remote("fog-9", 1, "q", 3)).await.unwrap(), Inserted::Stored { watermark: 3 });
+}
+
+#[tokio::test]
+async fn open_errors_are_distinct_and_name_the_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("file");
+    std::fs::write(&file, b"x").unwrap();
+    let err = RocksStore::open(&file, &node(), StoreOptions::default()).err().unwrap();
+    assert_eq!(err, LogError::PathIsFile { path: file.clone() });
+    assert!(err.to_string().contains("is a file, not a store directory"));
+
+    let path = dir.path().join("store");
+    let first = RocksStore::open(&path, &node(), StoreOptions::default()).unwrap();
+    let err = RocksStore::open(&path, &node(), StoreOptions::default()).err().unwrap();
+    assert_eq!(err, LogError::Locked { path: path.clone(), holder: format!("pid {}", std::process::id()) });
+    // A reader may look while the writer runs.
+    let reader = RocksStore::open_read_only(&path).unwrap();
+    assert_eq!(reader.incarnation(), first.incarnation());
+    drop(reader);
+    drop(first);
+
+    let err = RocksStore::open(&path, &NodeId::new("fog-1").unwrap(), StoreOptions::default()).err().unwrap();
+    assert!(matches!(err, LogError::WrongNode { .. }), "{err}");
+
+    // A store of a future format version.
+    {
+        let o = db_options_for_test();
+        let db = rocksdb::DB::open_cf(&o, &path, ["log", "cursors", "watermarks", "meta"]).unwrap();
+        db.put_cf(db.cf_handle("meta").unwrap(), b"format_version", 99u32.to_be_bytes()).unwrap();
+    }
+    let err = RocksStore::open(&path, &node(), StoreOptions::default()).err().unwrap();
+    assert_eq!(err, LogError::IncompatibleFormat { path: path.clone(), found: 99, supported: 1 });
+    assert!(err.to_string().contains("format version 99"));
+
+    let empty = dir.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    assert_eq!(RocksStore::open_read_only(&empty).err().unwrap(), LogError::NotAStore { path: empty });
+}
+
+fn db_options_for_test() -> rocksdb::Options {
+    let mut o = rocksdb::Options::default();
+    o.set_compression_type(rocksdb::DBCompressionType::None);
+    o
+}
+
+#[tokio::test]
+async fn read_only_reader_catches_up_with_the_writer() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = rocks(dir.path(), StoreOptions::default());
+    let s = stream("r");
+    log.append_durable(s.clone(), draft(b"1")).await.unwrap();
+    let reader = RocksStore::open_read_only(dir.path()).unwrap();
+    let key = log.local_key(&s);
+    assert_eq!(reader.stream(&key).unwrap().last, 1);
+    log.append_durable(s.clone(), draft(b"2")).await.unwrap();
+    reader.refresh().unwrap();
+    assert_eq!(reader.stream(&key).unwrap().last, 2);
+    assert_eq!(reader.read(&key, 1, 10).unwrap().len(), 2);
+    assert!(matches!(Log::new(Arc::new(reader)).append_durable(s, draft(b"3")).await, Err(LogError::Closed)));
+}
+
+#[tokio::test]
+async fn interval_and_never_policies_append_and_reopen() {
+    for sync in [crate::config::SyncPolicy::Interval, crate::config::SyncPolicy::Never] {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = StoreOptions { sync, sync_interval_ms: 5, ..StoreOptions::default() };
+        {
+            let log = rocks(dir.path(), opts.clone());
+            for _ in 0..10 {
+                log.append_durable(stream("s"), draft(b"x")).await.unwrap();
+            }
+        }
+        let log = rocks(dir.path(), opts);
+        assert_eq!(log.streams()[0].last, 10, "{sync:?}");
+    }
+}

@@ -1,0 +1,48 @@
+//! Child process of the crash test (`integration/tests/it/crash.rs`): opens a store and
+//! appends from several tasks until killed, printing `ack <seq> <producer> <n>` for every
+//! append whose durability was acknowledged, and `start <next seq>` once the store is open.
+//!
+//!     crash_writer <store dir> <producers>
+//!
+//! Each payload is self-checking (see `strata_integration::crash_payload`), so a reader can
+//! tell an intact record from a torn one without knowing what was sent.
+
+use std::io::Write;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use strata_core::log::{Draft, Log, RocksStore, StoreOptions};
+use strata_core::{Kind, NodeId, PayloadType, StreamName};
+use strata_integration::crash_payload;
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> Result<()> {
+    let mut args = std::env::args().skip(1);
+    let path = args.next().context("usage: crash_writer <store dir> <producers>")?;
+    let producers: u8 = args.next().context("producers")?.parse().context("producers")?;
+    let node = NodeId::new("crash-node")?;
+    let store = RocksStore::open(path.as_ref(), &node, StoreOptions::default())?;
+    let log = Log::new(Arc::new(store));
+    let stream = StreamName::new("crash/test")?;
+    let next = log.stream(&log.local_key(&stream)).map_or(0, |i| i.last) + 1;
+    let out = Arc::new(std::sync::Mutex::new(std::io::stdout()));
+    writeln!(out.lock().unwrap(), "start {next}")?;
+    out.lock().unwrap().flush()?;
+    let mut tasks = Vec::new();
+    for p in 0..producers {
+        let (log, stream, out) = (log.clone(), stream.clone(), out.clone());
+        tasks.push(tokio::spawn(async move {
+            for n in 0u64.. {
+                let draft = Draft::new(Kind::Reading, PayloadType::new("crash/1").unwrap(), crash_payload(p, n));
+                let env = log.append_durable(stream.clone(), draft).await.expect("append");
+                let mut out = out.lock().unwrap();
+                writeln!(out, "ack {} {p} {n}", env.id.seq).unwrap();
+                out.flush().unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await?;
+    }
+    Ok(())
+}

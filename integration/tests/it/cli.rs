@@ -1,0 +1,220 @@
+//! The `strata` binary, run as a user runs it.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use strata_integration::{repo_root, strata_bin};
+
+fn strata(args: &[&str]) -> Output {
+    Command::new(strata_bin()).args(args).current_dir(repo_root()).output().expect("run strata")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// Runs `strata check` on `files` and expects exit code `code` with `fragment` in stdout
+/// (for 0) or stderr (otherwise).
+fn check(files: &[&str], code: i32, fragment: &str) {
+    let mut args = vec!["check"];
+    args.extend_from_slice(files);
+    let out = strata(&args);
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert_eq!(out.status.code(), Some(code), "stdout:\n{stdout}\nstderr:\n{stderr}");
+    let shown = if code == 0 { &stdout } else { &stderr };
+    assert!(shown.contains(fragment), "{fragment:?} not in:\n{shown}");
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> String {
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path.to_str().unwrap().to_owned()
+}
+
+#[test]
+fn version() {
+    let out = strata(&["--version"]);
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(text(&out.stdout).trim(), format!("strata {}", env!("CARGO_PKG_VERSION")));
+}
+
+#[test]
+fn usage_error_exits_2() {
+    assert_eq!(strata(&["check"]).status.code(), Some(2));
+    assert_eq!(strata(&["frobnicate"]).status.code(), Some(2));
+}
+
+#[test]
+fn example_continuum_checks() {
+    check(
+        &["configs/edge.toml", "configs/fog.toml", "configs/cloud.toml"],
+        0,
+        "path edge -> fog -> cloud: edge-1 -> fog-1 -> cloud-1",
+    );
+    check(&["configs/edge.toml"], 0, "config valid");
+}
+
+#[test]
+fn bad_configs_exit_2_naming_file_key_and_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    let edge = std::fs::read_to_string(repo_root().join("configs/edge.toml")).unwrap();
+    let (fog, cloud) = ("configs/fog.toml", "configs/cloud.toml");
+
+    let unknown = write(dir.path(), "unknown.toml", &edge.replace("lease_ms = 1000", "lease_ms = 1000\nleese = 3"));
+    check(&[&unknown, fog, cloud], 2, &format!("{unknown}: zenoh.leese: unknown field `leese`"));
+
+    let bad_stream = write(dir.path(), "stream.toml", &edge.replace("outputs = [\"decisions\"]", "outputs = [\"Readings!\"]"));
+    check(&[&bad_stream], 2, &format!("{bad_stream}: actors[1].outputs[0]: \"Readings!\" is not a valid stream name"));
+
+    let dup = write(dir.path(), "dup.toml", &std::fs::read_to_string(repo_root().join(cloud)).unwrap().replace("cloud-1", "fog-1").replace("7449", "7450"));
+    check(&["configs/edge.toml", fog, cloud, &dup], 2, &format!("{dup}: node.id: \"fog-1\" is already the id of the node in configs/fog.toml"));
+
+    let dangling = write(dir.path(), "dangling.toml", &edge.replace("tcp/127.0.0.1:7448", "tcp/127.0.0.1:7999"));
+    check(&[&dangling, fog, cloud], 2, &format!("{dangling}: zenoh.connect[0]: \"tcp/127.0.0.1:7999\" is not the listen endpoint of any node given"));
+
+    check(&["does/not/exist.toml"], 2, "does/not/exist.toml: cannot read the file");
+}
+
+mod log {
+    use super::*;
+    use std::io::{BufRead, BufReader};
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    use strata_core::log::{Draft, Log, RocksStore, StoreOptions};
+    use strata_core::model::*;
+
+    fn draft(text: &str) -> Draft {
+        Draft::new(Kind::Reading, PayloadType::new("test/1").unwrap(), text.as_bytes().to_vec())
+    }
+
+    fn remote(seq: u64) -> Envelope {
+        Envelope {
+            id: EnvelopeId {
+                origin: NodeId::new("edge-7").unwrap(),
+                incarnation: Incarnation::from_raw(0xabc),
+                stream: StreamName::new("readings/b").unwrap(),
+                seq: Seq::new(seq).unwrap(),
+            },
+            kind: Kind::Reading,
+            hlc: HlcTime::from_uhlc(uhlc::HLC::default().new_timestamp()),
+            budget_us: Some(5000),
+            priority: Priority::HIGH,
+            trace: Trace::default(),
+            payload_type: PayloadType::new("test/1").unwrap(),
+            payload: vec![0xff, 0x00, seq as u8],
+        }
+    }
+
+    /// A store of node `fog-1` with 3 local records and 2 of 3 remote ones (a gap at 2).
+    async fn store(dir: &Path) -> Log {
+        let log = Log::new(Arc::new(RocksStore::open(dir, &NodeId::new("fog-1").unwrap(), StoreOptions::default()).unwrap()));
+        for i in 1..=3 {
+            log.append_durable(StreamName::new("readings/a").unwrap(), draft(&format!("{{\"value\":{i}}}"))).await.unwrap();
+        }
+        for seq in [1, 3] {
+            log.insert_remote(remote(seq)).await.unwrap();
+        }
+        log
+    }
+
+    #[tokio::test]
+    async fn ls_and_tail_show_a_store_even_while_its_node_runs() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = store(dir.path()).await;
+        let path = dir.path().to_str().unwrap();
+
+        let out = strata(&["log", "ls", path]);
+        let stdout = text(&out.stdout);
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+        assert!(stdout.contains("of node fog-1"), "{stdout}");
+        let row = stdout.lines().find(|l| l.contains("readings/a")).expect("local stream listed");
+        let cells: Vec<&str> = row.split_whitespace().collect();
+        assert_eq!(&cells[..6], &["fog-1", &format!("{}", log.incarnation()), "readings/a", "1", "3", "3"], "{row}");
+        let row = stdout.lines().find(|l| l.contains("readings/b")).expect("replica listed");
+        let cells: Vec<&str> = row.split_whitespace().collect();
+        // origin incarnation stream first last count bytes(2 cells) watermark expired kind
+        assert_eq!(&cells[..6], &["edge-7", "0000000000000abc", "readings/b", "1", "3", "2"], "{row}");
+        assert_eq!(&cells[8..], &["1", "0", "replica"], "{row}");
+
+        let out = strata(&["log", "ls", path, "--json"]);
+        let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let streams = json.as_array().unwrap();
+        assert_eq!(streams.len(), 2);
+        assert!(streams.iter().any(|s| s["stream"] == "readings/b" && s["watermark"] == 1 && s["last"] == 3));
+
+        let out = strata(&["log", "tail", path, "readings/a", "--from", "2"]);
+        let lines: Vec<String> = text(&out.stdout).lines().map(String::from).collect();
+        assert_eq!(lines.len(), 2, "{lines:?}");
+        assert!(lines[0].starts_with("fog-1 #2 ") && lines[0].ends_with("{\"value\":2}"), "{}", lines[0]);
+
+        let out = strata(&["log", "tail", path, "edge-7:readings/b", "--json"]);
+        let rows: Vec<serde_json::Value> = text(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        assert_eq!(rows.iter().map(|r| r["seq"].as_u64().unwrap()).collect::<Vec<_>>(), vec![1, 3]);
+        assert_eq!(rows[1]["payload_hex"], "ff0003");
+        assert_eq!(rows[1]["budget_us"], 5000);
+
+        let out = strata(&["log", "tail", path, "readings/nope"]);
+        assert_eq!(out.status.code(), Some(2));
+        assert!(text(&out.stderr).contains("no stream fog-1:readings/nope in"), "{}", text(&out.stderr));
+
+        // --follow prints what is appended after it started.
+        let mut child = Command::new(strata_bin())
+            .args(["log", "tail", path, "readings/a", "--follow"])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let reader = std::thread::spawn(move || {
+            let mut lines = Vec::new();
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                lines.push(line);
+                if lines.len() == 5 {
+                    break;
+                }
+            }
+            lines
+        });
+        for i in 4..=5 {
+            log.append_durable(StreamName::new("readings/a").unwrap(), draft(&format!("late {i}"))).await.unwrap();
+        }
+        let started = Instant::now();
+        while !reader.is_finished() && started.elapsed() < Duration::from_secs(30) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let lines = reader.join().unwrap();
+        assert_eq!(lines.len(), 5, "{lines:?}");
+        assert!(lines[4].ends_with("late 5"), "{lines:?}");
+    }
+
+    #[tokio::test]
+    async fn broken_stores_give_clear_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = strata(&["log", "ls", dir.path().to_str().unwrap()]);
+        assert_eq!(out.status.code(), Some(1));
+        assert!(text(&out.stderr).contains("no store here"), "{}", text(&out.stderr));
+
+        let file = write(dir.path(), "file", "x");
+        let out = strata(&["log", "ls", &file]);
+        assert_eq!(out.status.code(), Some(1));
+        assert!(text(&out.stderr).contains(&format!("{file}: is a file, not a store directory")), "{}", text(&out.stderr));
+
+        let store_dir = dir.path().join("store");
+        store(&store_dir).await.close();
+        // Damage the manifest the way a bad disk would.
+        let manifest = std::fs::read_dir(&store_dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .find(|p| p.file_name().unwrap().to_str().unwrap().starts_with("MANIFEST-"))
+            .unwrap();
+        let len = std::fs::metadata(&manifest).unwrap().len();
+        std::fs::write(&manifest, vec![0xa5; len as usize]).unwrap();
+        let out = strata(&["log", "ls", store_dir.to_str().unwrap()]);
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert!(stderr.contains(&format!("{}: store is corrupted", store_dir.display())), "{stderr}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
+    }
+}

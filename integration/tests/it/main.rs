@@ -1,0 +1,4 @@
+//! The one integration test binary of Strata (one link step for all multi-node tests).
+
+mod cli;
+mod crash;

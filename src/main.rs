@@ -1,0 +1,223 @@
+//! `strata`: the command line of a Strata node. Thin: it parses arguments and calls into
+//! `strata-core`. Exit codes: 0 ok, 2 usage or config error, 1 runtime failure.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use strata_core::config::{check_continuum, summary_table, NodeConfig, StreamRef};
+use strata_core::log::{show, RocksStore, Store, StreamKey};
+
+#[derive(Parser)]
+#[command(name = "strata", version, about = "Strata: durable, deadline-aware middleware for edge/fog/cloud AI systems")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Validate node configs; given several, also check that they form a continuum
+    /// (unique node ids, every connect endpoint is some node's listen, a path
+    /// edge -> fog -> cloud) and print a summary.
+    Check {
+        /// Node config files (TOML).
+        #[arg(required = true)]
+        configs: Vec<PathBuf>,
+    },
+    /// Inspect a node's durable log (works while the node runs: opens it read-only).
+    Log {
+        #[command(subcommand)]
+        command: LogCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum LogCommand {
+    /// List the streams in a store: origin, incarnation, first/last seq, count, bytes,
+    /// watermark, expired.
+    Ls {
+        /// The store directory (`node.data_dir` of the node's config).
+        path: PathBuf,
+        /// One JSON array instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print a stream's envelopes, one per line.
+    Tail {
+        /// The store directory.
+        path: PathBuf,
+        /// `stream` (the store's own node) or `origin:stream` (a replica).
+        stream: String,
+        /// First seq to print.
+        #[arg(long, default_value_t = 1)]
+        from: u64,
+        /// Only this incarnation (hex, as `log ls` shows it); default every incarnation.
+        #[arg(long)]
+        incarnation: Option<String>,
+        /// Keep printing new envelopes as they are appended (Ctrl-C to stop).
+        #[arg(long)]
+        follow: bool,
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+const EXIT_CONFIG: u8 = 2;
+const EXIT_RUNTIME: u8 = 1;
+/// Records read per batch by `log tail`.
+const TAIL_BATCH_LEN: usize = 512;
+/// Pause of `log tail --follow` when there is nothing new, in ms.
+const FOLLOW_POLL_MS: u64 = 200;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Check { configs } => check(configs),
+        Command::Log { command: LogCommand::Ls { path, json } } => log_ls(&path, json),
+        Command::Log { command: LogCommand::Tail { path, stream, from, incarnation, follow, json } } => {
+            log_tail(&path, &stream, from, incarnation.as_deref(), follow, json)
+        }
+    }
+}
+
+fn open_store(path: &std::path::Path) -> Result<RocksStore, ExitCode> {
+    RocksStore::open_read_only(path).map_err(|e| {
+        eprintln!("strata log: {e}");
+        ExitCode::from(EXIT_RUNTIME)
+    })
+}
+
+fn log_ls(path: &std::path::Path, json: bool) -> ExitCode {
+    let store = match open_store(path) {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    let infos = store.streams();
+    if json {
+        println!("{}", serde_json::to_string_pretty(&infos).expect("stream infos serialise"));
+    } else {
+        println!("store {} of node {} (incarnation {})", path.display(), store.node(), store.incarnation());
+        print!("{}", show::streams_table(&infos));
+    }
+    ExitCode::SUCCESS
+}
+
+fn log_tail(path: &std::path::Path, stream: &str, from: u64, incarnation: Option<&str>, follow: bool, json: bool) -> ExitCode {
+    let store = match open_store(path) {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    let wanted = match StreamRef::try_from(stream.to_owned()) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("strata log tail: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let origin = wanted.origin.clone().unwrap_or_else(|| store.node().clone());
+    let incarnation = match incarnation.map(|h| u64::from_str_radix(h, 16)) {
+        None => None,
+        Some(Ok(i)) => Some(i),
+        Some(Err(_)) => {
+            eprintln!("strata log tail: --incarnation {:?} is not a hex number", incarnation.unwrap_or_default());
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let matching = |store: &RocksStore| -> Vec<StreamKey> {
+        store
+            .streams()
+            .into_iter()
+            .filter(|i| i.origin == origin && i.stream == wanted.stream)
+            .filter(|i| incarnation.is_none_or(|inc| i.incarnation.get() == inc))
+            .map(|i| i.key())
+            .collect()
+    };
+    let mut next: Vec<(StreamKey, u64)> = matching(&store).into_iter().map(|k| (k, from.max(1))).collect();
+    if next.is_empty() && !follow {
+        let known: Vec<String> = store.streams().iter().map(|i| format!("{}:{}", i.origin, i.stream)).collect();
+        eprintln!(
+            "strata log tail: no stream {origin}:{} in {} (streams: {})",
+            wanted.stream,
+            path.display(),
+            if known.is_empty() { "none".to_owned() } else { known.join(", ") }
+        );
+        return ExitCode::from(EXIT_CONFIG);
+    }
+    loop {
+        let mut printed = 0;
+        for (key, seq) in next.iter_mut() {
+            loop {
+                let batch = match store.read(key, *seq, TAIL_BATCH_LEN) {
+                    Ok(b) => b,
+                    Err(e) => {
+                        eprintln!("strata log tail: {e}");
+                        return ExitCode::from(EXIT_RUNTIME);
+                    }
+                };
+                let Some(last) = batch.last() else { break };
+                *seq = last.id.seq.get() + 1;
+                printed += batch.len();
+                let mut out = std::io::stdout().lock();
+                for e in &batch {
+                    let line = if json { show::envelope_json(e).to_string() } else { show::envelope_line(e) };
+                    // A closed pipe (`| head`) ends the command quietly.
+                    if writeln!(out, "{line}").and_then(|()| out.flush()).is_err() {
+                        return ExitCode::SUCCESS;
+                    }
+                }
+            }
+        }
+        if !follow {
+            return ExitCode::SUCCESS;
+        }
+        if printed == 0 {
+            std::thread::sleep(std::time::Duration::from_millis(FOLLOW_POLL_MS));
+            if let Err(e) = store.refresh() {
+                eprintln!("strata log tail: {e}");
+                return ExitCode::from(EXIT_RUNTIME);
+            }
+            for key in matching(&store) {
+                if !next.iter().any(|(k, _)| *k == key) {
+                    next.push((key, from.max(1)));
+                }
+            }
+        }
+    }
+}
+
+fn check(files: Vec<PathBuf>) -> ExitCode {
+    let mut nodes = Vec::new();
+    let mut failed = false;
+    for file in files {
+        match NodeConfig::load(&file) {
+            Ok(config) => nodes.push((file, config)),
+            Err(e) => {
+                eprintln!("{e}");
+                failed = true;
+            }
+        }
+    }
+    if failed {
+        return ExitCode::from(EXIT_CONFIG);
+    }
+    if nodes.len() == 1 {
+        print!("{}", summary_table(&nodes));
+        println!("config valid (give several configs to check a continuum)");
+        return ExitCode::SUCCESS;
+    }
+    match check_continuum(nodes) {
+        Ok(continuum) => {
+            println!("{continuum}");
+            ExitCode::SUCCESS
+        }
+        Err(errors) => {
+            for e in errors {
+                eprintln!("{e}");
+            }
+            ExitCode::from(EXIT_CONFIG)
+        }
+    }
+}
