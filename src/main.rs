@@ -26,11 +26,25 @@ enum Command {
         #[arg(required = true)]
         configs: Vec<PathBuf>,
     },
+    /// Run a node from its config until SIGINT or SIGTERM (then shut down in order, exit 0).
+    Run {
+        /// The node's config file (TOML).
+        config: PathBuf,
+        /// Log lines as `human` text or `json`.
+        #[arg(long, value_enum, default_value_t = LogFormat::Human)]
+        log_format: LogFormat,
+    },
     /// Inspect a node's durable log (works while the node runs: opens it read-only).
     Log {
         #[command(subcommand)]
         command: LogCommand,
     },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Human,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -76,10 +90,65 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Check { configs } => check(configs),
+        Command::Run { config, log_format } => run(&config, log_format),
         Command::Log { command: LogCommand::Ls { path, json } } => log_ls(&path, json),
         Command::Log { command: LogCommand::Tail { path, stream, from, incarnation, follow, json } } => {
             log_tail(&path, &stream, from, incarnation.as_deref(), follow, json)
         }
+    }
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,zenoh=warn"));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
+    match format {
+        LogFormat::Human => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn run(path: &std::path::Path, format: LogFormat) -> ExitCode {
+    let config = match NodeConfig::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    init_tracing(format);
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("strata run: cannot start the async runtime: {e}");
+            return ExitCode::from(EXIT_RUNTIME);
+        }
+    };
+    runtime.block_on(async {
+        let node = match strata_core::node::Node::start(config).await {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::error!(error = %e, "node failed to start");
+                eprintln!("strata run: {e}");
+                return ExitCode::from(EXIT_RUNTIME);
+            }
+        };
+        let signal = wait_for_stop().await;
+        tracing::info!(signal, "stopping");
+        node.shutdown().await;
+        ExitCode::SUCCESS
+    })
+}
+
+/// Waits for SIGINT or SIGTERM and names it.
+async fn wait_for_stop() -> &'static str {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("install a SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("install a SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
     }
 }
 

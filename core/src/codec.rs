@@ -114,28 +114,41 @@ const FIXED_CLAIMS_BYTES: usize = 256;
 /// bincode's allocation limit is a type-level constant, so pick the smallest one that is at
 /// least what a valid body of this length can claim: its length plus the fixed part.
 fn decode_body(body: &[u8]) -> Result<Envelope, DecodeError> {
-    macro_rules! with_limit_for_len {
-        ($len:expr; $($bits:literal),*) => {
-            match $len {
-                $(n if n <= (1usize << $bits) => decode_limited::<{ 1usize << $bits }>(body),)*
-                n => Err(DecodeError::TooLarge { len: n, max: 1usize << 26 }),
+    decode_bounded(body, body.len() + FIXED_CLAIMS_BYTES).map_err(|e| match e {
+        BoundedError::TooLarge(len) => DecodeError::TooLarge { len, max: CLAIM_LIMIT_MAX },
+        BoundedError::Malformed(m) => DecodeError::Malformed(m),
+    })
+}
+
+/// Largest allocation limit [`decode_bounded`] uses.
+pub(crate) const CLAIM_LIMIT_MAX: usize = 1 << 26;
+
+pub(crate) enum BoundedError {
+    TooLarge(usize),
+    Malformed(String),
+}
+
+/// Decodes a whole bincode (standard config) body as `T`, letting bincode claim (allocate)
+/// at most `claims` bytes, rounded up to a power of two, and at most [`CLAIM_LIMIT_MAX`].
+pub(crate) fn decode_bounded<T: serde::de::DeserializeOwned>(body: &[u8], claims: usize) -> Result<T, BoundedError> {
+    macro_rules! with_limit_for {
+        ($n:expr; $($bits:literal),*) => {
+            match $n {
+                $(n if n <= (1usize << $bits) => decode_limited::<T, { 1usize << $bits }>(body),)*
+                n => Err(BoundedError::TooLarge(n)),
             }
         };
     }
-    with_limit_for_len!(body.len() + FIXED_CLAIMS_BYTES; 9, 10, 12, 14, 16, 18, 20, 22, 24, 26)
+    with_limit_for!(claims; 9, 10, 12, 14, 16, 18, 20, 22, 24, 26)
 }
 
-fn decode_limited<const LIMIT: usize>(body: &[u8]) -> Result<Envelope, DecodeError> {
-    let (envelope, used): (Envelope, usize) =
-        bincode::serde::decode_from_slice(body, config().with_limit::<LIMIT>())
-            .map_err(|e| DecodeError::Malformed(e.to_string()))?;
+fn decode_limited<T: serde::de::DeserializeOwned, const LIMIT: usize>(body: &[u8]) -> Result<T, BoundedError> {
+    let (value, used): (T, usize) = bincode::serde::decode_from_slice(body, config().with_limit::<LIMIT>())
+        .map_err(|e| BoundedError::Malformed(e.to_string()))?;
     if used != body.len() {
-        return Err(DecodeError::Malformed(format!(
-            "{} trailing bytes after the envelope",
-            body.len() - used
-        )));
+        return Err(BoundedError::Malformed(format!("{} trailing bytes at the end", body.len() - used)));
     }
-    Ok(envelope)
+    Ok(value)
 }
 
 /// serde glue so that byte vectors are encoded as one length-prefixed run of bytes (bincode
@@ -321,7 +334,7 @@ mod tests {
         }
         let mut longer = bytes.clone();
         longer.push(0);
-        assert_eq!(decode(&longer, &limits), Err(DecodeError::Malformed("1 trailing bytes after the envelope".into())));
+        assert_eq!(decode(&longer, &limits), Err(DecodeError::Malformed("1 trailing bytes at the end".into())));
     }
 
     #[test]

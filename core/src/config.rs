@@ -155,7 +155,7 @@ fn check_pattern(value: &str, what: &str) -> Result<(), String> {
     Ok(())
 }
 
-fn segments_match(pattern: &[&str], name: &[&str]) -> bool {
+pub(crate) fn segments_match(pattern: &[&str], name: &[&str]) -> bool {
     match (pattern.first(), name.first()) {
         (None, None) => true,
         (Some(&"**"), _) => {

@@ -12,8 +12,10 @@
 
 pub mod codec;
 pub mod config;
+pub mod bus;
 pub mod log;
 pub mod model;
+pub mod node;
 
 pub use config::{ConfigError, NodeConfig};
 pub use model::{

@@ -68,3 +68,153 @@ pub fn helper_bin(name: &str) -> PathBuf {
     assert!(bin.exists(), "{} does not exist: build it first (`cargo build --workspace --all-targets`)", bin.display());
     bin
 }
+
+pub mod proxy;
+
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A free TCP port on loopback (bound, then released for the caller to use).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port").local_addr().expect("local addr").port()
+}
+
+/// Waits up to `timeout` for `cond`, checking every 50 ms. Returns whether it held.
+pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    loop {
+        if cond() {
+            return true;
+        }
+        if start.elapsed() >= timeout {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A `strata run` child process with its config, store and log file in a test directory.
+pub struct NodeProc {
+    pub id: String,
+    pub config: PathBuf,
+    pub data_dir: PathBuf,
+    pub log_file: PathBuf,
+    child: Option<Child>,
+}
+
+impl NodeProc {
+    /// Writes `config_text` to `<dir>/<id>.toml`; the store goes to `<dir>/<id>-data`.
+    /// The config text may use `{data_dir}`.
+    pub fn new(dir: &Path, id: &str, config_text: &str) -> NodeProc {
+        let data_dir = dir.join(format!("{id}-data"));
+        let config = dir.join(format!("{id}.toml"));
+        std::fs::write(&config, config_text.replace("{data_dir}", data_dir.to_str().expect("utf-8 path"))).expect("write config");
+        NodeProc { id: id.to_owned(), config, data_dir, log_file: dir.join(format!("{id}.log")), child: None }
+    }
+
+    pub fn start(&mut self) {
+        assert!(self.child.is_none(), "{} already running", self.id);
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log_file).expect("log file");
+        let child = Command::new(strata_bin())
+            .arg("run")
+            .arg(&self.config)
+            .env("RUST_LOG", std::env::var("STRATA_TEST_LOG").unwrap_or_else(|_| "info,zenoh=warn".into()))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn strata run");
+        self.child = Some(child);
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
+    }
+
+    /// `kill -9`.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM, then waits up to `timeout` for the exit code (`None`: killed after it).
+    pub fn terminate(&mut self, timeout: Duration) -> Option<i32> {
+        let mut c = self.child.take()?;
+        // SAFETY: plain syscall on our own child's pid.
+        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        let start = Instant::now();
+        loop {
+            if let Ok(Some(status)) = c.try_wait() {
+                return status.code();
+            }
+            if start.elapsed() > timeout {
+                let _ = c.kill();
+                let _ = c.wait();
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Resident memory in KiB, from /proc.
+    pub fn rss_kib(&self) -> Option<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()?)).ok()?;
+        status.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+    }
+
+    /// The node's log output so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log_file).unwrap_or_default()
+    }
+}
+
+impl Drop for NodeProc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// A Zenoh session for a test: peer mode, multicast and gossip off, connected to `endpoint`.
+pub async fn zenoh_session(endpoint: &str) -> zenoh::Session {
+    let mut c = zenoh::Config::default();
+    c.insert_json5("mode", "\"peer\"").unwrap();
+    c.insert_json5("connect/endpoints", &format!("[\"{endpoint}\"]")).unwrap();
+    c.insert_json5("scouting/multicast/enabled", "false").unwrap();
+    c.insert_json5("scouting/gossip/enabled", "false").unwrap();
+    c.insert_json5("connect/timeout_ms", "-1").unwrap();
+    c.insert_json5("connect/exit_on_failure", "false").unwrap();
+    c.insert_json5("connect/retry", "{period_init_ms: 100, period_max_ms: 100, period_increase_factor: 1.0}").unwrap();
+    zenoh::open(c).await.expect("open a zenoh session")
+}
+
+/// The status document of `node`, if it answers within a second.
+pub async fn status(session: &zenoh::Session, node: &str) -> Option<serde_json::Value> {
+    let replies = session.get(format!("strata/status/{node}")).timeout(Duration::from_secs(1)).await.ok()?;
+    while let Ok(reply) = replies.recv_async().await {
+        if let Ok(sample) = reply.result() {
+            return serde_json::from_slice(&sample.payload().to_bytes()).ok();
+        }
+    }
+    None
+}
+
+/// The watermark `node`'s status shows for `origin`'s stream `stream` (0 if absent; `None`
+/// if the node does not answer).
+pub async fn watermark(session: &zenoh::Session, node: &str, origin: &str, stream: &str) -> Option<u64> {
+    let doc = status(session, node).await?;
+    Some(
+        doc["streams"]
+            .as_array()?
+            .iter()
+            .filter(|s| s["origin"] == origin && s["stream"] == stream)
+            .filter_map(|s| s["watermark"].as_u64())
+            .max()
+            .unwrap_or(0),
+    )
+}

@@ -245,6 +245,20 @@ impl Future for AppendTicket {
     }
 }
 
+/// A queued remote insert; resolves once it is durable.
+pub struct InsertTicket(Pending);
+
+impl Future for InsertTicket {
+    type Output = Result<Inserted, LogError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        Pin::new(&mut self.0).poll(cx).map(|r| match r? {
+            OpResult::Inserted(i) => Ok(i),
+            other => unreachable!("insert answered with {other:?}"),
+        })
+    }
+}
+
 /// The handle to a node's durable log. Cheap to clone.
 #[derive(Clone)]
 pub struct Log {
@@ -288,10 +302,13 @@ impl Log {
     /// Stores an envelope received from another node under its origin key; idempotent.
     /// Resolves once durable.
     pub async fn insert_remote(&self, envelope: Envelope) -> Result<Inserted, LogError> {
-        match self.store.submit(Op::Insert { envelope }).await?.await? {
-            OpResult::Inserted(i) => Ok(i),
-            other => unreachable!("insert answered with {other:?}"),
-        }
+        self.insert_remote_queued(envelope).await?.await
+    }
+
+    /// Queues an insert (waiting while the commit queue is full) and returns a ticket that
+    /// resolves once it is durable: a receiver can keep many inserts in flight.
+    pub async fn insert_remote_queued(&self, envelope: Envelope) -> Result<InsertTicket, LogError> {
+        Ok(InsertTicket(self.store.submit(Op::Insert { envelope }).await?))
     }
 
     /// Records that `consumer` finished every record of `key` up to `seq`. Cursor commits

@@ -1,0 +1,661 @@
+//! The replication protocol: one instance per node, over any [`Transport`] and any
+//! [`Store`](crate::log::Store) behind a [`Log`].
+//!
+//! - **Publish**: [`Replicator::append`] appends to the local log and, once durable,
+//!   publishes the envelope live on `strata/s/<origin>/<stream>`.
+//! - **Receive**: for each configured subscription, live samples are decoded, checked
+//!   (the key's origin and stream must be the envelope's: otherwise `spoofed`), and inserted
+//!   (idempotent). Inserts are pipelined: the receiver does not wait for each to be durable.
+//! - **Heads**: every `ack_interval_ms` the node publishes what it holds (per stream, its
+//!   durable watermark) on `strata/heads/<node>`. An origin takes the heads of others as
+//!   acknowledgements (per tier, for `keep_until_acked`); a subscriber learns from them who
+//!   holds more than it does.
+//! - **Replay**: a periodic check (every `replay_check_interval_ms`), a liveliness token
+//!   coming back, or heads showing more than we hold, start replay: a request to
+//!   `strata/replay/<origin>/<stream>` naming one holder (the origin if alive, else the
+//!   holder with the most), answered from that holder's log in batches of at most
+//!   `replay_batch_len_max`, repeated until the gap is closed or no progress is made (then the
+//!   next check tries again). A gap is replayed only once it outlived one check, so records
+//!   still in flight are not fetched twice.
+//! - **Liveliness**: the node holds `strata/alive/<tier>/<node>` and tracks every other
+//!   node's token ([`Replicator::presence`]).
+//!
+//! Shutdown: [`Replicator::stop`] ends every task; what is in flight is either durable or
+//! will be replayed.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use tokio::sync::{mpsc, Notify};
+use tokio::task::JoinSet;
+
+use super::ingest::{self, READING_TYPE};
+use super::wire::{self, Head, Heads, ReplayBatch, ReplayParams, HEADS_PER_MESSAGE_MAX, MESSAGE_BYTES_MAX};
+use super::{keys, BusError, Overflow, Request, Transport};
+use crate::codec::{self, Limits};
+use crate::config::{NodeConfig, StreamPattern, Subscription};
+use crate::log::{Draft, InsertTicket, Inserted, Log, LogError, StreamKey};
+use crate::model::{Envelope, Kind, NodeId, PayloadType, StreamName, Tier};
+
+/// Most batches one replay request is answered with; the requester asks again for more.
+const REPLAY_BATCHES_PER_REQUEST: u64 = 16;
+/// Queue of received requests (replay, waiting to be served).
+const REQUEST_QUEUE_LEN: usize = 64;
+/// Queue of liveliness and heads events.
+const EVENT_QUEUE_LEN: usize = 1024;
+/// Inserts kept in flight per receiver before it waits for the oldest to be durable.
+const INSERTS_IN_FLIGHT_MAX: usize = 4096;
+
+/// The protocol's settings, from the node config.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub node: NodeId,
+    pub tier: Tier,
+    pub subscriptions: Vec<Subscription>,
+    pub ingest_streams: Vec<StreamPattern>,
+    pub ingest_payload_bytes_max: usize,
+    pub replay_batch_len_max: usize,
+    pub replay_check_interval: Duration,
+    pub replay_timeout: Duration,
+    pub ack_interval: Duration,
+    pub live_queue_len_max: usize,
+    pub limits: Limits,
+}
+
+impl Settings {
+    pub fn from_config(c: &NodeConfig) -> Settings {
+        Settings {
+            node: c.node.id.clone(),
+            tier: c.node.tier,
+            subscriptions: c.replication.subscribe.clone(),
+            ingest_streams: c.ingest.streams.clone(),
+            ingest_payload_bytes_max: c.ingest.payload_bytes_max,
+            replay_batch_len_max: c.replication.replay_batch_len_max,
+            replay_check_interval: Duration::from_millis(c.replication.replay_check_interval_ms),
+            replay_timeout: Duration::from_millis(c.replication.replay_timeout_ms),
+            ack_interval: Duration::from_millis(c.replication.ack_interval_ms),
+            live_queue_len_max: c.replication.live_queue_len_max,
+            limits: Limits { max_payload_bytes: c.log.payload_bytes_max },
+        }
+    }
+
+    fn subscribed(&self, key: &StreamKey) -> bool {
+        key.origin != self.node && self.subscriptions.iter().any(|s| s.matches(&key.origin, &key.stream))
+    }
+}
+
+/// Counters of the protocol, for status and tests.
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub published: AtomicU64,
+    pub live_received: AtomicU64,
+    pub live_stored: AtomicU64,
+    pub live_duplicates: AtomicU64,
+    pub live_dropped: AtomicU64,
+    pub malformed: AtomicU64,
+    pub spoofed: AtomicU64,
+    pub replay_requests: AtomicU64,
+    pub replay_received: AtomicU64,
+    pub replay_stored: AtomicU64,
+    pub replay_served_requests: AtomicU64,
+    pub replay_served_records: AtomicU64,
+    pub ingest_accepted: AtomicU64,
+    pub insert_errors: AtomicU64,
+}
+
+/// A snapshot of [`Counters`] and ingest rejections.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct CounterSnapshot {
+    pub published: u64,
+    pub live_received: u64,
+    pub live_stored: u64,
+    pub live_duplicates: u64,
+    pub live_dropped: u64,
+    pub malformed: u64,
+    pub spoofed: u64,
+    pub replay_requests: u64,
+    pub replay_received: u64,
+    pub replay_stored: u64,
+    pub replay_served_requests: u64,
+    pub replay_served_records: u64,
+    pub ingest_accepted: u64,
+    pub ingest_rejected: BTreeMap<String, u64>,
+    pub insert_errors: u64,
+}
+
+/// What this node knows of another node's presence.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Presence {
+    pub tier: Tier,
+    pub alive: bool,
+    /// When the token last appeared or disappeared, in ms since this node started.
+    pub since_ms: u64,
+}
+
+#[derive(Default)]
+struct State {
+    /// Other nodes' holdings of the streams we subscribe to: key -> holder -> watermark.
+    holders: BTreeMap<StreamKey, BTreeMap<NodeId, u64>>,
+    /// Highest seq seen live per stream (a target even before any heads arrive).
+    seen_live: BTreeMap<StreamKey, u64>,
+    /// The replay target each stream had at the last check: replayed at the next one if
+    /// still missing, so that records in flight are not fetched twice.
+    last_target: BTreeMap<StreamKey, u64>,
+    presence: BTreeMap<NodeId, Presence>,
+    /// Acknowledgements of our own streams: key -> tier -> best watermark.
+    acks: BTreeMap<StreamKey, BTreeMap<Tier, u64>>,
+    ingest_rejected: BTreeMap<String, u64>,
+    /// Replay now, without waiting for a gap to outlive a check.
+    urgent: bool,
+}
+
+struct Shared {
+    settings: Settings,
+    log: Log,
+    transport: Arc<dyn Transport>,
+    state: Mutex<State>,
+    counters: Counters,
+    wake: Notify,
+    started: Instant,
+}
+
+/// A running replication protocol. Dropping it (or [`Replicator::stop`]) ends its tasks.
+pub struct Replicator {
+    shared: Arc<Shared>,
+    tasks: Mutex<JoinSet<()>>,
+    _token: Box<dyn std::any::Any + Send + Sync>,
+}
+
+fn lock(m: &Mutex<State>) -> MutexGuard<'_, State> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Replicator {
+    /// Declares everything on the transport and starts the protocol's tasks.
+    pub async fn start(settings: Settings, log: Log, transport: Arc<dyn Transport>) -> Result<Replicator, BusError> {
+        let shared = Arc::new(Shared {
+            settings,
+            log,
+            transport,
+            state: Mutex::new(State::default()),
+            counters: Counters::default(),
+            wake: Notify::new(),
+            started: Instant::now(),
+        });
+        let s = &shared.settings;
+        let t = &shared.transport;
+        let mut tasks = JoinSet::new();
+
+        for sub in &s.subscriptions {
+            let origin = sub.origin().map_or("*".to_owned(), |o| o.to_string());
+            let keyexpr = format!("strata/s/{origin}/{}", sub.stream_pattern().as_str());
+            let incoming = t.subscribe(&keyexpr, s.live_queue_len_max, Overflow::Drop).await?;
+            tasks.spawn(receive_live(shared.clone(), incoming));
+        }
+        let heads = t.subscribe(keys::HEADS_ALL, EVENT_QUEUE_LEN, Overflow::Drop).await?;
+        tasks.spawn(receive_heads(shared.clone(), heads));
+        let requests = t.serve(keys::REPLAY_ALL, REQUEST_QUEUE_LEN).await?;
+        tasks.spawn(serve_replay(shared.clone(), requests));
+        let alive = t.watch_alive(keys::ALIVE_ALL, EVENT_QUEUE_LEN).await?;
+        tasks.spawn(watch_presence(shared.clone(), alive));
+        if !s.ingest_streams.is_empty() {
+            let ingest = t.subscribe(keys::INGEST_ALL, s.live_queue_len_max, Overflow::Block).await?;
+            tasks.spawn(receive_ingest(shared.clone(), ingest));
+        }
+        tasks.spawn(publish_heads(shared.clone()));
+        tasks.spawn(drive_replay(shared.clone()));
+        let token = t.declare_alive(&keys::alive(s.tier, &s.node)).await?;
+        Ok(Replicator { shared, tasks: Mutex::new(tasks), _token: token })
+    }
+
+    pub fn log(&self) -> &Log {
+        &self.shared.log
+    }
+
+    /// Appends to this node's stream `stream` and, once durable, publishes it live.
+    pub async fn append(&self, stream: StreamName, draft: Draft) -> Result<Envelope, LogError> {
+        let ticket = self.shared.log.append(stream, draft).await?;
+        let envelope = ticket.await?;
+        publish(&self.shared, &envelope);
+        Ok(envelope)
+    }
+
+    /// Publishes an envelope already appended to the local log (for producers that keep
+    /// several appends in flight with [`Log::append`]).
+    pub fn publish(&self, envelope: &Envelope) {
+        publish(&self.shared, envelope);
+    }
+
+    pub fn counters(&self) -> CounterSnapshot {
+        let c = &self.shared.counters;
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        CounterSnapshot {
+            published: get(&c.published),
+            live_received: get(&c.live_received),
+            live_stored: get(&c.live_stored),
+            live_duplicates: get(&c.live_duplicates),
+            live_dropped: get(&c.live_dropped),
+            malformed: get(&c.malformed),
+            spoofed: get(&c.spoofed),
+            replay_requests: get(&c.replay_requests),
+            replay_received: get(&c.replay_received),
+            replay_stored: get(&c.replay_stored),
+            replay_served_requests: get(&c.replay_served_requests),
+            replay_served_records: get(&c.replay_served_records),
+            ingest_accepted: get(&c.ingest_accepted),
+            ingest_rejected: lock(&self.shared.state).ingest_rejected.clone(),
+            insert_errors: get(&c.insert_errors),
+        }
+    }
+
+    /// Every other node seen through liveliness.
+    pub fn presence(&self) -> BTreeMap<NodeId, Presence> {
+        lock(&self.shared.state).presence.clone()
+    }
+
+    /// For each of our own streams, the best watermark acknowledged per tier.
+    pub fn acks(&self) -> BTreeMap<StreamKey, BTreeMap<Tier, u64>> {
+        lock(&self.shared.state).acks.clone()
+    }
+
+    /// What other nodes hold of the streams we subscribe to.
+    pub fn holders(&self) -> BTreeMap<StreamKey, BTreeMap<NodeId, u64>> {
+        lock(&self.shared.state).holders.clone()
+    }
+
+    /// Runs a replay check now.
+    pub fn poke(&self) {
+        lock(&self.shared.state).urgent = true;
+        self.shared.wake.notify_one();
+    }
+
+    /// Ends every task of the protocol.
+    pub async fn stop(&self) {
+        let mut tasks = std::mem::take(&mut *self.tasks.lock().unwrap_or_else(|p| p.into_inner()));
+        tasks.shutdown().await;
+    }
+}
+
+impl Drop for Replicator {
+    fn drop(&mut self) {
+        self.tasks.lock().unwrap_or_else(|p| p.into_inner()).abort_all();
+    }
+}
+
+fn publish(shared: &Shared, envelope: &Envelope) {
+    match codec::encode(envelope, &shared.settings.limits) {
+        Ok(bytes) => {
+            shared.transport.publish(&keys::stream(&envelope.id.origin, &envelope.id.stream), bytes);
+            shared.counters.published.fetch_add(1, Ordering::Relaxed);
+        }
+        Err(e) => tracing::error!(id = %envelope.id, error = %e, "cannot encode an appended envelope"),
+    }
+}
+
+/// Awaits queued inserts in order, counting what they did.
+async fn settle_inserts(shared: Arc<Shared>, mut tickets: mpsc::Receiver<(InsertTicket, bool)>) {
+    let c = &shared.counters;
+    while let Some((ticket, live)) = tickets.recv().await {
+        match ticket.await {
+            Ok(Inserted::Stored { .. }) => {
+                (if live { &c.live_stored } else { &c.replay_stored }).fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(Inserted::Duplicate { .. }) if live => {
+                c.live_duplicates.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(_) => {}
+            Err(e) => {
+                c.insert_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(error = %e, "storing a received envelope failed");
+            }
+        }
+    }
+}
+
+/// Decodes and checks an envelope received on `key` (live) or for `expected` (replay).
+fn accept(shared: &Shared, key: Option<&str>, bytes: &[u8]) -> Option<Envelope> {
+    let c = &shared.counters;
+    let envelope = match codec::decode(bytes, &shared.settings.limits) {
+        Ok(e) => e,
+        Err(e) => {
+            c.malformed.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(error = %e, "malformed envelope received");
+            return None;
+        }
+    };
+    if let Some(key) = key {
+        let named = keys::parse_stream(key);
+        if named != Some((envelope.id.origin.as_str(), envelope.id.stream.as_str())) {
+            c.spoofed.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(key, id = %envelope.id, "envelope names another origin or stream than its key: rejected as spoofed");
+            return None;
+        }
+    }
+    Some(envelope)
+}
+
+async fn receive_live(shared: Arc<Shared>, mut incoming: super::Incoming<super::Sample>) {
+    let (tx, rx) = mpsc::channel(INSERTS_IN_FLIGHT_MAX);
+    let settle = tokio::spawn(settle_inserts(shared.clone(), rx));
+    let mut reported_drops = 0;
+    while let Some(sample) = incoming.recv().await {
+        shared.counters.live_received.fetch_add(1, Ordering::Relaxed);
+        let dropped = incoming.dropped();
+        if dropped != reported_drops {
+            shared.counters.live_dropped.fetch_add(dropped - reported_drops, Ordering::Relaxed);
+            reported_drops = dropped;
+        }
+        let Some(envelope) = accept(&shared, Some(&sample.key), &sample.payload) else { continue };
+        let key = StreamKey::of(&envelope.id);
+        if !shared.settings.subscribed(&key) {
+            continue;
+        }
+        {
+            let mut st = lock(&shared.state);
+            let seen = st.seen_live.entry(key).or_insert(0);
+            *seen = (*seen).max(envelope.id.seq.get());
+        }
+        match shared.log.insert_remote_queued(envelope).await {
+            Ok(ticket) => {
+                if tx.send((ticket, true)).await.is_err() {
+                    break;
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot queue a received envelope; stopping live reception");
+                break;
+            }
+        }
+    }
+    drop(tx);
+    let _ = settle.await;
+}
+
+async fn receive_heads(shared: Arc<Shared>, mut incoming: super::Incoming<super::Sample>) {
+    while let Some(sample) = incoming.recv().await {
+        let heads: Heads = match wire::decode(&sample.payload) {
+            Ok(h) => h,
+            Err(e) => {
+                shared.counters.malformed.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(key = sample.key, error = %e, "malformed heads");
+                continue;
+            }
+        };
+        if sample.key != keys::heads(&heads.node) {
+            shared.counters.spoofed.fetch_add(1, Ordering::Relaxed);
+            continue;
+        }
+        if heads.node == shared.settings.node {
+            continue;
+        }
+        let mut more = false;
+        let mut st = lock(&shared.state);
+        for head in heads.heads {
+            let key = head.key();
+            if key.origin == shared.settings.node && key.incarnation == shared.log.incarnation() {
+                let acked = st.acks.entry(key.clone()).or_default().entry(heads.tier).or_insert(0);
+                *acked = (*acked).max(head.watermark);
+                shared.log.record_ack(heads.tier, &key, head.watermark);
+            } else if shared.settings.subscribed(&key) {
+                let mine = shared.log.stream(&key).map_or(0, |i| i.watermark);
+                more |= head.watermark > mine;
+                st.holders.entry(key).or_default().insert(heads.node.clone(), head.watermark);
+            }
+        }
+        drop(st);
+        if more {
+            shared.wake.notify_one();
+        }
+    }
+}
+
+async fn publish_heads(shared: Arc<Shared>) {
+    let mut tick = tokio::time::interval(shared.settings.ack_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let heads: Vec<Head> = shared
+            .log
+            .streams()
+            .into_iter()
+            .filter(|i| i.watermark > 0)
+            .map(|i| Head { origin: i.origin, incarnation: i.incarnation, stream: i.stream, watermark: i.watermark })
+            .collect();
+        for chunk in heads.chunks(HEADS_PER_MESSAGE_MAX) {
+            let message = Heads { node: shared.settings.node.clone(), tier: shared.settings.tier, heads: chunk.to_vec() };
+            shared.transport.publish(&keys::heads(&shared.settings.node), wire::encode(&message));
+        }
+    }
+}
+
+async fn watch_presence(shared: Arc<Shared>, mut incoming: super::Incoming<super::AliveEvent>) {
+    while let Some(event) = incoming.recv().await {
+        let Some((tier, node)) = keys::parse_alive(&event.key) else { continue };
+        if node == shared.settings.node {
+            continue;
+        }
+        let since_ms = shared.started.elapsed().as_millis() as u64;
+        tracing::info!(%node, %tier, alive = event.alive, "liveliness");
+        let mut st = lock(&shared.state);
+        st.presence.insert(node, Presence { tier, alive: event.alive, since_ms });
+        if event.alive {
+            // A node came back (a partition healed, a process restarted): catch up now.
+            st.urgent = true;
+            drop(st);
+            shared.wake.notify_one();
+        }
+    }
+}
+
+async fn receive_ingest(shared: Arc<Shared>, mut incoming: super::Incoming<super::Sample>) {
+    let s = &shared.settings;
+    let mut last_log = Instant::now() - Duration::from_secs(10);
+    while let Some(sample) = incoming.recv().await {
+        match ingest::validate(&sample.key, &sample.payload, &s.ingest_streams, s.ingest_payload_bytes_max) {
+            Ok((stream, payload)) => {
+                let draft = Draft::new(Kind::Reading, PayloadType::new(READING_TYPE).expect("valid"), payload);
+                match shared.log.append(stream, draft).await {
+                    Ok(ticket) => {
+                        shared.counters.ingest_accepted.fetch_add(1, Ordering::Relaxed);
+                        let shared = shared.clone();
+                        tokio::spawn(async move {
+                            match ticket.await {
+                                Ok(envelope) => publish(&shared, &envelope),
+                                Err(e) => tracing::error!(error = %e, "an ingested reading was not stored"),
+                            }
+                        });
+                    }
+                    Err(e) => tracing::error!(error = %e, "cannot append an ingested reading"),
+                }
+            }
+            Err(rejection) => {
+                *lock(&shared.state).ingest_rejected.entry(rejection.reason().to_owned()).or_insert(0) += 1;
+                // Rate-limited: at most one line per second about rejected input.
+                if last_log.elapsed() >= Duration::from_secs(1) {
+                    last_log = Instant::now();
+                    tracing::warn!(key = sample.key, reason = %rejection, "ingest message rejected");
+                }
+            }
+        }
+    }
+}
+
+async fn serve_replay(shared: Arc<Shared>, mut requests: super::Incoming<Request>) {
+    while let Some(mut request) = requests.recv().await {
+        let Some((origin, stream)) = keys::parse_replay(&request.key) else { continue };
+        let params = match ReplayParams::parse(&request.params) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::debug!(key = request.key, params = request.params, error = e, "bad replay request");
+                continue;
+            }
+        };
+        if params.holder != shared.settings.node {
+            continue; // another holder answers
+        }
+        let (Ok(origin), Ok(stream)) = (NodeId::new(origin), StreamName::new(stream)) else { continue };
+        let key = StreamKey { origin, incarnation: params.incarnation, stream };
+        shared.counters.replay_served_requests.fetch_add(1, Ordering::Relaxed);
+        let batch_len = shared.settings.replay_batch_len_max as u64;
+        let to = params.to.min(params.from.saturating_add(batch_len * REPLAY_BATCHES_PER_REQUEST - 1));
+        let mut from = params.from;
+        while from <= to {
+            let want = (to - from + 1).min(batch_len) as usize;
+            let records = match shared.log.read(&key, from, want) {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::error!(%key, error = %e, "replay read failed");
+                    break;
+                }
+            };
+            let Some(last) = records.last().map(|e| e.id.seq.get()) else { break };
+            let mut batch = ReplayBatch { records: Vec::with_capacity(records.len()) };
+            let mut size = 0;
+            for envelope in records.iter().filter(|e| e.id.seq.get() <= to) {
+                let Ok(bytes) = codec::encode(envelope, &shared.settings.limits) else { continue };
+                size += bytes.len() + 8;
+                if size > MESSAGE_BYTES_MAX - 1024 && !batch.records.is_empty() {
+                    break;
+                }
+                batch.records.push(wire::ByteVec(bytes));
+            }
+            let sent = batch.records.len() as u64;
+            shared.counters.replay_served_records.fetch_add(sent, Ordering::Relaxed);
+            if request.responder.reply(wire::encode(&batch)).await.is_err() || sent == 0 {
+                break;
+            }
+            from = if sent < records.len() as u64 { records[sent as usize].id.seq.get() } else { last + 1 };
+        }
+    }
+}
+
+async fn drive_replay(shared: Arc<Shared>) {
+    let mut tick = tokio::time::interval(shared.settings.replay_check_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shared.wake.notified() => {}
+        }
+        check_and_replay(&shared).await;
+    }
+}
+
+/// One pass over every stream we could be missing something of.
+async fn check_and_replay(shared: &Arc<Shared>) {
+    let (work, urgent) = {
+        let mut st = lock(&shared.state);
+        let urgent = std::mem::take(&mut st.urgent);
+        let keys: BTreeSet<StreamKey> = st.holders.keys().chain(st.seen_live.keys()).cloned().collect();
+        let mut work = Vec::new();
+        for key in keys {
+            let mine = shared.log.stream(&key).map_or(0, |i| i.watermark);
+            let best_holder = st.holders.get(&key).and_then(|h| h.values().max().copied()).unwrap_or(0);
+            let seen = st.seen_live.get(&key).copied().unwrap_or(0);
+            let target = best_holder.max(seen);
+            let previous = st.last_target.insert(key.clone(), target).unwrap_or(0);
+            // Only what was already missing at the last check, unless it is urgent.
+            let goal = if urgent { target } else { previous.min(target) };
+            if goal > mine {
+                work.push((key, goal));
+            }
+        }
+        (work, urgent)
+    };
+    if urgent && !work.is_empty() {
+        tracing::info!(streams = work.len(), "catching up after a node came back");
+    }
+    for (key, goal) in work {
+        replay_stream(shared, &key, goal).await;
+    }
+}
+
+/// Picks who to ask for `key` beyond our watermark `mine`: the origin if it is alive and
+/// holds more, else the live holder holding most.
+fn choose_holder(shared: &Shared, key: &StreamKey, mine: u64) -> Option<NodeId> {
+    let st = lock(&shared.state);
+    let alive = |n: &NodeId| st.presence.get(n).is_some_and(|p| p.alive);
+    let holders = st.holders.get(key);
+    let origin_holds = holders.and_then(|h| h.get(&key.origin)).copied().unwrap_or(0)
+        .max(st.seen_live.get(key).copied().unwrap_or(0));
+    if alive(&key.origin) && origin_holds > mine {
+        return Some(key.origin.clone());
+    }
+    holders?
+        .iter()
+        .filter(|(n, wm)| **wm > mine && alive(n))
+        .max_by_key(|(_, wm)| **wm)
+        .map(|(n, _)| n.clone())
+}
+
+async fn replay_stream(shared: &Arc<Shared>, key: &StreamKey, goal: u64) {
+    let settings = &shared.settings;
+    let request_len = settings.replay_batch_len_max as u64 * REPLAY_BATCHES_PER_REQUEST;
+    // Bounded: at most this many requests per check; the next check continues.
+    for _ in 0..64 {
+        let mine = shared.log.stream(key).map_or(0, |i| i.watermark);
+        if mine >= goal {
+            return;
+        }
+        let Some(holder) = choose_holder(shared, key, mine) else { return };
+        let params = ReplayParams { incarnation: key.incarnation, from: mine + 1, to: goal.min(mine + request_len), holder };
+        shared.counters.replay_requests.fetch_add(1, Ordering::Relaxed);
+        let replies = shared
+            .transport
+            .request(&keys::replay(&key.origin, &key.stream), &params.to_params(), settings.replay_timeout, REPLAY_BATCHES_PER_REQUEST as usize + 1)
+            .await;
+        let mut replies = match replies {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(%key, error = %e, "replay request failed");
+                return;
+            }
+        };
+        let mut tickets = Vec::new();
+        while let Some(bytes) = replies.recv().await {
+            let batch: ReplayBatch = match wire::decode(&bytes) {
+                Ok(b) => b,
+                Err(_) => {
+                    shared.counters.malformed.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
+            };
+            for record in batch.records {
+                let Some(envelope) = accept(shared, None, &record.0) else { continue };
+                if StreamKey::of(&envelope.id) != *key {
+                    shared.counters.spoofed.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
+                shared.counters.replay_received.fetch_add(1, Ordering::Relaxed);
+                match shared.log.insert_remote_queued(envelope).await {
+                    Ok(t) => tickets.push(t),
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot queue a replayed envelope");
+                        return;
+                    }
+                }
+            }
+        }
+        for t in tickets {
+            match t.await {
+                Ok(Inserted::Stored { .. }) => {
+                    shared.counters.replay_stored.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    shared.counters.insert_errors.fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(error = %e, "storing a replayed envelope failed");
+                    return;
+                }
+            }
+        }
+        let after = shared.log.stream(key).map_or(0, |i| i.watermark);
+        if after <= mine {
+            tracing::debug!(%key, mine, goal, "replay made no progress; next check retries");
+            return;
+        }
+    }
+}

@@ -1,0 +1,395 @@
+//! An in-memory network for deterministic simulation of the replication protocol.
+//!
+//! Nodes attach to a [`SimNet`] and get a [`Transport`]. Links between nodes can be cut
+//! and healed; a message between two nodes is delivered only if they are connected through
+//! links that are up (like Zenoh routing through a fog router). Under a seeded [`Faults`]
+//! schedule every message may be dropped, duplicated or delayed (which reorders). Delivery
+//! happens in tokio tasks that sleep for the delay, so on a current-thread runtime with paused
+//! time the whole run is a function of the seed.
+
+use std::any::Any;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use tokio::sync::mpsc;
+
+use super::{keys, AliveEvent, BoxFut, BusError, Incoming, Overflow, Request, Responder, Sample, Transport};
+use crate::model::NodeId;
+
+/// Fault probabilities (0.0..=1.0) and the delay range of every delivered message.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Faults {
+    pub drop: f64,
+    pub duplicate: f64,
+    pub delay_max: Duration,
+}
+
+impl Faults {
+    pub const NONE: Faults = Faults { drop: 0.0, duplicate: 0.0, delay_max: Duration::ZERO };
+}
+
+/// Message counts, for reports.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct NetStats {
+    pub sent: u64,
+    pub delivered: u64,
+    pub dropped: u64,
+    pub duplicated: u64,
+    pub unreachable: u64,
+}
+
+struct Sub<T> {
+    owner: NodeId,
+    pattern: String,
+    tx: mpsc::Sender<T>,
+    dropped: Arc<AtomicU64>,
+    id: u64,
+}
+
+struct State {
+    rng: StdRng,
+    faults: Faults,
+    nodes: BTreeSet<NodeId>,
+    /// Undirected links that exist (`up` or not).
+    links: BTreeMap<(NodeId, NodeId), bool>,
+    subs: Vec<Sub<Sample>>,
+    servers: Vec<Sub<Request>>,
+    watchers: Vec<Sub<AliveEvent>>,
+    /// Liveliness tokens: key -> (owner, guard id).
+    tokens: BTreeMap<String, (NodeId, u64)>,
+    /// Which token keys each watcher currently sees (so changes become events).
+    seen: BTreeMap<u64, BTreeSet<String>>,
+    next_id: u64,
+    stats: NetStats,
+}
+
+impl State {
+    fn reachable(&self, a: &NodeId, b: &NodeId) -> bool {
+        if a == b {
+            return true;
+        }
+        if !self.nodes.contains(a) || !self.nodes.contains(b) {
+            return false;
+        }
+        let mut seen = BTreeSet::from([a.clone()]);
+        let mut todo = VecDeque::from([a.clone()]);
+        while let Some(n) = todo.pop_front() {
+            for ((x, y), up) in &self.links {
+                if !up {
+                    continue;
+                }
+                let other = if *x == n { y } else if *y == n { x } else { continue };
+                if other == b {
+                    return true;
+                }
+                if self.nodes.contains(other) && seen.insert(other.clone()) {
+                    todo.push_back(other.clone());
+                }
+            }
+        }
+        false
+    }
+
+    /// How many copies to deliver and after which delays, per the fault schedule.
+    fn plan(&mut self) -> Vec<Duration> {
+        self.stats.sent += 1;
+        if self.rng.gen_bool(self.faults.drop) {
+            self.stats.dropped += 1;
+            return Vec::new();
+        }
+        let copies = if self.rng.gen_bool(self.faults.duplicate) {
+            self.stats.duplicated += 1;
+            2
+        } else {
+            1
+        };
+        let max = self.faults.delay_max.as_micros() as u64;
+        (0..copies).map(|_| Duration::from_micros(if max == 0 { 0 } else { self.rng.gen_range(0..=max) })).collect()
+    }
+
+    /// Sends liveliness events to every watcher whose view changed.
+    fn refresh_liveliness(&mut self) {
+        for w in &self.watchers {
+            let visible: BTreeSet<String> = self
+                .tokens
+                .iter()
+                .filter(|(key, (owner, _))| keys::matches(&w.pattern, key) && self.reachable(&w.owner, owner))
+                .map(|(k, _)| k.clone())
+                .collect();
+            let before = self.seen.entry(w.id).or_default();
+            for gone in before.difference(&visible) {
+                let _ = w.tx.try_send(AliveEvent { key: gone.clone(), alive: false });
+            }
+            for new in visible.difference(before) {
+                let _ = w.tx.try_send(AliveEvent { key: new.clone(), alive: true });
+            }
+            *before = visible;
+        }
+    }
+}
+
+/// The shared in-memory network.
+#[derive(Clone)]
+pub struct SimNet {
+    state: Arc<Mutex<State>>,
+}
+
+impl SimNet {
+    pub fn new(seed: u64, faults: Faults) -> SimNet {
+        SimNet {
+            state: Arc::new(Mutex::new(State {
+                rng: StdRng::seed_from_u64(seed),
+                faults,
+                nodes: BTreeSet::new(),
+                links: BTreeMap::new(),
+                subs: Vec::new(),
+                servers: Vec::new(),
+                watchers: Vec::new(),
+                tokens: BTreeMap::new(),
+                seen: BTreeMap::new(),
+                next_id: 0,
+                stats: NetStats::default(),
+            })),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Attaches (or re-attaches after [`SimNet::detach`]) a node.
+    pub fn attach(&self, node: &NodeId) -> Arc<SimTransport> {
+        let mut s = self.lock();
+        s.nodes.insert(node.clone());
+        s.refresh_liveliness();
+        Arc::new(SimTransport { node: node.clone(), net: self.clone() })
+    }
+
+    /// A node crashed: its subscriptions, servers and tokens vanish.
+    pub fn detach(&self, node: &NodeId) {
+        let mut s = self.lock();
+        s.nodes.remove(node);
+        s.subs.retain(|x| &x.owner != node);
+        s.servers.retain(|x| &x.owner != node);
+        s.watchers.retain(|x| &x.owner != node);
+        s.tokens.retain(|_, (owner, _)| owner != node);
+        s.refresh_liveliness();
+    }
+
+    fn link_key(a: &NodeId, b: &NodeId) -> (NodeId, NodeId) {
+        if a <= b {
+            (a.clone(), b.clone())
+        } else {
+            (b.clone(), a.clone())
+        }
+    }
+
+    pub fn link(&self, a: &NodeId, b: &NodeId) {
+        self.set_link(a, b, true);
+    }
+
+    pub fn cut(&self, a: &NodeId, b: &NodeId) {
+        self.set_link(a, b, false);
+    }
+
+    pub fn heal(&self, a: &NodeId, b: &NodeId) {
+        self.set_link(a, b, true);
+    }
+
+    fn set_link(&self, a: &NodeId, b: &NodeId, up: bool) {
+        let mut s = self.lock();
+        s.links.insert(SimNet::link_key(a, b), up);
+        s.refresh_liveliness();
+    }
+
+    pub fn set_faults(&self, faults: Faults) {
+        self.lock().faults = faults;
+    }
+
+    pub fn stats(&self) -> NetStats {
+        self.lock().stats
+    }
+}
+
+/// One node's view of a [`SimNet`].
+pub struct SimTransport {
+    node: NodeId,
+    net: SimNet,
+}
+
+/// Unregisters a subscription, server or token when dropped.
+struct SimGuard {
+    net: SimNet,
+    id: u64,
+}
+
+impl Drop for SimGuard {
+    fn drop(&mut self) {
+        let mut s = self.net.lock();
+        let id = self.id;
+        s.subs.retain(|x| x.id != id);
+        s.servers.retain(|x| x.id != id);
+        s.watchers.retain(|x| x.id != id);
+        let had_token = s.tokens.len();
+        s.tokens.retain(|_, (_, t)| *t != id);
+        if s.tokens.len() != had_token {
+            s.refresh_liveliness();
+        }
+    }
+}
+
+/// Sends one copy of `item` per planned delay, each in its own task.
+fn deliver<T: Send + 'static>(delays: Vec<Duration>, tx: mpsc::Sender<T>, item: T, dropped: Arc<AtomicU64>, clone: impl Fn(&T) -> T) {
+    let n = delays.len();
+    if n == 0 {
+        return;
+    }
+    let mut items: Vec<T> = Vec::with_capacity(n);
+    for _ in 1..n {
+        items.push(clone(&item));
+    }
+    items.push(item);
+    for (delay, item) in delays.into_iter().zip(items) {
+        let (tx, dropped) = (tx.clone(), dropped.clone());
+        tokio::spawn(async move {
+            if !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
+            if tx.try_send(item).is_err() {
+                dropped.fetch_add(1, Ordering::Relaxed);
+            }
+        });
+    }
+}
+
+struct SimResponder {
+    net: SimNet,
+    from: NodeId,
+    to: NodeId,
+    tx: mpsc::Sender<Vec<u8>>,
+}
+
+impl Responder for SimResponder {
+    fn reply(&mut self, payload: Vec<u8>) -> BoxFut<'_, Result<(), BusError>> {
+        let mut s = self.net.lock();
+        if s.reachable(&self.from, &self.to) {
+            let delays = s.plan();
+            s.stats.delivered += delays.len() as u64;
+            drop(s);
+            deliver(delays, self.tx.clone(), payload, Arc::new(AtomicU64::new(0)), Clone::clone);
+        } else {
+            s.stats.unreachable += 1;
+        }
+        Box::pin(async { Ok(()) })
+    }
+}
+
+impl Transport for SimTransport {
+    fn node(&self) -> &NodeId {
+        &self.node
+    }
+
+    fn publish(&self, key: &str, payload: Vec<u8>) {
+        let mut s = self.net.lock();
+        let targets: Vec<(mpsc::Sender<Sample>, Arc<AtomicU64>, NodeId)> = s
+            .subs
+            .iter()
+            .filter(|sub| keys::matches(&sub.pattern, key))
+            .map(|sub| (sub.tx.clone(), sub.dropped.clone(), sub.owner.clone()))
+            .collect();
+        for (tx, dropped, owner) in targets {
+            if !s.reachable(&self.node, &owner) {
+                s.stats.unreachable += 1;
+                continue;
+            }
+            let delays = s.plan();
+            s.stats.delivered += delays.len() as u64;
+            deliver(delays, tx, Sample { key: key.to_owned(), payload: payload.clone() }, dropped, Clone::clone);
+        }
+    }
+
+    fn subscribe(&self, keyexpr: &str, capacity: usize, _overflow: Overflow) -> BoxFut<'_, Result<Incoming<Sample>, BusError>> {
+        let mut s = self.net.lock();
+        let (tx, rx) = mpsc::channel(capacity);
+        let dropped = Arc::new(AtomicU64::new(0));
+        let id = s.next_id;
+        s.next_id += 1;
+        s.subs.push(Sub { owner: self.node.clone(), pattern: keyexpr.to_owned(), tx, dropped: dropped.clone(), id });
+        let guard = SimGuard { net: self.net.clone(), id };
+        Box::pin(async move { Ok(Incoming::new(rx, dropped, Box::new(guard))) })
+    }
+
+    fn serve(&self, keyexpr: &str, capacity: usize) -> BoxFut<'_, Result<Incoming<Request>, BusError>> {
+        let mut s = self.net.lock();
+        let (tx, rx) = mpsc::channel(capacity);
+        let dropped = Arc::new(AtomicU64::new(0));
+        let id = s.next_id;
+        s.next_id += 1;
+        s.servers.push(Sub { owner: self.node.clone(), pattern: keyexpr.to_owned(), tx, dropped: dropped.clone(), id });
+        let guard = SimGuard { net: self.net.clone(), id };
+        Box::pin(async move { Ok(Incoming::new(rx, dropped, Box::new(guard))) })
+    }
+
+    fn request(&self, key: &str, params: &str, timeout: Duration, capacity: usize) -> BoxFut<'_, Result<mpsc::Receiver<Vec<u8>>, BusError>> {
+        let (tx, rx) = mpsc::channel(capacity);
+        let mut s = self.net.lock();
+        let servers: Vec<(mpsc::Sender<Request>, Arc<AtomicU64>, NodeId)> = s
+            .servers
+            .iter()
+            .filter(|srv| keys::matches(&srv.pattern, key))
+            .map(|srv| (srv.tx.clone(), srv.dropped.clone(), srv.owner.clone()))
+            .collect();
+        for (srv, dropped, owner) in servers {
+            if !s.reachable(&self.node, &owner) {
+                s.stats.unreachable += 1;
+                continue;
+            }
+            let delays = s.plan();
+            s.stats.delivered += delays.len() as u64;
+            // A request is not duplicated: one copy, after the first planned delay.
+            if let Some(&delay) = delays.first() {
+                let responder = SimResponder { net: self.net.clone(), from: owner.clone(), to: self.node.clone(), tx: tx.clone() };
+                let request = Request { key: key.to_owned(), params: params.to_owned(), responder: Box::new(responder) };
+                tokio::spawn(async move {
+                    tokio::time::sleep(delay).await;
+                    if srv.try_send(request).is_err() {
+                        dropped.fetch_add(1, Ordering::Relaxed);
+                    }
+                });
+            }
+        }
+        drop(s);
+        // The reply stream ends at the timeout, like a Zenoh query.
+        tokio::spawn(async move {
+            tokio::time::sleep(timeout).await;
+            drop(tx);
+        });
+        Box::pin(async move { Ok(rx) })
+    }
+
+    fn declare_alive(&self, key: &str) -> BoxFut<'_, Result<Box<dyn Any + Send + Sync>, BusError>> {
+        let mut s = self.net.lock();
+        let id = s.next_id;
+        s.next_id += 1;
+        s.tokens.insert(key.to_owned(), (self.node.clone(), id));
+        s.refresh_liveliness();
+        let guard = SimGuard { net: self.net.clone(), id };
+        Box::pin(async move { Ok(Box::new(guard) as Box<dyn Any + Send + Sync>) })
+    }
+
+    fn watch_alive(&self, keyexpr: &str, capacity: usize) -> BoxFut<'_, Result<Incoming<AliveEvent>, BusError>> {
+        let mut s = self.net.lock();
+        let (tx, rx) = mpsc::channel(capacity);
+        let dropped = Arc::new(AtomicU64::new(0));
+        let id = s.next_id;
+        s.next_id += 1;
+        s.watchers.push(Sub { owner: self.node.clone(), pattern: keyexpr.to_owned(), tx, dropped: dropped.clone(), id });
+        s.refresh_liveliness();
+        let guard = SimGuard { net: self.net.clone(), id };
+        Box::pin(async move { Ok(Incoming::new(rx, dropped, Box::new(guard))) })
+    }
+}

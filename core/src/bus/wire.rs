@@ -1,0 +1,174 @@
+//! Messages of the replication protocol other than envelopes: heads (what a node holds)
+//! and replay batches, each a version byte + bincode-2 body like envelopes, decoded without
+//! panicking and within a size limit; and the parameters of a replay request.
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::log::StreamKey;
+use crate::model::{Incarnation, NodeId, StreamName, Tier};
+
+pub const WIRE_VERSION: u8 = 1;
+
+/// Largest heads or replay message accepted, in bytes. A replay reply is cut to stay under
+/// it whatever `replay_batch_len_max` says.
+pub const MESSAGE_BYTES_MAX: usize = 4 * 1024 * 1024;
+
+/// Most stream entries in one heads message; a node with more sends several.
+pub const HEADS_PER_MESSAGE_MAX: usize = 512;
+
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum WireError {
+    #[error("unknown message version {0}")]
+    UnknownVersion(u8),
+    #[error("message of {len} bytes is larger than {max}")]
+    TooLarge { len: usize, max: usize },
+    #[error("malformed message: {0}")]
+    Malformed(String),
+}
+
+/// What one node holds of one stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Head {
+    pub origin: NodeId,
+    pub incarnation: Incarnation,
+    pub stream: StreamName,
+    /// Everything up to here is held (durably).
+    pub watermark: u64,
+}
+
+impl Head {
+    pub fn key(&self) -> StreamKey {
+        StreamKey { origin: self.origin.clone(), incarnation: self.incarnation, stream: self.stream.clone() }
+    }
+}
+
+/// Published periodically by every node on `strata/heads/<node>`: its holdings. For an
+/// origin they are acknowledgements (retention `keep_until_acked`); for everyone they say
+/// who can answer a replay.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Heads {
+    pub node: NodeId,
+    pub tier: Tier,
+    pub heads: Vec<Head>,
+}
+
+/// One reply to a replay request: consecutive encoded envelopes of one stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplayBatch {
+    pub records: Vec<ByteVec>,
+}
+
+/// A byte vector encoded as one length-prefixed run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ByteVec(#[serde(with = "crate::codec::bytes")] pub Vec<u8>);
+
+pub fn encode<T: Serialize>(message: &T) -> Vec<u8> {
+    let mut out = vec![WIRE_VERSION];
+    bincode::serde::encode_into_std_write(message, &mut out, bincode::config::standard())
+        .expect("encoding into a Vec cannot fail");
+    out
+}
+
+/// Decodes untrusted bytes; never panics. bincode may allocate at most 16 times the input's
+/// length (integers claim their full width however short their encoding), so a forged length
+/// cannot make it reserve a huge buffer.
+pub fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, WireError> {
+    if bytes.len() > MESSAGE_BYTES_MAX {
+        return Err(WireError::TooLarge { len: bytes.len(), max: MESSAGE_BYTES_MAX });
+    }
+    let (&version, body) = bytes.split_first().ok_or_else(|| WireError::Malformed("empty".into()))?;
+    if version != WIRE_VERSION {
+        return Err(WireError::UnknownVersion(version));
+    }
+    crate::codec::decode_bounded(body, body.len().saturating_mul(16) + 256).map_err(|e| match e {
+        crate::codec::BoundedError::TooLarge(len) => WireError::TooLarge { len, max: crate::codec::CLAIM_LIMIT_MAX },
+        crate::codec::BoundedError::Malformed(m) => WireError::Malformed(m),
+    })
+}
+
+/// The parameters of a replay request for `strata/replay/<origin>/<stream>`:
+/// `inc=<hex>;from=<seq>;to=<seq>;holder=<node id>`. Only `holder` answers, so a stream held
+/// by several nodes is sent once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplayParams {
+    pub incarnation: Incarnation,
+    pub from: u64,
+    pub to: u64,
+    pub holder: NodeId,
+}
+
+impl ReplayParams {
+    pub fn to_params(&self) -> String {
+        format!("inc={:x};from={};to={};holder={}", self.incarnation.get(), self.from, self.to, self.holder)
+    }
+
+    pub fn parse(params: &str) -> Result<ReplayParams, String> {
+        let (mut inc, mut from, mut to, mut holder) = (None, None, None, None);
+        for part in params.split(['&', ';']).filter(|p| !p.is_empty()) {
+            let (k, v) = part.split_once('=').ok_or_else(|| format!("parameter {part:?} has no value"))?;
+            match k {
+                "inc" => inc = Some(u64::from_str_radix(v, 16).map_err(|_| format!("inc {v:?} is not hex"))?),
+                "from" => from = Some(v.parse::<u64>().map_err(|_| format!("from {v:?} is not a number"))?),
+                "to" => to = Some(v.parse::<u64>().map_err(|_| format!("to {v:?} is not a number"))?),
+                "holder" => holder = Some(NodeId::new(v).map_err(|e| e.to_string())?),
+                other => return Err(format!("unknown parameter {other:?}")),
+            }
+        }
+        let p = ReplayParams {
+            incarnation: Incarnation::from_raw(inc.ok_or("missing inc")?),
+            from: from.ok_or("missing from")?,
+            to: to.ok_or("missing to")?,
+            holder: holder.ok_or("missing holder")?,
+        };
+        if p.from == 0 || p.from > p.to {
+            return Err(format!("empty or invalid range {}..={}", p.from, p.to));
+        }
+        Ok(p)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn heads_round_trip_and_garbage_is_an_error() {
+        let heads = Heads {
+            node: NodeId::new("fog-1").unwrap(),
+            tier: Tier::Fog,
+            heads: vec![Head {
+                origin: NodeId::new("edge-1").unwrap(),
+                incarnation: Incarnation::from_raw(9),
+                stream: StreamName::new("readings/a").unwrap(),
+                watermark: 42,
+            }],
+        };
+        assert_eq!(decode::<Heads>(&encode(&heads)).unwrap(), heads);
+        assert!(matches!(decode::<Heads>(&[WIRE_VERSION, 200, 1]), Err(WireError::Malformed(_))));
+        assert_eq!(decode::<Heads>(&[7]), Err(WireError::UnknownVersion(7)));
+    }
+
+    #[test]
+    fn replay_params() {
+        let p = ReplayParams { incarnation: Incarnation::from_raw(0xab), from: 5, to: 9, holder: NodeId::new("fog-1").unwrap() };
+        assert_eq!(ReplayParams::parse(&p.to_params()), Ok(p));
+        assert!(ReplayParams::parse("inc=1;from=5;to=4;holder=a").unwrap_err().contains("invalid range"));
+        assert!(ReplayParams::parse("inc=1;from=5;to=9").unwrap_err().contains("missing holder"));
+        assert!(ReplayParams::parse("inc=zz;from=5;to=9;holder=a").unwrap_err().contains("not hex"));
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(5_000))]
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
+            let _ = decode::<Heads>(&bytes);
+            let _ = decode::<ReplayBatch>(&bytes);
+            let mut v = vec![WIRE_VERSION];
+            v.extend_from_slice(&bytes);
+            let _ = decode::<Heads>(&v);
+            let _ = decode::<ReplayBatch>(&v);
+        }
+    }
+}

@@ -1,0 +1,244 @@
+//! The Zenoh [`Transport`]: the only code in Strata that knows Zenoh.
+
+use std::any::Any;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use zenoh::qos::CongestionControl;
+use zenoh::query::{ConsolidationMode, QueryTarget};
+use zenoh::sample::SampleKind;
+use zenoh::Wait;
+
+use super::{AliveEvent, BoxFut, BusError, Incoming, Overflow, Request, Responder, Sample, Transport};
+use crate::config::{NodeConfig, ZenohMode};
+use crate::model::NodeId;
+
+fn zerr(e: impl std::fmt::Display) -> BusError {
+    BusError::Zenoh(e.to_string())
+}
+
+/// The Zenoh session configuration of a node: mode, endpoints, lease, connect retry,
+/// scouting off unless asked for.
+pub fn zenoh_config(config: &NodeConfig) -> Result<zenoh::Config, BusError> {
+    let z = &config.zenoh;
+    let mode = z.mode_for(config.node.tier);
+    let json = |v: &dyn erased::Json| v.json();
+    let mut c = zenoh::Config::default();
+    let mut set = |key: &str, value: String| c.insert_json5(key, &value).map_err(|e| BusError::Zenoh(format!("config {key}: {e}")));
+    set("mode", json(&mode.as_str()))?;
+    set("listen/endpoints", json(&z.listen.iter().map(|e| e.as_str()).collect::<Vec<_>>()))?;
+    set("connect/endpoints", json(&z.connect.iter().map(|e| e.as_str()).collect::<Vec<_>>()))?;
+    set("scouting/multicast/enabled", json(&z.scouting_multicast))?;
+    // Links are the configured ones: no peer-to-peer discovery through gossip either.
+    set("scouting/gossip/enabled", json(&z.scouting_multicast))?;
+    set("transport/link/tx/lease", json(&z.lease_ms))?;
+    set("transport/link/tx/keep_alive", "4".into())?;
+    // Keep trying to (re)connect, at a constant period; a node starts and runs while its
+    // parent tier is unreachable.
+    set("connect/timeout_ms", "-1".into())?;
+    set("connect/exit_on_failure", "false".into())?;
+    let period = z.connect_retry_ms;
+    set("connect/retry", format!("{{period_init_ms: {period}, period_max_ms: {period}, period_increase_factor: 1.0}}"))?;
+    if mode == ZenohMode::Client {
+        // A client does not wait for its router at open (see `ZenohTransport::open`).
+        set("connect/timeout_ms", "0".into())?;
+    }
+    Ok(c)
+}
+
+mod erased {
+    pub trait Json {
+        fn json(&self) -> String;
+    }
+    impl<T: serde::Serialize> Json for T {
+        fn json(&self) -> String {
+            serde_json::to_string(self).expect("plain values serialise")
+        }
+    }
+}
+
+pub struct ZenohTransport {
+    node: NodeId,
+    session: zenoh::Session,
+    publishers: Mutex<HashMap<String, zenoh::pubsub::Publisher<'static>>>,
+}
+
+/// Most live publishers kept declared (one per stream); beyond it, plain puts are used.
+const PUBLISHERS_MAX: usize = 1024;
+
+impl ZenohTransport {
+    /// Opens the node's session from its config.
+    pub async fn open(config: &NodeConfig) -> Result<ZenohTransport, BusError> {
+        ZenohTransport::open_with(config.node.id.clone(), zenoh_config(config)?).await
+    }
+
+    pub async fn open_with(node: NodeId, config: zenoh::Config) -> Result<ZenohTransport, BusError> {
+        let session = zenoh::open(config).await.map_err(zerr)?;
+        Ok(ZenohTransport { node, session, publishers: Mutex::new(HashMap::new()) })
+    }
+
+    pub fn session(&self) -> &zenoh::Session {
+        &self.session
+    }
+
+    pub async fn close(&self) {
+        self.publishers.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        if let Err(e) = self.session.close().await {
+            tracing::warn!(error = %e, "closing the zenoh session");
+        }
+    }
+}
+
+struct ZenohResponder {
+    query: zenoh::query::Query,
+}
+
+impl Responder for ZenohResponder {
+    fn reply(&mut self, payload: Vec<u8>) -> BoxFut<'_, Result<(), BusError>> {
+        Box::pin(async move {
+            let key = self.query.key_expr().clone();
+            self.query.reply(key, payload).await.map_err(zerr)
+        })
+    }
+}
+
+impl Transport for ZenohTransport {
+    fn node(&self) -> &NodeId {
+        &self.node
+    }
+
+    fn publish(&self, key: &str, payload: Vec<u8>) {
+        let mut publishers = self.publishers.lock().unwrap_or_else(|p| p.into_inner());
+        if !publishers.contains_key(key) && publishers.len() < PUBLISHERS_MAX {
+            match self.session.declare_publisher(key.to_owned()).congestion_control(CongestionControl::Drop).wait() {
+                Ok(p) => {
+                    publishers.insert(key.to_owned(), p);
+                }
+                Err(e) => tracing::warn!(key, error = %e, "declaring a publisher"),
+            }
+        }
+        let result = match publishers.get(key) {
+            Some(p) => p.put(payload).wait(),
+            None => self.session.put(key, payload).congestion_control(CongestionControl::Drop).wait(),
+        };
+        if let Err(e) = result {
+            tracing::debug!(key, error = %e, "live publication failed (replay will repair)");
+        }
+    }
+
+    fn subscribe(&self, keyexpr: &str, capacity: usize, overflow: Overflow) -> BoxFut<'_, Result<Incoming<Sample>, BusError>> {
+        let keyexpr = keyexpr.to_owned();
+        Box::pin(async move {
+            let (tx, rx) = mpsc::channel(capacity);
+            let dropped = Arc::new(AtomicU64::new(0));
+            let counter = dropped.clone();
+            let sub = self
+                .session
+                .declare_subscriber(keyexpr)
+                .callback(move |s: zenoh::sample::Sample| {
+                    let sample = Sample { key: s.key_expr().as_str().to_owned(), payload: s.payload().to_bytes().into_owned() };
+                    match overflow {
+                        Overflow::Drop => {
+                            if tx.try_send(sample).is_err() {
+                                counter.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                        // Blocks this Zenoh receive thread until there is room: backpressure
+                        // reaches the sender through the link. `unconstrained`: this thread is a
+                        // tokio worker of Zenoh's runtime, whose cooperative budget would
+                        // otherwise run out (and never refill) while we block inside the task.
+                        Overflow::Block => {
+                            if futures::executor::block_on(tokio::task::unconstrained(tx.send(sample))).is_err() {
+                                counter.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                    }
+                })
+                .await
+                .map_err(zerr)?;
+            Ok(Incoming::new(rx, dropped, Box::new(sub)))
+        })
+    }
+
+    fn serve(&self, keyexpr: &str, capacity: usize) -> BoxFut<'_, Result<Incoming<Request>, BusError>> {
+        let keyexpr = keyexpr.to_owned();
+        Box::pin(async move {
+            let (tx, rx) = mpsc::channel(capacity);
+            let dropped = Arc::new(AtomicU64::new(0));
+            let counter = dropped.clone();
+            let q = self
+                .session
+                .declare_queryable(keyexpr)
+                .callback(move |query: zenoh::query::Query| {
+                    let request = Request {
+                        key: query.key_expr().as_str().to_owned(),
+                        params: query.parameters().as_str().to_owned(),
+                        responder: Box::new(ZenohResponder { query }),
+                    };
+                    // Full: the query is dropped, which ends it with no reply; the
+                    // requester retries.
+                    if tx.try_send(request).is_err() {
+                        counter.fetch_add(1, Ordering::Relaxed);
+                    }
+                })
+                .await
+                .map_err(zerr)?;
+            Ok(Incoming::new(rx, dropped, Box::new(q)))
+        })
+    }
+
+    fn request(&self, key: &str, params: &str, timeout: Duration, capacity: usize) -> BoxFut<'_, Result<mpsc::Receiver<Vec<u8>>, BusError>> {
+        let selector = if params.is_empty() { key.to_owned() } else { format!("{key}?{params}") };
+        Box::pin(async move {
+            let (tx, rx) = mpsc::channel(capacity);
+            self.session
+                .get(selector)
+                .target(QueryTarget::All)
+                .consolidation(ConsolidationMode::None)
+                .timeout(timeout)
+                .callback(move |reply: zenoh::query::Reply| {
+                    if let Ok(sample) = reply.result() {
+                        // Full: the rest of this reply is lost; the requester asks again.
+                        let _ = tx.try_send(sample.payload().to_bytes().into_owned());
+                    }
+                })
+                .await
+                .map_err(zerr)?;
+            Ok(rx)
+        })
+    }
+
+    fn declare_alive(&self, key: &str) -> BoxFut<'_, Result<Box<dyn Any + Send + Sync>, BusError>> {
+        let key = key.to_owned();
+        Box::pin(async move {
+            let token = self.session.liveliness().declare_token(key).await.map_err(zerr)?;
+            Ok(Box::new(token) as Box<dyn Any + Send + Sync>)
+        })
+    }
+
+    fn watch_alive(&self, keyexpr: &str, capacity: usize) -> BoxFut<'_, Result<Incoming<AliveEvent>, BusError>> {
+        let keyexpr = keyexpr.to_owned();
+        Box::pin(async move {
+            let (tx, rx) = mpsc::channel(capacity);
+            let dropped = Arc::new(AtomicU64::new(0));
+            let counter = dropped.clone();
+            let sub = self
+                .session
+                .liveliness()
+                .declare_subscriber(keyexpr)
+                .history(true)
+                .callback(move |s: zenoh::sample::Sample| {
+                    let event = AliveEvent { key: s.key_expr().as_str().to_owned(), alive: s.kind() == SampleKind::Put };
+                    if tx.try_send(event).is_err() {
+                        counter.fetch_add(1, Ordering::Relaxed);
+                    }
+                })
+                .await
+                .map_err(zerr)?;
+            Ok(Incoming::new(rx, dropped, Box::new(sub)))
+        })
+    }
+}
