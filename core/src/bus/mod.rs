@@ -21,6 +21,8 @@ pub mod replicator;
 pub mod sim;
 pub mod wire;
 mod zenoh;
+#[cfg(test)]
+mod sim_tests;
 
 use std::any::Any;
 use std::future::Future;
