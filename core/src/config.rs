@@ -351,6 +351,11 @@ pub struct ZenohSection {
     pub lease_ms: u64,
     /// Period between attempts to re-open a lost connection, in ms. Default 250.
     pub connect_retry_ms: u64,
+    /// How long one attempt to open a link (TCP connect + handshake) may take, in ms. After a
+    /// link comes back, reconnection takes at most about this plus `connect_retry_ms` (an
+    /// attempt made while the link was dead waits in TCP's SYN backoff otherwise).
+    /// Default 2000.
+    pub open_timeout_ms: u64,
     /// Multicast scouting (peer discovery on the LAN). Default false: links are explicit.
     pub scouting_multicast: bool,
 }
@@ -363,6 +368,7 @@ impl Default for ZenohSection {
             connect: Vec::new(),
             lease_ms: 1000,
             connect_retry_ms: 250,
+            open_timeout_ms: 2000,
             scouting_multicast: false,
         }
     }
@@ -711,6 +717,9 @@ impl NodeConfig {
         }
         if !(10..=60_000).contains(&z.connect_retry_ms) {
             bad("zenoh.connect_retry_ms", format!("{} is not in 10..=60000", z.connect_retry_ms));
+        }
+        if !(100..=60_000).contains(&z.open_timeout_ms) {
+            bad("zenoh.open_timeout_ms", format!("{} is not in 100..=60000", z.open_timeout_ms));
         }
         if mode == ZenohMode::Client && !z.listen.is_empty() {
             bad("zenoh.listen", "a Zenoh client does not listen; remove `listen` or set mode = \"peer\" or \"router\"".into());

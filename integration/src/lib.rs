@@ -69,6 +69,7 @@ pub fn helper_bin(name: &str) -> PathBuf {
     bin
 }
 
+pub mod netns;
 pub mod proxy;
 
 use std::net::TcpListener;
@@ -100,6 +101,8 @@ pub struct NodeProc {
     pub config: PathBuf,
     pub data_dir: PathBuf,
     pub log_file: PathBuf,
+    /// Run inside this network namespace (`ip netns exec`).
+    pub netns: Option<String>,
     child: Option<Child>,
 }
 
@@ -110,13 +113,21 @@ impl NodeProc {
         let data_dir = dir.join(format!("{id}-data"));
         let config = dir.join(format!("{id}.toml"));
         std::fs::write(&config, config_text.replace("{data_dir}", data_dir.to_str().expect("utf-8 path"))).expect("write config");
-        NodeProc { id: id.to_owned(), config, data_dir, log_file: dir.join(format!("{id}.log")), child: None }
+        NodeProc { id: id.to_owned(), config, data_dir, log_file: dir.join(format!("{id}.log")), netns: None, child: None }
     }
 
     pub fn start(&mut self) {
         assert!(self.child.is_none(), "{} already running", self.id);
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log_file).expect("log file");
-        let child = Command::new(strata_bin())
+        let mut command = match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(strata_bin());
+                c
+            }
+            None => Command::new(strata_bin()),
+        };
+        let child = command
             .arg("run")
             .arg(&self.config)
             .env("RUST_LOG", std::env::var("STRATA_TEST_LOG").unwrap_or_else(|_| "info,zenoh=warn".into()))

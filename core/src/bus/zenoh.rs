@@ -36,6 +36,7 @@ pub fn zenoh_config(config: &NodeConfig) -> Result<zenoh::Config, BusError> {
     set("scouting/gossip/enabled", json(&z.scouting_multicast))?;
     set("transport/link/tx/lease", json(&z.lease_ms))?;
     set("transport/link/tx/keep_alive", "4".into())?;
+    set("transport/unicast/open_timeout", json(&z.open_timeout_ms))?;
     // Keep trying to (re)connect, at a constant period; a node starts and runs while its
     // parent tier is unreachable.
     set("connect/timeout_ms", "-1".into())?;

@@ -16,7 +16,7 @@ use zenoh::qos::CongestionControl;
 pub static SERIAL: Mutex<()> = Mutex::new(());
 
 pub struct Continuum {
-    pub dir: tempfile::TempDir,
+    pub _dir: tempfile::TempDir,
     pub edge: NodeProc,
     pub fog: NodeProc,
     pub cloud: NodeProc,
@@ -51,7 +51,7 @@ impl Continuum {
         let zenoh = |mode: &str, listen: u16, connect: Option<u16>| {
             let connect = connect.map_or(String::new(), |p| format!("\"tcp/127.0.0.1:{p}\""));
             format!(
-                "[zenoh]\nmode = \"{mode}\"\nlisten = [\"tcp/127.0.0.1:{listen}\"]\nconnect = [{connect}]\nlease_ms = 1000\nconnect_retry_ms = 100\n"
+                "[zenoh]\nmode = \"{mode}\"\nlisten = [\"tcp/127.0.0.1:{listen}\"]\nconnect = [{connect}]\nlease_ms = 1000\nconnect_retry_ms = 100\nopen_timeout_ms = 500\n"
             )
         };
         let edge = format!("{}{}[ingest]\nstreams = [\"readings/**\"]\n", common("edge-1", "edge"), zenoh("peer", edge_port, Some(fog_port)));
@@ -65,7 +65,7 @@ impl Continuum {
             edge: NodeProc::new(dir.path(), "edge-1", &edge),
             fog: NodeProc::new(dir.path(), "fog-1", &fog),
             cloud: NodeProc::new(dir.path(), "cloud-1", &cloud),
-            dir,
+            _dir: dir,
             edge_port,
             fog_port,
             cloud_port,
@@ -399,4 +399,105 @@ async fn a_wiped_edge_comes_back_as_a_new_incarnation() {
         assert_eq!(rows.len(), 2, "{}: strata log ls shows both incarnations:\n{text}", node.id);
         println!("{}: {}", node.id, rows.join(" | "));
     }
+}
+
+/// The partition test again, with the cloud in its own network namespace and the fog–cloud
+/// veth set down: a cut the way a cable pull or a dead LTE link looks (no FIN, no RST; only
+/// the 1 s lease notices).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fog_cloud_partition_by_veth_link_down() {
+    use strata_integration::netns::NsHost;
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let tag = std::process::id() % 100_000;
+    let mut ns = match NsHost::create(&format!("st{tag}")) {
+        Ok(ns) => ns,
+        Err(why) => {
+            println!("netns partition test NOT RUN: {why}");
+            assert!(std::env::var("STRATA_REQUIRE_NETNS").is_err(), "STRATA_REQUIRE_NETNS is set but: {why}");
+            return;
+        }
+    };
+    let x = ((tag % 120) * 2) as u8;
+    let fog_link = ns.add_link(0, 213, x).unwrap();
+    let watch_link = ns.add_link(1, 213, x + 1).unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let (edge_port, fog_port, cloud_port) = (free_port(), free_port(), free_port());
+    let zenoh = |mode: &str, listen: &str, connect: &str| {
+        format!("[zenoh]\nmode = \"{mode}\"\nlisten = [\"tcp/{listen}\"]\nconnect = [{connect}]\nlease_ms = 1000\nconnect_retry_ms = 100\nopen_timeout_ms = 500\n")
+    };
+    let edge = format!(
+        "{}{}[ingest]\nstreams = [\"readings/**\"]\n",
+        common("edge-1", "edge"),
+        zenoh("peer", &format!("127.0.0.1:{edge_port}"), &format!("\"tcp/127.0.0.1:{fog_port}\""))
+    );
+    let fog = format!(
+        "{}subscribe = [\"edge-1/**\"]\n{}",
+        common("fog-1", "fog"),
+        zenoh("router", &format!("127.0.0.1:{fog_port}"), &format!("\"tcp/{}:{cloud_port}\"", fog_link.ns_ip))
+    );
+    let cloud = format!("{}subscribe = [\"*/**\"]\n{}", common("cloud-1", "cloud"), zenoh("router", &format!("0.0.0.0:{cloud_port}"), ""));
+    let mut edge = NodeProc::new(dir.path(), "edge-1", &edge);
+    let mut fog = NodeProc::new(dir.path(), "fog-1", &fog);
+    let mut cloud = NodeProc::new(dir.path(), "cloud-1", &cloud);
+    cloud.netns = Some(ns.name.clone());
+    cloud.start();
+    fog.start();
+    edge.start();
+
+    let device = zenoh_session(&Continuum::endpoint(edge_port)).await;
+    let edge_view = zenoh_session(&Continuum::endpoint(edge_port)).await;
+    let cloud_view = zenoh_session(&format!("tcp/{}:{cloud_port}", watch_link.ns_ip)).await;
+    let connected = wait_async(Duration::from_secs(30), || async {
+        let Some(doc) = status(&edge_view, "edge-1").await else { return false };
+        ["fog-1", "cloud-1"].iter().all(|n| doc["liveliness"][n]["alive"] == true)
+    })
+    .await;
+    assert!(connected, "continuum not connected\ncloud:\n{}\nfog:\n{}", cloud.log_text(), fog.log_text());
+    let mut d = Device::start(device.clone(), u64::MAX, 400);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut catch_up = Vec::new();
+    for cycle in 1..=3 {
+        ns.set_link(&fog_link, false).unwrap();
+        let cut_at = Instant::now();
+        // The edge notices the cloud is gone through liveliness (lease 1 s).
+        let noticed = wait_async(Duration::from_secs(10), || async {
+            status(&edge_view, "edge-1").await.is_some_and(|doc| doc["liveliness"]["cloud-1"]["alive"] == false)
+        })
+        .await;
+        assert!(noticed, "cycle {cycle}: the edge never saw the cloud go");
+        let detected = cut_at.elapsed().as_secs_f64();
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        let cloud_early = wm(&cloud_view, "cloud-1").await;
+        tokio::time::sleep(Duration::from_secs(5).saturating_sub(cut_at.elapsed())).await;
+        let cloud_late = wm(&cloud_view, "cloud-1").await;
+        let edge_at_heal = wm(&edge_view, "edge-1").await;
+        assert_eq!(cloud_early, cloud_late, "cycle {cycle}: link down did not separate the cloud");
+        ns.set_link(&fog_link, true).unwrap();
+        let healed = Instant::now();
+        let ok = wait_async(Duration::from_secs(60), || async { wm(&cloud_view, "cloud-1").await >= edge_at_heal }).await;
+        assert!(ok, "cycle {cycle}: the cloud did not catch up\ncloud log:\n{}\nfog log:\n{}", cloud.log_text(), fog.log_text());
+        let secs = healed.elapsed().as_secs_f64();
+        println!(
+            "veth partition cycle {cycle}: link down 5 s, loss detected by the edge after {detected:.2} s, cloud behind by {} at heal, caught up in {secs:.2} s",
+            edge_at_heal - cloud_late
+        );
+        catch_up.push(secs);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    if std::env::var("STRATA_DEBUG_LOGS").is_ok() {
+        println!("cloud log:\n{}\nfog log:\n{}", cloud.log_text(), fog.log_text());
+    }
+    let sent = d.stop().await;
+    assert!(wait_async(Duration::from_secs(60), || async { wm(&cloud_view, "cloud-1").await == sent }).await);
+    for n in [&mut edge, &mut fog, &mut cloud] {
+        assert_eq!(n.terminate(Duration::from_secs(20)), Some(0), "{}\n{}", n.id, n.log_text());
+    }
+    let (delivered, lost, duplicated, out_of_order) = verdict(&cloud.data_dir, sent);
+    println!(
+        "veth partitions: sent {sent} / delivered {delivered} / lost {lost} / duplicated {duplicated} / out-of-order {out_of_order} / \
+         seconds to catch up after heal {}",
+        catch_up.iter().map(|s| format!("{s:.2}")).collect::<Vec<_>>().join(", ")
+    );
+    assert_eq!((lost, duplicated, out_of_order), (0, 0, 0));
 }

@@ -1,0 +1,39 @@
+#!/usr/bin/env python3
+"""A device team's client: puts JSON readings on a Strata node's ingest key with the official
+Zenoh Python binding (pip install eclipse-zenoh==1.10.2).
+
+    python3 ingest_readings.py tcp/127.0.0.1:7447 readings/py 100
+
+Puts <count> valid readings {"value": i}, then one of each malformed kind, and prints what it
+sent as JSON on stdout.
+"""
+import json
+import sys
+
+import zenoh
+
+endpoint, stream, count = sys.argv[1], sys.argv[2], int(sys.argv[3])
+conf = zenoh.Config()
+conf.insert_json5("mode", '"peer"')
+conf.insert_json5("connect/endpoints", json.dumps([endpoint]))
+conf.insert_json5("scouting/multicast/enabled", "false")
+conf.insert_json5("scouting/gossip/enabled", "false")
+
+malformed = [
+    b"not json at all",                       # not_json
+    json.dumps({"ts_ms": 1}).encode(),        # missing_value
+    json.dumps({"value": "hot"}).encode(),    # bad_value
+    json.dumps({"value": 1, "unit": "C"}).encode(),  # unknown_field
+    json.dumps([1, 2, 3]).encode(),           # not_an_object
+]
+
+with zenoh.open(conf) as session:
+    key = f"strata/ingest/{stream}"
+    publisher = session.declare_publisher(key, congestion_control=zenoh.CongestionControl.BLOCK)
+    for i in range(count):
+        publisher.put(json.dumps({"value": i, "ts_ms": 1764160000000 + i}))
+    for payload in malformed:
+        publisher.put(payload)
+    # Undeclaring and closing flush what is queued.
+    publisher.undeclare()
+print(json.dumps({"valid": count, "malformed": len(malformed)}))
