@@ -340,7 +340,9 @@ impl ZenohMode {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ZenohSection {
-    /// `peer`, `client` or `router`. Default by tier: edge = client, fog and cloud = router.
+    /// `peer`, `client` or `router`. Default by tier: edge = peer, fog and cloud = router.
+    /// A Zenoh client cannot open its session until its router answers, so a client node
+    /// does not start while isolated; edges are peers so that they do.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub mode: Option<ZenohMode>,
     /// Endpoints this node listens on. Default none.
@@ -377,7 +379,7 @@ impl Default for ZenohSection {
 impl ZenohSection {
     pub fn mode_for(&self, tier: Tier) -> ZenohMode {
         self.mode.unwrap_or(match tier {
-            Tier::Edge => ZenohMode::Client,
+            Tier::Edge => ZenohMode::Peer,
             Tier::Fog | Tier::Cloud => ZenohMode::Router,
         })
     }
@@ -957,7 +959,7 @@ mod tests {
     #[test]
     fn minimal_config_gets_defaults() {
         let c = NodeConfig::parse(Path::new("t.toml"), MINIMAL).unwrap();
-        assert_eq!(c.zenoh.mode_for(c.node.tier), ZenohMode::Client);
+        assert_eq!(c.zenoh.mode_for(c.node.tier), ZenohMode::Peer);
         assert_eq!(c.log, LogSection::default());
         assert_eq!(c.node.data_dir(), PathBuf::from("data/edge-1"));
     }
@@ -973,7 +975,7 @@ mod tests {
         check(&format!("{MINIMAL}[log]\nsync = \"sometimes\"\n"), Err("t.toml: log.sync: unknown variant `sometimes`"));
         check(&format!("{MINIMAL}[log]\ncommit_batch_len_max = 0\n"), Err("t.toml: log.commit_batch_len_max: 0 is not in 1..=65536"));
         check(&format!("{MINIMAL}[zenoh]\n"), Err("duplicate key"));
-        check("[node]\nid = \"e\"\ntier = \"edge\"\n[zenoh]\nlisten = [\"tcp/127.0.0.1:1\"]\nconnect = [\"tcp/h:2\"]\n", Err("zenoh.listen: a Zenoh client does not listen"));
+        check("[node]\nid = \"e\"\ntier = \"edge\"\n[zenoh]\nmode = \"client\"\nlisten = [\"tcp/127.0.0.1:1\"]\nconnect = [\"tcp/h:2\"]\n", Err("zenoh.listen: a Zenoh client does not listen"));
         check("[node]\nid = \"e\"\ntier = \"fog\"\n[zenoh]\nlisten = [\"udp/127.0.0.1:1\"]\n", Err("zenoh.listen[0]: \"udp/127.0.0.1:1\" is not a valid endpoint: protocol \"udp\" is not supported"));
         check("[node]\nid = \"e\"\ntier = \"fog\"\n[zenoh]\nlisten = [\"tcp/127.0.0.1:70000\"]\n", Err("port \"70000\" is not in 1..=65535"));
         check(&format!("{MINIMAL}[[actors]]\nkind = \"x\"\nname = \"a\"\n[[actors]]\nkind = \"y\"\nname = \"a\"\n"), Err("actors[1].name: \"a\" is already the name of another actor"));
@@ -1121,7 +1123,7 @@ mod config_files {
 
         // A config with every optional part present, so that every key is serialised.
         let mut full = reference.clone();
-        full.zenoh.mode = Some(ZenohMode::Client);
+        full.zenoh.mode = Some(ZenohMode::Peer);
         full.node.data_dir = Some("x".into());
         let full_value = toml::Value::try_from(&full).unwrap();
         let mut wanted = BTreeSet::new();

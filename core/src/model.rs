@@ -343,6 +343,11 @@ impl HlcTime {
         format!("{:#}", self.0.get_time())
     }
 
+    /// Physical part as microseconds since the Unix epoch.
+    pub fn unix_us(&self) -> u64 {
+        self.0.get_time().to_duration().as_micros() as u64
+    }
+
     /// Physical part as milliseconds since the Unix epoch (for display only).
     pub fn unix_ms(&self) -> u64 {
         self.0.get_time().to_duration().as_millis() as u64

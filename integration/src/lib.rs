@@ -229,3 +229,11 @@ pub async fn watermark(session: &zenoh::Session, node: &str, origin: &str, strea
             .unwrap_or(0),
     )
 }
+
+/// CLOCK_MONOTONIC in ns: comparable between processes on one machine.
+pub fn mono_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: writes into the timespec we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}

@@ -37,7 +37,7 @@ use super::wire::{self, Head, Heads, ReplayBatch, ReplayParams, HEADS_PER_MESSAG
 use super::{keys, BusError, Overflow, Request, Transport};
 use crate::codec::{self, Limits};
 use crate::config::{NodeConfig, StreamPattern, Subscription};
-use crate::log::{Draft, InsertTicket, Inserted, Log, LogError, StreamKey};
+use crate::log::{Draft, InsertManyTicket, Inserted, Log, LogError, Received, StreamKey};
 use crate::model::{Envelope, Kind, NodeId, PayloadType, StreamName, Tier};
 
 /// Most batches one replay request is answered with; the requester asks again for more.
@@ -46,8 +46,10 @@ const REPLAY_BATCHES_PER_REQUEST: u64 = 16;
 const REQUEST_QUEUE_LEN: usize = 64;
 /// Queue of liveliness and heads events.
 const EVENT_QUEUE_LEN: usize = 1024;
-/// Inserts kept in flight per receiver before it waits for the oldest to be durable.
-const INSERTS_IN_FLIGHT_MAX: usize = 4096;
+/// Insert batches kept in flight per receiver before it waits for the oldest to be durable.
+const INSERT_BATCHES_IN_FLIGHT_MAX: usize = 64;
+/// Most live samples stored as one insert operation.
+const LIVE_BATCH_LEN_MAX: usize = 512;
 
 /// The protocol's settings, from the node config.
 #[derive(Debug, Clone)]
@@ -104,6 +106,74 @@ pub struct Counters {
     pub replay_served_records: AtomicU64,
     pub ingest_accepted: AtomicU64,
     pub insert_errors: AtomicU64,
+    pub live_lag: LatencyHistogram,
+}
+
+/// Latencies in µs, in buckets four per power of two (about 19% wide): enough for p50/p99
+/// of replication lag without storing samples.
+#[derive(Debug)]
+pub struct LatencyHistogram {
+    buckets: Vec<AtomicU64>,
+}
+
+const LATENCY_BUCKETS: usize = 4 * 40;
+
+impl Default for LatencyHistogram {
+    fn default() -> Self {
+        LatencyHistogram { buckets: (0..LATENCY_BUCKETS).map(|_| AtomicU64::new(0)).collect() }
+    }
+}
+
+impl LatencyHistogram {
+    fn bucket(us: u64) -> usize {
+        if us < 2 {
+            return 0;
+        }
+        let log2 = 63 - us.leading_zeros() as usize;
+        let frac = ((us >> log2.saturating_sub(2)) & 3) as usize;
+        (log2 * 4 + frac).min(LATENCY_BUCKETS - 1)
+    }
+
+    /// Upper bound of a bucket, in µs.
+    fn upper(bucket: usize) -> u64 {
+        let (log2, frac) = (bucket / 4, (bucket % 4) as u64);
+        if log2 < 2 {
+            return 1u64 << (log2 + 1);
+        }
+        (4 + frac + 1) << (log2 - 2)
+    }
+
+    pub fn record(&self, us: u64) {
+        self.buckets[Self::bucket(us)].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn snapshot(&self) -> LatencySnapshot {
+        let counts: Vec<u64> = self.buckets.iter().map(|b| b.load(Ordering::Relaxed)).collect();
+        let count: u64 = counts.iter().sum();
+        let quantile = |q: f64| {
+            let rank = ((count as f64) * q).ceil().max(1.0) as u64;
+            let mut seen = 0;
+            for (i, c) in counts.iter().enumerate() {
+                seen += c;
+                if seen >= rank {
+                    return Self::upper(i);
+                }
+            }
+            0
+        };
+        if count == 0 {
+            return LatencySnapshot::default();
+        }
+        LatencySnapshot { count, p50_us: quantile(0.5), p99_us: quantile(0.99) }
+    }
+}
+
+/// p50/p99 of a [`LatencyHistogram`] (bucket upper bounds, so within about 19% above).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct LatencySnapshot {
+    pub count: u64,
+    pub p50_us: u64,
+    pub p99_us: u64,
 }
 
 /// A snapshot of [`Counters`] and ingest rejections.
@@ -124,6 +194,9 @@ pub struct CounterSnapshot {
     pub ingest_accepted: u64,
     pub ingest_rejected: BTreeMap<String, u64>,
     pub insert_errors: u64,
+    /// Live records: from the origin's HLC time of the record to its being durable here.
+    /// Compares two machines' wall clocks: meaningful only as far as they are synchronised.
+    pub live_lag_us: LatencySnapshot,
 }
 
 /// What this node knows of another node's presence.
@@ -248,6 +321,7 @@ impl Replicator {
             ingest_accepted: get(&c.ingest_accepted),
             ingest_rejected: lock(&self.shared.state).ingest_rejected.clone(),
             insert_errors: get(&c.insert_errors),
+            live_lag_us: c.live_lag.snapshot(),
         }
     }
 
@@ -285,6 +359,10 @@ impl Drop for Replicator {
     }
 }
 
+fn unix_us() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64)
+}
+
 fn publish(shared: &Shared, envelope: &Envelope) {
     match codec::encode(envelope, &shared.settings.limits) {
         Ok(bytes) => {
@@ -295,37 +373,50 @@ fn publish(shared: &Shared, envelope: &Envelope) {
     }
 }
 
-/// Awaits queued inserts in order, counting what they did.
-async fn settle_inserts(shared: Arc<Shared>, mut tickets: mpsc::Receiver<(InsertTicket, bool)>) {
+/// Awaits queued live insert batches in order, counting what they did.
+async fn settle_inserts(shared: Arc<Shared>, mut tickets: mpsc::Receiver<(InsertManyTicket, Vec<u64>)>) {
     let c = &shared.counters;
-    while let Some((ticket, live)) = tickets.recv().await {
-        match ticket.await {
-            Ok(Inserted::Stored { .. }) => {
-                (if live { &c.live_stored } else { &c.replay_stored }).fetch_add(1, Ordering::Relaxed);
-            }
-            Ok(Inserted::Duplicate { .. }) if live => {
-                c.live_duplicates.fetch_add(1, Ordering::Relaxed);
-            }
-            Ok(_) => {}
+    while let Some((ticket, origin_unix_us)) = tickets.recv().await {
+        let results = match ticket.await {
+            Ok(r) => r,
             Err(e) => {
-                c.insert_errors.fetch_add(1, Ordering::Relaxed);
-                tracing::error!(error = %e, "storing a received envelope failed");
+                c.insert_errors.fetch_add(origin_unix_us.len() as u64, Ordering::Relaxed);
+                tracing::error!(error = %e, "storing received envelopes failed");
+                continue;
+            }
+        };
+        let now = unix_us();
+        for (result, origin_us) in results.into_iter().zip(origin_unix_us) {
+            match result {
+                Ok(Inserted::Stored { .. }) => {
+                    c.live_stored.fetch_add(1, Ordering::Relaxed);
+                    c.live_lag.record(now.saturating_sub(origin_us));
+                }
+                Ok(Inserted::Duplicate { .. }) => {
+                    c.live_duplicates.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    c.insert_errors.fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(error = %e, "storing a received envelope failed");
+                }
             }
         }
     }
 }
 
-/// Decodes and checks an envelope received on `key` (live) or for `expected` (replay).
-fn accept(shared: &Shared, key: Option<&str>, bytes: &[u8]) -> Option<Envelope> {
+/// Decodes and checks an envelope received on `key` (live) or by replay (`None`).
+fn accept(shared: &Shared, key: Option<&str>, bytes: Vec<u8>) -> Option<Received> {
     let c = &shared.counters;
-    let envelope = match codec::decode(bytes, &shared.settings.limits) {
-        Ok(e) => e,
+    let received = match Received::decode(bytes, &shared.settings.limits) {
+        Ok(r) => r,
         Err(e) => {
             c.malformed.fetch_add(1, Ordering::Relaxed);
             tracing::debug!(error = %e, "malformed envelope received");
             return None;
         }
     };
+    let envelope = received.envelope();
     if let Some(key) = key {
         let named = keys::parse_stream(key);
         if named != Some((envelope.id.origin.as_str(), envelope.id.stream.as_str())) {
@@ -334,38 +425,56 @@ fn accept(shared: &Shared, key: Option<&str>, bytes: &[u8]) -> Option<Envelope> 
             return None;
         }
     }
-    Some(envelope)
+    Some(received)
 }
 
 async fn receive_live(shared: Arc<Shared>, mut incoming: super::Incoming<super::Sample>) {
-    let (tx, rx) = mpsc::channel(INSERTS_IN_FLIGHT_MAX);
+    let (tx, rx) = mpsc::channel(INSERT_BATCHES_IN_FLIGHT_MAX);
     let settle = tokio::spawn(settle_inserts(shared.clone(), rx));
     let mut reported_drops = 0;
-    while let Some(sample) = incoming.recv().await {
-        shared.counters.live_received.fetch_add(1, Ordering::Relaxed);
+    while let Some(first) = incoming.recv().await {
+        // Take what is already waiting too: one insert operation for the lot.
+        let mut samples = vec![first];
+        while samples.len() < LIVE_BATCH_LEN_MAX {
+            match incoming.rx.try_recv() {
+                Ok(s) => samples.push(s),
+                Err(_) => break,
+            }
+        }
+        shared.counters.live_received.fetch_add(samples.len() as u64, Ordering::Relaxed);
         let dropped = incoming.dropped();
         if dropped != reported_drops {
             shared.counters.live_dropped.fetch_add(dropped - reported_drops, Ordering::Relaxed);
             reported_drops = dropped;
         }
-        let Some(envelope) = accept(&shared, Some(&sample.key), &sample.payload) else { continue };
-        let key = StreamKey::of(&envelope.id);
-        if !shared.settings.subscribed(&key) {
-            continue;
-        }
+        let mut records = Vec::with_capacity(samples.len());
+        let mut origin_us = Vec::with_capacity(samples.len());
         {
             let mut st = lock(&shared.state);
-            let seen = st.seen_live.entry(key).or_insert(0);
-            *seen = (*seen).max(envelope.id.seq.get());
+            for sample in samples {
+                let Some(received) = accept(&shared, Some(&sample.key), sample.payload) else { continue };
+                let envelope = received.envelope();
+                let key = StreamKey::of(&envelope.id);
+                if !shared.settings.subscribed(&key) {
+                    continue;
+                }
+                origin_us.push(envelope.hlc.unix_us());
+                let seen = st.seen_live.entry(key).or_insert(0);
+                *seen = (*seen).max(envelope.id.seq.get());
+                records.push(received);
+            }
         }
-        match shared.log.insert_remote_queued(envelope).await {
+        if records.is_empty() {
+            continue;
+        }
+        match shared.log.insert_remote_many(records).await {
             Ok(ticket) => {
-                if tx.send((ticket, true)).await.is_err() {
+                if tx.send((ticket, origin_us)).await.is_err() {
                     break;
                 }
             }
             Err(e) => {
-                tracing::error!(error = %e, "cannot queue a received envelope; stopping live reception");
+                tracing::error!(error = %e, "cannot queue received envelopes; stopping live reception");
                 break;
             }
         }
@@ -623,32 +732,43 @@ async fn replay_stream(shared: &Arc<Shared>, key: &StreamKey, goal: u64) {
                     continue;
                 }
             };
+            let mut records = Vec::with_capacity(batch.records.len());
             for record in batch.records {
-                let Some(envelope) = accept(shared, None, &record.0) else { continue };
-                if StreamKey::of(&envelope.id) != *key {
+                let Some(received) = accept(shared, None, record.0) else { continue };
+                if StreamKey::of(&received.envelope().id) != *key {
                     shared.counters.spoofed.fetch_add(1, Ordering::Relaxed);
                     continue;
                 }
-                shared.counters.replay_received.fetch_add(1, Ordering::Relaxed);
-                match shared.log.insert_remote_queued(envelope).await {
-                    Ok(t) => tickets.push(t),
-                    Err(e) => {
-                        tracing::error!(error = %e, "cannot queue a replayed envelope");
-                        return;
-                    }
+                records.push(received);
+            }
+            shared.counters.replay_received.fetch_add(records.len() as u64, Ordering::Relaxed);
+            match shared.log.insert_remote_many(records).await {
+                Ok(t) => tickets.push(t),
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot queue replayed envelopes");
+                    return;
                 }
             }
         }
         for t in tickets {
-            match t.await {
-                Ok(Inserted::Stored { .. }) => {
-                    shared.counters.replay_stored.fetch_add(1, Ordering::Relaxed);
-                }
-                Ok(_) => {}
+            let results = match t.await {
+                Ok(r) => r,
                 Err(e) => {
                     shared.counters.insert_errors.fetch_add(1, Ordering::Relaxed);
-                    tracing::error!(error = %e, "storing a replayed envelope failed");
+                    tracing::error!(error = %e, "storing replayed envelopes failed");
                     return;
+                }
+            };
+            for r in results {
+                match r {
+                    Ok(Inserted::Stored { .. }) => {
+                        shared.counters.replay_stored.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        shared.counters.insert_errors.fetch_add(1, Ordering::Relaxed);
+                        tracing::error!(error = %e, "storing a replayed envelope failed");
+                    }
                 }
             }
         }
@@ -656,6 +776,28 @@ async fn replay_stream(shared: &Arc<Shared>, key: &StreamKey, goal: u64) {
         if after <= mine {
             tracing::debug!(%key, mine, goal, "replay made no progress; next check retries");
             return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::LatencyHistogram;
+
+    #[test]
+    fn histogram_quantiles_are_within_a_bucket() {
+        let h = LatencyHistogram::default();
+        for us in 1..=1000u64 {
+            h.record(us * 10);
+        }
+        let s = h.snapshot();
+        assert_eq!(s.count, 1000);
+        assert!((5000..=6000).contains(&s.p50_us), "{s:?}");
+        assert!((9900..=12000).contains(&s.p99_us), "{s:?}");
+        assert_eq!(LatencyHistogram::default().snapshot().count, 0);
+        // Every value falls in a bucket whose upper bound is above it.
+        for us in [0, 1, 2, 3, 5, 7, 8, 100, 12345, 1 << 30] {
+            assert!(LatencyHistogram::upper(LatencyHistogram::bucket(us)) > us || us == 0, "{us}");
         }
     }
 }

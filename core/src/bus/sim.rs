@@ -288,6 +288,19 @@ impl Responder for SimResponder {
     }
 }
 
+impl SimTransport {
+    /// Adds a bounded queue of `T` for `keyexpr` to the list `list` picks.
+    fn register<T>(&self, list: impl FnOnce(&mut State) -> &mut Vec<Sub<T>>, keyexpr: &str, capacity: usize) -> Incoming<T> {
+        let mut s = self.net.lock();
+        let (tx, rx) = mpsc::channel(capacity);
+        let dropped = Arc::new(AtomicU64::new(0));
+        let id = s.next_id;
+        s.next_id += 1;
+        list(&mut s).push(Sub { owner: self.node.clone(), pattern: keyexpr.to_owned(), tx, dropped: dropped.clone(), id });
+        Incoming::new(rx, dropped, Box::new(SimGuard { net: self.net.clone(), id }))
+    }
+}
+
 impl Transport for SimTransport {
     fn node(&self) -> &NodeId {
         &self.node
@@ -312,26 +325,15 @@ impl Transport for SimTransport {
         }
     }
 
+    // The simulated queues drop when full whatever `overflow` says: ingest is not simulated.
     fn subscribe(&self, keyexpr: &str, capacity: usize, _overflow: Overflow) -> BoxFut<'_, Result<Incoming<Sample>, BusError>> {
-        let mut s = self.net.lock();
-        let (tx, rx) = mpsc::channel(capacity);
-        let dropped = Arc::new(AtomicU64::new(0));
-        let id = s.next_id;
-        s.next_id += 1;
-        s.subs.push(Sub { owner: self.node.clone(), pattern: keyexpr.to_owned(), tx, dropped: dropped.clone(), id });
-        let guard = SimGuard { net: self.net.clone(), id };
-        Box::pin(async move { Ok(Incoming::new(rx, dropped, Box::new(guard))) })
+        let incoming = self.register(|s| &mut s.subs, keyexpr, capacity);
+        Box::pin(async move { Ok(incoming) })
     }
 
     fn serve(&self, keyexpr: &str, capacity: usize) -> BoxFut<'_, Result<Incoming<Request>, BusError>> {
-        let mut s = self.net.lock();
-        let (tx, rx) = mpsc::channel(capacity);
-        let dropped = Arc::new(AtomicU64::new(0));
-        let id = s.next_id;
-        s.next_id += 1;
-        s.servers.push(Sub { owner: self.node.clone(), pattern: keyexpr.to_owned(), tx, dropped: dropped.clone(), id });
-        let guard = SimGuard { net: self.net.clone(), id };
-        Box::pin(async move { Ok(Incoming::new(rx, dropped, Box::new(guard))) })
+        let incoming = self.register(|s| &mut s.servers, keyexpr, capacity);
+        Box::pin(async move { Ok(incoming) })
     }
 
     fn request(&self, key: &str, params: &str, timeout: Duration, capacity: usize) -> BoxFut<'_, Result<mpsc::Receiver<Vec<u8>>, BusError>> {
@@ -382,14 +384,8 @@ impl Transport for SimTransport {
     }
 
     fn watch_alive(&self, keyexpr: &str, capacity: usize) -> BoxFut<'_, Result<Incoming<AliveEvent>, BusError>> {
-        let mut s = self.net.lock();
-        let (tx, rx) = mpsc::channel(capacity);
-        let dropped = Arc::new(AtomicU64::new(0));
-        let id = s.next_id;
-        s.next_id += 1;
-        s.watchers.push(Sub { owner: self.node.clone(), pattern: keyexpr.to_owned(), tx, dropped: dropped.clone(), id });
-        s.refresh_liveliness();
-        let guard = SimGuard { net: self.net.clone(), id };
-        Box::pin(async move { Ok(Incoming::new(rx, dropped, Box::new(guard))) })
+        let incoming = self.register(|s| &mut s.watchers, keyexpr, capacity);
+        self.net.lock().refresh_liveliness();
+        Box::pin(async move { Ok(incoming) })
     }
 }

@@ -14,6 +14,7 @@ use zenoh::Wait;
 
 use super::{AliveEvent, BoxFut, BusError, Incoming, Overflow, Request, Responder, Sample, Transport};
 use crate::config::{NodeConfig, ZenohMode};
+
 use crate::model::NodeId;
 
 fn zerr(e: impl std::fmt::Display) -> BusError {
@@ -41,12 +42,13 @@ pub fn zenoh_config(config: &NodeConfig) -> Result<zenoh::Config, BusError> {
     // parent tier is unreachable.
     set("connect/timeout_ms", "-1".into())?;
     set("connect/exit_on_failure", "false".into())?;
-    let period = z.connect_retry_ms;
-    set("connect/retry", format!("{{period_init_ms: {period}, period_max_ms: {period}, period_increase_factor: 1.0}}"))?;
     if mode == ZenohMode::Client {
-        // A client does not wait for its router at open (see `ZenohTransport::open`).
+        // A client's open would otherwise wait for its router forever; the node must start
+        // and run while its parent tier is unreachable, and keep trying in the background.
         set("connect/timeout_ms", "0".into())?;
     }
+    let period = z.connect_retry_ms;
+    set("connect/retry", format!("{{period_init_ms: {period}, period_max_ms: {period}, period_increase_factor: 1.0}}"))?;
     Ok(c)
 }
 

@@ -233,6 +233,14 @@ impl Core {
             let result = match op {
                 Op::Append { stream, draft } => self.plan_append(&mut plan, sink, &mut scratch, stream, draft),
                 Op::Insert { envelope } => self.plan_insert(&mut plan, sink, &mut scratch, envelope),
+                Op::InsertMany { records } => {
+                    // One failed record fails only itself: the others are still inserted.
+                    let results = records
+                        .iter()
+                        .map(|r| self.plan_insert_one(&mut plan, sink, &mut scratch, r.envelope(), Some(r.bytes())))
+                        .collect();
+                    Ok(OpResult::InsertedMany(results))
+                }
                 Op::Cursor { consumer, key, seq } => {
                     sink.put(Cf::Cursors, &cursor_key(&consumer, &key), &seq.to_be_bytes());
                     plan.cursors.push((consumer, key, seq));
@@ -272,9 +280,21 @@ impl Core {
     }
 
     fn plan_insert(&self, plan: &mut Plan, sink: &mut dyn Sink, scratch: &mut Scratch, envelope: Envelope) -> OpOutcome {
+        self.plan_insert_one(plan, sink, scratch, &envelope, None).map(OpResult::Inserted)
+    }
+
+    /// Inserts `envelope`, stored as `encoded` when given (the bytes it was decoded from).
+    fn plan_insert_one(
+        &self,
+        plan: &mut Plan,
+        sink: &mut dyn Sink,
+        scratch: &mut Scratch,
+        envelope: &Envelope,
+        encoded: Option<&[u8]>,
+    ) -> Result<Inserted, LogError> {
         let key = StreamKey::of(&envelope.id);
         if key.origin == self.node && key.incarnation == self.incarnation {
-            return Ok(OpResult::Inserted(Inserted::Own));
+            return Ok(Inserted::Own);
         }
         // Keep causality: our next timestamps come after what we received. A remote clock
         // far ahead is refused by uhlc; the envelope is still stored.
@@ -282,17 +302,23 @@ impl Core {
         let seq = envelope.id.seq.get();
         let entry = self.entry(&mut plan.staged, &key);
         match entry.wm.check(seq) {
-            Insert::Duplicate => return Ok(OpResult::Inserted(Inserted::Duplicate { watermark: entry.wm.get() })),
-            Insert::TooFragmented => return Ok(OpResult::Inserted(Inserted::Deferred { watermark: entry.wm.get() })),
+            Insert::Duplicate => return Ok(Inserted::Duplicate { watermark: entry.wm.get() }),
+            Insert::TooFragmented => return Ok(Inserted::Deferred { watermark: entry.wm.get() }),
             Insert::New => {}
         }
-        codec::encode_into(&envelope, &self.limits, &mut scratch.value)?;
+        let value = match encoded {
+            Some(bytes) => bytes,
+            None => {
+                codec::encode_into(envelope, &self.limits, &mut scratch.value)?;
+                &scratch.value
+            }
+        };
         entry.wm.insert(seq);
-        entry.add(seq, scratch.value.len());
+        entry.add(seq, value.len());
         let watermark = entry.wm.get();
         record_key_into(&mut scratch.key, &key, seq);
-        sink.put(Cf::Log, &scratch.key, &scratch.value);
-        Ok(OpResult::Inserted(Inserted::Stored { watermark }))
+        sink.put(Cf::Log, &scratch.key, value);
+        Ok(Inserted::Stored { watermark })
     }
 
     fn plan_sweep(&self, plan: &mut Plan, sink: &mut dyn Sink, now_unix_ms: u64, backend: &dyn Backend) -> Result<SweepReport, LogError> {

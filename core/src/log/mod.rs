@@ -103,6 +103,34 @@ pub enum Inserted {
     Own,
 }
 
+/// An envelope received from the network together with the exact bytes it was decoded
+/// from, so that storing it needs no second encoding. Only [`Received::decode`] builds one,
+/// so the two always agree.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Received {
+    envelope: Envelope,
+    bytes: Vec<u8>,
+}
+
+impl Received {
+    pub fn decode(bytes: Vec<u8>, limits: &crate::codec::Limits) -> Result<Received, DecodeError> {
+        let envelope = crate::codec::decode(&bytes, limits)?;
+        Ok(Received { envelope, bytes })
+    }
+
+    pub fn envelope(&self) -> &Envelope {
+        &self.envelope
+    }
+
+    pub fn bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+
+    pub fn into_envelope(self) -> Envelope {
+        self.envelope
+    }
+}
+
 /// Per-stream figures, as `strata log ls` shows them.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct StreamInfo {
@@ -173,6 +201,7 @@ pub enum LogError {
 pub enum Op {
     Append { stream: StreamName, draft: Draft },
     Insert { envelope: Envelope },
+    InsertMany { records: Vec<Received> },
     Cursor { consumer: Name, key: StreamKey, seq: u64 },
     Sweep { now_unix_ms: u64 },
 }
@@ -182,6 +211,7 @@ pub enum Op {
 pub enum OpResult {
     Appended(Envelope),
     Inserted(Inserted),
+    InsertedMany(Vec<Result<Inserted, LogError>>),
     Cursor,
     Swept(SweepReport),
 }
@@ -241,6 +271,20 @@ impl Future for AppendTicket {
         Pin::new(&mut self.0).poll(cx).map(|r| match r? {
             OpResult::Appended(envelope) => Ok(envelope),
             other => unreachable!("append answered with {other:?}"),
+        })
+    }
+}
+
+/// Queued remote inserts; resolves once they are durable, with one result per record.
+pub struct InsertManyTicket(Pending);
+
+impl Future for InsertManyTicket {
+    type Output = Result<Vec<Result<Inserted, LogError>>, LogError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        Pin::new(&mut self.0).poll(cx).map(|r| match r? {
+            OpResult::InsertedMany(i) => Ok(i),
+            other => unreachable!("insert answered with {other:?}"),
         })
     }
 }
@@ -309,6 +353,12 @@ impl Log {
     /// resolves once it is durable: a receiver can keep many inserts in flight.
     pub async fn insert_remote_queued(&self, envelope: Envelope) -> Result<InsertTicket, LogError> {
         Ok(InsertTicket(self.store.submit(Op::Insert { envelope }).await?))
+    }
+
+    /// Queues many received envelopes as one operation (they share one group-commit batch
+    /// and are stored as received, without re-encoding).
+    pub async fn insert_remote_many(&self, records: Vec<Received>) -> Result<InsertManyTicket, LogError> {
+        Ok(InsertManyTicket(self.store.submit(Op::InsertMany { records }).await?))
     }
 
     /// Records that `consumer` finished every record of `key` up to `seq`. Cursor commits

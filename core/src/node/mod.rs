@@ -45,9 +45,20 @@ impl Node {
         let log = Log::new(Arc::new(store));
         tracing::info!(node = %config.node.id, tier = %config.node.tier, incarnation = %log.incarnation(),
             data_dir = %data_dir.display(), "store open");
-        let transport = Arc::new(ZenohTransport::open(&config).await?);
+        let transport = match ZenohTransport::open(&config).await {
+            Ok(t) => Arc::new(t),
+            Err(e) if config.zenoh.mode_for(config.node.tier) == crate::config::ZenohMode::Client => {
+                return Err(NodeError::Bus(BusError::Zenoh(format!(
+                    "{e} (a Zenoh client needs its router at start; use mode = \"peer\" for a node that must start while isolated)"
+                ))))
+            }
+            Err(e) => return Err(e.into()),
+        };
         let replicator =
             Arc::new(Replicator::start(Settings::from_config(&config), log.clone(), transport.clone() as Arc<dyn Transport>).await?);
+        if !config.actors.is_empty() {
+            tracing::warn!(actors = config.actors.len(), "this build does not run actors yet: the [[actors]] of the config are not started");
+        }
         let mut node = Node { config, log, transport, replicator, tasks: JoinSet::new(), started: Instant::now() };
         node.start_retention();
         node.start_status().await?;

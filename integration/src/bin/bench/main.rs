@@ -6,6 +6,15 @@
 //! `log`: appends of 100-byte payloads with `sync = always` group commit, against raw
 //! RocksDB (one `put` + WAL sync per record; a `WriteBatch` of the same size + WAL sync).
 //! The figures depend on the disk's fsync latency; the ratios are what to compare.
+//!
+//!     cargo run --release -p strata-integration --bin bench -- bus
+//!
+//! `bus`: edge -> fog -> cloud replication of 100-byte readings, durable (`sync = always`) at
+//! every hop, against raw Zenoh pub/sub over the same three-process topology (client ->
+//! router -> router): throughput, end-to-end latency p50/p99 at a fixed 10 k msg/s, and the
+//! replay (catch-up) rate after a partition.
+
+mod bus;
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -28,7 +37,8 @@ fn main() -> Result<()> {
         .unwrap_or(2.0);
     match args.first().map(String::as_str) {
         Some("log") => bench_log(Duration::from_secs_f64(seconds)),
-        _ => bail!("usage: bench log [--seconds S]"),
+        Some("bus") => bus::bench_bus(),
+        _ => bail!("usage: bench log [--seconds S] | bench bus"),
     }
 }
 
