@@ -191,13 +191,19 @@ impl Drop for NodeProc {
     }
 }
 
-/// A Zenoh session for a test: peer mode, multicast and gossip off, connected to `endpoint`.
+/// A Zenoh session for a test: peer mode, multicast scouting off, no gossip autoconnect,
+/// connected to `endpoint`.
 pub async fn zenoh_session(endpoint: &str) -> zenoh::Session {
+    zenoh_session_as("peer", endpoint).await
+}
+
+/// [`zenoh_session`] in another Zenoh mode (`client` to sit behind a router).
+pub async fn zenoh_session_as(mode: &str, endpoint: &str) -> zenoh::Session {
     let mut c = zenoh::Config::default();
-    c.insert_json5("mode", "\"peer\"").unwrap();
+    c.insert_json5("mode", &format!("\"{mode}\"")).unwrap();
     c.insert_json5("connect/endpoints", &format!("[\"{endpoint}\"]")).unwrap();
     c.insert_json5("scouting/multicast/enabled", "false").unwrap();
-    c.insert_json5("scouting/gossip/enabled", "false").unwrap();
+    c.insert_json5("scouting/gossip/autoconnect", "{router: [], peer: []}").unwrap();
     c.insert_json5("connect/timeout_ms", "-1").unwrap();
     c.insert_json5("connect/exit_on_failure", "false").unwrap();
     c.insert_json5("connect/retry", "{period_init_ms: 100, period_max_ms: 100, period_increase_factor: 1.0}").unwrap();

@@ -33,8 +33,12 @@ pub fn zenoh_config(config: &NodeConfig) -> Result<zenoh::Config, BusError> {
     set("listen/endpoints", json(&z.listen.iter().map(|e| e.as_str()).collect::<Vec<_>>()))?;
     set("connect/endpoints", json(&z.connect.iter().map(|e| e.as_str()).collect::<Vec<_>>()))?;
     set("scouting/multicast/enabled", json(&z.scouting_multicast))?;
-    // Links are the configured ones: no peer-to-peer discovery through gossip either.
-    set("scouting/gossip/enabled", json(&z.scouting_multicast))?;
+    // Gossip stays on (Zenoh needs it to de-duplicate data between peers behind routers), but
+    // it never opens links: they are exactly the configured ones.
+    set("scouting/gossip/enabled", "true".into())?;
+    if !z.scouting_multicast {
+        set("scouting/gossip/autoconnect", "{router: [], peer: []}".into())?;
+    }
     set("transport/link/tx/lease", json(&z.lease_ms))?;
     set("transport/link/tx/keep_alive", "4".into())?;
     set("transport/unicast/open_timeout", json(&z.open_timeout_ms))?;

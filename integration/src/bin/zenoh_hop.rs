@@ -1,5 +1,6 @@
-//! Raw Zenoh, for the baselines of `bench bus`: a router process that may also count what it
-//! receives on a key.
+//! Raw Zenoh, for the baselines of `bench bus` and as a stock router in tests: a router with
+//! Zenoh's default settings (multicast scouting off) that may also count what it receives on
+//! a key.
 //!
 //!     zenoh_hop --listen tcp/127.0.0.1:7000 [--connect tcp/127.0.0.1:7001] [--count bench/raw --expect N]
 //!
@@ -27,7 +28,6 @@ async fn main() -> Result<()> {
         set(&mut c, "connect/endpoints", format!("[\"{connect}\"]"))?;
     }
     set(&mut c, "scouting/multicast/enabled", "false".into())?;
-    set(&mut c, "scouting/gossip/enabled", "false".into())?;
     let session = zenoh::open(c).await.map_err(|e| anyhow::anyhow!("{e}"))?;
     let _sub = match (arg("--count"), arg("--expect")) {
         (Some(key), Some(expect)) => {

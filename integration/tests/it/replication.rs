@@ -554,3 +554,56 @@ async fn memory_stays_flat_during_a_long_partition() {
     assert!(worst < 32 * 1024, "a node's memory grew by {worst} KiB during the partition");
     c.stop_all();
 }
+
+/// Nodes whose only endpoint is a plain Zenoh router (`zenoh_hop`: the zenoh crate's router,
+/// no Strata code): nothing Strata-specific is needed for discovery.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_work_behind_a_plain_zenoh_router() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let router_port = free_port();
+    struct Killed(std::process::Child);
+    impl Drop for Killed {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _router = Killed(
+        std::process::Command::new(strata_integration::helper_bin("zenoh_hop"))
+            .args(["--listen", &format!("tcp/127.0.0.1:{router_port}")])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    // Each node in its deployed mode (edge peer, cloud router); the plain router is their only
+    // endpoint. (Two *peers* behind one router do not reach each other unless they can mesh
+    // directly: Zenoh expects peers of one region to be connected to each other.)
+    let via_router = |id: &str, tier: &str, mode: &str, extra: &str| {
+        format!(
+            "{}{extra}[zenoh]\nmode = \"{mode}\"\nconnect = [\"tcp/127.0.0.1:{router_port}\"]\nconnect_retry_ms = 100\n",
+            common(id, tier)
+        )
+    };
+    let mut edge =
+        NodeProc::new(dir.path(), "edge-1", &format!("{}[ingest]\nstreams = [\"readings/**\"]\n", via_router("edge-1", "edge", "peer", "")));
+    let mut cloud = NodeProc::new(dir.path(), "cloud-1", &via_router("cloud-1", "cloud", "router", "subscribe = [\"*/**\"]\n"));
+    edge.start();
+    cloud.start();
+    let view = strata_integration::zenoh_session_as("client", &Continuum::endpoint(router_port)).await;
+    let connected = wait_async(Duration::from_secs(30), || async {
+        status(&view, "edge-1").await.is_some_and(|doc| doc["liveliness"]["cloud-1"]["alive"] == true)
+    })
+    .await;
+    assert!(connected, "edge and cloud did not find each other through the router\n{}", edge.log_text());
+    Device::start(view.clone(), 1000, 0).finish().await;
+    let ok = wait_async(Duration::from_secs(30), || async { wm(&view, "cloud-1").await == 1000 }).await;
+    assert!(ok, "the cloud did not get the 1000 readings through the plain router");
+    for n in [&mut edge, &mut cloud] {
+        assert_eq!(n.terminate(Duration::from_secs(20)), Some(0));
+    }
+    let (delivered, lost, duplicated, out_of_order) = verdict(&cloud.data_dir, 1000);
+    println!("behind a plain zenoh router: sent 1000 / delivered {delivered} / lost {lost} / duplicated {duplicated} / out-of-order {out_of_order}");
+    assert_eq!((lost, duplicated, out_of_order), (0, 0, 0));
+}
