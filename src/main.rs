@@ -34,6 +34,19 @@ enum Command {
         #[arg(long, value_enum, default_value_t = LogFormat::Human)]
         log_format: LogFormat,
     },
+    /// Show every node reachable through a Zenoh endpoint: tier, uptime, actors with their
+    /// state and restarts, streams, replication lag per peer.
+    Status {
+        /// A Zenoh endpoint of the continuum, e.g. `tcp/127.0.0.1:7448` (a fog router).
+        #[arg(long)]
+        connect: String,
+        /// How long to collect answers, in ms.
+        #[arg(long, default_value_t = 2000)]
+        timeout_ms: u64,
+        /// The status documents as one JSON array.
+        #[arg(long)]
+        json: bool,
+    },
     /// Inspect a node's durable log (works while the node runs: opens it read-only).
     Log {
         #[command(subcommand)]
@@ -91,6 +104,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Check { configs } => check(configs),
         Command::Run { config, log_format } => run(&config, log_format),
+        Command::Status { connect, timeout_ms, json } => status(&connect, timeout_ms, json),
         Command::Log { command: LogCommand::Ls { path, json } } => log_ls(&path, json),
         Command::Log { command: LogCommand::Tail { path, stream, from, incarnation, follow, json } } => {
             log_tail(&path, &stream, from, incarnation.as_deref(), follow, json)
@@ -109,8 +123,25 @@ fn init_tracing(format: LogFormat) {
     }
 }
 
+/// Loads a config and checks its actors against the registry of standard kinds.
+fn load(path: &std::path::Path) -> Result<NodeConfig, String> {
+    let config = NodeConfig::load(path).map_err(|e| e.to_string())?;
+    let registry = strata_actors::registry();
+    let problems: Vec<String> = config
+        .actors
+        .iter()
+        .enumerate()
+        .filter_map(|(i, spec)| registry.check(spec).err().map(|(key, e)| format!("{}: actors[{i}].{key}: {e}", path.display())))
+        .collect();
+    if problems.is_empty() {
+        Ok(config)
+    } else {
+        Err(problems.join("\n"))
+    }
+}
+
 fn run(path: &std::path::Path, format: LogFormat) -> ExitCode {
-    let config = match NodeConfig::load(path) {
+    let config = match load(path) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("{e}");
@@ -126,7 +157,7 @@ fn run(path: &std::path::Path, format: LogFormat) -> ExitCode {
         }
     };
     runtime.block_on(async {
-        let node = match strata_core::node::Node::start(config).await {
+        let node = match strata_core::node::Node::start(config, &strata_actors::registry()).await {
             Ok(n) => n,
             Err(e) => {
                 tracing::error!(error = %e, "node failed to start");
@@ -134,11 +165,43 @@ fn run(path: &std::path::Path, format: LogFormat) -> ExitCode {
                 return ExitCode::from(EXIT_RUNTIME);
             }
         };
-        let signal = wait_for_stop().await;
-        tracing::info!(signal, "stopping");
-        node.shutdown().await;
-        ExitCode::SUCCESS
+        tokio::select! {
+            signal = wait_for_stop() => {
+                tracing::info!(signal, "stopping");
+                node.shutdown().await;
+                ExitCode::SUCCESS
+            }
+            reason = node.failed() => {
+                // The incident is on the events stream; a process manager restarts us.
+                tracing::error!(%reason, "the root supervisor gave up; stopping");
+                eprintln!("strata run: {reason}");
+                node.shutdown().await;
+                ExitCode::from(EXIT_RUNTIME)
+            }
+        }
     })
+}
+
+fn status(endpoint: &str, timeout_ms: u64, json: bool) -> ExitCode {
+    let runtime = tokio::runtime::Runtime::new().expect("start the async runtime");
+    let timeout = std::time::Duration::from_millis(timeout_ms);
+    let mut docs = match runtime.block_on(strata_core::bus::query_status(endpoint, timeout)) {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("strata status: {e}");
+            return ExitCode::from(EXIT_RUNTIME);
+        }
+    };
+    docs.sort_by(|a, b| (a["tier"].as_str(), a["node"].as_str()).cmp(&(b["tier"].as_str(), b["node"].as_str())));
+    if json {
+        println!("{}", serde_json::to_string_pretty(&docs).expect("JSON serialises"));
+    } else if docs.is_empty() {
+        eprintln!("strata status: no node answered through {endpoint} within {timeout_ms} ms");
+        return ExitCode::from(EXIT_RUNTIME);
+    } else {
+        print!("{}", strata_core::node::status_table(&docs));
+    }
+    ExitCode::SUCCESS
 }
 
 /// Waits for SIGINT or SIGTERM and names it.
@@ -261,7 +324,7 @@ fn check(files: Vec<PathBuf>) -> ExitCode {
     let mut nodes = Vec::new();
     let mut failed = false;
     for file in files {
-        match NodeConfig::load(&file) {
+        match load(&file) {
             Ok(config) => nodes.push((file, config)),
             Err(e) => {
                 eprintln!("{e}");

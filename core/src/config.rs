@@ -551,6 +551,9 @@ pub struct SupervisionSection {
     pub backoff_jitter_pct: u8,
     /// How long one child may take to stop before it is killed, in ms. Default 5000.
     pub child_shutdown_timeout_ms: u64,
+    /// Supervision events waiting to be appended to the `events` stream; beyond it they are
+    /// counted as dropped (and still logged). Default 1024.
+    pub events_queue_len_max: usize,
 }
 
 impl Default for SupervisionSection {
@@ -563,6 +566,7 @@ impl Default for SupervisionSection {
             backoff_max_ms: 5_000,
             backoff_jitter_pct: 20,
             child_shutdown_timeout_ms: 5_000,
+            events_queue_len_max: 1024,
         }
     }
 }
@@ -778,6 +782,7 @@ impl NodeConfig {
             ("ingest.payload_bytes_max", self.ingest.payload_bytes_max as u64, 16),
             ("supervision.restart_window_ms", self.supervision.restart_window_ms, 1),
             ("supervision.child_shutdown_timeout_ms", self.supervision.child_shutdown_timeout_ms, 1),
+            ("supervision.events_queue_len_max", self.supervision.events_queue_len_max as u64, 1),
             ("routing.probe_interval_ms", self.routing.probe_interval_ms, 10),
             ("routing.default_deadline_ms", self.routing.default_deadline_ms, 1),
             ("autonomy.escalation_timeout_ms", self.autonomy.escalation_timeout_ms, 1),
@@ -1162,10 +1167,10 @@ mod config_files {
 /// One line per node: id, tier, Zenoh mode, endpoints, actors and subscriptions.
 pub fn summary_table(nodes: &[(PathBuf, NodeConfig)]) -> String {
     let list = |v: Vec<String>| if v.is_empty() { "-".to_owned() } else { v.join(",") };
-    let rows: Vec<[String; 8]> = nodes
+    let rows: Vec<Vec<String>> = nodes
         .iter()
         .map(|(file, c)| {
-            [
+            vec![
                 c.node.id.to_string(),
                 c.node.tier.to_string(),
                 c.zenoh.mode_for(c.node.tier).as_str().to_owned(),
@@ -1177,20 +1182,7 @@ pub fn summary_table(nodes: &[(PathBuf, NodeConfig)]) -> String {
             ]
         })
         .collect();
-    let header = ["node", "tier", "mode", "listen", "connect", "actors", "replicates", "file"].map(String::from);
-    let mut widths = header.clone().map(|h| h.len());
-    for row in &rows {
-        for (w, cell) in widths.iter_mut().zip(row) {
-            *w = (*w).max(cell.chars().count());
-        }
-    }
-    let mut out = String::new();
-    for row in std::iter::once(&header).chain(&rows) {
-        let line: Vec<String> = row.iter().zip(widths).map(|(c, w)| format!("{c:<w$}")).collect();
-        out.push_str(line.join("  ").trim_end());
-        out.push('\n');
-    }
-    out
+    crate::log::show::table(&["node", "tier", "mode", "listen", "connect", "actors", "replicates", "file"], &rows)
 }
 
 impl fmt::Display for Continuum {

@@ -7,18 +7,27 @@
 //! - [`codec`]: the versioned binary format of envelopes; decoding never panics.
 //! - [`config`]: the typed TOML node configuration and the continuum check.
 //!
-//! Later modules (durable log, bus, routing, modes, supervision, node) build on these; see
-//! `ARCHITECTURE.md` for the map and the invariants that hold between them.
+//! - [`log`]: the durable RocksDB log: streams, group commit, cursors, watermarks, retention.
+//! - [`bus`]: Zenoh transport and the replication protocol (live, gap repair, replay).
+//! - [`supervise`]: OTP-style supervisors on ractor.
+//! - [`actor`]: the integrator API ([`Behaviour`], [`Ctx`], [`Registry`]); start there to
+//!   write an actor.
+//! - [`node`]: a node wired from its config.
+//!
+//! See `ARCHITECTURE.md` for the map and the invariants that hold between them.
 
+pub mod actor;
+pub mod bus;
 pub mod codec;
 pub mod config;
-pub mod bus;
 pub mod log;
 pub mod model;
 pub mod node;
+pub mod supervise;
 
 pub use config::{ConfigError, NodeConfig};
 pub use model::{
     Deadline, Envelope, EnvelopeId, HlcTime, Incarnation, Kind, MonoClock, MonoTime, NodeId, PayloadType, Priority,
     Seq, StreamName, Tier, Trace,
 };
+pub use actor::{ActorError, Behaviour, Ctx, Registry};

@@ -70,6 +70,7 @@ pub fn helper_bin(name: &str) -> PathBuf {
 }
 
 pub mod netns;
+pub mod probe;
 pub mod proxy;
 
 use std::net::TcpListener;

@@ -36,7 +36,7 @@ use tokio::sync::mpsc;
 
 use crate::model::{NodeId, StreamName, Tier};
 
-pub use self::zenoh::{zenoh_config, ZenohTransport};
+pub use self::zenoh::{query_status, zenoh_config, ZenohTransport};
 
 /// A boxed future, for object-safe async trait methods.
 pub type BoxFut<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -184,6 +184,8 @@ pub mod keys {
     }
 
     pub const INGEST_ALL: &str = "strata/ingest/**";
+
+    pub const STATUS_ALL: &str = "strata/status/*";
 
     pub fn status(node: &NodeId) -> String {
         format!("strata/status/{node}")

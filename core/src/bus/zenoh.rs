@@ -56,6 +56,34 @@ pub fn zenoh_config(config: &NodeConfig) -> Result<zenoh::Config, BusError> {
     Ok(c)
 }
 
+/// Asks every node reachable through `endpoint` (e.g. `tcp/127.0.0.1:7448`, a fog router)
+/// for its status document, as a Zenoh client: `strata/status/*`, answers collected for
+/// `timeout`. Used by `strata status`; any Zenoh client can do the same.
+pub async fn query_status(endpoint: &str, timeout: Duration) -> Result<Vec<serde_json::Value>, BusError> {
+    let mut c = zenoh::Config::default();
+    let mut set = |key: &str, value: String| c.insert_json5(key, &value).map_err(|e| BusError::Zenoh(format!("config {key}: {e}")));
+    set("mode", "\"client\"".into())?;
+    set("connect/endpoints", serde_json::to_string(&[endpoint]).expect("strings serialise"))?;
+    set("scouting/multicast/enabled", "false".into())?;
+    set("connect/timeout_ms", timeout.as_millis().to_string())?;
+    set("connect/exit_on_failure", "true".into())?;
+    let node = NodeId::new("strata-status").expect("valid node id");
+    let transport = ZenohTransport::open_with(node, c).await.map_err(|e| BusError::Zenoh(format!("cannot reach {endpoint}: {e}")))?;
+    let mut replies = transport.request(super::keys::STATUS_ALL, "", timeout, STATUS_REPLIES_MAX).await?;
+    let mut docs = Vec::new();
+    while let Some(bytes) = replies.recv().await {
+        match serde_json::from_slice(&bytes) {
+            Ok(doc) => docs.push(doc),
+            Err(e) => tracing::warn!(error = %e, "a status reply is not JSON"),
+        }
+    }
+    transport.close().await;
+    Ok(docs)
+}
+
+/// Most status replies collected by [`query_status`].
+const STATUS_REPLIES_MAX: usize = 1024;
+
 mod erased {
     pub trait Json {
         fn json(&self) -> String;

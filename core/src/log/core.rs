@@ -230,14 +230,25 @@ impl Core {
         let mut plan = Plan { results: Vec::with_capacity(ops.len()), staged: HashMap::new(), cursors: Vec::new() };
         let mut scratch = Scratch::default();
         for op in ops {
+            let result = self.plan_op(&mut plan, sink, &mut scratch, backend, op);
+            plan.results.push(result);
+        }
+        for (key, entry) in &plan.staged {
+            sink.put(Cf::Watermarks, &stream_prefix(key), &entry.stats().encode());
+        }
+        plan
+    }
+
+    fn plan_op(&self, plan: &mut Plan, sink: &mut dyn Sink, scratch: &mut Scratch, backend: &dyn Backend, op: Op) -> OpOutcome {
+        {
             let result = match op {
-                Op::Append { stream, draft } => self.plan_append(&mut plan, sink, &mut scratch, stream, draft),
-                Op::Insert { envelope } => self.plan_insert(&mut plan, sink, &mut scratch, envelope),
+                Op::Append { stream, draft } => self.plan_append(plan, sink, scratch, stream, draft),
+                Op::Insert { envelope } => self.plan_insert(plan, sink, scratch, envelope),
                 Op::InsertMany { records } => {
                     // One failed record fails only itself: the others are still inserted.
                     let results = records
                         .iter()
-                        .map(|r| self.plan_insert_one(&mut plan, sink, &mut scratch, r.envelope(), Some(r.bytes())))
+                        .map(|r| self.plan_insert_one(plan, sink, scratch, r.envelope(), Some(r.bytes())))
                         .collect();
                     Ok(OpResult::InsertedMany(results))
                 }
@@ -246,14 +257,29 @@ impl Core {
                     plan.cursors.push((consumer, key, seq));
                     Ok(OpResult::Cursor)
                 }
-                Op::Sweep { now_unix_ms } => self.plan_sweep(&mut plan, sink, now_unix_ms, backend).map(OpResult::Swept),
+                Op::Sweep { now_unix_ms } => self.plan_sweep(plan, sink, now_unix_ms, backend).map(OpResult::Swept),
+                Op::Atomic { ops } => self.plan_atomic(plan, sink, scratch, backend, ops),
             };
-            plan.results.push(result);
+            result
         }
-        for (key, entry) in &plan.staged {
-            sink.put(Cf::Watermarks, &stream_prefix(key), &entry.stats().encode());
+    }
+
+    /// Appends and cursor commits that must be written all together or not at all. Appends
+    /// are checked first (the only way one can fail is a payload over the limit), so a refused
+    /// group writes nothing.
+    fn plan_atomic(&self, plan: &mut Plan, sink: &mut dyn Sink, scratch: &mut Scratch, backend: &dyn Backend, ops: Vec<Op>) -> OpOutcome {
+        let max = self.limits.max_payload_bytes.min(codec::PAYLOAD_BYTES_CEILING);
+        for op in &ops {
+            match op {
+                Op::Append { draft, .. } if draft.payload.len() > max => {
+                    return Err(codec::EncodeError::PayloadTooLarge { len: draft.payload.len(), max }.into());
+                }
+                Op::Append { .. } | Op::Cursor { .. } => {}
+                other => panic!("only appends and cursor commits may be atomic, not {other:?}"),
+            }
         }
-        plan
+        let results = ops.into_iter().map(|op| self.plan_op(plan, sink, scratch, backend, op)).collect::<Result<Vec<_>, _>>()?;
+        Ok(OpResult::Atomic(results))
     }
 
     fn plan_append(&self, plan: &mut Plan, sink: &mut dyn Sink, scratch: &mut Scratch, stream: crate::model::StreamName, draft: super::Draft) -> OpOutcome {

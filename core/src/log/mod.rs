@@ -204,6 +204,8 @@ pub enum Op {
     InsertMany { records: Vec<Received> },
     Cursor { consumer: Name, key: StreamKey, seq: u64 },
     Sweep { now_unix_ms: u64 },
+    /// Appends and cursor commits written in one `WriteBatch`: all or nothing.
+    Atomic { ops: Vec<Op> },
 }
 
 #[doc(hidden)]
@@ -214,6 +216,7 @@ pub enum OpResult {
     InsertedMany(Vec<Result<Inserted, LogError>>),
     Cursor,
     Swept(SweepReport),
+    Atomic(Vec<OpResult>),
 }
 
 #[doc(hidden)]
@@ -377,6 +380,30 @@ impl Log {
         match self.cursor(consumer, key) {
             Some(seq) => Ok(seq),
             None => self.commit_cursor(consumer, key, 0).await.map(|()| 0),
+        }
+    }
+
+    /// Appends `outputs` to this node's streams and commits `consumer`'s cursors, all in one
+    /// write: either everything is durable or nothing is. A handler's outputs and its input
+    /// cursor move together, so a restarted actor neither loses nor repeats outputs.
+    /// Resolves with the appended envelopes once durable.
+    pub async fn commit_atomically(
+        &self,
+        outputs: Vec<(StreamName, Draft)>,
+        consumer: &Name,
+        cursors: Vec<(StreamKey, u64)>,
+    ) -> Result<Vec<Envelope>, LogError> {
+        let mut ops: Vec<Op> = outputs.into_iter().map(|(stream, draft)| Op::Append { stream, draft }).collect();
+        ops.extend(cursors.into_iter().map(|(key, seq)| Op::Cursor { consumer: consumer.clone(), key, seq }));
+        match self.store.submit(Op::Atomic { ops }).await?.await? {
+            OpResult::Atomic(results) => Ok(results
+                .into_iter()
+                .filter_map(|r| match r {
+                    OpResult::Appended(e) => Some(e),
+                    _ => None,
+                })
+                .collect()),
+            other => unreachable!("atomic answered with {other:?}"),
         }
     }
 

@@ -1,9 +1,16 @@
-//! A node: one store, one Zenoh session, one replication protocol, wired from a config.
+//! A node: one store, one Zenoh session, one replication protocol and one supervision tree,
+//! wired from a config.
 //!
 //! [`Node::start`] opens the RocksDB store (failing clearly if it is locked, of another node,
-//! or of another format), opens the Zenoh session, starts replication, retention sweeps and
-//! the status queryable (`strata/status/<node_id>`, a JSON document any Zenoh client can
-//! read). [`Node::shutdown`] stops intake first, then the protocol, then flushes the log.
+//! or of another format), opens the Zenoh session, starts replication, builds the root
+//! supervisor with the config's `[[actors]]` (kinds from a [`Registry`]), retention sweeps
+//! and the status queryable (`strata/status/<node_id>`, a JSON document any Zenoh client can
+//! read). Every supervision event is appended to the node's `events` stream.
+//!
+//! [`Node::shutdown`] stops intake (replication, ingest), then the actors (each finishes its
+//! handler and commits its cursor, within `child_shutdown_timeout_ms`), then writes the
+//! remaining events and flushes the log. [`Node::failed`] resolves if the root supervisor
+//! gives up (restart intensity exceeded): the process should then exit non-zero.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -12,10 +19,23 @@ use serde_json::{json, Value};
 use thiserror::Error;
 use tokio::task::JoinSet;
 
+use ractor::{Actor, ActorRef};
+use tokio::sync::{mpsc, watch};
+
+use crate::actor::{ActorEnv, Registry};
 use crate::bus::replicator::{Replicator, Settings};
 use crate::bus::{keys, BusError, Transport, ZenohTransport};
 use crate::config::NodeConfig;
-use crate::log::{Log, LogError, RocksStore, StoreOptions};
+use crate::log::{Draft, Log, LogError, RocksStore, StoreOptions};
+use crate::model::{Kind, PayloadType, StreamName};
+use crate::supervise::{self, policy::Policy, Event, Supervisor, SupervisorArgs, SupervisorMsg};
+
+/// The stream of supervision events (and later every other node event).
+pub const EVENTS_STREAM: &str = "events";
+/// Payload type of an event: the JSON of [`Event`] plus `node` and `at_unix_ms`.
+pub const EVENT_TYPE: &str = "strata.event/1";
+/// Name of the node's root supervisor in events.
+pub const ROOT: &str = "root";
 
 #[derive(Debug, Error)]
 pub enum NodeError {
@@ -23,6 +43,8 @@ pub enum NodeError {
     Log(#[from] LogError),
     #[error(transparent)]
     Bus(#[from] BusError),
+    #[error("{0}")]
+    Actors(String),
 }
 
 pub struct Node {
@@ -30,6 +52,12 @@ pub struct Node {
     log: Log,
     transport: Arc<ZenohTransport>,
     replicator: Arc<Replicator>,
+    root: ActorRef<SupervisorMsg>,
+    root_done: Option<tokio::task::JoinHandle<()>>,
+    /// Set when the root supervisor gave up: the reason.
+    fatal: watch::Receiver<Option<String>>,
+    events_task: Option<tokio::task::JoinHandle<()>>,
+    events_dropped: Arc<std::sync::atomic::AtomicU64>,
     tasks: JoinSet<()>,
     started: Instant,
 }
@@ -39,7 +67,12 @@ fn unix_ms() -> u64 {
 }
 
 impl Node {
-    pub async fn start(config: NodeConfig) -> Result<Node, NodeError> {
+    /// Starts the node of `config`; its actors' kinds come from `registry`.
+    pub async fn start(config: NodeConfig, registry: &Registry) -> Result<Node, NodeError> {
+        // Unknown kinds and bad params fail before anything is opened.
+        for (i, spec) in config.actors.iter().enumerate() {
+            registry.check(spec).map_err(|(key, e)| NodeError::Actors(format!("actors[{i}].{key}: {e}")))?;
+        }
         let data_dir = config.node.data_dir();
         let store = RocksStore::open(&data_dir, &config.node.id, StoreOptions::from_config(&config.log))?;
         let log = Log::new(Arc::new(store));
@@ -56,10 +89,55 @@ impl Node {
         };
         let replicator =
             Arc::new(Replicator::start(Settings::from_config(&config), log.clone(), transport.clone() as Arc<dyn Transport>).await?);
-        if !config.actors.is_empty() {
-            tracing::warn!(actors = config.actors.len(), "this build does not run actors yet: the [[actors]] of the config are not started");
-        }
-        let mut node = Node { config, log, transport, replicator, tasks: JoinSet::new(), started: Instant::now() };
+        let (fatal_tx, fatal) = watch::channel(None);
+        let fatal_tx = Arc::new(fatal_tx);
+        let events_dropped = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (events_tx, events_rx) = mpsc::channel(config.supervision.events_queue_len_max);
+        let events_task = tokio::spawn(append_events(config.clone(), replicator.clone(), events_rx));
+        let sink: supervise::EventSink = {
+            let (fatal_tx, dropped) = (fatal_tx.clone(), events_dropped.clone());
+            Arc::new(move |event: Event| {
+                if let Event::Escalated { supervisor, reason } = &event {
+                    if supervisor == ROOT {
+                        fatal_tx.send_replace(Some(reason.clone()));
+                    }
+                }
+                if events_tx.try_send(event).is_err() {
+                    dropped.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+            })
+        };
+        let env = ActorEnv {
+            config: Arc::new(config.clone()),
+            log: log.clone(),
+            publish: {
+                let r = replicator.clone();
+                Arc::new(move |e| r.publish(e))
+            },
+        };
+        let children = config.actors.iter().map(|spec| registry.child(spec, &env)).collect::<Result<Vec<_>, _>>().map_err(NodeError::Actors)?;
+        let args = SupervisorArgs { name: ROOT.into(), policy: Policy::from_config(&config.supervision), children, events: sink };
+        let (root, handle) = Actor::spawn(None, Supervisor, args).await.map_err(|e| NodeError::Actors(format!("the actors failed to start: {e}")))?;
+        let root_done = tokio::spawn(async move {
+            let ended = handle.await;
+            // The root ends on shutdown (reason recorded elsewhere) or when it gives up.
+            if let Err(e) = ended {
+                fatal_tx.send_replace(Some(format!("root supervisor panicked: {e}")));
+            }
+        });
+        let mut node = Node {
+            config,
+            log,
+            transport,
+            replicator,
+            root,
+            root_done: Some(root_done),
+            fatal,
+            events_task: Some(events_task),
+            events_dropped,
+            tasks: JoinSet::new(),
+            started: Instant::now(),
+        };
         node.start_retention();
         node.start_status().await?;
         tracing::info!(node = %node.config.node.id, "node running");
@@ -101,9 +179,11 @@ impl Node {
     async fn start_status(&mut self) -> Result<(), NodeError> {
         let mut requests = self.transport.serve(&keys::status(&self.config.node.id), 16).await?;
         let (log, replicator, config, started) = (self.log.clone(), self.replicator.clone(), self.config.clone(), self.started);
+        let (root, dropped) = (self.root.clone(), self.events_dropped.clone());
         self.tasks.spawn(async move {
             while let Some(mut request) = requests.recv().await {
-                let doc = status(&config, &log, &replicator, started);
+                let actors = supervise::children(&root).await.unwrap_or_default();
+                let doc = status(&config, &log, &replicator, started, &actors, dropped.load(std::sync::atomic::Ordering::Relaxed));
                 let _ = request.responder.reply(doc.to_string().into_bytes()).await;
             }
         });
@@ -111,14 +191,47 @@ impl Node {
     }
 
     /// The status document served on `strata/status/<node_id>`.
-    pub fn status(&self) -> Value {
-        status(&self.config, &self.log, &self.replicator, self.started)
+    pub async fn status(&self) -> Value {
+        let actors = supervise::children(&self.root).await.unwrap_or_default();
+        status(&self.config, &self.log, &self.replicator, self.started, &actors, self.events_dropped.load(std::sync::atomic::Ordering::Relaxed))
     }
 
-    /// Orderly shutdown: stop serving and receiving, then flush and close the log.
+    /// The root supervisor (to ask for its children, or for tests).
+    pub fn root(&self) -> &ActorRef<SupervisorMsg> {
+        &self.root
+    }
+
+    /// Resolves with the reason once the root supervisor gave up (restart intensity
+    /// exceeded, or it panicked). The incident is already on the `events` stream; the
+    /// caller should [`Node::shutdown`] and exit non-zero.
+    pub async fn failed(&self) -> String {
+        let mut fatal = self.fatal.clone();
+        let reason = match fatal.wait_for(Option::is_some).await {
+            Ok(reason) => reason.clone(),
+            Err(_) => None,
+        };
+        match reason {
+            Some(reason) => reason,
+            None => std::future::pending().await,
+        }
+    }
+
+    /// Orderly shutdown: stop intake, stop the actors (each finishes its handler and commits
+    /// its cursor, or is killed after `child_shutdown_timeout_ms`), write the last events,
+    /// then flush and close the log.
     pub async fn shutdown(mut self) {
         self.tasks.shutdown().await;
         self.replicator.stop().await;
+        let per_child = Duration::from_millis(self.config.supervision.child_shutdown_timeout_ms);
+        let all = per_child.saturating_mul(self.config.actors.len() as u32 + 1);
+        supervise::shutdown(&self.root, all).await;
+        if let Some(done) = self.root_done.take() {
+            let _ = tokio::time::timeout(all, done).await;
+        }
+        // The root (and with it every event sender) is gone: the events task drains and ends.
+        if let Some(events) = self.events_task.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(5), events).await;
+        }
         self.transport.close().await;
         let log = self.log.clone();
         // Closing joins the committer thread: keep it off the async workers.
@@ -127,7 +240,22 @@ impl Node {
     }
 }
 
-fn status(config: &NodeConfig, log: &Log, replicator: &Replicator, started: Instant) -> Value {
+/// Appends supervision events to the `events` stream until every sender is gone.
+async fn append_events(config: NodeConfig, replicator: Arc<Replicator>, mut events: mpsc::Receiver<Event>) {
+    let stream = StreamName::new(EVENTS_STREAM).expect("valid stream name");
+    let payload_type = PayloadType::new(EVENT_TYPE).expect("valid payload type");
+    while let Some(event) = events.recv().await {
+        let mut doc = serde_json::to_value(&event).expect("events serialise");
+        doc["node"] = json!(config.node.id.as_str());
+        doc["at_unix_ms"] = json!(unix_ms());
+        let draft = Draft::new(Kind::Event, payload_type.clone(), doc.to_string().into_bytes());
+        if let Err(e) = replicator.append(stream.clone(), draft).await {
+            tracing::error!(error = %e, ?event, "cannot append a supervision event to the events stream");
+        }
+    }
+}
+
+fn status(config: &NodeConfig, log: &Log, replicator: &Replicator, started: Instant, actors: &[supervise::ChildInfo], events_dropped: u64) -> Value {
     let acks = replicator.acks();
     let holders = replicator.holders();
     let streams: Vec<Value> = log
@@ -158,8 +286,88 @@ fn status(config: &NodeConfig, log: &Log, replicator: &Replicator, started: Inst
         "tier": config.node.tier,
         "incarnation": log.incarnation().to_string(),
         "uptime_ms": started.elapsed().as_millis() as u64,
+        "actors": actors,
+        "events_dropped": events_dropped,
         "streams": streams,
         "liveliness": presence,
         "replication": replicator.counters(),
     })
+}
+
+/// `strata status`: one row per node: tier, uptime, actors as `name:state/restarts`, streams,
+/// and two lags in records: `unacked`, per tier, how far that tier's acknowledgement is behind
+/// this node's own streams; `behind`, per origin, how far this node's copy is behind what the
+/// origin holds (the largest over the streams).
+pub fn status_table(docs: &[Value]) -> String {
+    let or_dash = |m: std::collections::BTreeMap<String, u64>| {
+        if m.is_empty() {
+            "-".to_owned()
+        } else {
+            m.into_iter().map(|(k, v)| format!("{k}:{v}")).collect::<Vec<_>>().join(" ")
+        }
+    };
+    let rows: Vec<Vec<String>> = docs
+        .iter()
+        .map(|d| {
+            let actors: Vec<String> = d["actors"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|a| format!("{}:{}/{}", a["name"].as_str().unwrap_or("?"), a["state"].as_str().unwrap_or("?"), a["restarts"]))
+                .collect();
+            let mut unacked: std::collections::BTreeMap<String, u64> = Default::default();
+            let mut behind: std::collections::BTreeMap<String, u64> = Default::default();
+            let streams = d["streams"].as_array().map_or(&[][..], |v| v.as_slice());
+            for s in streams {
+                let watermark = s["watermark"].as_u64().unwrap_or(0);
+                if s["local"].as_bool() == Some(true) {
+                    for (tier, acked) in s["acked"].as_object().into_iter().flatten() {
+                        let e = unacked.entry(tier.clone()).or_default();
+                        *e = (*e).max(watermark.saturating_sub(acked.as_u64().unwrap_or(0)));
+                    }
+                } else if let Some(origin) = s["origin"].as_str() {
+                    let holds = s["peers"][origin]["watermark"].as_u64().unwrap_or(watermark);
+                    let e = behind.entry(origin.to_owned()).or_default();
+                    *e = (*e).max(holds.saturating_sub(watermark));
+                }
+            }
+            vec![
+                d["node"].as_str().unwrap_or("?").to_owned(),
+                d["tier"].as_str().unwrap_or("?").to_owned(),
+                format!("{:.1}s", d["uptime_ms"].as_u64().unwrap_or(0) as f64 / 1000.0),
+                if actors.is_empty() { "-".to_owned() } else { actors.join(" ") },
+                streams.len().to_string(),
+                or_dash(unacked),
+                or_dash(behind),
+            ]
+        })
+        .collect();
+    crate::log::show::table(&["node", "tier", "uptime", "actors (state/restarts)", "streams", "unacked", "behind"], &rows)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_table_shows_actors_unacked_and_behind() {
+        let edge = json!({
+            "node": "edge-1", "tier": "edge", "uptime_ms": 1500,
+            "actors": [{"name": "line-3", "state": "running", "restarts": 2}],
+            "streams": [{"origin": "edge-1", "local": true, "watermark": 10, "acked": {"cloud": 7, "fog": 10}, "peers": {}}],
+        });
+        let cloud = json!({
+            "node": "cloud-1", "tier": "cloud", "uptime_ms": 2000, "actors": [],
+            "streams": [
+                {"origin": "edge-1", "local": false, "watermark": 8, "acked": {}, "peers": {"edge-1": {"watermark": 10, "lag": 0}}},
+                {"origin": "fog-1", "local": false, "watermark": 4, "acked": {}, "peers": {}},
+            ],
+        });
+        let table = status_table(&[edge, cloud]);
+        let lines: Vec<&str> = table.lines().collect();
+        assert_eq!(lines.len(), 3, "{table}");
+        assert!(lines[1].starts_with("edge-1") && lines[1].contains("1.5s") && lines[1].contains("line-3:running/2"), "{table}");
+        assert!(lines[1].contains("cloud:3 fog:0") && lines[1].trim_end().ends_with('-'), "{table}");
+        assert!(lines[2].contains("edge-1:2 fog-1:0"), "{table}");
+    }
 }

@@ -150,7 +150,7 @@ impl Continuum {
             "{}[zenoh]\nmode = \"peer\"\nconnect = [\"tcp/127.0.0.1:{fog_port}\"]\n",
             common("edge-1", "edge").replace("{data_dir}", dir.path().join("edge-data").to_str().unwrap())
         );
-        let edge = Node::start(NodeConfig::parse("edge.toml".as_ref(), &edge_cfg).map_err(|e| anyhow::anyhow!("{e}"))?).await?;
+        let edge = Node::start(NodeConfig::parse("edge.toml".as_ref(), &edge_cfg).map_err(|e| anyhow::anyhow!("{e}"))?, &strata_core::Registry::new()).await?;
         let cloud_view = zenoh_session(&format!("tcp/127.0.0.1:{cloud_port}")).await;
         let fog_view = zenoh_session(&format!("tcp/127.0.0.1:{fog_port}")).await;
         let c = Continuum { _dir: dir, fog, cloud, proxy, edge: Some(edge), fog_view, cloud_view };

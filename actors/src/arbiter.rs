@@ -1,0 +1,73 @@
+//! `arbiter`: turns decisions (from `inputs`) into commands (`outputs[0]`) when they are
+//! inside the autonomy bounds of the current mode, and into escalations (`outputs[1]`) when
+//! they are not. Each command's idempotency key is the id of the decision it came from, so a
+//! device receiving a command twice (at-least-once delivery) can drop the repeat.
+//!
+//! The mode is `full` until the mode machine is wired in (issue #6); the bounds are the
+//! node's `[autonomy.full]`.
+//!
+//! Command (`strata.command/1`): `{"key": "<decision id>", "action": "alert", "risk": 0.6}`.
+//! Escalation (`strata.escalation/1`): `{"id": "<decision id>", "action": "stop", "risk": 0.9,
+//! "mode": "full", "reason": "risk 0.90 > risk_max 0.70"}`.
+
+use strata_core::config::ActorSpec;
+use strata_core::log::Draft;
+use strata_core::{ActorError, Behaviour, Ctx, Envelope, Kind, PayloadType, StreamName};
+
+pub const COMMAND_TYPE: &str = "strata.command/1";
+pub const ESCALATION_TYPE: &str = "strata.escalation/1";
+
+pub struct Arbiter {
+    commands: StreamName,
+    escalations: StreamName,
+}
+
+impl Arbiter {
+    pub fn from_spec(spec: &ActorSpec) -> Result<Arbiter, String> {
+        if !spec.params.is_empty() {
+            let keys: Vec<&String> = spec.params.keys().collect();
+            return Err(format!("the arbiter takes no params (its bounds are [autonomy]); got {keys:?}"));
+        }
+        if spec.inputs.is_empty() {
+            return Err("inputs: at least one decisions stream is required".into());
+        }
+        Ok(Arbiter { commands: crate::output(spec, 0, "the commands")?, escalations: crate::output(spec, 1, "the escalations")? })
+    }
+}
+
+/// Whether `action` at `risk` may be taken without a human; the reason if not.
+pub fn within_bounds(bounds: &strata_core::config::Bounds, action: &str, risk: f64) -> Result<(), String> {
+    if !bounds.actions.iter().any(|a| a.as_str() == action) {
+        return Err(format!("action {action:?} is not allowed autonomously"));
+    }
+    if risk > bounds.risk_max {
+        return Err(format!("risk {risk:.2} > risk_max {:.2}", bounds.risk_max));
+    }
+    Ok(())
+}
+
+impl Behaviour for Arbiter {
+    type State = ();
+
+    async fn start(&self, _: &mut Ctx) -> Result<(), ActorError> {
+        Ok(())
+    }
+
+    async fn handle(&self, ctx: &mut Ctx, _: &mut (), input: &Envelope) -> Result<(), ActorError> {
+        let Ok(decision) = serde_json::from_slice::<serde_json::Value>(&input.payload) else { return Ok(()) };
+        let action = decision.get("action").and_then(|a| a.as_str()).unwrap_or("log");
+        let risk = decision.get("risk").and_then(|r| r.as_f64()).unwrap_or(1.0);
+        let key = input.id.to_string();
+        let (stream, draft) = match within_bounds(&ctx.config().autonomy.full, action, risk) {
+            Ok(()) => {
+                let doc = serde_json::json!({ "key": key, "action": action, "risk": risk });
+                (&self.commands, Draft::new(Kind::Command, PayloadType::new(COMMAND_TYPE)?, doc.to_string().into_bytes()))
+            }
+            Err(reason) => {
+                let doc = serde_json::json!({ "id": key, "action": action, "risk": risk, "mode": "full", "reason": reason });
+                (&self.escalations, Draft::new(Kind::Escalation, PayloadType::new(ESCALATION_TYPE)?, doc.to_string().into_bytes()))
+            }
+        };
+        ctx.emit(stream, draft)
+    }
+}

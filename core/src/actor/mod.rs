@@ -1,0 +1,398 @@
+//! The integrator API: actors that consume streams from the durable log and produce streams.
+//!
+//! An integrator writes a [`Behaviour`]: how to build its state (possibly from a snapshot),
+//! what to do with each input envelope, and optionally what to do on a timer. The runtime
+//! ([`Host`], a ractor actor under a [`Supervisor`](crate::supervise::Supervisor)) does the
+//! rest:
+//!
+//! - it feeds the actor its inputs from the log through its cursors, in bounded batches;
+//! - after a batch, it writes the outputs the handler emitted **and** the cursor in one atomic
+//!   log write, then publishes the outputs: a crashed and restarted actor continues exactly
+//!   after the last batch it finished, with no output lost or repeated;
+//! - a snapshot saved with [`Ctx::save_snapshot`] is written in that same write and handed back
+//!   to [`Behaviour::start`] after a restart, so state is rebuilt without replaying history;
+//! - its mailbox only ever holds its own poll and timer messages: nothing from the network
+//!   reaches it except through the log.
+//!
+//! Effects outside the log (a device command, an HTTP call) happen at least once: key them by
+//! [`Ctx::input_id`] so the receiver can drop repeats.
+//!
+//! A kind is registered by name in a [`Registry`], so a config can say
+//! `[[actors]] kind = "threshold" name = "..." inputs = [...] params = {...}`.
+//!
+//! # Example: a threshold alarm
+//!
+//! ```no_run
+//! use strata_core::actor::{ActorError, Behaviour, Ctx, Registry};
+//! use strata_core::config::ActorSpec;
+//! use strata_core::log::Draft;
+//! use strata_core::{Envelope, Kind, PayloadType, StreamName};
+//!
+//! /// Emits an alarm on `outputs[0]` when a reading's value exceeds `limit`.
+//! struct Threshold {
+//!     limit: f64,
+//!     alarms: StreamName,
+//! }
+//!
+//! impl Behaviour for Threshold {
+//!     /// How many alarms so far (kept in a snapshot).
+//!     type State = u64;
+//!
+//!     async fn start(&self, ctx: &mut Ctx) -> Result<u64, ActorError> {
+//!         Ok(ctx.snapshot().map_or(0, |b| u64::from_le_bytes(b.try_into().unwrap_or_default())))
+//!     }
+//!
+//!     async fn handle(&self, ctx: &mut Ctx, alarms: &mut u64, input: &Envelope) -> Result<(), ActorError> {
+//!         let reading: serde_json::Value = serde_json::from_slice(&input.payload)?;
+//!         if reading["value"].as_f64().is_some_and(|v| v > self.limit) {
+//!             *alarms += 1;
+//!             let alarm = serde_json::json!({ "reading": input.id.to_string(), "alarms": *alarms });
+//!             let draft = Draft::new(Kind::Event, PayloadType::new("example.alarm/1")?, alarm.to_string().into_bytes());
+//!             ctx.emit(&self.alarms, draft)?;
+//!             ctx.save_snapshot(alarms.to_le_bytes().to_vec());
+//!         }
+//!         Ok(())
+//!     }
+//! }
+//!
+//! fn register(registry: &mut Registry) {
+//!     // Called at `strata check` and at every (re)start: bad params fail early and clearly.
+//!     registry.register("threshold", |spec: &ActorSpec| -> Result<Threshold, String> {
+//!         let limit = spec.params.get("limit").and_then(|v| v.as_float()).ok_or("limit: a number is required")?;
+//!         let alarms = spec.outputs.first().cloned().ok_or("outputs: one stream for the alarms is required")?;
+//!         Ok(Threshold { limit, alarms })
+//!     });
+//! }
+//! ```
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef};
+
+use crate::config::{ActorSpec, Name, NodeConfig, StreamRef};
+use crate::log::{Draft, Log, StreamKey};
+use crate::model::{Envelope, EnvelopeId, Kind, NodeId, PayloadType, StreamName};
+use crate::supervise::ChildSpec;
+
+/// What a handler may fail with; the actor then fails and its supervisor decides.
+pub type ActorError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Records read from one input per batch.
+pub const INPUT_BATCH_LEN_MAX: usize = 256;
+/// How long an idle actor waits for new input before looking again.
+const IDLE_WAIT: Duration = Duration::from_millis(200);
+
+/// An actor's behaviour. Implementations are built per (re)start by their kind's factory.
+pub trait Behaviour: Send + Sync + Sized + 'static {
+    type State: Send + 'static;
+
+    /// Builds the state, from [`Ctx::snapshot`] if the actor saved one.
+    fn start(&self, ctx: &mut Ctx) -> impl Future<Output = Result<Self::State, ActorError>> + Send;
+
+    /// Handles one input envelope. Outputs go through [`Ctx::emit`].
+    fn handle(&self, ctx: &mut Ctx, state: &mut Self::State, input: &Envelope) -> impl Future<Output = Result<(), ActorError>> + Send;
+
+    /// Called every [`Behaviour::tick_interval`], for sources (sensors) and timers.
+    fn tick(&self, _ctx: &mut Ctx, _state: &mut Self::State) -> impl Future<Output = Result<(), ActorError>> + Send {
+        async { Ok(()) }
+    }
+
+    fn tick_interval(&self) -> Option<Duration> {
+        None
+    }
+}
+
+/// Publishes envelopes appended by actors (the node's replicator).
+pub type Publish = Arc<dyn Fn(&Envelope) + Send + Sync>;
+
+/// What the runtime gives an actor.
+pub struct Ctx {
+    node: NodeId,
+    name: Name,
+    config: Arc<NodeConfig>,
+    log: Log,
+    outputs: Vec<StreamName>,
+    emitted: Vec<(StreamName, Draft)>,
+    snapshot: Option<Vec<u8>>,
+    save: Option<Vec<u8>>,
+    input: Option<EnvelopeId>,
+}
+
+impl Ctx {
+    pub fn node(&self) -> &NodeId {
+        &self.node
+    }
+
+    pub fn name(&self) -> &Name {
+        &self.name
+    }
+
+    /// The node's whole config (tier, routing, autonomy bounds, ...).
+    pub fn config(&self) -> &NodeConfig {
+        &self.config
+    }
+
+    /// Read access to the log (this node's and its replicas' streams).
+    pub fn log(&self) -> &Log {
+        &self.log
+    }
+
+    /// The id of the input being handled: the idempotency key of its effects.
+    pub fn input_id(&self) -> Option<&EnvelopeId> {
+        self.input.as_ref()
+    }
+
+    /// Queues `draft` for the output stream `stream` (one of the actor's `outputs`). It is
+    /// appended with the batch's cursor, atomically, after the handler returns.
+    pub fn emit(&mut self, stream: &StreamName, mut draft: Draft) -> Result<(), ActorError> {
+        if !self.outputs.contains(stream) {
+            return Err(format!("actor {}: {stream:?} is not one of its outputs {:?}", self.name, self.outputs).into());
+        }
+        if let Some(input) = &self.input {
+            // Trace: the output names its cause.
+            draft.trace.parent.get_or_insert(input.seq.get());
+        }
+        self.emitted.push((stream.clone(), draft));
+        Ok(())
+    }
+
+    /// The snapshot saved before the last restart, in [`Behaviour::start`].
+    pub fn snapshot(&self) -> Option<&[u8]> {
+        self.snapshot.as_deref()
+    }
+
+    /// Saves a snapshot of the state, written with the next commit (the latest one wins).
+    pub fn save_snapshot(&mut self, bytes: Vec<u8>) {
+        self.save = Some(bytes);
+    }
+}
+
+/// The stream holding an actor's snapshots.
+pub fn snapshot_stream(actor: &Name) -> StreamName {
+    StreamName::new(format!("snapshots/{actor}")).expect("actor names are valid stream segments")
+}
+
+const SNAPSHOT_TYPE: &str = "strata.snapshot/1";
+
+/// Arguments of a [`Host`].
+pub struct HostArgs<B> {
+    pub behaviour: B,
+    pub spec: ActorSpec,
+    pub config: Arc<NodeConfig>,
+    pub log: Log,
+    pub publish: Publish,
+}
+
+pub enum HostMsg {
+    Poll,
+    Tick,
+}
+
+pub struct HostState<B: Behaviour> {
+    behaviour: B,
+    state: B::State,
+    ctx: Ctx,
+    inputs: Vec<StreamRef>,
+    publish: Publish,
+}
+
+/// Runs one [`Behaviour`] as a ractor actor.
+pub struct Host<B>(std::marker::PhantomData<fn() -> B>);
+
+impl<B> Default for Host<B> {
+    fn default() -> Self {
+        Host(std::marker::PhantomData)
+    }
+}
+
+impl<B: Behaviour> HostState<B> {
+    /// The input streams, resolved to keys: every incarnation of each referenced stream.
+    fn input_keys(&self) -> Vec<StreamKey> {
+        let log = &self.ctx.log;
+        let mut keys = Vec::new();
+        for input in &self.inputs {
+            match &input.origin {
+                None => keys.push(log.local_key(&input.stream)),
+                Some(origin) => keys.extend(
+                    log.streams().into_iter().filter(|i| &i.origin == origin && i.stream == input.stream).map(|i| i.key()),
+                ),
+            }
+        }
+        keys
+    }
+
+    /// Writes emitted outputs, the snapshot and `cursors` together, then publishes.
+    async fn commit(&mut self, cursors: Vec<(StreamKey, u64)>) -> Result<(), ActorError> {
+        let mut outputs = std::mem::take(&mut self.ctx.emitted);
+        if let Some(bytes) = self.ctx.save.take() {
+            let draft = Draft::new(Kind::Event, PayloadType::new(SNAPSHOT_TYPE).expect("valid"), bytes);
+            outputs.push((snapshot_stream(&self.ctx.name), draft));
+        }
+        if outputs.is_empty() && cursors.is_empty() {
+            return Ok(());
+        }
+        let appended = self.ctx.log.commit_atomically(outputs, &self.ctx.name, cursors).await?;
+        for envelope in &appended {
+            if !envelope.id.stream.as_str().starts_with("snapshots/") {
+                (self.publish)(envelope);
+            }
+        }
+        Ok(())
+    }
+
+    /// One pass over the inputs; returns how many records were handled.
+    async fn poll(&mut self) -> Result<usize, ActorError> {
+        let mut handled = 0;
+        for key in self.input_keys() {
+            let cursor = match self.ctx.log.cursor(&self.ctx.name, &key) {
+                Some(c) => c,
+                None => self.ctx.log.register_consumer(&self.ctx.name, &key).await?,
+            };
+            let batch = self.ctx.log.read(&key, cursor + 1, INPUT_BATCH_LEN_MAX)?;
+            let Some(last) = batch.last().map(|e| e.id.seq.get()) else { continue };
+            for envelope in &batch {
+                self.ctx.input = Some(envelope.id.clone());
+                self.behaviour.handle(&mut self.ctx, &mut self.state, envelope).await?;
+            }
+            self.ctx.input = None;
+            handled += batch.len();
+            self.commit(vec![(key, last)]).await?;
+        }
+        Ok(handled)
+    }
+}
+
+impl<B: Behaviour> Actor for Host<B> {
+    type Msg = HostMsg;
+    type State = HostState<B>;
+    type Arguments = HostArgs<B>;
+
+    async fn pre_start(&self, myself: ActorRef<HostMsg>, args: HostArgs<B>) -> Result<HostState<B>, ActorProcessingErr> {
+        let HostArgs { behaviour, spec, config, log, publish } = args;
+        let snapshot_key = log.local_key(&snapshot_stream(&spec.name));
+        let snapshot = match log.stream(&snapshot_key) {
+            Some(info) if info.last > 0 => log.read(&snapshot_key, info.last, 1)?.pop().map(|e| e.payload),
+            _ => None,
+        };
+        let mut ctx = Ctx {
+            node: log.node().clone(),
+            name: spec.name.clone(),
+            config,
+            log,
+            outputs: spec.outputs.clone(),
+            emitted: Vec::new(),
+            snapshot,
+            save: None,
+            input: None,
+        };
+        let state = behaviour.start(&mut ctx).await?;
+        ctx.snapshot = None;
+        if !spec.inputs.is_empty() {
+            myself.send_message(HostMsg::Poll)?;
+        }
+        if let Some(every) = behaviour.tick_interval() {
+            myself.send_after(every, || HostMsg::Tick);
+        }
+        Ok(HostState { behaviour, state, ctx, inputs: spec.inputs, publish })
+    }
+
+    async fn handle(&self, myself: ActorRef<HostMsg>, msg: HostMsg, s: &mut HostState<B>) -> Result<(), ActorProcessingErr> {
+        match msg {
+            HostMsg::Poll => {
+                let mut commits = s.ctx.log.store().commits();
+                commits.borrow_and_update();
+                if s.poll().await? == 0 {
+                    // Nothing new: wait (bounded) for the next write to the log.
+                    let _ = tokio::time::timeout(IDLE_WAIT, commits.changed()).await;
+                }
+                myself.send_message(HostMsg::Poll)?;
+            }
+            HostMsg::Tick => {
+                s.behaviour.tick(&mut s.ctx, &mut s.state).await?;
+                s.commit(Vec::new()).await?;
+                if let Some(every) = s.behaviour.tick_interval() {
+                    myself.send_after(every, || HostMsg::Tick);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Where actors of a node run: its log and how to publish.
+#[derive(Clone)]
+pub struct ActorEnv {
+    pub config: Arc<NodeConfig>,
+    pub log: Log,
+    pub publish: Publish,
+}
+
+type Factory = Arc<dyn Fn(&ActorSpec, &ActorEnv) -> Result<ChildSpec, String> + Send + Sync>;
+type Check = Arc<dyn Fn(&ActorSpec) -> Result<(), String> + Send + Sync>;
+
+/// Actor kinds by name.
+#[derive(Clone, Default)]
+pub struct Registry {
+    kinds: BTreeMap<String, (Check, Factory)>,
+}
+
+impl Registry {
+    pub fn new() -> Registry {
+        Registry::default()
+    }
+
+    /// Registers `kind`: `make` builds the behaviour from a spec (checking its params) at
+    /// each start; `strata check` calls it too, so bad params are reported before running.
+    pub fn register<B, F, E>(&mut self, kind: &str, make: F)
+    where
+        B: Behaviour,
+        F: Fn(&ActorSpec) -> Result<B, E> + Send + Sync + 'static,
+        E: std::fmt::Display,
+    {
+        let make = Arc::new(make);
+        let check_make = make.clone();
+        let check: Check = Arc::new(move |spec| check_make(spec).map(|_| ()).map_err(|e| e.to_string()));
+        let factory: Factory = Arc::new(move |spec: &ActorSpec, env: &ActorEnv| {
+            make(spec).map_err(|e| e.to_string())?;
+            let (spec, env, make) = (spec.clone(), env.clone(), make.clone());
+            Ok(ChildSpec {
+                name: spec.name.to_string(),
+                restart: spec.restart,
+                start: Arc::new(move |parent: ActorCell| {
+                    let (spec, env, make) = (spec.clone(), env.clone(), make.clone());
+                    Box::pin(async move {
+                        let behaviour = make(&spec).map_err(|e| e.to_string())?;
+                        let args = HostArgs { behaviour, spec, config: env.config, log: env.log, publish: env.publish };
+                        Actor::spawn_linked(None, Host::<B>::default(), args, parent)
+                            .await
+                            .map(|(r, _)| r.get_cell())
+                            .map_err(|e| e.to_string())
+                    })
+                }),
+            })
+        });
+        self.kinds.insert(kind.to_owned(), (check, factory));
+    }
+
+    pub fn kinds(&self) -> Vec<&str> {
+        self.kinds.keys().map(String::as_str).collect()
+    }
+
+    /// Checks `spec`: a known kind whose factory accepts its params. The error names the
+    /// key (`kind` or `params`) and the problem.
+    pub fn check(&self, spec: &ActorSpec) -> Result<(), (&'static str, String)> {
+        let Some((check, _)) = self.kinds.get(spec.kind.as_str()) else {
+            return Err(("kind", format!("unknown actor kind {:?} (known: {})", spec.kind.as_str(), self.kinds().join(", "))));
+        };
+        check(spec).map_err(|e| ("params", e))
+    }
+
+    /// The child spec that runs `spec` in `env`.
+    pub fn child(&self, spec: &ActorSpec, env: &ActorEnv) -> Result<ChildSpec, String> {
+        let (_, factory) = self.kinds.get(spec.kind.as_str()).ok_or_else(|| format!("unknown actor kind {:?}", spec.kind.as_str()))?;
+        factory(spec, env)
+    }
+}
