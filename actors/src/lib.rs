@@ -5,12 +5,14 @@
 //! | `sensor`    | -          | readings                     | emits readings from a seeded generator at `rate_hz` |
 //! | `inference` | readings   | decisions                    | scores readings with a model (`ewma`: streaming z-score) |
 //! | `arbiter`   | decisions  | commands, escalations        | acts within the autonomy bounds, escalates the rest |
+//! | `chaos`     | -          | -                            | fails on purpose every `every_ms` (drills, demos) |
 //!
 //! Each kind checks its `params` when the config is checked (`strata check`), with errors that
 //! name the parameter. They are also the reference for integrators: each is a plain
 //! [`strata_core::Behaviour`].
 
 pub mod arbiter;
+pub mod chaos;
 pub mod inference;
 pub mod sensor;
 
@@ -24,6 +26,7 @@ pub fn registry() -> Registry {
     r.register("sensor", sensor::Sensor::from_spec);
     r.register("inference", inference::Inference::from_spec);
     r.register("arbiter", arbiter::Arbiter::from_spec);
+    r.register("chaos", chaos::Chaos::from_spec);
     r
 }
 

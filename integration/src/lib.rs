@@ -174,6 +174,24 @@ impl NodeProc {
         }
     }
 
+    /// Waits up to `timeout` for the node to exit by itself; its exit code (`None`: it was
+    /// still running, and is killed, or died of a signal).
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let mut c = self.child.take()?;
+        let start = Instant::now();
+        loop {
+            if let Ok(Some(status)) = c.try_wait() {
+                return status.code();
+            }
+            if start.elapsed() > timeout {
+                let _ = c.kill();
+                let _ = c.wait();
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Resident memory in KiB, from /proc.
     pub fn rss_kib(&self) -> Option<u64> {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()?)).ok()?;

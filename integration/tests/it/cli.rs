@@ -73,6 +73,19 @@ fn bad_configs_exit_2_naming_file_key_and_problem() {
     check(&[&dangling, fog, cloud], 2, &format!("{dangling}: zenoh.connect[0]: \"tcp/127.0.0.1:7999\" is not the listen endpoint of any node given"));
 
     check(&["does/not/exist.toml"], 2, "does/not/exist.toml: cannot read the file");
+
+    let kind = write(dir.path(), "kind.toml", &edge.replace("kind = \"sensor\"", "kind = \"sensr\""));
+    check(&[&kind], 2, &format!("{kind}: actors[0].kind: unknown actor kind \"sensr\" (known: arbiter, chaos, inference, sensor)"));
+    let params = write(dir.path(), "params.toml", &edge.replace("rate_hz = 100", "rate_hz = -5"));
+    check(&[&params], 2, &format!("{params}: actors[0].params: rate_hz: -5 is not in 0.001..=100000"));
+    let model = write(dir.path(), "model.toml", &edge.replace("model = \"ewma\"", "model = \"gpt\""));
+    check(&[&model], 2, &format!("{model}: actors[1].params: model: unknown model \"gpt\" (known: ewma)"));
+    let unknown_param = write(dir.path(), "param.toml", &edge.replace("seed = 7", "sed = 7"));
+    check(&[&unknown_param], 2, &format!("{unknown_param}: actors[0].params: unknown field `sed`"));
+    // `strata run` refuses the same configs, before opening anything.
+    let out = strata(&["run", &kind]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("unknown actor kind \"sensr\""), "{}", text(&out.stderr));
 }
 
 mod log {

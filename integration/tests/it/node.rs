@@ -147,3 +147,31 @@ fn status_lists_a_running_three_node_continuum() {
         assert_eq!(n.terminate(Duration::from_secs(20)), Some(0), "{}", n.log_text());
     }
 }
+
+#[test]
+fn a_root_past_its_restart_intensity_records_the_incident_and_exits_non_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = format!(
+        "[node]\nid = \"edge-9\"\ntier = \"edge\"\ndata_dir = \"{{data_dir}}\"\n\
+         [zenoh]\nlisten = [\"tcp/127.0.0.1:{}\"]\n\
+         [supervision]\nrestarts_max = 3\nrestart_window_ms = 60000\nbackoff_base_ms = 10\nbackoff_max_ms = 10\n\
+         [[actors]]\nkind = \"sensor\"\nname = \"s\"\noutputs = [\"readings/s\"]\nparams = {{ rate_hz = 10 }}\n\
+         [[actors]]\nkind = \"chaos\"\nname = \"chaos\"\nparams = {{ every_ms = 50 }}\n",
+        free_port()
+    );
+    let mut node = NodeProc::new(dir.path(), "edge-9", &config);
+    node.start();
+    let code = node.wait_exit(Duration::from_secs(30));
+    let log = node.log_text();
+    assert_eq!(code, Some(1), "exit code after the root gave up\n{log}");
+    assert!(log.contains("the root supervisor gave up"), "{log}");
+    let events = payloads(&node.data_dir, "events");
+    let count = |kind: &str| events.iter().filter(|e| e["event"] == kind).count();
+    let escalated: Vec<&serde_json::Value> = events.iter().filter(|e| e["event"] == "escalated").collect();
+    println!("events: {} exits, {} restarts scheduled, escalated: {}", count("child_exited"), count("restart_scheduled"), escalated[0]["reason"]);
+    assert_eq!(count("child_exited"), 4, "three restarts, then the 4th failure escalates");
+    assert_eq!(count("restart_scheduled"), 3);
+    assert_eq!(escalated.len(), 1);
+    assert!(escalated[0]["reason"].as_str().unwrap().contains("more than 3 restarts in 60000 ms"), "{escalated:?}");
+    assert!(events.iter().any(|e| e["event"] == "child_stopped" && e["child"] == "s"), "the sensor was stopped: {events:?}");
+}
