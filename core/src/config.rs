@@ -425,6 +425,9 @@ pub struct LogSection {
     pub block_cache_bytes: usize,
     /// Period of the retention sweep, in ms. Default 10000.
     pub retention_check_interval_ms: u64,
+    /// Bytes of older snapshots kept per actor (`snapshots/<actor>` streams) beyond the
+    /// latest one, which is always kept. Default 1048576 (1 MiB).
+    pub snapshot_bytes_max: u64,
     /// Retention rules; the first rule whose `streams` matches a stream applies.
     /// Default none: keep everything.
     pub retention: Vec<RetentionRule>,
@@ -443,6 +446,7 @@ impl Default for LogSection {
             memtable_bytes: 4 * 1024 * 1024,
             block_cache_bytes: 8 * 1024 * 1024,
             retention_check_interval_ms: 10_000,
+            snapshot_bytes_max: 1024 * 1024,
             retention: Vec::new(),
         }
     }

@@ -172,7 +172,7 @@ impl Ctx {
 
 /// The stream holding an actor's snapshots.
 pub fn snapshot_stream(actor: &Name) -> StreamName {
-    StreamName::new(format!("snapshots/{actor}")).expect("actor names are valid stream segments")
+    StreamName::new(format!("{}{actor}", crate::log::SNAPSHOTS_PREFIX)).expect("actor names are valid stream segments")
 }
 
 const SNAPSHOT_TYPE: &str = "strata.snapshot/1";
@@ -236,7 +236,7 @@ impl<B: Behaviour> HostState<B> {
         }
         let appended = self.ctx.log.commit_atomically(outputs, &self.ctx.name, cursors).await?;
         for envelope in &appended {
-            if !envelope.id.stream.as_str().starts_with("snapshots/") {
+            if !envelope.id.stream.as_str().starts_with(crate::log::SNAPSHOTS_PREFIX) {
                 (self.publish)(envelope);
             }
         }

@@ -355,6 +355,10 @@ impl Core {
         for key in keys {
             let Some(rule) = self.retention.iter().find(|r| r.streams.matches(&key.stream)) else { continue };
             let mut upper = self.entry(&mut plan.staged, &key).wm.get();
+            if key.stream.as_str().starts_with(super::SNAPSHOTS_PREFIX) {
+                // An actor's latest snapshot is its state: never removed.
+                upper = upper.saturating_sub(1);
+            }
             for tier in &rule.keep_until_acked {
                 let acked = self.acks.get(&key).and_then(|a| a.get(tier)).copied().unwrap_or(0);
                 upper = upper.min(acked);

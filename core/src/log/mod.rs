@@ -31,6 +31,9 @@ pub mod show;
 #[cfg(test)]
 mod tests;
 
+/// Streams of actor snapshots: `snapshots/<actor>`. Retention always keeps the latest.
+pub const SNAPSHOTS_PREFIX: &str = "snapshots/";
+
 use std::future::Future;
 use std::ops::RangeInclusive;
 use std::path::PathBuf;

@@ -68,9 +68,22 @@ impl StoreOptions {
             limits: Limits { max_payload_bytes: log.payload_bytes_max },
             memtable_bytes: log.memtable_bytes,
             block_cache_bytes: log.block_cache_bytes,
-            retention: log.retention.clone(),
+            retention: with_snapshot_rule(&log.retention, log.snapshot_bytes_max),
         }
     }
+}
+
+/// The configured rules, then one for actor snapshots (`snapshots/**`, `snapshot_bytes_max`);
+/// a configured rule matching snapshots comes first and wins.
+fn with_snapshot_rule(rules: &[RetentionRule], snapshot_bytes_max: u64) -> Vec<RetentionRule> {
+    let mut rules = rules.to_vec();
+    rules.push(RetentionRule {
+        streams: crate::config::StreamPattern::new(format!("{}**", super::SNAPSHOTS_PREFIX)).expect("valid pattern"),
+        bytes_max: Some(snapshot_bytes_max),
+        age_s_max: None,
+        keep_until_acked: Vec::new(),
+    });
+    rules
 }
 
 impl Default for StoreOptions {

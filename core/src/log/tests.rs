@@ -317,3 +317,19 @@ async fn interval_and_never_policies_append_and_reopen() {
         assert_eq!(log.streams()[0].last, 10, "{sync:?}");
     }
 }
+
+#[tokio::test]
+async fn retention_always_keeps_the_latest_snapshot() {
+    both(vec![rule("snapshots/**", Some(1), None, &[])], |log| async move {
+        let s = stream("snapshots/fx");
+        for i in 0..5u8 {
+            log.append_durable(s.clone(), draft(&[i; 10])).await.unwrap();
+        }
+        let report = log.sweep(now_ms()).await.unwrap();
+        let info = log.stream(&log.local_key(&s)).unwrap();
+        assert_eq!(report.removed, 4, "{report:?}");
+        assert_eq!((info.first, info.last, info.count), (5, 5, 1), "the latest snapshot stays though over bytes_max");
+        assert_eq!(log.read(&log.local_key(&s), 5, 1).unwrap()[0].payload, [4u8; 10]);
+    })
+    .await;
+}

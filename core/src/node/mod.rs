@@ -156,10 +156,8 @@ impl Node {
         &self.config
     }
 
+    /// Retention sweeps: the configured rules and the built-in one for actor snapshots.
     fn start_retention(&mut self) {
-        if self.config.log.retention.is_empty() {
-            return;
-        }
         let log = self.log.clone();
         let every = Duration::from_millis(self.config.log.retention_check_interval_ms);
         self.tasks.spawn(async move {
