@@ -12,6 +12,7 @@
 
 use strata_core::config::ActorSpec;
 use strata_core::log::Draft;
+use strata_core::mode::{judge, Mode, Verdict};
 use strata_core::{ActorError, Behaviour, Ctx, Envelope, Kind, PayloadType, StreamName};
 
 pub const COMMAND_TYPE: &str = "strata.command/1";
@@ -35,17 +36,6 @@ impl Arbiter {
     }
 }
 
-/// Whether `action` at `risk` may be taken without a human; the reason if not.
-pub fn within_bounds(bounds: &strata_core::config::Bounds, action: &str, risk: f64) -> Result<(), String> {
-    if !bounds.actions.iter().any(|a| a.as_str() == action) {
-        return Err(format!("action {action:?} is not allowed autonomously"));
-    }
-    if risk > bounds.risk_max {
-        return Err(format!("risk {risk:.2} > risk_max {:.2}", bounds.risk_max));
-    }
-    Ok(())
-}
-
 impl Behaviour for Arbiter {
     type State = ();
 
@@ -58,12 +48,12 @@ impl Behaviour for Arbiter {
         let action = decision.get("action").and_then(|a| a.as_str()).unwrap_or("log");
         let risk = decision.get("risk").and_then(|r| r.as_f64()).unwrap_or(1.0);
         let key = input.id.to_string();
-        let (stream, draft) = match within_bounds(&ctx.config().autonomy.full, action, risk) {
-            Ok(()) => {
+        let (stream, draft) = match judge(&ctx.config().autonomy, Mode::Full, action, risk) {
+            Verdict::Autonomous => {
                 let doc = serde_json::json!({ "key": key, "action": action, "risk": risk });
                 (&self.commands, Draft::new(Kind::Command, PayloadType::new(COMMAND_TYPE)?, doc.to_string().into_bytes()))
             }
-            Err(reason) => {
+            Verdict::Escalate(reason) => {
                 let doc = serde_json::json!({ "id": key, "action": action, "risk": risk, "mode": "full", "reason": reason });
                 (&self.escalations, Draft::new(Kind::Escalation, PayloadType::new(ESCALATION_TYPE)?, doc.to_string().into_bytes()))
             }

@@ -618,6 +618,13 @@ pub struct RoutingSection {
     pub default_deadline_ms: u64,
     /// Deadline per capability, in ms, e.g. `{ anomaly = 20 }`. Default none.
     pub deadline_ms: BTreeMap<Name, u64>,
+    /// Time the local fallback needs to decide, kept in reserve when sending a request
+    /// elsewhere, in ms. Default 2.
+    pub fallback_ms: u64,
+    /// Latency samples (answers and probes) kept per tier, node and capability. Default 16.
+    pub estimate_samples_max: usize,
+    /// Samples needed before a tier is trusted with requests. Default 3.
+    pub estimate_samples_min: usize,
 }
 
 impl Default for RoutingSection {
@@ -629,6 +636,9 @@ impl Default for RoutingSection {
             probe_interval_ms: 500,
             default_deadline_ms: 100,
             deadline_ms: BTreeMap::new(),
+            fallback_ms: 2,
+            estimate_samples_max: 16,
+            estimate_samples_min: 3,
         }
     }
 }
@@ -789,6 +799,7 @@ impl NodeConfig {
             ("supervision.events_queue_len_max", self.supervision.events_queue_len_max as u64, 1),
             ("routing.probe_interval_ms", self.routing.probe_interval_ms, 10),
             ("routing.default_deadline_ms", self.routing.default_deadline_ms, 1),
+            ("routing.estimate_samples_max", self.routing.estimate_samples_max as u64, 1),
             ("autonomy.escalation_timeout_ms", self.autonomy.escalation_timeout_ms, 1),
         ] {
             if value < min {
@@ -816,6 +827,9 @@ impl NodeConfig {
         }
 
         let rt = &self.routing;
+        if rt.estimate_samples_min > rt.estimate_samples_max {
+            bad("routing.estimate_samples_min", format!("{} is larger than estimate_samples_max ({})", rt.estimate_samples_min, rt.estimate_samples_max));
+        }
         if rt.preference.is_empty() {
             bad("routing.preference", "must name at least one tier".into());
         }

@@ -9,6 +9,8 @@
 //!
 //! - [`log`]: the durable RocksDB log: streams, group commit, cursors, watermarks, retention.
 //! - [`bus`]: Zenoh transport and the replication protocol (live, gap repair, replay).
+//! - [`route`] and [`mode`]: deadline-aware routing, latency estimates, degraded modes and
+//!   autonomy bounds. Pure: time is an argument.
 //! - [`supervise`]: OTP-style supervisors on ractor.
 //! - [`actor`]: the integrator API ([`Behaviour`], [`Ctx`], [`Registry`]); start there to
 //!   write an actor.
@@ -21,8 +23,10 @@ pub mod bus;
 pub mod codec;
 pub mod config;
 pub mod log;
+pub mod mode;
 pub mod model;
 pub mod node;
+pub mod route;
 pub mod supervise;
 
 pub use config::{ConfigError, NodeConfig};
