@@ -3,8 +3,7 @@
 //! they are not. Each command's idempotency key is the id of the decision it came from, so a
 //! device receiving a command twice (at-least-once delivery) can drop the repeat.
 //!
-//! The mode is `full` until the mode machine is wired in (issue #6); the bounds are the
-//! node's `[autonomy.full]`.
+//! The bounds are the node's `[autonomy.<mode>]` for its current mode (`Ctx::mode`).
 //!
 //! Command (`strata.command/1`): `{"key": "<decision id>", "action": "alert", "risk": 0.6}`.
 //! Escalation (`strata.escalation/1`): `{"id": "<decision id>", "action": "stop", "risk": 0.9,
@@ -12,7 +11,7 @@
 
 use strata_core::config::ActorSpec;
 use strata_core::log::Draft;
-use strata_core::mode::{judge, Mode, Verdict};
+use strata_core::mode::{judge, Verdict};
 use strata_core::{ActorError, Behaviour, Ctx, Envelope, Kind, PayloadType, StreamName};
 
 pub const COMMAND_TYPE: &str = "strata.command/1";
@@ -48,13 +47,14 @@ impl Behaviour for Arbiter {
         let action = decision.get("action").and_then(|a| a.as_str()).unwrap_or("log");
         let risk = decision.get("risk").and_then(|r| r.as_f64()).unwrap_or(1.0);
         let key = input.id.to_string();
-        let (stream, draft) = match judge(&ctx.config().autonomy, Mode::Full, action, risk) {
+        let mode = ctx.mode();
+        let (stream, draft) = match judge(&ctx.config().autonomy, mode, action, risk) {
             Verdict::Autonomous => {
                 let doc = serde_json::json!({ "key": key, "action": action, "risk": risk });
                 (&self.commands, Draft::new(Kind::Command, PayloadType::new(COMMAND_TYPE)?, doc.to_string().into_bytes()))
             }
             Verdict::Escalate(reason) => {
-                let doc = serde_json::json!({ "id": key, "action": action, "risk": risk, "mode": "full", "reason": reason });
+                let doc = serde_json::json!({ "id": key, "action": action, "risk": risk, "mode": mode, "reason": reason });
                 (&self.escalations, Draft::new(Kind::Escalation, PayloadType::new(ESCALATION_TYPE)?, doc.to_string().into_bytes()))
             }
         };

@@ -649,11 +649,14 @@ pub struct ModesSection {
     /// How long a lost tier must stay back before the mode goes up again, in ms.
     /// Default 3000.
     pub recover_hold_ms: u64,
+    /// How often the mode is re-evaluated from the liveliness table and local health, in ms.
+    /// Default 100.
+    pub check_interval_ms: u64,
 }
 
 impl Default for ModesSection {
     fn default() -> Self {
-        ModesSection { recover_hold_ms: 3000 }
+        ModesSection { recover_hold_ms: 3000, check_interval_ms: 100 }
     }
 }
 
@@ -800,6 +803,7 @@ impl NodeConfig {
             ("routing.probe_interval_ms", self.routing.probe_interval_ms, 10),
             ("routing.default_deadline_ms", self.routing.default_deadline_ms, 1),
             ("routing.estimate_samples_max", self.routing.estimate_samples_max as u64, 1),
+            ("modes.check_interval_ms", self.modes.check_interval_ms, 1),
             ("autonomy.escalation_timeout_ms", self.autonomy.escalation_timeout_ms, 1),
         ] {
             if value < min {

@@ -74,6 +74,7 @@ use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef};
 
 use crate::config::{ActorSpec, Name, NodeConfig, StreamRef};
 use crate::log::{Draft, Log, StreamKey};
+use crate::mode::Mode;
 use crate::model::{Envelope, EnvelopeId, Kind, NodeId, PayloadType, StreamName};
 use crate::supervise::ChildSpec;
 
@@ -113,6 +114,7 @@ pub struct Ctx {
     node: NodeId,
     name: Name,
     config: Arc<NodeConfig>,
+    mode: tokio::sync::watch::Receiver<Mode>,
     log: Log,
     outputs: Vec<StreamName>,
     emitted: Vec<(StreamName, Draft)>,
@@ -133,6 +135,11 @@ impl Ctx {
     /// The node's whole config (tier, routing, autonomy bounds, ...).
     pub fn config(&self) -> &NodeConfig {
         &self.config
+    }
+
+    /// The node's current degraded mode (its autonomy bounds are `config().autonomy`).
+    pub fn mode(&self) -> Mode {
+        *self.mode.borrow()
     }
 
     /// Read access to the log (this node's and its replicas' streams).
@@ -182,6 +189,7 @@ pub struct HostArgs<B> {
     pub behaviour: B,
     pub spec: ActorSpec,
     pub config: Arc<NodeConfig>,
+    pub mode: tokio::sync::watch::Receiver<Mode>,
     pub log: Log,
     pub publish: Publish,
 }
@@ -271,7 +279,7 @@ impl<B: Behaviour> Actor for Host<B> {
     type Arguments = HostArgs<B>;
 
     async fn pre_start(&self, myself: ActorRef<HostMsg>, args: HostArgs<B>) -> Result<HostState<B>, ActorProcessingErr> {
-        let HostArgs { behaviour, spec, config, log, publish } = args;
+        let HostArgs { behaviour, spec, config, mode, log, publish } = args;
         let snapshot_key = log.local_key(&snapshot_stream(&spec.name));
         let snapshot = match log.stream(&snapshot_key) {
             Some(info) if info.last > 0 => log.read(&snapshot_key, info.last, 1)?.pop().map(|e| e.payload),
@@ -281,6 +289,7 @@ impl<B: Behaviour> Actor for Host<B> {
             node: log.node().clone(),
             name: spec.name.clone(),
             config,
+            mode,
             log,
             outputs: spec.outputs.clone(),
             emitted: Vec::new(),
@@ -326,8 +335,17 @@ impl<B: Behaviour> Actor for Host<B> {
 #[derive(Clone)]
 pub struct ActorEnv {
     pub config: Arc<NodeConfig>,
+    /// The node's mode, as the mode machine updates it.
+    pub mode: tokio::sync::watch::Receiver<Mode>,
     pub log: Log,
     pub publish: Publish,
+}
+
+impl ActorEnv {
+    /// An environment whose mode stays `mode` (for tests and tools without a node).
+    pub fn fixed(config: Arc<NodeConfig>, mode: Mode, log: Log, publish: Publish) -> ActorEnv {
+        ActorEnv { config, mode: tokio::sync::watch::channel(mode).1, log, publish }
+    }
 }
 
 type Factory = Arc<dyn Fn(&ActorSpec, &ActorEnv) -> Result<ChildSpec, String> + Send + Sync>;
@@ -365,7 +383,7 @@ impl Registry {
                     let (spec, env, make) = (spec.clone(), env.clone(), make.clone());
                     Box::pin(async move {
                         let behaviour = make(&spec).map_err(|e| e.to_string())?;
-                        let args = HostArgs { behaviour, spec, config: env.config, log: env.log, publish: env.publish };
+                        let args = HostArgs { behaviour, spec, config: env.config, mode: env.mode, log: env.log, publish: env.publish };
                         Actor::spawn_linked(None, Host::<B>::default(), args, parent)
                             .await
                             .map(|(r, _)| r.get_cell())

@@ -27,7 +27,8 @@ use crate::bus::replicator::{Replicator, Settings};
 use crate::bus::{keys, BusError, Transport, ZenohTransport};
 use crate::config::NodeConfig;
 use crate::log::{Draft, Log, LogError, RocksStore, StoreOptions};
-use crate::model::{Kind, PayloadType, StreamName};
+use crate::mode::{Health, Mode, ModeMachine};
+use crate::model::{Kind, MonoClock, PayloadType, StreamName};
 use crate::supervise::{self, policy::Policy, Event, Supervisor, SupervisorArgs, SupervisorMsg};
 
 /// The stream of supervision events (and later every other node event).
@@ -58,6 +59,7 @@ pub struct Node {
     fatal: watch::Receiver<Option<String>>,
     events_task: Option<tokio::task::JoinHandle<()>>,
     events_dropped: Arc<std::sync::atomic::AtomicU64>,
+    mode: watch::Receiver<Mode>,
     tasks: JoinSet<()>,
     started: Instant,
 }
@@ -94,21 +96,24 @@ impl Node {
         let events_dropped = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let (events_tx, events_rx) = mpsc::channel(config.supervision.events_queue_len_max);
         let events_task = tokio::spawn(append_events(config.clone(), replicator.clone(), events_rx));
+        let mode_events = EventQueue { tx: events_tx.clone(), dropped: events_dropped.clone() };
         let sink: supervise::EventSink = {
-            let (fatal_tx, dropped) = (fatal_tx.clone(), events_dropped.clone());
+            let queue = EventQueue { tx: events_tx, dropped: events_dropped.clone() };
+            let fatal_tx = fatal_tx.clone();
             Arc::new(move |event: Event| {
                 if let Event::Escalated { supervisor, reason } = &event {
                     if supervisor == ROOT {
                         fatal_tx.send_replace(Some(reason.clone()));
                     }
                 }
-                if events_tx.try_send(event).is_err() {
-                    dropped.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                }
+                queue.push(serde_json::to_value(&event).expect("events serialise"));
             })
         };
+        let machine = ModeMachine::new(config.node.tier, Duration::from_millis(config.modes.recover_hold_ms));
+        let (mode_tx, mode) = watch::channel(machine.mode());
         let env = ActorEnv {
             config: Arc::new(config.clone()),
+            mode: mode.clone(),
             log: log.clone(),
             publish: {
                 let r = replicator.clone();
@@ -135,9 +140,11 @@ impl Node {
             fatal,
             events_task: Some(events_task),
             events_dropped,
+            mode,
             tasks: JoinSet::new(),
             started: Instant::now(),
         };
+        node.start_modes(machine, mode_tx, mode_events);
         node.start_retention();
         node.start_status().await?;
         tracing::info!(node = %node.config.node.id, "node running");
@@ -174,14 +181,43 @@ impl Node {
         });
     }
 
+    /// Re-evaluates the mode every `modes.check_interval_ms` from the liveliness table and
+    /// local health (the root supervisor still running); each change is logged, published to
+    /// the actors and appended to the `events` stream.
+    fn start_modes(&mut self, mut machine: ModeMachine, mode_tx: watch::Sender<Mode>, events: EventQueue) {
+        let (replicator, fatal) = (self.replicator.clone(), self.fatal.clone());
+        let every = Duration::from_millis(self.config.modes.check_interval_ms);
+        self.tasks.spawn(async move {
+            let clock = MonoClock::new();
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let reachable = replicator.presence().values().filter(|p| p.alive).map(|p| p.tier).collect();
+                let health = Health { reachable, healthy: fatal.borrow().is_none() };
+                if let Some(t) = machine.observe(clock.now(), &health) {
+                    tracing::warn!(from = %t.from, to = %t.to, reason = %t.reason, "mode changed");
+                    mode_tx.send_replace(t.to);
+                    events.push(json!({ "event": "mode_changed", "from": t.from, "to": t.to, "reason": t.reason }));
+                }
+            }
+        });
+    }
+
+    /// The node's current degraded mode.
+    pub fn mode(&self) -> Mode {
+        *self.mode.borrow()
+    }
+
     async fn start_status(&mut self) -> Result<(), NodeError> {
         let mut requests = self.transport.serve(&keys::status(&self.config.node.id), 16).await?;
         let (log, replicator, config, started) = (self.log.clone(), self.replicator.clone(), self.config.clone(), self.started);
-        let (root, dropped) = (self.root.clone(), self.events_dropped.clone());
+        let (root, dropped, mode) = (self.root.clone(), self.events_dropped.clone(), self.mode.clone());
         self.tasks.spawn(async move {
             while let Some(mut request) = requests.recv().await {
                 let actors = supervise::children(&root).await.unwrap_or_default();
-                let doc = status(&config, &log, &replicator, started, &actors, dropped.load(std::sync::atomic::Ordering::Relaxed));
+                let dropped = dropped.load(std::sync::atomic::Ordering::Relaxed);
+                let doc = status(&config, &log, &replicator, started, *mode.borrow(), &actors, dropped);
                 let _ = request.responder.reply(doc.to_string().into_bytes()).await;
             }
         });
@@ -191,7 +227,8 @@ impl Node {
     /// The status document served on `strata/status/<node_id>`.
     pub async fn status(&self) -> Value {
         let actors = supervise::children(&self.root).await.unwrap_or_default();
-        status(&self.config, &self.log, &self.replicator, self.started, &actors, self.events_dropped.load(std::sync::atomic::Ordering::Relaxed))
+        let dropped = self.events_dropped.load(std::sync::atomic::Ordering::Relaxed);
+        status(&self.config, &self.log, &self.replicator, self.started, self.mode(), &actors, dropped)
     }
 
     /// The root supervisor (to ask for its children, or for tests).
@@ -238,22 +275,38 @@ impl Node {
     }
 }
 
-/// Appends supervision events to the `events` stream until every sender is gone.
-async fn append_events(config: NodeConfig, replicator: Arc<Replicator>, mut events: mpsc::Receiver<Event>) {
-    let stream = StreamName::new(EVENTS_STREAM).expect("valid stream name");
-    let payload_type = PayloadType::new(EVENT_TYPE).expect("valid payload type");
-    while let Some(event) = events.recv().await {
-        let mut doc = serde_json::to_value(&event).expect("events serialise");
-        doc["node"] = json!(config.node.id.as_str());
-        doc["at_unix_ms"] = json!(unix_ms());
-        let draft = Draft::new(Kind::Event, payload_type.clone(), doc.to_string().into_bytes());
-        if let Err(e) = replicator.append(stream.clone(), draft).await {
-            tracing::error!(error = %e, ?event, "cannot append a supervision event to the events stream");
+/// The bounded queue in front of the `events` stream: never blocks; counts what it drops.
+#[derive(Clone)]
+struct EventQueue {
+    tx: mpsc::Sender<Value>,
+    dropped: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl EventQueue {
+    fn push(&self, event: Value) {
+        if self.tx.try_send(event).is_err() {
+            self.dropped.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
     }
 }
 
-fn status(config: &NodeConfig, log: &Log, replicator: &Replicator, started: Instant, actors: &[supervise::ChildInfo], events_dropped: u64) -> Value {
+/// Appends node events (supervision, mode changes) to the `events` stream until every
+/// sender is gone.
+async fn append_events(config: NodeConfig, replicator: Arc<Replicator>, mut events: mpsc::Receiver<Value>) {
+    let stream = StreamName::new(EVENTS_STREAM).expect("valid stream name");
+    let payload_type = PayloadType::new(EVENT_TYPE).expect("valid payload type");
+    while let Some(event) = events.recv().await {
+        let mut doc = event;
+        doc["node"] = json!(config.node.id.as_str());
+        doc["at_unix_ms"] = json!(unix_ms());
+        let draft = Draft::new(Kind::Event, payload_type.clone(), doc.to_string().into_bytes());
+        if let Err(e) = replicator.append(stream.clone(), draft).await {
+            tracing::error!(error = %e, "cannot append an event to the events stream");
+        }
+    }
+}
+
+fn status(config: &NodeConfig, log: &Log, replicator: &Replicator, started: Instant, mode: Mode, actors: &[supervise::ChildInfo], events_dropped: u64) -> Value {
     let acks = replicator.acks();
     let holders = replicator.holders();
     let streams: Vec<Value> = log
@@ -284,6 +337,7 @@ fn status(config: &NodeConfig, log: &Log, replicator: &Replicator, started: Inst
         "tier": config.node.tier,
         "incarnation": log.incarnation().to_string(),
         "uptime_ms": started.elapsed().as_millis() as u64,
+        "mode": mode,
         "actors": actors,
         "events_dropped": events_dropped,
         "streams": streams,
@@ -292,7 +346,7 @@ fn status(config: &NodeConfig, log: &Log, replicator: &Replicator, started: Inst
     })
 }
 
-/// `strata status`: one row per node: tier, uptime, actors as `name:state/restarts`, streams,
+/// `strata status`: one row per node: tier, mode, uptime, actors as `name:state/restarts`, streams,
 /// and two lags in records: `unacked`, per tier, how far that tier's acknowledgement is behind
 /// this node's own streams; `behind`, per origin, how far this node's copy is behind what the
 /// origin holds (the largest over the streams).
@@ -332,6 +386,7 @@ pub fn status_table(docs: &[Value]) -> String {
             vec![
                 d["node"].as_str().unwrap_or("?").to_owned(),
                 d["tier"].as_str().unwrap_or("?").to_owned(),
+                d["mode"].as_str().unwrap_or("?").to_owned(),
                 format!("{:.1}s", d["uptime_ms"].as_u64().unwrap_or(0) as f64 / 1000.0),
                 if actors.is_empty() { "-".to_owned() } else { actors.join(" ") },
                 streams.len().to_string(),
@@ -340,7 +395,7 @@ pub fn status_table(docs: &[Value]) -> String {
             ]
         })
         .collect();
-    crate::log::show::table(&["node", "tier", "uptime", "actors (state/restarts)", "streams", "unacked", "behind"], &rows)
+    crate::log::show::table(&["node", "tier", "mode", "uptime", "actors (state/restarts)", "streams", "unacked", "behind"], &rows)
 }
 
 #[cfg(test)]
@@ -350,7 +405,7 @@ mod tests {
     #[test]
     fn status_table_shows_actors_unacked_and_behind() {
         let edge = json!({
-            "node": "edge-1", "tier": "edge", "uptime_ms": 1500,
+            "node": "edge-1", "tier": "edge", "mode": "no_cloud", "uptime_ms": 1500,
             "actors": [{"name": "line-3", "state": "running", "restarts": 2}],
             "streams": [{"origin": "edge-1", "local": true, "watermark": 10, "acked": {"cloud": 7, "fog": 10}, "peers": {}}],
         });
@@ -364,7 +419,7 @@ mod tests {
         let table = status_table(&[edge, cloud]);
         let lines: Vec<&str> = table.lines().collect();
         assert_eq!(lines.len(), 3, "{table}");
-        assert!(lines[1].starts_with("edge-1") && lines[1].contains("1.5s") && lines[1].contains("line-3:running/2"), "{table}");
+        assert!(lines[1].starts_with("edge-1") && lines[1].contains("no_cloud  1.5s") && lines[1].contains("line-3:running/2"), "{table}");
         assert!(lines[1].contains("cloud:3 fog:0") && lines[1].trim_end().ends_with('-'), "{table}");
         assert!(lines[2].contains("edge-1:2 fog-1:0"), "{table}");
     }

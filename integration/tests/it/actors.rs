@@ -78,7 +78,7 @@ async fn panics_while_consuming_never_apply_an_effect_twice() {
     registry.register("effects", move |spec: &strata_core::config::ActorSpec| {
         Ok::<_, String>(Effects { panic_at: p.clone(), handled: h.clone(), out: spec.outputs[0].clone() })
     });
-    let env = ActorEnv { config: Arc::new(config.clone()), log: log.clone(), publish: Arc::new(|_| {}) };
+    let env = ActorEnv::fixed(Arc::new(config.clone()), strata_core::mode::Mode::Full, log.clone(), Arc::new(|_| {}));
     let child = registry.child(&config.actors[0], &env).unwrap();
     assert_eq!(child.restart, RestartType::Permanent);
     let rec = Recorder::default();

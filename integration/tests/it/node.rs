@@ -132,7 +132,8 @@ fn status_lists_a_running_three_node_continuum() {
             d["node"] == "edge-1"
                 && d["streams"].as_array().into_iter().flatten().any(|s| s["stream"] == "readings/line-3" && s["acked"]["cloud"].as_u64().is_some())
         });
-        ids == ["cloud-1", "edge-1", "fog-1"] && running && acked
+        let full = docs.iter().all(|d| d["mode"] == "full");
+        ids == ["cloud-1", "edge-1", "fog-1"] && running && acked && full
     });
     let logs: String = nodes.iter().map(|n| format!("--- {}\n{}", n.id, n.log_text())).collect();
     assert!(ok, "status never showed all three nodes running and acked: {docs:#?}\n{logs}");
@@ -146,6 +147,13 @@ fn status_lists_a_running_three_node_continuum() {
     for n in nodes.iter_mut() {
         assert_eq!(n.terminate(Duration::from_secs(20)), Some(0), "{}", n.log_text());
     }
+    // The edge started isolated and rose to `full` once fog and cloud had been back for the
+    // hold time; both changes are events.
+    let events = payloads(&nodes[0].data_dir, "events");
+    let modes: Vec<(&str, &str)> =
+        events.iter().filter(|e| e["event"] == "mode_changed").map(|e| (e["from"].as_str().unwrap(), e["to"].as_str().unwrap())).collect();
+    assert_eq!(modes.first().map(|m| m.0), Some("isolated"), "{modes:?}");
+    assert_eq!(modes.last().map(|m| m.1), Some("full"), "{modes:?}");
 }
 
 #[test]

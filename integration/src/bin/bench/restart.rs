@@ -70,7 +70,7 @@ async fn restarts(snapshot_bytes: usize) -> Result<Vec<Duration>> {
     registry.register("failing", move |_: &strata_core::config::ActorSpec| {
         Ok::<_, String>(Failing { snapshot_bytes, failed: failed.clone(), failures: fail_tx.clone(), handled: handled_tx.clone() })
     });
-    let env = ActorEnv { config: Arc::new(config.clone()), log: log.clone(), publish: Arc::new(|_| {}) };
+    let env = ActorEnv::fixed(Arc::new(config.clone()), strata_core::mode::Mode::Full, log.clone(), Arc::new(|_| {}));
     let policy = Policy {
         strategy: Strategy::OneForOne,
         restarts_max: u32::MAX,
