@@ -47,11 +47,31 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Approve a pending escalation: the escalated action is taken (and recorded).
+    Approve(Resolve),
+    /// Deny a pending escalation: the safe default action is taken (and recorded).
+    Deny(Resolve),
     /// Inspect a node's durable log (works while the node runs: opens it read-only).
     Log {
         #[command(subcommand)]
         command: LogCommand,
     },
+}
+
+#[derive(clap::Args)]
+struct Resolve {
+    /// The escalation's id (the `id` of the escalation record; `strata status --json` lists
+    /// each node's `escalations_pending`).
+    id: String,
+    /// A Zenoh endpoint of the continuum, e.g. `tcp/127.0.0.1:7448` (a fog router).
+    #[arg(long)]
+    connect: String,
+    /// Who answers (recorded with the resolution). Default: $USER.
+    #[arg(long)]
+    by: Option<String>,
+    /// How long to wait for the node holding the escalation, in ms.
+    #[arg(long, default_value_t = 3000)]
+    timeout_ms: u64,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -105,6 +125,8 @@ fn main() -> ExitCode {
         Command::Check { configs } => check(configs),
         Command::Run { config, log_format } => run(&config, log_format),
         Command::Status { connect, timeout_ms, json } => status(&connect, timeout_ms, json),
+        Command::Approve(r) => resolve(r, strata_core::node::escalate::Verdict::Approve),
+        Command::Deny(r) => resolve(r, strata_core::node::escalate::Verdict::Deny),
         Command::Log { command: LogCommand::Ls { path, json } } => log_ls(&path, json),
         Command::Log { command: LogCommand::Tail { path, stream, from, incarnation, follow, json } } => {
             log_tail(&path, &stream, from, incarnation.as_deref(), follow, json)
@@ -202,6 +224,41 @@ fn status(endpoint: &str, timeout_ms: u64, json: bool) -> ExitCode {
         print!("{}", strata_core::node::status_table(&docs));
     }
     ExitCode::SUCCESS
+}
+
+/// `strata approve` / `strata deny`: asks every node through `connect`; the one holding the
+/// escalation resolves it and says so. Exit 0 if it was resolved by this answer, 1 otherwise.
+fn resolve(r: Resolve, verdict: strata_core::node::escalate::Verdict) -> ExitCode {
+    use strata_core::node::escalate::{self, Resolve as Msg};
+    let name = if verdict == escalate::Verdict::Approve { "approve" } else { "deny" };
+    let by = r.by.or_else(|| std::env::var("USER").ok()).unwrap_or_else(|| "operator".into());
+    let msg = Msg { id: r.id.clone(), verdict, by };
+    let runtime = tokio::runtime::Runtime::new().expect("start the async runtime");
+    let timeout = std::time::Duration::from_millis(r.timeout_ms);
+    let payload = serde_json::to_vec(&msg).expect("serialises");
+    let answers = match runtime.block_on(strata_core::bus::query_json(&r.connect, escalate::RESOLVE_ALL, payload, timeout)) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("strata {name}: {e}");
+            return ExitCode::from(EXIT_RUNTIME);
+        }
+    };
+    let Some(answer) = answers.first() else {
+        eprintln!("strata {name}: no node reachable through {} holds escalation {:?} (waited {} ms)", r.connect, r.id, r.timeout_ms);
+        return ExitCode::from(EXIT_RUNTIME);
+    };
+    if let Some(e) = answer["error"].as_str() {
+        eprintln!("strata {name}: {}: {e}", answer["node"].as_str().unwrap_or("?"));
+        return ExitCode::from(EXIT_RUNTIME);
+    }
+    let (node, outcome, action) = (answer["node"].as_str().unwrap_or("?"), answer["outcome"].as_str().unwrap_or("?"), answer["action"].as_str().unwrap_or("?"));
+    if answer["now"].as_bool() == Some(true) {
+        println!("{node}: escalation {} {outcome}; action {action}", r.id);
+        ExitCode::SUCCESS
+    } else {
+        eprintln!("strata {name}: {node}: escalation {} was already resolved: {outcome}, action {action}", r.id);
+        ExitCode::from(EXIT_RUNTIME)
+    }
 }
 
 /// Waits for SIGINT or SIGTERM and names it.

@@ -4,6 +4,10 @@
 //! device receiving a command twice (at-least-once delivery) can drop the repeat.
 //!
 //! The bounds are the node's `[autonomy.<mode>]` for its current mode (`Ctx::mode`).
+//! Decisions with action `none` (nothing to do) are skipped. Resolutions of escalations
+//! (`strata.resolution/1`, appended by the node's escalation desk to `autonomy.resolutions_stream`,
+//! `decisions` by default) become commands too: the escalated action if an operator approved it,
+//! the safe default otherwise; their idempotency key is the escalation's id.
 //!
 //! Command (`strata.command/1`): `{"key": "<decision id>", "action": "alert", "risk": 0.6}`.
 //! Escalation (`strata.escalation/1`): `{"id": "<decision id>", "action": "stop", "risk": 0.9,
@@ -12,6 +16,7 @@
 use strata_core::config::ActorSpec;
 use strata_core::log::Draft;
 use strata_core::mode::{judge, Verdict};
+use strata_core::node::escalate::RESOLUTION_TYPE;
 use strata_core::{ActorError, Behaviour, Ctx, Envelope, Kind, PayloadType, StreamName};
 
 pub const COMMAND_TYPE: &str = "strata.command/1";
@@ -44,7 +49,18 @@ impl Behaviour for Arbiter {
 
     async fn handle(&self, ctx: &mut Ctx, _: &mut (), input: &Envelope) -> Result<(), ActorError> {
         let Ok(decision) = serde_json::from_slice::<serde_json::Value>(&input.payload) else { return Ok(()) };
+        if input.payload_type.as_str() == RESOLUTION_TYPE {
+            // An operator (or the timeout) resolved an escalation: act on it, keyed by the
+            // escalation so a repeat is recognisable.
+            let (Some(key), Some(action)) = (decision["escalation"].as_str(), decision["action"].as_str()) else { return Ok(()) };
+            let doc = serde_json::json!({ "key": key, "action": action, "risk": decision["risk"], "resolution": decision["outcome"] });
+            let draft = Draft::new(Kind::Command, PayloadType::new(COMMAND_TYPE)?, doc.to_string().into_bytes());
+            return ctx.emit(&self.commands, draft);
+        }
         let action = decision.get("action").and_then(|a| a.as_str()).unwrap_or("log");
+        if action == "none" {
+            return Ok(());
+        }
         let risk = decision.get("risk").and_then(|r| r.as_f64()).unwrap_or(1.0);
         let key = input.id.to_string();
         let mode = ctx.mode();

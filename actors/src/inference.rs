@@ -5,14 +5,31 @@
 //! (cheap, edge-sized). Its state is snapshotted with each batch, so a restarted actor scores
 //! the next reading exactly as the old one would have.
 //!
+//! Across tiers:
+//! - `serve = true`: the actor also serves its capability to other nodes (decision requests
+//!   over Zenoh), scoring each request's `{"value": ..}` with its current model state (learnt
+//!   from its inputs) without learning from it.
+//! - `route = true`: for each reading, the decision is taken by the tier the router picks for
+//!   the capability's deadline (`routing.deadline_ms`, counted from when the reading was
+//!   appended if it is this node's own), with the local model as the fallback. Every outcome
+//!   is emitted, with how it was routed (see [`strata_core::node::decide::Outcome`]).
+//!
 //! Decision payload (`strata.decision/1`): `{"input": "<reading id>", "capability": "anomaly",
-//! "model": "ewma-zscore/1", "tier": "edge", "anomaly": true, "score": 9.1, "risk": 0.6,
-//! "action": "alert", "label": "anomaly"}` (`label`: the reading's ground truth, if any).
+//! "model": "ewma-zscore/1", "tier": "edge", "node": "edge-1", "anomaly": true, "score": 9.1,
+//! "risk": 0.6, "action": "alert", "label": "anomaly"}` (`label`: the reading's ground truth, if
+//! any; `action`: `none` for a normal reading, `alert` for an anomaly, `stop` when its risk is
+//! at least 0.75), plus the routing outcome fields with `route = true`.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use strata_core::config::ActorSpec;
+use serde_json::{json, Value};
+use strata_core::bus::BoxFut;
+use strata_core::config::{ActorSpec, Name};
 use strata_core::log::Draft;
-use strata_core::{ActorError, Behaviour, Ctx, Envelope, Kind, PayloadType, StreamName};
+use strata_core::node::decide::{DecisionRequest, ServeGuard, Service};
+use strata_core::{ActorError, Behaviour, Ctx, Envelope, Kind, MonoTime, NodeId, PayloadType, StreamName, Tier};
 
 pub const DECISION_TYPE: &str = "strata.decision/1";
 
@@ -94,6 +111,13 @@ pub struct InferenceParams {
     /// Emit a decision for every reading, not only anomalies. Default false.
     #[serde(default)]
     pub emit_all: bool,
+    /// Serve the capability to other nodes. Default false.
+    #[serde(default)]
+    pub serve: bool,
+    /// Have each decision taken by the tier the router picks (local model as fallback); every
+    /// outcome is emitted. Default false.
+    #[serde(default)]
+    pub route: bool,
 }
 
 fn d_alpha() -> f64 {
@@ -107,16 +131,62 @@ fn d_warmup() -> u64 {
 }
 
 pub struct Inference {
-    capability: String,
-    model: Box<dyn Model>,
+    capability: Name,
+    model: Arc<dyn Model>,
     emit_all: bool,
+    serve: bool,
+    route: bool,
     out: StreamName,
+}
+
+/// The actor's state: the model's, shared with the service that answers other nodes.
+pub struct InferenceState {
+    model: ModelState,
+    shared: Arc<Mutex<ModelState>>,
+    _serving: Option<ServeGuard>,
+}
+
+/// Action for a score.
+fn action(score: &Score) -> &'static str {
+    match score {
+        s if !s.anomaly => "none",
+        s if s.risk >= 0.75 => "stop",
+        _ => "alert",
+    }
+}
+
+fn decision(model: &dyn Model, score: &Score, tier: Tier, node: &NodeId) -> Value {
+    json!({"model": model.version(), "tier": tier, "node": node.as_str(), "anomaly": score.anomaly,
+           "score": score.score, "risk": score.risk, "action": action(score)})
+}
+
+/// Answers decision requests from other nodes with the actor's current model state.
+struct Served {
+    model: Arc<dyn Model>,
+    state: Arc<Mutex<ModelState>>,
+    tier: Tier,
+    node: NodeId,
+}
+
+impl Service for Served {
+    fn answer<'a>(&'a self, request: &'a DecisionRequest) -> BoxFut<'a, Result<Value, String>> {
+        Box::pin(async move {
+            let value = match (&request.input, request.probe) {
+                (_, true) => 0.0,
+                (input, false) => input.get("value").and_then(Value::as_f64).ok_or("input: a numeric \"value\" is required")?,
+            };
+            // Score against a copy: answering teaches the model nothing.
+            let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            let score = self.model.score(&mut state, value);
+            Ok(decision(self.model.as_ref(), &score, self.tier, &self.node))
+        })
+    }
 }
 
 impl Inference {
     pub fn from_spec(spec: &ActorSpec) -> Result<Inference, String> {
         let p: InferenceParams = crate::params(spec)?;
-        let model: Box<dyn Model> = match p.model.as_str() {
+        let model: Arc<dyn Model> = match p.model.as_str() {
             "ewma" => {
                 if !(p.alpha > 0.0 && p.alpha <= 1.0) {
                     return Err(format!("alpha: {} is not in (0, 1]", p.alpha));
@@ -124,52 +194,79 @@ impl Inference {
                 if p.z_threshold <= 0.0 {
                     return Err(format!("z_threshold: {} must be > 0", p.z_threshold));
                 }
-                Box::new(Ewma { alpha: p.alpha, z_threshold: p.z_threshold, warmup: p.warmup })
+                Arc::new(Ewma { alpha: p.alpha, z_threshold: p.z_threshold, warmup: p.warmup })
             }
             other => return Err(format!("model: unknown model {other:?} (known: ewma)")),
         };
         if spec.inputs.is_empty() {
             return Err("inputs: at least one readings stream is required".into());
         }
-        Ok(Inference { capability: p.capability, model, emit_all: p.emit_all, out: crate::output(spec, 0, "the decisions")? })
+        let capability = Name::new(p.capability.as_str()).map_err(|e| format!("capability: {e}"))?;
+        Ok(Inference { capability, model, emit_all: p.emit_all, serve: p.serve, route: p.route, out: crate::output(spec, 0, "the decisions")? })
     }
 }
 
 impl Behaviour for Inference {
-    type State = ModelState;
+    type State = InferenceState;
 
-    async fn start(&self, ctx: &mut Ctx) -> Result<ModelState, ActorError> {
-        Ok(match ctx.snapshot() {
+    async fn start(&self, ctx: &mut Ctx) -> Result<InferenceState, ActorError> {
+        let model = match ctx.snapshot() {
             Some(bytes) => serde_json::from_slice(bytes)?,
             None => ModelState::default(),
-        })
+        };
+        let shared = Arc::new(Mutex::new(model.clone()));
+        let serving = match (self.serve, ctx.decider()) {
+            (true, Some(decider)) => {
+                let served = Served { model: self.model.clone(), state: shared.clone(), tier: ctx.config().node.tier, node: ctx.node().clone() };
+                Some(decider.serve(&self.capability, Arc::new(served)).await?)
+            }
+            _ => None,
+        };
+        Ok(InferenceState { model, shared, _serving: serving })
     }
 
-    async fn handle(&self, ctx: &mut Ctx, state: &mut ModelState, input: &Envelope) -> Result<(), ActorError> {
-        let reading: serde_json::Value = match serde_json::from_slice(&input.payload) {
+    async fn handle(&self, ctx: &mut Ctx, state: &mut InferenceState, input: &Envelope) -> Result<(), ActorError> {
+        let reading: Value = match serde_json::from_slice(&input.payload) {
             Ok(v) => v,
             Err(_) => return Ok(()), // not JSON: not a reading this model can score
         };
         let Some(value) = reading.get("value").and_then(|v| v.as_f64()) else { return Ok(()) };
-        let score = self.model.score(state, value);
-        ctx.save_snapshot(serde_json::to_vec(state)?);
-        if !score.anomaly && !self.emit_all {
-            return Ok(());
+        let score = self.model.score(&mut state.model, value);
+        ctx.save_snapshot(serde_json::to_vec(&state.model)?);
+        if self.serve {
+            state.shared.lock().unwrap_or_else(|p| p.into_inner()).clone_from(&state.model);
         }
-        let doc = serde_json::json!({
-            "input": input.id.to_string(),
-            "capability": self.capability,
-            "model": self.model.version(),
-            "tier": ctx.config().node.tier,
-            "anomaly": score.anomaly,
-            "score": score.score,
-            "risk": score.risk,
-            "action": if score.anomaly { "alert" } else { "log" },
-            "label": reading.get("label"),
-        });
+        let local = decision(self.model.as_ref(), &score, ctx.config().node.tier, ctx.node());
+        let mut doc = match ctx.decider().filter(|_| self.route).cloned() {
+            Some(decider) => {
+                let routing = &ctx.config().routing;
+                let budget_ms = routing.deadline_ms.get(&self.capability).copied().unwrap_or(routing.default_deadline_ms);
+                // A reading of this node: its deadline runs from when it was appended (same
+                // machine, same clock). Another node's: from when it is handled here.
+                let age_us = if &input.id.origin == ctx.node() { unix_us().saturating_sub(input.hlc.unix_us()) } else { 0 };
+                let now = decider.now();
+                let started = MonoTime::from_micros(now.as_micros().saturating_sub(age_us));
+                let deadline = started.saturating_add(Duration::from_millis(budget_ms));
+                let id = input.id.to_string();
+                let (mut doc, outcome) = decider.decide(self.capability.as_str(), &id, &json!({"value": value}), deadline, started, local).await;
+                if let (Value::Object(d), Value::Object(o)) = (&mut doc, serde_json::to_value(&outcome)?) {
+                    d.extend(o);
+                }
+                doc
+            }
+            None if score.anomaly || self.emit_all => local,
+            None => return Ok(()),
+        };
+        doc["input"] = json!(input.id.to_string());
+        doc["capability"] = json!(self.capability.as_str());
+        doc["label"] = reading.get("label").cloned().unwrap_or(Value::Null);
         let draft = Draft::new(Kind::Decision, PayloadType::new(DECISION_TYPE)?, doc.to_string().into_bytes());
         ctx.emit(&self.out, draft)
     }
+}
+
+fn unix_us() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64)
 }
 
 #[cfg(test)]

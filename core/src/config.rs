@@ -625,6 +625,9 @@ pub struct RoutingSection {
     pub estimate_samples_max: usize,
     /// Samples needed before a tier is trusted with requests. Default 3.
     pub estimate_samples_min: usize,
+    /// Decision requests a serving node queues and answers at once; beyond it, requests
+    /// are refused (no reply: the requester falls back). Default 64.
+    pub serve_queue_len_max: usize,
 }
 
 impl Default for RoutingSection {
@@ -639,6 +642,7 @@ impl Default for RoutingSection {
             fallback_ms: 2,
             estimate_samples_max: 16,
             estimate_samples_min: 3,
+            serve_queue_len_max: 64,
         }
     }
 }
@@ -679,8 +683,16 @@ fn bounds(actions: &[&str], risk_max: f64) -> Bounds {
 pub struct AutonomySection {
     /// How long an escalation waits for an operator, in ms. Default 30000.
     pub escalation_timeout_ms: u64,
-    /// Action taken when an escalation times out. Default `hold`.
+    /// Action taken when an escalation times out or is denied. Default `hold`.
     pub safe_default_action: Name,
+    /// The local stream whose escalations wait for an operator here. Default `escalations`.
+    pub escalations_stream: StreamName,
+    /// The local stream where resolutions (approved, denied, timed out) are appended, for
+    /// the arbiter to act on. Default `decisions`.
+    pub resolutions_stream: StreamName,
+    /// Escalations waiting at once; beyond it the oldest is resolved with the safe default
+    /// at once (and recorded as such). Default 1024.
+    pub pending_escalations_max: usize,
     /// Bounds in mode `Full`. Default actions log, alert, adjust, stop; risk_max 1.0.
     pub full: Bounds,
     /// Bounds in mode `NoCloud`. Default actions log, alert, adjust, stop; risk_max 0.7.
@@ -696,6 +708,9 @@ impl Default for AutonomySection {
         AutonomySection {
             escalation_timeout_ms: 30_000,
             safe_default_action: Name::new("hold").expect("static name"),
+            escalations_stream: StreamName::new("escalations").expect("static name"),
+            resolutions_stream: StreamName::new("decisions").expect("static name"),
+            pending_escalations_max: 1024,
             full: bounds(&["log", "alert", "adjust", "stop"], 1.0),
             no_cloud: bounds(&["log", "alert", "adjust", "stop"], 0.7),
             isolated: bounds(&["log", "alert", "stop"], 0.4),
@@ -803,6 +818,8 @@ impl NodeConfig {
             ("routing.probe_interval_ms", self.routing.probe_interval_ms, 10),
             ("routing.default_deadline_ms", self.routing.default_deadline_ms, 1),
             ("routing.estimate_samples_max", self.routing.estimate_samples_max as u64, 1),
+            ("routing.serve_queue_len_max", self.routing.serve_queue_len_max as u64, 1),
+            ("autonomy.pending_escalations_max", self.autonomy.pending_escalations_max as u64, 1),
             ("modes.check_interval_ms", self.modes.check_interval_ms, 1),
             ("autonomy.escalation_timeout_ms", self.autonomy.escalation_timeout_ms, 1),
         ] {

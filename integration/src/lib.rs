@@ -72,6 +72,7 @@ pub fn helper_bin(name: &str) -> PathBuf {
 pub mod netns;
 pub mod probe;
 pub mod proxy;
+pub mod routebench;
 
 use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
@@ -253,6 +254,26 @@ pub async fn watermark(session: &zenoh::Session, node: &str, origin: &str, strea
             .max()
             .unwrap_or(0),
     )
+}
+
+/// The JSON payloads of a node's own stream `stream`, read from a read-only view of its
+/// store at `data_dir` (works while the node runs).
+pub fn payloads(data_dir: &Path, stream: &str) -> Vec<serde_json::Value> {
+    records(data_dir, stream).into_iter().map(|(_, v)| v).collect()
+}
+
+/// [`payloads`] with each record's append time (its HLC time, Unix ms).
+pub fn records(data_dir: &Path, stream: &str) -> Vec<(u64, serde_json::Value)> {
+    use strata_core::log::{RocksStore, Store, StreamKey};
+    let store = RocksStore::open_read_only(data_dir).expect("open the store read-only");
+    let key = StreamKey { origin: store.node().clone(), incarnation: store.incarnation(), stream: strata_core::StreamName::new(stream).expect("valid stream") };
+    let (mut out, mut from) = (Vec::new(), 1);
+    loop {
+        let batch = store.read(&key, from, 1000).expect("read the stream");
+        let Some(last) = batch.last() else { return out };
+        from = last.id.seq.get() + 1;
+        out.extend(batch.iter().map(|e| (e.hlc.unix_ms(), serde_json::from_slice(&e.payload).expect("JSON payload"))));
+    }
 }
 
 /// CLOCK_MONOTONIC in ns: comparable between processes on one machine.

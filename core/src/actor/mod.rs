@@ -115,6 +115,7 @@ pub struct Ctx {
     name: Name,
     config: Arc<NodeConfig>,
     mode: tokio::sync::watch::Receiver<Mode>,
+    decider: Option<Arc<crate::node::decide::Decider>>,
     log: Log,
     outputs: Vec<StreamName>,
     emitted: Vec<(StreamName, Draft)>,
@@ -140,6 +141,13 @@ impl Ctx {
     /// The node's current degraded mode (its autonomy bounds are `config().autonomy`).
     pub fn mode(&self) -> Mode {
         *self.mode.borrow()
+    }
+
+    /// Cross-tier decisions: serve a capability to other nodes, or have a decision taken by
+    /// the tier that can still meet its deadline ([`Decider::decide`](crate::node::decide::Decider::decide)).
+    /// `None` outside a node (then every decision is local).
+    pub fn decider(&self) -> Option<&Arc<crate::node::decide::Decider>> {
+        self.decider.as_ref()
     }
 
     /// Read access to the log (this node's and its replicas' streams).
@@ -192,6 +200,7 @@ pub struct HostArgs<B> {
     pub mode: tokio::sync::watch::Receiver<Mode>,
     pub log: Log,
     pub publish: Publish,
+    pub decider: Option<Arc<crate::node::decide::Decider>>,
 }
 
 pub enum HostMsg {
@@ -279,7 +288,7 @@ impl<B: Behaviour> Actor for Host<B> {
     type Arguments = HostArgs<B>;
 
     async fn pre_start(&self, myself: ActorRef<HostMsg>, args: HostArgs<B>) -> Result<HostState<B>, ActorProcessingErr> {
-        let HostArgs { behaviour, spec, config, mode, log, publish } = args;
+        let HostArgs { behaviour, spec, config, mode, log, publish, decider } = args;
         let snapshot_key = log.local_key(&snapshot_stream(&spec.name));
         let snapshot = match log.stream(&snapshot_key) {
             Some(info) if info.last > 0 => log.read(&snapshot_key, info.last, 1)?.pop().map(|e| e.payload),
@@ -290,6 +299,7 @@ impl<B: Behaviour> Actor for Host<B> {
             name: spec.name.clone(),
             config,
             mode,
+            decider,
             log,
             outputs: spec.outputs.clone(),
             emitted: Vec::new(),
@@ -339,12 +349,14 @@ pub struct ActorEnv {
     pub mode: tokio::sync::watch::Receiver<Mode>,
     pub log: Log,
     pub publish: Publish,
+    /// Cross-tier decisions (none outside a node, e.g. in unit tests: everything is local).
+    pub decider: Option<Arc<crate::node::decide::Decider>>,
 }
 
 impl ActorEnv {
     /// An environment whose mode stays `mode` (for tests and tools without a node).
     pub fn fixed(config: Arc<NodeConfig>, mode: Mode, log: Log, publish: Publish) -> ActorEnv {
-        ActorEnv { config, mode: tokio::sync::watch::channel(mode).1, log, publish }
+        ActorEnv { config, mode: tokio::sync::watch::channel(mode).1, log, publish, decider: None }
     }
 }
 
@@ -383,7 +395,7 @@ impl Registry {
                     let (spec, env, make) = (spec.clone(), env.clone(), make.clone());
                     Box::pin(async move {
                         let behaviour = make(&spec).map_err(|e| e.to_string())?;
-                        let args = HostArgs { behaviour, spec, config: env.config, mode: env.mode, log: env.log, publish: env.publish };
+                        let args = HostArgs { behaviour, spec, config: env.config, mode: env.mode, log: env.log, publish: env.publish, decider: env.decider };
                         Actor::spawn_linked(None, Host::<B>::default(), args, parent)
                             .await
                             .map(|(r, _)| r.get_cell())

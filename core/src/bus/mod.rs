@@ -36,7 +36,7 @@ use tokio::sync::mpsc;
 
 use crate::model::{NodeId, StreamName, Tier};
 
-pub use self::zenoh::{query_status, zenoh_config, ZenohTransport};
+pub use self::zenoh::{query_json, query_status, zenoh_config, ZenohTransport};
 
 /// A boxed future, for object-safe async trait methods.
 pub type BoxFut<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -84,6 +84,8 @@ pub trait Responder: Send {
 pub struct Request {
     pub key: String,
     pub params: String,
+    /// The request's body (empty if none).
+    pub payload: Vec<u8>,
     pub responder: Box<dyn Responder>,
 }
 
@@ -121,9 +123,10 @@ pub trait Transport: Send + Sync + 'static {
     fn subscribe(&self, keyexpr: &str, capacity: usize, overflow: Overflow) -> BoxFut<'_, Result<Incoming<Sample>, BusError>>;
     /// Requests on keys matching `keyexpr`, in a queue of `capacity` (full: refused).
     fn serve(&self, keyexpr: &str, capacity: usize) -> BoxFut<'_, Result<Incoming<Request>, BusError>>;
-    /// Sends a request to every server of `key`; the replies arrive on the returned queue of
-    /// `capacity`, which closes when all servers finished or `timeout` passed.
-    fn request(&self, key: &str, params: &str, timeout: Duration, capacity: usize)
+    /// Sends a request (with an optional body, `payload`) to every server of `key`; the
+    /// replies arrive on the returned queue of `capacity`, which closes when all servers
+    /// finished or `timeout` passed.
+    fn request(&self, key: &str, params: &str, payload: Vec<u8>, timeout: Duration, capacity: usize)
         -> BoxFut<'_, Result<mpsc::Receiver<Vec<u8>>, BusError>>;
     /// Declares a liveliness token, held until the returned guard is dropped.
     fn declare_alive(&self, key: &str) -> BoxFut<'_, Result<Box<dyn Any + Send + Sync>, BusError>>;

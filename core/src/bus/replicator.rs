@@ -714,7 +714,7 @@ async fn replay_stream(shared: &Arc<Shared>, key: &StreamKey, goal: u64) {
         shared.counters.replay_requests.fetch_add(1, Ordering::Relaxed);
         let replies = shared
             .transport
-            .request(&keys::replay(&key.origin, &key.stream), &params.to_params(), settings.replay_timeout, REPLAY_BATCHES_PER_REQUEST as usize + 1)
+            .request(&keys::replay(&key.origin, &key.stream), &params.to_params(), Vec::new(), settings.replay_timeout, REPLAY_BATCHES_PER_REQUEST as usize + 1)
             .await;
         let mut replies = match replies {
             Ok(r) => r,

@@ -336,7 +336,7 @@ impl Transport for SimTransport {
         Box::pin(async move { Ok(incoming) })
     }
 
-    fn request(&self, key: &str, params: &str, timeout: Duration, capacity: usize) -> BoxFut<'_, Result<mpsc::Receiver<Vec<u8>>, BusError>> {
+    fn request(&self, key: &str, params: &str, payload: Vec<u8>, timeout: Duration, capacity: usize) -> BoxFut<'_, Result<mpsc::Receiver<Vec<u8>>, BusError>> {
         let (tx, rx) = mpsc::channel(capacity);
         let mut s = self.net.lock();
         let servers: Vec<(mpsc::Sender<Request>, Arc<AtomicU64>, NodeId)> = s
@@ -355,7 +355,7 @@ impl Transport for SimTransport {
             // A request is not duplicated: one copy, after the first planned delay.
             if let Some(&delay) = delays.first() {
                 let responder = SimResponder { net: self.net.clone(), from: owner.clone(), to: self.node.clone(), tx: tx.clone() };
-                let request = Request { key: key.to_owned(), params: params.to_owned(), responder: Box::new(responder) };
+                let request = Request { key: key.to_owned(), params: params.to_owned(), payload: payload.clone(), responder: Box::new(responder) };
                 tokio::spawn(async move {
                     tokio::time::sleep(delay).await;
                     if srv.try_send(request).is_err() {

@@ -60,6 +60,13 @@ pub fn zenoh_config(config: &NodeConfig) -> Result<zenoh::Config, BusError> {
 /// for its status document, as a Zenoh client: `strata/status/*`, answers collected for
 /// `timeout`. Used by `strata status`; any Zenoh client can do the same.
 pub async fn query_status(endpoint: &str, timeout: Duration) -> Result<Vec<serde_json::Value>, BusError> {
+    query_json(endpoint, super::keys::STATUS_ALL, Vec::new(), timeout).await
+}
+
+/// Sends one request on `key` (with body `payload`) through `endpoint`, as a short-lived Zenoh
+/// client, and collects the JSON answers that arrive within `timeout` (non-JSON answers are
+/// logged and skipped). Used by `strata status`, `strata approve` and `strata deny`.
+pub async fn query_json(endpoint: &str, key: &str, payload: Vec<u8>, timeout: Duration) -> Result<Vec<serde_json::Value>, BusError> {
     let mut c = zenoh::Config::default();
     let mut set = |key: &str, value: String| c.insert_json5(key, &value).map_err(|e| BusError::Zenoh(format!("config {key}: {e}")));
     set("mode", "\"client\"".into())?;
@@ -67,21 +74,21 @@ pub async fn query_status(endpoint: &str, timeout: Duration) -> Result<Vec<serde
     set("scouting/multicast/enabled", "false".into())?;
     set("connect/timeout_ms", timeout.as_millis().to_string())?;
     set("connect/exit_on_failure", "true".into())?;
-    let node = NodeId::new("strata-status").expect("valid node id");
+    let node = NodeId::new("strata-cli").expect("valid node id");
     let transport = ZenohTransport::open_with(node, c).await.map_err(|e| BusError::Zenoh(format!("cannot reach {endpoint}: {e}")))?;
-    let mut replies = transport.request(super::keys::STATUS_ALL, "", timeout, STATUS_REPLIES_MAX).await?;
+    let mut replies = transport.request(key, "", payload, timeout, STATUS_REPLIES_MAX).await?;
     let mut docs = Vec::new();
     while let Some(bytes) = replies.recv().await {
         match serde_json::from_slice(&bytes) {
             Ok(doc) => docs.push(doc),
-            Err(e) => tracing::warn!(error = %e, "a status reply is not JSON"),
+            Err(e) => tracing::warn!(error = %e, key, "an answer is not JSON"),
         }
     }
     transport.close().await;
     Ok(docs)
 }
 
-/// Most status replies collected by [`query_status`].
+/// Most answers collected by [`query_json`].
 const STATUS_REPLIES_MAX: usize = 1024;
 
 mod erased {
@@ -211,6 +218,7 @@ impl Transport for ZenohTransport {
                     let request = Request {
                         key: query.key_expr().as_str().to_owned(),
                         params: query.parameters().as_str().to_owned(),
+                        payload: query.payload().map(|p| p.to_bytes().into_owned()).unwrap_or_default(),
                         responder: Box::new(ZenohResponder { query }),
                     };
                     // Full: the query is dropped, which ends it with no reply; the
@@ -225,12 +233,15 @@ impl Transport for ZenohTransport {
         })
     }
 
-    fn request(&self, key: &str, params: &str, timeout: Duration, capacity: usize) -> BoxFut<'_, Result<mpsc::Receiver<Vec<u8>>, BusError>> {
+    fn request(&self, key: &str, params: &str, payload: Vec<u8>, timeout: Duration, capacity: usize) -> BoxFut<'_, Result<mpsc::Receiver<Vec<u8>>, BusError>> {
         let selector = if params.is_empty() { key.to_owned() } else { format!("{key}?{params}") };
         Box::pin(async move {
             let (tx, rx) = mpsc::channel(capacity);
-            self.session
-                .get(selector)
+            let mut get = self.session.get(selector);
+            if !payload.is_empty() {
+                get = get.payload(payload);
+            }
+            get
                 .target(QueryTarget::All)
                 .consolidation(ConsolidationMode::None)
                 .timeout(timeout)

@@ -12,6 +12,9 @@
 //! remaining events and flushes the log. [`Node::failed`] resolves if the root supervisor
 //! gives up (restart intensity exceeded): the process should then exit non-zero.
 
+pub mod decide;
+pub mod escalate;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -60,6 +63,9 @@ pub struct Node {
     events_task: Option<tokio::task::JoinHandle<()>>,
     events_dropped: Arc<std::sync::atomic::AtomicU64>,
     mode: watch::Receiver<Mode>,
+    decider: Arc<decide::Decider>,
+    /// The escalations waiting for an operator (JSON, for status).
+    escalations: Arc<std::sync::Mutex<Value>>,
     tasks: JoinSet<()>,
     started: Instant,
 }
@@ -111,14 +117,21 @@ impl Node {
         };
         let machine = ModeMachine::new(config.node.tier, Duration::from_millis(config.modes.recover_hold_ms));
         let (mode_tx, mode) = watch::channel(machine.mode());
+        let node_events: decide::EventSink = {
+            let queue = mode_events.clone();
+            Arc::new(move |event| queue.push(event))
+        };
+        let decider = decide::Decider::start(&config, transport.clone() as Arc<dyn Transport>, mode.clone(), node_events.clone()).await?;
+        let publish: crate::actor::Publish = {
+            let r = replicator.clone();
+            Arc::new(move |e| r.publish(e))
+        };
         let env = ActorEnv {
             config: Arc::new(config.clone()),
             mode: mode.clone(),
             log: log.clone(),
-            publish: {
-                let r = replicator.clone();
-                Arc::new(move |e| r.publish(e))
-            },
+            publish: publish.clone(),
+            decider: Some(decider.clone()),
         };
         let children = config.actors.iter().map(|spec| registry.child(spec, &env)).collect::<Result<Vec<_>, _>>().map_err(NodeError::Actors)?;
         let args = SupervisorArgs { name: ROOT.into(), policy: Policy::from_config(&config.supervision), children, events: sink };
@@ -141,9 +154,19 @@ impl Node {
             events_task: Some(events_task),
             events_dropped,
             mode,
+            decider,
+            escalations: Arc::new(std::sync::Mutex::new(Value::Array(Vec::new()))),
             tasks: JoinSet::new(),
             started: Instant::now(),
         };
+        node.tasks.spawn(escalate::run(
+            node.config.clone(),
+            node.log.clone(),
+            node.transport.clone() as Arc<dyn Transport>,
+            publish,
+            node_events,
+            node.escalations.clone(),
+        ));
         node.start_modes(machine, mode_tx, mode_events);
         node.start_retention();
         node.start_status().await?;
@@ -213,11 +236,13 @@ impl Node {
         let mut requests = self.transport.serve(&keys::status(&self.config.node.id), 16).await?;
         let (log, replicator, config, started) = (self.log.clone(), self.replicator.clone(), self.config.clone(), self.started);
         let (root, dropped, mode) = (self.root.clone(), self.events_dropped.clone(), self.mode.clone());
+        let (decider, escalations) = (self.decider.clone(), self.escalations.clone());
         self.tasks.spawn(async move {
             while let Some(mut request) = requests.recv().await {
                 let actors = supervise::children(&root).await.unwrap_or_default();
                 let dropped = dropped.load(std::sync::atomic::Ordering::Relaxed);
-                let doc = status(&config, &log, &replicator, started, *mode.borrow(), &actors, dropped);
+                let mut doc = status(&config, &log, &replicator, started, *mode.borrow(), &actors, dropped);
+                decisions_status(&mut doc, &decider, &escalations);
                 let _ = request.responder.reply(doc.to_string().into_bytes()).await;
             }
         });
@@ -228,7 +253,14 @@ impl Node {
     pub async fn status(&self) -> Value {
         let actors = supervise::children(&self.root).await.unwrap_or_default();
         let dropped = self.events_dropped.load(std::sync::atomic::Ordering::Relaxed);
-        status(&self.config, &self.log, &self.replicator, self.started, self.mode(), &actors, dropped)
+        let mut doc = status(&self.config, &self.log, &self.replicator, self.started, self.mode(), &actors, dropped);
+        decisions_status(&mut doc, &self.decider, &self.escalations);
+        doc
+    }
+
+    /// Cross-tier decisions: serving, routing and estimates.
+    pub fn decider(&self) -> &Arc<decide::Decider> {
+        &self.decider
     }
 
     /// The root supervisor (to ask for its children, or for tests).
@@ -256,6 +288,7 @@ impl Node {
     /// then flush and close the log.
     pub async fn shutdown(mut self) {
         self.tasks.shutdown().await;
+        self.decider.stop();
         self.replicator.stop().await;
         let per_child = Duration::from_millis(self.config.supervision.child_shutdown_timeout_ms);
         let all = per_child.saturating_mul(self.config.actors.len() as u32 + 1);
@@ -304,6 +337,12 @@ async fn append_events(config: NodeConfig, replicator: Arc<Replicator>, mut even
             tracing::error!(error = %e, "cannot append an event to the events stream");
         }
     }
+}
+
+fn decisions_status(doc: &mut Value, decider: &decide::Decider, escalations: &std::sync::Mutex<Value>) {
+    doc["decisions"] = serde_json::to_value(decider.counters()).expect("counters serialise");
+    doc["estimates"] = decider.estimates();
+    doc["escalations_pending"] = escalations.lock().unwrap_or_else(|p| p.into_inner()).clone();
 }
 
 fn status(config: &NodeConfig, log: &Log, replicator: &Replicator, started: Instant, mode: Mode, actors: &[supervise::ChildInfo], events_dropped: u64) -> Value {

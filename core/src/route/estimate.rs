@@ -66,14 +66,21 @@ impl Estimator {
         ring.last = Some(now);
     }
 
-    /// Records that `target` did not answer within `timeout_us`.
+    /// Records that `target` did not answer within `timeout_us`: a sample just above the
+    /// timeout (the real latency is longer), so a tier that timed out no longer fits the
+    /// budget that timeout was derived from.
     pub fn timed_out(&mut self, target: &Target, now: MonoTime, timeout_us: u64) {
-        self.observe(target, now, timeout_us);
+        self.observe(target, now, timeout_us.saturating_add(1));
     }
 
     /// Forgets `target` (its node left): a returning node starts from fresh samples.
     pub fn forget_node(&mut self, node: &NodeId) {
         self.rings.retain(|t, _| &t.node != node);
+    }
+
+    /// Forgets one target (its server left): it starts from fresh samples if it returns.
+    pub fn forget(&mut self, target: &Target) {
+        self.rings.remove(target);
     }
 
     pub fn summary(&self, target: &Target) -> Option<Summary> {
@@ -127,7 +134,7 @@ mod tests {
         let s = e.summary(&t).unwrap();
         assert_eq!((s.p50_us, s.p95_us, s.samples, s.last), (6_000, 6_000, 16, at(215)), "the spike decayed out");
         e.timed_out(&t, at(300), 20_000);
-        assert_eq!(e.summary(&t).unwrap().p95_us, 20_000);
+        assert_eq!(e.summary(&t).unwrap().p95_us, 20_001, "above the timeout: no longer fits a 20 ms budget");
         e.forget_node(&t.node);
         assert_eq!(e.summary(&t), None);
     }

@@ -3,7 +3,9 @@
 mod cli;
 mod actors;
 mod crash;
+mod escalate;
 mod ingest;
 mod node;
 mod replication;
+mod route;
 mod supervise;

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use strata_core::config::Name;
 use strata_core::log::{RocksStore, Store, StreamKey};
 use strata_core::StreamName;
-use strata_integration::{free_port, repo_root, strata_bin, wait_until, NodeProc};
+use strata_integration::{free_port, payloads, repo_root, strata_bin, wait_until, NodeProc};
 
 /// The example configs with their fixed ports replaced by free ones and `data_dir` by the
 /// test's: `[(id, text)]` for edge, fog, cloud.
@@ -35,19 +35,6 @@ fn cursor(data_dir: &Path, consumer: &str) -> Option<u64> {
     store.cursor(&Name::new(consumer).unwrap(), &key)
 }
 
-/// The payloads of a local stream.
-fn payloads(data_dir: &Path, stream: &str) -> Vec<serde_json::Value> {
-    let store = RocksStore::open_read_only(data_dir).unwrap();
-    let key = StreamKey { origin: store.node().clone(), incarnation: store.incarnation(), stream: StreamName::new(stream).unwrap() };
-    let (mut out, mut from) = (Vec::new(), 1);
-    loop {
-        let batch = store.read(&key, from, 1000).unwrap();
-        let Some(last) = batch.last() else { return out };
-        from = last.id.seq.get() + 1;
-        out.extend(batch.iter().map(|e| serde_json::from_slice(&e.payload).unwrap()));
-    }
-}
-
 fn wait_cursor_past(node: &NodeProc, consumer: &str, past: u64) -> u64 {
     let mut seen = 0;
     let ok = wait_until(Duration::from_secs(30), || {
@@ -60,6 +47,7 @@ fn wait_cursor_past(node: &NodeProc, consumer: &str, past: u64) -> u64 {
 
 #[test]
 fn strata_run_edge_stops_in_order_and_keeps_cursors_through_kill_9() {
+    let _serial = crate::replication::SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let dir = tempfile::tempdir().unwrap();
     let (id, text) = example_configs().remove(0);
     let mut edge = NodeProc::new(dir.path(), id, &text);
@@ -106,6 +94,7 @@ fn strata_run_edge_stops_in_order_and_keeps_cursors_through_kill_9() {
 
 #[test]
 fn status_lists_a_running_three_node_continuum() {
+    let _serial = crate::replication::SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let dir = tempfile::tempdir().unwrap();
     let configs = example_configs();
     let fog_endpoint = configs[1].1.lines().find(|l| l.starts_with("listen")).unwrap().split('"').nth(1).unwrap().to_owned();
@@ -158,6 +147,7 @@ fn status_lists_a_running_three_node_continuum() {
 
 #[test]
 fn a_root_past_its_restart_intensity_records_the_incident_and_exits_non_zero() {
+    let _serial = crate::replication::SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let dir = tempfile::tempdir().unwrap();
     let config = format!(
         "[node]\nid = \"edge-9\"\ntier = \"edge\"\ndata_dir = \"{{data_dir}}\"\n\

@@ -19,6 +19,13 @@
 //! `restart`: a supervised actor's restart latency (failure to first record handled by the
 //! new instance) p50/p99 over 1,000 restarts, without and with a 64 KiB snapshot to restore,
 //! against a bare ractor spawn.
+//!
+//!     cargo run --release -p strata-integration --bin bench -- route [--seed N]
+//!
+//! `route`: one fixed 60 s scenario (steady load at 70% of capacity, a cloud latency spike,
+//! the fog lost, recovery) replayed in virtual time against Strata's router and against the
+//! static policies always-cloud, always-fog, always-edge: deadline-met ratio and utility (see
+//! `strata_integration::routebench`).
 
 mod bus;
 mod restart;
@@ -36,18 +43,31 @@ const PAYLOAD_BYTES: usize = 100;
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let seconds = args
-        .iter()
-        .position(|a| a == "--seconds")
-        .map(|i| args.get(i + 1).context("--seconds needs a value")?.parse::<f64>().context("--seconds"))
-        .transpose()?
-        .unwrap_or(2.0);
+    let seconds = flag(&args, "--seconds")?.unwrap_or(2.0);
     match args.first().map(String::as_str) {
         Some("log") => bench_log(Duration::from_secs_f64(seconds)),
         Some("bus") => bus::bench_bus(),
         Some("restart") => restart::bench_restart(),
-        _ => bail!("usage: bench log [--seconds S] | bench bus | bench restart"),
+        Some("route") => {
+            let seed = flag(&args, "--seed")?.unwrap_or(1);
+            let (runs, text) = strata_integration::routebench::report(seed);
+            println!("route: scenario seed {seed}, 60 s virtual time\n{text}");
+            println!("strata utility - best static policy: {:+.1} points", strata_integration::routebench::margin_over_static(&runs));
+            Ok(())
+        }
+        _ => bail!("usage: bench log [--seconds S] | bench bus | bench restart | bench route [--seed N]"),
     }
+}
+
+/// The value after `name` in `args`, if present.
+fn flag<T: std::str::FromStr>(args: &[String], name: &str) -> Result<Option<T>>
+where
+    T::Err: std::error::Error + Send + Sync + 'static,
+{
+    args.iter()
+        .position(|a| a == name)
+        .map(|i| args.get(i + 1).with_context(|| format!("{name} needs a value"))?.parse::<T>().with_context(|| name.to_owned()))
+        .transpose()
 }
 
 /// Records per second.

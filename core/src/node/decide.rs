@@ -1,0 +1,499 @@
+//! Decision requests across tiers: the node-runtime side of [`route`](crate::route).
+//!
+//! A node that serves a capability (an inference actor with `serve = true`) registers a
+//! [`Service`] with [`Decider::serve`]: it declares the queryable
+//! `strata/decide/<capability>/<node>` and the liveliness token
+//! `strata/serves/<capability>/<tier>/<node>`. Every node watches those tokens, so it knows who
+//! serves what, and probes each server every `routing.probe_interval_ms` to keep its latency
+//! estimates fresh.
+//!
+//! [`Decider::decide`] takes one decision before a deadline: it plans with
+//! [`route::plan`](crate::route::plan) (candidates: the servers that are alive *and* whose tier
+//! the current degraded mode counts as reachable, so a returning tier is used again only after
+//! the mode's `recover_hold_ms`), sends a Zenoh query with the planned timeout, and falls back to
+//! the caller's local decision when no answer comes in time. A request whose deadline already
+//! passed is never sent: it yields a `deadline_miss` event. The [`Outcome`] says which tier
+//! decided, why, the estimated and the actual latency, and whether the deadline was met; the
+//! caller records it on its `decisions` stream.
+//!
+//! On the wire a request carries its remaining budget (`budget_us`), never an absolute time.
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use tokio::sync::{mpsc, watch, Semaphore};
+
+use crate::bus::{BoxFut, BusError, Transport};
+use crate::config::{Name, NodeConfig};
+use crate::mode::Mode;
+use crate::model::{MonoClock, MonoTime, NodeId, Tier};
+use crate::route::{self, Candidate, Estimator, Policy, Route, Target};
+
+/// Key of the queryable of `node` for `capability`.
+pub fn decide_key(capability: &str, node: &NodeId) -> String {
+    format!("strata/decide/{capability}/{node}")
+}
+
+/// Liveliness token saying that `node` on `tier` serves `capability`.
+pub fn serves_key(capability: &str, tier: Tier, node: &NodeId) -> String {
+    format!("strata/serves/{capability}/{tier}/{node}")
+}
+
+const SERVES_ALL: &str = "strata/serves/**";
+
+fn parse_serves(key: &str) -> Option<Target> {
+    let mut parts = key.strip_prefix("strata/serves/")?.split('/');
+    let (capability, tier, node) = (parts.next()?, parts.next()?, parts.next()?);
+    if parts.next().is_some() {
+        return None;
+    }
+    let tier = match tier {
+        "edge" => Tier::Edge,
+        "fog" => Tier::Fog,
+        "cloud" => Tier::Cloud,
+        _ => return None,
+    };
+    Some(Target { tier, node: NodeId::new(node).ok()?, capability: capability.to_owned() })
+}
+
+/// A decision request as it travels.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DecisionRequest {
+    /// The requester's id for it (e.g. the envelope id of the input).
+    pub id: String,
+    pub capability: String,
+    /// Time left before the deadline when sent, in µs.
+    pub budget_us: u64,
+    /// A latency probe: answer as usual, but it decides nothing.
+    #[serde(default)]
+    pub probe: bool,
+    /// What to decide about (capability-specific JSON).
+    pub input: Value,
+}
+
+/// A server's answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Answer {
+    pub node: String,
+    pub tier: Tier,
+    /// The decision (capability-specific JSON), or why there is none.
+    #[serde(flatten)]
+    pub result: AnswerResult,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AnswerResult {
+    Decision(Value),
+    Error(String),
+}
+
+/// What serves a capability on this node.
+pub trait Service: Send + Sync + 'static {
+    /// Decides `request` (a probe must be answered like any request, with no side effect).
+    fn answer<'a>(&'a self, request: &'a DecisionRequest) -> BoxFut<'a, Result<Value, String>>;
+}
+
+/// How one decision was taken; recorded on the `decisions` stream.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Outcome {
+    pub request: String,
+    pub capability: String,
+    /// The budget the request started with, in µs.
+    pub deadline_us: u64,
+    /// `remote` (a remote tier answered), `local` (planned local), `fallback` (a remote was
+    /// asked and did not answer in time), `expired` (the deadline had passed: not sent).
+    pub route: &'static str,
+    /// The tier and node that decided.
+    pub tier: Tier,
+    pub node: String,
+    pub reason: String,
+    /// The p95 latency the plan expected of the remote, in µs.
+    pub estimate_us: Option<u64>,
+    /// From the start of the request to the decision, in µs.
+    pub latency_us: u64,
+    pub met: bool,
+    pub fallback: bool,
+}
+
+/// Counters, for status and benchmarks.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct DecideCounters {
+    pub remote: u64,
+    pub local: u64,
+    pub fallback: u64,
+    pub expired: u64,
+    pub met: u64,
+    pub missed: u64,
+    pub served: u64,
+    pub serve_refused: u64,
+}
+
+/// Where node events go (the node's bounded `events` queue).
+pub type EventSink = Arc<dyn Fn(Value) + Send + Sync>;
+
+pub struct Decider {
+    transport: Arc<dyn Transport>,
+    node: NodeId,
+    tier: Tier,
+    policy: Policy,
+    probe_interval: Duration,
+    probe_timeout: Duration,
+    serve_queue_len_max: usize,
+    clock: MonoClock,
+    mode: watch::Receiver<Mode>,
+    estimator: Mutex<Estimator>,
+    servers: Mutex<BTreeSet<Target>>,
+    counters: Mutex<DecideCounters>,
+    events: EventSink,
+    tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+}
+
+/// Keeps a capability served; dropping it stops serving (queryable and token undeclared).
+pub struct ServeGuard {
+    _token: Box<dyn std::any::Any + Send + Sync>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for ServeGuard {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn us(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
+
+/// Whether mode `mode` counts `tier` as reachable from a node on `own`.
+fn tier_allowed(own: Tier, mode: Mode, tier: Tier) -> bool {
+    match tier {
+        t if t <= own => true,
+        Tier::Cloud => mode == Mode::Full,
+        _ => mode >= Mode::NoCloud,
+    }
+}
+
+impl Decider {
+    /// Starts watching servers and probing them.
+    pub async fn start(config: &NodeConfig, transport: Arc<dyn Transport>, mode: watch::Receiver<Mode>, events: EventSink) -> Result<Arc<Decider>, BusError> {
+        let r = &config.routing;
+        let decider = Arc::new(Decider {
+            transport,
+            node: config.node.id.clone(),
+            tier: config.node.tier,
+            policy: Policy::from_config(r),
+            probe_interval: Duration::from_millis(r.probe_interval_ms),
+            probe_timeout: Duration::from_millis(r.default_deadline_ms),
+            serve_queue_len_max: r.serve_queue_len_max,
+            clock: MonoClock::new(),
+            mode,
+            estimator: Mutex::new(Estimator::new(r.estimate_samples_max)),
+            servers: Mutex::new(BTreeSet::new()),
+            counters: Mutex::new(DecideCounters::default()),
+            events,
+            tasks: Mutex::new(Vec::new()),
+        });
+        let mut alive = decider.transport.watch_alive(SERVES_ALL, r.serve_queue_len_max.max(64)).await?;
+        let weak = Arc::downgrade(&decider);
+        let watch = tokio::spawn(async move {
+            while let Some(event) = alive.recv().await {
+                let Some(d) = weak.upgrade() else { return };
+                let Some(target) = parse_serves(&event.key) else { continue };
+                if target.node == d.node {
+                    continue;
+                }
+                let mut servers = d.servers.lock().unwrap_or_else(|p| p.into_inner());
+                if event.alive {
+                    servers.insert(target);
+                } else {
+                    servers.remove(&target);
+                    // A returning server starts from fresh estimates (probes fill them).
+                    d.estimator.lock().unwrap_or_else(|p| p.into_inner()).forget(&target);
+                }
+            }
+        });
+        let weak = Arc::downgrade(&decider);
+        let every = decider.probe_interval;
+        let probe = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(d) = weak.upgrade() else { return };
+                let servers: Vec<Target> = d.servers.lock().unwrap_or_else(|p| p.into_inner()).iter().cloned().collect();
+                for target in servers {
+                    let d = d.clone();
+                    tokio::spawn(async move { d.probe(target).await });
+                }
+            }
+        });
+        decider.tasks.lock().unwrap_or_else(|p| p.into_inner()).extend([watch, probe]);
+        Ok(decider)
+    }
+
+    /// Stops watching and probing.
+    pub fn stop(&self) {
+        for task in self.tasks.lock().unwrap_or_else(|p| p.into_inner()).drain(..) {
+            task.abort();
+        }
+    }
+
+    pub fn counters(&self) -> DecideCounters {
+        *self.counters.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Latency estimates of every server known, for status.
+    pub fn estimates(&self) -> Value {
+        let servers: Vec<Target> = self.servers.lock().unwrap_or_else(|p| p.into_inner()).iter().cloned().collect();
+        let estimator = self.estimator.lock().unwrap_or_else(|p| p.into_inner());
+        let rows: Vec<Value> = servers
+            .iter()
+            .map(|t| {
+                let s = estimator.summary(t);
+                json!({"capability": t.capability, "tier": t.tier, "node": t.node.as_str(),
+                       "p50_us": s.map(|s| s.p50_us), "p95_us": s.map(|s| s.p95_us), "samples": s.map_or(0, |s| s.samples)})
+            })
+            .collect();
+        Value::Array(rows)
+    }
+
+    /// Serves `capability` with `service` until the guard is dropped.
+    pub async fn serve(self: &Arc<Self>, capability: &Name, service: Arc<dyn Service>) -> Result<ServeGuard, BusError> {
+        let mut requests = self.transport.serve(&decide_key(capability.as_str(), &self.node), self.serve_queue_len_max).await?;
+        let token = self.transport.declare_alive(&serves_key(capability.as_str(), self.tier, &self.node)).await?;
+        let (node, tier) = (self.node.to_string(), self.tier);
+        let permits = Arc::new(Semaphore::new(self.serve_queue_len_max));
+        let weak = Arc::downgrade(self);
+        let task = tokio::spawn(async move {
+            // `requests` lives in this task: aborting it undeclares the queryable.
+            while let Some(mut request) = requests.recv().await {
+                let Ok(permit) = permits.clone().acquire_owned().await else { return };
+                let (service, node, weak) = (service.clone(), node.clone(), weak.clone());
+                tokio::spawn(async move {
+                    let _permit = permit;
+                    let result = match serde_json::from_slice::<DecisionRequest>(&request.payload) {
+                        Ok(req) => match service.answer(&req).await {
+                            Ok(decision) => AnswerResult::Decision(decision),
+                            Err(e) => AnswerResult::Error(e),
+                        },
+                        Err(e) => AnswerResult::Error(format!("malformed decision request: {e}")),
+                    };
+                    if let Some(d) = weak.upgrade() {
+                        let mut c = d.counters.lock().unwrap_or_else(|p| p.into_inner());
+                        match result {
+                            AnswerResult::Decision(_) => c.served += 1,
+                            AnswerResult::Error(_) => c.serve_refused += 1,
+                        }
+                    }
+                    let answer = Answer { node, tier, result };
+                    let _ = request.responder.reply(serde_json::to_vec(&answer).expect("answers serialise")).await;
+                });
+            }
+        });
+        Ok(ServeGuard { _token: token, task })
+    }
+
+    /// Sends `request` to `target` and waits at most `timeout` for a decision.
+    async fn ask(&self, target: &Target, request: &DecisionRequest, timeout: Duration) -> Option<Value> {
+        let payload = serde_json::to_vec(request).expect("requests serialise");
+        let key = decide_key(&target.capability, &target.node);
+        let mut replies = self.transport.request(&key, "", payload, timeout, 1).await.ok()?;
+        let bytes = tokio::time::timeout(timeout, replies.recv()).await.ok()??;
+        match serde_json::from_slice::<Answer>(&bytes).ok()?.result {
+            AnswerResult::Decision(v) => Some(v),
+            AnswerResult::Error(e) => {
+                tracing::debug!(node = %target.node, error = e, "a decision request was refused");
+                None
+            }
+        }
+    }
+
+    async fn probe(&self, target: Target) {
+        let request = DecisionRequest {
+            id: format!("probe@{}", self.node),
+            capability: target.capability.clone(),
+            budget_us: us(self.probe_timeout),
+            probe: true,
+            input: Value::Null,
+        };
+        let start = self.clock.now();
+        let answered = self.ask(&target, &request, self.probe_timeout).await.is_some();
+        let now = self.clock.now();
+        let mut e = self.estimator.lock().unwrap_or_else(|p| p.into_inner());
+        // Only a server still known: a probe in flight when it left must not revive it.
+        if !self.servers.lock().unwrap_or_else(|p| p.into_inner()).contains(&target) {
+            return;
+        }
+        if answered {
+            e.observe(&target, now, us(now.saturating_since(start)));
+        } else {
+            e.timed_out(&target, now, us(self.probe_timeout));
+        }
+    }
+
+    /// The clock deadlines of [`Decider::decide`] are on.
+    pub fn now(&self) -> MonoTime {
+        self.clock.now()
+    }
+
+    /// Takes one decision about `input` for `capability` by `deadline` (on [`Decider::now`]'s
+    /// clock): asks the tier the router picks, or uses `local` (the caller's own decision,
+    /// already computed) when that is the plan or no answer came in time.
+    pub async fn decide(&self, capability: &str, id: &str, input: &Value, deadline: MonoTime, started: MonoTime, local: Value) -> (Value, Outcome) {
+        let now = self.clock.now();
+        let deadline_us = us(deadline.saturating_since(started));
+        let budget_us = us(deadline.saturating_since(now));
+        let candidates: Vec<Candidate> = {
+            let mode = *self.mode.borrow();
+            let servers = self.servers.lock().unwrap_or_else(|p| p.into_inner());
+            let estimator = self.estimator.lock().unwrap_or_else(|p| p.into_inner());
+            servers
+                .iter()
+                .filter(|t| t.capability == capability)
+                .map(|t| Candidate { target: t.clone(), reachable: tier_allowed(self.tier, mode, t.tier), summary: estimator.summary(t) })
+                .collect()
+        };
+        let plan = route::plan(self.tier, budget_us, &candidates, &self.policy);
+        let mut outcome = Outcome {
+            request: id.to_owned(),
+            capability: capability.to_owned(),
+            deadline_us,
+            route: "local",
+            tier: self.tier,
+            node: self.node.to_string(),
+            reason: plan.reason,
+            estimate_us: None,
+            latency_us: 0,
+            met: false,
+            fallback: false,
+        };
+        let mut decision = local;
+        match plan.route {
+            Route::Expired => {
+                outcome.route = "expired";
+                (self.events)(json!({"event": "deadline_miss", "request": id, "capability": capability,
+                                     "deadline_us": deadline_us, "late_us": us(now.saturating_since(deadline))}));
+            }
+            Route::Local => {}
+            Route::Remote { target, timeout_us, estimate_us } => {
+                outcome.estimate_us = Some(estimate_us);
+                let request = DecisionRequest { id: id.to_owned(), capability: capability.to_owned(), budget_us, probe: false, input: input.clone() };
+                let timeout = Duration::from_micros(timeout_us);
+                let mut asked = vec![target];
+                if let Some((hedge, _)) = plan.hedge {
+                    asked.push(hedge);
+                }
+                let (tx, mut rx) = mpsc::channel(asked.len());
+                let sent = self.clock.now();
+                // Both (with hedging) are asked at once; the first answer wins.
+                let senders: Vec<_> = asked.iter().map(|_| tx.clone()).collect();
+                drop(tx);
+                let asks = asked.iter().zip(senders).map(|(t, tx)| {
+                    let request = &request;
+                    async move {
+                        if let Some(v) = self.ask(t, request, timeout).await {
+                            let _ = tx.try_send((t.clone(), v, self.clock.now()));
+                        }
+                    }
+                });
+                let all = futures::future::join_all(asks);
+                tokio::pin!(all);
+                let first = tokio::select! {
+                    first = rx.recv() => first,
+                    _ = &mut all => rx.recv().await,
+                };
+                {
+                    let mut e = self.estimator.lock().unwrap_or_else(|p| p.into_inner());
+                    for t in &asked {
+                        match &first {
+                            Some((winner, _, at)) if winner == t => e.observe(t, *at, us(at.saturating_since(sent))),
+                            // The loser of a hedge is not known to be slow: no sample.
+                            Some(_) => {}
+                            None => e.timed_out(t, self.clock.now(), timeout_us),
+                        }
+                    }
+                }
+                match first {
+                    Some((winner, v, _)) => {
+                        outcome.route = "remote";
+                        outcome.tier = winner.tier;
+                        outcome.node = winner.node.to_string();
+                        decision = v;
+                    }
+                    None => {
+                        outcome.route = "fallback";
+                        outcome.fallback = true;
+                        outcome.reason.push_str("; no answer in time: local fallback");
+                    }
+                }
+            }
+        }
+        let done = self.clock.now();
+        outcome.latency_us = us(done.saturating_since(started));
+        outcome.met = outcome.route != "expired" && done <= deadline;
+        {
+            let mut c = self.counters.lock().unwrap_or_else(|p| p.into_inner());
+            match outcome.route {
+                "remote" => c.remote += 1,
+                "fallback" => c.fallback += 1,
+                "expired" => c.expired += 1,
+                _ => c.local += 1,
+            }
+            if outcome.met {
+                c.met += 1;
+            } else {
+                c.missed += 1;
+            }
+        }
+        if !outcome.met && outcome.route != "expired" {
+            (self.events)(json!({"event": "deadline_miss", "request": id, "capability": capability, "route": outcome.route,
+                                 "deadline_us": deadline_us, "late_us": outcome.latency_us.saturating_sub(deadline_us)}));
+        }
+        (decision, outcome)
+    }
+}
+
+impl Drop for Decider {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn serves_keys_round_trip_and_bad_ones_are_ignored() {
+        let node = NodeId::new("fog-1").unwrap();
+        let t = parse_serves(&serves_key("anomaly", Tier::Fog, &node)).unwrap();
+        assert_eq!(t, Target { tier: Tier::Fog, node, capability: "anomaly".into() });
+        assert_eq!(parse_serves("strata/serves/anomaly/moon/fog-1"), None);
+        assert_eq!(parse_serves("strata/serves/anomaly/fog/fog-1/extra"), None);
+        assert_eq!(parse_serves("strata/alive/fog/fog-1"), None);
+    }
+
+    #[test]
+    fn the_mode_decides_which_tiers_count_as_reachable() {
+        use Tier::*;
+        assert!(tier_allowed(Edge, Mode::Full, Cloud) && tier_allowed(Edge, Mode::Full, Fog));
+        assert!(!tier_allowed(Edge, Mode::NoCloud, Cloud) && tier_allowed(Edge, Mode::NoCloud, Fog));
+        assert!(!tier_allowed(Edge, Mode::Isolated, Fog) && !tier_allowed(Edge, Mode::Safe, Fog));
+        assert!(tier_allowed(Fog, Mode::Full, Cloud) && !tier_allowed(Fog, Mode::NoCloud, Cloud));
+    }
+
+    #[test]
+    fn answers_and_requests_have_a_stable_wire_form() {
+        let a = Answer { node: "fog-1".into(), tier: Tier::Fog, result: AnswerResult::Decision(json!({"anomaly": true})) };
+        let text = serde_json::to_string(&a).unwrap();
+        assert_eq!(text, r#"{"node":"fog-1","tier":"fog","decision":{"anomaly":true}}"#);
+        assert_eq!(serde_json::from_str::<Answer>(&text).unwrap(), a);
+        let r: Result<DecisionRequest, _> = serde_json::from_str(r#"{"id":"x","capability":"anomaly","budget_us":5,"input":1,"extra":0}"#);
+        assert!(r.unwrap_err().to_string().contains("unknown field `extra`"));
+    }
+}
