@@ -34,8 +34,7 @@ test-loom:
 
 # Until `strata demo` exists (issue 7) the demo checks the example continuum's configs.
 demo: release
-	@echo "demo: 'strata demo' is not built yet; checking the example continuum instead"
-	$(TARGET_DIR)/release/strata check configs/edge.toml configs/fog.toml configs/cloud.toml
+	$(TARGET_DIR)/release/strata demo
 
 clean:
 	$(CARGO) clean

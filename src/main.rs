@@ -5,6 +5,8 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+mod demo;
+
 use clap::{Parser, Subcommand};
 use strata_core::config::{check_continuum, summary_table, NodeConfig, StreamRef};
 use strata_core::log::{show, RocksStore, Store, StreamKey};
@@ -47,6 +49,9 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Run a three-tier continuum on this machine, break it on purpose (cloud slowed, fog
+    /// killed and restarted, fog-cloud link cut and healed), and report what happened.
+    Demo(demo::DemoArgs),
     /// Approve a pending escalation: the escalated action is taken (and recorded).
     Approve(Resolve),
     /// Deny a pending escalation: the safe default action is taken (and recorded).
@@ -125,6 +130,7 @@ fn main() -> ExitCode {
         Command::Check { configs } => check(configs),
         Command::Run { config, log_format } => run(&config, log_format),
         Command::Status { connect, timeout_ms, json } => status(&connect, timeout_ms, json),
+        Command::Demo(args) => demo::run(args),
         Command::Approve(r) => resolve(r, strata_core::node::escalate::Verdict::Approve),
         Command::Deny(r) => resolve(r, strata_core::node::escalate::Verdict::Deny),
         Command::Log { command: LogCommand::Ls { path, json } } => log_ls(&path, json),

@@ -15,6 +15,7 @@
 //! - [`actor`]: the integrator API ([`Behaviour`], [`Ctx`], [`Registry`]); start there to
 //!   write an actor.
 //! - [`node`]: a node wired from its config.
+//! - [`proxy`]: a TCP proxy that cuts or slows a link, for drills, `strata demo` and tests.
 //!
 //! See `ARCHITECTURE.md` for the map and the invariants that hold between them.
 
@@ -26,6 +27,7 @@ pub mod log;
 pub mod mode;
 pub mod model;
 pub mod node;
+pub mod proxy;
 pub mod route;
 pub mod supervise;
 

@@ -36,7 +36,7 @@ use tokio::sync::mpsc;
 
 use crate::model::{NodeId, StreamName, Tier};
 
-pub use self::zenoh::{query_json, query_status, zenoh_config, ZenohTransport};
+pub use self::zenoh::{observer, query_json, query_status, zenoh_config, ZenohTransport};
 
 /// A boxed future, for object-safe async trait methods.
 pub type BoxFut<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;

@@ -88,6 +88,22 @@ pub async fn query_json(endpoint: &str, key: &str, payload: Vec<u8>, timeout: Du
     Ok(docs)
 }
 
+/// Opens a long-lived observer session (a Zenoh peer with no scouting and no gossip
+/// autoconnect) on `endpoint`, retrying the connection every 100 ms: for tools that watch
+/// nodes over time (`strata demo`). Ask with [`Transport::request`].
+pub async fn observer(endpoint: &str) -> Result<ZenohTransport, BusError> {
+    let mut c = zenoh::Config::default();
+    let mut set = |key: &str, value: String| c.insert_json5(key, &value).map_err(|e| BusError::Zenoh(format!("config {key}: {e}")));
+    set("mode", "\"peer\"".into())?;
+    set("connect/endpoints", serde_json::to_string(&[endpoint]).expect("strings serialise"))?;
+    set("scouting/multicast/enabled", "false".into())?;
+    set("scouting/gossip/autoconnect", "{router: [], peer: []}".into())?;
+    set("connect/timeout_ms", "-1".into())?;
+    set("connect/exit_on_failure", "false".into())?;
+    set("connect/retry", "{period_init_ms: 100, period_max_ms: 100, period_increase_factor: 1.0}".into())?;
+    ZenohTransport::open_with(NodeId::new("strata-observer").expect("valid node id"), c).await
+}
+
 /// Most answers collected by [`query_json`].
 const STATUS_REPLIES_MAX: usize = 1024;
 

@@ -123,6 +123,10 @@ pub struct Outcome {
 /// Counters, for status and benchmarks.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct DecideCounters {
+    /// Decided by each tier (this node's own tier for local, fallback and expired outcomes).
+    pub cloud: u64,
+    pub fog: u64,
+    pub edge: u64,
     pub remote: u64,
     pub local: u64,
     pub fallback: u64,
@@ -438,6 +442,11 @@ impl Decider {
         outcome.met = outcome.route != "expired" && done <= deadline;
         {
             let mut c = self.counters.lock().unwrap_or_else(|p| p.into_inner());
+            *match outcome.tier {
+                Tier::Cloud => &mut c.cloud,
+                Tier::Fog => &mut c.fog,
+                Tier::Edge => &mut c.edge,
+            } += 1;
             match outcome.route {
                 "remote" => c.remote += 1,
                 "fallback" => c.fallback += 1,

@@ -14,7 +14,9 @@
 
 pub mod decide;
 pub mod escalate;
+pub mod incident;
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -29,7 +31,7 @@ use crate::actor::{ActorEnv, Registry};
 use crate::bus::replicator::{Replicator, Settings};
 use crate::bus::{keys, BusError, Transport, ZenohTransport};
 use crate::config::NodeConfig;
-use crate::log::{Draft, Log, LogError, RocksStore, StoreOptions};
+use crate::log::{Draft, Log, LogError, RocksStore, StoreOptions, StreamKey};
 use crate::mode::{Health, Mode, ModeMachine};
 use crate::model::{Kind, MonoClock, PayloadType, StreamName};
 use crate::supervise::{self, policy::Policy, Event, Supervisor, SupervisorArgs, SupervisorMsg};
@@ -103,9 +105,10 @@ impl Node {
         let (events_tx, events_rx) = mpsc::channel(config.supervision.events_queue_len_max);
         let events_task = tokio::spawn(append_events(config.clone(), replicator.clone(), events_rx));
         let mode_events = EventQueue { tx: events_tx.clone(), dropped: events_dropped.clone() };
+        let incidents = Arc::new(std::sync::Mutex::new(incident::Incidents::default()));
         let sink: supervise::EventSink = {
             let queue = EventQueue { tx: events_tx, dropped: events_dropped.clone() };
-            let fatal_tx = fatal_tx.clone();
+            let (fatal_tx, incidents) = (fatal_tx.clone(), incidents.clone());
             Arc::new(move |event: Event| {
                 if let Event::Escalated { supervisor, reason } = &event {
                     if supervisor == ROOT {
@@ -113,6 +116,9 @@ impl Node {
                     }
                 }
                 queue.push(serde_json::to_value(&event).expect("events serialise"));
+                if let Some(incident) = incidents.lock().unwrap_or_else(|p| p.into_inner()).on_supervision(&event, unix_ms()) {
+                    queue.push(incident);
+                }
             })
         };
         let machine = ModeMachine::new(config.node.tier, Duration::from_millis(config.modes.recover_hold_ms));
@@ -167,7 +173,7 @@ impl Node {
             node_events,
             node.escalations.clone(),
         ));
-        node.start_modes(machine, mode_tx, mode_events);
+        node.start_modes(machine, mode_tx, mode_events, incidents);
         node.start_retention();
         node.start_status().await?;
         tracing::info!(node = %node.config.node.id, "node running");
@@ -206,22 +212,50 @@ impl Node {
 
     /// Re-evaluates the mode every `modes.check_interval_ms` from the liveliness table and
     /// local health (the root supervisor still running); each change is logged, published to
-    /// the actors and appended to the `events` stream.
-    fn start_modes(&mut self, mut machine: ModeMachine, mode_tx: watch::Sender<Mode>, events: EventQueue) {
-        let (replicator, fatal) = (self.replicator.clone(), self.fatal.clone());
+    /// the actors and appended to the `events` stream, with the incident it opens or closes.
+    /// After a recovery to `full`, a `caught_up` event says when the other tiers had
+    /// acknowledged everything this node produced before the recovery.
+    fn start_modes(&mut self, mut machine: ModeMachine, mode_tx: watch::Sender<Mode>, events: EventQueue, incidents: Arc<std::sync::Mutex<incident::Incidents>>) {
+        let (replicator, fatal, log) = (self.replicator.clone(), self.fatal.clone(), self.log.clone());
         let every = Duration::from_millis(self.config.modes.check_interval_ms);
         self.tasks.spawn(async move {
             let clock = MonoClock::new();
             let mut tick = tokio::time::interval(every);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut catching_up: Option<tokio::task::JoinHandle<()>> = None;
             loop {
                 tick.tick().await;
                 let reachable = replicator.presence().values().filter(|p| p.alive).map(|p| p.tier).collect();
                 let health = Health { reachable, healthy: fatal.borrow().is_none() };
-                if let Some(t) = machine.observe(clock.now(), &health) {
-                    tracing::warn!(from = %t.from, to = %t.to, reason = %t.reason, "mode changed");
-                    mode_tx.send_replace(t.to);
-                    events.push(json!({ "event": "mode_changed", "from": t.from, "to": t.to, "reason": t.reason }));
+                let Some(t) = machine.observe(clock.now(), &health) else { continue };
+                tracing::warn!(from = %t.from, to = %t.to, reason = %t.reason, "mode changed");
+                mode_tx.send_replace(t.to);
+                events.push(json!({ "event": "mode_changed", "from": t.from, "to": t.to, "reason": t.reason }));
+                let behind_now = || behind(&log, &replicator);
+                let closed = incidents.lock().unwrap_or_else(|p| p.into_inner()).on_mode(&t, unix_ms(), behind_now);
+                if let Some(incident) = closed {
+                    let recovered = incident["event"] == "incident_closed";
+                    events.push(incident);
+                    if recovered {
+                        if let Some(old) = catching_up.take() {
+                            old.abort();
+                        }
+                        let (log, replicator, events) = (log.clone(), replicator.clone(), events.clone());
+                        // Caught up: every acknowledging tier holds what this node had at the recovery.
+                        let goal: BTreeMap<StreamKey, u64> = log.streams().into_iter().filter(|i| i.local).map(|i| (i.key(), i.watermark)).collect();
+                        catching_up = Some(tokio::spawn(async move {
+                            let start = Instant::now();
+                            let records = short_of(&goal, &replicator);
+                            while short_of(&goal, &replicator) > 0 {
+                                if start.elapsed() > CATCH_UP_WATCH {
+                                    events.push(json!({"event": "catch_up_slow", "records": records, "after_ms": start.elapsed().as_millis() as u64}));
+                                    return;
+                                }
+                                tokio::time::sleep(Duration::from_millis(100)).await;
+                            }
+                            events.push(json!({"event": "caught_up", "records": records, "after_ms": start.elapsed().as_millis() as u64}));
+                        }));
+                    }
                 }
             }
         });
@@ -306,6 +340,22 @@ impl Node {
         let _ = tokio::task::spawn_blocking(move || log.close()).await;
         tracing::info!(node = %self.config.node.id, "node stopped");
     }
+}
+
+/// How long a recovery's catch-up is watched before it is reported as slow.
+const CATCH_UP_WATCH: Duration = Duration::from_secs(600);
+
+/// Records of this node's own streams that some acknowledging tier does not hold yet (per
+/// stream, the largest gap over the tiers that acknowledge it).
+fn behind(log: &Log, replicator: &Replicator) -> u64 {
+    let goal: BTreeMap<StreamKey, u64> = log.streams().into_iter().filter(|i| i.local).map(|i| (i.key(), i.watermark)).collect();
+    short_of(&goal, replicator)
+}
+
+/// Records up to `goal` (per stream, a watermark) that some acknowledging tier does not hold.
+fn short_of(goal: &BTreeMap<StreamKey, u64>, replicator: &Replicator) -> u64 {
+    let acks = replicator.acks();
+    goal.iter().map(|(key, &wm)| acks.get(key).map_or(0, |a| a.values().map(|&acked| wm.saturating_sub(acked)).max().unwrap_or(0))).sum()
 }
 
 /// The bounded queue in front of the `events` stream: never blocks; counts what it drops.

@@ -3,7 +3,9 @@
 mod cli;
 mod actors;
 mod crash;
+mod demo;
 mod escalate;
+mod example;
 mod ingest;
 mod node;
 mod replication;

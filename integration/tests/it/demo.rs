@@ -1,0 +1,61 @@
+//! Issue #7, acceptance 4 (first part): a short `strata demo` runs the whole fault schedule on
+//! three real nodes and its report's numbers hold, not just its exit code.
+
+use std::process::Command;
+
+use serde_json::Value;
+use strata_integration::strata_bin;
+
+use crate::replication::SERIAL;
+
+#[test]
+fn a_short_demo_loses_nothing_and_reports_every_phase() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let out_dir = tempfile::tempdir().unwrap();
+    let out = Command::new(strata_bin())
+        .args(["demo", "--duration", "20", "--seed", "3", "--out"])
+        .arg(out_dir.path())
+        .output()
+        .expect("run strata demo");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    println!("{stdout}");
+    assert_eq!(out.status.code(), Some(0), "strata demo failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("result: PASS"), "{stdout}");
+
+    let report: Value = serde_json::from_str(&std::fs::read_to_string(out_dir.path().join("report.json")).unwrap()).unwrap();
+    assert_eq!(report["passed"], true);
+    let readings = &report["readings"];
+    assert!(readings["produced"].as_u64().unwrap() >= 20 * 50 / 2, "{readings}");
+    assert_eq!(readings["lost"], 0, "{readings}");
+    assert_eq!(readings["produced"], readings["at_cloud"], "{readings}");
+    assert_eq!((report["decided_twice"].as_u64(), report["commands_twice"].as_u64()), (Some(0), Some(0)));
+    assert!(report["whole_run"]["met_pct"].as_f64().unwrap() >= 99.0, "{}", report["whole_run"]);
+    let phases = report["phases"].as_array().unwrap();
+    let names: Vec<&str> = phases.iter().map(|p| p["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["normal", "cloud slowed", "fog killed", "fog restarted", "fog-cloud cut", "healed"]);
+    for p in phases {
+        assert!(p["decisions"].as_u64().unwrap() >= 50, "every phase takes decisions: {p}");
+    }
+    let share = |p: &Value, tier: &str| p[tier].as_f64().unwrap() / p["decisions"].as_f64().unwrap();
+    // Normal: remote tiers decide (mostly the cloud; the fog when the cloud's p95 brushes the
+    // budget on a busy machine).
+    assert!(share(&phases[0], "edge") <= 0.1 && share(&phases[0], "cloud") >= 0.2, "normal: the cloud decides: {}", phases[0]);
+    assert!(share(&phases[1], "fog") >= 0.6, "cloud slowed: the fog decides: {}", phases[1]);
+    assert!(share(&phases[2], "edge") >= 0.8, "fog killed: the edge decides: {}", phases[2]);
+    // Every fault was seen and recovered from.
+    for key in ["cloud_slowed_detected", "fog_killed_detected", "fog_restarted_recovered", "cut_detected", "healed_recovered", "healed_caught_up"] {
+        assert!(report["faults_ms"][key].is_u64(), "{key} not seen: {}", report["faults_ms"]);
+    }
+    // Decision quality per tier against the labels is there for every tier that decided.
+    for (tier, q) in report["quality"].as_object().unwrap() {
+        let n: u64 = ["tp", "fp", "fn", "tn"].iter().map(|k| q[k].as_u64().unwrap()).sum();
+        assert!(n > 0, "{tier}: no decisions scored");
+    }
+
+    let html = std::fs::read_to_string(out_dir.path().join("index.html")).unwrap();
+    assert_eq!(html.matches("<svg").count(), 4, "four charts");
+    for title in ["Decisions per tier", "latency against the deadline", "degraded mode", "Replication lag"] {
+        assert!(html.contains(title), "chart {title:?} missing");
+    }
+    assert!(html.matches("<circle").count() >= 100, "the latency chart plots the run's decisions");
+}
