@@ -4,6 +4,14 @@
 //! each reading labelled with its ground truth. Reading `n` depends only on `(seed, n)`, so a
 //! restarted sensor continues the same series from its snapshot (the count emitted).
 //!
+//! Or it replays a CSV file (`csv = "path/to/file.csv"`, relative to the node's working
+//! directory) at `rate_hz`, from the start again when it reaches the end unless
+//! `repeat = false`. Columns: a header line naming them, then one reading per line; `value`
+//! (a number) is required; `label` is optional (`anomaly`, `1` or `true` for an anomaly;
+//! `normal`, `0`, `false` or empty otherwise); other columns are ignored; blank lines and
+//! lines starting with `#` are skipped. The file is read and checked when the config is
+//! checked: an error names the line. At most `csv_bytes_max` bytes (default 64 MiB).
+//!
 //! Payload (`strata.reading/1`): `{"value": 21.5, "ts_ms": 1764160000000, "n": 42, "label": "normal"}`.
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -43,6 +51,53 @@ pub struct SensorParams {
     /// Size of an anomaly, in noise deviations. Default 8.
     #[serde(default = "d_anomaly_size")]
     pub anomaly_size: f64,
+    /// Replay this CSV file instead of generating. Default none.
+    #[serde(default)]
+    pub csv: Option<std::path::PathBuf>,
+    /// Replay the CSV file again from the start at its end. Default true.
+    #[serde(default = "d_repeat")]
+    pub repeat: bool,
+    /// Largest CSV file accepted, in bytes. Default 67108864 (64 MiB).
+    #[serde(default = "d_csv_bytes_max")]
+    pub csv_bytes_max: u64,
+}
+
+fn d_repeat() -> bool {
+    true
+}
+fn d_csv_bytes_max() -> u64 {
+    64 * 1024 * 1024
+}
+
+/// One CSV row: the value and whether it is labelled an anomaly.
+pub type Row = (f64, bool);
+
+/// Parses a sensor CSV (see the module doc); errors name the line.
+pub fn parse_csv(text: &str) -> Result<Vec<Row>, String> {
+    let mut lines = text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty() && !l.trim_start().starts_with('#'));
+    let Some((_, header)) = lines.next() else { return Err("the file has no header line".into()) };
+    let columns: Vec<&str> = header.split(',').map(str::trim).collect();
+    let value_at = columns.iter().position(|c| *c == "value").ok_or_else(|| format!("the header {header:?} has no `value` column"))?;
+    let label_at = columns.iter().position(|c| *c == "label");
+    let mut rows = Vec::new();
+    for (i, line) in lines {
+        let fields: Vec<&str> = line.split(',').map(str::trim).collect();
+        let at = |k: usize| fields.get(k).copied().unwrap_or("");
+        let value: f64 = at(value_at).parse().map_err(|_| format!("line {}: value {:?} is not a number", i + 1, at(value_at)))?;
+        if !value.is_finite() {
+            return Err(format!("line {}: value {value} is not finite", i + 1));
+        }
+        let anomaly = match label_at.map(at).unwrap_or("") {
+            "anomaly" | "1" | "true" => true,
+            "normal" | "0" | "false" | "" => false,
+            other => return Err(format!("line {}: label {other:?} is not anomaly/normal/1/0/true/false", i + 1)),
+        };
+        rows.push((value, anomaly));
+    }
+    if rows.is_empty() {
+        return Err("the file has no readings".into());
+    }
+    Ok(rows)
 }
 
 fn d_base() -> f64 {
@@ -93,7 +148,26 @@ impl SensorParams {
 
 pub struct Sensor {
     params: SensorParams,
+    /// The CSV rows, when replaying a file.
+    rows: Option<Vec<Row>>,
     out: StreamName,
+}
+
+impl Sensor {
+    /// Reading `n`, or `None` past the end of a CSV replayed once.
+    fn reading(&self, n: u64) -> Option<Sample> {
+        match &self.rows {
+            None => Some(self.params.sample(n)),
+            Some(rows) => {
+                let len = rows.len() as u64;
+                if !self.params.repeat && n >= len {
+                    return None;
+                }
+                let (value, anomaly) = rows[(n % len) as usize];
+                Some(Sample { n, value, anomaly })
+            }
+        }
+    }
 }
 
 /// Readings emitted so far and the clock they are paced against.
@@ -118,7 +192,19 @@ impl Sensor {
         if !spec.inputs.is_empty() {
             return Err("inputs: a sensor has no inputs".into());
         }
-        Ok(Sensor { out: crate::output(spec, 0, "the readings")?, params })
+        let rows = match &params.csv {
+            None => None,
+            Some(path) => {
+                let what = |e: String| format!("csv: {}: {e}", path.display());
+                let len = std::fs::metadata(path).map_err(|e| what(e.to_string()))?.len();
+                if len > params.csv_bytes_max {
+                    return Err(what(format!("{len} bytes is more than csv_bytes_max ({})", params.csv_bytes_max)));
+                }
+                let text = std::fs::read_to_string(path).map_err(|e| what(e.to_string()))?;
+                Some(parse_csv(&text).map_err(what)?)
+            }
+        };
+        Ok(Sensor { out: crate::output(spec, 0, "the readings")?, params, rows })
     }
 }
 
@@ -144,8 +230,12 @@ impl Behaviour for Sensor {
             return Ok(());
         }
         let ts_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+        let mut until = until;
         for n in s.emitted..until {
-            let r = self.params.sample(n);
+            let Some(r) = self.reading(n) else {
+                until = n;
+                break;
+            };
             let label = if r.anomaly { "anomaly" } else { "normal" };
             let doc = serde_json::json!({ "value": r.value, "ts_ms": ts_ms, "n": n, "label": label });
             ctx.emit(&self.out, Draft::new(Kind::Reading, PayloadType::new(READING_TYPE)?, doc.to_string().into_bytes()))?;
@@ -180,6 +270,33 @@ mod tests {
             assert_eq!(a.sample(n), b.sample(n));
         }
         assert_ne!(params(8).sample(3).value, a.sample(3).value);
+    }
+
+    #[test]
+    fn csv_files_are_checked_line_by_line_and_replayed() {
+        let rows = parse_csv("# a comment\nts,value,label\n1,20.5,normal\n\n2,99,anomaly\n3,21,\n").unwrap();
+        assert_eq!(rows, [(20.5, false), (99.0, true), (21.0, false)]);
+        assert_eq!(parse_csv("value\n1\nhot\n").unwrap_err(), "line 3: value \"hot\" is not a number");
+        assert_eq!(parse_csv("v,label\n1,x\n").unwrap_err(), "the header \"v,label\" has no `value` column");
+        assert_eq!(parse_csv("value,label\n1,maybe\n").unwrap_err(), "line 2: label \"maybe\" is not anomaly/normal/1/0/true/false");
+        assert_eq!(parse_csv("value\n").unwrap_err(), "the file has no readings");
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("line.csv");
+        std::fs::write(&path, "value,label\n1.5,normal\n9,anomaly\n").unwrap();
+        let spec = |extra: &str| -> ActorSpec {
+            toml::from_str(&format!("kind = \"sensor\"\nname = \"s\"\noutputs = [\"r\"]\nparams = {{ rate_hz = 10, csv = {:?}{extra} }}", path.display().to_string())).unwrap()
+        };
+        let looped = Sensor::from_spec(&spec("")).unwrap();
+        let values: Vec<(f64, bool)> = (0..5).map(|n| looped.reading(n).map(|s| (s.value, s.anomaly)).unwrap()).collect();
+        assert_eq!(values, [(1.5, false), (9.0, true), (1.5, false), (9.0, true), (1.5, false)]);
+        let once = Sensor::from_spec(&spec(", repeat = false")).unwrap();
+        assert!(once.reading(1).is_some() && once.reading(2).is_none());
+        let err = Sensor::from_spec(&spec(", csv_bytes_max = 4")).err().unwrap();
+        assert!(err.contains("is more than csv_bytes_max (4)"), "{err}");
+        std::fs::write(&path, "value\nNaNx\n").unwrap();
+        let err = Sensor::from_spec(&spec("")).err().unwrap();
+        assert!(err.starts_with("csv: ") && err.ends_with("line 2: value \"NaNx\" is not a number"), "{err}");
     }
 
     #[test]

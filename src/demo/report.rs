@@ -282,7 +282,7 @@ pub fn analyse(input: &Input) -> anyhow::Result<Report> {
 const W: f64 = 900.0;
 const H: f64 = 220.0;
 const LEFT: f64 = 50.0;
-const TOP: f64 = 20.0;
+const TOP: f64 = 34.0;
 const BOTTOM: f64 = 30.0;
 
 struct Chart {
@@ -292,7 +292,7 @@ struct Chart {
 
 impl Chart {
     fn new(title: &str, span_s: f64, starts_s: &[f64], y_label: &str) -> Chart {
-        let mut svg = format!("<h2>{title}</h2>\n<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{W}\" height=\"{H}\" font-family=\"sans-serif\" font-size=\"11\">\n");
+        let mut svg = format!("<h2>{title}</h2>\n<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{W}\" height=\"{H}\" font-family=\"sans-serif\" font-size=\"11\" shape-rendering=\"crispEdges\">\n");
         let _ = writeln!(svg, "<rect x=\"{LEFT}\" y=\"{TOP}\" width=\"{}\" height=\"{}\" fill=\"#fafafa\" stroke=\"#ccc\"/>", W - LEFT - 10.0, H - TOP - BOTTOM);
         let _ = writeln!(svg, "<text x=\"4\" y=\"{}\" transform=\"rotate(-90 10 {})\">{y_label}</text>", H / 2.0, H / 2.0);
         let c = Chart { svg, span_s };
@@ -300,7 +300,7 @@ impl Chart {
         for (i, &s) in starts_s.iter().enumerate() {
             let x = c.x(s);
             let _ = writeln!(c.svg, "<line x1=\"{x:.1}\" y1=\"{TOP}\" x2=\"{x:.1}\" y2=\"{}\" stroke=\"#999\" stroke-dasharray=\"3,3\"/>", H - BOTTOM);
-            let _ = writeln!(c.svg, "<text x=\"{:.1}\" y=\"{}\" fill=\"#555\">{}</text>", x + 2.0, TOP + 10.0, PHASES[i].0);
+            let _ = writeln!(c.svg, "<text x=\"{:.1}\" y=\"{}\" fill=\"#555\">{}</text>", x + 2.0, TOP - 4.0, PHASES[i].0);
         }
         let mut t = 0.0;
         while t <= span_s {
@@ -338,6 +338,13 @@ impl Chart {
     }
 }
 
+/// Records, on `<body data-render-check>`, what the browser laid out: per chart, the marks
+/// drawn (rectangles, dots, line points) and its size. Lets a headless browser (and the tests) check that the charts render.
+const RENDER_CHECK: &str = "<script>document.body.setAttribute('data-render-check', \
+[...document.querySelectorAll('svg')].map(s => { const b = s.getBBox(); \
+const points = [...s.querySelectorAll('polyline')].reduce((n, p) => n + p.points.numberOfItems, 0); \
+return (s.querySelectorAll('rect,circle').length + points) + ':' + Math.round(b.width) + 'x' + Math.round(b.height); }).join(' '));</script>\n";
+
 fn html(input: &Input, decisions: &[(u64, Value)], text: &str) -> String {
     let t0 = input.phase_starts_unix[0];
     let span_s = (input.end_unix.saturating_sub(t0)) as f64 / 1000.0;
@@ -356,7 +363,7 @@ fn html(input: &Input, decisions: &[(u64, Value)], text: &str) -> String {
     let mut c1 = Chart::new("Decisions per tier, per second", span_s, &starts_s, "decisions/s");
     c1.y_axis(max, "");
     let bar = (c1.x(1.0) - c1.x(0.0)).max(1.0);
-    for (s, b) in per_s.iter().enumerate() {
+    for (s, b) in per_s.iter().enumerate().filter(|(s, _)| (*s as f64) + 1.0 <= span_s) {
         let mut acc = 0.0;
         for (i, &n) in b.iter().enumerate() {
             if n == 0 {
@@ -406,7 +413,7 @@ fn html(input: &Input, decisions: &[(u64, Value)], text: &str) -> String {
     format!(
         "<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>Strata demo report</title>\
          <style>body{{font-family:sans-serif;margin:2em;max-width:960px}}pre{{background:#f4f4f4;padding:1em;overflow-x:auto}}</style></head>\n\
-         <body><h1>Strata demo report</h1>\n{}{}{}{}<h2>Report</h2><pre>{}</pre></body></html>\n",
+         <body><h1>Strata demo report</h1>\n{}{}{}{}<h2>Report</h2><pre>{}</pre>\n{RENDER_CHECK}</body></html>\n",
         c1.finish(&legend),
         c2.finish(&legend),
         c3.finish(&modes),

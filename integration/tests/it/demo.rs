@@ -58,4 +58,27 @@ fn a_short_demo_loses_nothing_and_reports_every_phase() {
         assert!(html.contains(title), "chart {title:?} missing");
     }
     assert!(html.matches("<circle").count() >= 100, "the latency chart plots the run's decisions");
+
+    // A real browser lays the four charts out, with what they draw (the page records it on
+    // <body data-render-check="marks:WxH ...">).
+    let dom = Command::new("chromium-headless-shell")
+        .args(["--no-sandbox", "--disable-gpu", "--dump-dom"])
+        .arg(format!("file://{}", out_dir.path().join("index.html").display()))
+        .output()
+        .expect("chromium-headless-shell runs (`make test` installs it)");
+    let dom = String::from_utf8_lossy(&dom.stdout);
+    let check = dom.split("data-render-check=\"").nth(1).and_then(|r| r.split('"').next()).unwrap_or_else(|| panic!("no render check in the DOM: {dom:.500}"));
+    let charts: Vec<(u64, u64, u64)> = check
+        .split(' ')
+        .map(|c| {
+            let (marks, size) = c.split_once(':').unwrap();
+            let (w, h) = size.split_once('x').unwrap();
+            (marks.parse().unwrap(), w.parse().unwrap(), h.parse().unwrap())
+        })
+        .collect();
+    assert_eq!(charts.len(), 4, "{check}");
+    for (marks, w, h) in &charts {
+        assert!(*marks >= 10 && *w >= 500 && *h >= 100, "a chart rendered empty or tiny: {check}");
+    }
+    println!("rendered by chromium-headless-shell: {check}");
 }
