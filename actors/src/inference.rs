@@ -11,8 +11,10 @@
 //!   from its inputs) without learning from it.
 //! - `route = true`: for each reading, the decision is taken by the tier the router picks for
 //!   the capability's deadline (`routing.deadline_ms`, counted from when the reading was
-//!   appended if it is this node's own), with the local model as the fallback. Every outcome
-//!   is emitted, with how it was routed (see [`strata_core::node::decide::Outcome`]).
+//!   appended if it is this node's own), with the local model as the fallback. The router also
+//!   gets the reading's priority and the actor's load (its backlog as a share of one input
+//!   batch). Every outcome is emitted, with how it was routed (see
+//!   [`strata_core::node::decide::Outcome`]).
 //!
 //! Decision payload (`strata.decision/1`): `{"input": "<reading id>", "capability": "anomaly",
 //! "model": "ewma-zscore/1", "tier": "edge", "node": "edge-1", "anomaly": true, "score": 9.1,
@@ -27,7 +29,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use strata_core::bus::BoxFut;
 use strata_core::config::{ActorSpec, Name};
-use strata_core::log::Draft;
+use strata_core::actor::INPUT_BATCH_LEN_MAX;
+use strata_core::log::{Draft, StreamKey};
 use strata_core::node::decide::{DecisionRequest, ServeGuard, Service};
 use strata_core::{ActorError, Behaviour, Ctx, Envelope, Kind, MonoTime, NodeId, PayloadType, StreamName, Tier};
 
@@ -248,7 +251,12 @@ impl Behaviour for Inference {
                 let started = MonoTime::from_micros(now.as_micros().saturating_sub(age_us));
                 let deadline = started.saturating_add(Duration::from_millis(budget_ms));
                 let id = input.id.to_string();
-                let (mut doc, outcome) = decider.decide(self.capability.as_str(), &id, &json!({"value": value}), deadline, started, local).await;
+                // Load: how far behind this actor is, as a share of what it can take in one
+                // batch (a full batch waiting or more: saturated).
+                let last = ctx.log().stream(&StreamKey::of(&input.id)).map_or(0, |i| i.last);
+                let load = (last.saturating_sub(input.id.seq.get()) as f64 / INPUT_BATCH_LEN_MAX as f64).min(1.0);
+                let (mut doc, outcome) =
+                    decider.decide(self.capability.as_str(), &id, &json!({"value": value}), deadline, started, input.priority, load, local).await;
                 if let (Value::Object(d), Value::Object(o)) = (&mut doc, serde_json::to_value(&outcome)?) {
                     d.extend(o);
                 }

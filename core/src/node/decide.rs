@@ -29,7 +29,7 @@ use tokio::sync::{mpsc, watch, Semaphore};
 use crate::bus::{BoxFut, BusError, Transport};
 use crate::config::{Name, NodeConfig};
 use crate::mode::Mode;
-use crate::model::{MonoClock, MonoTime, NodeId, Tier};
+use crate::model::{MonoClock, MonoTime, NodeId, Priority, Tier};
 use crate::route::{self, Candidate, Estimator, Policy, Route, Target};
 
 /// Key of the queryable of `node` for `capability`.
@@ -347,8 +347,20 @@ impl Decider {
 
     /// Takes one decision about `input` for `capability` by `deadline` (on [`Decider::now`]'s
     /// clock): asks the tier the router picks, or uses `local` (the caller's own decision,
-    /// already computed) when that is the plan or no answer came in time.
-    pub async fn decide(&self, capability: &str, id: &str, input: &Value, deadline: MonoTime, started: MonoTime, local: Value) -> (Value, Outcome) {
+    /// already computed) when that is the plan or no answer came in time. `priority` and
+    /// `local_load` (0..=1, how busy the caller is) go to the router ([`route::Ask`]).
+    #[allow(clippy::too_many_arguments)]
+    pub async fn decide(
+        &self,
+        capability: &str,
+        id: &str,
+        input: &Value,
+        deadline: MonoTime,
+        started: MonoTime,
+        priority: Priority,
+        local_load: f64,
+        local: Value,
+    ) -> (Value, Outcome) {
         let now = self.clock.now();
         let deadline_us = us(deadline.saturating_since(started));
         let budget_us = us(deadline.saturating_since(now));
@@ -362,7 +374,7 @@ impl Decider {
                 .map(|t| Candidate { target: t.clone(), reachable: tier_allowed(self.tier, mode, t.tier), summary: estimator.summary(t) })
                 .collect()
         };
-        let plan = route::plan(self.tier, budget_us, &candidates, &self.policy);
+        let plan = route::plan_ask(self.tier, &route::Ask { budget_us, priority, local_load }, &candidates, &self.policy);
         let mut outcome = Outcome {
             request: id.to_owned(),
             capability: capability.to_owned(),

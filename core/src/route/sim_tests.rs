@@ -17,10 +17,10 @@ use std::time::Duration;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use super::{plan, Candidate, Estimator, Policy, Route, Target};
+use super::{plan_ask, Ask, Candidate, Estimator, Policy, Route, Target};
 use crate::config::AutonomySection;
 use crate::mode::{bounds, judge, target, Health, Mode, ModeMachine, Verdict};
-use crate::model::{MonoTime, NodeId, Tier};
+use crate::model::{MonoTime, NodeId, Priority, Tier};
 
 const STEPS_MS: u64 = 10_000;
 const BUDGET_US: u64 = 20_000;
@@ -158,7 +158,13 @@ fn run_seed(seed: u64) -> Tally {
             .iter()
             .map(|tg| Candidate { target: tg.clone(), reachable: health.reachable.contains(&tg.tier), summary: est.summary(tg) })
             .collect();
-        let p = plan(Tier::Edge, budget, &candidates, &policy);
+        // Sometimes the node is busy: its own fallback is slower then (up to 5x: still within
+        // the budget, so every decision can meet its deadline).
+        let local_load = if rng.gen_bool(0.3) { rng.gen_range(0.0..0.8) } else { 0.0 };
+        let priority = [Priority::LOW, Priority::NORMAL, Priority::HIGH, Priority::CRITICAL][rng.gen_range(0..4)];
+        let fallback_us = (policy.fallback_us as f64 / (1.0 - f64::min(local_load, 0.9))).ceil() as u64;
+        let p = plan_ask(Tier::Edge, &Ask { budget_us: budget, priority, local_load }, &candidates, &policy);
+        assert!(p.hedge.is_none() || priority >= Priority::HIGH, "{}", ctx("hedged a request below HIGH priority"));
         tally.requests += 1;
         let mut remote_answer = |target: &Target, timeout_us: u64, rng: &mut StdRng| -> Option<u64> {
             let w = if target.tier == Tier::Fog { &fog } else { &cloud };
@@ -180,10 +186,10 @@ fn run_seed(seed: u64) -> Tally {
                 assert_eq!(budget, 0, "{}", ctx("expired with budget left"));
                 continue;
             }
-            Route::Local => (policy.fallback_us, 0),
+            Route::Local => (fallback_us, 0),
             Route::Remote { target, timeout_us, estimate_us } => {
                 assert!(
-                    estimate_us + policy.safety_margin_us + policy.fallback_us <= budget && timeout_us + policy.fallback_us <= budget,
+                    estimate_us + policy.safety_margin_us + fallback_us <= budget && timeout_us + fallback_us <= budget,
                     "{}",
                     ctx(&format!("sent a request that cannot meet its deadline: {p:?} budget {budget}"))
                 );
@@ -195,7 +201,7 @@ fn run_seed(seed: u64) -> Tally {
                     (Some(a), Some((b, tier))) if b < a => (b, tier_idx(tier)),
                     (Some(a), _) => (a, tier_idx(target.tier)),
                     (None, Some((b, tier))) => (b, tier_idx(tier)),
-                    (None, None) => (timeout_us + policy.fallback_us, 0),
+                    (None, None) => (timeout_us + fallback_us, 0),
                 }
             }
         };
