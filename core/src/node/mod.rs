@@ -436,7 +436,8 @@ fn status(config: &NodeConfig, log: &Log, replicator: &Replicator, started: Inst
 }
 
 /// `strata status`: one row per node: tier, mode, uptime, actors as `name:state/restarts`, streams,
-/// and two lags in records: `unacked`, per tier, how far that tier's acknowledgement is behind
+/// decisions taken by each tier (`cloud/fog/edge`, with the share of deadlines met), escalations
+/// waiting for an operator, and two lags in records: `unacked`, per tier, how far that tier's acknowledgement is behind
 /// this node's own streams; `behind`, per origin, how far this node's copy is behind what the
 /// origin holds (the largest over the streams).
 pub fn status_table(docs: &[Value]) -> String {
@@ -472,6 +473,14 @@ pub fn status_table(docs: &[Value]) -> String {
                     *e = (*e).max(holds.saturating_sub(watermark));
                 }
             }
+            let n = |k: &str| d["decisions"][k].as_u64().unwrap_or(0);
+            let decided = n("cloud") + n("fog") + n("edge");
+            let decisions = if decided == 0 {
+                "-".to_owned()
+            } else {
+                format!("{}/{}/{} {:.1}%", n("cloud"), n("fog"), n("edge"), 100.0 * n("met") as f64 / (n("met") + n("missed")).max(1) as f64)
+            };
+            let waiting = d["escalations_pending"].as_array().map_or(0, Vec::len);
             vec![
                 d["node"].as_str().unwrap_or("?").to_owned(),
                 d["tier"].as_str().unwrap_or("?").to_owned(),
@@ -479,12 +488,17 @@ pub fn status_table(docs: &[Value]) -> String {
                 format!("{:.1}s", d["uptime_ms"].as_u64().unwrap_or(0) as f64 / 1000.0),
                 if actors.is_empty() { "-".to_owned() } else { actors.join(" ") },
                 streams.len().to_string(),
+                decisions,
+                waiting.to_string(),
                 or_dash(unacked),
                 or_dash(behind),
             ]
         })
         .collect();
-    crate::log::show::table(&["node", "tier", "mode", "uptime", "actors (state/restarts)", "streams", "unacked", "behind"], &rows)
+    crate::log::show::table(
+        &["node", "tier", "mode", "uptime", "actors (state/restarts)", "streams", "decided c/f/e met", "escalations", "unacked", "behind"],
+        &rows,
+    )
 }
 
 #[cfg(test)]
@@ -496,6 +510,8 @@ mod tests {
         let edge = json!({
             "node": "edge-1", "tier": "edge", "mode": "no_cloud", "uptime_ms": 1500,
             "actors": [{"name": "line-3", "state": "running", "restarts": 2}],
+            "decisions": {"cloud": 5, "fog": 90, "edge": 5, "met": 99, "missed": 1},
+            "escalations_pending": [{"id": "edge-1/decisions@1#7"}],
             "streams": [{"origin": "edge-1", "local": true, "watermark": 10, "acked": {"cloud": 7, "fog": 10}, "peers": {}}],
         });
         let cloud = json!({
@@ -510,6 +526,7 @@ mod tests {
         assert_eq!(lines.len(), 3, "{table}");
         assert!(lines[1].starts_with("edge-1") && lines[1].contains("no_cloud  1.5s") && lines[1].contains("line-3:running/2"), "{table}");
         assert!(lines[1].contains("cloud:3 fog:0") && lines[1].trim_end().ends_with('-'), "{table}");
+        assert!(lines[1].contains("5/90/5 99.0%       1 "), "decisions per tier, deadlines met, escalations waiting: {table}");
         assert!(lines[2].contains("edge-1:2 fog-1:0"), "{table}");
     }
 }
