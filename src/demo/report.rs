@@ -67,6 +67,11 @@ fn records(data_dir: &Path, origin: &str, stream: &str) -> anyhow::Result<Vec<(u
     Ok(out)
 }
 
+/// The edge's last reading seq, from its (stopped) store.
+pub fn produced(edge_dir: &Path) -> anyhow::Result<u64> {
+    Ok(held(edge_dir, "edge-1", "readings/line-3")?.1)
+}
+
 /// `(records, highest seq)` of `origin`'s `stream` held by the store at `data_dir`.
 fn held(data_dir: &Path, origin: &str, stream: &str) -> anyhow::Result<(u64, u64)> {
     let store = RocksStore::open_read_only(data_dir).with_context(|| format!("open {}", data_dir.display()))?;

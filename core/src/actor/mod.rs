@@ -8,7 +8,9 @@
 //! - it feeds the actor its inputs from the log through its cursors, in bounded batches;
 //! - after a batch, it writes the outputs the handler emitted **and** the cursor in one atomic
 //!   log write, then publishes the outputs: a crashed and restarted actor continues exactly
-//!   after the last batch it finished, with no output lost or repeated;
+//!   after the last batch it finished, with no output lost or repeated. The next batch is
+//!   handled while that write is made durable (so an fsync does not delay the handler), but
+//!   the next write is queued only once the previous one is durable;
 //! - a snapshot saved with [`Ctx::save_snapshot`] is written in that same write and handed back
 //!   to [`Behaviour::start`] after a restart, so state is rebuilt without replaying history;
 //! - its mailbox only ever holds its own poll and timer messages: nothing from the network
@@ -214,6 +216,11 @@ pub struct HostState<B: Behaviour> {
     ctx: Ctx,
     inputs: Vec<StreamRef>,
     publish: Publish,
+    /// The last write queued and not yet known durable (its task publishes it once durable).
+    in_flight: Option<tokio::task::JoinHandle<Result<(), crate::log::LogError>>>,
+    /// Per input, the last seq handled and queued for commit (ahead of the durable cursor
+    /// while a write is in flight).
+    handled_to: BTreeMap<StreamKey, u64>,
 }
 
 /// Runs one [`Behaviour`] as a ractor actor.
@@ -241,7 +248,10 @@ impl<B: Behaviour> HostState<B> {
         keys
     }
 
-    /// Writes emitted outputs, the snapshot and `cursors` together, then publishes.
+    /// Queues emitted outputs, the snapshot and `cursors` as one atomic write. It is not
+    /// awaited here: the next batch is handled while it is made durable (an fsync must not
+    /// delay decisions). The next write is queued only after this one is durable, and its
+    /// outputs are published as soon as it is durable.
     async fn commit(&mut self, cursors: Vec<(StreamKey, u64)>) -> Result<(), ActorError> {
         let mut outputs = std::mem::take(&mut self.ctx.emitted);
         if let Some(bytes) = self.ctx.save.take() {
@@ -251,23 +261,45 @@ impl<B: Behaviour> HostState<B> {
         if outputs.is_empty() && cursors.is_empty() {
             return Ok(());
         }
-        let appended = self.ctx.log.commit_atomically(outputs, &self.ctx.name, cursors).await?;
-        for envelope in &appended {
-            if !envelope.id.stream.as_str().starts_with(crate::log::SNAPSHOTS_PREFIX) {
-                (self.publish)(envelope);
-            }
+        // A failed write must stop the actor before anything after it is written.
+        self.settle().await?;
+        for (key, seq) in &cursors {
+            self.handled_to.insert(key.clone(), *seq);
         }
+        let ticket = self.ctx.log.commit_atomically_queued(outputs, &self.ctx.name, cursors).await?;
+        // Published as soon as durable, not when the next batch settles it.
+        let publish = self.publish.clone();
+        self.in_flight = Some(tokio::spawn(async move {
+            let appended = ticket.await?;
+            for envelope in &appended {
+                if !envelope.id.stream.as_str().starts_with(crate::log::SNAPSHOTS_PREFIX) {
+                    publish(envelope);
+                }
+            }
+            Ok(())
+        }));
         Ok(())
+    }
+
+    /// Waits until the queued write (if any) is durable and published.
+    async fn settle(&mut self) -> Result<(), ActorError> {
+        let Some(task) = self.in_flight.take() else { return Ok(()) };
+        match task.await {
+            Ok(result) => result.map_err(Into::into),
+            Err(e) => Err(format!("the write of actor {} was lost: {e}", self.ctx.name).into()),
+        }
     }
 
     /// One pass over the inputs; returns how many records were handled.
     async fn poll(&mut self) -> Result<usize, ActorError> {
         let mut handled = 0;
         for key in self.input_keys() {
-            let cursor = match self.ctx.log.cursor(&self.ctx.name, &key) {
+            let durable = match self.ctx.log.cursor(&self.ctx.name, &key) {
                 Some(c) => c,
                 None => self.ctx.log.register_consumer(&self.ctx.name, &key).await?,
             };
+            // Past what is durable: the batches whose write is still queued.
+            let cursor = durable.max(self.handled_to.get(&key).copied().unwrap_or(0));
             let batch = self.ctx.log.read(&key, cursor + 1, INPUT_BATCH_LEN_MAX)?;
             let Some(last) = batch.last().map(|e| e.id.seq.get()) else { continue };
             for envelope in &batch {
@@ -289,6 +321,10 @@ impl<B: Behaviour> Actor for Host<B> {
 
     async fn pre_start(&self, myself: ActorRef<HostMsg>, args: HostArgs<B>) -> Result<HostState<B>, ActorProcessingErr> {
         let HostArgs { behaviour, spec, config, mode, log, publish, decider } = args;
+        // A barrier: writes are made durable in queue order, so once this empty write is
+        // durable, so is any write a previous instance queued before it failed. Only then
+        // are the snapshot and the cursors read: nothing is handled twice.
+        log.commit_atomically(Vec::new(), &spec.name, Vec::new()).await?;
         let snapshot_key = log.local_key(&snapshot_stream(&spec.name));
         let snapshot = match log.stream(&snapshot_key) {
             Some(info) if info.last > 0 => log.read(&snapshot_key, info.last, 1)?.pop().map(|e| e.payload),
@@ -315,7 +351,7 @@ impl<B: Behaviour> Actor for Host<B> {
         if let Some(every) = behaviour.tick_interval() {
             myself.send_after(every, || HostMsg::Tick);
         }
-        Ok(HostState { behaviour, state, ctx, inputs: spec.inputs, publish })
+        Ok(HostState { behaviour, state, ctx, inputs: spec.inputs, publish, in_flight: None, handled_to: BTreeMap::new() })
     }
 
     async fn handle(&self, myself: ActorRef<HostMsg>, msg: HostMsg, s: &mut HostState<B>) -> Result<(), ActorProcessingErr> {
@@ -324,7 +360,9 @@ impl<B: Behaviour> Actor for Host<B> {
                 let mut commits = s.ctx.log.store().commits();
                 commits.borrow_and_update();
                 if s.poll().await? == 0 {
-                    // Nothing new: wait (bounded) for the next write to the log.
+                    // Nothing new: make the last batch durable and published, then wait
+                    // (bounded) for the next write to the log.
+                    s.settle().await?;
                     let _ = tokio::time::timeout(IDLE_WAIT, commits.changed()).await;
                 }
                 myself.send_message(HostMsg::Poll)?;
@@ -337,6 +375,12 @@ impl<B: Behaviour> Actor for Host<B> {
                 }
             }
         }
+        Ok(())
+    }
+
+    /// An orderly stop makes the last batch's write durable (and published) first.
+    async fn post_stop(&self, _: ActorRef<HostMsg>, s: &mut HostState<B>) -> Result<(), ActorProcessingErr> {
+        s.settle().await?;
         Ok(())
     }
 }

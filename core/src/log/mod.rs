@@ -281,6 +281,26 @@ impl Future for AppendTicket {
     }
 }
 
+/// A queued atomic write; resolves with the appended envelopes once durable.
+pub struct AtomicTicket(Pending);
+
+impl Future for AtomicTicket {
+    type Output = Result<Vec<Envelope>, LogError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        Pin::new(&mut self.0).poll(cx).map(|r| match r? {
+            OpResult::Atomic(results) => Ok(results
+                .into_iter()
+                .filter_map(|r| match r {
+                    OpResult::Appended(e) => Some(e),
+                    _ => None,
+                })
+                .collect()),
+            other => unreachable!("atomic answered with {other:?}"),
+        })
+    }
+}
+
 /// Queued remote inserts; resolves once they are durable, with one result per record.
 pub struct InsertManyTicket(Pending);
 
@@ -396,18 +416,20 @@ impl Log {
         consumer: &Name,
         cursors: Vec<(StreamKey, u64)>,
     ) -> Result<Vec<Envelope>, LogError> {
+        self.commit_atomically_queued(outputs, consumer, cursors).await?.await
+    }
+
+    /// [`Log::commit_atomically`], resolving once the write is queued; the ticket resolves
+    /// once it is durable. Writes are made durable in the order they were queued.
+    pub async fn commit_atomically_queued(
+        &self,
+        outputs: Vec<(StreamName, Draft)>,
+        consumer: &Name,
+        cursors: Vec<(StreamKey, u64)>,
+    ) -> Result<AtomicTicket, LogError> {
         let mut ops: Vec<Op> = outputs.into_iter().map(|(stream, draft)| Op::Append { stream, draft }).collect();
         ops.extend(cursors.into_iter().map(|(key, seq)| Op::Cursor { consumer: consumer.clone(), key, seq }));
-        match self.store.submit(Op::Atomic { ops }).await?.await? {
-            OpResult::Atomic(results) => Ok(results
-                .into_iter()
-                .filter_map(|r| match r {
-                    OpResult::Appended(e) => Some(e),
-                    _ => None,
-                })
-                .collect()),
-            other => unreachable!("atomic answered with {other:?}"),
-        }
+        Ok(AtomicTicket(self.store.submit(Op::Atomic { ops }).await?))
     }
 
     /// Applies the configured retention rules at wall-clock time `now_unix_ms`.

@@ -150,6 +150,7 @@ pub struct Decider {
     serve_queue_len_max: usize,
     clock: MonoClock,
     mode: watch::Receiver<Mode>,
+    /// Lock order: `servers` before `estimator` (both are held together when planning).
     estimator: Mutex<Estimator>,
     servers: Mutex<BTreeSet<Target>>,
     counters: Mutex<DecideCounters>,
@@ -328,11 +329,13 @@ impl Decider {
         let start = self.clock.now();
         let answered = self.ask(&target, &request, self.probe_timeout).await.is_some();
         let now = self.clock.now();
-        let mut e = self.estimator.lock().unwrap_or_else(|p| p.into_inner());
-        // Only a server still known: a probe in flight when it left must not revive it.
-        if !self.servers.lock().unwrap_or_else(|p| p.into_inner()).contains(&target) {
+        // Only a server still known: a probe in flight when it left must not revive it. Lock
+        // order everywhere: `servers` before `estimator`.
+        let servers = self.servers.lock().unwrap_or_else(|p| p.into_inner());
+        if !servers.contains(&target) {
             return;
         }
+        let mut e = self.estimator.lock().unwrap_or_else(|p| p.into_inner());
         if answered {
             e.observe(&target, now, us(now.saturating_since(start)));
         } else {
