@@ -307,8 +307,13 @@ impl Decider {
     async fn ask(&self, target: &Target, request: &DecisionRequest, timeout: Duration) -> Option<Value> {
         let payload = serde_json::to_vec(request).expect("requests serialise");
         let key = decide_key(&target.capability, &target.node);
-        let mut replies = self.transport.request(&key, "", payload, timeout, 1).await.ok()?;
-        let bytes = tokio::time::timeout(timeout, replies.recv()).await.ok()??;
+        // The whole exchange, sending included, is bounded: a congested link must not hold
+        // the decision past its timeout.
+        let exchange = async {
+            let mut replies = self.transport.request(&key, "", payload, timeout, 1).await.ok()?;
+            replies.recv().await
+        };
+        let bytes = tokio::time::timeout(timeout, exchange).await.ok()??;
         match serde_json::from_slice::<Answer>(&bytes).ok()?.result {
             AnswerResult::Decision(v) => Some(v),
             AnswerResult::Error(e) => {
