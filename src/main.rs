@@ -151,10 +151,17 @@ fn init_tracing(format: LogFormat) {
     }
 }
 
-/// Loads a config and checks its actors against the registry of standard kinds.
+/// The actor kinds of the `strata` binary: the standard kinds and the device bridges.
+fn registry() -> strata_core::Registry {
+    let mut r = strata_actors::registry();
+    strata_bridges::register(&mut r);
+    r
+}
+
+/// Loads a config and checks its actors against the registry of kinds.
 fn load(path: &std::path::Path) -> Result<NodeConfig, String> {
     let config = NodeConfig::load(path).map_err(|e| e.to_string())?;
-    let registry = strata_actors::registry();
+    let registry = registry();
     let problems: Vec<String> = config
         .actors
         .iter()
@@ -185,7 +192,7 @@ fn run(path: &std::path::Path, format: LogFormat) -> ExitCode {
         }
     };
     runtime.block_on(async {
-        let node = match strata_core::node::Node::start(config, &strata_actors::registry()).await {
+        let node = match strata_core::node::Node::start(config, &registry()).await {
             Ok(n) => n,
             Err(e) => {
                 tracing::error!(error = %e, "node failed to start");

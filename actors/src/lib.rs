@@ -3,7 +3,7 @@
 //! | kind        | inputs     | outputs                      | does |
 //! |-------------|------------|------------------------------|------|
 //! | `sensor`    | -          | readings                     | emits readings from a seeded generator at `rate_hz` |
-//! | `inference` | readings   | decisions                    | scores readings with a model (`ewma`: streaming z-score) |
+//! | `inference` | readings   | decisions                    | scores readings with a model (`ewma`: streaming z-score; `onnx`: a window model run with tract) |
 //! | `arbiter`   | decisions  | commands, escalations        | acts within the autonomy bounds, escalates the rest |
 //! | `chaos`     | -          | -                            | fails on purpose every `every_ms` (drills, demos) |
 //!
@@ -32,7 +32,7 @@ pub fn registry() -> Registry {
 
 /// Parses a kind's `params` table into its typed parameters (unknown keys refused).
 pub fn params<P: DeserializeOwned>(spec: &ActorSpec) -> Result<P, String> {
-    toml::Value::Table(spec.params.clone()).try_into().map_err(|e: toml::de::Error| e.message().trim().to_owned())
+    spec.params()
 }
 
 /// The `i`th output of `spec`, or an error naming what it is for.

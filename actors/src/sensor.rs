@@ -1,7 +1,10 @@
 //! `sensor`: emits readings on `outputs[0]` at `rate_hz` from a seeded generator:
 //! `base + amplitude * sin(2π t / period_s) + drift_per_s * t + noise`, plus injected
-//! anomalies (a spike of `anomaly_size` noise deviations with probability `anomaly_rate`),
-//! each reading labelled with its ground truth. Reading `n` depends only on `(seed, n)`, so a
+//! anomalies, each reading labelled with its ground truth: spikes (one reading off by
+//! `anomaly_size` noise deviations, with probability `anomaly_rate`) and level shifts
+//! (`shift_len` readings off by `shift_size` deviations, starting with probability
+//! `shift_rate` at each reading). Spikes are easy for any detector; shifts are small and
+//! show only against the readings before them, which is what the bigger models are for. Reading `n` depends only on `(seed, n)`, so a
 //! restarted sensor continues the same series from its snapshot (the count emitted).
 //!
 //! Or it replays a CSV file (`csv = "path/to/file.csv"`, relative to the node's working
@@ -51,6 +54,15 @@ pub struct SensorParams {
     /// Size of an anomaly, in noise deviations. Default 8.
     #[serde(default = "d_anomaly_size")]
     pub anomaly_size: f64,
+    /// Probability that a level shift starts at a reading. Default 0.002.
+    #[serde(default = "d_shift_rate")]
+    pub shift_rate: f64,
+    /// Length of a level shift, in readings. Default 10.
+    #[serde(default = "d_shift_len")]
+    pub shift_len: u64,
+    /// Size of a level shift, in noise deviations. Default 2.5.
+    #[serde(default = "d_shift_size")]
+    pub shift_size: f64,
     /// Replay this CSV file instead of generating. Default none.
     #[serde(default)]
     pub csv: Option<std::path::PathBuf>,
@@ -118,6 +130,17 @@ fn d_anomaly_rate() -> f64 {
 fn d_anomaly_size() -> f64 {
     8.0
 }
+fn d_shift_rate() -> f64 {
+    0.002
+}
+fn d_shift_len() -> u64 {
+    10
+}
+fn d_shift_size() -> f64 {
+    2.5
+}
+/// Longest level shift accepted (each reading looks back this far for one).
+const SHIFT_LEN_MAX: u64 = 1_000;
 
 /// One generated reading.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -137,12 +160,31 @@ impl SensorParams {
         let gauss = (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos();
         let anomaly = rng.gen_bool(self.anomaly_rate);
         let spike = if anomaly { self.anomaly_size * self.noise.max(f64::MIN_POSITIVE) * if rng.gen() { 1.0 } else { -1.0 } } else { 0.0 };
+        let shift = self.shift_at(n);
         let value = self.base
             + self.amplitude * (2.0 * std::f64::consts::PI * t / self.period_s).sin()
             + self.drift_per_s * t
             + self.noise * gauss
-            + spike;
-        Sample { n, value, anomaly }
+            + spike
+            + shift;
+        Sample { n, value, anomaly: anomaly || shift != 0.0 }
+    }
+
+    /// The level shift reading `n` is in (0.0 if none): the latest one started at most
+    /// `shift_len - 1` readings before it. Each reading's start draw is its own seeded stream.
+    fn shift_at(&self, n: u64) -> f64 {
+        if self.shift_rate <= 0.0 {
+            return 0.0;
+        }
+        for back in 0..self.shift_len.min(n + 1) {
+            let m = n - back;
+            let mut rng = rand::rngs::StdRng::seed_from_u64(!self.seed ^ m.wrapping_mul(0xD1B5_4A32_D192_ED03));
+            if rng.gen_bool(self.shift_rate) {
+                let sign = if rng.gen() { 1.0 } else { -1.0 };
+                return sign * self.shift_size * self.noise.max(f64::MIN_POSITIVE);
+            }
+        }
+        0.0
     }
 }
 
@@ -185,6 +227,12 @@ impl Sensor {
         }
         if !(0.0..=1.0).contains(&params.anomaly_rate) {
             return Err(format!("anomaly_rate: {} is not in 0.0..=1.0", params.anomaly_rate));
+        }
+        if !(0.0..=1.0).contains(&params.shift_rate) {
+            return Err(format!("shift_rate: {} is not in 0.0..=1.0", params.shift_rate));
+        }
+        if params.shift_len > SHIFT_LEN_MAX {
+            return Err(format!("shift_len: {} readings is more than {SHIFT_LEN_MAX}", params.shift_len));
         }
         if params.period_s <= 0.0 || params.noise < 0.0 {
             return Err("period_s must be > 0 and noise >= 0".into());
@@ -260,7 +308,7 @@ mod tests {
     use super::*;
 
     fn params(seed: u64) -> SensorParams {
-        toml::from_str(&format!("rate_hz = 100\nseed = {seed}\nanomaly_rate = 0.05")).unwrap()
+        toml::from_str(&format!("rate_hz = 100\nseed = {seed}\nanomaly_rate = 0.05\nshift_rate = 0")).unwrap()
     }
 
     #[test]
@@ -310,5 +358,20 @@ mod tests {
         assert!(far * 10 >= anomalies.len() * 9, "{far} of {} anomalies beyond 4 sigma", anomalies.len());
         let normal_far = samples.iter().filter(|s| !s.anomaly && (s.value - base(s)).abs() > 4.0 * p.noise).count();
         assert!(normal_far < 10, "{normal_far} normal readings beyond 4 sigma");
+    }
+
+    #[test]
+    fn level_shifts_are_runs_of_labelled_readings_off_by_their_size() {
+        let p: SensorParams = toml::from_str("rate_hz = 100\nseed = 4\nanomaly_rate = 0\nshift_rate = 0.01").unwrap();
+        let samples: Vec<Sample> = (0..20_000).map(|n| p.sample(n)).collect();
+        let labelled = samples.iter().filter(|s| s.anomaly).count();
+        // About 1 start per 100 readings, each 10 long (overlaps merge).
+        assert!((1_200..=2_200).contains(&labelled), "{labelled} readings in shifts");
+        let base = |s: &Sample| p.base + p.amplitude * (2.0 * std::f64::consts::PI * (s.n as f64 / p.rate_hz) / p.period_s).sin();
+        let shifted: f64 = samples.iter().filter(|s| s.anomaly).map(|s| (s.value - base(s)).abs()).sum::<f64>() / labelled as f64;
+        assert!((shifted - 2.5 * p.noise).abs() < 0.15, "mean |offset| {shifted:.3} of shifted readings, want ~{}", 2.5 * p.noise);
+        // Runs: every labelled reading is within shift_len of a run's start.
+        let run_lengths: Vec<usize> = samples.split(|s| !s.anomaly).map(<[Sample]>::len).filter(|l| *l > 0).collect();
+        assert!(run_lengths.iter().all(|l| *l >= 10), "{run_lengths:?}");
     }
 }

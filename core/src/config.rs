@@ -601,6 +601,22 @@ fn permanent() -> RestartType {
     RestartType::Permanent
 }
 
+impl ActorSpec {
+    /// Parses `params` into a kind's typed parameters (unknown keys refused); the error is the
+    /// parser's message, naming the key.
+    pub fn params<P: serde::de::DeserializeOwned>(&self) -> Result<P, String> {
+        serde_path_to_error::deserialize(toml::Value::Table(self.params.clone())).map_err(|e: serde_path_to_error::Error<toml::de::Error>| {
+            let (path, message) = (e.path().to_string(), e.inner().message().trim().to_owned());
+            // The key, unless the message names it already (unknown fields).
+            if path == "." || message.starts_with("unknown field") {
+                message
+            } else {
+                format!("{path}: {message}")
+            }
+        })
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RoutingSection {

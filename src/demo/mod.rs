@@ -66,6 +66,11 @@ const ESCALATION_TIMEOUT_MS: u64 = 5000;
 /// 99.4-100% after), which would make the demo's verdict depend on the disk.
 const LOG_SECTION: &str = "[log]\nsync = \"interval\"\nsync_interval_ms = 100\n";
 
+/// The shipped ONNX models (trained by configs/models/train.py), built into the binary so the
+/// demo needs no files beside it.
+const MODELS: [(&str, &[u8]); 2] =
+    [("fog", include_bytes!("../../configs/models/fog.onnx")), ("cloud", include_bytes!("../../configs/models/cloud.onnx"))];
+
 fn free_port() -> std::io::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
@@ -86,10 +91,11 @@ fn configs(dir: &Path, seed: u64, ports: [u16; 3], fog_upstream: u16) -> [String
         "[routing]\ndeadline_ms = {{ anomaly = {DEADLINE_MS} }}\nprobe_interval_ms = 100\n[modes]\nrecover_hold_ms = {HOLD_MS}\n\
          [autonomy]\nescalation_timeout_ms = {ESCALATION_TIMEOUT_MS}\n{LOG_SECTION}"
     );
-    let server = |name: &str| {
+    let server = |name: &str, model: &str| {
         format!(
             "[[actors]]\nkind = \"inference\"\nname = \"{name}\"\ninputs = [\"edge-1:readings/line-3\"]\noutputs = [\"decisions\"]\n\
-             params = {{ capability = \"anomaly\", model = \"ewma\", serve = true }}\n"
+             params = {{ capability = \"anomaly\", model = \"onnx\", onnx_path = \"{}\", serve = true }}\n",
+            dir.join("models").join(format!("{model}.onnx")).display()
         )
     };
     [
@@ -106,13 +112,13 @@ fn configs(dir: &Path, seed: u64, ports: [u16; 3], fog_upstream: u16) -> [String
             "{}{}[replication]\nsubscribe = [\"edge-1/readings/**\", \"edge-1/decisions\", \"edge-1/events\"]\n{common}{}",
             node("fog-1", "fog"),
             zenoh("router", fog, Some(fog_upstream)),
-            server("anomaly-fog")
+            server("anomaly-fog", "fog")
         ),
         format!(
             "{}{}[replication]\nsubscribe = [\"*/readings/**\", \"*/decisions\", \"*/events\"]\n{common}{}",
             node("cloud-1", "cloud"),
             zenoh("router", cloud, None),
-            server("anomaly-cloud")
+            server("anomaly-cloud", "cloud")
         ),
     ]
 }
@@ -262,6 +268,11 @@ async fn demo(args: &DemoArgs) -> anyhow::Result<bool> {
     std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
     let ports = [free_port()?, free_port()?, free_port()?];
     let proxy = Arc::new(Proxy::start("127.0.0.1:0".parse()?, format!("127.0.0.1:{}", ports[2]).parse()?).await?);
+    // The example continuum's models (configs/models/), written next to the configs.
+    std::fs::create_dir_all(dir.join("models"))?;
+    for (name, bytes) in MODELS {
+        std::fs::write(dir.join("models").join(format!("{name}.onnx")), bytes).with_context(|| format!("write the {name} model"))?;
+    }
     let texts = configs(&dir, args.seed, ports, proxy.listen.port());
     let mut procs: Vec<Proc> = ["edge-1", "fog-1", "cloud-1"]
         .into_iter()

@@ -107,12 +107,16 @@ fn tier_index(d: &Value) -> usize {
 }
 
 /// Detection quality of one tier's decisions against the labels.
-#[derive(Default, Clone, Copy)]
+#[derive(Default, Clone)]
 struct Quality {
     tp: u64,
     fp: u64,
     fn_: u64,
     tn: u64,
+    /// The models that decided (name and version).
+    models: BTreeSet<String>,
+    /// Total model evaluation time, µs.
+    model_us: u64,
 }
 
 impl Quality {
@@ -131,6 +135,12 @@ impl Quality {
     }
     fn precision(&self) -> f64 {
         Quality::pct(self.tp, self.tp + self.fp)
+    }
+    fn decisions(&self) -> u64 {
+        self.tp + self.fp + self.fn_ + self.tn
+    }
+    fn mean_model_us(&self) -> f64 {
+        self.model_us as f64 / self.decisions().max(1) as f64
     }
 }
 
@@ -157,7 +167,7 @@ pub fn analyse(input: &Input) -> anyhow::Result<Report> {
     let commands = records(&edge_dir, "edge-1", "commands")?;
 
     let mut phases = vec![Tally::default(); PHASES.len()];
-    let mut quality = [Quality::default(); 3];
+    let mut quality: [Quality; 3] = Default::default();
     let mut all = Tally::default();
     for (at, d) in &decisions {
         let i = tier_index(d);
@@ -169,6 +179,10 @@ pub fn analyse(input: &Input) -> anyhow::Result<Report> {
         }
         let (said, truth) = (d["anomaly"] == true, d["label"] == "anomaly");
         let q = &mut quality[i];
+        if let Some(m) = d["model"].as_str() {
+            q.models.insert(m.to_string());
+        }
+        q.model_us += d["model_us"].as_u64().unwrap_or(0);
         match (said, truth) {
             (true, true) => q.tp += 1,
             (true, false) => q.fp += 1,
@@ -208,22 +222,22 @@ pub fn analyse(input: &Input) -> anyhow::Result<Report> {
     }
     let _ = writeln!(t, "{:<15} {:>9} {:>7} {:>7} {:>7} {:>9}  {:>10.2}%", "whole run", all.total(), all.by[0], all.by[1], all.by[2], all.fallback, all.met_pct());
     let _ = writeln!(t, "\ndetection quality against the sensor's labels (who decided):");
-    let _ = writeln!(t, "tier    decisions  accuracy  recall  precision  (anomalies found / labelled)");
+    let _ = writeln!(t, "tier    decisions  accuracy  recall  precision  found/labelled  model µs  model");
     for (i, q) in quality.iter().enumerate() {
-        let n = q.tp + q.fp + q.fn_ + q.tn;
         let _ = writeln!(
             t,
-            "{:<7} {:>9}  {:>7.2}%  {:>5.1}%  {:>8.1}%  ({}/{})",
+            "{:<7} {:>9}  {:>7.2}%  {:>5.1}%  {:>8.1}%  {:>14}  {:>8.1}  {}",
             TIERS[i],
-            n,
+            q.decisions(),
             q.accuracy(),
             q.recall(),
             q.precision(),
-            q.tp,
-            q.tp + q.fn_
+            format!("{}/{}", q.tp, q.tp + q.fn_),
+            q.mean_model_us(),
+            q.models.iter().cloned().collect::<Vec<_>>().join(", ")
         );
     }
-    let _ = writeln!(t, "(every tier runs the same ewma model in this build: differences come from what each has learnt)");
+    let _ = writeln!(t, "(recall: labelled anomalies the tier found; the edge decides only when fog and cloud cannot in time)");
     let _ = writeln!(t, "\nfaults (from the fault to the system's reaction, as recorded on the edge):");
     let _ = writeln!(t, "  cloud slowed +15 ms each way: decisions left the cloud after {}", ms(slowed));
     let _ = writeln!(t, "  fog killed (SIGKILL):         edge isolated after {}", ms(killed));
@@ -270,7 +284,7 @@ pub fn analyse(input: &Input) -> anyhow::Result<Report> {
             "name": name, "decisions": p.total(), "cloud": p.by[0], "fog": p.by[1], "edge": p.by[2],
             "fallback": p.fallback, "met": p.met, "met_pct": p.met_pct()})).collect::<Vec<_>>(),
         "whole_run": {"decisions": all.total(), "met": all.met, "met_pct": all.met_pct()},
-        "quality": TIERS.iter().zip(&quality).map(|(t, q)| (t.to_string(), json!({"tp": q.tp, "fp": q.fp, "fn": q.fn_, "tn": q.tn}))).collect::<BTreeMap<_, _>>(),
+        "quality": TIERS.iter().zip(&quality).map(|(t, q)| (t.to_string(), json!({"tp": q.tp, "fp": q.fp, "fn": q.fn_, "tn": q.tn, "models": q.models, "mean_model_us": q.mean_model_us()}))).collect::<BTreeMap<_, _>>(),
         "faults_ms": {"cloud_slowed_detected": slowed, "fog_killed_detected": killed, "fog_restarted_recovered": restarted,
                       "fog_restarted_deciding": fog_used, "cut_detected": cut, "healed_recovered": healed, "healed_caught_up": caught_up},
         "readings": {"produced": produced, "at_cloud": at_cloud, "lost": lost, "max_lag": max_lag},

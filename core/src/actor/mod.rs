@@ -111,6 +111,57 @@ pub trait Behaviour: Send + Sync + Sized + 'static {
 /// Publishes envelopes appended by actors (the node's replicator).
 pub type Publish = Arc<dyn Fn(&Envelope) + Send + Sync>;
 
+/// Appends a JSON event to the node's `events` stream (bounded queue; never blocks).
+pub type NodeEvents = Arc<dyn Fn(serde_json::Value) + Send + Sync>;
+
+/// What actors report about themselves in `strata status` (`reports`, by actor name): a
+/// bridge's connection state and rejection counters, for example.
+pub type Reports = Arc<std::sync::Mutex<BTreeMap<String, serde_json::Value>>>;
+
+/// An owned handle for an actor's own tasks that take data in from outside the node (a
+/// bridge's connection, a device poller): they append to the actor's outputs directly, each
+/// append durable before it returns, and report status and events. See [`Ctx::source`].
+#[derive(Clone)]
+pub struct Source {
+    name: Name,
+    log: Log,
+    publish: Publish,
+    outputs: Vec<StreamName>,
+    events: Option<NodeEvents>,
+    reports: Reports,
+}
+
+impl Source {
+    /// Appends `draft` to `stream` (one of the actor's outputs) and returns once it is durable
+    /// (then it is also published): only then may the data be acknowledged to its sender.
+    /// Concurrent appends share a group commit.
+    pub async fn append(&self, stream: &StreamName, draft: Draft) -> Result<Envelope, ActorError> {
+        if !self.outputs.contains(stream) {
+            return Err(format!("actor {}: {stream:?} is not one of its outputs {:?}", self.name, self.outputs).into());
+        }
+        let envelope = self.log.append_durable(stream.clone(), draft).await?;
+        (self.publish)(&envelope);
+        Ok(envelope)
+    }
+
+    /// Records `doc` (a JSON object; `"actor"` is added) on the node's `events` stream.
+    pub fn event(&self, mut doc: serde_json::Value) {
+        if let (Some(events), serde_json::Value::Object(map)) = (&self.events, &mut doc) {
+            map.insert("actor".into(), serde_json::Value::String(self.name.to_string()));
+            events(doc);
+        }
+    }
+
+    /// Sets what `strata status` shows for this actor (under `reports.<actor name>`).
+    pub fn report(&self, doc: serde_json::Value) {
+        self.reports.lock().unwrap_or_else(|p| p.into_inner()).insert(self.name.to_string(), doc);
+    }
+
+    pub fn log(&self) -> &Log {
+        &self.log
+    }
+}
+
 /// What the runtime gives an actor.
 pub struct Ctx {
     node: NodeId,
@@ -124,6 +175,9 @@ pub struct Ctx {
     snapshot: Option<Vec<u8>>,
     save: Option<Vec<u8>>,
     input: Option<EnvelopeId>,
+    publish: Publish,
+    events: Option<NodeEvents>,
+    reports: Reports,
 }
 
 impl Ctx {
@@ -176,6 +230,18 @@ impl Ctx {
         Ok(())
     }
 
+    /// A handle for the actor's own tasks that take data in from outside (see [`Source`]).
+    pub fn source(&self) -> Source {
+        Source {
+            name: self.name.clone(),
+            log: self.log.clone(),
+            publish: self.publish.clone(),
+            outputs: self.outputs.clone(),
+            events: self.events.clone(),
+            reports: self.reports.clone(),
+        }
+    }
+
     /// The snapshot saved before the last restart, in [`Behaviour::start`].
     pub fn snapshot(&self) -> Option<&[u8]> {
         self.snapshot.as_deref()
@@ -203,6 +269,8 @@ pub struct HostArgs<B> {
     pub log: Log,
     pub publish: Publish,
     pub decider: Option<Arc<crate::node::decide::Decider>>,
+    pub events: Option<NodeEvents>,
+    pub reports: Reports,
 }
 
 pub enum HostMsg {
@@ -320,7 +388,7 @@ impl<B: Behaviour> Actor for Host<B> {
     type Arguments = HostArgs<B>;
 
     async fn pre_start(&self, myself: ActorRef<HostMsg>, args: HostArgs<B>) -> Result<HostState<B>, ActorProcessingErr> {
-        let HostArgs { behaviour, spec, config, mode, log, publish, decider } = args;
+        let HostArgs { behaviour, spec, config, mode, log, publish, decider, events, reports } = args;
         // A barrier: writes are made durable in queue order, so once this empty write is
         // durable, so is any write a previous instance queued before it failed. Only then
         // are the snapshot and the cursors read: nothing is handled twice.
@@ -342,6 +410,9 @@ impl<B: Behaviour> Actor for Host<B> {
             snapshot,
             save: None,
             input: None,
+            publish: publish.clone(),
+            events,
+            reports,
         };
         let state = behaviour.start(&mut ctx).await?;
         ctx.snapshot = None;
@@ -395,12 +466,15 @@ pub struct ActorEnv {
     pub publish: Publish,
     /// Cross-tier decisions (none outside a node, e.g. in unit tests: everything is local).
     pub decider: Option<Arc<crate::node::decide::Decider>>,
+    /// The node's `events` stream (none outside a node).
+    pub events: Option<NodeEvents>,
+    pub reports: Reports,
 }
 
 impl ActorEnv {
     /// An environment whose mode stays `mode` (for tests and tools without a node).
     pub fn fixed(config: Arc<NodeConfig>, mode: Mode, log: Log, publish: Publish) -> ActorEnv {
-        ActorEnv { config, mode: tokio::sync::watch::channel(mode).1, log, publish, decider: None }
+        ActorEnv { config, mode: tokio::sync::watch::channel(mode).1, log, publish, decider: None, events: None, reports: Reports::default() }
     }
 }
 
@@ -439,7 +513,17 @@ impl Registry {
                     let (spec, env, make) = (spec.clone(), env.clone(), make.clone());
                     Box::pin(async move {
                         let behaviour = make(&spec).map_err(|e| e.to_string())?;
-                        let args = HostArgs { behaviour, spec, config: env.config, mode: env.mode, log: env.log, publish: env.publish, decider: env.decider };
+                        let args = HostArgs {
+                            behaviour,
+                            spec,
+                            config: env.config,
+                            mode: env.mode,
+                            log: env.log,
+                            publish: env.publish,
+                            decider: env.decider,
+                            events: env.events,
+                            reports: env.reports,
+                        };
                         Actor::spawn_linked(None, Host::<B>::default(), args, parent)
                             .await
                             .map(|(r, _)| r.get_cell())

@@ -68,6 +68,8 @@ pub struct Node {
     decider: Arc<decide::Decider>,
     /// The escalations waiting for an operator (JSON, for status).
     escalations: Arc<std::sync::Mutex<Value>>,
+    /// What actors report about themselves (bridges: connection, counters).
+    reports: crate::actor::Reports,
     tasks: JoinSet<()>,
     started: Instant,
 }
@@ -132,12 +134,15 @@ impl Node {
             let r = replicator.clone();
             Arc::new(move |e| r.publish(e))
         };
+        let reports = crate::actor::Reports::default();
         let env = ActorEnv {
             config: Arc::new(config.clone()),
             mode: mode.clone(),
             log: log.clone(),
             publish: publish.clone(),
             decider: Some(decider.clone()),
+            events: Some(node_events.clone()),
+            reports: reports.clone(),
         };
         let children = config.actors.iter().map(|spec| registry.child(spec, &env)).collect::<Result<Vec<_>, _>>().map_err(NodeError::Actors)?;
         let args = SupervisorArgs { name: ROOT.into(), policy: Policy::from_config(&config.supervision), children, events: sink };
@@ -162,6 +167,7 @@ impl Node {
             mode,
             decider,
             escalations: Arc::new(std::sync::Mutex::new(Value::Array(Vec::new()))),
+            reports,
             tasks: JoinSet::new(),
             started: Instant::now(),
         };
@@ -270,13 +276,13 @@ impl Node {
         let mut requests = self.transport.serve(&keys::status(&self.config.node.id), 16).await?;
         let (log, replicator, config, started) = (self.log.clone(), self.replicator.clone(), self.config.clone(), self.started);
         let (root, dropped, mode) = (self.root.clone(), self.events_dropped.clone(), self.mode.clone());
-        let (decider, escalations) = (self.decider.clone(), self.escalations.clone());
+        let (decider, escalations, reports) = (self.decider.clone(), self.escalations.clone(), self.reports.clone());
         self.tasks.spawn(async move {
             while let Some(mut request) = requests.recv().await {
                 let actors = supervise::children(&root).await.unwrap_or_default();
                 let dropped = dropped.load(std::sync::atomic::Ordering::Relaxed);
                 let mut doc = status(&config, &log, &replicator, started, *mode.borrow(), &actors, dropped);
-                decisions_status(&mut doc, &decider, &escalations);
+                decisions_status(&mut doc, &decider, &escalations, &reports);
                 let _ = request.responder.reply(doc.to_string().into_bytes()).await;
             }
         });
@@ -288,7 +294,7 @@ impl Node {
         let actors = supervise::children(&self.root).await.unwrap_or_default();
         let dropped = self.events_dropped.load(std::sync::atomic::Ordering::Relaxed);
         let mut doc = status(&self.config, &self.log, &self.replicator, self.started, self.mode(), &actors, dropped);
-        decisions_status(&mut doc, &self.decider, &self.escalations);
+        decisions_status(&mut doc, &self.decider, &self.escalations, &self.reports);
         doc
     }
 
@@ -389,7 +395,8 @@ async fn append_events(config: NodeConfig, replicator: Arc<Replicator>, mut even
     }
 }
 
-fn decisions_status(doc: &mut Value, decider: &decide::Decider, escalations: &std::sync::Mutex<Value>) {
+fn decisions_status(doc: &mut Value, decider: &decide::Decider, escalations: &std::sync::Mutex<Value>, reports: &crate::actor::Reports) {
+    doc["reports"] = json!(*reports.lock().unwrap_or_else(|p| p.into_inner()));
     doc["decisions"] = serde_json::to_value(decider.counters()).expect("counters serialise");
     doc["estimates"] = decider.estimates();
     doc["escalations_pending"] = escalations.lock().unwrap_or_else(|p| p.into_inner()).clone();
@@ -495,10 +502,28 @@ pub fn status_table(docs: &[Value]) -> String {
             ]
         })
         .collect();
-    crate::log::show::table(
+    let mut out = crate::log::show::table(
         &["node", "tier", "mode", "uptime", "actors (state/restarts)", "streams", "decided c/f/e met", "escalations", "unacked", "behind"],
         &rows,
-    )
+    );
+    // Device bridges: one line each, under the table.
+    for d in docs {
+        for (actor, r) in d["reports"].as_object().into_iter().flatten().filter(|(_, r)| r["bridge"].is_string()) {
+            let pairs = |v: &Value| -> Vec<String> { v.as_object().into_iter().flatten().map(|(k, n)| format!("{k}:{n}")).collect() };
+            let rejected = pairs(&r["rejected"]);
+            out.push_str(&format!(
+                "{}/{actor}: {} {} {} (reconnects {}) {}{}\n",
+                d["node"].as_str().unwrap_or("?"),
+                r["bridge"].as_str().unwrap_or("?"),
+                r["peer"].as_str().unwrap_or("?"),
+                if r["connected"] == true { "connected" } else { "DISCONNECTED" },
+                r["reconnects"],
+                pairs(&r["counters"]).join(" "),
+                if rejected.is_empty() { String::new() } else { format!(" rejected {}", rejected.join(" ")) },
+            ));
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -528,5 +553,21 @@ mod tests {
         assert!(lines[1].contains("cloud:3 fog:0") && lines[1].trim_end().ends_with('-'), "{table}");
         assert!(lines[1].contains("5/90/5 99.0%       1 "), "decisions per tier, deadlines met, escalations waiting: {table}");
         assert!(lines[2].contains("edge-1:2 fog-1:0"), "{table}");
+    }
+
+    #[test]
+    fn status_table_lists_bridges_under_the_nodes() {
+        let gateway = json!({
+            "node": "gw-1", "tier": "edge", "uptime_ms": 10, "actors": [], "streams": [],
+            "reports": {
+                "plant": {"bridge": "mqtt", "peer": "mqtt://127.0.0.1:1883", "connected": false, "reconnects": 2,
+                          "counters": {"accepted": 10}, "rejected": {"not_json": 1}},
+                "other": {"note": "not a bridge"},
+            },
+        });
+        let table = status_table(&[gateway]);
+        let last = table.lines().last().unwrap();
+        assert_eq!(last, "gw-1/plant: mqtt mqtt://127.0.0.1:1883 DISCONNECTED (reconnects 2) accepted:10 rejected not_json:1", "{table}");
+        assert_eq!(table.lines().count(), 3, "{table}");
     }
 }

@@ -52,6 +52,26 @@ fn example_continuum_checks() {
         "path edge -> fog -> cloud: edge-1 -> fog-1 -> cloud-1",
     );
     check(&["configs/edge.toml"], 0, "config valid");
+    check(&["configs/gateway.toml"], 0, "config valid");
+}
+
+#[test]
+fn bad_bridge_sections_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let gateway = std::fs::read_to_string(repo_root().join("configs/gateway.toml")).unwrap();
+    let cases = [
+        ("protocol = \"3.1.1\"", "protocol = \"4\"", "actors[0].params: protocol: \"4\" is not \"3.1.1\" or \"5\""),
+        ("topic = \"plant/+/temperature\"", "topic = \"plant/#/temperature\"", "actors[0].params: readings[0]: topic \"plant/#/temperature\" is not a valid MQTT filter"),
+        ("port = 1883", "port = 1883\nhots = \"x\"", "actors[0].params: unknown field `hots`"),
+        ("port = 1883", "port = 99999", "actors[0].params: port: invalid value: integer `99999`, expected u16"),
+        ("type = \"f32\"", "type = \"f64\"", "actors[1].params: points[0].type: unknown variant `f64`, expected one of `u16`, `i16`, `u32`, `i32`, `f32`"),
+        ("value = 0 ", "value = 70000 ", "actors[1].params: writes[0]: value 70000 does not fit a U16"),
+    ];
+    for (i, (from, to, expected)) in cases.into_iter().enumerate() {
+        assert!(gateway.contains(from), "{from}");
+        let path = write(dir.path(), &format!("gw{i}.toml"), &gateway.replacen(from, to, 1));
+        check(&[&path], 2, &format!("{path}: {expected}"));
+    }
 }
 
 #[test]
@@ -75,11 +95,11 @@ fn bad_configs_exit_2_naming_file_key_and_problem() {
     check(&["does/not/exist.toml"], 2, "does/not/exist.toml: cannot read the file");
 
     let kind = write(dir.path(), "kind.toml", &edge.replace("kind = \"sensor\"", "kind = \"sensr\""));
-    check(&[&kind], 2, &format!("{kind}: actors[0].kind: unknown actor kind \"sensr\" (known: arbiter, chaos, inference, sensor)"));
+    check(&[&kind], 2, &format!("{kind}: actors[0].kind: unknown actor kind \"sensr\" (known: arbiter, chaos, inference, modbus, mqtt, sensor)"));
     let params = write(dir.path(), "params.toml", &edge.replace("rate_hz = 100", "rate_hz = -5"));
     check(&[&params], 2, &format!("{params}: actors[0].params: rate_hz: -5 is not in 0.001..=100000"));
     let model = write(dir.path(), "model.toml", &edge.replace("model = \"ewma\"", "model = \"gpt\""));
-    check(&[&model], 2, &format!("{model}: actors[1].params: model: unknown model \"gpt\" (known: ewma)"));
+    check(&[&model], 2, &format!("{model}: actors[1].params: model: unknown model \"gpt\" (known: ewma, onnx)"));
     let unknown_param = write(dir.path(), "param.toml", &edge.replace("seed = 7", "sed = 7"));
     check(&[&unknown_param], 2, &format!("{unknown_param}: actors[0].params: unknown field `sed`"));
     // `strata run` refuses the same configs, before opening anything.

@@ -50,6 +50,15 @@ fn a_short_demo_loses_nothing_and_reports_every_phase() {
     for (tier, q) in report["quality"].as_object().unwrap() {
         let n: u64 = ["tp", "fp", "fn", "tn"].iter().map(|k| q[k].as_u64().unwrap()).sum();
         assert!(n > 0, "{tier}: no decisions scored");
+        // Each tier decided with its own model: the edge's z-score, the fog's and the cloud's
+        // ONNX models.
+        let expected = match tier.as_str() {
+            "edge" => "ewma-zscore/1",
+            "fog" => "onnx:fog/",
+            _ => "onnx:cloud/",
+        };
+        let models = q["models"].as_array().unwrap();
+        assert!(!models.is_empty() && models.iter().all(|m| m.as_str().unwrap().starts_with(expected)), "{tier}: models {models:?}");
     }
 
     let html = std::fs::read_to_string(out_dir.path().join("index.html")).unwrap();

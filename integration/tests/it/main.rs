@@ -2,6 +2,7 @@
 
 mod cli;
 mod actors;
+mod bridges;
 mod crash;
 mod demo;
 mod escalate;
