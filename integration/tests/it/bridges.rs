@@ -26,7 +26,8 @@ struct Broker {
 }
 
 impl Broker {
-    fn new(dir: &Path) -> Broker {
+    /// `extra`: more config (further listeners) after the plain anonymous listener.
+    fn new(dir: &Path, extra: &str) -> Broker {
         let port = free_port();
         let store = dir.join("mosquitto");
         std::fs::create_dir_all(&store).unwrap();
@@ -34,10 +35,10 @@ impl Broker {
         std::fs::write(
             &conf,
             format!(
-                "listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {}/\nautosave_interval 1\n\
+                "per_listener_settings true\nlistener {port} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {}/\nautosave_interval 1\n\
                  # Started as root (CI), it would switch to the `mosquitto` user, who cannot write the test's\n\
                  # temporary directory: stay as the user that started it.\nuser {user}\nlog_type all\n\
-                 max_queued_messages 100000\nlog_dest file {}\n",
+                 max_queued_messages 100000\nlog_dest file {}\n{extra}",
                 store.display(),
                 dir.join("mosquitto.log").display(),
                 user = std::env::var("USER").unwrap_or_else(|_| "root".into()),
@@ -189,7 +190,7 @@ const COMMANDS: u64 = 100;
 async fn mqtt_readings_and_commands_survive_a_broker_restart() {
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let dir = tempfile::tempdir().unwrap();
-    let mut broker = Broker::new(dir.path());
+    let mut broker = Broker::new(dir.path(), "");
     broker.start();
     let config = NodeConfig::parse("edge-1.toml".as_ref(), &node_config(dir.path(), &mqtt_actors(broker.port))).unwrap();
     let mut registry = strata_actors::registry();
@@ -479,5 +480,60 @@ type = "f32"
     let polls = plc["counters"]["polls"].as_u64().unwrap();
     assert!(wait_status(&node, Duration::from_secs(10), |d| report(d, "plc")["counters"]["polls"].as_u64().unwrap() > polls + 2).await, "still polling");
     assert_eq!(report(&node.status().await, "plc")["connected"], true);
+    node.shutdown().await;
+}
+
+/// Runs a command of the test's set-up; panics with its output if it fails.
+fn run(program: &str, args: &[&str], dir: &Path) {
+    let out = Command::new(program).args(args).current_dir(dir).output().unwrap_or_else(|e| panic!("{program}: {e}"));
+    assert!(out.status.success(), "{program} {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt_bridge_connects_with_tls_and_a_password() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // A CA and a broker certificate for localhost, made with the openssl command line.
+    run("openssl", &["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=test-ca"], d);
+    run("openssl", &["req", "-newkey", "rsa:2048", "-nodes", "-keyout", "broker.key", "-out", "broker.csr", "-subj", "/CN=localhost"], d);
+    std::fs::write(d.join("san.ext"), "subjectAltName=DNS:localhost,IP:127.0.0.1\n").unwrap();
+    run("openssl", &["x509", "-req", "-in", "broker.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-out", "broker.pem", "-days", "2", "-extfile", "san.ext"], d);
+    run("mosquitto_passwd", &["-b", "-c", "passwd", "gateway", "s3cret"], d);
+    let tls_port = free_port();
+    let extra = format!(
+        "listener {tls_port} 127.0.0.1\ncafile {0}/ca.pem\ncertfile {0}/broker.pem\nkeyfile {0}/broker.key\nallow_anonymous false\npassword_file {0}/passwd\n",
+        d.display()
+    );
+    let mut broker = Broker::new(d, &extra);
+    broker.start();
+    let bridge = |name: &str, password: &str| {
+        format!(
+            "[[actors]]\nkind = \"mqtt\"\nname = \"{name}\"\noutputs = [\"readings/{name}\"]\n[actors.params]\nhost = \"localhost\"\nport = {tls_port}\n\
+             username = \"gateway\"\npassword = \"{password}\"\nreconnect_max_ms = 500\ntls = {{ ca_path = \"{}/ca.pem\" }}\n\
+             [[actors.params.readings]]\ntopic = \"secure/{name}\"\nstream = \"readings/{name}\"\n",
+            d.display()
+        )
+    };
+    let actors = format!("{}{}", bridge("good", "s3cret"), bridge("wrong", "guess"));
+    let mut registry = strata_actors::registry();
+    strata_bridges::register(&mut registry);
+    let node = Node::start(NodeConfig::parse("edge-1.toml".as_ref(), &node_config(d, &actors)).unwrap(), &registry).await.unwrap();
+    assert!(wait_status(&node, Duration::from_secs(20), |d| report(d, "good")["connected"] == true).await, "{}", node.status().await["reports"]);
+
+    // Readings published on the plain listener reach the bridge over TLS.
+    let publisher = Client::new("test-pub-tls", broker.port, None).await;
+    for n in 0..100 {
+        publisher.client.publish("secure/good", rumqttc::QoS::AtLeastOnce, false, format!("{n}")).await.unwrap();
+    }
+    assert!(wait_for(Duration::from_secs(20), || payloads_live(&node, "readings/good").len() >= 100).await, "{}", report(&node.status().await, "good"));
+    let values: BTreeSet<u64> = payloads_live(&node, "readings/good").iter().map(|d| d["value"].as_f64().unwrap() as u64).collect();
+    assert_eq!(values, (0..100).collect());
+
+    // A wrong password never connects; status says why.
+    let wrong = report(&node.status().await, "wrong");
+    println!("mqtt tls: 100/100 readings over TLS with a password; wrong password: {wrong}");
+    assert_eq!(wrong["connected"], false, "{wrong}");
+    assert!(wrong["last_error"].as_str().unwrap_or("").to_lowercase().contains("refused") || wrong["last_error"].as_str().unwrap_or("").contains("NotAuthorized") || wrong["last_error"].as_str().unwrap_or("").contains("BadUserNamePassword"), "{wrong}");
     node.shutdown().await;
 }

@@ -22,6 +22,8 @@ fn example_configs() -> Vec<(&'static str, String)> {
             for (fixed, port) in ports {
                 text = text.replace(&format!("127.0.0.1:{fixed}"), &format!("127.0.0.1:{port}"));
             }
+            // The model files are relative to the repository root (where the README runs them).
+            let text = text.replace("onnx_path = \"configs/", &format!("onnx_path = \"{}/configs/", repo_root().display()));
             (id, text.replace(&format!("data_dir = \"data/{id}\""), "data_dir = \"{data_dir}\""))
         })
         .collect()
