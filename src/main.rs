@@ -48,6 +48,8 @@ enum Command {
         /// The status documents as one JSON array.
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        tls: ClientTls,
     },
     /// Run a three-tier continuum on this machine, break it on purpose (cloud slowed, fog
     /// killed and restarted, fog-cloud link cut and healed), and report what happened.
@@ -61,6 +63,71 @@ enum Command {
         #[command(subcommand)]
         command: LogCommand,
     },
+    /// A development PKI for mutual TLS between tiers: a CA, then one certificate per node,
+    /// operator or device (its common name is the identity the access control checks).
+    Certs {
+        #[command(subcommand)]
+        command: CertsCommand,
+    },
+    /// Print the Zenoh access control of every node, derived from the continuum's configs:
+    /// exactly what `strata run` applies on a node with `[security] tls = true`.
+    Acl {
+        /// Every node config of the continuum (TOML).
+        #[arg(required = true)]
+        configs: Vec<PathBuf>,
+        /// Only this node's access control.
+        #[arg(long)]
+        node: Option<String>,
+        /// One line per node: its id and the digest `strata status` shows for the ACL applied.
+        #[arg(long)]
+        digest: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum CertsCommand {
+    /// Create a CA in DIR (`ca.pem`, and `ca.key` readable by you only). Never overwrites.
+    Init {
+        dir: PathBuf,
+        /// Validity, in days.
+        #[arg(long, default_value_t = 3650)]
+        days: u32,
+    },
+    /// Issue `<name>.pem` and `<name>.key` in DIR for each NAME, signed by DIR's CA: node ids,
+    /// operators, devices.
+    Issue {
+        dir: PathBuf,
+        #[arg(required = true)]
+        names: Vec<String>,
+        /// Extra host name or IP address the holders are reached at (repeatable); `localhost`
+        /// and `127.0.0.1` are always included.
+        #[arg(long)]
+        san: Vec<String>,
+        /// Validity, in days.
+        #[arg(long, default_value_t = 365)]
+        days: u32,
+    },
+}
+
+/// The client's identity for a `quic/` endpoint of a secured continuum.
+#[derive(clap::Args)]
+struct ClientTls {
+    /// The continuum's CA certificate (PEM).
+    #[arg(long, requires_all = ["cert", "key"])]
+    ca: Option<PathBuf>,
+    /// This client's certificate (PEM); its common name must be one of the nodes'
+    /// `security.operators`.
+    #[arg(long, requires_all = ["ca", "key"])]
+    cert: Option<PathBuf>,
+    /// This client's private key (PEM).
+    #[arg(long, requires_all = ["ca", "cert"])]
+    key: Option<PathBuf>,
+}
+
+impl ClientTls {
+    fn files(&self) -> Option<strata_core::security::TlsFiles> {
+        Some(strata_core::security::TlsFiles { ca: self.ca.clone()?, cert: self.cert.clone()?, key: self.key.clone()? })
+    }
 }
 
 #[derive(clap::Args)]
@@ -77,6 +144,8 @@ struct Resolve {
     /// How long to wait for the node holding the escalation, in ms.
     #[arg(long, default_value_t = 3000)]
     timeout_ms: u64,
+    #[command(flatten)]
+    tls: ClientTls,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -129,7 +198,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Check { configs } => check(configs),
         Command::Run { config, log_format } => run(&config, log_format),
-        Command::Status { connect, timeout_ms, json } => status(&connect, timeout_ms, json),
+        Command::Status { connect, timeout_ms, json, tls } => status(&connect, timeout_ms, json, &tls),
         Command::Demo(args) => demo::run(args),
         Command::Approve(r) => resolve(r, strata_core::node::escalate::Verdict::Approve),
         Command::Deny(r) => resolve(r, strata_core::node::escalate::Verdict::Deny),
@@ -137,7 +206,62 @@ fn main() -> ExitCode {
         Command::Log { command: LogCommand::Tail { path, stream, from, incarnation, follow, json } } => {
             log_tail(&path, &stream, from, incarnation.as_deref(), follow, json)
         }
+        Command::Certs { command: CertsCommand::Init { dir, days } } => certs(strata_core::security::certs::init(&dir, days)),
+        Command::Certs { command: CertsCommand::Issue { dir, names, san, days } } => {
+            certs(strata_core::security::certs::issue(&dir, &names, &san, days))
+        }
+        Command::Acl { configs, node, digest } => acl(&configs, node.as_deref(), digest),
     }
+}
+
+fn certs(result: Result<Vec<PathBuf>, strata_core::security::certs::CertError>) -> ExitCode {
+    match result {
+        Ok(written) => {
+            for p in written {
+                println!("wrote {}", p.display());
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("strata certs: {e}");
+            ExitCode::from(EXIT_RUNTIME)
+        }
+    }
+}
+
+/// `strata acl`: the access control of every node (or one), as JSON, or their digests.
+fn acl(paths: &[PathBuf], node: Option<&str>, digest: bool) -> ExitCode {
+    use strata_core::security;
+    let continuum = match security::load_continuum(paths) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let mut doc = security::acl_document(&continuum);
+    if let Some(node) = node {
+        match doc.get(node) {
+            Some(one) => doc = serde_json::json!({ node: one }),
+            None => {
+                eprintln!("strata acl: no node {node:?} among the configs given");
+                return ExitCode::from(EXIT_CONFIG);
+            }
+        }
+    }
+    for (file, c) in &continuum.nodes {
+        if !c.security.tls && doc.get(c.node.id.as_str()).is_some() {
+            eprintln!("note: {} has security.tls = false: {} applies no access control until it is true", file.display(), c.node.id);
+        }
+    }
+    if digest {
+        for (id, acl) in doc.as_object().expect("an object") {
+            println!("{id} {}", security::digest(acl));
+        }
+    } else {
+        println!("{}", serde_json::to_string_pretty(&doc).expect("JSON serialises"));
+    }
+    ExitCode::SUCCESS
 }
 
 fn init_tracing(format: LogFormat) {
@@ -217,10 +341,10 @@ fn run(path: &std::path::Path, format: LogFormat) -> ExitCode {
     })
 }
 
-fn status(endpoint: &str, timeout_ms: u64, json: bool) -> ExitCode {
+fn status(endpoint: &str, timeout_ms: u64, json: bool, tls: &ClientTls) -> ExitCode {
     let runtime = tokio::runtime::Runtime::new().expect("start the async runtime");
     let timeout = std::time::Duration::from_millis(timeout_ms);
-    let mut docs = match runtime.block_on(strata_core::bus::query_status(endpoint, timeout)) {
+    let mut docs = match runtime.block_on(strata_core::bus::query_status(endpoint, tls.files().as_ref(), timeout)) {
         Ok(d) => d,
         Err(e) => {
             eprintln!("strata status: {e}");
@@ -249,7 +373,7 @@ fn resolve(r: Resolve, verdict: strata_core::node::escalate::Verdict) -> ExitCod
     let runtime = tokio::runtime::Runtime::new().expect("start the async runtime");
     let timeout = std::time::Duration::from_millis(r.timeout_ms);
     let payload = serde_json::to_vec(&msg).expect("serialises");
-    let answers = match runtime.block_on(strata_core::bus::query_json(&r.connect, escalate::RESOLVE_ALL, payload, timeout)) {
+    let answers = match runtime.block_on(strata_core::bus::query_json(&r.connect, r.tls.files().as_ref(), escalate::RESOLVE_ALL, payload, timeout)) {
         Ok(a) => a,
         Err(e) => {
             eprintln!("strata {name}: {e}");

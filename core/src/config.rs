@@ -69,7 +69,8 @@ impl std::error::Error for ConfigError {}
 // ---------------------------------------------------------------------------------------
 // Validated small types used by the config
 
-/// A Zenoh locator that Strata accepts: `tcp/<host>:<port>` or `tls/<host>:<port>`.
+/// A Zenoh locator that Strata accepts: `tcp/<host>:<port>`, or `quic/<host>:<port>` (mutual
+/// TLS 1.3, with `[security] tls = true`).
 #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
 #[serde(try_from = "String")]
 pub struct Endpoint(String);
@@ -77,11 +78,14 @@ pub struct Endpoint(String);
 impl Endpoint {
     pub fn new(value: impl Into<String>) -> Result<Endpoint, String> {
         let value = value.into();
-        let bad = |why: &str| Err(format!("{value:?} is not a valid endpoint: {why} (expected tcp/<host>:<port> or tls/<host>:<port>)"));
+        let bad = |why: &str| Err(format!("{value:?} is not a valid endpoint: {why} (expected tcp/<host>:<port> or quic/<host>:<port>)"));
         let Some((proto, addr)) = value.split_once('/') else {
             return bad("no protocol");
         };
-        if proto != "tcp" && proto != "tls" {
+        if proto == "tls" {
+            return bad("Zenoh's tls/ link is not used by Strata: it can corrupt memory under load (eclipse-zenoh/zenoh#2557); quic/ is mutual TLS 1.3 with the same certificates");
+        }
+        if proto != "tcp" && proto != "quic" {
             return bad(&format!("protocol {proto:?} is not supported"));
         }
         let Some((host, port)) = addr.rsplit_once(':') else {
@@ -297,6 +301,8 @@ pub struct NodeConfig {
     pub modes: ModesSection,
     #[serde(default)]
     pub autonomy: AutonomySection,
+    #[serde(default)]
+    pub security: SecuritySection,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -789,6 +795,40 @@ impl NodeConfig {
             }
         }
 
+        let sec = &self.security;
+        let tls_endpoints = z.listen.iter().chain(&z.connect).any(|e| e.as_str().starts_with("quic/"));
+        if sec.tls {
+            for (field, value) in [("ca_file", &sec.ca_file), ("cert_file", &sec.cert_file), ("key_file", &sec.key_file)] {
+                if value.is_none() {
+                    bad(&format!("security.{field}"), "is required with tls = true".into());
+                }
+            }
+            if sec.continuum.is_empty() {
+                bad("security.continuum", "is required with tls = true: the configs of every node, from which the access control is derived".into());
+            }
+            for (list, eps) in [("listen", &z.listen), ("connect", &z.connect)] {
+                for (i, e) in eps.iter().enumerate() {
+                    if !e.as_str().starts_with("quic/") {
+                        bad(&format!("zenoh.{list}[{i}]"), format!("{:?} is not a quic/ endpoint, and security.tls = true puts every link under mutual TLS (QUIC)", e.as_str()));
+                    }
+                }
+            }
+        } else if tls_endpoints {
+            bad("security.tls", "quic/ endpoints need security.tls = true (and the CA, certificate and key files)".into());
+        }
+        for (field, names) in [("operators", &sec.operators), ("ingest_clients", &sec.ingest_clients)] {
+            for (i, n) in names.iter().enumerate() {
+                if n.is_empty() || n.chars().any(|c| c.is_control()) {
+                    bad(&format!("security.{field}[{i}]"), format!("{n:?} is not a certificate common name"));
+                } else if n == self.node.id.as_str() {
+                    bad(&format!("security.{field}[{i}]"), format!("{n:?} is this node's own id; clients need identities of their own"));
+                }
+            }
+        }
+        if !sec.ingest_clients.is_empty() && self.ingest.streams.is_empty() {
+            bad("security.ingest_clients", "ingest clients are named but [ingest] streams is empty".into());
+        }
+
         let l = &self.log;
         if l.sync == SyncPolicy::Interval && !(1..=60_000).contains(&l.sync_interval_ms) {
             bad("log.sync_interval_ms", format!("{} is not in 1..=60000", l.sync_interval_ms));
@@ -911,6 +951,35 @@ fn parse_toml(text: &str) -> Result<NodeConfig, Problem> {
     })
 }
 
+/// Security between tiers: mutual TLS on every Zenoh link and access control derived from
+/// the continuum's configs (see `crate::security`). Paths are relative to the working
+/// directory, like `node.data_dir`.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SecuritySection {
+    /// Mutual TLS on every link (every endpoint must be `quic/`: TLS 1.3) and Zenoh access
+    /// control, default deny. Default false.
+    pub tls: bool,
+    /// PEM certificate of the CA that signs every node's and client's certificate.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
+    /// PEM certificate of this node; its common name must be `node.id`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cert_file: Option<PathBuf>,
+    /// PEM private key of `cert_file`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key_file: Option<PathBuf>,
+    /// The configs of every node of the continuum (this one included): the access control
+    /// is derived from them (`strata acl` prints it). Default none.
+    pub continuum: Vec<PathBuf>,
+    /// Certificate common names of the operators who may read status and approve or deny
+    /// escalations through this node. Default none.
+    pub operators: Vec<String>,
+    /// Certificate common names of the foreign clients (devices, gateways) that may put
+    /// readings on this node's `[ingest]` streams. Default none.
+    pub ingest_clients: Vec<String>,
+}
+
 // ---------------------------------------------------------------------------------------
 // A continuum of several configs
 
@@ -978,7 +1047,7 @@ pub fn check_continuum(nodes: Vec<(PathBuf, NodeConfig)>) -> Result<Continuum, V
     let mut path = None;
     'search: for e in (0..nodes.len()).filter(|&i| tier(i) == Tier::Edge) {
         for f in (0..nodes.len()).filter(|&i| tier(i) == Tier::Fog && linked(e, i)) {
-            for c in (0..nodes.len()).filter(|&i| tier(i) == Tier::Cloud && linked(f, i)) {
+            if let Some(c) = (0..nodes.len()).find(|&i| tier(i) == Tier::Cloud && linked(f, i)) {
                 path = Some([e, f, c]);
                 break 'search;
             }
@@ -1022,6 +1091,19 @@ mod tests {
         assert_eq!(c.zenoh.mode_for(c.node.tier), ZenohMode::Peer);
         assert_eq!(c.log, LogSection::default());
         assert_eq!(c.node.data_dir(), PathBuf::from("data/edge-1"));
+    }
+
+    #[test]
+    fn security_sections_are_checked() {
+        let secure = "[node]\nid = \"e\"\ntier = \"edge\"\n[zenoh]\nlisten = [\"quic/127.0.0.1:1\"]\n[security]\ntls = true\nca_file = \"ca.pem\"\ncert_file = \"e.pem\"\nkey_file = \"e.key\"\ncontinuum = [\"e.toml\"]\n";
+        check(secure, Ok(()));
+        check(&secure.replace("quic/", "tcp/"), Err("zenoh.listen[0]: \"tcp/127.0.0.1:1\" is not a quic/ endpoint"));
+        check(&secure.replace("quic/", "tls/"), Err("eclipse-zenoh/zenoh#2557"));
+        check(&secure.replace("key_file = \"e.key\"\n", ""), Err("security.key_file: is required with tls = true"));
+        check(&secure.replace("continuum = [\"e.toml\"]\n", ""), Err("security.continuum: is required with tls = true"));
+        check(&secure.replace("tls = true", "tls = false"), Err("security.tls: quic/ endpoints need security.tls = true"));
+        check(&format!("{secure}operators = [\"e\"]\n"), Err("security.operators[0]: \"e\" is this node's own id"));
+        check(&format!("{secure}ingest_clients = [\"gw\"]\n"), Err("security.ingest_clients: ingest clients are named but [ingest] streams is empty"));
     }
 
     #[test]
@@ -1136,6 +1218,11 @@ mod config_files {
             }
         }
         assert!(seen >= 4, "expected edge, fog, cloud and reference configs, found {seen}");
+        for f in ["edge", "fog", "cloud"] {
+            let path = configs_dir().join("secure").join(format!("{f}.toml"));
+            let c = NodeConfig::load(&path).unwrap_or_else(|e| panic!("{e}"));
+            assert!(c.security.tls, "{}", path.display());
+        }
     }
 
     #[test]
@@ -1202,6 +1289,7 @@ mod config_files {
             c.ingest.streams.clear();
             c.actors.clear();
             c.routing.deadline_ms.clear();
+            (c.security.ca_file, c.security.cert_file, c.security.key_file) = (None, None, None);
             c
         };
         let reference = d(reference);
@@ -1213,6 +1301,7 @@ mod config_files {
         assert_eq!(reference.routing, RoutingSection::default());
         assert_eq!(reference.modes, ModesSection::default());
         assert_eq!(reference.autonomy, AutonomySection::default());
+        assert_eq!(reference.security, SecuritySection::default());
     }
 }
 

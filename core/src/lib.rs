@@ -15,6 +15,8 @@
 //! - [`actor`]: the integrator API ([`Behaviour`], [`Ctx`], [`Registry`]); start there to
 //!   write an actor.
 //! - [`node`]: a node wired from its config.
+//! - [`security`]: mutual TLS between tiers, access control derived from the configs, and
+//!   the development PKI of `strata certs`.
 //! - [`proxy`]: a TCP proxy that cuts or slows a link, for drills, `strata demo` and tests.
 //!
 //! See `ARCHITECTURE.md` for the map and the invariants that hold between them.
@@ -29,6 +31,7 @@ pub mod model;
 pub mod node;
 pub mod proxy;
 pub mod route;
+pub mod security;
 pub mod supervise;
 
 pub use config::{ConfigError, NodeConfig};

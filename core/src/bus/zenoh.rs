@@ -14,6 +14,7 @@ use zenoh::Wait;
 
 use super::{AliveEvent, BoxFut, BusError, Incoming, Overflow, Request, Responder, Sample, Transport};
 use crate::config::{NodeConfig, ZenohMode};
+use crate::security::{NodeSecurity, TlsFiles};
 
 use crate::model::NodeId;
 
@@ -22,8 +23,8 @@ fn zerr(e: impl std::fmt::Display) -> BusError {
 }
 
 /// The Zenoh session configuration of a node: mode, endpoints, lease, connect retry,
-/// scouting off unless asked for.
-pub fn zenoh_config(config: &NodeConfig) -> Result<zenoh::Config, BusError> {
+/// scouting off unless asked for; with `security`, mutual TLS and the access control.
+pub fn zenoh_config(config: &NodeConfig, security: &NodeSecurity) -> Result<zenoh::Config, BusError> {
     let z = &config.zenoh;
     let mode = z.mode_for(config.node.tier);
     let json = |v: &dyn erased::Json| v.json();
@@ -53,20 +54,46 @@ pub fn zenoh_config(config: &NodeConfig) -> Result<zenoh::Config, BusError> {
     }
     let period = z.connect_retry_ms;
     set("connect/retry", format!("{{period_init_ms: {period}, period_max_ms: {period}, period_increase_factor: 1.0}}"))?;
+    if let Some(tls) = &security.tls {
+        set_tls(&mut c, tls)?;
+    }
+    if let Some(acl) = &security.acl {
+        c.insert_json5("access_control", &acl.to_string()).map_err(|e| BusError::Zenoh(format!("config access_control: {e}")))?;
+    }
     Ok(c)
+}
+
+/// Mutual TLS on every link: the CA that signs every peer, and this side's certificate for
+/// both directions (listening and connecting). A server's name is checked against its
+/// certificate when connecting.
+fn set_tls(c: &mut zenoh::Config, tls: &TlsFiles) -> Result<(), BusError> {
+    let path = |p: &std::path::Path| serde_json::to_string(&p.to_string_lossy()).expect("strings serialise");
+    for (key, value) in [
+        ("transport/link/tls/root_ca_certificate", path(&tls.ca)),
+        ("transport/link/tls/listen_certificate", path(&tls.cert)),
+        ("transport/link/tls/listen_private_key", path(&tls.key)),
+        ("transport/link/tls/connect_certificate", path(&tls.cert)),
+        ("transport/link/tls/connect_private_key", path(&tls.key)),
+        ("transport/link/tls/enable_mtls", "true".into()),
+        ("transport/link/tls/verify_name_on_connect", "true".into()),
+    ] {
+        c.insert_json5(key, &value).map_err(|e| BusError::Zenoh(format!("config {key}: {e}")))?;
+    }
+    Ok(())
 }
 
 /// Asks every node reachable through `endpoint` (e.g. `tcp/127.0.0.1:7448`, a fog router)
 /// for its status document, as a Zenoh client: `strata/status/*`, answers collected for
 /// `timeout`. Used by `strata status`; any Zenoh client can do the same.
-pub async fn query_status(endpoint: &str, timeout: Duration) -> Result<Vec<serde_json::Value>, BusError> {
-    query_json(endpoint, super::keys::STATUS_ALL, Vec::new(), timeout).await
+pub async fn query_status(endpoint: &str, tls: Option<&TlsFiles>, timeout: Duration) -> Result<Vec<serde_json::Value>, BusError> {
+    query_json(endpoint, tls, super::keys::STATUS_ALL, Vec::new(), timeout).await
 }
 
 /// Sends one request on `key` (with body `payload`) through `endpoint`, as a short-lived Zenoh
 /// client, and collects the JSON answers that arrive within `timeout` (non-JSON answers are
-/// logged and skipped). Used by `strata status`, `strata approve` and `strata deny`.
-pub async fn query_json(endpoint: &str, key: &str, payload: Vec<u8>, timeout: Duration) -> Result<Vec<serde_json::Value>, BusError> {
+/// logged and skipped). Used by `strata status`, `strata approve` and `strata deny`; `tls`: the
+/// client's CA, certificate and key for a `quic/` endpoint.
+pub async fn query_json(endpoint: &str, tls: Option<&TlsFiles>, key: &str, payload: Vec<u8>, timeout: Duration) -> Result<Vec<serde_json::Value>, BusError> {
     let mut c = zenoh::Config::default();
     let mut set = |key: &str, value: String| c.insert_json5(key, &value).map_err(|e| BusError::Zenoh(format!("config {key}: {e}")));
     set("mode", "\"client\"".into())?;
@@ -74,6 +101,9 @@ pub async fn query_json(endpoint: &str, key: &str, payload: Vec<u8>, timeout: Du
     set("scouting/multicast/enabled", "false".into())?;
     set("connect/timeout_ms", timeout.as_millis().to_string())?;
     set("connect/exit_on_failure", "true".into())?;
+    if let Some(tls) = tls {
+        set_tls(&mut c, tls)?;
+    }
     let node = NodeId::new("strata-cli").expect("valid node id");
     let transport = ZenohTransport::open_with(node, c).await.map_err(|e| BusError::Zenoh(format!("cannot reach {endpoint}: {e}")))?;
     let mut replies = transport.request(key, "", payload, timeout, STATUS_REPLIES_MAX).await?;
@@ -128,9 +158,9 @@ pub struct ZenohTransport {
 const PUBLISHERS_MAX: usize = 1024;
 
 impl ZenohTransport {
-    /// Opens the node's session from its config.
-    pub async fn open(config: &NodeConfig) -> Result<ZenohTransport, BusError> {
-        ZenohTransport::open_with(config.node.id.clone(), zenoh_config(config)?).await
+    /// Opens the node's session from its config and what its `[security]` prepared.
+    pub async fn open(config: &NodeConfig, security: &NodeSecurity) -> Result<ZenohTransport, BusError> {
+        ZenohTransport::open_with(config.node.id.clone(), zenoh_config(config, security)?).await
     }
 
     pub async fn open_with(node: NodeId, config: zenoh::Config) -> Result<ZenohTransport, BusError> {
@@ -152,12 +182,16 @@ impl ZenohTransport {
 
 struct ZenohResponder {
     query: zenoh::query::Query,
+    /// The queryable's own key when it has no wildcard (`strata/status/<node>`): the reply
+    /// names the node that answers, whatever wildcard was asked (`strata/status/*`), so that
+    /// access control can tell who may answer what.
+    own_key: Option<zenoh::key_expr::KeyExpr<'static>>,
 }
 
 impl Responder for ZenohResponder {
     fn reply(&mut self, payload: Vec<u8>) -> BoxFut<'_, Result<(), BusError>> {
         Box::pin(async move {
-            let key = self.query.key_expr().clone();
+            let key = self.own_key.clone().unwrap_or_else(|| self.query.key_expr().clone().into_owned());
             self.query.reply(key, payload).await.map_err(zerr)
         })
     }
@@ -227,6 +261,7 @@ impl Transport for ZenohTransport {
             let (tx, rx) = mpsc::channel(capacity);
             let dropped = Arc::new(AtomicU64::new(0));
             let counter = dropped.clone();
+            let own_key = if keyexpr.contains('*') { None } else { zenoh::key_expr::KeyExpr::new(keyexpr.clone()).ok() };
             let q = self
                 .session
                 .declare_queryable(keyexpr)
@@ -235,7 +270,7 @@ impl Transport for ZenohTransport {
                         key: query.key_expr().as_str().to_owned(),
                         params: query.parameters().as_str().to_owned(),
                         payload: query.payload().map(|p| p.to_bytes().into_owned()).unwrap_or_default(),
-                        responder: Box::new(ZenohResponder { query }),
+                        responder: Box::new(ZenohResponder { query, own_key: own_key.clone() }),
                     };
                     // Full: the query is dropped, which ends it with no reply; the
                     // requester retries.

@@ -51,6 +51,8 @@ pub enum NodeError {
     Bus(#[from] BusError),
     #[error("{0}")]
     Actors(String),
+    #[error(transparent)]
+    Security(#[from] crate::security::SecurityError),
 }
 
 pub struct Node {
@@ -72,6 +74,8 @@ pub struct Node {
     reports: crate::actor::Reports,
     tasks: JoinSet<()>,
     started: Instant,
+    /// `security` in the status document: TLS on or off, the digest of the ACL applied.
+    security: Value,
 }
 
 fn unix_ms() -> u64 {
@@ -85,12 +89,15 @@ impl Node {
         for (i, spec) in config.actors.iter().enumerate() {
             registry.check(spec).map_err(|(key, e)| NodeError::Actors(format!("actors[{i}].{key}: {e}")))?;
         }
+        // TLS files, the certificate's name and the continuum's configs are checked before
+        // anything is opened.
+        let security = crate::security::NodeSecurity::prepare(&config)?;
         let data_dir = config.node.data_dir();
         let store = RocksStore::open(&data_dir, &config.node.id, StoreOptions::from_config(&config.log))?;
         let log = Log::new(Arc::new(store));
         tracing::info!(node = %config.node.id, tier = %config.node.tier, incarnation = %log.incarnation(),
             data_dir = %data_dir.display(), "store open");
-        let transport = match ZenohTransport::open(&config).await {
+        let transport = match ZenohTransport::open(&config, &security).await {
             Ok(t) => Arc::new(t),
             Err(e) if config.zenoh.mode_for(config.node.tier) == crate::config::ZenohMode::Client => {
                 return Err(NodeError::Bus(BusError::Zenoh(format!(
@@ -170,6 +177,7 @@ impl Node {
             reports,
             tasks: JoinSet::new(),
             started: Instant::now(),
+            security: security.status(),
         };
         node.tasks.spawn(escalate::run(
             node.config.clone(),
@@ -277,12 +285,14 @@ impl Node {
         let (log, replicator, config, started) = (self.log.clone(), self.replicator.clone(), self.config.clone(), self.started);
         let (root, dropped, mode) = (self.root.clone(), self.events_dropped.clone(), self.mode.clone());
         let (decider, escalations, reports) = (self.decider.clone(), self.escalations.clone(), self.reports.clone());
+        let security = self.security.clone();
         self.tasks.spawn(async move {
             while let Some(mut request) = requests.recv().await {
                 let actors = supervise::children(&root).await.unwrap_or_default();
                 let dropped = dropped.load(std::sync::atomic::Ordering::Relaxed);
                 let mut doc = status(&config, &log, &replicator, started, *mode.borrow(), &actors, dropped);
                 decisions_status(&mut doc, &decider, &escalations, &reports);
+                doc["security"] = security.clone();
                 let _ = request.responder.reply(doc.to_string().into_bytes()).await;
             }
         });
@@ -295,6 +305,7 @@ impl Node {
         let dropped = self.events_dropped.load(std::sync::atomic::Ordering::Relaxed);
         let mut doc = status(&self.config, &self.log, &self.replicator, self.started, self.mode(), &actors, dropped);
         decisions_status(&mut doc, &self.decider, &self.escalations, &self.reports);
+        doc["security"] = self.security.clone();
         doc
     }
 

@@ -11,4 +11,5 @@ mod ingest;
 mod node;
 mod replication;
 mod route;
+mod security;
 mod supervise;
