@@ -20,7 +20,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Validate node configs; given several, also check that they form a continuum
+    /// Validate node configs (with `[security] tls = true`, also the certificate files and
+    /// the continuum's configs); given several, also check that they form a continuum
     /// (unique node ids, every connect endpoint is some node's listen, a path
     /// edge -> fog -> cloud) and print a summary.
     Check {
@@ -524,6 +525,14 @@ fn check(files: Vec<PathBuf>) -> ExitCode {
                 eprintln!("{e}");
                 failed = true;
             }
+        }
+    }
+    // A secured node's certificate files, their names and its continuum's configs: what
+    // `strata run` checks before it opens anything.
+    for (file, config) in &nodes {
+        if let Err(e) = strata_core::security::NodeSecurity::prepare(config) {
+            eprintln!("{}: {e}", file.display());
+            failed = true;
         }
     }
     if failed {

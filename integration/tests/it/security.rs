@@ -499,4 +499,11 @@ fn a_node_whose_certificate_names_another_node_does_not_start() {
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("fog-1.pem: its common name is \"fog-1\", not this node's id \"edge-1\""), "{err}");
     println!("strata run with another node's certificate: exit {code}: {}", err.lines().last().unwrap_or(""));
+    // `strata check` says the same before anything runs; the fog's files are fine, the
+    // cloud has no certificate yet.
+    let (code, _, check) = strata(d, &["check", "edge-1.toml", "fog-1.toml", "cloud-1.toml"]);
+    assert_eq!(code, 2, "{check}");
+    assert!(check.contains("edge-1.toml: security.cert_file") && check.contains("its common name is \"fog-1\""), "{check}");
+    assert!(check.contains("cloud-1.toml: security.cert_file") && check.contains("cloud-1.pem"), "{check}");
+    assert!(!check.contains("fog-1.toml:"), "{check}");
 }
