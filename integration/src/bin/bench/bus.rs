@@ -111,48 +111,90 @@ async fn client(port: u16) -> Result<zenoh::Session> {
     zenoh::open(c).await.map_err(|e| anyhow::anyhow!("{e}"))
 }
 
+/// An operator's client session over QUIC (the identity the secured nodes answer status to).
+async fn operator(port: u16, certs: &std::path::Path) -> Result<zenoh::Session> {
+    let mut c = zenoh::Config::default();
+    let set = |c: &mut zenoh::Config, k: &str, v: &str| c.insert_json5(k, v).map_err(|e| anyhow::anyhow!("{k}: {e}"));
+    set(&mut c, "mode", "\"client\"")?;
+    set(&mut c, "connect/endpoints", &format!("[\"quic/127.0.0.1:{port}\"]"))?;
+    set(&mut c, "scouting/multicast/enabled", "false")?;
+    set(&mut c, "connect/timeout_ms", "30000")?;
+    let tls = format!(
+        "{{root_ca_certificate: {:?}, connect_certificate: {:?}, connect_private_key: {:?}, enable_mtls: true}}",
+        certs.join("ca.pem"),
+        certs.join("ops.pem"),
+        certs.join("ops.key")
+    );
+    set(&mut c, "transport/link/tls", &tls)?;
+    zenoh::open(c).await.map_err(|e| anyhow::anyhow!("{e}"))
+}
+
 /// A Strata continuum: fog and cloud as `strata run` processes, the edge in this process.
 struct Continuum {
     _dir: tempfile::TempDir,
     fog: NodeProc,
     cloud: NodeProc,
-    proxy: Proxy,
+    /// Between fog and cloud (plain TCP only: QUIC is UDP).
+    proxy: Option<Proxy>,
     edge: Option<Node>,
     fog_view: zenoh::Session,
     cloud_view: zenoh::Session,
 }
 
 impl Continuum {
-    async fn start() -> Result<Continuum> {
+    /// Plain TCP links with a cuttable proxy between fog and cloud, or (`secure`) QUIC with
+    /// mutual TLS and the generated access control, fog and cloud linked directly; the views
+    /// are then an operator's sessions.
+    async fn start(secure: bool) -> Result<Continuum> {
         let dir = tempfile::tempdir()?;
+        let d = dir.path();
         let (fog_port, cloud_port) = (free_port(), free_port());
-        let proxy = Proxy::start("127.0.0.1:0".parse()?, format!("127.0.0.1:{cloud_port}").parse()?).await?;
+        let proxy = if secure { None } else { Some(Proxy::start("127.0.0.1:0".parse()?, format!("127.0.0.1:{cloud_port}").parse()?).await?) };
+        let fog_up = proxy.as_ref().map_or(cloud_port, |p| p.listen.port());
+        let proto = if secure { "quic" } else { "tcp" };
+        let certs = d.join("certs");
+        if secure {
+            use strata_core::security::certs;
+            certs::init(&certs, 1)?;
+            certs::issue(&certs, &["edge-1".into(), "fog-1".into(), "cloud-1".into(), "ops".into()], &[], 1)?;
+        }
+        let files: Vec<_> = ["edge-1", "fog-1", "cloud-1"].iter().map(|id| d.join(format!("{id}.toml"))).collect();
         let common = |id: &str, tier: &str| {
-            format!(
-                "[node]\nid = \"{id}\"\ntier = \"{tier}\"\ndata_dir = \"{{data_dir}}\"\n[log]\nsync = \"always\"\n\
-                 [replication]\nreplay_check_interval_ms = 500\nack_interval_ms = 200\nreplay_timeout_ms = 5000\n"
-            )
+            let mut s = format!(
+                "[node]\nid = \"{id}\"\ntier = \"{tier}\"\ndata_dir = \"{{data_dir}}\"\n[log]\nsync = \"always\"\n"
+            );
+            if secure {
+                s += &format!(
+                    "[security]\ntls = true\nca_file = {:?}\ncert_file = {:?}\nkey_file = {:?}\ncontinuum = {:?}\noperators = [\"ops\"]\n",
+                    certs.join("ca.pem"),
+                    certs.join(format!("{id}.pem")),
+                    certs.join(format!("{id}.key")),
+                    files
+                );
+            }
+            s + "[replication]\nreplay_check_interval_ms = 500\nack_interval_ms = 200\nreplay_timeout_ms = 5000\n"
         };
         let zenoh = |listen: u16, connect: Option<u16>| {
-            let connect = connect.map_or(String::new(), |p| format!("\"tcp/127.0.0.1:{p}\""));
-            format!("[zenoh]\nmode = \"router\"\nlisten = [\"tcp/127.0.0.1:{listen}\"]\nconnect = [{connect}]\nconnect_retry_ms = 100\nopen_timeout_ms = 500\n")
+            let connect = connect.map_or(String::new(), |p| format!("\"{proto}/127.0.0.1:{p}\""));
+            format!("[zenoh]\nmode = \"router\"\nlisten = [\"{proto}/127.0.0.1:{listen}\"]\nconnect = [{connect}]\nconnect_retry_ms = 100\nopen_timeout_ms = 500\n")
         };
-        let mut fog = NodeProc::new(
-            dir.path(),
-            "fog-1",
-            &format!("{}subscribe = [\"edge-1/**\"]\n{}", common("fog-1", "fog"), zenoh(fog_port, Some(proxy.listen.port()))),
+        let mut fog = NodeProc::new(d, "fog-1", &format!("{}subscribe = [\"edge-1/**\"]\n{}", common("fog-1", "fog"), zenoh(fog_port, Some(fog_up))));
+        let mut cloud = NodeProc::new(d, "cloud-1", &format!("{}subscribe = [\"*/**\"]\n{}", common("cloud-1", "cloud"), zenoh(cloud_port, None)));
+        let edge_cfg = format!(
+            "{}[zenoh]\nmode = \"peer\"\nconnect = [\"{proto}/127.0.0.1:{fog_port}\"]\n",
+            common("edge-1", "edge").replace("{data_dir}", d.join("edge-data").to_str().unwrap())
         );
-        let mut cloud =
-            NodeProc::new(dir.path(), "cloud-1", &format!("{}subscribe = [\"*/**\"]\n{}", common("cloud-1", "cloud"), zenoh(cloud_port, None)));
+        // The continuum's configs must be on disk before any secured node starts.
+        std::fs::write(&files[0], &edge_cfg)?;
         cloud.start();
         fog.start();
-        let edge_cfg = format!(
-            "{}[zenoh]\nmode = \"peer\"\nconnect = [\"tcp/127.0.0.1:{fog_port}\"]\n",
-            common("edge-1", "edge").replace("{data_dir}", dir.path().join("edge-data").to_str().unwrap())
-        );
-        let edge = Node::start(NodeConfig::parse("edge.toml".as_ref(), &edge_cfg).map_err(|e| anyhow::anyhow!("{e}"))?, &strata_core::Registry::new()).await?;
-        let cloud_view = zenoh_session(&format!("tcp/127.0.0.1:{cloud_port}")).await;
-        let fog_view = zenoh_session(&format!("tcp/127.0.0.1:{fog_port}")).await;
+        let edge = Node::start(NodeConfig::load(&files[0]).map_err(|e| anyhow::anyhow!("{e}"))?, &strata_core::Registry::new()).await?;
+        let (cloud_view, fog_view) = if secure {
+            let ops = |port: u16| operator(port, &certs);
+            (ops(cloud_port).await?, ops(fog_port).await?)
+        } else {
+            (zenoh_session(&format!("tcp/127.0.0.1:{cloud_port}")).await, zenoh_session(&format!("tcp/127.0.0.1:{fog_port}")).await)
+        };
         let c = Continuum { _dir: dir, fog, cloud, proxy, edge: Some(edge), fog_view, cloud_view };
         // Connected: the edge sees the cloud's liveliness.
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -244,7 +286,7 @@ pub fn bench_bus() -> Result<()> {
         let (raw_rate, _, _) = if only_strata { (1.0, 0, 0) } else { raw(RAW_N, 0).await? };
         println!("raw zenoh throughput          {raw_rate:>12.0} msg/s ({RAW_N} messages)");
 
-        let c = Continuum::start().await?;
+        let c = Continuum::start(false).await?;
         let start = Instant::now();
         c.produce(STRATA_N, 0).await?;
         let produced = start.elapsed();
@@ -266,13 +308,14 @@ pub fn bench_bus() -> Result<()> {
         }
 
         // Replay rate: a partition, then catch-up.
-        c.proxy.cut();
+        let proxy = c.proxy.as_ref().expect("a plain continuum has its proxy");
+        proxy.cut();
         tokio::time::sleep(Duration::from_millis(1500)).await;
         let backlog_n = 100_000;
         c.produce(backlog_n, 0).await?;
         let total = STRATA_N + backlog_n;
         let behind = total - c.cloud_watermark().await;
-        c.proxy.heal();
+        proxy.heal();
         let healed = Instant::now();
         let done = c.wait_cloud(total, Duration::from_secs(300)).await?;
         println!(
@@ -281,13 +324,23 @@ pub fn bench_bus() -> Result<()> {
             (done - healed).as_secs_f64()
         );
         c.stop().await;
+
+        // The same throughput with security on: QUIC with mutual TLS and the generated ACL.
+        let c = Continuum::start(true).await?;
+        let start = Instant::now();
+        c.produce(STRATA_N, 0).await?;
+        let done = c.wait_cloud(STRATA_N, Duration::from_secs(300)).await?;
+        let secure_rate = STRATA_N as f64 / (done - start).as_secs_f64();
+        c.stop().await;
+        println!("strata throughput, secured   {secure_rate:>12.0} msg/s (QUIC + mutual TLS + ACL at every hop)");
+        println!("ratio secured / plain strata {:>12.3}", secure_rate / strata_rate);
         if only_strata {
             return Ok(());
         }
 
         let n = RATE * RATE_SECONDS;
         let (_, raw_p50, raw_p99) = raw(n, RATE).await?;
-        let c = Continuum::start().await?;
+        let c = Continuum::start(false).await?;
         c.produce(n, RATE).await?;
         c.wait_cloud(n, Duration::from_secs(120)).await?;
         let (p50, p99) = c.cloud_lag().await?;

@@ -11,8 +11,9 @@
 //!
 //! `bus`: edge -> fog -> cloud replication of 100-byte readings, durable (`sync = always`) at
 //! every hop, against raw Zenoh pub/sub over the same three-process topology (client ->
-//! router -> router): throughput, end-to-end latency p50/p99 at a fixed 10 k msg/s, and the
-//! replay (catch-up) rate after a partition.
+//! router -> router): throughput, end-to-end latency p50/p99 at a fixed 10 k msg/s, the
+//! replay (catch-up) rate after a partition, and the throughput with security on (QUIC,
+//! mutual TLS, the generated ACL) against plain Strata.
 //!
 //!     cargo run --release -p strata-integration --bin bench -- restart
 //!
