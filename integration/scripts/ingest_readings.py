@@ -3,9 +3,11 @@
 Zenoh Python binding (pip install eclipse-zenoh==1.10.2).
 
     python3 ingest_readings.py tcp/127.0.0.1:7447 readings/py 100
+    python3 ingest_readings.py quic/127.0.0.1:7457 readings/py 100 --tls certs/ca.pem certs/line-3-gw.pem certs/line-3-gw.key
 
 Puts <count> valid readings {"value": i}, then one of each malformed kind, and prints what it
-sent as JSON on stdout.
+sent as JSON on stdout. With --tls, it is a client of a secured node (mutual TLS over QUIC)
+with its own certificate, whose common name must be in the node's security.ingest_clients.
 """
 import json
 import sys
@@ -14,10 +16,17 @@ import zenoh
 
 endpoint, stream, count = sys.argv[1], sys.argv[2], int(sys.argv[3])
 conf = zenoh.Config()
-conf.insert_json5("mode", '"peer"')
 conf.insert_json5("connect/endpoints", json.dumps([endpoint]))
 conf.insert_json5("scouting/multicast/enabled", "false")
 conf.insert_json5("scouting/gossip/enabled", "false")
+if sys.argv[4:5] == ["--tls"]:
+    ca, cert, key = sys.argv[5:8]
+    conf.insert_json5("mode", '"client"')
+    conf.insert_json5("transport/link/tls", json.dumps({
+        "root_ca_certificate": ca, "connect_certificate": cert, "connect_private_key": key,
+        "enable_mtls": True}))
+else:
+    conf.insert_json5("mode", '"peer"')
 
 malformed = [
     b"not json at all",                       # not_json

@@ -350,6 +350,25 @@ fn secured_continuum_replicates_and_refuses_every_way_around_it() {
             print_case("ingest by a non-device identity (ops)", 1, 1 - accepted.iter().filter(|s| s.ends_with("ops")).count(), accepted.iter().filter(|s| s.ends_with("ops")).count());
             println!("  positive control: the device's reading was appended: {accepted:?}");
             assert_eq!(accepted, ["readings/ingest-line-3-gw"]);
+
+            // The official Python binding as the device, with its certificate.
+            let (c, k) = id_of("line-3-gw");
+            let script = repo_root().join("integration/scripts/ingest_readings.py");
+            let out = Command::new("python3")
+                .arg(&script)
+                .args([edge_ep.as_str(), "readings/py-tls", "20", "--tls"])
+                .args([&ca, &c, &k])
+                .output()
+                .expect("python3 runs");
+            assert!(out.status.success(), "the Python client failed (`make deps` installs eclipse-zenoh):\n{}", String::from_utf8_lossy(&out.stderr));
+            let mut python = 0;
+            wait_until(Duration::from_secs(20), || {
+                python = count_stream(&edge_dir, "readings/py-tls");
+                python >= 20
+            });
+            let rejected = rt_status(&ops, "edge-1")["replication"]["ingest_rejected"].clone();
+            println!("  the Python client (eclipse-zenoh, QUIC, its own certificate): 20 readings sent, {python} appended; malformed rejected by reason: {rejected}");
+            assert_eq!(python, 20);
         }
         ops.close().await.unwrap();
 
