@@ -465,7 +465,10 @@ type = "f32"
     let draft = Draft::new(Kind::Command, PayloadType::new("strata.command/1").unwrap(), doc.to_string().into_bytes());
     node.log().append_durable(StreamName::new("commands").unwrap(), draft).await.unwrap();
     node.log().append_durable(StreamName::new("commands").unwrap(), command("c-3", "launch")).await.unwrap();
-    assert!(wait_status(&node, Duration::from_secs(20), |d| report(d, "plc")["counters"]["commands_written"] == 2).await, "{}", report(&node.status().await, "plc"));
+    // The three commands are handled in order: wait until the last one (unknown) is counted too,
+    // not only the two writes, or the status read below can fall between them.
+    let handled = |d: &Value| report(d, "plc")["counters"]["commands_written"] == 2 && report(d, "plc")["rejected"]["unknown_action"] == 1;
+    assert!(wait_status(&node, Duration::from_secs(20), handled).await, "{}", report(&node.status().await, "plc"));
     use tokio_modbus::client::Reader;
     let mut client = tokio_modbus::client::tcp::connect(format!("127.0.0.1:{port}").parse().unwrap()).await.unwrap();
     let regs = client.read_holding_registers(10, 4).await.unwrap().unwrap();
