@@ -417,12 +417,17 @@ pub struct LogSection {
     /// How long the committer waits for more appends once one arrived, in µs. Default 0:
     /// batches form on their own while the previous sync runs.
     pub commit_linger_us: u64,
-    /// Adaptive group commit: when fewer appends are queued than the last batch held, wait
-    /// for that many, at most half a batch write (and at most 2 ms). Keeps N producers in one
-    /// sync instead of two alternating half batches. Default true.
+    /// Adaptive group commit: when fewer appends are ready than the last WAL sync covered
+    /// (`sync = "always"`; otherwise the last write), wait for that many, at most half a sync
+    /// (and at most 2 ms). Keeps N producers in one sync instead of two alternating halves.
+    /// Default true.
     pub commit_wait_adaptive: bool,
     /// Appends waiting for the committer; producers wait when it is full. Default 4096.
     pub commit_queue_len_max: usize,
+    /// With `sync = "always"`: batches written but waiting for their WAL sync (the next batch
+    /// is written while the previous one syncs); the committer waits when this many wait.
+    /// Default 4.
+    pub commit_unsynced_batches_max: usize,
     /// Largest payload of one envelope, in bytes. Default 1048576 (1 MiB).
     pub payload_bytes_max: usize,
     /// RocksDB memtable size (write buffer), in bytes. Default 4194304 (4 MiB).
@@ -448,6 +453,7 @@ impl Default for LogSection {
             commit_linger_us: 0,
             commit_wait_adaptive: true,
             commit_queue_len_max: 4096,
+            commit_unsynced_batches_max: 4,
             payload_bytes_max: 1024 * 1024,
             memtable_bytes: 4 * 1024 * 1024,
             block_cache_bytes: 8 * 1024 * 1024,
@@ -838,6 +844,9 @@ impl NodeConfig {
         }
         if l.commit_linger_us > 1_000_000 {
             bad("log.commit_linger_us", format!("{} is more than 1000000 (1 s)", l.commit_linger_us));
+        }
+        if !(1..=1024).contains(&l.commit_unsynced_batches_max) {
+            bad("log.commit_unsynced_batches_max", format!("{} is not in 1..=1024", l.commit_unsynced_batches_max));
         }
         if !(1..=1_048_576).contains(&l.commit_queue_len_max) {
             bad("log.commit_queue_len_max", format!("{} is not in 1..=1048576", l.commit_queue_len_max));

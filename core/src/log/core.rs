@@ -4,6 +4,12 @@
 //! records through [`Backend::scan`] and applies the writes itself, atomically, and only
 //! then is the staged state made current ([`Core::apply`]). A failed write leaves the state
 //! as it was, so it consumes no seq.
+//!
+//! With `sync = "always"` the RocksDB backend pipelines: a batch is written (not yet
+//! fsync'd) and [`Core::stage`]d, so the next batch is planned on top of it while the WAL
+//! sync of the previous one runs; [`Core::apply_staged`] makes it current once synced. The
+//! current state (what readers see: figures, watermarks, the highest readable seq) is only
+//! ever durable state.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -27,6 +33,7 @@ pub(crate) const SWEEP_RECORDS_MAX: u64 = 100_000;
 /// Records read per scan while sweeping or rebuilding state.
 const SCAN_CHUNK: usize = 1024;
 
+/// Column families; the discriminant is the index in [`Cf::ALL`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(crate) enum Cf {
     Log,
@@ -162,10 +169,14 @@ pub(crate) struct Core {
     cursors: HashMap<StreamKey, BTreeMap<Name, u64>>,
     acks: HashMap<StreamKey, BTreeMap<Tier, u64>>,
     retention: Vec<RetentionRule>,
+    /// Written but not yet durable: each stream's state after the last staged batch that
+    /// touched it, tagged with that batch's number. Planning reads it before `streams`.
+    pending: HashMap<StreamKey, (u64, Entry)>,
 }
 
 /// Results of one batch (its writes went to a [`Sink`]), and the state to make current
 /// once they are written.
+#[derive(Default)]
 pub(crate) struct Plan {
     pub results: Vec<OpOutcome>,
     staged: HashMap<StreamKey, Entry>,
@@ -184,6 +195,7 @@ impl Core {
             cursors: HashMap::new(),
             acks: HashMap::new(),
             retention,
+            pending: HashMap::new(),
         }
     }
 
@@ -219,7 +231,8 @@ impl Core {
 
     fn entry<'a>(&'a self, staged: &'a mut HashMap<StreamKey, Entry>, key: &StreamKey) -> &'a mut Entry {
         if !staged.contains_key(key) {
-            staged.insert(key.clone(), self.streams.get(key).cloned().unwrap_or_default());
+            let base = self.pending.get(key).map(|(_, e)| e).or_else(|| self.streams.get(key));
+            staged.insert(key.clone(), base.cloned().unwrap_or_default());
         }
         staged.get_mut(key).expect("inserted above")
     }
@@ -227,16 +240,28 @@ impl Core {
     /// Plans a batch, writing into `sink`. Never fails as a whole: each op gets its own
     /// result.
     pub(crate) fn plan(&self, ops: Vec<Op>, backend: &dyn Backend, sink: &mut dyn Sink) -> Plan {
-        let mut plan = Plan { results: Vec::with_capacity(ops.len()), staged: HashMap::new(), cursors: Vec::new() };
+        let mut plan = Plan::default();
+        self.plan_more(&mut plan, ops, backend, sink);
+        self.finish(&plan, sink);
+        plan
+    }
+
+    /// Adds `ops` to a batch being planned (a batch may be planned in several parts as its
+    /// operations arrive); [`Core::finish`] completes it.
+    pub(crate) fn plan_more(&self, plan: &mut Plan, ops: Vec<Op>, backend: &dyn Backend, sink: &mut dyn Sink) {
         let mut scratch = Scratch::default();
+        plan.results.reserve(ops.len());
         for op in ops {
-            let result = self.plan_op(&mut plan, sink, &mut scratch, backend, op);
+            let result = self.plan_op(plan, sink, &mut scratch, backend, op);
             plan.results.push(result);
         }
+    }
+
+    /// Writes the figures of every stream the batch touched, in the same batch.
+    pub(crate) fn finish(&self, plan: &Plan, sink: &mut dyn Sink) {
         for (key, entry) in &plan.staged {
             sink.put(Cf::Watermarks, &stream_prefix(key), &entry.stats().encode());
         }
-        plan
     }
 
     fn plan_op(&self, plan: &mut Plan, sink: &mut dyn Sink, scratch: &mut Scratch, backend: &dyn Backend, op: Op) -> OpOutcome {
@@ -349,7 +374,7 @@ impl Core {
 
     fn plan_sweep(&self, plan: &mut Plan, sink: &mut dyn Sink, now_unix_ms: u64, backend: &dyn Backend) -> Result<SweepReport, LogError> {
         let mut report = SweepReport::default();
-        let mut keys: Vec<StreamKey> = self.streams.keys().chain(plan.staged.keys()).cloned().collect();
+        let mut keys: Vec<StreamKey> = self.streams.keys().chain(self.pending.keys()).chain(plan.staged.keys()).cloned().collect();
         keys.sort();
         keys.dedup();
         for key in keys {
@@ -418,7 +443,25 @@ impl Core {
 
     /// Makes a written plan's state current; returns the results to hand back.
     pub(crate) fn apply(&mut self, plan: Plan) -> Vec<OpOutcome> {
+        debug_assert!(self.pending.is_empty(), "apply is for unpipelined backends");
+        self.apply_staged(plan, 0)
+    }
+
+    /// Batch `batch` is written but not yet durable: the next batches are planned on top of
+    /// it. Batches are staged, and later applied, in the order they were written.
+    pub(crate) fn stage(&mut self, plan: &Plan, batch: u64) {
+        for (key, entry) in &plan.staged {
+            self.pending.insert(key.clone(), (batch, entry.clone()));
+        }
+    }
+
+    /// Staged batch `batch` is durable: makes its state current (a later staged batch's state
+    /// stays pending). Returns the results to hand back.
+    pub(crate) fn apply_staged(&mut self, plan: Plan, batch: u64) -> Vec<OpOutcome> {
         for (key, entry) in plan.staged {
+            if self.pending.get(&key).is_some_and(|(b, _)| *b == batch) {
+                self.pending.remove(&key);
+            }
             self.streams.insert(key, entry);
         }
         for (consumer, key, seq) in plan.cursors {
@@ -448,6 +491,12 @@ impl Core {
         let mut keys: Vec<&StreamKey> = self.streams.keys().collect();
         keys.sort();
         keys.into_iter().filter_map(|k| self.info(k)).collect()
+    }
+
+    /// Highest durable seq of a stream (0: none); reads never go past it, so nothing is seen
+    /// that a crash could take back.
+    pub(crate) fn readable_last(&self, key: &StreamKey) -> u64 {
+        self.streams.get(key).map_or(0, |e| e.wm.last())
     }
 
     pub(crate) fn gaps(&self, key: &StreamKey, max: usize) -> Vec<std::ops::RangeInclusive<u64>> {

@@ -12,7 +12,9 @@
 //!   under the configured [`SyncPolicy`](crate::config::SyncPolicy). Seqs are assigned by the
 //!   committer when it writes a batch, so a failed write consumes no seq.
 //! - Group commit: appends, remote inserts and cursor commits queued while a write is in
-//!   progress go into the next `WriteBatch` with one WAL sync.
+//!   progress go into the next `WriteBatch`; under `sync = "always"` every batch written
+//!   while a WAL sync runs shares the next sync (a two-stage pipeline, see [`RocksStore`]).
+//! - Reads see durable records only: nothing a crash could take back is ever handed out.
 //! - [`Log::insert_remote`] is idempotent and keeps the per-`(origin, incarnation, stream)`
 //!   watermark; gaps are reported as ranges ([`Log::gaps`]).
 //! - Retention ([`Log::sweep`]) counts records it removes before a registered consumer read

@@ -5,11 +5,20 @@
 //! version, incarnation, node id).
 //!
 //! One committer thread takes operations from the group-commit hand-off in batches, plans
-//! them ([`Core::plan`]), writes each batch as one `WriteBatch` (with a WAL fsync under
-//! `sync = "always"`), and only then completes the producers' tickets. A `WriteBatch` is
+//! them ([`Core::plan`]) and writes each batch as one `WriteBatch`. A `WriteBatch` is
 //! atomic, and a stream's figures are written in the same batch as its records, so after a
-//! crash the store is exactly as of some batch boundary: no acknowledged record missing, no
-//! hole in any seq.
+//! crash the store is exactly as of some batch boundary: no hole in any seq.
+//!
+//! Under `sync = "always"` the commit is a two-stage pipeline. The committer writes a batch
+//! without syncing, stages its state ([`Core::stage`]) and passes it to the syncer thread;
+//! the syncer fsyncs the WAL once for every batch written so far (`SyncWAL`), and only then
+//! makes their state current and completes the producers' tickets. So the next batch is
+//! planned and written while the previous one's fsync runs. WAL order is write order, one
+//! thread writes, and RocksDB recovers a prefix of the WAL: what a crash keeps is a prefix
+//! of batches, which holds every acknowledged one. Nothing written but not yet synced is
+//! readable (reads stop at the durable state). A failed WAL sync stops the store: what was
+//! in flight and everything after is refused until it is reopened, since after a failed
+//! fsync nobody can say what reached the disk.
 
 use std::fs::{File, OpenOptions};
 use std::future::Future;
@@ -32,7 +41,7 @@ use crate::codec::Limits;
 use crate::config::{LogSection, Name, RetentionRule, SyncPolicy};
 use crate::model::{Envelope, Incarnation, NodeId, Tier};
 
-use super::core::{decode_record, parse_stats_entry, Backend, Cf, Core, Sink, STORE_FORMAT_VERSION};
+use super::core::{decode_record, parse_stats_entry, Backend, Cf, Core, Plan, Sink, STORE_FORMAT_VERSION};
 use super::keys::{parse_cursor_key, record_seq, stream_prefix};
 use super::{LogError, Op, OpOutcome, Pending, PendingInner, StreamInfo, StreamKey, Store};
 
@@ -50,6 +59,7 @@ pub struct StoreOptions {
     pub commit_linger_us: u64,
     pub commit_wait_adaptive: bool,
     pub commit_queue_len_max: usize,
+    pub commit_unsynced_batches_max: usize,
     pub limits: Limits,
     pub memtable_bytes: usize,
     pub block_cache_bytes: usize,
@@ -65,6 +75,7 @@ impl StoreOptions {
             commit_linger_us: log.commit_linger_us,
             commit_wait_adaptive: log.commit_wait_adaptive,
             commit_queue_len_max: log.commit_queue_len_max,
+            commit_unsynced_batches_max: log.commit_unsynced_batches_max,
             limits: Limits { max_payload_bytes: log.payload_bytes_max },
             memtable_bytes: log.memtable_bytes,
             block_cache_bytes: log.block_cache_bytes,
@@ -323,6 +334,7 @@ impl RocksStore {
             linger: Duration::from_micros(opts.commit_linger_us),
             adaptive: opts.commit_wait_adaptive,
             sync: opts.sync == SyncPolicy::Always,
+            unsynced_max: opts.commit_unsynced_batches_max.max(1),
         };
         threads.committer = Some(
             std::thread::Builder::new()
@@ -392,6 +404,7 @@ struct Committer {
     linger: Duration,
     adaptive: bool,
     sync: bool,
+    unsynced_max: usize,
 }
 
 /// Longest adaptive wait for a batch to fill, whatever the write time.
@@ -399,32 +412,86 @@ const ADAPTIVE_WAIT_MAX: Duration = Duration::from_millis(2);
 
 /// A `WriteBatch` as the planner's sink.
 struct BatchSink<'a> {
-    db: &'a DB,
+    /// The column families' handles, in [`Cf::ALL`] order (looked up once, not per record).
+    cfs: [&'a rocksdb::ColumnFamily; 4],
     batch: WriteBatch,
+}
+
+impl<'a> BatchSink<'a> {
+    fn new(db: &'a DB) -> BatchSink<'a> {
+        BatchSink { cfs: Cf::ALL.map(|c| cf(db, c)), batch: WriteBatch::default() }
+    }
 }
 
 impl Sink for BatchSink<'_> {
     fn put(&mut self, c: Cf, key: &[u8], value: &[u8]) {
-        self.batch.put_cf(cf(self.db, c), key, value);
+        self.batch.put_cf(self.cfs[c as usize], key, value);
     }
 
     fn delete(&mut self, c: Cf, key: &[u8]) {
-        self.batch.delete_cf(cf(self.db, c), key);
+        self.batch.delete_cf(self.cfs[c as usize], key);
+    }
+}
+
+/// A batch written to the WAL, waiting for its sync.
+struct Written {
+    number: u64,
+    plan: Plan,
+    completers: Vec<Completer<OpOutcome>>,
+}
+
+/// Why a store stopped accepting writes; shared by the committer and the syncer.
+type Stopped = Arc<Mutex<Option<LogError>>>;
+
+fn stopped(s: &Stopped) -> Option<LogError> {
+    s.lock().unwrap_or_else(|p| p.into_inner()).clone()
+}
+
+fn refuse(completers: Vec<Completer<OpOutcome>>, error: &LogError) {
+    for done in completers {
+        done.complete(Err(error.clone()));
+    }
+}
+
+/// Moving average of a duration (7/8 old, 1/8 new).
+fn average(avg: Duration, sample: Duration) -> Duration {
+    if avg.is_zero() {
+        sample
+    } else {
+        (avg * 7 + sample) / 8
     }
 }
 
 impl Committer {
     fn run(self) {
-        let mut wo = WriteOptions::default();
-        wo.set_sync(self.sync);
+        let stop: Stopped = Arc::new(Mutex::new(None));
+        let gate = Arc::new(SyncGate::default());
+        let syncer = self.sync.then(|| {
+            let (tx, rx) = mpsc::sync_channel::<Written>(self.unsynced_max);
+            let syncer = Syncer {
+                db: self.db.clone(),
+                core: self.core.clone(),
+                commits: self.commits.clone(),
+                adaptive: self.adaptive,
+                stop: stop.clone(),
+                gate: gate.clone(),
+            };
+            let handle = std::thread::Builder::new().name("strata-sync-wal".into()).spawn(move || syncer.run(rx)).expect("spawn the WAL syncer thread");
+            (tx, handle)
+        });
+        // Pipelined, the syncer makes batches durable (`wo`); a batch written while the syncer
+        // is idle and nothing else waits is written with its sync (`wo_sync`).
+        let wo = WriteOptions::default();
+        let mut wo_sync = WriteOptions::default();
+        wo_sync.set_sync(true);
         // Size of the last batch and a moving average of how long writing one takes.
         let mut last_len = 0usize;
         let mut write_time = Duration::ZERO;
+        let mut number = 0u64;
         loop {
-            // Adaptive group commit: the producers acknowledged by the last batch are about
-            // to append again. Wait (at most half a batch write) until as many are queued, so
-            // that N producers share one sync instead of splitting into two half batches, and
-            // the committer is woken once per batch rather than once per arrival.
+            // Adaptive group commit: the producers acknowledged by the last batch are about to
+            // append again. Wait (at most half a batch commit) until as many are queued, so
+            // that they share one sync instead of alternating half batches.
             let expected = last_len.min(self.batch_max);
             let mut batch = if self.adaptive && expected > 1 {
                 let wait = (write_time / 2).min(ADAPTIVE_WAIT_MAX);
@@ -444,31 +511,186 @@ impl Committer {
             }
             last_len = batch.len();
             let (ops, completers): (Vec<Op>, Vec<Completer<OpOutcome>>) = batch.into_iter().unzip();
-            let mut sink = BatchSink { db: &self.db, batch: WriteBatch::default() };
+            if let Some(error) = stopped(&stop) {
+                refuse(completers, &error);
+                continue;
+            }
+            let mut sink = BatchSink::new(&self.db);
             let plan = lock_core(&self.core).plan(ops, &DbBackend(&self.db), &mut sink);
+            // Nothing else to write and no sync running: write with the sync, saving the
+            // hand-over to the syncer (a thread wake-up) when there is nothing to overlap.
+            let inline = match &syncer {
+                Some(_) if self.handoff.is_empty() => gate.try_inline(),
+                _ => None,
+            };
             let started = Instant::now();
-            let written = self.db.write_opt(sink.batch, &wo);
-            let took = started.elapsed();
-            write_time = if write_time.is_zero() { took } else { (write_time * 7 + took) / 8 };
-            match written {
-                Ok(()) => {
+            let written = self.db.write_opt(sink.batch, if inline.is_some() { &wo_sync } else { &wo });
+            if let Err(e) = written {
+                let error = LogError::Io { path: self.db.path().to_owned(), detail: format!("batch write failed: {}", e.into_string()) };
+                tracing::error!(%error, "group commit failed; its operations are refused");
+                refuse(completers, &error);
+                continue;
+            }
+            number += 1;
+            match (&syncer, inline) {
+                (Some(_), Some(_guard)) => {
+                    let results = lock_core(&self.core).apply(plan);
+                    write_time = average(write_time, started.elapsed());
+                    self.commits.send_modify(|n| *n += 1);
+                    for (done, result) in completers.into_iter().zip(results) {
+                        done.complete(result);
+                    }
+                }
+                (Some((tx, _)), None) => {
+                    write_time = average(write_time, started.elapsed());
+                    lock_core(&self.core).stage(&plan, number);
+                    gate.queued.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    // Waits while `unsynced_max` batches are already waiting for their sync.
+                    if let Err(mpsc::SendError(w)) = tx.send(Written { number, plan, completers }) {
+                        let error = stopped(&stop).unwrap_or(LogError::Closed);
+                        refuse(w.completers, &error);
+                    }
+                }
+                (None, _) => {
+                    write_time = average(write_time, started.elapsed());
                     let results = lock_core(&self.core).apply(plan);
                     self.commits.send_modify(|n| *n += 1);
                     for (done, result) in completers.into_iter().zip(results) {
                         done.complete(result);
                     }
                 }
-                Err(e) => {
-                    let error = LogError::Io { path: self.db.path().to_owned(), detail: format!("batch write failed: {}", e.into_string()) };
-                    tracing::error!(%error, "group commit failed; its operations are refused");
-                    for done in completers {
-                        done.complete(Err(error.clone()));
-                    }
+            }
+        }
+        match syncer {
+            Some((tx, handle)) => {
+                drop(tx);
+                if handle.join().is_err() {
+                    tracing::error!(path = %self.db.path().display(), "the WAL syncer thread panicked");
+                }
+            }
+            None => {
+                if let Err(e) = self.db.flush_wal(true) {
+                    tracing::error!(error = %e, "final WAL sync failed");
                 }
             }
         }
-        if let Err(e) = self.db.flush_wal(true) {
-            tracing::error!(error = %e, "final WAL sync failed");
+    }
+}
+
+/// Who syncs: the syncer, or the committer itself when no batch waits for the syncer.
+#[derive(Default)]
+struct SyncGate {
+    /// Held while syncing and applying.
+    syncing: Mutex<()>,
+    /// Batches handed to the syncer and not yet applied.
+    queued: std::sync::atomic::AtomicUsize,
+}
+
+impl SyncGate {
+    /// The right to sync and apply on the committer's thread: only when the syncer is idle
+    /// and holds no batch, so batches are still applied in the order they were written.
+    fn try_inline(&self) -> Option<MutexGuard<'_, ()>> {
+        let guard = match self.syncing.try_lock() {
+            Ok(g) => g,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return None,
+        };
+        (self.queued.load(std::sync::atomic::Ordering::SeqCst) == 0).then_some(guard)
+    }
+}
+
+/// Stops the store after a failed WAL sync; returns the error to refuse operations with.
+fn sync_failed(db: &DB, e: rocksdb::Error, stop: &Stopped) -> LogError {
+    let error = LogError::Io {
+        path: db.path().to_owned(),
+        detail: format!("WAL sync failed: {}; the store refuses writes until it is reopened", e.into_string()),
+    };
+    tracing::error!(%error, "WAL sync failed; the store stops accepting writes");
+    *stop.lock().unwrap_or_else(|p| p.into_inner()) = Some(error.clone());
+    error
+}
+
+/// The second stage of the commit pipeline under `sync = "always"`.
+struct Syncer {
+    db: Arc<DB>,
+    core: Arc<Mutex<Core>>,
+    commits: tokio::sync::watch::Sender<u64>,
+    adaptive: bool,
+    stop: Stopped,
+    gate: Arc<SyncGate>,
+}
+
+impl Syncer {
+    fn run(self, rx: mpsc::Receiver<Written>) {
+        // Operations in the last sync and a moving average of how long one sync takes.
+        let mut last_ops = 0usize;
+        let mut sync_time = Duration::ZERO;
+        while let Ok(first) = rx.recv() {
+            let mut group = vec![first];
+            let mut ops = group[0].completers.len();
+            // Adaptive group commit: the producers acknowledged by the last sync are about to
+            // append again. Wait (at most half a sync) until as many are written, so that N
+            // producers share one fsync instead of alternating half groups.
+            let deadline = Instant::now() + (sync_time / 2).min(ADAPTIVE_WAIT_MAX);
+            loop {
+                while let Ok(w) = rx.try_recv() {
+                    ops += w.completers.len();
+                    group.push(w);
+                }
+                if !self.adaptive || ops >= last_ops {
+                    break;
+                }
+                let left = deadline.saturating_duration_since(Instant::now());
+                match rx.recv_timeout(left) {
+                    Ok(w) => {
+                        ops += w.completers.len();
+                        group.push(w);
+                    }
+                    Err(_) => break,
+                }
+            }
+            last_ops = ops;
+            let batches = group.len();
+            let _syncing = self.gate.syncing.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(error) = stopped(&self.stop) {
+                for w in group {
+                    refuse(w.completers, &error);
+                }
+                self.gate.queued.fetch_sub(batches, std::sync::atomic::Ordering::SeqCst);
+                continue;
+            }
+            let started = Instant::now();
+            let synced = self.db.flush_wal(true);
+            sync_time = average(sync_time, started.elapsed());
+            match synced {
+                Ok(()) => {
+                    let mut outcomes = Vec::with_capacity(group.len());
+                    {
+                        let mut core = lock_core(&self.core);
+                        for w in group {
+                            outcomes.push((w.completers, core.apply_staged(w.plan, w.number)));
+                        }
+                    }
+                    self.commits.send_modify(|n| *n += 1);
+                    for (completers, results) in outcomes {
+                        for (done, result) in completers.into_iter().zip(results) {
+                            done.complete(result);
+                        }
+                    }
+                }
+                Err(e) => {
+                    let error = sync_failed(&self.db, e, &self.stop);
+                    for w in group {
+                        refuse(w.completers, &error);
+                    }
+                }
+            }
+            self.gate.queued.fetch_sub(batches, std::sync::atomic::Ordering::SeqCst);
+        }
+        if stopped(&self.stop).is_none() {
+            if let Err(e) = self.db.flush_wal(true) {
+                tracing::error!(error = %e, "final WAL sync failed");
+            }
         }
     }
 }
@@ -492,10 +714,18 @@ impl Store for RocksStore {
     }
 
     fn read(&self, key: &StreamKey, from: u64, limit: usize) -> Result<Vec<Envelope>, LogError> {
+        // Read the durable bound first: whatever the scan finds past it is not yet synced.
+        let (limits, last) = {
+            let core = lock_core(&self.core);
+            (core.limits, core.readable_last(key))
+        };
+        if from > last {
+            return Ok(Vec::new());
+        }
+        let limit = limit.min(usize::try_from(last - from + 1).unwrap_or(usize::MAX));
         let records = scan(&self.db, &stream_prefix(key), from, limit)
             .map_err(|e| LogError::Io { path: self.path.clone(), detail: e.into_string() })?;
-        let limits = lock_core(&self.core).limits;
-        records.iter().map(|(seq, v)| decode_record(key, *seq, v, &limits)).collect()
+        records.iter().take_while(|(seq, _)| *seq <= last).map(|(seq, v)| decode_record(key, *seq, v, &limits)).collect()
     }
 
     fn streams(&self) -> Vec<StreamInfo> {

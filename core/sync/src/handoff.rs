@@ -40,6 +40,9 @@ struct State<T, R> {
     /// The committer is woken when the queue holds this many items (1 unless it waits to
     /// grow a batch).
     wanted: usize,
+    /// The committer is blocked on `not_empty` (producers only signal then: a condvar signal
+    /// is a system call even with nobody waiting).
+    waiting: bool,
 }
 
 struct Shared<T, R> {
@@ -71,6 +74,7 @@ impl<T, R> Handoff<T, R> {
                     space_waiters: Vec::new(),
                     next_waiter_id: 0,
                     wanted: 1,
+                    waiting: false,
                 }),
                 not_empty: Condvar::new(),
             }),
@@ -100,7 +104,7 @@ impl<T, R> Handoff<T, R> {
         let slot = Arc::new(Mutex::new(Slot::Waiting(None)));
         state.queue.push_back((item, Completer { slot: Some(slot.clone()) }));
         debug_assert!(state.queue.len() <= state.capacity);
-        if state.queue.len() >= state.wanted {
+        if state.waiting && state.queue.len() >= state.wanted {
             shared.not_empty.notify_one();
         }
         Ticket { slot }
@@ -118,10 +122,12 @@ impl<T, R> Handoff<T, R> {
             if state.closed {
                 return None;
             }
+            state.waiting = true;
             state = match self.shared.not_empty.wait(state) {
                 Ok(g) => g,
                 Err(poisoned) => poisoned.into_inner(),
             };
+            state.waiting = false;
         }
     }
 
@@ -144,10 +150,12 @@ impl<T, R> Handoff<T, R> {
                 break;
             }
             state.wanted = min;
+            state.waiting = true;
             state = match self.shared.not_empty.wait_timeout(state, deadline - now) {
                 Ok((g, _)) => g,
                 Err(poisoned) => poisoned.into_inner().0,
             };
+            state.waiting = false;
         }
         state.wanted = 1;
         Self::drain(&mut state, max)

@@ -1,6 +1,9 @@
 //! Child process of the crash test (`integration/tests/it/crash.rs`): opens a store and
 //! appends from several tasks until killed, printing `ack <seq> <producer> <n>` for every
 //! append whose durability was acknowledged, and `start <next seq>` once the store is open.
+//! Producers `0..producers` each wait for their own acknowledgement; one more keeps
+//! `IN_FLIGHT` appends outstanding. Batches are kept small, so batches are written while
+//! earlier ones wait for their WAL sync (the commit pipeline) when the kill comes.
 //!
 //!     crash_writer <store dir> <producers>
 //!
@@ -15,13 +18,17 @@ use strata_core::log::{Draft, Log, RocksStore, StoreOptions};
 use strata_core::{Kind, NodeId, PayloadType, StreamName};
 use strata_integration::crash_payload;
 
+/// Appends the pipelined producer keeps outstanding.
+const IN_FLIGHT: usize = 256;
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<()> {
     let mut args = std::env::args().skip(1);
     let path = args.next().context("usage: crash_writer <store dir> <producers>")?;
     let producers: u8 = args.next().context("producers")?.parse().context("producers")?;
     let node = NodeId::new("crash-node")?;
-    let store = RocksStore::open(path.as_ref(), &node, StoreOptions::default())?;
+    let opts = StoreOptions { commit_batch_len_max: 32, ..StoreOptions::default() };
+    let store = RocksStore::open(path.as_ref(), &node, opts)?;
     let log = Log::new(Arc::new(store));
     let stream = StreamName::new("crash/test")?;
     let next = log.stream(&log.local_key(&stream)).map_or(0, |i| i.last) + 1;
@@ -41,6 +48,20 @@ async fn main() -> Result<()> {
             }
         }));
     }
+    let (log, stream, out) = (log.clone(), stream.clone(), out.clone());
+    tasks.push(tokio::spawn(async move {
+        let mut in_flight = std::collections::VecDeque::new();
+        for n in 0u64.. {
+            let draft = Draft::new(Kind::Reading, PayloadType::new("crash/1").unwrap(), crash_payload(producers, n));
+            in_flight.push_back(log.append(stream.clone(), draft).await.expect("append"));
+            if in_flight.len() >= IN_FLIGHT {
+                let env = in_flight.pop_front().expect("non-empty").await.expect("append");
+                let mut out = out.lock().unwrap();
+                writeln!(out, "ack {} {producers} {}", env.id.seq, n + 1 - IN_FLIGHT as u64).unwrap();
+                out.flush().unwrap();
+            }
+        }
+    }));
     for t in tasks {
         t.await?;
     }
