@@ -498,6 +498,13 @@ pub struct ReplicationSection {
     /// Received live samples waiting to be stored; beyond it samples are dropped and
     /// later repaired by replay. Default 8192.
     pub live_queue_len_max: usize,
+    /// Durable local records waiting to be published live; beyond it they are not published
+    /// live and subscribers repair them by replay. Default 4096.
+    pub publish_queue_len_max: usize,
+    /// Largest live frame, in bytes: records of one stream waiting to be published go out
+    /// together in frames up to this size (a record alone when nothing else waits).
+    /// Default 16384.
+    pub live_frame_bytes_max: usize,
 }
 
 impl Default for ReplicationSection {
@@ -509,6 +516,8 @@ impl Default for ReplicationSection {
             replay_timeout_ms: 2000,
             ack_interval_ms: 250,
             live_queue_len_max: 8192,
+            publish_queue_len_max: 4096,
+            live_frame_bytes_max: 16384,
         }
     }
 }
@@ -876,6 +885,8 @@ impl NodeConfig {
             ("replication.replay_timeout_ms", r.replay_timeout_ms, 10),
             ("replication.ack_interval_ms", r.ack_interval_ms, 10),
             ("replication.live_queue_len_max", r.live_queue_len_max as u64, 1),
+            ("replication.publish_queue_len_max", r.publish_queue_len_max as u64, 1),
+            ("replication.live_frame_bytes_max", r.live_frame_bytes_max as u64, 1024),
             ("ingest.payload_bytes_max", self.ingest.payload_bytes_max as u64, 16),
             ("supervision.restart_window_ms", self.supervision.restart_window_ms, 1),
             ("supervision.child_shutdown_timeout_ms", self.supervision.child_shutdown_timeout_ms, 1),
@@ -891,6 +902,9 @@ impl NodeConfig {
             if value < min {
                 bad(key, format!("{value} is less than {min}"));
             }
+        }
+        if r.live_frame_bytes_max > crate::bus::wire::MESSAGE_BYTES_MAX {
+            bad("replication.live_frame_bytes_max", format!("{} is more than {}", r.live_frame_bytes_max, crate::bus::wire::MESSAGE_BYTES_MAX));
         }
         if self.ingest.payload_bytes_max > l.payload_bytes_max {
             bad("ingest.payload_bytes_max", format!("{} is larger than log.payload_bytes_max ({})", self.ingest.payload_bytes_max, l.payload_bytes_max));

@@ -48,8 +48,9 @@ const REQUEST_QUEUE_LEN: usize = 64;
 const EVENT_QUEUE_LEN: usize = 1024;
 /// Insert batches kept in flight per receiver before it waits for the oldest to be durable.
 const INSERT_BATCHES_IN_FLIGHT_MAX: usize = 64;
-/// Most live samples stored as one insert operation.
+/// Most live samples, and most bytes of them, stored as one insert operation.
 const LIVE_BATCH_LEN_MAX: usize = 512;
+const LIVE_BATCH_BYTES_MAX: usize = 256 * 1024;
 
 /// The protocol's settings, from the node config.
 #[derive(Debug, Clone)]
@@ -64,6 +65,8 @@ pub struct Settings {
     pub replay_timeout: Duration,
     pub ack_interval: Duration,
     pub live_queue_len_max: usize,
+    pub publish_queue_len_max: usize,
+    pub live_frame_bytes_max: usize,
     pub limits: Limits,
 }
 
@@ -80,6 +83,8 @@ impl Settings {
             replay_timeout: Duration::from_millis(c.replication.replay_timeout_ms),
             ack_interval: Duration::from_millis(c.replication.ack_interval_ms),
             live_queue_len_max: c.replication.live_queue_len_max,
+            publish_queue_len_max: c.replication.publish_queue_len_max,
+            live_frame_bytes_max: c.replication.live_frame_bytes_max,
             limits: Limits { max_payload_bytes: c.log.payload_bytes_max },
         }
     }
@@ -93,6 +98,7 @@ impl Settings {
 #[derive(Debug, Default)]
 pub struct Counters {
     pub published: AtomicU64,
+    pub publish_dropped: AtomicU64,
     pub live_received: AtomicU64,
     pub live_stored: AtomicU64,
     pub live_duplicates: AtomicU64,
@@ -180,6 +186,9 @@ pub struct LatencySnapshot {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct CounterSnapshot {
     pub published: u64,
+    /// Durable records not published live because the publish queue was full (subscribers
+    /// repair them by replay).
+    pub publish_dropped: u64,
     pub live_received: u64,
     pub live_stored: u64,
     pub live_duplicates: u64,
@@ -233,6 +242,8 @@ struct Shared {
     counters: Counters,
     wake: Notify,
     started: Instant,
+    /// Encoded local records waiting to be published live, with their key.
+    outbox: mpsc::Sender<(String, Vec<u8>)>,
 }
 
 /// A running replication protocol. Dropping it (or [`Replicator::stop`]) ends its tasks.
@@ -249,7 +260,9 @@ fn lock(m: &Mutex<State>) -> MutexGuard<'_, State> {
 impl Replicator {
     /// Declares everything on the transport and starts the protocol's tasks.
     pub async fn start(settings: Settings, log: Log, transport: Arc<dyn Transport>) -> Result<Replicator, BusError> {
+        let (outbox, outgoing) = mpsc::channel(settings.publish_queue_len_max.max(1));
         let shared = Arc::new(Shared {
+            outbox,
             settings,
             log,
             transport,
@@ -279,6 +292,7 @@ impl Replicator {
             tasks.spawn(receive_ingest(shared.clone(), ingest));
         }
         tasks.spawn(publish_heads(shared.clone()));
+        tasks.spawn(publish_live(shared.clone(), outgoing));
         tasks.spawn(drive_replay(shared.clone()));
         let token = t.declare_alive(&keys::alive(s.tier, &s.node)).await?;
         Ok(Replicator { shared, tasks: Mutex::new(tasks), _token: token })
@@ -307,6 +321,7 @@ impl Replicator {
         let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
         CounterSnapshot {
             published: get(&c.published),
+            publish_dropped: get(&c.publish_dropped),
             live_received: get(&c.live_received),
             live_stored: get(&c.live_stored),
             live_duplicates: get(&c.live_duplicates),
@@ -363,14 +378,64 @@ fn unix_us() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64)
 }
 
+/// Queues a durable local record for live publication; never waits. With the queue full it
+/// is not published live (counted): subscribers find the gap and replay it.
 fn publish(shared: &Shared, envelope: &Envelope) {
     match codec::encode(envelope, &shared.settings.limits) {
         Ok(bytes) => {
-            shared.transport.publish(&keys::stream(&envelope.id.origin, &envelope.id.stream), bytes);
-            shared.counters.published.fetch_add(1, Ordering::Relaxed);
+            let key = keys::stream(&envelope.id.origin, &envelope.id.stream);
+            if let Err(mpsc::error::TrySendError::Full(_)) = shared.outbox.try_send((key, bytes)) {
+                shared.counters.publish_dropped.fetch_add(1, Ordering::Relaxed);
+            }
         }
         Err(e) => tracing::error!(id = %envelope.id, error = %e, "cannot encode an appended envelope"),
     }
+}
+
+/// Most queued records one round of the publisher takes.
+const PUBLISH_ROUND_LEN_MAX: usize = 4096;
+
+/// Publishes queued records: what waits for the same stream goes out as live frames of at
+/// most `live_frame_bytes_max` bytes, a record alone as itself. Nothing waits to fill a frame,
+/// so a lone record goes out at once; under load, frames form while the last ones are sent.
+async fn publish_live(shared: Arc<Shared>, mut outgoing: mpsc::Receiver<(String, Vec<u8>)>) {
+    let frame_max = shared.settings.live_frame_bytes_max;
+    let mut round = Vec::new();
+    while outgoing.recv_many(&mut round, PUBLISH_ROUND_LEN_MAX).await > 0 {
+        // Group by stream, keeping each stream's order.
+        let mut streams: Vec<(String, Vec<Vec<u8>>)> = Vec::new();
+        for (key, bytes) in round.drain(..) {
+            match streams.iter_mut().find(|(k, _)| *k == key) {
+                Some((_, records)) => records.push(bytes),
+                None => streams.push((key, vec![bytes])),
+            }
+        }
+        for (key, records) in streams {
+            let n = records.len() as u64;
+            let mut frame: Vec<Vec<u8>> = Vec::new();
+            let mut frame_bytes = wire::LIVE_FRAME_OVERHEAD;
+            for record in records {
+                let len = record.len() + wire::LIVE_FRAME_RECORD_OVERHEAD;
+                if !frame.is_empty() && frame_bytes + len > frame_max {
+                    send_frame(&shared, &key, std::mem::take(&mut frame));
+                    frame_bytes = wire::LIVE_FRAME_OVERHEAD;
+                }
+                frame_bytes += len;
+                frame.push(record);
+            }
+            send_frame(&shared, &key, frame);
+            shared.counters.published.fetch_add(n, Ordering::Relaxed);
+        }
+    }
+}
+
+fn send_frame(shared: &Shared, key: &str, mut records: Vec<Vec<u8>>) {
+    let payload = match records.len() {
+        0 => return,
+        1 => records.pop().expect("one record"),
+        _ => wire::encode_live_frame(&records),
+    };
+    shared.transport.publish(key, payload);
 }
 
 /// Awaits queued live insert batches in order, counting what they did.
@@ -434,14 +499,17 @@ async fn receive_live(shared: Arc<Shared>, mut incoming: super::Incoming<super::
     let mut reported_drops = 0;
     while let Some(first) = incoming.recv().await {
         // Take what is already waiting too: one insert operation for the lot.
+        let mut bytes = first.payload.len();
         let mut samples = vec![first];
-        while samples.len() < LIVE_BATCH_LEN_MAX {
+        while samples.len() < LIVE_BATCH_LEN_MAX && bytes < LIVE_BATCH_BYTES_MAX {
             match incoming.rx.try_recv() {
-                Ok(s) => samples.push(s),
+                Ok(s) => {
+                    bytes += s.payload.len();
+                    samples.push(s);
+                }
                 Err(_) => break,
             }
         }
-        shared.counters.live_received.fetch_add(samples.len() as u64, Ordering::Relaxed);
         let dropped = incoming.dropped();
         if dropped != reported_drops {
             shared.counters.live_dropped.fetch_add(dropped - reported_drops, Ordering::Relaxed);
@@ -449,10 +517,26 @@ async fn receive_live(shared: Arc<Shared>, mut incoming: super::Incoming<super::
         }
         let mut records = Vec::with_capacity(samples.len());
         let mut origin_us = Vec::with_capacity(samples.len());
+        // A sample is one envelope or a live frame of several of one stream.
+        let mut envelopes = Vec::with_capacity(samples.len());
+        for sample in samples {
+            if sample.payload.first() == Some(&wire::LIVE_FRAME_VERSION) {
+                match wire::decode_live_frame(&sample.payload) {
+                    Ok(records) => envelopes.extend(records.into_iter().map(|r| (sample.key.clone(), r))),
+                    Err(e) => {
+                        shared.counters.malformed.fetch_add(1, Ordering::Relaxed);
+                        tracing::debug!(key = sample.key, error = %e, "malformed live frame received");
+                    }
+                }
+            } else {
+                envelopes.push((sample.key, sample.payload));
+            }
+        }
+        shared.counters.live_received.fetch_add(envelopes.len() as u64, Ordering::Relaxed);
         {
             let mut st = lock(&shared.state);
-            for sample in samples {
-                let Some(received) = accept(&shared, Some(&sample.key), sample.payload) else { continue };
+            for (key, payload) in envelopes {
+                let Some(received) = accept(&shared, Some(&key), payload) else { continue };
                 let envelope = received.envelope();
                 let key = StreamKey::of(&envelope.id);
                 if !shared.settings.subscribed(&key) {

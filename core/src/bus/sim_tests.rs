@@ -40,6 +40,9 @@ fn settings(n: &SimNode) -> Settings {
         replay_timeout: Duration::from_millis(500),
         ack_interval: Duration::from_millis(50),
         live_queue_len_max: 64,
+        publish_queue_len_max: 64,
+        // Small frames: schedules drop, duplicate and reorder frames of several records too.
+        live_frame_bytes_max: 1024,
         limits: Limits::default(),
     }
 }

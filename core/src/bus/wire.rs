@@ -87,6 +87,64 @@ pub fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, WireError
     })
 }
 
+/// First byte of a live frame: several encoded envelopes of one stream in one sample on
+/// `strata/s/<origin>/<stream>`. Never an envelope's format version (those are small), so a
+/// receiver tells a frame from a single envelope by its first byte.
+pub const LIVE_FRAME_VERSION: u8 = 0x81;
+
+/// Bytes a live frame adds per record (its length) and in all (version and count).
+pub const LIVE_FRAME_RECORD_OVERHEAD: usize = 4;
+pub const LIVE_FRAME_OVERHEAD: usize = 5;
+
+/// A live frame of `records` (each an encoded envelope): the version byte, the count (u32
+/// little-endian), then each record's length (u32 little-endian) and bytes.
+pub fn encode_live_frame(records: &[Vec<u8>]) -> Vec<u8> {
+    let len = LIVE_FRAME_OVERHEAD + records.iter().map(|r| r.len() + LIVE_FRAME_RECORD_OVERHEAD).sum::<usize>();
+    let mut out = Vec::with_capacity(len);
+    out.push(LIVE_FRAME_VERSION);
+    out.extend_from_slice(&(records.len() as u32).to_le_bytes());
+    for r in records {
+        out.extend_from_slice(&(r.len() as u32).to_le_bytes());
+        out.extend_from_slice(r);
+    }
+    out
+}
+
+/// The records of a live frame (untrusted bytes; never panics).
+pub fn decode_live_frame(bytes: &[u8]) -> Result<Vec<Vec<u8>>, WireError> {
+    if bytes.len() > MESSAGE_BYTES_MAX {
+        return Err(WireError::TooLarge { len: bytes.len(), max: MESSAGE_BYTES_MAX });
+    }
+    let (&version, mut rest) = bytes.split_first().ok_or_else(|| WireError::Malformed("empty".into()))?;
+    if version != LIVE_FRAME_VERSION {
+        return Err(WireError::UnknownVersion(version));
+    }
+    let take_u32 = |rest: &mut &[u8], what: &str| -> Result<usize, WireError> {
+        let (n, tail) = rest.split_first_chunk::<4>().ok_or_else(|| WireError::Malformed(format!("live frame cut in its {what}")))?;
+        *rest = tail;
+        Ok(u32::from_le_bytes(*n) as usize)
+    };
+    let count = take_u32(&mut rest, "record count")?;
+    // Every record takes at least its length: a forged count cannot reserve much.
+    if count > rest.len() / LIVE_FRAME_RECORD_OVERHEAD {
+        return Err(WireError::Malformed(format!("live frame claims {count} records in {} bytes", rest.len())));
+    }
+    let mut records = Vec::with_capacity(count);
+    for i in 0..count {
+        let len = take_u32(&mut rest, "record length")?;
+        if len > rest.len() {
+            return Err(WireError::Malformed(format!("live frame record {i} claims {len} bytes, {} left", rest.len())));
+        }
+        let (record, tail) = rest.split_at(len);
+        records.push(record.to_vec());
+        rest = tail;
+    }
+    if !rest.is_empty() {
+        return Err(WireError::Malformed(format!("{} bytes after the last record of a live frame", rest.len())));
+    }
+    Ok(records)
+}
+
 /// The parameters of a replay request for `strata/replay/<origin>/<stream>`:
 /// `inc=<hex>;from=<seq>;to=<seq>;holder=<node id>`. Only `holder` answers, so a stream held
 /// by several nodes is sent once.
@@ -148,6 +206,34 @@ mod tests {
         assert_eq!(decode::<Heads>(&encode(&heads)).unwrap(), heads);
         assert!(matches!(decode::<Heads>(&[WIRE_VERSION, 200, 1]), Err(WireError::Malformed(_))));
         assert_eq!(decode::<Heads>(&[7]), Err(WireError::UnknownVersion(7)));
+    }
+
+    #[test]
+    fn live_frames_round_trip_and_forged_ones_are_errors() {
+        let records = vec![vec![1u8, 2, 3], Vec::new(), vec![9; 300]];
+        let frame = encode_live_frame(&records);
+        assert_eq!(frame.len(), LIVE_FRAME_OVERHEAD + 303 + 3 * LIVE_FRAME_RECORD_OVERHEAD);
+        assert_eq!(decode_live_frame(&frame), Ok(records));
+        assert_ne!(LIVE_FRAME_VERSION, crate::codec::FORMAT_VERSION, "a frame is told from an envelope by its first byte");
+        assert_eq!(decode_live_frame(&[crate::codec::FORMAT_VERSION, 0, 0, 0, 0]), Err(WireError::UnknownVersion(crate::codec::FORMAT_VERSION)));
+        let error = |bytes: &[u8]| match decode_live_frame(bytes) {
+            Err(WireError::Malformed(m)) => m,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(error(&[LIVE_FRAME_VERSION, 1]), "live frame cut in its record count");
+        assert_eq!(error(&[LIVE_FRAME_VERSION, 255, 255, 255, 255, 0, 0, 0, 0]), "live frame claims 4294967295 records in 4 bytes");
+        assert_eq!(error(&[LIVE_FRAME_VERSION, 1, 0, 0, 0, 9, 0, 0, 0, 1]), "live frame record 0 claims 9 bytes, 1 left");
+        assert_eq!(error(&[LIVE_FRAME_VERSION, 0, 0, 0, 0, 7]), "1 bytes after the last record of a live frame");
+    }
+
+    proptest! {
+        #[test]
+        fn live_frame_decoding_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..64)) {
+            let mut framed = vec![LIVE_FRAME_VERSION];
+            framed.extend_from_slice(&bytes);
+            let _ = decode_live_frame(&framed);
+            let _ = decode_live_frame(&bytes);
+        }
     }
 
     #[test]

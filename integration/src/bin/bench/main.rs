@@ -89,11 +89,26 @@ fn raw_options() -> Options {
 
 /// Raw RocksDB: `batch` records of 100 bytes per `WriteBatch`, each batch WAL-synced.
 fn raw_batches(batch: usize, budget: Duration) -> Result<f64> {
+    raw_batches_of(batch, PAYLOAD_BYTES, budget)
+}
+
+/// Raw RocksDB: three stores in the same directory tree written at once, each with
+/// `WriteBatch`es of 1024 `value_bytes`-byte records + WAL sync; records/s of the slowest.
+/// What three durable hops on one disk can do at best.
+fn three_stores_ceiling(value_bytes: usize, budget: Duration) -> Result<f64> {
+    let rates = std::thread::scope(|s| {
+        let writers: Vec<_> = (0..3).map(|_| s.spawn(|| raw_batches_of(1024, value_bytes, budget))).collect();
+        writers.into_iter().map(|w| w.join().expect("writer thread")).collect::<Result<Vec<f64>>>()
+    })?;
+    Ok(rates.into_iter().fold(f64::INFINITY, f64::min))
+}
+
+fn raw_batches_of(batch: usize, value_bytes: usize, budget: Duration) -> Result<f64> {
     let dir = tempfile::tempdir()?;
     let db = DB::open(&raw_options(), dir.path())?;
     let mut wo = WriteOptions::default();
     wo.set_sync(true);
-    let value = vec![7u8; PAYLOAD_BYTES];
+    let value = vec![7u8; value_bytes];
     let start = Instant::now();
     let mut seq = 0u64;
     while start.elapsed() < budget {
