@@ -243,8 +243,18 @@ struct Shared {
     wake: Notify,
     started: Instant,
     /// Encoded local records waiting to be published live, with their key.
-    outbox: mpsc::Sender<(String, Vec<u8>)>,
+    outbox: mpsc::Sender<Outgoing>,
 }
+
+/// What the publisher task is handed.
+enum Outgoing {
+    Record(String, Vec<u8>),
+    /// Answered once everything queued before it is published (an orderly stop).
+    Flush(tokio::sync::oneshot::Sender<()>),
+}
+
+/// How long an orderly stop waits for queued records to be published.
+const FLUSH_WAIT: Duration = Duration::from_secs(5);
 
 /// A running replication protocol. Dropping it (or [`Replicator::stop`]) ends its tasks.
 pub struct Replicator {
@@ -363,6 +373,17 @@ impl Replicator {
 
     /// Ends every task of the protocol.
     pub async fn stop(&self) {
+        // Publish what is queued first: a stopping node's last records go out live, not only
+        // when it comes back and a subscriber asks for them.
+        let (done, flushed) = tokio::sync::oneshot::channel();
+        let flush = async {
+            if self.shared.outbox.send(Outgoing::Flush(done)).await.is_ok() {
+                let _ = flushed.await;
+            }
+        };
+        if tokio::time::timeout(FLUSH_WAIT, flush).await.is_err() {
+            tracing::warn!("records queued for live publication were not all published before stopping; subscribers will replay them");
+        }
         let mut tasks = std::mem::take(&mut *self.tasks.lock().unwrap_or_else(|p| p.into_inner()));
         tasks.shutdown().await;
     }
@@ -384,8 +405,18 @@ fn publish(shared: &Shared, envelope: &Envelope) {
     match codec::encode(envelope, &shared.settings.limits) {
         Ok(bytes) => {
             let key = keys::stream(&envelope.id.origin, &envelope.id.stream);
-            if let Err(mpsc::error::TrySendError::Full(_)) = shared.outbox.try_send((key, bytes)) {
-                shared.counters.publish_dropped.fetch_add(1, Ordering::Relaxed);
+            match shared.outbox.try_send(Outgoing::Record(key, bytes)) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    shared.counters.publish_dropped.fetch_add(1, Ordering::Relaxed);
+                }
+                // The replicator stopped (the node is shutting down and its actors write their
+                // last records): publish directly while the transport is still open.
+                Err(mpsc::error::TrySendError::Closed(Outgoing::Record(key, bytes))) => {
+                    shared.transport.publish(&key, bytes);
+                    shared.counters.published.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(mpsc::error::TrySendError::Closed(Outgoing::Flush(_))) => {}
             }
         }
         Err(e) => tracing::error!(id = %envelope.id, error = %e, "cannot encode an appended envelope"),
@@ -398,13 +429,21 @@ const PUBLISH_ROUND_LEN_MAX: usize = 4096;
 /// Publishes queued records: what waits for the same stream goes out as live frames of at
 /// most `live_frame_bytes_max` bytes, a record alone as itself. Nothing waits to fill a frame,
 /// so a lone record goes out at once; under load, frames form while the last ones are sent.
-async fn publish_live(shared: Arc<Shared>, mut outgoing: mpsc::Receiver<(String, Vec<u8>)>) {
+async fn publish_live(shared: Arc<Shared>, mut outgoing: mpsc::Receiver<Outgoing>) {
     let frame_max = shared.settings.live_frame_bytes_max;
     let mut round = Vec::new();
     while outgoing.recv_many(&mut round, PUBLISH_ROUND_LEN_MAX).await > 0 {
         // Group by stream, keeping each stream's order.
         let mut streams: Vec<(String, Vec<Vec<u8>>)> = Vec::new();
-        for (key, bytes) in round.drain(..) {
+        let mut flushes = Vec::new();
+        for item in round.drain(..) {
+            let (key, bytes) = match item {
+                Outgoing::Record(key, bytes) => (key, bytes),
+                Outgoing::Flush(done) => {
+                    flushes.push(done);
+                    continue;
+                }
+            };
             match streams.iter_mut().find(|(k, _)| *k == key) {
                 Some((_, records)) => records.push(bytes),
                 None => streams.push((key, vec![bytes])),
@@ -425,6 +464,10 @@ async fn publish_live(shared: Arc<Shared>, mut outgoing: mpsc::Receiver<(String,
             }
             send_frame(&shared, &key, frame);
             shared.counters.published.fetch_add(n, Ordering::Relaxed);
+        }
+        // Everything queued before a flush request was in this round or an earlier one.
+        for done in flushes {
+            let _ = done.send(());
         }
     }
 }
