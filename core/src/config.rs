@@ -501,6 +501,8 @@ pub struct ReplicationSection {
     /// Durable local records waiting to be published live; beyond it they are not published
     /// live and subscribers repair them by replay. Default 4096.
     pub publish_queue_len_max: usize,
+    /// The same queue's bound in bytes of encoded records. Default 8388608 (8 MiB).
+    pub publish_queue_bytes_max: usize,
     /// Largest live frame, in bytes: records of one stream waiting to be published go out
     /// together in frames up to this size (a record alone when nothing else waits).
     /// Default 16384.
@@ -517,6 +519,7 @@ impl Default for ReplicationSection {
             ack_interval_ms: 250,
             live_queue_len_max: 8192,
             publish_queue_len_max: 4096,
+            publish_queue_bytes_max: 8 * 1024 * 1024,
             live_frame_bytes_max: 16384,
         }
     }
@@ -886,6 +889,7 @@ impl NodeConfig {
             ("replication.ack_interval_ms", r.ack_interval_ms, 10),
             ("replication.live_queue_len_max", r.live_queue_len_max as u64, 1),
             ("replication.publish_queue_len_max", r.publish_queue_len_max as u64, 1),
+            ("replication.publish_queue_bytes_max", r.publish_queue_bytes_max as u64, 1024),
             ("replication.live_frame_bytes_max", r.live_frame_bytes_max as u64, 1024),
             ("ingest.payload_bytes_max", self.ingest.payload_bytes_max as u64, 16),
             ("supervision.restart_window_ms", self.supervision.restart_window_ms, 1),

@@ -66,6 +66,7 @@ pub struct Settings {
     pub ack_interval: Duration,
     pub live_queue_len_max: usize,
     pub publish_queue_len_max: usize,
+    pub publish_queue_bytes_max: usize,
     pub live_frame_bytes_max: usize,
     pub limits: Limits,
 }
@@ -84,6 +85,7 @@ impl Settings {
             ack_interval: Duration::from_millis(c.replication.ack_interval_ms),
             live_queue_len_max: c.replication.live_queue_len_max,
             publish_queue_len_max: c.replication.publish_queue_len_max,
+            publish_queue_bytes_max: c.replication.publish_queue_bytes_max,
             live_frame_bytes_max: c.replication.live_frame_bytes_max,
             limits: Limits { max_payload_bytes: c.log.payload_bytes_max },
         }
@@ -100,6 +102,7 @@ pub struct Counters {
     pub published: AtomicU64,
     pub publish_dropped: AtomicU64,
     pub live_received: AtomicU64,
+    pub live_frames: AtomicU64,
     pub live_stored: AtomicU64,
     pub live_duplicates: AtomicU64,
     pub live_dropped: AtomicU64,
@@ -190,6 +193,8 @@ pub struct CounterSnapshot {
     /// repair them by replay).
     pub publish_dropped: u64,
     pub live_received: u64,
+    /// Live frames among the samples received (each several records of one stream).
+    pub live_frames: u64,
     pub live_stored: u64,
     pub live_duplicates: u64,
     pub live_dropped: u64,
@@ -244,6 +249,8 @@ struct Shared {
     started: Instant,
     /// Encoded local records waiting to be published live, with their key.
     outbox: mpsc::Sender<Outgoing>,
+    /// Bytes of the records in `outbox`.
+    outbox_bytes: std::sync::atomic::AtomicUsize,
 }
 
 /// What the publisher task is handed.
@@ -273,6 +280,7 @@ impl Replicator {
         let (outbox, outgoing) = mpsc::channel(settings.publish_queue_len_max.max(1));
         let shared = Arc::new(Shared {
             outbox,
+            outbox_bytes: std::sync::atomic::AtomicUsize::new(0),
             settings,
             log,
             transport,
@@ -333,6 +341,7 @@ impl Replicator {
             published: get(&c.published),
             publish_dropped: get(&c.publish_dropped),
             live_received: get(&c.live_received),
+            live_frames: get(&c.live_frames),
             live_stored: get(&c.live_stored),
             live_duplicates: get(&c.live_duplicates),
             live_dropped: get(&c.live_dropped),
@@ -405,7 +414,18 @@ fn publish(shared: &Shared, envelope: &Envelope) {
     match codec::encode(envelope, &shared.settings.limits) {
         Ok(bytes) => {
             let key = keys::stream(&envelope.id.origin, &envelope.id.stream);
-            match shared.outbox.try_send(Outgoing::Record(key, bytes)) {
+            let len = bytes.len();
+            let queued = shared.outbox_bytes.fetch_add(len, Ordering::Relaxed);
+            if queued + len > shared.settings.publish_queue_bytes_max && queued > 0 {
+                shared.outbox_bytes.fetch_sub(len, Ordering::Relaxed);
+                shared.counters.publish_dropped.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+            let sent = shared.outbox.try_send(Outgoing::Record(key, bytes));
+            if sent.is_err() {
+                shared.outbox_bytes.fetch_sub(len, Ordering::Relaxed);
+            }
+            match sent {
                 Ok(()) => {}
                 Err(mpsc::error::TrySendError::Full(_)) => {
                     shared.counters.publish_dropped.fetch_add(1, Ordering::Relaxed);
@@ -438,7 +458,10 @@ async fn publish_live(shared: Arc<Shared>, mut outgoing: mpsc::Receiver<Outgoing
         let mut flushes = Vec::new();
         for item in round.drain(..) {
             let (key, bytes) = match item {
-                Outgoing::Record(key, bytes) => (key, bytes),
+                Outgoing::Record(key, bytes) => {
+                    shared.outbox_bytes.fetch_sub(bytes.len(), Ordering::Relaxed);
+                    (key, bytes)
+                }
                 Outgoing::Flush(done) => {
                     flushes.push(done);
                     continue;
@@ -565,7 +588,10 @@ async fn receive_live(shared: Arc<Shared>, mut incoming: super::Incoming<super::
         for sample in samples {
             if sample.payload.first() == Some(&wire::LIVE_FRAME_VERSION) {
                 match wire::decode_live_frame(&sample.payload) {
-                    Ok(records) => envelopes.extend(records.into_iter().map(|r| (sample.key.clone(), r))),
+                    Ok(records) => {
+                        shared.counters.live_frames.fetch_add(1, Ordering::Relaxed);
+                        envelopes.extend(records.into_iter().map(|r| (sample.key.clone(), r)));
+                    }
                     Err(e) => {
                         shared.counters.malformed.fetch_add(1, Ordering::Relaxed);
                         tracing::debug!(key = sample.key, error = %e, "malformed live frame received");
