@@ -319,6 +319,8 @@ pub fn bench_bus() -> Result<()> {
              WriteBatch of 1024 + WAL sync, {value_bytes}-byte values as stored)"
         );
         println!("ratio strata / that ceiling  {:>12.3}", strata_rate / ceiling);
+        let bare = crate::three_stores_ceiling(PAYLOAD_BYTES, Duration::from_secs(2))?;
+        println!("  the same with bare {PAYLOAD_BYTES}-byte values (no envelope at all): {bare:.0} records/s per store");
 
         // Replay rate: a partition, then catch-up.
         let proxy = c.proxy.as_ref().expect("a plain continuum has its proxy");
