@@ -447,6 +447,12 @@ fn stopped(s: &Stopped) -> Option<LogError> {
     s.lock().unwrap_or_else(|p| p.into_inner()).clone()
 }
 
+fn resolve(completers: Vec<Completer<OpOutcome>>, results: Vec<OpOutcome>) {
+    for (done, result) in completers.into_iter().zip(results) {
+        done.complete(result);
+    }
+}
+
 fn refuse(completers: Vec<Completer<OpOutcome>>, error: &LogError) {
     for done in completers {
         done.complete(Err(error.clone()));
@@ -532,17 +538,10 @@ impl Committer {
                 continue;
             }
             number += 1;
+            write_time = average(write_time, started.elapsed());
+            // The right to sync inline, if taken, is held until the batch is applied (end of match).
             match (&syncer, inline) {
-                (Some(_), Some(_guard)) => {
-                    let results = lock_core(&self.core).apply(plan);
-                    write_time = average(write_time, started.elapsed());
-                    self.commits.send_modify(|n| *n += 1);
-                    for (done, result) in completers.into_iter().zip(results) {
-                        done.complete(result);
-                    }
-                }
                 (Some((tx, _)), None) => {
-                    write_time = average(write_time, started.elapsed());
                     lock_core(&self.core).stage(&plan, number);
                     gate.queued.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                     // Waits while `unsynced_max` batches are already waiting for their sync.
@@ -551,13 +550,11 @@ impl Committer {
                         refuse(w.completers, &error);
                     }
                 }
-                (None, _) => {
-                    write_time = average(write_time, started.elapsed());
+                // Durable already: written with its sync, or no sync is asked for.
+                _ => {
                     let results = lock_core(&self.core).apply(plan);
                     self.commits.send_modify(|n| *n += 1);
-                    for (done, result) in completers.into_iter().zip(results) {
-                        done.complete(result);
-                    }
+                    resolve(completers, results);
                 }
             }
         }
@@ -673,9 +670,7 @@ impl Syncer {
                     }
                     self.commits.send_modify(|n| *n += 1);
                     for (completers, results) in outcomes {
-                        for (done, result) in completers.into_iter().zip(results) {
-                            done.complete(result);
-                        }
+                        resolve(completers, results);
                     }
                 }
                 Err(e) => {
