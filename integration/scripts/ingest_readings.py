@@ -8,9 +8,20 @@ Zenoh Python binding (pip install eclipse-zenoh==1.10.2).
 Puts <count> valid readings {"value": i}, then one of each malformed kind, and prints what it
 sent as JSON on stdout. With --tls, it is a client of a secured node (mutual TLS over QUIC)
 with its own certificate, whose common name must be in the node's security.ingest_clients.
+
+Two things a short-lived client must do, or its readings can vanish without an error:
+- Wait until the publisher matches the node's ingest subscriber before the first put. A put
+  made before the node's declaration reached this session is dropped here.
+- Make one round trip to the node before closing. Zenoh closes a QUIC link at once, and what
+  the link has not yet delivered is lost. A `get` on the same key comes back only after the
+  node has taken in everything put before it, because the link keeps order. No node answers
+  it (a secured node even refuses the query), but the end of the query still confirms
+  delivery.
+Both waits are bounded (WAIT_S); past either, the script exits with status 1 and says why.
 """
 import json
 import sys
+import time
 
 import zenoh
 
@@ -36,13 +47,26 @@ malformed = [
     json.dumps([1, 2, 3]).encode(),           # not_an_object
 ]
 
+WAIT_S = 10.0
+
 with zenoh.open(conf) as session:
     key = f"strata/ingest/{stream}"
     publisher = session.declare_publisher(key, congestion_control=zenoh.CongestionControl.BLOCK)
+    deadline = time.monotonic() + WAIT_S
+    while not publisher.matching_status.matching:
+        if time.monotonic() > deadline:
+            sys.exit(f"no node takes readings on {key} via {endpoint} after {WAIT_S} s "
+                     "(is the stream in the node's ingest.streams, and this client allowed?)")
+        time.sleep(0.01)
     for i in range(count):
         publisher.put(json.dumps({"value": i, "ts_ms": 1764160000000 + i}))
     for payload in malformed:
         publisher.put(payload)
-    # Undeclaring and closing flush what is queued.
+    # The delivery barrier: same key, same (default) priority, so the same ordered stream.
+    started = time.monotonic()
+    for _ in session.get(key, timeout=WAIT_S):
+        pass
+    if time.monotonic() - started >= WAIT_S:
+        sys.exit(f"the node at {endpoint} did not confirm delivery within {WAIT_S} s")
     publisher.undeclare()
 print(json.dumps({"valid": count, "malformed": len(malformed)}))
