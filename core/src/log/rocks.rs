@@ -156,6 +156,21 @@ fn scan(db: &DB, prefix: &[u8], from: u64, limit: usize) -> Result<Vec<(u64, Vec
     Ok(out)
 }
 
+/// How many of `records` (ascending seqs) follow on from `expect` without a hole, where the
+/// ranges in `gaps` are holes that are known and skipped.
+fn present_prefix(records: &[(u64, Vec<u8>)], mut expect: u64, gaps: &[RangeInclusive<u64>]) -> usize {
+    for (i, (seq, _)) in records.iter().enumerate() {
+        while let Some(gap) = gaps.iter().find(|g| g.contains(&expect)) {
+            expect = gap.end() + 1;
+        }
+        if *seq != expect {
+            return i;
+        }
+        expect = seq + 1;
+    }
+    records.len()
+}
+
 fn db_options(opts: &StoreOptions) -> Options {
     let mut o = Options::default();
     o.create_if_missing(true);
@@ -710,17 +725,29 @@ impl Store for RocksStore {
 
     fn read(&self, key: &StreamKey, from: u64, limit: usize) -> Result<Vec<Envelope>, LogError> {
         // Read the durable bound first: whatever the scan finds past it is not yet synced.
-        let (limits, last) = {
+        let (limits, last, first, gaps) = {
             let core = lock_core(&self.core);
-            (core.limits, core.readable_last(key))
+            let reader = self.secondary_dir.is_some();
+            let first = if reader { core.info(key).map_or(1, |i| i.first) } else { 1 };
+            (core.limits, core.readable_last(key), first, if reader { core.gaps(key, usize::MAX) } else { Vec::new() })
         };
         if from > last {
             return Ok(Vec::new());
         }
         let limit = limit.min(usize::try_from(last - from + 1).unwrap_or(usize::MAX));
-        let records = scan(&self.db, &stream_prefix(key), from, limit)
+        let mut records = scan(&self.db, &stream_prefix(key), from, limit)
             .map_err(|e| LogError::Io { path: self.path.clone(), detail: e.into_string() })?;
-        records.iter().take_while(|(seq, _)| *seq <= last).map(|(seq, v)| decode_record(key, *seq, v, &limits)).collect()
+        records.retain(|(seq, _)| *seq <= last);
+        if self.secondary_dir.is_some() {
+            // A read-only instance catches up with the writer's files in steps. Between two
+            // steps a record can be missing below newer ones (its WAL file was deleted after a
+            // flush this instance has not seen yet). Stop before the first record missing that
+            // the writer does not report as a gap: a follower (`strata log tail --follow`) then
+            // reads it after the next refresh instead of skipping it.
+            let present = present_prefix(&records, from.max(first), &gaps);
+            records.truncate(present);
+        }
+        records.iter().map(|(seq, v)| decode_record(key, *seq, v, &limits)).collect()
     }
 
     fn streams(&self) -> Vec<StreamInfo> {
@@ -768,5 +795,23 @@ impl Drop for RocksStore {
         if let Some(dir) = &self.secondary_dir {
             let _ = std::fs::remove_dir_all(dir);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::present_prefix;
+
+    #[test]
+    fn a_reader_stops_before_an_unreported_hole_and_steps_over_reported_gaps() {
+        let records = |seqs: &[u64]| seqs.iter().map(|&s| (s, Vec::new())).collect::<Vec<_>>();
+        assert_eq!(present_prefix(&records(&[1, 2, 3]), 1, &[]), 3);
+        assert_eq!(present_prefix(&records(&[1, 2, 5, 6]), 1, &[]), 2, "3 and 4 are missing, not reported");
+        assert_eq!(present_prefix(&records(&[1, 2, 5, 6]), 1, &[3..=4]), 4, "3..=4 is a reported gap");
+        assert_eq!(present_prefix(&records(&[1, 2, 5, 8]), 1, &[3..=4]), 3);
+        assert_eq!(present_prefix(&records(&[4, 5]), 2, &[]), 0, "the first record read is past a hole");
+        assert_eq!(present_prefix(&records(&[4, 5]), 4, &[]), 2, "reading from 4 (records below it expired)");
+        assert_eq!(present_prefix(&records(&[7]), 1, &[1..=3, 4..=6]), 1, "adjacent gaps");
+        assert_eq!(present_prefix(&[], 1, &[]), 0);
     }
 }

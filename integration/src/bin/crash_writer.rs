@@ -27,7 +27,9 @@ async fn main() -> Result<()> {
     let path = args.next().context("usage: crash_writer <store dir> <producers>")?;
     let producers: u8 = args.next().context("producers")?.parse().context("producers")?;
     let node = NodeId::new("crash-node")?;
-    let opts = StoreOptions { commit_batch_len_max: 32, ..StoreOptions::default() };
+    // The smallest memtable: memtables are flushed and the WAL switches to a new file every
+    // few hundred KiB, so kills also land during flushes and right after a switch.
+    let opts = StoreOptions { commit_batch_len_max: 32, memtable_bytes: 64 * 1024, ..StoreOptions::default() };
     let store = RocksStore::open(path.as_ref(), &node, opts)?;
     let log = Log::new(Arc::new(store));
     let stream = StreamName::new("crash/test")?;
