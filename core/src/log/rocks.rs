@@ -725,11 +725,11 @@ impl Store for RocksStore {
 
     fn read(&self, key: &StreamKey, from: u64, limit: usize) -> Result<Vec<Envelope>, LogError> {
         // Read the durable bound first: whatever the scan finds past it is not yet synced.
-        let (limits, last, first, gaps) = {
+        // A read-only instance also needs where the stream starts and its reported gaps.
+        let (limits, last, reader) = {
             let core = lock_core(&self.core);
-            let reader = self.secondary_dir.is_some();
-            let first = if reader { core.info(key).map_or(1, |i| i.first) } else { 1 };
-            (core.limits, core.readable_last(key), first, if reader { core.gaps(key, usize::MAX) } else { Vec::new() })
+            let reader = self.secondary_dir.is_some().then(|| (core.info(key).map_or(1, |i| i.first), core.gaps(key, usize::MAX)));
+            (core.limits, core.readable_last(key), reader)
         };
         if from > last {
             return Ok(Vec::new());
@@ -738,7 +738,7 @@ impl Store for RocksStore {
         let mut records = scan(&self.db, &stream_prefix(key), from, limit)
             .map_err(|e| LogError::Io { path: self.path.clone(), detail: e.into_string() })?;
         records.retain(|(seq, _)| *seq <= last);
-        if self.secondary_dir.is_some() {
+        if let Some((first, gaps)) = reader {
             // A read-only instance catches up with the writer's files in steps. Between two
             // steps a record can be missing below newer ones (its WAL file was deleted after a
             // flush this instance has not seen yet). Stop before the first record missing that
