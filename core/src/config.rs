@@ -422,6 +422,12 @@ pub struct LogSection {
     /// (and at most 2 ms). Keeps N producers in one sync instead of two alternating halves.
     /// Default true.
     pub commit_wait_adaptive: bool,
+    /// Within that adaptive wait, how long the committer first spins (looks, yields the CPU,
+    /// looks again) before it sleeps, in µs. The producers it expects are usually back within
+    /// tens of µs; a sleeping committer's wake-up costs about as much again on a busy or
+    /// virtual machine. It spins at most this long per batch and only when it expects
+    /// producers back. 0: never spins (a battery-powered node may prefer it). Default 100.
+    pub commit_spin_us: u64,
     /// Appends waiting for the committer; producers wait when it is full. Default 4096.
     pub commit_queue_len_max: usize,
     /// With `sync = "always"`: batches written but waiting for their WAL sync (the next batch
@@ -452,6 +458,7 @@ impl Default for LogSection {
             commit_batch_len_max: 1024,
             commit_linger_us: 0,
             commit_wait_adaptive: true,
+            commit_spin_us: 100,
             commit_queue_len_max: 4096,
             commit_unsynced_batches_max: 4,
             payload_bytes_max: 1024 * 1024,
@@ -857,6 +864,9 @@ impl NodeConfig {
         if l.commit_linger_us > 1_000_000 {
             bad("log.commit_linger_us", format!("{} is more than 1000000 (1 s)", l.commit_linger_us));
         }
+        if l.commit_spin_us > 2_000 {
+            bad("log.commit_spin_us", format!("{} is more than 2000 (the adaptive wait's own bound, 2 ms)", l.commit_spin_us));
+        }
         if !(1..=1024).contains(&l.commit_unsynced_batches_max) {
             bad("log.commit_unsynced_batches_max", format!("{} is not in 1..=1024", l.commit_unsynced_batches_max));
         }
@@ -1143,6 +1153,7 @@ mod tests {
         check("[node]\ntier = \"edge\"\n", Err("missing field `id`"));
         check(&format!("{MINIMAL}[log]\nsync = \"sometimes\"\n"), Err("t.toml: log.sync: unknown variant `sometimes`"));
         check(&format!("{MINIMAL}[log]\ncommit_batch_len_max = 0\n"), Err("t.toml: log.commit_batch_len_max: 0 is not in 1..=65536"));
+        check(&format!("{MINIMAL}[log]\ncommit_spin_us = 5000\n"), Err("t.toml: log.commit_spin_us: 5000 is more than 2000"));
         check(&format!("{MINIMAL}[zenoh]\n"), Err("duplicate key"));
         check("[node]\nid = \"e\"\ntier = \"edge\"\n[zenoh]\nmode = \"client\"\nlisten = [\"tcp/127.0.0.1:1\"]\nconnect = [\"tcp/h:2\"]\n", Err("zenoh.listen: a Zenoh client does not listen"));
         check("[node]\nid = \"e\"\ntier = \"fog\"\n[zenoh]\nlisten = [\"udp/127.0.0.1:1\"]\n", Err("zenoh.listen[0]: \"udp/127.0.0.1:1\" is not a valid endpoint: protocol \"udp\" is not supported"));

@@ -58,6 +58,7 @@ pub struct StoreOptions {
     pub commit_batch_len_max: usize,
     pub commit_linger_us: u64,
     pub commit_wait_adaptive: bool,
+    pub commit_spin_us: u64,
     pub commit_queue_len_max: usize,
     pub commit_unsynced_batches_max: usize,
     pub limits: Limits,
@@ -74,6 +75,7 @@ impl StoreOptions {
             commit_batch_len_max: log.commit_batch_len_max,
             commit_linger_us: log.commit_linger_us,
             commit_wait_adaptive: log.commit_wait_adaptive,
+            commit_spin_us: log.commit_spin_us,
             commit_queue_len_max: log.commit_queue_len_max,
             commit_unsynced_batches_max: log.commit_unsynced_batches_max,
             limits: Limits { max_payload_bytes: log.payload_bytes_max },
@@ -348,6 +350,7 @@ impl RocksStore {
             batch_max: opts.commit_batch_len_max,
             linger: Duration::from_micros(opts.commit_linger_us),
             adaptive: opts.commit_wait_adaptive,
+            spin: Duration::from_micros(opts.commit_spin_us),
             sync: opts.sync == SyncPolicy::Always,
             unsynced_max: opts.commit_unsynced_batches_max.max(1),
         };
@@ -418,6 +421,7 @@ struct Committer {
     batch_max: usize,
     linger: Duration,
     adaptive: bool,
+    spin: Duration,
     sync: bool,
     unsynced_max: usize,
 }
@@ -445,6 +449,33 @@ impl Sink for BatchSink<'_> {
 
     fn delete(&mut self, c: Cf, key: &[u8]) {
         self.batch.delete_cf(self.cfs[c as usize], key);
+    }
+}
+
+/// A batch being gathered: its operations are planned as they are taken from the hand-off,
+/// so planning overlaps the producers' return instead of following it.
+struct Gathering<'a> {
+    sink: BatchSink<'a>,
+    plan: Plan,
+    completers: Vec<Completer<OpOutcome>>,
+}
+
+impl<'a> Gathering<'a> {
+    fn new(db: &'a DB) -> Gathering<'a> {
+        Gathering { sink: BatchSink::new(db), plan: Plan::default(), completers: Vec::new() }
+    }
+
+    fn add(&mut self, core: &Mutex<Core>, db: &DB, items: Vec<(Op, Completer<OpOutcome>)>) {
+        if items.is_empty() {
+            return;
+        }
+        let (ops, completers): (Vec<Op>, Vec<Completer<OpOutcome>>) = items.into_iter().unzip();
+        self.completers.extend(completers);
+        lock_core(core).plan_more(&mut self.plan, ops, &DbBackend(db), &mut self.sink);
+    }
+
+    fn len(&self) -> usize {
+        self.completers.len()
     }
 }
 
@@ -513,31 +544,43 @@ impl Committer {
             // Adaptive group commit: the producers acknowledged by the last batch are about to
             // append again. Wait (at most half a batch commit) until as many are queued, so
             // that they share one sync instead of alternating half batches.
+            // First spin, planning each arrival at once, then sleep for the rest.
             let expected = last_len.min(self.batch_max);
-            let mut batch = if self.adaptive && expected > 1 {
-                let wait = (write_time / 2).min(ADAPTIVE_WAIT_MAX);
-                self.handoff.take_batch_until(self.batch_max, expected, Instant::now() + wait)
-            } else {
-                Vec::new()
-            };
-            if batch.is_empty() {
+            let mut batch = Gathering::new(&self.db);
+            if self.adaptive && expected > 1 {
+                let now = Instant::now();
+                let deadline = now + (write_time / 2).min(ADAPTIVE_WAIT_MAX);
+                let spin_until = (now + self.spin).min(deadline);
+                while batch.len() < expected {
+                    let arrived = self.handoff.take_spinning(self.batch_max - batch.len(), spin_until);
+                    if arrived.is_empty() {
+                        break;
+                    }
+                    batch.add(&self.core, &self.db, arrived);
+                }
+                if batch.len() < expected {
+                    let rest = self.handoff.take_batch_until(self.batch_max - batch.len(), expected - batch.len(), deadline);
+                    batch.add(&self.core, &self.db, rest);
+                }
+            }
+            if batch.len() == 0 {
                 match self.handoff.take_batch(self.batch_max) {
-                    Some(b) => batch = b,
+                    Some(b) => batch.add(&self.core, &self.db, b),
                     None => break,
                 }
             }
             if !self.linger.is_zero() && batch.len() < self.batch_max {
                 std::thread::sleep(self.linger);
-                batch.extend(self.handoff.try_take_batch(self.batch_max - batch.len()));
+                let more = self.handoff.try_take_batch(self.batch_max - batch.len());
+                batch.add(&self.core, &self.db, more);
             }
             last_len = batch.len();
-            let (ops, completers): (Vec<Op>, Vec<Completer<OpOutcome>>) = batch.into_iter().unzip();
+            let Gathering { mut sink, plan, completers } = batch;
             if let Some(error) = stopped(&stop) {
                 refuse(completers, &error);
                 continue;
             }
-            let mut sink = BatchSink::new(&self.db);
-            let plan = lock_core(&self.core).plan(ops, &DbBackend(&self.db), &mut sink);
+            lock_core(&self.core).finish(&plan, &mut sink);
             // Nothing else to write and no sync running: write with the sync, saving the
             // hand-over to the syncer (a thread wake-up) when there is nothing to overlap.
             let inline = match &syncer {

@@ -214,11 +214,24 @@ fn paired(rounds: usize, mut raw: impl FnMut() -> Result<f64>, mut strata: impl 
 
 fn bench_log(budget: Duration) -> Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-    if std::env::var("STRATA_BENCH_ONLY").as_deref() == Ok("pipelined") {
-        // For profiling one case: STRATA_BENCH_ONLY=pipelined perf record ...
-        let (r, avg) = rt.block_on(strata_pipelined(1024, budget))?;
-        println!("pipelined: {r:.0} rec/s, avg batch {avg:.1}");
-        return Ok(());
+    // For profiling one case: STRATA_BENCH_ONLY=pipelined or producers:N, e.g. under perf record.
+    match std::env::var("STRATA_BENCH_ONLY").ok().as_deref() {
+        Some("pipelined") => {
+            let (r, avg) = rt.block_on(strata_pipelined(1024, budget))?;
+            println!("pipelined: {r:.0} rec/s, avg batch {avg:.1}");
+            return Ok(());
+        }
+        Some(only) => {
+            let producers: usize = only
+                .strip_prefix("producers:")
+                .and_then(|n| n.parse().ok())
+                .with_context(|| format!("STRATA_BENCH_ONLY={only:?}: expected pipelined or producers:N"))?;
+            let raw = raw_batches(producers, budget)?;
+            let (r, avg) = rt.block_on(strata_producers(producers, budget))?;
+            println!("{producers} producers: {r:.0} rec/s, avg batch {avg:.1}; raw batch of {producers}: {raw:.0} rec/s; ratio {:.2}", r / raw);
+            return Ok(());
+        }
+        None => {}
     }
     let rounds = 3;
     println!(
