@@ -13,6 +13,9 @@
 
 use std::collections::{BTreeMap, HashMap};
 
+/// The per-stream maps, with a faster hasher than std's (one lookup per operation at least).
+type Map<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+
 use serde::{Deserialize, Serialize};
 
 use crate::codec::{self, Limits};
@@ -165,13 +168,13 @@ pub(crate) struct Core {
     pub incarnation: Incarnation,
     pub limits: Limits,
     hlc: uhlc::HLC,
-    streams: HashMap<StreamKey, Entry>,
-    cursors: HashMap<StreamKey, BTreeMap<Name, u64>>,
-    acks: HashMap<StreamKey, BTreeMap<Tier, u64>>,
+    streams: Map<StreamKey, Entry>,
+    cursors: Map<StreamKey, BTreeMap<Name, u64>>,
+    acks: Map<StreamKey, BTreeMap<Tier, u64>>,
     retention: Vec<RetentionRule>,
     /// Written but not yet durable: each stream's state after the last staged batch that
     /// touched it, tagged with that batch's number. Planning reads it before `streams`.
-    pending: HashMap<StreamKey, (u64, Entry)>,
+    pending: Map<StreamKey, (u64, Entry)>,
 }
 
 /// Results of one batch (its writes went to a [`Sink`]), and the state to make current
@@ -179,7 +182,7 @@ pub(crate) struct Core {
 #[derive(Default)]
 pub(crate) struct Plan {
     pub results: Vec<OpOutcome>,
-    staged: HashMap<StreamKey, Entry>,
+    staged: Map<StreamKey, Entry>,
     cursors: Vec<(Name, StreamKey, u64)>,
 }
 
@@ -191,11 +194,11 @@ impl Core {
             incarnation,
             limits,
             hlc: uhlc::HLCBuilder::new().with_id(id).build(),
-            streams: HashMap::new(),
-            cursors: HashMap::new(),
-            acks: HashMap::new(),
+            streams: Map::default(),
+            cursors: Map::default(),
+            acks: Map::default(),
             retention,
-            pending: HashMap::new(),
+            pending: Map::default(),
         }
     }
 
@@ -229,12 +232,11 @@ impl Core {
         self.cursors.entry(key).or_default().insert(consumer, seq);
     }
 
-    fn entry<'a>(&'a self, staged: &'a mut HashMap<StreamKey, Entry>, key: &StreamKey) -> &'a mut Entry {
-        if !staged.contains_key(key) {
+    fn entry<'a>(&'a self, staged: &'a mut Map<StreamKey, Entry>, key: &StreamKey) -> &'a mut Entry {
+        staged.entry(key.clone()).or_insert_with(|| {
             let base = self.pending.get(key).map(|(_, e)| e).or_else(|| self.streams.get(key));
-            staged.insert(key.clone(), base.cloned().unwrap_or_default());
-        }
-        staged.get_mut(key).expect("inserted above")
+            base.cloned().unwrap_or_default()
+        })
     }
 
     /// Plans a batch, writing into `sink`. Never fails as a whole: each op gets its own
