@@ -382,16 +382,24 @@ fn secured_continuum_replicates_and_refuses_every_way_around_it() {
         assert_eq!(edge.terminate(Duration::from_secs(30)), Some(0), "{}", edge.log_text());
         let produced = holdings(&edge_dir).into_iter().find(|(o, s, _)| o == "edge-1" && s == "readings/line-3").unwrap().2;
         let last = *produced.last().unwrap();
+        // Live samples dropped under load leave gaps that replay closes once they outlive a
+        // check (`replay_check_interval_ms`), so the last reading can arrive before them.
+        let cloud_line = || holdings(&cloud_dir).into_iter().find(|(o, s, _)| o == "edge-1" && s == "readings/line-3").map(|h| h.2).unwrap_or_default();
+        let waited = std::time::Instant::now();
         let complete = wait_until(Duration::from_secs(60), || {
-            holdings(&cloud_dir).into_iter().any(|(o, s, seqs)| o == "edge-1" && s == "readings/line-3" && seqs.last() == Some(&last))
+            let held = cloud_line();
+            held.len() as u64 == last && held.last() == Some(&last)
         });
-        let held = holdings(&cloud_dir).into_iter().find(|(o, s, _)| o == "edge-1" && s == "readings/line-3").unwrap().2;
+        let held = cloud_line();
         let in_order = held.iter().enumerate().all(|(i, &s)| s == i as u64 + 1);
+        let present: std::collections::HashSet<u64> = held.iter().copied().collect();
+        let missing: Vec<u64> = (1..=last).filter(|s| !present.contains(s)).take(20).collect();
         println!(
-            "mTLS continuum: edge produced {} readings (10,000 reached the cloud after {reach_s:.1} s); cloud holds {} ({}), in order and without gaps: {in_order}",
+            "mTLS continuum: edge produced {} readings (10,000 reached the cloud after {reach_s:.1} s); cloud holds {} ({}), in order and without gaps: {in_order}; first missing: {missing:?}; waited {:.1} s after the edge stopped",
             produced.len(),
             held.len(),
-            if complete { "all" } else { "NOT all" }
+            if complete { "all" } else { "NOT all" },
+            waited.elapsed().as_secs_f64()
         );
         assert!(complete && in_order && held.len() as u64 == last && produced.len() as u64 == last, "{}", logs(&nodes));
         nodes.push(edge);
