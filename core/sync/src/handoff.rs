@@ -161,22 +161,45 @@ impl<T, R> Handoff<T, R> {
         Self::drain(&mut state, max)
     }
 
-    /// Takes up to `max` items as soon as any is queued, spinning (yielding the CPU between
-    /// looks) until `spin_until`; returns none if nothing came by then or the hand-off is
-    /// closed and empty. For a committer that expects producers back within microseconds:
-    /// it sees them without a sleep and wake-up (a wake-up costs tens of µs on a busy or
-    /// virtual machine), and producers make no system call to signal it.
+    /// Takes items as they are queued, handing each lot to `each` at once (so the caller
+    /// works on one lot while producers queue the next), until `want` were taken, or nothing
+    /// is queued once `spin_until` has passed, or the hand-off is closed and empty; takes at
+    /// most `max` in all and returns how many. While nothing is queued it spins, yielding the
+    /// CPU between looks. For a committer that expects producers back within microseconds: it
+    /// sees them without a sleep and wake-up (a wake-up costs tens of µs on a busy or virtual
+    /// machine), and producers make no system call to signal it. Items that keep coming keep
+    /// it taking past `spin_until` (its caller is busy with them, not idle), up to `want`.
     #[cfg(not(loom))]
-    pub fn take_spinning(&self, max: usize, spin_until: std::time::Instant) -> Vec<(T, Completer<R>)> {
-        loop {
-            {
+    pub fn take_spinning(
+        &self,
+        max: usize,
+        want: usize,
+        spin_until: std::time::Instant,
+        mut each: impl FnMut(Vec<(T, Completer<R>)>),
+    ) -> usize {
+        let want = want.min(max);
+        let mut taken = 0;
+        while taken < want {
+            let lot = {
                 let mut state = lock(&self.shared.state);
-                if !state.queue.is_empty() || state.closed || std::time::Instant::now() >= spin_until {
-                    return Self::drain(&mut state, max);
+                if state.queue.is_empty() {
+                    if state.closed || std::time::Instant::now() >= spin_until {
+                        break;
+                    }
+                    None
+                } else {
+                    Some(Self::drain(&mut state, max - taken))
                 }
+            };
+            match lot {
+                Some(lot) => {
+                    taken += lot.len();
+                    each(lot);
+                }
+                None => std::thread::yield_now(),
             }
-            std::thread::yield_now();
         }
+        taken
     }
 
     fn drain(state: &mut State<T, R>, max: usize) -> Vec<(T, Completer<R>)> {
@@ -405,34 +428,49 @@ mod tests {
     }
 
     #[test]
-    fn take_spinning_returns_as_soon_as_items_come_or_nothing_once_the_spin_ends() {
+    fn take_spinning_stops_at_want_max_an_empty_queue_after_the_spin_or_close() {
         use std::time::{Duration, Instant};
         let h: Handoff<u32, ()> = Handoff::new(8);
-        // Nothing comes: empty, once the spin is over.
+        let take = |max: usize, want: usize, spin: Duration| {
+            let mut got = Vec::new();
+            let n = h.take_spinning(max, want, Instant::now() + spin, |lot| got.extend(lot.into_iter().map(|(i, _)| i)));
+            assert_eq!(n, got.len());
+            got
+        };
+        // Nothing comes: none, once the spin is over.
         let start = Instant::now();
-        assert!(h.take_spinning(8, start + Duration::from_millis(20)).is_empty());
+        assert!(take(8, 3, Duration::from_millis(20)).is_empty());
         assert!(start.elapsed() >= Duration::from_millis(20));
-        // Items from another thread end the spin long before its end; at most `max` are taken.
+        // Items from another thread: returns once `want` came, long before the spin's end.
         let producer = {
             let h = h.clone();
-            std::thread::spawn(move || {
-                let mut tickets = vec![h.try_submit(1).unwrap()];
-                tickets.extend((2..4).map(|i| h.try_submit(i).unwrap()));
-                tickets
-            })
+            std::thread::spawn(move || (1..4).map(|i| h.try_submit(i).unwrap()).collect::<Vec<_>>())
         };
-        let mut got = Vec::new();
-        while got.len() < 3 {
-            let chunk = h.take_spinning(2, Instant::now() + Duration::from_secs(30));
-            assert!(!chunk.is_empty() && chunk.len() <= 2, "took {}", chunk.len());
-            got.extend(chunk.into_iter().map(|(i, _)| i));
-        }
-        assert_eq!(got, vec![1, 2, 3]);
+        let start = Instant::now();
+        assert_eq!(take(8, 3, Duration::from_secs(30)), vec![1, 2, 3]);
+        assert!(start.elapsed() < Duration::from_secs(30));
         let _tickets = producer.join().unwrap();
-        // Closed and empty: returns at once.
+        // At most `max`, even when more are queued and wanted; the rest stay queued.
+        let _tickets: Vec<_> = (4..9).map(|i| h.try_submit(i).unwrap()).collect();
+        assert_eq!(take(2, 10, Duration::from_secs(30)), vec![4, 5]);
+        assert_eq!(h.len(), 3);
+        assert_eq!(take(8, 3, Duration::from_secs(30)), vec![6, 7, 8]);
+        // A producer that queues the next item while each lot is handled (the queue is never
+        // empty when looked at) keeps the take going past the spin's end, up to `want`.
+        let mut next = 100;
+        drop(h.try_submit(next).unwrap());
+        let n = h.take_spinning(usize::MAX, 1000, Instant::now(), |lot| {
+            assert_eq!(lot.len(), 1);
+            next += 1;
+            // The ticket is dropped: the item stays queued, its result is not awaited.
+            drop(h.try_submit(next).unwrap());
+        });
+        assert_eq!((n, next), (1000, 1100));
+        // Closed and empty (once the last item queued is taken): returns at once.
+        take(8, 8, Duration::ZERO);
         h.close();
         let start = Instant::now();
-        assert!(h.take_spinning(8, start + Duration::from_secs(30)).is_empty());
+        assert!(take(8, 3, Duration::from_secs(30)).is_empty());
         assert!(start.elapsed() < Duration::from_secs(30));
     }
 

@@ -217,8 +217,9 @@ fn bench_log(budget: Duration) -> Result<()> {
     // For profiling one case: STRATA_BENCH_ONLY=pipelined or producers:N, e.g. under perf record.
     match std::env::var("STRATA_BENCH_ONLY").ok().as_deref() {
         Some("pipelined") => {
+            let raw = raw_batches(1024, budget)?;
             let (r, avg) = rt.block_on(strata_pipelined(1024, budget))?;
-            println!("pipelined: {r:.0} rec/s, avg batch {avg:.1}");
+            println!("pipelined: {r:.0} rec/s, avg batch {avg:.1}; raw batch of 1024: {raw:.0} rec/s; ratio {:.2}", r / raw);
             return Ok(());
         }
         Some(only) => {
