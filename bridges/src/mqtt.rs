@@ -354,7 +354,7 @@ enum AckToken {
 /// What the event loop saw, for either protocol version.
 enum Seen {
     Connected,
-    Message { topic: String, payload: Vec<u8>, token: AckToken },
+    Message { topic: String, payload: Vec<u8>, token: Box<AckToken> },
     PublishAcked,
     Other,
 }
@@ -366,10 +366,10 @@ enum Client {
     V5(rumqttc::v5::AsyncClient),
 }
 
-/// Its event loop (not `Sync`: only the connection task polls it).
+/// Its event loop (not `Sync`: only the connection task polls it); boxed, as each is large.
 enum Events {
-    V4(rumqttc::EventLoop),
-    V5(rumqttc::v5::EventLoop),
+    V4(Box<rumqttc::EventLoop>),
+    V5(Box<rumqttc::v5::EventLoop>),
 }
 
 fn connect(p: &MqttParams, client_id: String) -> Result<(Client, Events), String> {
@@ -391,7 +391,7 @@ fn connect(p: &MqttParams, client_id: String) -> Result<(Client, Events), String
                 o.set_credentials(u.clone(), p.password.clone().unwrap_or_default());
             }
             let (c, e) = rumqttc::v5::AsyncClient::new(o, cap);
-            (Client::V5(c), Events::V5(e))
+            (Client::V5(c), Events::V5(Box::new(e)))
         } else {
             let mut o = rumqttc::MqttOptions::new(client_id, p.host.clone(), p.port);
             o.set_keep_alive(keep_alive).set_clean_session(false).set_manual_acks(true).set_transport(transport);
@@ -400,7 +400,7 @@ fn connect(p: &MqttParams, client_id: String) -> Result<(Client, Events), String
                 o.set_credentials(u.clone(), p.password.clone().unwrap_or_default());
             }
             let (c, e) = rumqttc::AsyncClient::new(o, cap);
-            (Client::V4(c), Events::V4(e))
+            (Client::V4(c), Events::V4(Box::new(e)))
         })
 }
 
@@ -411,7 +411,7 @@ impl Events {
                 use rumqttc::{Event, Packet};
                 Ok(match e.poll().await.map_err(|e| e.to_string())? {
                     Event::Incoming(Packet::ConnAck(_)) => Seen::Connected,
-                    Event::Incoming(Packet::Publish(p)) => Seen::Message { topic: p.topic.clone(), payload: p.payload.to_vec(), token: AckToken::V4(p) },
+                    Event::Incoming(Packet::Publish(p)) => Seen::Message { topic: p.topic.clone(), payload: p.payload.to_vec(), token: Box::new(AckToken::V4(p)) },
                     Event::Incoming(Packet::PubAck(_)) => Seen::PublishAcked,
                     Event::Incoming(Packet::PubComp(_)) => Seen::PublishAcked,
                     _ => Seen::Other,
@@ -423,7 +423,7 @@ impl Events {
                 Ok(match e.poll().await.map_err(|e| e.to_string())? {
                     Event::Incoming(Packet::ConnAck(_)) => Seen::Connected,
                     Event::Incoming(Packet::Publish(p)) => {
-                        Seen::Message { topic: String::from_utf8_lossy(&p.topic).into_owned(), payload: p.payload.to_vec(), token: AckToken::V5(p) }
+                        Seen::Message { topic: String::from_utf8_lossy(&p.topic).into_owned(), payload: p.payload.to_vec(), token: Box::new(AckToken::V5(p)) }
                     }
                     Event::Incoming(Packet::PubAck(_)) => Seen::PublishAcked,
                     Event::Incoming(Packet::PubComp(_)) => Seen::PublishAcked,
@@ -629,7 +629,7 @@ async fn ingest(p: MqttParams, qos: rumqttc::QoS, outputs: Vec<StreamName>, conn
                                 let draft = shared::reading(value, ts_ms)?;
                                 source.append(&stream, draft).await.map_err(|e| e.to_string())?;
                                 h.count("accepted", 1);
-                                Ok(token)
+                                Ok(*token)
                             }));
                         }
                         Err(Rejected(reason, detail)) => {

@@ -20,10 +20,13 @@ pub enum ProbeMsg {
     Exit,
 }
 
+/// Per probe name: its current instance (none while it is down) and how often it was started.
+type Instances = HashMap<String, (Option<ActorRef<ProbeMsg>>, u64)>;
+
 /// The probes of a test: the current instance of each, and how often each was started.
 #[derive(Clone, Default)]
 pub struct Probes {
-    inner: Arc<Mutex<HashMap<String, (Option<ActorRef<ProbeMsg>>, u64)>>>,
+    inner: Arc<Mutex<Instances>>,
     hanging: Arc<Mutex<std::collections::HashSet<String>>>,
 }
 

@@ -98,7 +98,7 @@ mod tests {
     fn record_keys_sort_by_seq_within_a_stream_and_never_mix_streams() {
         let a = key("e", 1, "a");
         let ab = key("e", 1, "a.b");
-        let mut keys = vec![record_key(&a, 256), record_key(&ab, 1), record_key(&a, 2), record_key(&a, 1)];
+        let mut keys = [record_key(&a, 256), record_key(&ab, 1), record_key(&a, 2), record_key(&a, 1)];
         keys.sort();
         let pa = stream_prefix(&a);
         let seqs: Vec<u64> = keys.iter().filter_map(|k| record_seq(&pa, k)).map(Seq::get).collect();

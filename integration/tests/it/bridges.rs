@@ -15,7 +15,7 @@ use strata_core::node::Node;
 use strata_core::{Kind, PayloadType, StreamName};
 use strata_integration::{free_port, payloads, repo_root};
 
-use crate::replication::SERIAL;
+use crate::replication::serial;
 
 /// A Mosquitto broker on a loopback port with a temporary config and persistence (so a
 /// stopped broker keeps the sessions and queued messages it had, as a production one does).
@@ -80,11 +80,14 @@ fn mosquitto() -> &'static str {
     ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"].into_iter().find(|p| Path::new(p).exists()).expect("mosquitto is installed (`make test` installs it)")
 }
 
+/// Messages a test client received: (topic, payload), in arrival order.
+type Received = Arc<Mutex<Vec<(String, Vec<u8>)>>>;
+
 /// An MQTT test client (persistent session, QoS 1) whose event loop runs in a task; received
 /// messages are collected.
 struct Client {
     client: rumqttc::AsyncClient,
-    received: Arc<Mutex<Vec<(String, Vec<u8>)>>>,
+    received: Received,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -188,7 +191,7 @@ const COMMANDS: u64 = 100;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mqtt_readings_and_commands_survive_a_broker_restart() {
-    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
     let mut broker = Broker::new(dir.path(), "");
     broker.start();
@@ -391,7 +394,7 @@ impl Drop for Device {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn modbus_polls_registers_and_writes_commands() {
-    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let _device = Device::start(port);
@@ -494,7 +497,7 @@ fn run(program: &str, args: &[&str], dir: &Path) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mqtt_bridge_connects_with_tls_and_a_password() {
-    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     // A CA and a broker certificate for localhost, made with the openssl command line.

@@ -19,7 +19,7 @@ fn cycles() -> usize {
 
 #[test]
 fn kill_9_loses_no_acknowledged_append() {
-    let _serial = crate::replication::SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let _serial = crate::replication::serial();
     let dir = tempfile::tempdir().unwrap();
     let seed: u64 = std::env::var("STRATA_SEED").ok().and_then(|v| v.parse().ok()).unwrap_or_else(rand::random);
     println!("crash test seed {seed} (STRATA_SEED={seed} replays the kill schedule)");

@@ -6,11 +6,11 @@ use std::process::Command;
 use serde_json::Value;
 use strata_integration::strata_bin;
 
-use crate::replication::SERIAL;
+use crate::replication::serial;
 
 #[test]
 fn a_short_demo_loses_nothing_and_reports_every_phase() {
-    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let _serial = serial();
     let out_dir = tempfile::tempdir().unwrap();
     let out = Command::new(strata_bin())
         .args(["demo", "--duration", "20", "--seed", "3", "--out"])

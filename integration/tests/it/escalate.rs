@@ -9,7 +9,7 @@ use std::time::Duration;
 use serde_json::Value;
 use strata_integration::{free_port, payloads, status, strata_bin, zenoh_session, NodeProc};
 
-use crate::replication::{wait_async, SERIAL};
+use crate::replication::{serial, wait_async};
 
 const TIMEOUT_MS: u64 = 4000;
 
@@ -53,7 +53,7 @@ async fn pending(view: &zenoh::Session) -> Vec<Value> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn escalations_are_approved_denied_or_time_out_to_the_safe_default() {
-    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
     // The parent port has no listener: the edge is isolated throughout.
     let (port, parent) = (free_port(), free_port());

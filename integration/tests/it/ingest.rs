@@ -4,11 +4,11 @@ use std::time::Duration;
 
 use strata_integration::{free_port, repo_root, status, zenoh_session, NodeProc};
 
-use crate::replication::{wait_async, SERIAL};
+use crate::replication::{serial, wait_async};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_client_readings_are_appended_and_bad_ones_rejected() {
-    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
     let (port, parent) = (free_port(), free_port());
     let config = format!(

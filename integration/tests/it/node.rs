@@ -49,7 +49,7 @@ fn wait_cursor_past(node: &NodeProc, consumer: &str, past: u64) -> u64 {
 
 #[test]
 fn strata_run_edge_stops_in_order_and_keeps_cursors_through_kill_9() {
-    let _serial = crate::replication::SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let _serial = crate::replication::serial();
     let dir = tempfile::tempdir().unwrap();
     let (id, text) = example_configs().remove(0);
     let mut edge = NodeProc::new(dir.path(), id, &text);
@@ -96,7 +96,7 @@ fn strata_run_edge_stops_in_order_and_keeps_cursors_through_kill_9() {
 
 #[test]
 fn status_lists_a_running_three_node_continuum() {
-    let _serial = crate::replication::SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let _serial = crate::replication::serial();
     let dir = tempfile::tempdir().unwrap();
     let configs = example_configs();
     let fog_endpoint = configs[1].1.lines().find(|l| l.starts_with("listen")).unwrap().split('"').nth(1).unwrap().to_owned();
@@ -149,7 +149,7 @@ fn status_lists_a_running_three_node_continuum() {
 
 #[test]
 fn a_root_past_its_restart_intensity_records_the_incident_and_exits_non_zero() {
-    let _serial = crate::replication::SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let _serial = crate::replication::serial();
     let dir = tempfile::tempdir().unwrap();
     let config = format!(
         "[node]\nid = \"edge-9\"\ntier = \"edge\"\ndata_dir = \"{{data_dir}}\"\n\

@@ -13,7 +13,20 @@ use strata_integration::{free_port, status, watermark, zenoh_session, NodeProc};
 use zenoh::qos::CongestionControl;
 
 /// Multi-node tests run one at a time: they share two cores and their timing matters.
-pub static SERIAL: Mutex<()> = Mutex::new(());
+static SERIAL: Mutex<()> = Mutex::new(());
+
+/// Held by a multi-node test while it runs: the others wait for it. A blocking mutex on
+/// purpose: it orders whole tests, each on its own thread and runtime, so an async test that
+/// holds it across `.await` blocks no task that would release it.
+pub struct Serial {
+    _guard: std::sync::MutexGuard<'static, ()>,
+}
+
+/// Waits until no other multi-node test runs (a test that failed while holding it does not
+/// stop the others).
+pub fn serial() -> Serial {
+    Serial { _guard: SERIAL.lock().unwrap_or_else(|p| p.into_inner()) }
+}
 
 pub struct Continuum {
     pub _dir: tempfile::TempDir,
@@ -222,7 +235,7 @@ pub fn verdict(data_dir: &Path, sent: u64) -> (u64, u64, u64, u64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_thousand_readings_reach_the_cloud_in_order_once() {
-    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let _serial = serial();
     let mut c = Continuum::start(false).await;
     let device = zenoh_session(&Continuum::endpoint(c.edge_port)).await;
     let cloud_view = zenoh_session(&Continuum::endpoint(c.cloud_port)).await;
@@ -265,7 +278,7 @@ async fn wm(view: &zenoh::Session, node: &str) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fog_cloud_partitions_lose_nothing() {
-    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let _serial = serial();
     let mut c = Continuum::start(true).await;
     let device = zenoh_session(&Continuum::endpoint(c.edge_port)).await;
     let edge_view = zenoh_session(&Continuum::endpoint(c.edge_port)).await;
@@ -309,7 +322,7 @@ async fn fog_cloud_partitions_lose_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fog_kill_9_mid_stream_resumes_from_its_watermarks() {
-    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let _serial = serial();
     let mut c = Continuum::start(false).await;
     let device = zenoh_session(&Continuum::endpoint(c.edge_port)).await;
     let edge_view = zenoh_session(&Continuum::endpoint(c.edge_port)).await;
@@ -359,7 +372,7 @@ async fn fog_kill_9_mid_stream_resumes_from_its_watermarks() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wiped_edge_comes_back_as_a_new_incarnation() {
-    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let _serial = serial();
     let mut c = Continuum::start(false).await;
     let device = zenoh_session(&Continuum::endpoint(c.edge_port)).await;
     let cloud_view = zenoh_session(&Continuum::endpoint(c.cloud_port)).await;
@@ -407,7 +420,7 @@ async fn a_wiped_edge_comes_back_as_a_new_incarnation() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fog_cloud_partition_by_veth_link_down() {
     use strata_integration::netns::NsHost;
-    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let _serial = serial();
     let tag = std::process::id() % 100_000;
     let mut ns = match NsHost::create(&format!("st{tag}")) {
         Ok(ns) => ns,
@@ -506,7 +519,7 @@ async fn fog_cloud_partition_by_veth_link_down() {
 /// RocksDB, so every node's resident memory stays flat.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn memory_stays_flat_during_a_long_partition() {
-    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let _serial = serial();
     let partition = Duration::from_secs(std::env::var("STRATA_PARTITION_S").ok().and_then(|v| v.parse().ok()).unwrap_or(60));
     let rate = 5_000;
     let mut c = Continuum::start(true).await;
@@ -559,7 +572,7 @@ async fn memory_stays_flat_during_a_long_partition() {
 /// no Strata code): nothing Strata-specific is needed for discovery.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nodes_work_behind_a_plain_zenoh_router() {
-    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
     let router_port = free_port();
     struct Killed(std::process::Child);

@@ -9,7 +9,7 @@ use serde_json::Value;
 use strata_integration::proxy::Proxy;
 use strata_integration::{free_port, records, status, zenoh_session, NodeProc};
 
-use crate::replication::{wait_async, SERIAL};
+use crate::replication::{serial, wait_async};
 
 const HOLD_MS: u64 = 1500;
 
@@ -96,7 +96,7 @@ fn tally<'a>(decisions: impl Iterator<Item = &'a (u64, Value)>) -> Tally {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn decisions_follow_the_tier_that_can_meet_their_deadline() {
-    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
     let (edge_port, fog_port, cloud_port) = (free_port(), free_port(), free_port());
     let proxy = Proxy::start("127.0.0.1:0".parse().unwrap(), format!("127.0.0.1:{cloud_port}").parse().unwrap()).await.unwrap();
@@ -203,7 +203,7 @@ async fn decisions_follow_the_tier_that_can_meet_their_deadline() {
     let misses = events.iter().filter(|(_, e)| e["event"] == "deadline_miss").count();
     println!("mode recovered {} ms after the fog process restarted ({reason}); deadline_miss events: {misses}", recovered_at - back);
     // The reasons say why.
-    let slow_reason = decisions.iter().filter(|(at, d)| (phases[1].from..phases[1].to).contains(at) && d["tier"] == "fog").map(|(_, d)| d["reason"].as_str().unwrap_or("")).last().unwrap_or("");
+    let slow_reason = decisions.iter().filter(|(at, d)| (phases[1].from..phases[1].to).contains(at) && d["tier"] == "fog").map(|(_, d)| d["reason"].as_str().unwrap_or("")).next_back().unwrap_or("");
     assert!(slow_reason.contains("cloud cloud-1: p95") && slow_reason.contains("fog fog-1: p95"), "{slow_reason}");
     println!("reason while the cloud is slow: {slow_reason}");
 }

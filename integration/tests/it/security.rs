@@ -135,7 +135,7 @@ fn pending_escalations(doc: &serde_json::Value) -> Vec<String> {
 
 #[test]
 fn secured_continuum_replicates_and_refuses_every_way_around_it() {
-    let _serial = crate::replication::SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let _serial = crate::replication::serial();
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let certs = d.join("certs");
@@ -456,7 +456,7 @@ fn acl_of_the_example_configs_matches_the_golden_file() {
 /// table of the three secured nodes.
 #[test]
 fn the_readme_security_commands_secure_the_example_continuum() {
-    let _serial = crate::replication::SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let _serial = crate::replication::serial();
     let readme = std::fs::read_to_string(repo_root().join("README.md")).unwrap();
     let marker = "<!-- integration/tests/it/security.rs runs exactly these commands";
     let block = readme.split_once(marker).expect("the README marks its security commands").1;
