@@ -466,8 +466,8 @@ mod tests {
             drop(h.try_submit(next).unwrap());
         });
         assert_eq!((n, next), (1000, 1100));
-        // Closed and empty (once the last item queued is taken): returns at once.
-        take(8, 8, Duration::ZERO);
+        // Closed and empty (once the last item queued, 1100, is taken): returns at once.
+        assert_eq!(take(8, 8, Duration::ZERO), vec![1100]);
         h.close();
         let start = Instant::now();
         assert!(take(8, 3, Duration::from_secs(30)).is_empty());
