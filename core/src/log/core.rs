@@ -161,6 +161,27 @@ impl Entry {
 struct Scratch {
     key: Vec<u8>,
     value: Vec<u8>,
+    /// The last HLC timestamp given to an append of this lot, if the HLC has not seen it.
+    stamp: Option<uhlc::Timestamp>,
+    /// The stream whose record key `key` holds.
+    key_of: Option<StreamKey>,
+}
+
+impl Scratch {
+    /// Sets `key` to the record key of `seq` in `stream`, keeping the stream's prefix when
+    /// the previous record was of the same stream (the usual case in a batch).
+    fn set_key(&mut self, stream: &StreamKey, seq: u64) {
+        match &self.key_of {
+            Some(of) if of == stream => {
+                self.key.truncate(self.key.len() - 8);
+                self.key.extend_from_slice(&seq.to_be_bytes());
+            }
+            _ => {
+                record_key_into(&mut self.key, stream, seq);
+                self.key_of = Some(stream.clone());
+            }
+        }
+    }
 }
 
 pub(crate) struct Core {
@@ -233,10 +254,11 @@ impl Core {
     }
 
     fn entry<'a>(&'a self, staged: &'a mut Map<StreamKey, Entry>, key: &StreamKey) -> &'a mut Entry {
-        staged.entry(key.clone()).or_insert_with(|| {
+        if !staged.contains_key(key) {
             let base = self.pending.get(key).map(|(_, e)| e).or_else(|| self.streams.get(key));
-            base.cloned().unwrap_or_default()
-        })
+            staged.insert(key.clone(), base.cloned().unwrap_or_default());
+        }
+        staged.get_mut(key).expect("inserted above")
     }
 
     /// Plans a batch, writing into `sink`. Never fails as a whole: each op gets its own
@@ -256,6 +278,29 @@ impl Core {
         for op in ops {
             let result = self.plan_op(plan, sink, &mut scratch, backend, op);
             plan.results.push(result);
+        }
+        self.settle_stamps(&mut scratch);
+    }
+
+    /// The HLC timestamp of the next append of a lot. The clock is read for the first one
+    /// only (a read costs about as much as encoding the record); the next ones take the
+    /// following logical ticks, which is what the HLC gives when asked faster than its
+    /// clock advances. [`Core::settle_stamps`] then moves the HLC past the last one given.
+    fn next_stamp(&self, scratch: &mut Scratch) -> uhlc::Timestamp {
+        let stamp = match scratch.stamp {
+            None => self.hlc.new_timestamp(),
+            Some(last) => uhlc::Timestamp::new(uhlc::NTP64(last.get_time().0.saturating_add(1)), *last.get_id()),
+        };
+        scratch.stamp = Some(stamp);
+        stamp
+    }
+
+    /// Makes the HLC's next timestamps come after those [`Core::next_stamp`] gave.
+    fn settle_stamps(&self, scratch: &mut Scratch) {
+        if let Some(last) = scratch.stamp.take() {
+            // At most one logical tick per record of the lot ahead of the clock: far inside
+            // the HLC's accepted drift, so this cannot be refused.
+            let _ = self.hlc.update_with_timestamp(&last);
         }
     }
 
@@ -316,7 +361,7 @@ impl Core {
         let envelope = Envelope {
             id: EnvelopeId { origin: key.origin.clone(), incarnation: key.incarnation, stream: key.stream.clone(), seq },
             kind: draft.kind,
-            hlc: HlcTime::from_uhlc(self.hlc.new_timestamp()),
+            hlc: HlcTime::from_uhlc(self.next_stamp(scratch)),
             budget_us: draft.budget_us,
             priority: draft.priority,
             trace: draft.trace,
@@ -327,7 +372,7 @@ impl Core {
         let inserted = entry.wm.insert(seq.get());
         assert_eq!(inserted, Insert::New, "local seqs have no gaps");
         entry.add(seq.get(), scratch.value.len());
-        record_key_into(&mut scratch.key, &key, seq.get());
+        scratch.set_key(&key, seq.get());
         sink.put(Cf::Log, &scratch.key, &scratch.value);
         Ok(OpResult::Appended(envelope))
     }
@@ -351,6 +396,7 @@ impl Core {
         }
         // Keep causality: our next timestamps come after what we received. A remote clock
         // far ahead is refused by uhlc; the envelope is still stored.
+        self.settle_stamps(scratch);
         let _ = self.hlc.update_with_timestamp(envelope.hlc.as_uhlc());
         let seq = envelope.id.seq.get();
         let entry = self.entry(&mut plan.staged, &key);
@@ -359,6 +405,7 @@ impl Core {
             Insert::TooFragmented => return Ok(Inserted::Deferred { watermark: entry.wm.get() }),
             Insert::New => {}
         }
+        scratch.set_key(&key, seq);
         let value = match encoded {
             Some(bytes) => bytes,
             None => {
@@ -369,7 +416,6 @@ impl Core {
         entry.wm.insert(seq);
         entry.add(seq, value.len());
         let watermark = entry.wm.get();
-        record_key_into(&mut scratch.key, &key, seq);
         sink.put(Cf::Log, &scratch.key, value);
         Ok(Inserted::Stored { watermark })
     }

@@ -437,10 +437,16 @@ struct BatchSink<'a> {
 }
 
 impl<'a> BatchSink<'a> {
-    fn new(db: &'a DB) -> BatchSink<'a> {
-        BatchSink { cfs: Cf::ALL.map(|c| cf(db, c)), batch: WriteBatch::default() }
+    /// A sink with room for about `ops` records (growing the batch's buffer as it fills
+    /// copies it again at each doubling).
+    fn new(db: &'a DB, ops: usize) -> BatchSink<'a> {
+        BatchSink { cfs: Cf::ALL.map(|c| cf(db, c)), batch: WriteBatch::with_capacity_bytes(ops * RECORD_BYTES_GUESS) }
     }
 }
+
+/// Bytes a small record takes in a `WriteBatch`: its key, a 100-byte payload and the
+/// envelope's header.
+const RECORD_BYTES_GUESS: usize = 256;
 
 impl Sink for BatchSink<'_> {
     fn put(&mut self, c: Cf, key: &[u8], value: &[u8]) {
@@ -463,8 +469,9 @@ struct Gathering<'a> {
 }
 
 impl<'a> Gathering<'a> {
-    fn new(db: &'a DB, core: &'a Mutex<Core>) -> Gathering<'a> {
-        Gathering { db, core, sink: BatchSink::new(db), plan: Plan::default(), completers: Vec::new() }
+    /// A batch expected to hold about `ops` operations.
+    fn new(db: &'a DB, core: &'a Mutex<Core>, ops: usize) -> Gathering<'a> {
+        Gathering { db, core, sink: BatchSink::new(db, ops), plan: Plan::default(), completers: Vec::with_capacity(ops) }
     }
 
     fn add(&mut self, items: Vec<(Op, Completer<OpOutcome>)>) {
@@ -550,7 +557,7 @@ impl Committer {
             // for the rest, until at most half a batch commit after the start. Ending the
             // taking at that bound too was measured slower for one producer with 1,024 in flight.
             let expected = last_len.min(self.batch_max);
-            let mut batch = Gathering::new(&self.db, &self.core);
+            let mut batch = Gathering::new(&self.db, &self.core, expected.max(1));
             if self.adaptive && expected > 1 {
                 let now = Instant::now();
                 let deadline = now + (write_time / 2).min(ADAPTIVE_WAIT_MAX);

@@ -435,17 +435,20 @@ async fn pipelined_commits_acknowledge_every_seq_in_order_and_keep_them() {
     assert_eq!(log.append_durable(s.clone(), draft(b"next")).await.unwrap().id.seq.get(), n + 1);
 }
 
+/// A backend with nothing stored, for the planner alone.
+struct Empty;
+
+impl super::core::Backend for Empty {
+    fn scan(&self, _: &[u8], _: u64, _: usize) -> Result<Vec<(u64, Vec<u8>)>, LogError> {
+        Ok(Vec::new())
+    }
+}
+
 /// The planner's overlay: a staged (written, not yet synced) batch is planned on top of,
 /// but only applied batches are current, in order.
 #[test]
 fn staged_batches_are_planned_on_but_only_applied_ones_are_current() {
-    use super::core::{Backend, Core, Write};
-    struct Empty;
-    impl Backend for Empty {
-        fn scan(&self, _: &[u8], _: u64, _: usize) -> Result<Vec<(u64, Vec<u8>)>, LogError> {
-            Ok(Vec::new())
-        }
-    }
+    use super::core::{Core, Write};
     let mut core = Core::new(node(), Incarnation::from_raw(7), Limits::default(), Vec::new());
     let s = stream("readings/o");
     let key = StreamKey { origin: node(), incarnation: Incarnation::from_raw(7), stream: s.clone() };
@@ -472,4 +475,38 @@ fn staged_batches_are_planned_on_but_only_applied_ones_are_current() {
     assert_eq!(core.readable_last(&key), 5);
     assert_eq!(seqs(&core.apply_staged(c, 3)), [6], "planned on top of both staged batches");
     assert_eq!(core.info(&key).map(|i| (i.last, i.count, i.watermark)), Some((6, 6, 6)));
+}
+
+/// The appends of one planned lot read the clock once and take the following logical ticks;
+/// a received envelope's timestamp in the middle of the lot still comes before every local
+/// append planned after it, and the next lot's timestamps come after this one's.
+#[test]
+fn appends_of_a_lot_get_increasing_timestamps_after_what_was_received() {
+    use super::core::{Core, Write};
+    let core = Core::new(node(), Incarnation::from_raw(7), Limits::default(), Vec::new());
+    let s = stream("readings/h");
+    let append = || Op::Append { stream: s.clone(), draft: draft(b"x") };
+    // A remote clock 100 ms ahead: within the HLC's accepted drift, so it moves ours.
+    let mut ahead = remote("fog-1", 3, "readings/r", 1);
+    let t = ahead.hlc.as_uhlc();
+    let later = uhlc::NTP64(t.get_time().0 + uhlc::NTP64::from(Duration::from_millis(100)).0);
+    ahead.hlc = HlcTime::from_uhlc(uhlc::Timestamp::new(later, *t.get_id()));
+    let mut ops: Vec<Op> = (0..50).map(|_| append()).collect();
+    ops.push(Op::Insert { envelope: ahead.clone() });
+    ops.extend((0..50).map(|_| append()));
+    let stamps = |results: &[OpOutcome]| -> Vec<HlcTime> {
+        results.iter().filter_map(|r| match r {
+            Ok(OpResult::Appended(e)) => Some(e.hlc),
+            Ok(OpResult::Inserted(Inserted::Stored { .. })) => None,
+            other => panic!("{other:?}"),
+        }).collect()
+    };
+    let mut sink: Vec<Write> = Vec::new();
+    let first = stamps(&core.plan(ops, &Empty, &mut sink).results);
+    assert_eq!(first.len(), 100);
+    assert!(first.windows(2).all(|w| w[0] < w[1]), "increasing in plan order");
+    assert!(first[49] < ahead.hlc, "planned before the insert: the local clock");
+    assert!(first[50] > ahead.hlc, "planned after the insert: after what was received");
+    let second = stamps(&core.plan((0..3).map(|_| append()).collect(), &Empty, &mut sink).results);
+    assert!(second[0] > first[99], "the next lot comes after the last of this one");
 }

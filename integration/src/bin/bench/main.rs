@@ -5,7 +5,8 @@
 //!
 //! `log`: appends of 100-byte payloads with `sync = always` group commit, against raw
 //! RocksDB (one `put` + WAL sync per record; a `WriteBatch` of the same size + WAL sync).
-//! The figures depend on the disk's fsync latency; the ratios are what to compare.
+//! The figures depend on the disk's fsync latency; the ratios are what to compare. Raw and
+//! Strata run in alternating slices of a few hundred ms, so that both meet the same disk.
 //!
 //!     cargo run --release -p strata-integration --bin bench -- bus
 //!
@@ -87,9 +88,41 @@ fn raw_options() -> Options {
     o
 }
 
-/// Raw RocksDB: `batch` records of 100 bytes per `WriteBatch`, each batch WAL-synced.
-fn raw_batches(batch: usize, budget: Duration) -> Result<f64> {
-    raw_batches_of(batch, PAYLOAD_BYTES, budget)
+/// A raw RocksDB store written in `WriteBatch`es of `batch` records of `value_bytes` bytes,
+/// each batch WAL-synced.
+struct RawStore {
+    db: DB,
+    wo: WriteOptions,
+    value: Vec<u8>,
+    batch: usize,
+    seq: u64,
+    _dir: tempfile::TempDir,
+}
+
+impl RawStore {
+    fn open(batch: usize, value_bytes: usize) -> Result<RawStore> {
+        let dir = tempfile::tempdir()?;
+        let db = DB::open(&raw_options(), dir.path())?;
+        let mut wo = WriteOptions::default();
+        wo.set_sync(true);
+        Ok(RawStore { db, wo, value: vec![7u8; value_bytes], batch, seq: 0, _dir: dir })
+    }
+
+    /// Writes batches for `slice`; returns the records written and the time taken.
+    fn run(&mut self, slice: Duration) -> Result<(u64, Duration)> {
+        let (start, first) = (Instant::now(), self.seq);
+        while start.elapsed() < slice {
+            let mut wb = WriteBatch::default();
+            for _ in 0..self.batch {
+                self.seq += 1;
+                let mut key = b"edge-1/readings/bench/".to_vec();
+                key.extend_from_slice(&self.seq.to_be_bytes());
+                wb.put(&key, &self.value);
+            }
+            self.db.write_opt(wb, &self.wo)?;
+        }
+        Ok((self.seq - first, start.elapsed()))
+    }
 }
 
 /// Raw RocksDB: three stores in the same directory tree written at once, each with
@@ -97,100 +130,156 @@ fn raw_batches(batch: usize, budget: Duration) -> Result<f64> {
 /// What three durable hops on one disk can do at best.
 fn three_stores_ceiling(value_bytes: usize, budget: Duration) -> Result<f64> {
     let rates = std::thread::scope(|s| {
-        let writers: Vec<_> = (0..3).map(|_| s.spawn(|| raw_batches_of(1024, value_bytes, budget))).collect();
+        let writers: Vec<_> = (0..3)
+            .map(|_| {
+                s.spawn(|| {
+                    let (records, elapsed) = RawStore::open(1024, value_bytes)?.run(budget)?;
+                    Ok(rate(records, elapsed))
+                })
+            })
+            .collect();
         writers.into_iter().map(|w| w.join().expect("writer thread")).collect::<Result<Vec<f64>>>()
     })?;
     Ok(rates.into_iter().fold(f64::INFINITY, f64::min))
 }
 
-fn raw_batches_of(batch: usize, value_bytes: usize, budget: Duration) -> Result<f64> {
-    let dir = tempfile::tempdir()?;
-    let db = DB::open(&raw_options(), dir.path())?;
-    let mut wo = WriteOptions::default();
-    wo.set_sync(true);
-    let value = vec![7u8; value_bytes];
-    let start = Instant::now();
-    let mut seq = 0u64;
-    while start.elapsed() < budget {
-        let mut wb = WriteBatch::default();
-        for _ in 0..batch {
-            seq += 1;
-            let mut key = b"edge-1/readings/bench/".to_vec();
-            key.extend_from_slice(&seq.to_be_bytes());
-            wb.put(&key, &value);
-        }
-        db.write_opt(wb, &wo)?;
-    }
-    Ok(rate(seq, start.elapsed()))
+/// A Strata log appended to by the benchmark's producers.
+struct StrataLog {
+    log: Log,
+    stream: StreamName,
+    _dir: tempfile::TempDir,
 }
 
-fn open_log(dir: &std::path::Path) -> Result<Log> {
-    let store = RocksStore::open(dir, &NodeId::new("bench")?, StoreOptions::default())?;
-    Ok(Log::new(Arc::new(store)))
+impl StrataLog {
+    fn open() -> Result<StrataLog> {
+        let dir = tempfile::tempdir()?;
+        let store = RocksStore::open(dir.path(), &NodeId::new("bench")?, StoreOptions::default())?;
+        Ok(StrataLog { log: Log::new(Arc::new(store)), stream: StreamName::new("readings/bench")?, _dir: dir })
+    }
+
+    /// Group-commit batches written so far.
+    fn commits(&self) -> u64 {
+        *self.log.store().commits().borrow()
+    }
+
+    /// `producers` tasks, each appending and waiting for its own acknowledgement, for
+    /// `slice`. Returns the records acknowledged and the time taken.
+    async fn producers(&self, producers: usize, slice: Duration) -> Result<(u64, Duration)> {
+        let start = Instant::now();
+        let tasks: Vec<_> = (0..producers)
+            .map(|_| {
+                let (log, stream) = (self.log.clone(), self.stream.clone());
+                tokio::spawn(async move {
+                    let mut n = 0u64;
+                    while start.elapsed() < slice {
+                        log.append_durable(stream.clone(), draft()).await?;
+                        n += 1;
+                    }
+                    anyhow::Ok(n)
+                })
+            })
+            .collect();
+        let mut total = 0;
+        for t in tasks {
+            total += t.await??;
+        }
+        Ok((total, start.elapsed()))
+    }
+
+    /// One producer keeping up to `in_flight` appends outstanding for `slice`, then waiting
+    /// for those still outstanding. Returns the records acknowledged and the time taken.
+    async fn pipelined(&self, in_flight: usize, slice: Duration) -> Result<(u64, Duration)> {
+        let mut pending = VecDeque::with_capacity(in_flight);
+        let start = Instant::now();
+        let mut total = 0u64;
+        let mut last_seq = 0;
+        while start.elapsed() < slice {
+            while pending.len() < in_flight {
+                pending.push_back(self.log.append(self.stream.clone(), draft()).await?);
+            }
+            let env = pending.pop_front().expect("non-empty").await?;
+            assert!(env.id.seq.get() > last_seq, "acknowledged in seq order");
+            last_seq = env.id.seq.get();
+            total += 1;
+        }
+        for t in pending {
+            t.await?;
+            total += 1;
+        }
+        Ok((total, start.elapsed()))
+    }
 }
+
+impl Drop for StrataLog {
+    fn drop(&mut self) {
+        self.log.close();
+    }
+}
+
+/// The benchmark's payload type, validated once as a producer would hold it.
+static PAYLOAD_TYPE: std::sync::LazyLock<PayloadType> = std::sync::LazyLock::new(|| PayloadType::new("bench/1").expect("valid"));
 
 fn draft() -> Draft {
-    Draft::new(Kind::Reading, PayloadType::new("bench/1").expect("valid"), vec![7u8; PAYLOAD_BYTES])
+    Draft::new(Kind::Reading, PAYLOAD_TYPE.clone(), vec![7u8; PAYLOAD_BYTES])
 }
 
-/// Strata: `producers` tasks, each appending and waiting for its own acknowledgement.
-/// Returns records/s and the mean group-commit batch size.
-async fn strata_producers(producers: usize, budget: Duration) -> Result<(f64, f64)> {
-    let dir = tempfile::tempdir()?;
-    let log = open_log(dir.path())?;
-    let stream = StreamName::new("readings/bench")?;
-    let commits = log.store().commits();
-    let start = Instant::now();
-    let tasks: Vec<_> = (0..producers)
-        .map(|_| {
-            let (log, stream) = (log.clone(), stream.clone());
-            tokio::spawn(async move {
-                let mut n = 0u64;
-                while start.elapsed() < budget {
-                    log.append_durable(stream.clone(), draft()).await?;
-                    n += 1;
-                }
-                anyhow::Ok(n)
-            })
-        })
-        .collect();
-    let mut total = 0;
-    for t in tasks {
-        total += t.await??;
-    }
-    let elapsed = start.elapsed();
-    let batches = *commits.borrow();
-    log.close();
-    Ok((rate(total, elapsed), total as f64 / batches.max(1) as f64))
-}
-
-/// Strata: one producer keeping up to `in_flight` appends outstanding.
-async fn strata_pipelined(in_flight: usize, budget: Duration) -> Result<(f64, f64)> {
-    let dir = tempfile::tempdir()?;
-    let log = open_log(dir.path())?;
-    let stream = StreamName::new("readings/bench")?;
-    let commits = log.store().commits();
-    let mut pending = VecDeque::with_capacity(in_flight);
-    let start = Instant::now();
-    let mut total = 0u64;
-    let mut last_seq = 0;
-    while start.elapsed() < budget {
-        while pending.len() < in_flight {
-            pending.push_back(log.append(stream.clone(), draft()).await?);
+/// Encoding one appended envelope (the committer does it for every append): Strata's
+/// encoder against `bincode::serde`, which writes the same bytes.
+fn bench_encode(rt: &tokio::runtime::Runtime) -> Result<()> {
+    let envelope = rt.block_on(async {
+        let log = StrataLog::open()?;
+        anyhow::Ok(log.log.append_durable(log.stream.clone(), draft()).await?)
+    })?;
+    let limits = strata_core::codec::Limits::default();
+    /// ns per call of `encode`, over 2 M calls writing into `out`.
+    fn time(out: &mut Vec<u8>, mut encode: impl FnMut(&mut Vec<u8>) -> Result<()>) -> Result<f64> {
+        let rounds = 2_000_000u32;
+        let start = Instant::now();
+        for _ in 0..rounds {
+            encode(out)?;
         }
-        let env = pending.pop_front().expect("non-empty").await?;
-        assert!(env.id.seq.get() > last_seq, "acknowledged in seq order");
-        last_seq = env.id.seq.get();
-        total += 1;
+        Ok(start.elapsed().as_nanos() as f64 / f64::from(rounds))
     }
-    for t in pending {
-        t.await?;
-        total += 1;
+    let mut ours = Vec::new();
+    let strata = time(&mut ours, |out| Ok(strata_core::codec::encode_into(&envelope, &limits, out)?))?;
+    let mut out = Vec::new();
+    let serde = time(&mut out, |out| {
+        out.clear();
+        out.push(strata_core::codec::FORMAT_VERSION);
+        bincode::serde::encode_into_std_write(&envelope, out, bincode::config::standard())?;
+        Ok(())
+    })?;
+    anyhow::ensure!(out == ours, "bincode::serde wrote other bytes than Strata's encoder");
+    println!("encode: {} bytes per envelope; strata {strata:.1} ns, bincode::serde {serde:.1} ns (same bytes); ratio {:.2}", ours.len(), strata / serde);
+    Ok(())
+}
+
+/// Slices per side in one round.
+const SLICES: u32 = 10;
+
+/// One round: a fresh raw store (`WriteBatch`es of `batch` records) and a fresh Strata log,
+/// run in `SLICES` alternating slices each, `budget` in all per side, so that both see the
+/// same disk: fsync latency drifts by tens of percent within seconds on shared machines, and
+/// slices of a few hundred ms spread that drift over both sides. Returns raw records/s,
+/// Strata records/s and Strata's mean group-commit batch size.
+fn round(
+    rt: &tokio::runtime::Runtime,
+    batch: usize,
+    budget: Duration,
+    strata: impl AsyncFn(&StrataLog, Duration) -> Result<(u64, Duration)>,
+) -> Result<(f64, f64, f64)> {
+    let mut raw = RawStore::open(batch, PAYLOAD_BYTES)?;
+    let log = StrataLog::open()?;
+    let slice = budget / SLICES;
+    let (mut raw_total, mut strata_total) = ((0, Duration::ZERO), (0, Duration::ZERO));
+    for _ in 0..SLICES {
+        let (n, t) = raw.run(slice)?;
+        raw_total = (raw_total.0 + n, raw_total.1 + t);
+        let (n, t) = rt.block_on(strata(&log, slice))?;
+        strata_total = (strata_total.0 + n, strata_total.1 + t);
     }
-    let elapsed = start.elapsed();
-    let batches = *commits.borrow();
-    log.close();
-    Ok((rate(total, elapsed), total as f64 / batches.max(1) as f64))
+    let avg_batch = strata_total.0 as f64 / log.commits().max(1) as f64;
+    Ok((rate(raw_total.0, raw_total.1), rate(strata_total.0, strata_total.1), avg_batch))
 }
 
 /// Median of a few values.
@@ -199,26 +288,34 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-/// Runs `raw` and `strata` alternately `rounds` times, so that both see the same disk
-/// (fsync latency drifts over seconds on shared machines), and returns the medians.
-fn paired(rounds: usize, mut raw: impl FnMut() -> Result<f64>, mut strata: impl FnMut() -> Result<(f64, f64)>) -> Result<(f64, f64, f64)> {
+/// `rounds` rounds (see [`round`]); the medians of raw records/s, Strata records/s and
+/// Strata's mean batch size.
+fn measure(
+    rt: &tokio::runtime::Runtime,
+    rounds: usize,
+    batch: usize,
+    budget: Duration,
+    strata: impl AsyncFn(&StrataLog, Duration) -> Result<(u64, Duration)>,
+) -> Result<(f64, f64, f64)> {
     let (mut r, mut s, mut b) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..rounds {
-        r.push(raw()?);
-        let (rate, batch) = strata()?;
+        let (raw, rate, avg) = round(rt, batch, budget, &strata)?;
+        r.push(raw);
         s.push(rate);
-        b.push(batch);
+        b.push(avg);
     }
     Ok((median(r), median(s), median(b)))
 }
 
 fn bench_log(budget: Duration) -> Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-    // For profiling one case: STRATA_BENCH_ONLY=pipelined or producers:N, e.g. under perf record.
+    let pipelined = async |log: &StrataLog, slice| log.pipelined(1024, slice).await;
+    // For profiling one case: STRATA_BENCH_ONLY=pipelined or producers:N, e.g. under perf
+    // record; STRATA_BENCH_ONLY=encode times the envelope encoder alone.
     match std::env::var("STRATA_BENCH_ONLY").ok().as_deref() {
+        Some("encode") => return bench_encode(&rt),
         Some("pipelined") => {
-            let raw = raw_batches(1024, budget)?;
-            let (r, avg) = rt.block_on(strata_pipelined(1024, budget))?;
+            let (raw, r, avg) = round(&rt, 1024, budget, pipelined)?;
             println!("pipelined: {r:.0} rec/s, avg batch {avg:.1}; raw batch of 1024: {raw:.0} rec/s; ratio {:.2}", r / raw);
             return Ok(());
         }
@@ -227,8 +324,7 @@ fn bench_log(budget: Duration) -> Result<()> {
                 .strip_prefix("producers:")
                 .and_then(|n| n.parse().ok())
                 .with_context(|| format!("STRATA_BENCH_ONLY={only:?}: expected pipelined or producers:N"))?;
-            let raw = raw_batches(producers, budget)?;
-            let (r, avg) = rt.block_on(strata_producers(producers, budget))?;
+            let (raw, r, avg) = round(&rt, producers, budget, async |log: &StrataLog, slice| log.producers(producers, slice).await)?;
             println!("{producers} producers: {r:.0} rec/s, avg batch {avg:.1}; raw batch of {producers}: {raw:.0} rec/s; ratio {:.2}", r / raw);
             return Ok(());
         }
@@ -236,8 +332,8 @@ fn bench_log(budget: Duration) -> Result<()> {
     }
     let rounds = 3;
     println!(
-        "bench log: {PAYLOAD_BYTES}-byte payloads, sync = always; each figure is the median of {rounds} rounds of {:.1} s, \
-         raw and strata alternating",
+        "bench log: {PAYLOAD_BYTES}-byte payloads, sync = always; each figure is the median of {rounds} rounds, each round \
+         {SLICES} alternating slices of raw and strata, {:.1} s of each in all",
         budget.as_secs_f64()
     );
     println!("baseline: raw RocksDB on the same disk in the same run (WriteBatch of N records + WAL sync; N = 1 is put + sync)");
@@ -252,18 +348,14 @@ fn bench_log(budget: Duration) -> Result<()> {
         println!("{label:<44} {strata:>11.0} {batch:>10.1} {raw:>11.0} {ratio:>7.2} {target:>7.2}  (raw {base}){mark}");
     };
     for producers in [1usize, 8, 64] {
-        let (raw, strata, batch) = paired(
-            rounds,
-            || raw_batches(producers, budget),
-            || rt.block_on(strata_producers(producers, budget)),
-        )?;
+        let (raw, strata, batch) = measure(&rt, rounds, producers, budget, async |log: &StrataLog, slice| log.producers(producers, slice).await)?;
         if producers == 1 {
             put_sync.push(raw);
         }
         let base = if producers == 1 { "put + sync".to_owned() } else { format!("batch of {producers}") };
         report(&format!("(a) {producers} producers, each awaiting its ack"), raw, strata, batch, 0.8, &base);
     }
-    let (raw, strata, batch) = paired(rounds, || raw_batches(1024, budget), || rt.block_on(strata_pipelined(1024, budget)))?;
+    let (raw, strata, batch) = measure(&rt, rounds, 1024, budget, pipelined)?;
     report("(b) 1 producer, 1024 appends in flight", raw, strata, batch, 0.5, "batch of 1024");
     if let Some(p) = put_sync.first() {
         println!("(b) against one put + sync per record: x{:.1}", strata / p);
