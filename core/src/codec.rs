@@ -91,10 +91,10 @@ const HEADER_GUESS_BYTES: usize = 96;
 /// Appends `e` encoded as bincode 2's standard configuration encodes it through serde, byte
 /// for byte (a property test checks that against `bincode::serde` on arbitrary envelopes),
 /// without serde's per-field dispatch: the committer encodes every appended record, and this
-/// takes about a quarter of the time. Field order is the declaration order of [`Envelope`];
-/// strings and byte runs are a varint length then the bytes; an `Option` is a 0 or 1 byte
-/// then the value; an enum's unit variant is its index as a varint; `u8` is one raw byte and
-/// so is each byte of the HLC's 16-byte id.
+/// takes about a third of the time (`bench`, `STRATA_BENCH_ONLY=encode`). Field order is the
+/// declaration order of [`Envelope`]; strings and byte runs are a varint length then the
+/// bytes; an `Option` is a 0 or 1 byte then the value; an enum's unit variant is its index
+/// as a varint; `u8` is one raw byte and so is each byte of the HLC's 16-byte id.
 fn write_body(out: &mut Vec<u8>, e: &Envelope) {
     put_bytes(out, e.id.origin.as_str().as_bytes());
     put_varint(out, e.id.incarnation.get());
