@@ -37,7 +37,7 @@ use super::wire::{self, Head, Heads, ReplayBatch, ReplayParams, HEADS_PER_MESSAG
 use super::{keys, BusError, Overflow, Request, Transport};
 use crate::codec::{self, Limits};
 use crate::config::{NodeConfig, StreamPattern, Subscription};
-use crate::log::{Draft, InsertManyTicket, Inserted, Log, LogError, Received, StreamKey};
+use crate::log::{Draft, InsertManyTicket, Inserted, Log, LogError, StreamKey};
 use crate::model::{Envelope, Kind, NodeId, PayloadType, StreamName, Tier};
 
 /// Most batches one replay request is answered with; the requester asks again for more.
@@ -537,17 +537,16 @@ async fn settle_inserts(shared: Arc<Shared>, mut tickets: mpsc::Receiver<(Insert
 }
 
 /// Decodes and checks an envelope received on `key` (live) or by replay (`None`).
-fn accept(shared: &Shared, key: Option<&str>, bytes: Vec<u8>) -> Option<Received> {
+fn accept(shared: &Shared, key: Option<&str>, bytes: &[u8]) -> Option<Envelope> {
     let c = &shared.counters;
-    let received = match Received::decode(bytes, &shared.settings.limits) {
-        Ok(r) => r,
+    let envelope = match codec::decode(bytes, &shared.settings.limits) {
+        Ok(e) => e,
         Err(e) => {
             c.malformed.fetch_add(1, Ordering::Relaxed);
             tracing::debug!(error = %e, "malformed envelope received");
             return None;
         }
     };
-    let envelope = received.envelope();
     if let Some(key) = key {
         let named = keys::parse_stream(key);
         if named != Some((envelope.id.origin.as_str(), envelope.id.stream.as_str())) {
@@ -556,7 +555,7 @@ fn accept(shared: &Shared, key: Option<&str>, bytes: Vec<u8>) -> Option<Received
             return None;
         }
     }
-    Some(received)
+    Some(envelope)
 }
 
 async fn receive_live(shared: Arc<Shared>, mut incoming: super::Incoming<super::Sample>) {
@@ -605,8 +604,7 @@ async fn receive_live(shared: Arc<Shared>, mut incoming: super::Incoming<super::
         {
             let mut st = lock(&shared.state);
             for (key, payload) in envelopes {
-                let Some(received) = accept(&shared, Some(&key), payload) else { continue };
-                let envelope = received.envelope();
+                let Some(envelope) = accept(&shared, Some(&key), &payload) else { continue };
                 let key = StreamKey::of(&envelope.id);
                 if !shared.settings.subscribed(&key) {
                     continue;
@@ -614,7 +612,7 @@ async fn receive_live(shared: Arc<Shared>, mut incoming: super::Incoming<super::
                 origin_us.push(envelope.hlc.unix_us());
                 let seen = st.seen_live.entry(key).or_insert(0);
                 *seen = (*seen).max(envelope.id.seq.get());
-                records.push(received);
+                records.push(envelope);
             }
         }
         if records.is_empty() {
@@ -887,12 +885,12 @@ async fn replay_stream(shared: &Arc<Shared>, key: &StreamKey, goal: u64) {
             };
             let mut records = Vec::with_capacity(batch.records.len());
             for record in batch.records {
-                let Some(received) = accept(shared, None, record.0) else { continue };
-                if StreamKey::of(&received.envelope().id) != *key {
+                let Some(envelope) = accept(shared, None, &record.0) else { continue };
+                if StreamKey::of(&envelope.id) != *key {
                     shared.counters.spoofed.fetch_add(1, Ordering::Relaxed);
                     continue;
                 }
-                records.push(received);
+                records.push(envelope);
             }
             shared.counters.replay_received.fetch_add(records.len() as u64, Ordering::Relaxed);
             match shared.log.insert_remote_many(records).await {

@@ -20,15 +20,21 @@ use serde::{Deserialize, Serialize};
 
 use crate::codec::{self, Limits};
 use crate::config::{Name, RetentionRule};
-use crate::model::{EnvelopeId, HlcTime, Incarnation, NodeId, Tier};
+use crate::model::{EnvelopeId, HlcTime, Incarnation, NodeId, Seq, Tier};
 
 use super::keys::{self, cursor_key, record_key, record_key_into, stream_prefix};
 use super::ranges::{Insert, Watermark};
 use super::{next_seq, Inserted, LogError, Op, OpOutcome, OpResult, StreamInfo, StreamKey, SweepReport};
 use crate::model::Envelope;
 
-/// Version of the store layout (keys, column families, stats values), kept in `meta`.
-pub(crate) const STORE_FORMAT_VERSION: u32 = 1;
+/// Version of the store layout (keys, column families, record and stats values), kept in
+/// `meta`. Version 2 stores records without what their key says
+/// ([`codec::encode_record_into`]); version 1 stored whole envelopes, which this build still
+/// reads, so it opens a version 1 store and marks it version 2 (records of both forms then
+/// live side by side). An older build refuses a version 2 store by name.
+pub(crate) const STORE_FORMAT_VERSION: u32 = 2;
+/// Oldest store layout this build reads.
+pub(crate) const STORE_FORMAT_OLDEST: u32 = 1;
 
 /// Most records one retention sweep removes; the next sweep continues.
 pub(crate) const SWEEP_RECORDS_MAX: u64 = 100_000;
@@ -209,7 +215,7 @@ pub(crate) struct Plan {
 
 impl Core {
     pub(crate) fn new(node: NodeId, incarnation: Incarnation, limits: Limits, retention: Vec<RetentionRule>) -> Core {
-        let id = uhlc::ID::try_from(incarnation.get().max(1).to_le_bytes()).expect("non-zero id");
+        let id = uhlc::ID::try_from(codec::own_clock_id(incarnation.get())).expect("non-zero id");
         Core {
             node,
             incarnation,
@@ -320,7 +326,7 @@ impl Core {
                     // One failed record fails only itself: the others are still inserted.
                     let results = records
                         .iter()
-                        .map(|r| self.plan_insert_one(plan, sink, scratch, r.envelope(), Some(r.bytes())))
+                        .map(|envelope| self.plan_insert_one(plan, sink, scratch, envelope))
                         .collect();
                     Ok(OpResult::InsertedMany(results))
                 }
@@ -368,7 +374,7 @@ impl Core {
             payload_type: draft.payload_type,
             payload: draft.payload,
         };
-        codec::encode_into(&envelope, &self.limits, &mut scratch.value)?;
+        codec::encode_record_into(&envelope, &self.limits, &mut scratch.value)?;
         let inserted = entry.wm.insert(seq.get());
         assert_eq!(inserted, Insert::New, "local seqs have no gaps");
         entry.add(seq.get(), scratch.value.len());
@@ -378,18 +384,10 @@ impl Core {
     }
 
     fn plan_insert(&self, plan: &mut Plan, sink: &mut dyn Sink, scratch: &mut Scratch, envelope: Envelope) -> OpOutcome {
-        self.plan_insert_one(plan, sink, scratch, &envelope, None).map(OpResult::Inserted)
+        self.plan_insert_one(plan, sink, scratch, &envelope).map(OpResult::Inserted)
     }
 
-    /// Inserts `envelope`, stored as `encoded` when given (the bytes it was decoded from).
-    fn plan_insert_one(
-        &self,
-        plan: &mut Plan,
-        sink: &mut dyn Sink,
-        scratch: &mut Scratch,
-        envelope: &Envelope,
-        encoded: Option<&[u8]>,
-    ) -> Result<Inserted, LogError> {
+    fn plan_insert_one(&self, plan: &mut Plan, sink: &mut dyn Sink, scratch: &mut Scratch, envelope: &Envelope) -> Result<Inserted, LogError> {
         let key = StreamKey::of(&envelope.id);
         if key.origin == self.node && key.incarnation == self.incarnation {
             return Ok(Inserted::Own);
@@ -406,17 +404,11 @@ impl Core {
             Insert::New => {}
         }
         scratch.set_key(&key, seq);
-        let value = match encoded {
-            Some(bytes) => bytes,
-            None => {
-                codec::encode_into(envelope, &self.limits, &mut scratch.value)?;
-                &scratch.value
-            }
-        };
+        codec::encode_record_into(envelope, &self.limits, &mut scratch.value)?;
         entry.wm.insert(seq);
-        entry.add(seq, value.len());
+        entry.add(seq, scratch.value.len());
         let watermark = entry.wm.get();
-        sink.put(Cf::Log, &scratch.key, value);
+        sink.put(Cf::Log, &scratch.key, &scratch.value);
         Ok(Inserted::Stored { watermark })
     }
 
@@ -456,13 +448,7 @@ impl Core {
                     }
                     let too_big = rule.bytes_max.is_some_and(|max| entry.bytes > max);
                     let too_old = match age_cutoff_ms {
-                        Some(cutoff) => {
-                            let env = codec::decode(&value, &self.limits).map_err(|error| LogError::CorruptRecord {
-                                key: format!("{key}#{seq}"),
-                                error,
-                            })?;
-                            env.hlc.unix_ms() < cutoff
-                        }
+                        Some(cutoff) => decode_record(&key, seq, &value, &self.limits)?.hlc.unix_ms() < cutoff,
                         None => false,
                     };
                     if !too_big && !too_old {
@@ -563,10 +549,16 @@ impl Core {
 
 /// Decodes one stored record, naming it on failure.
 pub(crate) fn decode_record(key: &StreamKey, seq: u64, value: &[u8], limits: &Limits) -> Result<Envelope, LogError> {
-    let envelope = codec::decode(value, limits)
-        .map_err(|error| LogError::CorruptRecord { key: format!("{key}#{seq}"), error })?;
-    // Pair the assertion with what was written: a record's id is its key.
-    if StreamKey::of(&envelope.id) != *key || envelope.id.seq.get() != seq {
+    let corrupt = |error| LogError::CorruptRecord { key: format!("{key}#{seq}"), error };
+    let id = EnvelopeId {
+        origin: key.origin.clone(),
+        incarnation: key.incarnation,
+        stream: key.stream.clone(),
+        seq: Seq::new(seq).ok_or_else(|| corrupt(codec::DecodeError::Malformed("record key holds seq 0".into())))?,
+    };
+    let envelope = codec::decode_record(&id, value, limits).map_err(corrupt)?;
+    // A record in the older form holds its own id: it must be its key.
+    if envelope.id != id {
         return Err(LogError::CorruptRecord {
             key: format!("{key}#{seq}"),
             error: codec::DecodeError::Malformed(format!("record holds envelope {}", envelope.id)),

@@ -108,34 +108,6 @@ pub enum Inserted {
     Own,
 }
 
-/// An envelope received from the network together with the exact bytes it was decoded
-/// from, so that storing it needs no second encoding. Only [`Received::decode`] builds one,
-/// so the two always agree.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Received {
-    envelope: Envelope,
-    bytes: Vec<u8>,
-}
-
-impl Received {
-    pub fn decode(bytes: Vec<u8>, limits: &crate::codec::Limits) -> Result<Received, DecodeError> {
-        let envelope = crate::codec::decode(&bytes, limits)?;
-        Ok(Received { envelope, bytes })
-    }
-
-    pub fn envelope(&self) -> &Envelope {
-        &self.envelope
-    }
-
-    pub fn bytes(&self) -> &[u8] {
-        &self.bytes
-    }
-
-    pub fn into_envelope(self) -> Envelope {
-        self.envelope
-    }
-}
-
 /// Per-stream figures, as `strata log ls` shows them.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct StreamInfo {
@@ -182,8 +154,8 @@ pub enum LogError {
     NotAStore { path: PathBuf },
     #[error("{path}: store is locked by another running process ({holder})")]
     Locked { path: PathBuf, holder: String },
-    #[error("{path}: store was written with format version {found}; this build reads version {supported}")]
-    IncompatibleFormat { path: PathBuf, found: u32, supported: u32 },
+    #[error("{path}: store was written with format version {found}; this build reads versions {oldest} to {newest}")]
+    IncompatibleFormat { path: PathBuf, found: u32, oldest: u32, newest: u32 },
     #[error("{path}: store belongs to node {found:?}, not {expected:?}")]
     WrongNode { path: PathBuf, found: String, expected: String },
     #[error("{path}: store is corrupted: {detail}")]
@@ -206,7 +178,7 @@ pub enum LogError {
 pub enum Op {
     Append { stream: StreamName, draft: Draft },
     Insert { envelope: Envelope },
-    InsertMany { records: Vec<Received> },
+    InsertMany { records: Vec<Envelope> },
     Cursor { consumer: Name, key: StreamKey, seq: u64 },
     Sweep { now_unix_ms: u64 },
     /// Appends and cursor commits written in one `WriteBatch`: all or nothing.
@@ -383,9 +355,8 @@ impl Log {
         Ok(InsertTicket(self.store.submit(Op::Insert { envelope }).await?))
     }
 
-    /// Queues many received envelopes as one operation (they share one group-commit batch
-    /// and are stored as received, without re-encoding).
-    pub async fn insert_remote_many(&self, records: Vec<Received>) -> Result<InsertManyTicket, LogError> {
+    /// Queues many received envelopes as one operation (they share one group-commit batch).
+    pub async fn insert_remote_many(&self, records: Vec<Envelope>) -> Result<InsertManyTicket, LogError> {
         Ok(InsertManyTicket(self.store.submit(Op::InsertMany { records }).await?))
     }
 

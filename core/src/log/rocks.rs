@@ -41,7 +41,7 @@ use crate::codec::Limits;
 use crate::config::{LogSection, Name, RetentionRule, SyncPolicy};
 use crate::model::{Envelope, Incarnation, NodeId, Tier};
 
-use super::core::{decode_record, parse_stats_entry, Backend, Cf, Core, Plan, Sink, STORE_FORMAT_VERSION};
+use super::core::{decode_record, parse_stats_entry, Backend, Cf, Core, Plan, Sink, STORE_FORMAT_OLDEST, STORE_FORMAT_VERSION};
 use super::keys::{parse_cursor_key, record_seq, stream_prefix};
 use super::{LogError, Op, OpOutcome, Pending, PendingInner, StreamInfo, StreamKey, Store};
 
@@ -243,9 +243,16 @@ impl RocksStore {
 
         let meta = cf(&db, Cf::Meta);
         let incarnation = match read_meta(&db, path)? {
-            Some((found_node, incarnation)) => {
+            Some(Meta { node: found_node, incarnation, format }) => {
                 if found_node != node.as_str() {
                     return Err(LogError::WrongNode { path: path.to_owned(), found: found_node, expected: node.to_string() });
+                }
+                if format < STORE_FORMAT_VERSION {
+                    // Older records stay readable; new ones are written in this build's form.
+                    let mut wo = WriteOptions::default();
+                    wo.set_sync(true);
+                    db.put_cf_opt(meta, META_FORMAT, STORE_FORMAT_VERSION.to_be_bytes(), &wo).map_err(io)?;
+                    tracing::info!(path = %path.display(), from = format, to = STORE_FORMAT_VERSION, "store format upgraded");
                 }
                 incarnation
             }
@@ -303,7 +310,7 @@ impl RocksStore {
         o.set_max_open_files(-1);
         let names: Vec<&str> = Cf::ALL.iter().map(|c| c.name()).collect();
         let db = DB::open_cf_as_secondary(&o, path, &secondary, names).map_err(|e| open_error(path, e))?;
-        let (node, incarnation) = read_meta(&db, path)?.ok_or_else(|| LogError::NotAStore { path: path.to_owned() })?;
+        let Meta { node, incarnation, .. } = read_meta(&db, path)?.ok_or_else(|| LogError::NotAStore { path: path.to_owned() })?;
         let node = NodeId::new(node).map_err(|e| LogError::Corrupt { path: path.to_owned(), detail: format!("meta node_id: {e}") })?;
         let mut core = Core::new(node.clone(), incarnation, Limits::default(), Vec::new());
         load_state(&db, path, &mut core)?;
@@ -379,21 +386,28 @@ impl RocksStore {
     }
 }
 
-/// Reads `(node id, incarnation)` from `meta`, checking the format version.
-fn read_meta(db: &DB, path: &Path) -> Result<Option<(String, Incarnation)>, LogError> {
+/// What `meta` holds.
+struct Meta {
+    node: String,
+    incarnation: Incarnation,
+    format: u32,
+}
+
+/// Reads `meta`, checking that this build reads its format version.
+fn read_meta(db: &DB, path: &Path) -> Result<Option<Meta>, LogError> {
     let meta = cf(db, Cf::Meta);
     let get = |k: &[u8]| db.get_cf(meta, k).map_err(|e| LogError::Io { path: path.to_owned(), detail: e.into_string() });
     let corrupt = |what: &str| LogError::Corrupt { path: path.to_owned(), detail: format!("meta {what} is unreadable") };
     let Some(format) = get(META_FORMAT)? else { return Ok(None) };
     let format = u32::from_be_bytes(format.as_slice().try_into().map_err(|_| corrupt("format_version"))?);
-    if format != STORE_FORMAT_VERSION {
-        return Err(LogError::IncompatibleFormat { path: path.to_owned(), found: format, supported: STORE_FORMAT_VERSION });
+    if !(STORE_FORMAT_OLDEST..=STORE_FORMAT_VERSION).contains(&format) {
+        return Err(LogError::IncompatibleFormat { path: path.to_owned(), found: format, oldest: STORE_FORMAT_OLDEST, newest: STORE_FORMAT_VERSION });
     }
     let inc = get(META_INCARNATION)?.ok_or_else(|| corrupt("incarnation"))?;
     let inc = Incarnation::from_raw(u64::from_be_bytes(inc.as_slice().try_into().map_err(|_| corrupt("incarnation"))?));
     let node = get(META_NODE)?.ok_or_else(|| corrupt("node_id"))?;
     let node = String::from_utf8(node).map_err(|_| corrupt("node_id"))?;
-    Ok(Some((node, inc)))
+    Ok(Some(Meta { node, incarnation: inc, format }))
 }
 
 fn load_state(db: &DB, path: &Path, core: &mut Core) -> Result<(), LogError> {

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::*;
-use crate::codec::Limits;
+use crate::codec::{self, Limits};
 use crate::config::{RetentionRule, StreamPattern};
 use crate::model::*;
 
@@ -272,12 +272,58 @@ async fn open_errors_are_distinct_and_name_the_path() {
         db.put_cf(db.cf_handle("meta").unwrap(), b"format_version", 99u32.to_be_bytes()).unwrap();
     }
     let err = RocksStore::open(&path, &node(), StoreOptions::default()).err().unwrap();
-    assert_eq!(err, LogError::IncompatibleFormat { path: path.clone(), found: 99, supported: 1 });
-    assert!(err.to_string().contains("format version 99"));
+    assert_eq!(err, LogError::IncompatibleFormat { path: path.clone(), found: 99, oldest: 1, newest: 2 });
+    assert!(err.to_string().contains("format version 99; this build reads versions 1 to 2"), "{err}");
 
     let empty = dir.path().join("empty");
     std::fs::create_dir(&empty).unwrap();
     assert_eq!(RocksStore::open_read_only(&empty).err().unwrap(), LogError::NotAStore { path: empty });
+}
+
+#[tokio::test]
+async fn a_version_1_store_with_whole_envelopes_is_read_and_upgraded() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = stream("r");
+    let theirs = remote("fog-9", 1, "q", 1);
+    let (key, ours) = {
+        let log = rocks(dir.path(), StoreOptions::default());
+        for payload in [b"1", b"2", b"3"] {
+            log.append_durable(s.clone(), draft(payload)).await.unwrap();
+        }
+        log.insert_remote(theirs.clone()).await.unwrap();
+        let key = log.local_key(&s);
+        let ours = log.read(&key, 1, 10).unwrap();
+        log.close();
+        (key, ours)
+    };
+    let meta_format = |db: &rocksdb::DB| db.get_cf(db.cf_handle("meta").unwrap(), b"format_version").unwrap().unwrap();
+    // What a version 1 build wrote: whole envelopes as values.
+    {
+        let db = rocksdb::DB::open_cf(&db_options_for_test(), dir.path(), ["log", "cursors", "watermarks", "meta"]).unwrap();
+        let log_cf = db.cf_handle("log").unwrap();
+        assert_eq!(db.get_cf(log_cf, keys::record_key(&key, 1)).unwrap().unwrap()[0], codec::RECORD_OWN_CLOCK);
+        assert_eq!(db.get_cf(log_cf, keys::record_key(&StreamKey::of(&theirs.id), 1)).unwrap().unwrap()[0], codec::RECORD_CLOCK_ID);
+        db.put_cf(log_cf, keys::record_key(&key, 2), codec::encode(&ours[1], &Limits::default()).unwrap()).unwrap();
+        db.put_cf(db.cf_handle("meta").unwrap(), b"format_version", 1u32.to_be_bytes()).unwrap();
+    }
+    let reader = RocksStore::open_read_only(dir.path()).unwrap();
+    assert_eq!(reader.read(&key, 1, 10).unwrap(), ours);
+    drop(reader);
+    {
+        let log = rocks(dir.path(), StoreOptions::default());
+        assert_eq!(log.read(&key, 1, 10).unwrap(), ours);
+        assert_eq!(log.read(&StreamKey::of(&theirs.id), 1, 10).unwrap(), vec![theirs.clone()]);
+        assert_eq!(log.append_durable(s.clone(), draft(b"4")).await.unwrap().id.seq.get(), 4);
+        log.close();
+    }
+    let db = rocksdb::DB::open_cf(&db_options_for_test(), dir.path(), ["log", "cursors", "watermarks", "meta"]).unwrap();
+    assert_eq!(meta_format(&db), 2u32.to_be_bytes());
+    // A whole envelope stored under another record's key is corrupt, and says where.
+    db.put_cf(db.cf_handle("log").unwrap(), keys::record_key(&key, 3), codec::encode(&ours[1], &Limits::default()).unwrap()).unwrap();
+    drop(db);
+    let log = rocks(dir.path(), StoreOptions::default());
+    let err = log.read(&key, 3, 1).unwrap_err();
+    assert!(matches!(&err, LogError::CorruptRecord { key, .. } if key.ends_with("#3")), "{err}");
 }
 
 fn db_options_for_test() -> rocksdb::Options {

@@ -312,7 +312,11 @@ pub fn bench_bus() -> Result<()> {
         // The other bound of this topology on one machine: all three stores write every record
         // durably to the same disk, which raw Zenoh never touches.
         let record = c.edge().log().read(&c.edge().log().local_key(&"readings/bench".parse()?), 1, 1)?;
-        let value_bytes = record.first().map(|e| strata_core::codec::encode(e, &Default::default())).transpose()?.map_or(200, |v| v.len());
+        let mut value = Vec::new();
+        if let Some(e) = record.first() {
+            strata_core::codec::encode_record_into(e, &Default::default(), &mut value)?;
+        }
+        let value_bytes = if value.is_empty() { 200 } else { value.len() };
         let ceiling = crate::three_stores_ceiling(value_bytes, Duration::from_secs(2))?;
         println!(
             "durable-write ceiling        {ceiling:>12.0} records/s per store (raw RocksDB, three stores on this disk at once, \

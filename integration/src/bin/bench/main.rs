@@ -251,6 +251,49 @@ fn bench_encode(rt: &tokio::runtime::Runtime) -> Result<()> {
     })?;
     anyhow::ensure!(out == ours, "bincode::serde wrote other bytes than Strata's encoder");
     println!("encode: {} bytes per envelope; strata {strata:.1} ns, bincode::serde {serde:.1} ns (same bytes); ratio {:.2}", ours.len(), strata / serde);
+    let mut record = Vec::new();
+    let stored = time(&mut record, |out| Ok(strata_core::codec::encode_record_into(&envelope, &limits, out)?))?;
+    println!("encode as the log stores it (without what the key says): {} bytes, {stored:.1} ns", record.len());
+    Ok(())
+}
+
+/// RocksDB's own group commit for comparison: `n` threads each writing one record with
+/// `sync` and waiting for it (RocksDB gathers concurrent writers into write groups), against
+/// the raw batch of `n`, in alternating slices like [`round`].
+fn bench_rocksdb_group(budget: Duration) -> Result<()> {
+    for n in [1usize, 8, 64] {
+        let mut raw = RawStore::open(n, PAYLOAD_BYTES)?;
+        let threads = RawStore::open(1, PAYLOAD_BYTES)?;
+        let next = std::sync::atomic::AtomicU64::new(0);
+        let slice = budget / SLICES;
+        let (mut raw_total, mut group_total) = ((0, Duration::ZERO), (0, Duration::ZERO));
+        for _ in 0..SLICES {
+            let (records, elapsed) = raw.run(slice)?;
+            raw_total = (raw_total.0 + records, raw_total.1 + elapsed);
+            let start = Instant::now();
+            let written = std::thread::scope(|s| {
+                let writers: Vec<_> = (0..n)
+                    .map(|_| {
+                        s.spawn(|| {
+                            let mut written = 0u64;
+                            while start.elapsed() < slice {
+                                let seq = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                                let mut key = b"edge-1/readings/bench/".to_vec();
+                                key.extend_from_slice(&seq.to_be_bytes());
+                                threads.db.put_opt(&key, &threads.value, &threads.wo)?;
+                                written += 1;
+                            }
+                            anyhow::Ok(written)
+                        })
+                    })
+                    .collect();
+                writers.into_iter().map(|w| w.join().expect("writer thread")).sum::<Result<u64>>()
+            })?;
+            group_total = (group_total.0 + written, group_total.1 + start.elapsed());
+        }
+        let (r, g) = (rate(raw_total.0, raw_total.1), rate(group_total.0, group_total.1));
+        println!("rocksdb group commit, {n} threads each put + sync: {g:.0} rec/s; raw batch of {n}: {r:.0} rec/s; ratio {:.2}", g / r);
+    }
     Ok(())
 }
 
@@ -311,9 +354,11 @@ fn bench_log(budget: Duration) -> Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     let pipelined = async |log: &StrataLog, slice| log.pipelined(1024, slice).await;
     // For profiling one case: STRATA_BENCH_ONLY=pipelined or producers:N, e.g. under perf
-    // record; STRATA_BENCH_ONLY=encode times the envelope encoder alone.
+    // record; STRATA_BENCH_ONLY=encode times the envelope encoder alone; rocksdb-group
+    // measures RocksDB's own group commit (concurrent writers, each put + sync).
     match std::env::var("STRATA_BENCH_ONLY").ok().as_deref() {
         Some("encode") => return bench_encode(&rt),
+        Some("rocksdb-group") => return bench_rocksdb_group(budget),
         Some("pipelined") => {
             let (raw, r, avg) = round(&rt, 1024, budget, pipelined)?;
             println!("pipelined: {r:.0} rec/s, avg batch {avg:.1}; raw batch of 1024: {raw:.0} rec/s; ratio {:.2}", r / raw);
@@ -323,7 +368,7 @@ fn bench_log(budget: Duration) -> Result<()> {
             let producers: usize = only
                 .strip_prefix("producers:")
                 .and_then(|n| n.parse().ok())
-                .with_context(|| format!("STRATA_BENCH_ONLY={only:?}: expected pipelined or producers:N"))?;
+                .with_context(|| format!("STRATA_BENCH_ONLY={only:?}: expected pipelined, producers:N, encode or rocksdb-group"))?;
             let (raw, r, avg) = round(&rt, producers, budget, async |log: &StrataLog, slice| log.producers(producers, slice).await)?;
             println!("{producers} producers: {r:.0} rec/s, avg batch {avg:.1}; raw batch of {producers}: {raw:.0} rec/s; ratio {:.2}", r / raw);
             return Ok(());
