@@ -29,6 +29,7 @@ pub mod log;
 pub mod mode;
 pub mod model;
 pub mod node;
+pub mod ports;
 pub mod proxy;
 pub mod route;
 pub mod security;

@@ -74,13 +74,12 @@ pub mod probe;
 pub mod proxy;
 pub mod routebench;
 
-use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// A free TCP port on loopback (bound, then released for the caller to use).
+/// A free TCP port on loopback for a node the test starts (see [`strata_core::ports`]).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port").local_addr().expect("local addr").port()
+    strata_core::ports::free_loopback_port().expect("a free loopback port")
 }
 
 /// Waits up to `timeout` for `cond`, checking every 50 ms. Returns whether it held.

@@ -71,39 +71,6 @@ const LOG_SECTION: &str = "[log]\nsync = \"interval\"\nsync_interval_ms = 100\n"
 const MODELS: [(&str, &[u8]); 2] =
     [("fog", include_bytes!("../../configs/models/fog.onnx")), ("cloud", include_bytes!("../../configs/models/cloud.onnx"))];
 
-/// `N` distinct free loopback ports for the nodes, picked at random below the kernel's
-/// ephemeral range and checked by binding. A port taken with `bind(0)` and released is in that
-/// range, where the demo's proxy (`bind(0)`) and every outgoing connection (a node's, or a
-/// parallel test's) may be given it before the node binds it: that failed a CI run with
-/// "Address already in use".
-fn free_ports<const N: usize>() -> std::io::Result<[u16; N]> {
-    use std::hash::{BuildHasher, Hasher};
-    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .ok()
-        .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok())
-        .unwrap_or(32768);
-    let (low, high) = (10_000u16, ephemeral_low.max(10_100));
-    let random = std::collections::hash_map::RandomState::new();
-    let mut ports = [0u16; N];
-    let mut found = 0;
-    for attempt in 0..1000u64 {
-        if found == N {
-            break;
-        }
-        let mut h = random.build_hasher();
-        h.write_u64(attempt);
-        let port = low + (h.finish() % u64::from(high - low)) as u16;
-        if !ports[..found].contains(&port) && std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            ports[found] = port;
-            found += 1;
-        }
-    }
-    if found < N {
-        return Err(std::io::Error::new(std::io::ErrorKind::AddrInUse, format!("no {N} free loopback ports between {low} and {high}")));
-    }
-    Ok(ports)
-}
-
 fn unix_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
@@ -295,7 +262,8 @@ async fn demo(args: &DemoArgs) -> anyhow::Result<bool> {
     use anyhow::Context;
     let dir = std::env::temp_dir().join(format!("strata-demo-{}-{}", std::process::id(), unix_ms()));
     std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
-    let ports = free_ports::<3>()?;
+    let port = strata_core::ports::free_loopback_port;
+    let ports = [port()?, port()?, port()?];
     let proxy = Arc::new(Proxy::start("127.0.0.1:0".parse()?, format!("127.0.0.1:{}", ports[2]).parse()?).await?);
     // The example continuum's models (configs/models/), written next to the configs.
     std::fs::create_dir_all(dir.join("models"))?;
