@@ -514,6 +514,11 @@ pub struct ReplicationSection {
     /// together in frames up to this size (a record alone when nothing else waits).
     /// Default 16384.
     pub live_frame_bytes_max: usize,
+    /// How long an orderly stop waits, in ms, for the tiers it reaches to acknowledge every
+    /// record of this node's own streams (they replay what they miss from it meanwhile), so
+    /// that a stopped node leaves nothing only it holds. Tiers not reachable are not waited
+    /// for; 0 does not wait. Default 5000.
+    pub shutdown_handover_ms: u64,
 }
 
 impl Default for ReplicationSection {
@@ -528,6 +533,7 @@ impl Default for ReplicationSection {
             publish_queue_len_max: 4096,
             publish_queue_bytes_max: 8 * 1024 * 1024,
             live_frame_bytes_max: 16384,
+            shutdown_handover_ms: 5000,
         }
     }
 }

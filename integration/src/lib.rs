@@ -261,6 +261,15 @@ pub fn payloads(data_dir: &Path, stream: &str) -> Vec<serde_json::Value> {
     records(data_dir, stream).into_iter().map(|(_, v)| v).collect()
 }
 
+/// The watermark of `origin`'s stream `stream` in the store at `data_dir` (its latest
+/// incarnation there; 0 if absent), read from a read-only view (works while the node runs).
+pub fn held_watermark(data_dir: &Path, origin: &str, stream: &str) -> u64 {
+    use strata_core::log::{RocksStore, Store};
+    let store = RocksStore::open_read_only(data_dir).expect("open the store read-only");
+    let held: Vec<_> = store.streams().into_iter().filter(|i| i.origin.as_str() == origin && i.stream.as_str() == stream).collect();
+    held.iter().max_by_key(|i| i.last).map_or(0, |i| i.watermark)
+}
+
 /// [`payloads`] with each record's append time (its HLC time, Unix ms).
 pub fn records(data_dir: &Path, stream: &str) -> Vec<(u64, serde_json::Value)> {
     use strata_core::log::{RocksStore, Store, StreamKey};

@@ -68,6 +68,8 @@ pub struct Settings {
     pub publish_queue_len_max: usize,
     pub publish_queue_bytes_max: usize,
     pub live_frame_bytes_max: usize,
+    /// How long an orderly stop waits for reachable tiers to acknowledge our records.
+    pub shutdown_handover: Duration,
     pub limits: Limits,
 }
 
@@ -87,6 +89,7 @@ impl Settings {
             publish_queue_len_max: c.replication.publish_queue_len_max,
             publish_queue_bytes_max: c.replication.publish_queue_bytes_max,
             live_frame_bytes_max: c.replication.live_frame_bytes_max,
+            shutdown_handover: Duration::from_millis(c.replication.shutdown_handover_ms),
             limits: Limits { max_payload_bytes: c.log.payload_bytes_max },
         }
     }
@@ -246,6 +249,8 @@ struct Shared {
     state: Mutex<State>,
     counters: Counters,
     wake: Notify,
+    /// Signalled when another tier acknowledges more of our own streams.
+    acked: Notify,
     started: Instant,
     /// Encoded local records waiting to be published live, with their key.
     outbox: mpsc::Sender<Outgoing>,
@@ -287,6 +292,7 @@ impl Replicator {
             state: Mutex::new(State::default()),
             counters: Counters::default(),
             wake: Notify::new(),
+            acked: Notify::new(),
             started: Instant::now(),
         });
         let s = &shared.settings;
@@ -380,7 +386,35 @@ impl Replicator {
         self.shared.wake.notify_one();
     }
 
-    /// Ends every task of the protocol.
+    /// Records of this node's own streams that a reachable tier acknowledging them does not
+    /// hold yet: per stream, the largest shortfall over those tiers, summed. Tiers that never
+    /// acknowledged a stream (they do not replicate it) and tiers with no live node count
+    /// for nothing.
+    pub fn unacknowledged(&self) -> u64 {
+        let own: Vec<(StreamKey, u64)> = self
+            .shared
+            .log
+            .streams()
+            .into_iter()
+            .filter(|i| i.local)
+            .map(|i| (i.key(), i.watermark))
+            .collect();
+        let st = lock(&self.shared.state);
+        let reachable: BTreeSet<Tier> = st.presence.values().filter(|p| p.alive).map(|p| p.tier).collect();
+        own.iter()
+            .map(|(key, watermark)| {
+                st.acks.get(key).map_or(0, |by_tier| {
+                    by_tier.iter().filter(|(tier, _)| reachable.contains(tier)).map(|(_, &acked)| watermark.saturating_sub(acked)).max().unwrap_or(0)
+                })
+            })
+            .sum()
+    }
+
+    /// Orderly stop: publishes what is queued, announces this node's final heads, waits (at
+    /// most `shutdown_handover`) until every reachable tier that replicates our streams has
+    /// acknowledged all of it, replaying to them meanwhile, then ends every task. Call it once
+    /// this node's producers have stopped: what they write later is published directly, but
+    /// nobody can replay it from a stopped node.
     pub async fn stop(&self) {
         // Publish what is queued first: a stopping node's last records go out live, not only
         // when it comes back and a subscriber asks for them.
@@ -393,8 +427,39 @@ impl Replicator {
         if tokio::time::timeout(FLUSH_WAIT, flush).await.is_err() {
             tracing::warn!("records queued for live publication were not all published before stopping; subscribers will replay them");
         }
+        self.hand_over().await;
         let mut tasks = std::mem::take(&mut *self.tasks.lock().unwrap_or_else(|p| p.into_inner()));
         tasks.shutdown().await;
+    }
+
+    /// Waits until the reachable tiers hold everything of ours, or `shutdown_handover` passed.
+    /// A record lost live (dropped, or still in flight when the link went quiet) is found by
+    /// the subscribers from our heads, published now rather than at the next tick, and replayed
+    /// from us while we wait.
+    async fn hand_over(&self) {
+        let shared = &self.shared;
+        let limit = shared.settings.shutdown_handover;
+        if limit.is_zero() {
+            return;
+        }
+        publish_heads_now(shared);
+        let started = Instant::now();
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let acked = shared.acked.notified();
+            tokio::pin!(acked);
+            acked.as_mut().enable();
+            let short = self.unacknowledged();
+            if short == 0 {
+                tracing::info!(waited_ms = started.elapsed().as_millis() as u64, "every reachable tier holds this node's records");
+                return;
+            }
+            if tokio::time::timeout_at(deadline, acked).await.is_err() {
+                tracing::warn!(records = short, handover_ms = limit.as_millis() as u64,
+                    "stopping with records that a reachable tier has not acknowledged; it will replay them when this node is back");
+                return;
+            }
+        }
     }
 }
 
@@ -651,12 +716,13 @@ async fn receive_heads(shared: Arc<Shared>, mut incoming: super::Incoming<super:
         if heads.node == shared.settings.node {
             continue;
         }
-        let mut more = false;
+        let (mut more, mut acked_more) = (false, false);
         let mut st = lock(&shared.state);
         for head in heads.heads {
             let key = head.key();
             if key.origin == shared.settings.node && key.incarnation == shared.log.incarnation() {
                 let acked = st.acks.entry(key.clone()).or_default().entry(heads.tier).or_insert(0);
+                acked_more |= head.watermark > *acked;
                 *acked = (*acked).max(head.watermark);
                 shared.log.record_ack(heads.tier, &key, head.watermark);
             } else if shared.settings.subscribed(&key) {
@@ -669,6 +735,9 @@ async fn receive_heads(shared: Arc<Shared>, mut incoming: super::Incoming<super:
         if more {
             shared.wake.notify_one();
         }
+        if acked_more {
+            shared.acked.notify_waiters();
+        }
     }
 }
 
@@ -677,17 +746,22 @@ async fn publish_heads(shared: Arc<Shared>) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        let heads: Vec<Head> = shared
-            .log
-            .streams()
-            .into_iter()
-            .filter(|i| i.watermark > 0)
-            .map(|i| Head { origin: i.origin, incarnation: i.incarnation, stream: i.stream, watermark: i.watermark })
-            .collect();
-        for chunk in heads.chunks(HEADS_PER_MESSAGE_MAX) {
-            let message = Heads { node: shared.settings.node.clone(), tier: shared.settings.tier, heads: chunk.to_vec() };
-            shared.transport.publish(&keys::heads(&shared.settings.node), wire::encode(&message));
-        }
+        publish_heads_now(&shared);
+    }
+}
+
+/// Publishes what this node holds, per stream, in as many messages as needed.
+fn publish_heads_now(shared: &Shared) {
+    let heads: Vec<Head> = shared
+        .log
+        .streams()
+        .into_iter()
+        .filter(|i| i.watermark > 0)
+        .map(|i| Head { origin: i.origin, incarnation: i.incarnation, stream: i.stream, watermark: i.watermark })
+        .collect();
+    for chunk in heads.chunks(HEADS_PER_MESSAGE_MAX) {
+        let message = Heads { node: shared.settings.node.clone(), tier: shared.settings.tier, heads: chunk.to_vec() };
+        shared.transport.publish(&keys::heads(&shared.settings.node), wire::encode(&message));
     }
 }
 

@@ -26,6 +26,9 @@ struct SimNode {
     subscriptions: Vec<Subscription>,
     log: Log,
     replicator: Option<Replicator>,
+    /// The seeded schedules stop nodes without a handover, like a crash that still flushes,
+    /// so that replay from the fog is what repairs them.
+    handover: Duration,
 }
 
 fn settings(n: &SimNode) -> Settings {
@@ -44,6 +47,7 @@ fn settings(n: &SimNode) -> Settings {
         publish_queue_bytes_max: 64 * 1024,
         // Small frames: schedules drop, duplicate and reorder frames of several records too.
         live_frame_bytes_max: 1024,
+        shutdown_handover: n.handover,
         limits: Limits::default(),
     }
 }
@@ -58,6 +62,7 @@ impl SimNode {
             subscriptions: subscriptions.iter().map(|s| Subscription::new(*s).unwrap()).collect(),
             log: Log::new(Arc::new(store)),
             replicator: None,
+            handover: Duration::ZERO,
         }
     }
 
@@ -236,4 +241,87 @@ fn replication_converges_under_seeded_faults() {
         failures.len(),
         failures.iter().take(5).cloned().collect::<Vec<_>>().join("\n")
     );
+}
+
+fn paused_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread().enable_time().start_paused(true).build().unwrap()
+}
+
+fn watermark(log: &Log, key: &StreamKey) -> u64 {
+    log.stream(key).map_or(0, |i| i.watermark)
+}
+
+/// An edge and a fog replicating it; the edge has `published` records that went out live and
+/// `unpublished` more that are durable but never were (as if dropped on the way, or written
+/// while the link went quiet). Returns the nodes and the edge's stream.
+async fn edge_holding_unpublished_records(net: &SimNet, handover: Duration, published: u64, unpublished: u64) -> (SimNode, SimNode, StreamKey) {
+    let mut edge = SimNode::new("edge-1", Tier::Edge, &[], 11);
+    edge.handover = handover;
+    let mut fog = SimNode::new("fog-1", Tier::Fog, &["edge-1/**"], 22);
+    net.link(&edge.id, &fog.id);
+    edge.up(net).await;
+    fog.up(net).await;
+    let stream = StreamName::new("readings/a").unwrap();
+    let draft = |i: u64| Draft::new(Kind::Reading, PayloadType::new("sim/1").unwrap(), i.to_le_bytes().to_vec());
+    let r = edge.replicator.as_ref().unwrap();
+    for i in 0..published {
+        r.append(stream.clone(), draft(i)).await.unwrap();
+    }
+    let key = StreamKey { origin: edge.id.clone(), incarnation: edge.log.incarnation(), stream: stream.clone() };
+    // The fog has the published records, knows the edge is alive and has acknowledged them
+    // (a tier counts for the handover once it acknowledged the stream).
+    for _ in 0..1000 {
+        let sees_edge = fog.replicator.as_ref().unwrap().presence().get(&edge.id).is_some_and(|p| p.alive);
+        let edge_sees_fog = r.presence().get(&fog.id).is_some_and(|p| p.alive);
+        let acked = r.acks().get(&key).and_then(|a| a.get(&Tier::Fog)).copied().unwrap_or(0);
+        if sees_edge && edge_sees_fog && acked >= published {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    for i in published..published + unpublished {
+        edge.log.append(stream.clone(), draft(i)).await.unwrap().await.unwrap();
+    }
+    assert_eq!(watermark(&fog.log, &key), published, "the fog should hold exactly the published records before the stop");
+    (edge, fog, key)
+}
+
+/// An orderly stop leaves nothing that only the stopped node holds: the reachable fog has
+/// every record of the edge's stream when `stop` returns, including those it never received
+/// live; without a handover it does not (the control), and an unreachable fog is not waited for.
+#[test]
+fn an_orderly_stop_hands_over_what_only_the_stopping_node_holds() {
+    paused_runtime().block_on(async {
+        let handover = Duration::from_secs(30);
+        let (published, unpublished) = (5, 40);
+
+        let net = SimNet::new(1, Faults::NONE);
+        let (mut edge, fog, key) = edge_holding_unpublished_records(&net, handover, published, unpublished).await;
+        let started = tokio::time::Instant::now();
+        edge.down(&net).await;
+        let waited = started.elapsed();
+        assert_eq!(watermark(&fog.log, &key), published + unpublished, "the fog misses records the stopped edge alone holds");
+        assert!(waited < handover, "the stop waited its whole handover ({waited:?}) although the fog had caught up");
+
+        let net = SimNet::new(2, Faults::NONE);
+        let (mut edge, fog, key) = edge_holding_unpublished_records(&net, Duration::ZERO, published, unpublished).await;
+        edge.down(&net).await;
+        assert_eq!(watermark(&fog.log, &key), published, "without a handover the unpublished records stay on the edge");
+
+        let net = SimNet::new(3, Faults::NONE);
+        let (mut edge, fog, key) = edge_holding_unpublished_records(&net, handover, published, unpublished).await;
+        net.cut(&edge.id, &fog.id);
+        let r = edge.replicator.as_ref().unwrap();
+        for _ in 0..1000 {
+            if !r.presence().get(&fog.id).is_some_and(|p| p.alive) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        assert!(r.unacknowledged() == 0, "a tier that cannot be reached is not counted as missing anything");
+        let started = tokio::time::Instant::now();
+        edge.down(&net).await;
+        assert!(started.elapsed() < handover, "the stop waited {:?} for a fog it cannot reach", started.elapsed());
+        assert_eq!(watermark(&fog.log, &key), published);
+    });
 }

@@ -7,10 +7,12 @@
 //! and the status queryable (`strata/status/<node_id>`, a JSON document any Zenoh client can
 //! read). Every supervision event is appended to the node's `events` stream.
 //!
-//! [`Node::shutdown`] stops intake (replication, ingest), then the actors (each finishes its
-//! handler and commits its cursor, within `child_shutdown_timeout_ms`), then writes the
-//! remaining events and flushes the log. [`Node::failed`] resolves if the root supervisor
-//! gives up (restart intensity exceeded): the process should then exit non-zero.
+//! [`Node::shutdown`] stops the node's own tasks (escalations, modes, retention, status) and
+//! routing, then the actors (each finishes its handler and commits its cursor, within
+//! `child_shutdown_timeout_ms`), writes the remaining events, hands its records over to the
+//! tiers it reaches (replication stops last, within `replication.shutdown_handover_ms`) and
+//! flushes the log. [`Node::failed`] resolves if the root supervisor gives up (restart
+//! intensity exceeded): the process should then exit non-zero.
 
 pub mod decide;
 pub mod escalate;
@@ -65,6 +67,9 @@ pub struct Node {
     /// Set when the root supervisor gave up: the reason.
     fatal: watch::Receiver<Option<String>>,
     events_task: Option<tokio::task::JoinHandle<()>>,
+    /// Tells the events task to append what is queued and end (some senders outlive the
+    /// actors: the decider's, the node's own).
+    events_finish: Option<tokio::sync::oneshot::Sender<()>>,
     events_dropped: Arc<std::sync::atomic::AtomicU64>,
     mode: watch::Receiver<Mode>,
     decider: Arc<decide::Decider>,
@@ -112,7 +117,8 @@ impl Node {
         let fatal_tx = Arc::new(fatal_tx);
         let events_dropped = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let (events_tx, events_rx) = mpsc::channel(config.supervision.events_queue_len_max);
-        let events_task = tokio::spawn(append_events(config.clone(), replicator.clone(), events_rx));
+        let (events_finish, finish_events) = tokio::sync::oneshot::channel();
+        let events_task = tokio::spawn(append_events(config.clone(), replicator.clone(), events_rx, finish_events));
         let mode_events = EventQueue { tx: events_tx.clone(), dropped: events_dropped.clone() };
         let incidents = Arc::new(std::sync::Mutex::new(incident::Incidents::default()));
         let sink: supervise::EventSink = {
@@ -170,6 +176,7 @@ impl Node {
             root_done: Some(root_done),
             fatal,
             events_task: Some(events_task),
+            events_finish: Some(events_finish),
             events_dropped,
             mode,
             decider,
@@ -334,23 +341,31 @@ impl Node {
         }
     }
 
-    /// Orderly shutdown: stop intake, stop the actors (each finishes its handler and commits
+    /// Orderly shutdown: stop the node's tasks and routing, stop the actors (each finishes its handler and commits
     /// its cursor, or is killed after `child_shutdown_timeout_ms`), write the last events,
-    /// then flush and close the log.
+    /// hand this node's records over to the tiers it reaches (at most
+    /// `replication.shutdown_handover_ms`), then flush and close the log.
     pub async fn shutdown(mut self) {
         self.tasks.shutdown().await;
         self.decider.stop();
-        self.replicator.stop().await;
         let per_child = Duration::from_millis(self.config.supervision.child_shutdown_timeout_ms);
         let all = per_child.saturating_mul(self.config.actors.len() as u32 + 1);
         supervise::shutdown(&self.root, all).await;
         if let Some(done) = self.root_done.take() {
             let _ = tokio::time::timeout(all, done).await;
         }
-        // The root (and with it every event sender) is gone: the events task drains and ends.
-        if let Some(events) = self.events_task.take() {
-            let _ = tokio::time::timeout(Duration::from_secs(5), events).await;
+        // The actors are gone: the events task appends what is queued and ends.
+        if let Some(finish) = self.events_finish.take() {
+            let _ = finish.send(());
         }
+        if let Some(events) = self.events_task.take() {
+            if tokio::time::timeout(EVENTS_DRAIN_WAIT, events).await.is_err() {
+                tracing::warn!("the last events were not all appended before stopping");
+            }
+        }
+        // Replication stops last: the actors' and the events' last records are published and
+        // handed over while this node can still answer replays for them.
+        self.replicator.stop().await;
         self.transport.close().await;
         let log = self.log.clone();
         // Closing joins the committer thread: keep it off the async workers.
@@ -390,19 +405,37 @@ impl EventQueue {
     }
 }
 
+/// How long an orderly shutdown waits for the last events to be appended.
+const EVENTS_DRAIN_WAIT: Duration = Duration::from_secs(5);
+
 /// Appends node events (supervision, mode changes) to the `events` stream until every
-/// sender is gone.
-async fn append_events(config: NodeConfig, replicator: Arc<Replicator>, mut events: mpsc::Receiver<Value>) {
+/// sender is gone, or `finish` fires: then what is already queued is appended and it ends.
+async fn append_events(config: NodeConfig, replicator: Arc<Replicator>, mut events: mpsc::Receiver<Value>, mut finish: tokio::sync::oneshot::Receiver<()>) {
     let stream = StreamName::new(EVENTS_STREAM).expect("valid stream name");
     let payload_type = PayloadType::new(EVENT_TYPE).expect("valid payload type");
-    while let Some(event) = events.recv().await {
-        let mut doc = event;
+    let append = |mut doc: Value| {
         doc["node"] = json!(config.node.id.as_str());
         doc["at_unix_ms"] = json!(unix_ms());
         let draft = Draft::new(Kind::Event, payload_type.clone(), doc.to_string().into_bytes());
-        if let Err(e) = replicator.append(stream.clone(), draft).await {
-            tracing::error!(error = %e, "cannot append an event to the events stream");
+        let (replicator, stream) = (replicator.clone(), stream.clone());
+        async move {
+            if let Err(e) = replicator.append(stream, draft).await {
+                tracing::error!(error = %e, "cannot append an event to the events stream");
+            }
         }
+    };
+    loop {
+        tokio::select! {
+            biased;
+            event = events.recv() => match event {
+                Some(event) => append(event).await,
+                None => return,
+            },
+            _ = &mut finish => break,
+        }
+    }
+    while let Ok(event) = events.try_recv() {
+        append(event).await;
     }
 }
 

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use strata_core::config::Name;
 use strata_core::log::{RocksStore, Store, StreamKey};
 use strata_core::StreamName;
-use strata_integration::{free_port, payloads, repo_root, strata_bin, wait_until, NodeProc};
+use strata_integration::{free_port, held_watermark, payloads, repo_root, strata_bin, wait_until, NodeProc};
 
 /// The example configs with their fixed ports replaced by free ones and `data_dir` by the
 /// test's: `[(id, text)]` for edge, fog, cloud.
@@ -137,6 +137,17 @@ fn status_lists_a_running_three_node_continuum() {
     }
     for n in nodes.iter_mut() {
         assert_eq!(n.terminate(Duration::from_secs(20)), Some(0), "{}", n.log_text());
+    }
+    // The edge stopped first and handed its records over: the fog and the cloud hold all of
+    // its readings and events, down to the events of its own actors stopping.
+    let edge_events = payloads(&nodes[0].data_dir, "events");
+    assert!(edge_events.last().is_some_and(|e| e["event"] == "child_stopped"), "the edge's last event: {:?}", edge_events.last());
+    for stream in ["events", "readings/line-3"] {
+        let produced = held_watermark(&nodes[0].data_dir, "edge-1", stream);
+        assert!(produced > 0, "the edge wrote no {stream}");
+        for n in &nodes[1..] {
+            assert_eq!(held_watermark(&n.data_dir, "edge-1", stream), produced, "{} misses edge-1's last {stream}\n{}", n.id, nodes[0].log_text());
+        }
     }
     // The edge started isolated and rose to `full` once fog and cloud had been back for the
     // hold time; both changes are events.
