@@ -249,7 +249,8 @@ struct Shared {
     state: Mutex<State>,
     counters: Counters,
     wake: Notify,
-    /// Signalled when another tier acknowledges more of our own streams.
+    /// Signalled when another tier acknowledges more of our own streams, or a node goes
+    /// away (a handover stops waiting for a tier it can no longer reach).
     acked: Notify,
     started: Instant,
     /// Encoded local records waiting to be published live, with their key.
@@ -780,6 +781,9 @@ async fn watch_presence(shared: Arc<Shared>, mut incoming: super::Incoming<super
             st.urgent = true;
             drop(st);
             shared.wake.notify_one();
+        } else {
+            drop(st);
+            shared.acked.notify_waiters();
         }
     }
 }

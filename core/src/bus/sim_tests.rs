@@ -323,5 +323,19 @@ fn an_orderly_stop_hands_over_what_only_the_stopping_node_holds() {
         edge.down(&net).await;
         assert!(started.elapsed() < handover, "the stop waited {:?} for a fog it cannot reach", started.elapsed());
         assert_eq!(watermark(&fog.log, &key), published);
+
+        // The fog goes out of reach while the edge waits for it: the stop ends then.
+        let net = SimNet::new(4, Faults::NONE);
+        let (mut edge, fog, key) = edge_holding_unpublished_records(&net, handover, published, unpublished).await;
+        let (edge_id, fog_id) = (edge.id.clone(), fog.id.clone());
+        let started = tokio::time::Instant::now();
+        let cut = async {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            net.cut(&edge_id, &fog_id);
+            started.elapsed()
+        };
+        let ((), cut_after) = tokio::join!(edge.down(&net), cut);
+        assert!(watermark(&fog.log, &key) < published + unpublished, "the fog caught up before the cut: the case tests nothing");
+        assert!(started.elapsed() < handover, "the stop waited {:?} although the fog went out of reach after {cut_after:?}", started.elapsed());
     });
 }
