@@ -387,28 +387,32 @@ impl Replicator {
         self.shared.wake.notify_one();
     }
 
-    /// Records of this node's own streams that a reachable tier acknowledging them does not
-    /// hold yet: per stream, the largest shortfall over those tiers, summed. Tiers that never
-    /// acknowledged a stream (they do not replicate it) and tiers with no live node count
-    /// for nothing.
-    pub fn unacknowledged(&self) -> u64 {
-        let own: Vec<(StreamKey, u64)> = self
-            .shared
-            .log
-            .streams()
-            .into_iter()
-            .filter(|i| i.local)
-            .map(|i| (i.key(), i.watermark))
-            .collect();
+    /// The watermark of each of this node's own streams: what the others should hold.
+    pub fn own_watermarks(&self) -> BTreeMap<StreamKey, u64> {
+        self.shared.log.streams().into_iter().filter(|i| i.local).map(|i| (i.key(), i.watermark)).collect()
+    }
+
+    /// Records up to `goal` (per own stream, a watermark) that a tier acknowledging the stream
+    /// does not hold yet: per stream, the largest shortfall over those tiers, summed. Tiers
+    /// that never acknowledged a stream (they do not replicate it) count for nothing; with
+    /// `reachable_only`, neither do tiers with no live node.
+    pub fn short_of(&self, goal: &BTreeMap<StreamKey, u64>, reachable_only: bool) -> u64 {
         let st = lock(&self.shared.state);
         let reachable: BTreeSet<Tier> = st.presence.values().filter(|p| p.alive).map(|p| p.tier).collect();
-        own.iter()
+        let counts = |tier: &Tier| !reachable_only || reachable.contains(tier);
+        goal.iter()
             .map(|(key, watermark)| {
                 st.acks.get(key).map_or(0, |by_tier| {
-                    by_tier.iter().filter(|(tier, _)| reachable.contains(tier)).map(|(_, &acked)| watermark.saturating_sub(acked)).max().unwrap_or(0)
+                    by_tier.iter().filter(|(tier, _)| counts(tier)).map(|(_, &acked)| watermark.saturating_sub(acked)).max().unwrap_or(0)
                 })
             })
             .sum()
+    }
+
+    /// Records of this node's own streams that a reachable tier acknowledging them does not
+    /// hold yet (what an orderly stop waits for).
+    pub fn unacknowledged(&self) -> u64 {
+        self.short_of(&self.own_watermarks(), true)
     }
 
     /// Orderly stop: publishes what is queued, announces this node's final heads, waits (at

@@ -18,7 +18,6 @@ pub mod decide;
 pub mod escalate;
 pub mod incident;
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -33,7 +32,7 @@ use crate::actor::{ActorEnv, Registry};
 use crate::bus::replicator::{Replicator, Settings};
 use crate::bus::{keys, BusError, Transport, ZenohTransport};
 use crate::config::NodeConfig;
-use crate::log::{Draft, Log, LogError, RocksStore, StoreOptions, StreamKey};
+use crate::log::{Draft, Log, LogError, RocksStore, StoreOptions};
 use crate::mode::{Health, Mode, ModeMachine};
 use crate::model::{Kind, MonoClock, PayloadType, StreamName};
 use crate::supervise::{self, policy::Policy, Event, Supervisor, SupervisorArgs, SupervisorMsg};
@@ -237,7 +236,7 @@ impl Node {
     /// After a recovery to `full`, a `caught_up` event says when the other tiers had
     /// acknowledged everything this node produced before the recovery.
     fn start_modes(&mut self, mut machine: ModeMachine, mode_tx: watch::Sender<Mode>, events: EventQueue, incidents: Arc<std::sync::Mutex<incident::Incidents>>) {
-        let (replicator, fatal, log) = (self.replicator.clone(), self.fatal.clone(), self.log.clone());
+        let (replicator, fatal) = (self.replicator.clone(), self.fatal.clone());
         let every = Duration::from_millis(self.config.modes.check_interval_ms);
         self.tasks.spawn(async move {
             let clock = MonoClock::new();
@@ -252,7 +251,7 @@ impl Node {
                 tracing::warn!(from = %t.from, to = %t.to, reason = %t.reason, "mode changed");
                 mode_tx.send_replace(t.to);
                 events.push(json!({ "event": "mode_changed", "from": t.from, "to": t.to, "reason": t.reason }));
-                let behind_now = || behind(&log, &replicator);
+                let behind_now = || behind(&replicator);
                 let closed = incidents.lock().unwrap_or_else(|p| p.into_inner()).on_mode(&t, unix_ms(), behind_now);
                 if let Some(incident) = closed {
                     let recovered = incident["event"] == "incident_closed";
@@ -261,13 +260,13 @@ impl Node {
                         if let Some(old) = catching_up.take() {
                             old.abort();
                         }
-                        let (log, replicator, events) = (log.clone(), replicator.clone(), events.clone());
+                        let (replicator, events) = (replicator.clone(), events.clone());
                         // Caught up: every acknowledging tier holds what this node had at the recovery.
-                        let goal: BTreeMap<StreamKey, u64> = log.streams().into_iter().filter(|i| i.local).map(|i| (i.key(), i.watermark)).collect();
+                        let goal = replicator.own_watermarks();
                         catching_up = Some(tokio::spawn(async move {
                             let start = Instant::now();
-                            let records = short_of(&goal, &replicator);
-                            while short_of(&goal, &replicator) > 0 {
+                            let records = replicator.short_of(&goal, false);
+                            while replicator.short_of(&goal, false) > 0 {
                                 if start.elapsed() > CATCH_UP_WATCH {
                                     events.push(json!({"event": "catch_up_slow", "records": records, "after_ms": start.elapsed().as_millis() as u64}));
                                     return;
@@ -379,15 +378,8 @@ const CATCH_UP_WATCH: Duration = Duration::from_secs(600);
 
 /// Records of this node's own streams that some acknowledging tier does not hold yet (per
 /// stream, the largest gap over the tiers that acknowledge it).
-fn behind(log: &Log, replicator: &Replicator) -> u64 {
-    let goal: BTreeMap<StreamKey, u64> = log.streams().into_iter().filter(|i| i.local).map(|i| (i.key(), i.watermark)).collect();
-    short_of(&goal, replicator)
-}
-
-/// Records up to `goal` (per stream, a watermark) that some acknowledging tier does not hold.
-fn short_of(goal: &BTreeMap<StreamKey, u64>, replicator: &Replicator) -> u64 {
-    let acks = replicator.acks();
-    goal.iter().map(|(key, &wm)| acks.get(key).map_or(0, |a| a.values().map(|&acked| wm.saturating_sub(acked)).max().unwrap_or(0))).sum()
+fn behind(replicator: &Replicator) -> u64 {
+    replicator.short_of(&replicator.own_watermarks(), false)
 }
 
 /// The bounded queue in front of the `events` stream: never blocks; counts what it drops.
