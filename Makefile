@@ -20,6 +20,9 @@ release: deps
 
 # The whole test suite: build (timed), every Rust test (timed), the loom models (timed).
 test: deps
+	@if $(CARGO) fmt --version >/dev/null 2>&1; then \
+		$(CARGO) fmt --all -- --check || { echo "test: code is not formatted (rustfmt.toml); run cargo fmt --all"; exit 1; }; \
+	else echo "test: rustfmt is not installed; formatting not checked"; fi
 	@t0=$$(date +%s); \
 	$(CARGO) build --workspace --all-targets --locked || exit 1; \
 	t1=$$(date +%s); echo "test: build took $$((t1 - t0)) s"; \

@@ -208,9 +208,7 @@ fn main() -> ExitCode {
             log_tail(&path, &stream, from, incarnation.as_deref(), follow, json)
         }
         Command::Certs { command: CertsCommand::Init { dir, days } } => certs(strata_core::security::certs::init(&dir, days)),
-        Command::Certs { command: CertsCommand::Issue { dir, names, san, days } } => {
-            certs(strata_core::security::certs::issue(&dir, &names, &san, days))
-        }
+        Command::Certs { command: CertsCommand::Issue { dir, names, san, days } } => certs(strata_core::security::certs::issue(&dir, &names, &san, days)),
         Command::Acl { configs, node, digest } => acl(&configs, node.as_deref(), digest),
     }
 }
@@ -266,8 +264,7 @@ fn acl(paths: &[PathBuf], node: Option<&str>, digest: bool) -> ExitCode {
 }
 
 fn init_tracing(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,zenoh=warn"));
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,zenoh=warn"));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
     match format {

@@ -44,9 +44,9 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
+use strata_core::actor::INPUT_BATCH_LEN_MAX;
 use strata_core::bus::BoxFut;
 use strata_core::config::{ActorSpec, Name};
-use strata_core::actor::INPUT_BATCH_LEN_MAX;
 use strata_core::log::{Draft, StreamKey};
 use strata_core::node::decide::{DecisionRequest, ServeGuard, Service};
 use strata_core::{ActorError, Behaviour, Ctx, Envelope, Kind, MonoTime, NodeId, PayloadType, StreamName, Tier};
@@ -150,7 +150,11 @@ impl Onnx {
         let (input, output) = (shape(typed.input_fact(0)), shape(typed.output_fact(0)));
         let window = match (typed.inputs.len(), input.as_deref(), output.as_deref()) {
             (1, Some(&[1, k]), Some(&[1, 1])) if (2..=CONTEXT_LEN_MAX).contains(&k) => k,
-            _ => return Err(what(format!("expected one input [1, K] (K in 2..={CONTEXT_LEN_MAX}) and one output [1, 1]; found inputs {input:?}, output {output:?}"))),
+            _ => {
+                return Err(what(format!(
+                    "expected one input [1, K] (K in 2..={CONTEXT_LEN_MAX}) and one output [1, 1]; found inputs {input:?}, output {output:?}"
+                )))
+            }
         };
         let plan = typed.into_runnable().map_err(|e| what(e.to_string()))?;
         let stem = path.file_stem().map_or("model".into(), |s| s.to_string_lossy().into_owned());
@@ -442,8 +446,7 @@ impl Behaviour for Inference {
                 // batch (a full batch waiting or more: saturated).
                 let last = ctx.log().stream(&StreamKey::of(&input.id)).map_or(0, |i| i.last);
                 let load = (last.saturating_sub(input.id.seq.get()) as f64 / INPUT_BATCH_LEN_MAX as f64).min(1.0);
-                let (mut doc, outcome) =
-                    decider.decide(self.capability.as_str(), &id, &request, deadline, started, input.priority, load, local).await;
+                let (mut doc, outcome) = decider.decide(self.capability.as_str(), &id, &request, deadline, started, input.priority, load, local).await;
                 if let (Value::Object(d), Value::Object(o)) = (&mut doc, serde_json::to_value(&outcome)?) {
                     d.extend(o);
                 }

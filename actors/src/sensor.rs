@@ -161,12 +161,8 @@ impl SensorParams {
         let anomaly = rng.gen_bool(self.anomaly_rate);
         let spike = if anomaly { self.anomaly_size * self.noise.max(f64::MIN_POSITIVE) * if rng.gen() { 1.0 } else { -1.0 } } else { 0.0 };
         let shift = self.shift_at(n);
-        let value = self.base
-            + self.amplitude * (2.0 * std::f64::consts::PI * t / self.period_s).sin()
-            + self.drift_per_s * t
-            + self.noise * gauss
-            + spike
-            + shift;
+        let value =
+            self.base + self.amplitude * (2.0 * std::f64::consts::PI * t / self.period_s).sin() + self.drift_per_s * t + self.noise * gauss + spike + shift;
         Sample { n, value, anomaly: anomaly || shift != 0.0 }
     }
 
@@ -333,7 +329,11 @@ mod tests {
         let path = dir.path().join("line.csv");
         std::fs::write(&path, "value,label\n1.5,normal\n9,anomaly\n").unwrap();
         let spec = |extra: &str| -> ActorSpec {
-            toml::from_str(&format!("kind = \"sensor\"\nname = \"s\"\noutputs = [\"r\"]\nparams = {{ rate_hz = 10, csv = {:?}{extra} }}", path.display().to_string())).unwrap()
+            toml::from_str(&format!(
+                "kind = \"sensor\"\nname = \"s\"\noutputs = [\"r\"]\nparams = {{ rate_hz = 10, csv = {:?}{extra} }}",
+                path.display().to_string()
+            ))
+            .unwrap()
         };
         let looped = Sensor::from_spec(&spec("")).unwrap();
         let values: Vec<(f64, bool)> = (0..5).map(|n| looped.reading(n).map(|s| (s.value, s.anomaly)).unwrap()).collect();

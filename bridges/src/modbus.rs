@@ -524,7 +524,8 @@ mod tests {
     #[test]
     fn params_are_checked_with_the_name_of_what_is_wrong() {
         let spec = |params: &str| -> Result<Modbus, String> {
-            let text = format!("kind = \"modbus\"\nname = \"plc\"\ninputs = [\"commands\"]\noutputs = [\"readings/p\"]\n[params]\nhost = \"127.0.0.1\"\n{params}");
+            let text =
+                format!("kind = \"modbus\"\nname = \"plc\"\ninputs = [\"commands\"]\noutputs = [\"readings/p\"]\n[params]\nhost = \"127.0.0.1\"\n{params}");
             Modbus::from_spec(&toml::from_str(&text).unwrap())
         };
         let err = |params: &str| spec(params).err().unwrap();
@@ -537,6 +538,9 @@ mod tests {
         );
         assert!(err(&format!("{write}[[params.points]]\nstream = \"readings/p\"\ntable = \"eeprom\"\naddress = 0")).contains("eeprom"));
         assert_eq!(err("[[params.writes]]\naction = \"stop\"\naddress = 3\nvalue = 70000"), "writes[0]: value 70000 does not fit a U16");
-        assert_eq!(err("[[params.writes]]\naction = \"stop\"\naddress = 3\ntable = \"input\""), "writes[0]: table: only `holding` registers and `coil`s can be written");
+        assert_eq!(
+            err("[[params.writes]]\naction = \"stop\"\naddress = 3\ntable = \"input\""),
+            "writes[0]: table: only `holding` registers and `coil`s can be written"
+        );
     }
 }

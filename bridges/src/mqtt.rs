@@ -220,7 +220,8 @@ pub fn map_message(maps: &[ReadingMap], outputs: &[StreamName], topic: &str, pay
         .ok_or_else(|| Rejected("stream_not_in_outputs", format!("topic {topic:?} maps to {stream:?}, not one of the outputs")))?;
     let text = std::str::from_utf8(payload).map_err(|_| Rejected("not_json", "payload is not UTF-8".into()))?;
     let raw = text.trim().parse::<f64>().ok();
-    let doc: Option<Value> = if raw.is_some() && map.value.is_empty() { None } else { Some(serde_json::from_str(text).map_err(|e| Rejected("not_json", e.to_string()))?) };
+    let doc: Option<Value> =
+        if raw.is_some() && map.value.is_empty() { None } else { Some(serde_json::from_str(text).map_err(|e| Rejected("not_json", e.to_string()))?) };
     let value = match (&doc, raw) {
         (None, Some(v)) => v,
         (Some(doc), _) => {
@@ -373,35 +374,35 @@ enum Events {
 }
 
 fn connect(p: &MqttParams, client_id: String) -> Result<(Client, Events), String> {
-        let transport = match &p.tls {
-            None => rumqttc::Transport::Tcp,
-            Some(tls) => rumqttc::Transport::tls_with_config(rumqttc::TlsConfiguration::Rustls(tls_config(tls)?)),
-        };
-        let keep_alive = Duration::from_millis(p.keep_alive_ms);
-        // The request channel holds acks of every message in flight, subscriptions and one
-        // command: it never fills, so the loop never waits on itself.
-        let cap = p.in_flight_len_max + p.readings.len() + 16;
-        Ok(if p.protocol == "5" {
-            let mut o = rumqttc::v5::MqttOptions::new(client_id, p.host.clone(), p.port);
-            o.set_keep_alive(keep_alive).set_clean_start(false).set_manual_acks(true).set_transport(transport);
-            // Keep the session (subscriptions, unacknowledged messages) across disconnections.
-            o.set_session_expiry_interval(Some(u32::MAX));
-            o.set_max_packet_size(Some(p.payload_bytes_max as u32 + 1024));
-            if let Some(u) = &p.username {
-                o.set_credentials(u.clone(), p.password.clone().unwrap_or_default());
-            }
-            let (c, e) = rumqttc::v5::AsyncClient::new(o, cap);
-            (Client::V5(c), Events::V5(Box::new(e)))
-        } else {
-            let mut o = rumqttc::MqttOptions::new(client_id, p.host.clone(), p.port);
-            o.set_keep_alive(keep_alive).set_clean_session(false).set_manual_acks(true).set_transport(transport);
-            o.set_max_packet_size(p.payload_bytes_max + 1024, p.payload_bytes_max + 1024);
-            if let Some(u) = &p.username {
-                o.set_credentials(u.clone(), p.password.clone().unwrap_or_default());
-            }
-            let (c, e) = rumqttc::AsyncClient::new(o, cap);
-            (Client::V4(c), Events::V4(Box::new(e)))
-        })
+    let transport = match &p.tls {
+        None => rumqttc::Transport::Tcp,
+        Some(tls) => rumqttc::Transport::tls_with_config(rumqttc::TlsConfiguration::Rustls(tls_config(tls)?)),
+    };
+    let keep_alive = Duration::from_millis(p.keep_alive_ms);
+    // The request channel holds acks of every message in flight, subscriptions and one
+    // command: it never fills, so the loop never waits on itself.
+    let cap = p.in_flight_len_max + p.readings.len() + 16;
+    Ok(if p.protocol == "5" {
+        let mut o = rumqttc::v5::MqttOptions::new(client_id, p.host.clone(), p.port);
+        o.set_keep_alive(keep_alive).set_clean_start(false).set_manual_acks(true).set_transport(transport);
+        // Keep the session (subscriptions, unacknowledged messages) across disconnections.
+        o.set_session_expiry_interval(Some(u32::MAX));
+        o.set_max_packet_size(Some(p.payload_bytes_max as u32 + 1024));
+        if let Some(u) = &p.username {
+            o.set_credentials(u.clone(), p.password.clone().unwrap_or_default());
+        }
+        let (c, e) = rumqttc::v5::AsyncClient::new(o, cap);
+        (Client::V5(c), Events::V5(Box::new(e)))
+    } else {
+        let mut o = rumqttc::MqttOptions::new(client_id, p.host.clone(), p.port);
+        o.set_keep_alive(keep_alive).set_clean_session(false).set_manual_acks(true).set_transport(transport);
+        o.set_max_packet_size(p.payload_bytes_max + 1024, p.payload_bytes_max + 1024);
+        if let Some(u) = &p.username {
+            o.set_credentials(u.clone(), p.password.clone().unwrap_or_default());
+        }
+        let (c, e) = rumqttc::AsyncClient::new(o, cap);
+        (Client::V4(c), Events::V4(Box::new(e)))
+    })
 }
 
 impl Events {
@@ -411,7 +412,9 @@ impl Events {
                 use rumqttc::{Event, Packet};
                 Ok(match e.poll().await.map_err(|e| e.to_string())? {
                     Event::Incoming(Packet::ConnAck(_)) => Seen::Connected,
-                    Event::Incoming(Packet::Publish(p)) => Seen::Message { topic: p.topic.clone(), payload: p.payload.to_vec(), token: Box::new(AckToken::V4(p)) },
+                    Event::Incoming(Packet::Publish(p)) => {
+                        Seen::Message { topic: p.topic.clone(), payload: p.payload.to_vec(), token: Box::new(AckToken::V4(p)) }
+                    }
                     Event::Incoming(Packet::PubAck(_)) => Seen::PublishAcked,
                     Event::Incoming(Packet::PubComp(_)) => Seen::PublishAcked,
                     _ => Seen::Other,
@@ -518,7 +521,11 @@ impl Behaviour for Mqtt {
                 tasks.push(tokio::spawn(async move {
                     while state.changed().await.is_ok() {
                         let up = *state.borrow_and_update();
-                        if up { h.connected() } else { h.disconnected("command connection lost") }
+                        if up {
+                            h.connected()
+                        } else {
+                            h.disconnected("command connection lost")
+                        }
                     }
                 }));
             }
@@ -584,7 +591,15 @@ impl Behaviour for Mqtt {
 /// The ingest connection: subscribes, takes messages in, acknowledges each once durable.
 /// It publishes nothing (commands have their own connection), so nothing can hold its
 /// acknowledgements back, and it never waits on its own client's queue.
-async fn ingest(p: MqttParams, qos: rumqttc::QoS, outputs: Vec<StreamName>, conn: Client, mut events: Events, health: Arc<Health>, connected: watch::Sender<bool>) {
+async fn ingest(
+    p: MqttParams,
+    qos: rumqttc::QoS,
+    outputs: Vec<StreamName>,
+    conn: Client,
+    mut events: Events,
+    health: Arc<Health>,
+    connected: watch::Sender<bool>,
+) {
     let mut backoff = Backoff::new(Duration::from_millis(p.reconnect_min_ms), Duration::from_millis(p.reconnect_max_ms));
     // Appends in flight, acknowledged in arrival order as each becomes durable.
     let mut appends = FuturesOrdered::new();
@@ -709,8 +724,10 @@ mod tests {
 
     #[test]
     fn messages_become_readings_or_a_reason() {
-        let m = maps("[[readings]]\ntopic = \"plant/+/temp\"\nstream = \"readings/{1}\"\nvalue = \"/c\"\nts = \"/ts\"\nmin = -40\nmax = 150\n\
-                      [[readings]]\ntopic = \"raw/+\"\nstream = \"readings/{1}\"");
+        let m = maps(
+            "[[readings]]\ntopic = \"plant/+/temp\"\nstream = \"readings/{1}\"\nvalue = \"/c\"\nts = \"/ts\"\nmin = -40\nmax = 150\n\
+                      [[readings]]\ntopic = \"raw/+\"\nstream = \"readings/{1}\"",
+        );
         let outs = vec![StreamName::new("readings/p1").unwrap()];
         let map = |topic: &str, payload: &str| map_message(&m, &outs, topic, payload.as_bytes(), 64);
         assert_eq!(map("plant/p1/temp", r#"{"c": 21.5, "ts": 1700000000000}"#), Ok((outs[0].clone(), 21.5, 1_700_000_000_000)));
@@ -745,7 +762,10 @@ mod tests {
             err("command_topic = \"c\"\n[[params.readings]]\ntopic = \"a\"\nstream = \"readings/b\""),
             "readings[0]: stream: \"readings/b\" is not one of the outputs [\"readings/a\"]"
         );
-        assert_eq!(err("command_topic = \"c\"\n[[params.readings]]\ntopic = \"a\"\nstream = \"readings/{1}\""), "readings[0]: stream: \"readings/{1}\" uses a level the topic has no `+` for");
+        assert_eq!(
+            err("command_topic = \"c\"\n[[params.readings]]\ntopic = \"a\"\nstream = \"readings/{1}\""),
+            "readings[0]: stream: \"readings/{1}\" uses a level the topic has no `+` for"
+        );
         assert!(err("command_topic = \"c\"\ntls = { ca_path = \"/nonexistent/ca.pem\" }").starts_with("tls: /nonexistent/ca.pem: "));
         assert!(err("command_topic = \"c\"\nport = \"x\"").contains("port"));
     }

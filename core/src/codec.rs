@@ -327,8 +327,8 @@ pub(crate) fn decode_bounded<T: serde::de::DeserializeOwned>(body: &[u8], claims
 }
 
 fn decode_limited<T: serde::de::DeserializeOwned, const LIMIT: usize>(body: &[u8]) -> Result<T, BoundedError> {
-    let (value, used): (T, usize) = bincode::serde::decode_from_slice(body, config().with_limit::<LIMIT>())
-        .map_err(|e| BoundedError::Malformed(e.to_string()))?;
+    let (value, used): (T, usize) =
+        bincode::serde::decode_from_slice(body, config().with_limit::<LIMIT>()).map_err(|e| BoundedError::Malformed(e.to_string()))?;
     if used != body.len() {
         return Err(BoundedError::Malformed(format!("{} trailing bytes at the end", body.len() - used)));
     }
@@ -406,22 +406,14 @@ mod tests {
     }
 
     fn stream_strategy() -> impl Strategy<Value = StreamName> {
-        proptest::collection::vec(proptest::string::string_regex("[a-z0-9_-][a-z0-9_.-]{0,20}").unwrap(), 1..5)
-            .prop_filter_map("valid stream", |parts| {
-                let s = parts.join("/");
-                StreamName::new(s).ok()
-            })
+        proptest::collection::vec(proptest::string::string_regex("[a-z0-9_-][a-z0-9_.-]{0,20}").unwrap(), 1..5).prop_filter_map("valid stream", |parts| {
+            let s = parts.join("/");
+            StreamName::new(s).ok()
+        })
     }
 
     fn kind_strategy() -> impl Strategy<Value = Kind> {
-        prop_oneof![
-            Just(Kind::Reading),
-            Just(Kind::DecisionRequest),
-            Just(Kind::Decision),
-            Just(Kind::Command),
-            Just(Kind::Escalation),
-            Just(Kind::Event),
-        ]
+        prop_oneof![Just(Kind::Reading), Just(Kind::DecisionRequest), Just(Kind::Decision), Just(Kind::Command), Just(Kind::Escalation), Just(Kind::Event),]
     }
 
     prop_compose! {
@@ -637,14 +629,8 @@ mod tests {
     fn too_large_is_refused_before_decoding() {
         let limits = Limits { max_payload_bytes: 100 };
         let big = vec![0u8; limits.max_envelope_bytes() + 1];
-        assert_eq!(
-            decode(&big, &limits),
-            Err(DecodeError::TooLarge { len: big.len(), max: limits.max_envelope_bytes() })
-        );
-        assert_eq!(
-            encode(&sample(vec![0; 101]), &limits),
-            Err(EncodeError::PayloadTooLarge { len: 101, max: 100 })
-        );
+        assert_eq!(decode(&big, &limits), Err(DecodeError::TooLarge { len: big.len(), max: limits.max_envelope_bytes() }));
+        assert_eq!(encode(&sample(vec![0; 101]), &limits), Err(EncodeError::PayloadTooLarge { len: 101, max: 100 }));
         // A payload that fits the envelope bound but not the payload bound is refused too.
         let bytes = encode(&sample(vec![0; 150]), &Limits::default()).unwrap();
         assert!(matches!(decode(&bytes, &limits), Err(DecodeError::TooLarge { .. })));

@@ -147,13 +147,8 @@ fn check_pattern(value: &str, what: &str) -> Result<(), String> {
         if segment.contains("..") {
             return Err(format!("{value:?} is not a valid {what}: it contains '..'"));
         }
-        if let Some(c) = segment
-            .chars()
-            .find(|&c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '_' | '.' | '-')))
-        {
-            return Err(format!(
-                "{value:?} is not a valid {what}: character {c:?} is not one of [a-z0-9_./-] (or a whole segment * or **)"
-            ));
+        if let Some(c) = segment.chars().find(|&c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '_' | '.' | '-'))) {
+            return Err(format!("{value:?} is not a valid {what}: character {c:?} is not one of [a-z0-9_./-] (or a whole segment * or **)"));
         }
     }
     Ok(())
@@ -162,9 +157,7 @@ fn check_pattern(value: &str, what: &str) -> Result<(), String> {
 pub(crate) fn segments_match(pattern: &[&str], name: &[&str]) -> bool {
     match (pattern.first(), name.first()) {
         (None, None) => true,
-        (Some(&"**"), _) => {
-            segments_match(&pattern[1..], name) || (!name.is_empty() && segments_match(pattern, &name[1..]))
-        }
+        (Some(&"**"), _) => segments_match(&pattern[1..], name) || (!name.is_empty() && segments_match(pattern, &name[1..])),
         (Some(&p), Some(&n)) => (p == "*" || p == n) && segments_match(&pattern[1..], &name[1..]),
         _ => false,
     }
@@ -180,9 +173,7 @@ impl Subscription {
     pub fn new(value: impl Into<String>) -> Result<Subscription, String> {
         let value = value.into();
         let Some((origin, stream)) = value.split_once('/') else {
-            return Err(format!(
-                "{value:?} is not a valid subscription: expected <origin node id or *>/<stream pattern>"
-            ));
+            return Err(format!("{value:?} is not a valid subscription: expected <origin node id or *>/<stream pattern>"));
         };
         if origin != "*" {
             NodeId::new(origin).map_err(|e| format!("{value:?} is not a valid subscription: origin {e}"))?;
@@ -778,10 +769,8 @@ impl Default for AutonomySection {
 impl NodeConfig {
     /// Reads, parses and validates the config at `file`.
     pub fn load(file: &Path) -> Result<NodeConfig, ConfigError> {
-        let text = std::fs::read_to_string(file).map_err(|e| ConfigError {
-            file: file.to_owned(),
-            problems: vec![Problem::new("", format!("cannot read the file: {e}"))],
-        })?;
+        let text = std::fs::read_to_string(file)
+            .map_err(|e| ConfigError { file: file.to_owned(), problems: vec![Problem::new("", format!("cannot read the file: {e}"))] })?;
         NodeConfig::parse(file, &text)
     }
 
@@ -840,7 +829,10 @@ impl NodeConfig {
             for (list, eps) in [("listen", &z.listen), ("connect", &z.connect)] {
                 for (i, e) in eps.iter().enumerate() {
                     if !e.as_str().starts_with("quic/") {
-                        bad(&format!("zenoh.{list}[{i}]"), format!("{:?} is not a quic/ endpoint, and security.tls = true puts every link under mutual TLS (QUIC)", e.as_str()));
+                        bad(
+                            &format!("zenoh.{list}[{i}]"),
+                            format!("{:?} is not a quic/ endpoint, and security.tls = true puts every link under mutual TLS (QUIC)", e.as_str()),
+                        );
                     }
                 }
             }
@@ -960,12 +952,9 @@ impl NodeConfig {
             }
         }
 
-        for (mode, b) in [
-            ("full", &self.autonomy.full),
-            ("no_cloud", &self.autonomy.no_cloud),
-            ("isolated", &self.autonomy.isolated),
-            ("safe", &self.autonomy.safe),
-        ] {
+        for (mode, b) in
+            [("full", &self.autonomy.full), ("no_cloud", &self.autonomy.no_cloud), ("isolated", &self.autonomy.isolated), ("safe", &self.autonomy.safe)]
+        {
             if !(0.0..=1.0).contains(&b.risk_max) {
                 bad(&format!("autonomy.{mode}.risk_max"), format!("{} is not in 0.0..=1.0", b.risk_max));
             }
@@ -1041,11 +1030,9 @@ pub struct Continuum {
 /// one edge → fog → cloud path.
 pub fn check_continuum(nodes: Vec<(PathBuf, NodeConfig)>) -> Result<Continuum, Vec<ConfigError>> {
     let mut errors: Vec<ConfigError> = Vec::new();
-    let mut report = |file: &Path, path: String, message: String| {
-        match errors.iter_mut().find(|e| e.file == file) {
-            Some(e) => e.problems.push(Problem::new(path, message)),
-            None => errors.push(ConfigError { file: file.to_owned(), problems: vec![Problem::new(path, message)] }),
-        }
+    let mut report = |file: &Path, path: String, message: String| match errors.iter_mut().find(|e| e.file == file) {
+        Some(e) => e.problems.push(Problem::new(path, message)),
+        None => errors.push(ConfigError { file: file.to_owned(), problems: vec![Problem::new(path, message)] }),
     };
 
     let mut ids: BTreeMap<&NodeId, &Path> = BTreeMap::new();
@@ -1070,16 +1057,9 @@ pub fn check_continuum(nodes: Vec<(PathBuf, NodeConfig)>) -> Result<Continuum, V
             match listeners.get(ep) {
                 Some(&(to, _)) => links.push((i, to)),
                 None => {
-                    let known: Vec<String> = listeners
-                        .iter()
-                        .map(|(ep, (n, _))| format!("{} ({})", ep.as_str(), nodes[*n].1.node.id))
-                        .collect();
+                    let known: Vec<String> = listeners.iter().map(|(ep, (n, _))| format!("{} ({})", ep.as_str(), nodes[*n].1.node.id)).collect();
                     let known = if known.is_empty() { "none".to_owned() } else { known.join(", ") };
-                    report(
-                        file,
-                        format!("zenoh.connect[{j}]"),
-                        format!("{:?} is not the listen endpoint of any node given (listening: {known})", ep.as_str()),
-                    );
+                    report(file, format!("zenoh.connect[{j}]"), format!("{:?} is not the listen endpoint of any node given (listening: {known})", ep.as_str()));
                 }
             }
         }
@@ -1151,8 +1131,10 @@ mod tests {
 
     #[test]
     fn errors_name_key_path_and_problem() {
-        check(&format!("{MINIMAL}[[actors]]\nkind = \"sensor\"\nname = \"a\"\n[[actors]]\nkind = \"sensor\"\nname = \"b\"\noutputs = [\"Readings!\"]\n"),
-            Err("t.toml: actors[1].outputs[0]: \"Readings!\" is not a valid stream name"));
+        check(
+            &format!("{MINIMAL}[[actors]]\nkind = \"sensor\"\nname = \"a\"\n[[actors]]\nkind = \"sensor\"\nname = \"b\"\noutputs = [\"Readings!\"]\n"),
+            Err("t.toml: actors[1].outputs[0]: \"Readings!\" is not a valid stream name"),
+        );
         check(&format!("{MINIMAL}lease = 3\n"), Err("t.toml: zenoh.lease: unknown field `lease`"));
         check("[node]\nid = \"Edge\"\ntier = \"edge\"\n", Err("t.toml: node.id: \"Edge\" is not a valid node id"));
         check("[node]\nid = \"e\"\ntier = \"sky\"\n", Err("t.toml: node.tier: unknown variant `sky`"));
@@ -1161,10 +1143,19 @@ mod tests {
         check(&format!("{MINIMAL}[log]\ncommit_batch_len_max = 0\n"), Err("t.toml: log.commit_batch_len_max: 0 is not in 1..=65536"));
         check(&format!("{MINIMAL}[log]\ncommit_spin_us = 5000\n"), Err("t.toml: log.commit_spin_us: 5000 is more than 2000"));
         check(&format!("{MINIMAL}[zenoh]\n"), Err("duplicate key"));
-        check("[node]\nid = \"e\"\ntier = \"edge\"\n[zenoh]\nmode = \"client\"\nlisten = [\"tcp/127.0.0.1:1\"]\nconnect = [\"tcp/h:2\"]\n", Err("zenoh.listen: a Zenoh client does not listen"));
-        check("[node]\nid = \"e\"\ntier = \"fog\"\n[zenoh]\nlisten = [\"udp/127.0.0.1:1\"]\n", Err("zenoh.listen[0]: \"udp/127.0.0.1:1\" is not a valid endpoint: protocol \"udp\" is not supported"));
+        check(
+            "[node]\nid = \"e\"\ntier = \"edge\"\n[zenoh]\nmode = \"client\"\nlisten = [\"tcp/127.0.0.1:1\"]\nconnect = [\"tcp/h:2\"]\n",
+            Err("zenoh.listen: a Zenoh client does not listen"),
+        );
+        check(
+            "[node]\nid = \"e\"\ntier = \"fog\"\n[zenoh]\nlisten = [\"udp/127.0.0.1:1\"]\n",
+            Err("zenoh.listen[0]: \"udp/127.0.0.1:1\" is not a valid endpoint: protocol \"udp\" is not supported"),
+        );
         check("[node]\nid = \"e\"\ntier = \"fog\"\n[zenoh]\nlisten = [\"tcp/127.0.0.1:70000\"]\n", Err("port \"70000\" is not in 1..=65535"));
-        check(&format!("{MINIMAL}[[actors]]\nkind = \"x\"\nname = \"a\"\n[[actors]]\nkind = \"y\"\nname = \"a\"\n"), Err("actors[1].name: \"a\" is already the name of another actor"));
+        check(
+            &format!("{MINIMAL}[[actors]]\nkind = \"x\"\nname = \"a\"\n[[actors]]\nkind = \"y\"\nname = \"a\"\n"),
+            Err("actors[1].name: \"a\" is already the name of another actor"),
+        );
         check(&format!("{MINIMAL}[autonomy.safe]\nactions = []\nrisk_max = 1.5\n"), Err("autonomy.safe.risk_max: 1.5 is not in 0.0..=1.0"));
         check(&format!("{MINIMAL}[replication]\nsubscribe = [\"edge-1\"]\n"), Err("replication.subscribe[0]: \"edge-1\" is not a valid subscription"));
         check(&format!("{MINIMAL}[[log.retention]]\nstreams = \"readings/**\"\n"), Err("log.retention[0]: a rule needs bytes_max, age_s_max or both"));
@@ -1203,11 +1194,7 @@ mod tests {
     fn node(id: &str, tier: &str, listen: &[&str], connect: &[&str]) -> (PathBuf, NodeConfig) {
         let q = |v: &[&str]| v.iter().map(|s| format!("{s:?}")).collect::<Vec<_>>().join(", ");
         let mode = if listen.is_empty() { "client" } else { "router" };
-        let text = format!(
-            "[node]\nid = \"{id}\"\ntier = \"{tier}\"\n[zenoh]\nmode = \"{mode}\"\nlisten = [{}]\nconnect = [{}]\n",
-            q(listen),
-            q(connect)
-        );
+        let text = format!("[node]\nid = \"{id}\"\ntier = \"{tier}\"\n[zenoh]\nmode = \"{mode}\"\nlisten = [{}]\nconnect = [{}]\n", q(listen), q(connect));
         let file = PathBuf::from(format!("{id}.toml"));
         let cfg = NodeConfig::parse(&file, &text).unwrap();
         (file, cfg)
@@ -1221,9 +1208,7 @@ mod tests {
         let ok = check_continuum(vec![e.clone(), f.clone(), c.clone()]).unwrap();
         assert_eq!(ok.path, [0, 1, 2]);
 
-        let render = |r: Result<Continuum, Vec<ConfigError>>| {
-            r.unwrap_err().iter().map(|e| e.to_string()).collect::<Vec<_>>().join("\n")
-        };
+        let render = |r: Result<Continuum, Vec<ConfigError>>| r.unwrap_err().iter().map(|e| e.to_string()).collect::<Vec<_>>().join("\n");
         let dup = node("edge-1", "edge", &[], &["tcp/127.0.0.1:2"]);
         let err = render(check_continuum(vec![e.clone(), f.clone(), c.clone(), (PathBuf::from("b.toml"), dup.1)]));
         assert!(err.contains("b.toml: node.id: \"edge-1\" is already the id of the node in edge-1.toml"), "{err}");

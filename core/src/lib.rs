@@ -35,9 +35,6 @@ pub mod route;
 pub mod security;
 pub mod supervise;
 
-pub use config::{ConfigError, NodeConfig};
-pub use model::{
-    Deadline, Envelope, EnvelopeId, HlcTime, Incarnation, Kind, MonoClock, MonoTime, NodeId, PayloadType, Priority,
-    Seq, StreamName, Tier, Trace,
-};
 pub use actor::{ActorError, Behaviour, Ctx, Registry};
+pub use config::{ConfigError, NodeConfig};
+pub use model::{Deadline, Envelope, EnvelopeId, HlcTime, Incarnation, Kind, MonoClock, MonoTime, NodeId, PayloadType, Priority, Seq, StreamName, Tier, Trace};

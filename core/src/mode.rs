@@ -134,11 +134,7 @@ impl ModeMachine {
 
 fn describe(own: Tier, h: &Health) -> String {
     let tiers: Vec<&str> = h.reachable.iter().filter(|&&t| t != own).map(|t| t.as_str()).collect();
-    format!(
-        "{}reaches {}",
-        if h.healthy { "" } else { "unhealthy; " },
-        if tiers.is_empty() { "no other tier".to_owned() } else { tiers.join(", ") }
-    )
+    format!("{}reaches {}", if h.healthy { "" } else { "unhealthy; " }, if tiers.is_empty() { "no other tier".to_owned() } else { tiers.join(", ") })
 }
 
 /// The autonomy bounds of `mode`.
@@ -219,14 +215,8 @@ mod tests {
     fn judge_applies_the_bounds_of_the_mode() {
         let a = AutonomySection::default();
         assert_eq!(judge(&a, Mode::Full, "stop", 0.9), Verdict::Autonomous);
-        assert_eq!(
-            judge(&a, Mode::Isolated, "stop", 0.5),
-            Verdict::Escalate("risk 0.50 > risk_max 0.40 of mode isolated".into())
-        );
-        assert_eq!(
-            judge(&a, Mode::Safe, "stop", 0.0),
-            Verdict::Escalate("action \"stop\" is not allowed autonomously in mode safe".into())
-        );
+        assert_eq!(judge(&a, Mode::Isolated, "stop", 0.5), Verdict::Escalate("risk 0.50 > risk_max 0.40 of mode isolated".into()));
+        assert_eq!(judge(&a, Mode::Safe, "stop", 0.0), Verdict::Escalate("action \"stop\" is not allowed autonomously in mode safe".into()));
         assert!(matches!(judge(&a, Mode::Full, "alert", f64::NAN), Verdict::Escalate(_)));
     }
 }

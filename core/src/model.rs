@@ -33,13 +33,7 @@ pub enum NameError {
     Shape { what: &'static str, value: String, reason: &'static str },
 }
 
-pub(crate) fn check_alphabet(
-    what: &'static str,
-    value: &str,
-    max: usize,
-    allowed: &'static str,
-    ok: impl Fn(u8) -> bool,
-) -> Result<(), NameError> {
+pub(crate) fn check_alphabet(what: &'static str, value: &str, max: usize, allowed: &'static str, ok: impl Fn(u8) -> bool) -> Result<(), NameError> {
     if value.is_empty() {
         return Err(NameError::Empty { what, value: value.to_owned() });
     }
@@ -65,9 +59,7 @@ impl NodeId {
 
     pub fn new(value: impl Into<String>) -> Result<NodeId, NameError> {
         let value = value.into();
-        check_alphabet("node id", &value, Self::LEN_MAX, "[a-z0-9_-]", |b| {
-            b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-'
-        })?;
+        check_alphabet("node id", &value, Self::LEN_MAX, "[a-z0-9_-]", |b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')?;
         Ok(NodeId(value.into()))
     }
 
@@ -126,9 +118,7 @@ impl PayloadType {
 
     pub fn new(value: impl Into<String>) -> Result<PayloadType, NameError> {
         let value = value.into();
-        check_alphabet("payload type", &value, Self::LEN_MAX, "printable ASCII without space", |b| {
-            b.is_ascii_graphic()
-        })?;
+        check_alphabet("payload type", &value, Self::LEN_MAX, "printable ASCII without space", |b| b.is_ascii_graphic())?;
         Ok(PayloadType(value.into()))
     }
 

@@ -30,8 +30,7 @@ pub fn free_loopback_port() -> std::io::Result<u16> {
         h.write_u32(std::process::id());
         (h.finish() % u64::from(high - LOW)) as u32
     });
-    walk(LOW, high, start, &NEXT)
-        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::AddrInUse, format!("no free loopback port between {LOW} and {high}")))
+    walk(LOW, high, start, &NEXT).ok_or_else(|| std::io::Error::new(std::io::ErrorKind::AddrInUse, format!("no free loopback port between {LOW} and {high}")))
 }
 
 /// The next port of `low..high` that binds, walking from `low + start`; `next` counts the

@@ -13,11 +13,7 @@ pub fn strata_bin() -> PathBuf {
         dir.pop();
     }
     let bin = dir.join("strata");
-    assert!(
-        bin.exists(),
-        "{} does not exist: build it first (`cargo build --workspace`, which `make test` does)",
-        bin.display()
-    );
+    assert!(bin.exists(), "{} does not exist: build it first (`cargo build --workspace`, which `make test` does)", bin.display());
     bin
 }
 
@@ -245,13 +241,7 @@ pub async fn status(session: &zenoh::Session, node: &str) -> Option<serde_json::
 pub async fn watermark(session: &zenoh::Session, node: &str, origin: &str, stream: &str) -> Option<u64> {
     let doc = status(session, node).await?;
     Some(
-        doc["streams"]
-            .as_array()?
-            .iter()
-            .filter(|s| s["origin"] == origin && s["stream"] == stream)
-            .filter_map(|s| s["watermark"].as_u64())
-            .max()
-            .unwrap_or(0),
+        doc["streams"].as_array()?.iter().filter(|s| s["origin"] == origin && s["stream"] == stream).filter_map(|s| s["watermark"].as_u64()).max().unwrap_or(0),
     )
 }
 

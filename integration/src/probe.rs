@@ -75,9 +75,7 @@ impl Probes {
             restart,
             start: Arc::new(move |parent: ActorCell| {
                 let probe = Probe { name: name.clone(), probes: probes.clone() };
-                Box::pin(async move {
-                    Actor::spawn_linked(None, probe, (), parent).await.map(|(r, _)| r.get_cell()).map_err(|e| e.to_string())
-                })
+                Box::pin(async move { Actor::spawn_linked(None, probe, (), parent).await.map(|(r, _)| r.get_cell()).map_err(|e| e.to_string()) })
             }),
         }
     }

@@ -25,8 +25,8 @@
 //! could have answered in time: the oracle knows the ground truth (is the tier reachable, does
 //! its round trip plus service time fit the deadline) at the instant of the request.
 
-use std::collections::BinaryHeap;
 use std::cmp::Reverse;
+use std::collections::BinaryHeap;
 use std::time::Duration;
 
 use rand::rngs::StdRng;

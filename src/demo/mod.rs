@@ -47,14 +47,8 @@ pub struct DemoArgs {
 }
 
 /// The phases and the share of the duration each lasts.
-pub const PHASES: [(&str, f64); 6] = [
-    ("normal", 0.15),
-    ("cloud slowed", 0.15),
-    ("fog killed", 0.15),
-    ("fog restarted", 0.20),
-    ("fog-cloud cut", 0.15),
-    ("healed", 0.20),
-];
+pub const PHASES: [(&str, f64); 6] =
+    [("normal", 0.15), ("cloud slowed", 0.15), ("fog killed", 0.15), ("fog restarted", 0.20), ("fog-cloud cut", 0.15), ("healed", 0.20)];
 const HOLD_MS: u64 = 1500;
 const DEADLINE_MS: u64 = 20;
 const SLOW_ONE_WAY_MS: u64 = 15;
@@ -68,8 +62,7 @@ const LOG_SECTION: &str = "[log]\nsync = \"interval\"\nsync_interval_ms = 100\n"
 
 /// The shipped ONNX models (trained by configs/models/train.py), built into the binary so the
 /// demo needs no files beside it.
-const MODELS: [(&str, &[u8]); 2] =
-    [("fog", include_bytes!("../../configs/models/fog.onnx")), ("cloud", include_bytes!("../../configs/models/cloud.onnx"))];
+const MODELS: [(&str, &[u8]); 2] = [("fog", include_bytes!("../../configs/models/fog.onnx")), ("cloud", include_bytes!("../../configs/models/cloud.onnx"))];
 
 fn unix_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
@@ -131,13 +124,7 @@ impl Proc {
     fn start(&mut self) -> std::io::Result<()> {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log)?;
         let exe = std::env::current_exe()?;
-        let child = Command::new(exe)
-            .arg("run")
-            .arg(&self.config)
-            .env("RUST_LOG", "info,zenoh=warn")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()?;
+        let child = Command::new(exe).arg("run").arg(&self.config).env("RUST_LOG", "info,zenoh=warn").stdout(Stdio::null()).stderr(log).spawn()?;
         self.child = Some(child);
         Ok(())
     }
@@ -387,15 +374,7 @@ async fn demo(args: &DemoArgs) -> anyhow::Result<bool> {
     for p in procs[1..].iter_mut() {
         stop(p, &mut clean);
     }
-    let input = report::Input {
-        dir: dir.clone(),
-        phase_starts_unix,
-        end_unix,
-        samples,
-        deadline_ms: DEADLINE_MS,
-        seed: args.seed,
-        duration_s: args.duration,
-    };
+    let input = report::Input { dir: dir.clone(), phase_starts_unix, end_unix, samples, deadline_ms: DEADLINE_MS, seed: args.seed, duration_s: args.duration };
     let r = report::analyse(&input)?;
     println!("\n{}", r.text);
     std::fs::create_dir_all(&args.out).with_context(|| format!("create {}", args.out.display()))?;

@@ -76,11 +76,7 @@ pub fn produced(edge_dir: &Path) -> anyhow::Result<u64> {
 fn held(data_dir: &Path, origin: &str, stream: &str) -> anyhow::Result<(u64, u64)> {
     let store = RocksStore::open_read_only(data_dir).with_context(|| format!("open {}", data_dir.display()))?;
     let (origin, stream) = (NodeId::new(origin)?, StreamName::new(stream)?);
-    Ok(store
-        .streams()
-        .into_iter()
-        .filter(|i| i.origin == origin && i.stream == stream)
-        .fold((0, 0), |(n, last), i| (n + i.count, last.max(i.last))))
+    Ok(store.streams().into_iter().filter(|i| i.origin == origin && i.stream == stream).fold((0, 0), |(n, last), i| (n + i.count, last.max(i.last))))
 }
 
 const TIERS: [&str; 3] = ["cloud", "fog", "edge"];
@@ -220,7 +216,8 @@ pub fn analyse(input: &Input) -> anyhow::Result<Report> {
     for ((name, _), p) in PHASES.iter().zip(&phases) {
         let _ = writeln!(t, "{:<15} {:>9} {:>7} {:>7} {:>7} {:>9}  {:>10.2}%", name, p.total(), p.by[0], p.by[1], p.by[2], p.fallback, p.met_pct());
     }
-    let _ = writeln!(t, "{:<15} {:>9} {:>7} {:>7} {:>7} {:>9}  {:>10.2}%", "whole run", all.total(), all.by[0], all.by[1], all.by[2], all.fallback, all.met_pct());
+    let _ =
+        writeln!(t, "{:<15} {:>9} {:>7} {:>7} {:>7} {:>9}  {:>10.2}%", "whole run", all.total(), all.by[0], all.by[1], all.by[2], all.fallback, all.met_pct());
     let _ = writeln!(t, "\ndetection quality against the sensor's labels (who decided):");
     let _ = writeln!(t, "tier    decisions  accuracy  recall  precision  found/labelled  model µs  model");
     for (i, q) in quality.iter().enumerate() {
@@ -241,7 +238,13 @@ pub fn analyse(input: &Input) -> anyhow::Result<Report> {
     let _ = writeln!(t, "\nfaults (from the fault to the system's reaction, as recorded on the edge):");
     let _ = writeln!(t, "  cloud slowed +15 ms each way: decisions left the cloud after {}", ms(slowed));
     let _ = writeln!(t, "  fog killed (SIGKILL):         edge isolated after {}", ms(killed));
-    let _ = writeln!(t, "  fog restarted:                mode recovered after {} (hold {} ms), fog/cloud deciding again after {}", ms(restarted), super::HOLD_MS, ms(fog_used));
+    let _ = writeln!(
+        t,
+        "  fog restarted:                mode recovered after {} (hold {} ms), fog/cloud deciding again after {}",
+        ms(restarted),
+        super::HOLD_MS,
+        ms(fog_used)
+    );
     let _ = writeln!(t, "  fog-cloud link cut:           edge in no_cloud after {}", ms(cut));
     let _ = writeln!(t, "  link healed:                  mode full after {}, cloud caught up after {}", ms(healed), ms(caught_up));
     let _ = writeln!(t, "\nincidents recorded by the edge (events incident_opened / incident_closed / caught_up):");
@@ -249,10 +252,20 @@ pub fn analyse(input: &Input) -> anyhow::Result<Report> {
         if e["event"] == "caught_up" {
             let _ = writeln!(t, "  replication caught up: {} records in {} ms", e["records"], e["after_ms"]);
         } else {
-            let _ = writeln!(t, "  #{} {} — restored after {} ms: {}", e["incident"], e["what"].as_str().unwrap_or("?"), e["duration_ms"], e["restored"].as_str().unwrap_or("?"));
+            let _ = writeln!(
+                t,
+                "  #{} {} — restored after {} ms: {}",
+                e["incident"],
+                e["what"].as_str().unwrap_or("?"),
+                e["duration_ms"],
+                e["restored"].as_str().unwrap_or("?")
+            );
         }
     }
-    let _ = writeln!(t, "\nreadings produced {produced} (last seq {produced_last}); at the cloud {at_cloud} (last {cloud_last}); lost {lost}; largest cloud lag {max_lag}");
+    let _ = writeln!(
+        t,
+        "\nreadings produced {produced} (last seq {produced_last}); at the cloud {at_cloud} (last {cloud_last}); lost {lost}; largest cloud lag {max_lag}"
+    );
     let _ = writeln!(t, "decisions recorded twice {decided_twice}; commands applied twice {commands_twice}; actor restarts {restarts}");
     let _ = writeln!(
         t,
@@ -276,7 +289,11 @@ pub fn analyse(input: &Input) -> anyhow::Result<Report> {
         failures.push("no decision was recorded".into());
     }
     let passed = failures.is_empty();
-    let _ = writeln!(t, "\nresult: {}", if passed { "PASS: nothing lost, nothing applied twice, deadlines met".to_owned() } else { format!("FAIL: {}", failures.join("; ")) });
+    let _ = writeln!(
+        t,
+        "\nresult: {}",
+        if passed { "PASS: nothing lost, nothing applied twice, deadlines met".to_owned() } else { format!("FAIL: {}", failures.join("; ")) }
+    );
 
     let json = json!({
         "seed": input.seed, "duration_s": input.duration_s, "deadline_ms": input.deadline_ms,
@@ -312,7 +329,8 @@ struct Chart {
 impl Chart {
     fn new(title: &str, span_s: f64, starts_s: &[f64], y_label: &str) -> Chart {
         let mut svg = format!("<h2>{title}</h2>\n<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{W}\" height=\"{H}\" font-family=\"sans-serif\" font-size=\"11\" shape-rendering=\"crispEdges\">\n");
-        let _ = writeln!(svg, "<rect x=\"{LEFT}\" y=\"{TOP}\" width=\"{}\" height=\"{}\" fill=\"#fafafa\" stroke=\"#ccc\"/>", W - LEFT - 10.0, H - TOP - BOTTOM);
+        let _ =
+            writeln!(svg, "<rect x=\"{LEFT}\" y=\"{TOP}\" width=\"{}\" height=\"{}\" fill=\"#fafafa\" stroke=\"#ccc\"/>", W - LEFT - 10.0, H - TOP - BOTTOM);
         let _ = writeln!(svg, "<text x=\"4\" y=\"{}\" transform=\"rotate(-90 10 {})\">{y_label}</text>", H / 2.0, H / 2.0);
         let c = Chart { svg, span_s };
         let mut c = c;
@@ -389,7 +407,14 @@ fn html(input: &Input, decisions: &[(u64, Value)], text: &str) -> String {
                 continue;
             }
             let (y1, y2) = (Chart::y(acc + n as f64, max), Chart::y(acc, max));
-            let _ = writeln!(c1.svg, "<rect x=\"{:.1}\" y=\"{y1:.1}\" width=\"{:.1}\" height=\"{:.1}\" fill=\"{}\"/>", c1.x(s as f64), bar * 0.9, y2 - y1, COLORS[i]);
+            let _ = writeln!(
+                c1.svg,
+                "<rect x=\"{:.1}\" y=\"{y1:.1}\" width=\"{:.1}\" height=\"{:.1}\" fill=\"{}\"/>",
+                c1.x(s as f64),
+                bar * 0.9,
+                y2 - y1,
+                COLORS[i]
+            );
             acc += n as f64;
         }
     }
@@ -399,11 +424,24 @@ fn html(input: &Input, decisions: &[(u64, Value)], text: &str) -> String {
     let mut c2 = Chart::new("Decision latency against the deadline", span_s, &starts_s, "latency (ms)");
     c2.y_axis(cap, "ms");
     let dl = Chart::y(input.deadline_ms as f64, cap);
-    let _ = writeln!(c2.svg, "<line x1=\"{LEFT}\" y1=\"{dl:.1}\" x2=\"{}\" y2=\"{dl:.1}\" stroke=\"#d62728\"/><text x=\"{}\" y=\"{:.1}\" fill=\"#d62728\">deadline {} ms</text>", W - 10.0, W - 110.0, dl - 3.0, input.deadline_ms);
+    let _ = writeln!(
+        c2.svg,
+        "<line x1=\"{LEFT}\" y1=\"{dl:.1}\" x2=\"{}\" y2=\"{dl:.1}\" stroke=\"#d62728\"/><text x=\"{}\" y=\"{:.1}\" fill=\"#d62728\">deadline {} ms</text>",
+        W - 10.0,
+        W - 110.0,
+        dl - 3.0,
+        input.deadline_ms
+    );
     let step = (decisions.len() / 4000).max(1);
     for (at, d) in decisions.iter().filter(|(at, _)| in_run(*at)).step_by(step) {
         let lat = d["latency_us"].as_f64().unwrap_or(0.0) / 1000.0;
-        let _ = writeln!(c2.svg, "<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"1.5\" fill=\"{}\"/>", c2.x((at - t0) as f64 / 1000.0), Chart::y(lat.min(cap), cap), COLORS[tier_index(d)]);
+        let _ = writeln!(
+            c2.svg,
+            "<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"1.5\" fill=\"{}\"/>",
+            c2.x((at - t0) as f64 / 1000.0),
+            Chart::y(lat.min(cap), cap),
+            COLORS[tier_index(d)]
+        );
     }
 
     // 3. The edge's mode over time.
@@ -414,14 +452,18 @@ fn html(input: &Input, decisions: &[(u64, Value)], text: &str) -> String {
         let Some(mode) = w[0].mode.as_deref() else { continue };
         let (x1, x2) = (c3.x((w[0].at_unix_ms - t0) as f64 / 1000.0), c3.x((w[1].at_unix_ms - t0) as f64 / 1000.0));
         let color = modes.iter().find(|(m, _)| *m == mode).map_or("#bbb", |(_, c)| c);
-        let _ = writeln!(c3.svg, "<rect x=\"{x1:.1}\" y=\"{}\" width=\"{:.1}\" height=\"{}\" fill=\"{color}\"/>", TOP + 30.0, (x2 - x1).max(0.5), H - TOP - BOTTOM - 40.0);
+        let _ = writeln!(
+            c3.svg,
+            "<rect x=\"{x1:.1}\" y=\"{}\" width=\"{:.1}\" height=\"{}\" fill=\"{color}\"/>",
+            TOP + 30.0,
+            (x2 - x1).max(0.5),
+            H - TOP - BOTTOM - 40.0
+        );
     }
 
     // 4. Replication lag: readings the cloud does not hold yet.
-    let lags: Vec<(f64, f64)> = samples
-        .iter()
-        .filter_map(|s| Some(((s.at_unix_ms - t0) as f64 / 1000.0, s.produced?.saturating_sub(s.at_cloud?) as f64)))
-        .collect();
+    let lags: Vec<(f64, f64)> =
+        samples.iter().filter_map(|s| Some(((s.at_unix_ms - t0) as f64 / 1000.0, s.produced?.saturating_sub(s.at_cloud?) as f64))).collect();
     let max_lag = lags.iter().map(|l| l.1).fold(10.0, f64::max);
     let mut c4 = Chart::new("Replication lag at the cloud (edge readings not yet stored there)", span_s, &starts_s, "records");
     c4.y_axis(max_lag, "");

@@ -308,9 +308,7 @@ impl<B: Behaviour> HostState<B> {
         for input in &self.inputs {
             match &input.origin {
                 None => keys.push(log.local_key(&input.stream)),
-                Some(origin) => keys.extend(
-                    log.streams().into_iter().filter(|i| &i.origin == origin && i.stream == input.stream).map(|i| i.key()),
-                ),
+                Some(origin) => keys.extend(log.streams().into_iter().filter(|i| &i.origin == origin && i.stream == input.stream).map(|i| i.key())),
             }
         }
         keys
@@ -524,10 +522,7 @@ impl Registry {
                             events: env.events,
                             reports: env.reports,
                         };
-                        Actor::spawn_linked(None, Host::<B>::default(), args, parent)
-                            .await
-                            .map(|(r, _)| r.get_cell())
-                            .map_err(|e| e.to_string())
+                        Actor::spawn_linked(None, Host::<B>::default(), args, parent).await.map(|(r, _)| r.get_cell()).map_err(|e| e.to_string())
                     })
                 }),
             })

@@ -67,12 +67,7 @@ impl std::fmt::Display for Rejection {
 
 /// Checks one ingest message for `key`'s stream; returns the stream and the canonical
 /// payload to append.
-pub fn validate(
-    key: &str,
-    payload: &[u8],
-    allowed: &[StreamPattern],
-    payload_bytes_max: usize,
-) -> Result<(StreamName, Vec<u8>), Rejection> {
+pub fn validate(key: &str, payload: &[u8], allowed: &[StreamPattern], payload_bytes_max: usize) -> Result<(StreamName, Vec<u8>), Rejection> {
     if payload.len() > payload_bytes_max {
         return Err(Rejection::TooLarge { len: payload.len(), max: payload_bytes_max });
     }
@@ -109,9 +104,7 @@ mod tests {
 
     fn check(key: &str, payload: &str, expected: Result<&str, &str>) {
         let allowed = [StreamPattern::new("readings/**").unwrap()];
-        let got = validate(key, payload.as_bytes(), &allowed, 256)
-            .map(|(s, p)| format!("{s} {}", String::from_utf8(p).unwrap()))
-            .map_err(|r| r.reason());
+        let got = validate(key, payload.as_bytes(), &allowed, 256).map(|(s, p)| format!("{s} {}", String::from_utf8(p).unwrap())).map_err(|r| r.reason());
         assert_eq!(got.as_deref().map_err(|e| *e), expected, "{key} {payload}");
     }
 

@@ -19,10 +19,10 @@
 pub mod ingest;
 pub mod replicator;
 pub mod sim;
-pub mod wire;
-mod zenoh;
 #[cfg(test)]
 mod sim_tests;
+pub mod wire;
+mod zenoh;
 
 use std::any::Any;
 use std::future::Future;
@@ -126,8 +126,7 @@ pub trait Transport: Send + Sync + 'static {
     /// Sends a request (with an optional body, `payload`) to every server of `key`; the
     /// replies arrive on the returned queue of `capacity`, which closes when all servers
     /// finished or `timeout` passed.
-    fn request(&self, key: &str, params: &str, payload: Vec<u8>, timeout: Duration, capacity: usize)
-        -> BoxFut<'_, Result<mpsc::Receiver<Vec<u8>>, BusError>>;
+    fn request(&self, key: &str, params: &str, payload: Vec<u8>, timeout: Duration, capacity: usize) -> BoxFut<'_, Result<mpsc::Receiver<Vec<u8>>, BusError>>;
     /// Declares a liveliness token, held until the returned guard is dropped.
     fn declare_alive(&self, key: &str) -> BoxFut<'_, Result<Box<dyn Any + Send + Sync>, BusError>>;
     /// Liveliness tokens matching `keyexpr`: the ones present now, then every change.

@@ -402,9 +402,9 @@ impl Replicator {
         let counts = |tier: &Tier| !reachable_only || reachable.contains(tier);
         goal.iter()
             .map(|(key, watermark)| {
-                st.acks.get(key).map_or(0, |by_tier| {
-                    by_tier.iter().filter(|(tier, _)| counts(tier)).map(|(_, &acked)| watermark.saturating_sub(acked)).max().unwrap_or(0)
-                })
+                st.acks
+                    .get(key)
+                    .map_or(0, |by_tier| by_tier.iter().filter(|(tier, _)| counts(tier)).map(|(_, &acked)| watermark.saturating_sub(acked)).max().unwrap_or(0))
             })
             .sum()
     }
@@ -460,8 +460,11 @@ impl Replicator {
                 return;
             }
             if tokio::time::timeout_at(deadline, acked).await.is_err() {
-                tracing::warn!(records = short, handover_ms = limit.as_millis() as u64,
-                    "stopping with records that a reachable tier has not acknowledged; it will replay them when this node is back");
+                tracing::warn!(
+                    records = short,
+                    handover_ms = limit.as_millis() as u64,
+                    "stopping with records that a reachable tier has not acknowledged; it will replay them when this node is back"
+                );
                 return;
             }
         }
@@ -921,16 +924,11 @@ fn choose_holder(shared: &Shared, key: &StreamKey, mine: u64) -> Option<NodeId> 
     let st = lock(&shared.state);
     let alive = |n: &NodeId| st.presence.get(n).is_some_and(|p| p.alive);
     let holders = st.holders.get(key);
-    let origin_holds = holders.and_then(|h| h.get(&key.origin)).copied().unwrap_or(0)
-        .max(st.seen_live.get(key).copied().unwrap_or(0));
+    let origin_holds = holders.and_then(|h| h.get(&key.origin)).copied().unwrap_or(0).max(st.seen_live.get(key).copied().unwrap_or(0));
     if alive(&key.origin) && origin_holds > mine {
         return Some(key.origin.clone());
     }
-    holders?
-        .iter()
-        .filter(|(n, wm)| **wm > mine && alive(n))
-        .max_by_key(|(_, wm)| **wm)
-        .map(|(n, _)| n.clone())
+    holders?.iter().filter(|(n, wm)| **wm > mine && alive(n)).max_by_key(|(_, wm)| **wm).map(|(n, _)| n.clone())
 }
 
 async fn replay_stream(shared: &Arc<Shared>, key: &StreamKey, goal: u64) {

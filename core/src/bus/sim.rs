@@ -82,7 +82,13 @@ impl State {
                 if !up {
                     continue;
                 }
-                let other = if *x == n { y } else if *y == n { x } else { continue };
+                let other = if *x == n {
+                    y
+                } else if *y == n {
+                    x
+                } else {
+                    continue;
+                };
                 if other == b {
                     return true;
                 }
@@ -308,12 +314,8 @@ impl Transport for SimTransport {
 
     fn publish(&self, key: &str, payload: Vec<u8>) {
         let mut s = self.net.lock();
-        let targets: Vec<(mpsc::Sender<Sample>, Arc<AtomicU64>, NodeId)> = s
-            .subs
-            .iter()
-            .filter(|sub| keys::matches(&sub.pattern, key))
-            .map(|sub| (sub.tx.clone(), sub.dropped.clone(), sub.owner.clone()))
-            .collect();
+        let targets: Vec<(mpsc::Sender<Sample>, Arc<AtomicU64>, NodeId)> =
+            s.subs.iter().filter(|sub| keys::matches(&sub.pattern, key)).map(|sub| (sub.tx.clone(), sub.dropped.clone(), sub.owner.clone())).collect();
         for (tx, dropped, owner) in targets {
             if !s.reachable(&self.node, &owner) {
                 s.stats.unreachable += 1;
@@ -339,12 +341,8 @@ impl Transport for SimTransport {
     fn request(&self, key: &str, params: &str, payload: Vec<u8>, timeout: Duration, capacity: usize) -> BoxFut<'_, Result<mpsc::Receiver<Vec<u8>>, BusError>> {
         let (tx, rx) = mpsc::channel(capacity);
         let mut s = self.net.lock();
-        let servers: Vec<(mpsc::Sender<Request>, Arc<AtomicU64>, NodeId)> = s
-            .servers
-            .iter()
-            .filter(|srv| keys::matches(&srv.pattern, key))
-            .map(|srv| (srv.tx.clone(), srv.dropped.clone(), srv.owner.clone()))
-            .collect();
+        let servers: Vec<(mpsc::Sender<Request>, Arc<AtomicU64>, NodeId)> =
+            s.servers.iter().filter(|srv| keys::matches(&srv.pattern, key)).map(|srv| (srv.tx.clone(), srv.dropped.clone(), srv.owner.clone())).collect();
         for (srv, dropped, owner) in servers {
             if !s.reachable(&self.node, &owner) {
                 s.stats.unreachable += 1;

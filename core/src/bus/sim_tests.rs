@@ -82,11 +82,7 @@ impl SimNode {
 /// What went wrong in one seed, if anything; else a summary and the live frames received.
 async fn run(seed: u64) -> Result<(String, u64), String> {
     let mut rng = StdRng::seed_from_u64(seed);
-    let faults = Faults {
-        drop: rng.gen_range(0.0..0.3),
-        duplicate: rng.gen_range(0.0..0.2),
-        delay_max: Duration::from_millis(rng.gen_range(0..50)),
-    };
+    let faults = Faults { drop: rng.gen_range(0.0..0.3), duplicate: rng.gen_range(0.0..0.2), delay_max: Duration::from_millis(rng.gen_range(0..50)) };
     let net = SimNet::new(seed, faults);
     let mut nodes = [
         SimNode::new("edge-1", Tier::Edge, &[], 11),
@@ -149,9 +145,7 @@ async fn run(seed: u64) -> Result<(String, u64), String> {
     net.heal(&ids[1], &ids[2]);
     net.set_faults(Faults::NONE);
     let key = nodes[0].log.local_key(&stream);
-    let converged = |nodes: &[SimNode]| {
-        nodes[1..].iter().all(|n| n.log.stream(&key).is_some_and(|i| i.watermark == total && i.count == total))
-    };
+    let converged = |nodes: &[SimNode]| nodes[1..].iter().all(|n| n.log.stream(&key).is_some_and(|i| i.watermark == total && i.count == total));
     for _ in 0..600 {
         if converged(&nodes) {
             break;
@@ -182,10 +176,7 @@ async fn run(seed: u64) -> Result<(String, u64), String> {
     for n in nodes.iter_mut() {
         n.down(&net).await;
     }
-    let summary = format!(
-        "{total} records, faults {faults:?}, events [{}], net {stats:?}",
-        events.join(", ")
-    );
+    let summary = format!("{total} records, faults {faults:?}, events [{}], net {stats:?}", events.join(", "));
     if problems.is_empty() {
         Ok((summary, frames))
     } else {

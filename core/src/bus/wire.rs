@@ -65,8 +65,7 @@ pub struct ByteVec(#[serde(with = "crate::codec::bytes")] pub Vec<u8>);
 
 pub fn encode<T: Serialize>(message: &T) -> Vec<u8> {
     let mut out = vec![WIRE_VERSION];
-    bincode::serde::encode_into_std_write(message, &mut out, bincode::config::standard())
-        .expect("encoding into a Vec cannot fail");
+    bincode::serde::encode_into_std_write(message, &mut out, bincode::config::standard()).expect("encoding into a Vec cannot fail");
     out
 }
 

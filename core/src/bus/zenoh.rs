@@ -292,8 +292,7 @@ impl Transport for ZenohTransport {
             if !payload.is_empty() {
                 get = get.payload(payload);
             }
-            get
-                .target(QueryTarget::All)
+            get.target(QueryTarget::All)
                 .consolidation(ConsolidationMode::None)
                 .timeout(timeout)
                 .callback(move |reply: zenoh::query::Reply| {

@@ -109,8 +109,7 @@ const STATS_VERSION: u8 = 1;
 impl StoredStats {
     pub(crate) fn encode(&self) -> Vec<u8> {
         let mut out = vec![STATS_VERSION];
-        bincode::serde::encode_into_std_write(self, &mut out, bincode::config::standard())
-            .expect("encoding into a Vec cannot fail");
+        bincode::serde::encode_into_std_write(self, &mut out, bincode::config::standard()).expect("encoding into a Vec cannot fail");
         out
     }
 
@@ -143,14 +142,7 @@ pub(crate) struct Entry {
 
 impl Entry {
     fn stats(&self) -> StoredStats {
-        StoredStats {
-            watermark: self.wm.get(),
-            first: self.first,
-            count: self.count,
-            bytes: self.bytes,
-            expired: self.expired,
-            removed: self.removed,
-        }
+        StoredStats { watermark: self.wm.get(), first: self.first, count: self.count, bytes: self.bytes, expired: self.expired, removed: self.removed }
     }
 
     fn add(&mut self, seq: u64, len: usize) {
@@ -243,14 +235,7 @@ impl Core {
             }
             from = last + 1;
         }
-        let entry = Entry {
-            wm,
-            first: stats.first,
-            count: stats.count,
-            bytes: stats.bytes,
-            expired: stats.expired,
-            removed: stats.removed,
-        };
+        let entry = Entry { wm, first: stats.first, count: stats.count, bytes: stats.bytes, expired: stats.expired, removed: stats.removed };
         self.streams.insert(key, entry);
         Ok(())
     }
@@ -324,10 +309,7 @@ impl Core {
                 Op::Insert { envelope } => self.plan_insert(plan, sink, scratch, envelope),
                 Op::InsertMany { records } => {
                     // One failed record fails only itself: the others are still inserted.
-                    let results = records
-                        .iter()
-                        .map(|envelope| self.plan_insert_one(plan, sink, scratch, envelope))
-                        .collect();
+                    let results = records.iter().map(|envelope| self.plan_insert_one(plan, sink, scratch, envelope)).collect();
                     Ok(OpResult::InsertedMany(results))
                 }
                 Op::Cursor { consumer, key, seq } => {

@@ -87,11 +87,7 @@ mod tests {
     use super::*;
 
     fn key(origin: &str, inc: u64, stream: &str) -> StreamKey {
-        StreamKey {
-            origin: NodeId::new(origin).unwrap(),
-            incarnation: Incarnation::from_raw(inc),
-            stream: StreamName::new(stream).unwrap(),
-        }
+        StreamKey { origin: NodeId::new(origin).unwrap(), incarnation: Incarnation::from_raw(inc), stream: StreamName::new(stream).unwrap() }
     }
 
     #[test]

@@ -14,7 +14,7 @@ use crate::model::{Envelope, Incarnation, NodeId, Tier};
 
 use super::core::{decode_record, Backend, Cf, Core, Write};
 use super::keys::{record_seq, stream_prefix};
-use super::{LogError, Op, Pending, PendingInner, StreamInfo, StreamKey, Store};
+use super::{LogError, Op, Pending, PendingInner, Store, StreamInfo, StreamKey};
 
 struct Inner {
     core: Core,
@@ -51,11 +51,7 @@ impl MemStore {
         MemStore {
             node: node.clone(),
             incarnation,
-            inner: Mutex::new(Inner {
-                core: Core::new(node, incarnation, limits, retention),
-                data: BTreeMap::new(),
-                closed: false,
-            }),
+            inner: Mutex::new(Inner { core: Core::new(node, incarnation, limits, retention), data: BTreeMap::new(), closed: false }),
             commits: tokio::sync::watch::channel(0).0,
         }
     }

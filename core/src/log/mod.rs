@@ -176,13 +176,28 @@ pub enum LogError {
 #[doc(hidden)]
 #[derive(Debug)]
 pub enum Op {
-    Append { stream: StreamName, draft: Draft },
-    Insert { envelope: Envelope },
-    InsertMany { records: Vec<Envelope> },
-    Cursor { consumer: Name, key: StreamKey, seq: u64 },
-    Sweep { now_unix_ms: u64 },
+    Append {
+        stream: StreamName,
+        draft: Draft,
+    },
+    Insert {
+        envelope: Envelope,
+    },
+    InsertMany {
+        records: Vec<Envelope>,
+    },
+    Cursor {
+        consumer: Name,
+        key: StreamKey,
+        seq: u64,
+    },
+    Sweep {
+        now_unix_ms: u64,
+    },
     /// Appends and cursor commits written in one `WriteBatch`: all or nothing.
-    Atomic { ops: Vec<Op> },
+    Atomic {
+        ops: Vec<Op>,
+    },
 }
 
 #[doc(hidden)]

@@ -51,8 +51,7 @@ impl Watermark {
         if self.contains(seq) {
             return Insert::Duplicate;
         }
-        let joins_left = seq == self.watermark + 1
-            || self.above.range(..seq).next_back().is_some_and(|(_, &end)| end + 1 == seq);
+        let joins_left = seq == self.watermark + 1 || self.above.range(..seq).next_back().is_some_and(|(_, &end)| end + 1 == seq);
         let joins_right = self.above.contains_key(&(seq + 1));
         if !joins_left && !joins_right && self.above.len() >= PRESENT_RANGES_MAX {
             return Insert::TooFragmented;

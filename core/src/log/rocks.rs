@@ -31,10 +31,7 @@ use std::sync::{mpsc, Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use rocksdb::{
-    BlockBasedOptions, Cache, ColumnFamilyDescriptor, DBCompressionType, Direction, ErrorKind, IteratorMode,
-    Options, WriteBatch, WriteOptions, DB,
-};
+use rocksdb::{BlockBasedOptions, Cache, ColumnFamilyDescriptor, DBCompressionType, Direction, ErrorKind, IteratorMode, Options, WriteBatch, WriteOptions, DB};
 use strata_sync::handoff::{Completer, Handoff};
 
 use crate::codec::Limits;
@@ -43,7 +40,7 @@ use crate::model::{Envelope, Incarnation, NodeId, Tier};
 
 use super::core::{decode_record, parse_stats_entry, Backend, Cf, Core, Plan, Sink, STORE_FORMAT_OLDEST, STORE_FORMAT_VERSION};
 use super::keys::{parse_cursor_key, record_seq, stream_prefix};
-use super::{LogError, Op, OpOutcome, Pending, PendingInner, StreamInfo, StreamKey, Store};
+use super::{LogError, Op, OpOutcome, Pending, PendingInner, Store, StreamInfo, StreamKey};
 
 const META_FORMAT: &[u8] = b"format_version";
 const META_INCARNATION: &[u8] = b"incarnation";
@@ -207,9 +204,7 @@ fn open_error(path: &Path, e: rocksdb::Error) -> LogError {
     let detail = e.clone().into_string();
     match e.kind() {
         ErrorKind::Corruption => LogError::Corrupt { path: path.to_owned(), detail },
-        _ if detail.contains("lock") || detail.contains("LOCK") => {
-            LogError::Locked { path: path.to_owned(), holder: detail }
-        }
+        _ if detail.contains("lock") || detail.contains("LOCK") => LogError::Locked { path: path.to_owned(), holder: detail },
         _ => LogError::Io { path: path.to_owned(), detail },
     }
 }
@@ -366,12 +361,7 @@ impl RocksStore {
             sync: opts.sync == SyncPolicy::Always,
             unsynced_max: opts.commit_unsynced_batches_max.max(1),
         };
-        threads.committer = Some(
-            std::thread::Builder::new()
-                .name("strata-commit".into())
-                .spawn(move || committer.run())
-                .expect("spawn the committer thread"),
-        );
+        threads.committer = Some(std::thread::Builder::new().name("strata-commit".into()).spawn(move || committer.run()).expect("spawn the committer thread"));
         if opts.sync == SyncPolicy::Interval {
             let (stop, stopped) = mpsc::channel::<()>();
             let db = self.db.clone();
@@ -678,10 +668,8 @@ impl SyncGate {
 
 /// Stops the store after a failed WAL sync; returns the error to refuse operations with.
 fn sync_failed(db: &DB, e: rocksdb::Error, stop: &Stopped) -> LogError {
-    let error = LogError::Io {
-        path: db.path().to_owned(),
-        detail: format!("WAL sync failed: {}; the store refuses writes until it is reopened", e.into_string()),
-    };
+    let error =
+        LogError::Io { path: db.path().to_owned(), detail: format!("WAL sync failed: {}; the store refuses writes until it is reopened", e.into_string()) };
     tracing::error!(%error, "WAL sync failed; the store stops accepting writes");
     *stop.lock().unwrap_or_else(|p| p.into_inner()) = Some(error.clone());
     error
@@ -800,8 +788,7 @@ impl Store for RocksStore {
             return Ok(Vec::new());
         }
         let limit = limit.min(usize::try_from(last - from + 1).unwrap_or(usize::MAX));
-        let mut records = scan(&self.db, &stream_prefix(key), from, limit)
-            .map_err(|e| LogError::Io { path: self.path.clone(), detail: e.into_string() })?;
+        let mut records = scan(&self.db, &stream_prefix(key), from, limit).map_err(|e| LogError::Io { path: self.path.clone(), detail: e.into_string() })?;
         records.retain(|(seq, _)| *seq <= last);
         if let Some((first, gaps)) = reader {
             // A read-only instance catches up with the writer's files in steps. Between two

@@ -44,12 +44,7 @@ where
 fn remote(origin: &str, inc: u64, s: &str, seq: u64) -> Envelope {
     let hlc = uhlc::HLC::default();
     Envelope {
-        id: EnvelopeId {
-            origin: NodeId::new(origin).unwrap(),
-            incarnation: Incarnation::from_raw(inc),
-            stream: stream(s),
-            seq: Seq::new(seq).unwrap(),
-        },
+        id: EnvelopeId { origin: NodeId::new(origin).unwrap(), incarnation: Incarnation::from_raw(inc), stream: stream(s), seq: Seq::new(seq).unwrap() },
         kind: Kind::Reading,
         hlc: HlcTime::from_uhlc(hlc.new_timestamp()),
         budget_us: None,
@@ -500,10 +495,13 @@ fn staged_batches_are_planned_on_but_only_applied_ones_are_current() {
     let key = StreamKey { origin: node(), incarnation: Incarnation::from_raw(7), stream: s.clone() };
     let appends = |n: usize| (0..n).map(|_| Op::Append { stream: s.clone(), draft: draft(b"x") }).collect::<Vec<_>>();
     let seqs = |results: &[OpOutcome]| {
-        results.iter().map(|r| match r {
-            Ok(OpResult::Appended(e)) => e.id.seq.get(),
-            other => panic!("{other:?}"),
-        }).collect::<Vec<_>>()
+        results
+            .iter()
+            .map(|r| match r {
+                Ok(OpResult::Appended(e)) => e.id.seq.get(),
+                other => panic!("{other:?}"),
+            })
+            .collect::<Vec<_>>()
     };
     let mut sink: Vec<Write> = Vec::new();
     let a = core.plan(appends(3), &Empty, &mut sink);
@@ -541,11 +539,14 @@ fn appends_of_a_lot_get_increasing_timestamps_after_what_was_received() {
     ops.push(Op::Insert { envelope: ahead.clone() });
     ops.extend((0..50).map(|_| append()));
     let stamps = |results: &[OpOutcome]| -> Vec<HlcTime> {
-        results.iter().filter_map(|r| match r {
-            Ok(OpResult::Appended(e)) => Some(e.hlc),
-            Ok(OpResult::Inserted(Inserted::Stored { .. })) => None,
-            other => panic!("{other:?}"),
-        }).collect()
+        results
+            .iter()
+            .filter_map(|r| match r {
+                Ok(OpResult::Appended(e)) => Some(e.hlc),
+                Ok(OpResult::Inserted(Inserted::Stored { .. })) => None,
+                other => panic!("{other:?}"),
+            })
+            .collect()
     };
     let mut sink: Vec<Write> = Vec::new();
     let first = stamps(&core.plan(ops, &Empty, &mut sink).results);

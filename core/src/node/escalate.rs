@@ -195,10 +195,8 @@ impl Desk {
         let snapshot = serde_json::to_vec(&Snapshot { resolved: resolved_above.clone() }).expect("serialises");
         let snapshot = Draft::new(Kind::Event, PayloadType::new("strata.snapshot/1").expect("valid"), snapshot);
         let cursors = if cursor > self.cursor { vec![(self.key.clone(), cursor)] } else { Vec::new() };
-        let appended = self
-            .log
-            .commit_atomically(vec![(self.resolutions.clone(), draft), (snapshot_stream(&self.consumer), snapshot)], &self.consumer, cursors)
-            .await?;
+        let appended =
+            self.log.commit_atomically(vec![(self.resolutions.clone(), draft), (snapshot_stream(&self.consumer), snapshot)], &self.consumer, cursors).await?;
         if let Some(e) = appended.first() {
             (self.publish)(e);
         }
@@ -314,7 +312,9 @@ mod tests {
     use crate::model::Incarnation;
 
     fn config(timeout_ms: u64) -> NodeConfig {
-        let mut c = NodeConfig::parse(std::path::Path::new("t.toml"), "[node]\nid = \"edge-1\"\ntier = \"edge\"\n[zenoh]\nconnect = [\"tcp/127.0.0.1:7448\"]\n").unwrap();
+        let mut c =
+            NodeConfig::parse(std::path::Path::new("t.toml"), "[node]\nid = \"edge-1\"\ntier = \"edge\"\n[zenoh]\nconnect = [\"tcp/127.0.0.1:7448\"]\n")
+                .unwrap();
         c.autonomy.escalation_timeout_ms = timeout_ms;
         c
     }

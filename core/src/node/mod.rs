@@ -110,8 +110,7 @@ impl Node {
             }
             Err(e) => return Err(e.into()),
         };
-        let replicator =
-            Arc::new(Replicator::start(Settings::from_config(&config), log.clone(), transport.clone() as Arc<dyn Transport>).await?);
+        let replicator = Arc::new(Replicator::start(Settings::from_config(&config), log.clone(), transport.clone() as Arc<dyn Transport>).await?);
         let (fatal_tx, fatal) = watch::channel(None);
         let fatal_tx = Arc::new(fatal_tx);
         let events_dropped = Arc::new(std::sync::atomic::AtomicU64::new(0));
@@ -235,7 +234,13 @@ impl Node {
     /// the actors and appended to the `events` stream, with the incident it opens or closes.
     /// After a recovery to `full`, a `caught_up` event says when the other tiers had
     /// acknowledged everything this node produced before the recovery.
-    fn start_modes(&mut self, mut machine: ModeMachine, mode_tx: watch::Sender<Mode>, events: EventQueue, incidents: Arc<std::sync::Mutex<incident::Incidents>>) {
+    fn start_modes(
+        &mut self,
+        mut machine: ModeMachine,
+        mode_tx: watch::Sender<Mode>,
+        events: EventQueue,
+        incidents: Arc<std::sync::Mutex<incident::Incidents>>,
+    ) {
         let (replicator, fatal) = (self.replicator.clone(), self.fatal.clone());
         let every = Duration::from_millis(self.config.modes.check_interval_ms);
         self.tasks.spawn(async move {
@@ -438,7 +443,15 @@ fn decisions_status(doc: &mut Value, decider: &decide::Decider, escalations: &st
     doc["escalations_pending"] = escalations.lock().unwrap_or_else(|p| p.into_inner()).clone();
 }
 
-fn status(config: &NodeConfig, log: &Log, replicator: &Replicator, started: Instant, mode: Mode, actors: &[supervise::ChildInfo], events_dropped: u64) -> Value {
+fn status(
+    config: &NodeConfig,
+    log: &Log,
+    replicator: &Replicator,
+    started: Instant,
+    mode: Mode,
+    actors: &[supervise::ChildInfo],
+    events_dropped: u64,
+) -> Value {
     let acks = replicator.acks();
     let holders = replicator.holders();
     let streams: Vec<Value> = log
@@ -459,11 +472,8 @@ fn status(config: &NodeConfig, log: &Log, replicator: &Replicator, started: Inst
             })
         })
         .collect();
-    let presence: serde_json::Map<String, Value> = replicator
-        .presence()
-        .into_iter()
-        .map(|(n, p)| (n.to_string(), serde_json::to_value(p).expect("presence serialises")))
-        .collect();
+    let presence: serde_json::Map<String, Value> =
+        replicator.presence().into_iter().map(|(n, p)| (n.to_string(), serde_json::to_value(p).expect("presence serialises"))).collect();
     json!({
         "node": config.node.id.as_str(),
         "tier": config.node.tier,

@@ -90,12 +90,7 @@ impl Estimator {
         }
         let mut sorted: Vec<u64> = ring.latencies_us.iter().copied().collect();
         sorted.sort_unstable();
-        Some(Summary {
-            p50_us: percentile(&sorted, 0.50),
-            p95_us: percentile(&sorted, 0.95),
-            samples: sorted.len(),
-            last: ring.last.unwrap_or(MonoTime::ZERO),
-        })
+        Some(Summary { p50_us: percentile(&sorted, 0.50), p95_us: percentile(&sorted, 0.95), samples: sorted.len(), last: ring.last.unwrap_or(MonoTime::ZERO) })
     }
 }
 

@@ -286,6 +286,9 @@ mod tests {
         // Saturated (capped at 0.9): the fallback needs 20 ms: nothing fits but deciding now.
         let saturated = Ask { local_load: f64::NAN, ..Ask::new(20_000) };
         let p = plan_ask(Tier::Edge, &saturated, &cands, &policy(false));
-        assert_eq!((p.route, p.reason.as_str()), (Route::Local, "local load 0.90: fallback reserve 20.0 ms; budget 20.0 ms <= margin + fallback 22.0 ms: local"));
+        assert_eq!(
+            (p.route, p.reason.as_str()),
+            (Route::Local, "local load 0.90: fallback reserve 20.0 ms; budget 20.0 ms <= margin + fallback 22.0 ms: local")
+        );
     }
 }

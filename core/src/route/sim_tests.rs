@@ -154,10 +154,8 @@ fn run_seed(seed: u64) -> Tally {
         // now and then it is already late.
         let queued_us = if rng.gen_bool(0.01) { BUDGET_US } else { rng.gen_range(0..3_000) };
         let budget = BUDGET_US.saturating_sub(queued_us);
-        let candidates: Vec<Candidate> = targets
-            .iter()
-            .map(|tg| Candidate { target: tg.clone(), reachable: health.reachable.contains(&tg.tier), summary: est.summary(tg) })
-            .collect();
+        let candidates: Vec<Candidate> =
+            targets.iter().map(|tg| Candidate { target: tg.clone(), reachable: health.reachable.contains(&tg.tier), summary: est.summary(tg) }).collect();
         // Sometimes the node is busy: its own fallback is slower then (up to 5x: still within
         // the budget, so every decision can meet its deadline).
         let local_load = if rng.gen_bool(0.3) { rng.gen_range(0.0..0.8) } else { 0.0 };

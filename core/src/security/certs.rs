@@ -14,8 +14,8 @@ use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use rcgen::{
-    date_time_ymd, BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
-    KeyPair, KeyUsagePurpose, SerialNumber,
+    date_time_ymd, BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+    SerialNumber,
 };
 use thiserror::Error;
 
@@ -130,7 +130,10 @@ pub fn issue(dir: &Path, names: &[String], extra_sans: &[String], days: u32) -> 
     let (_, ca) = x509_parser::parse_x509_certificate(&der).map_err(|e| file_error(&cert_path, e))?;
     let cn = ca.subject().iter_common_name().next().and_then(|c| c.as_str().ok()).unwrap_or("");
     if cn != CA_COMMON_NAME {
-        return Err(file_error(&cert_path, format!("its common name is {cn:?}: not a CA made by `strata certs init` (issue certificates with the PKI that made it)")));
+        return Err(file_error(
+            &cert_path,
+            format!("its common name is {cn:?}: not a CA made by `strata certs init` (issue certificates with the PKI that made it)"),
+        ));
     }
     if ca.public_key().subject_public_key.data.as_ref() != ca_key.public_key_raw() {
         return Err(file_error(&key_path, format!("is not the key of {}", cert_path.display())));

@@ -88,11 +88,8 @@ impl NodeSecurity {
             });
         }
         let continuum = load_continuum(&s.continuum).map_err(SecurityError::Continuum)?;
-        let me = continuum
-            .nodes
-            .iter()
-            .position(|(_, c)| c.node.id == config.node.id)
-            .ok_or_else(|| SecurityError::NotInContinuum(config.node.id.to_string()))?;
+        let me =
+            continuum.nodes.iter().position(|(_, c)| c.node.id == config.node.id).ok_or_else(|| SecurityError::NotInContinuum(config.node.id.to_string()))?;
         // The node's own config is what it runs with; the continuum's copy must say the same.
         if continuum.nodes[me].1 != *config {
             return Err(SecurityError::Continuum(format!(
@@ -129,8 +126,7 @@ pub fn load_continuum(paths: &[PathBuf]) -> Result<Continuum, String> {
 /// The ACL document of every node of `continuum`: `{ "<node id>": <access_control> }`, what
 /// `strata acl` prints.
 pub fn acl_document(continuum: &Continuum) -> Value {
-    let all: serde_json::Map<String, Value> =
-        continuum.nodes.iter().enumerate().map(|(i, (_, c))| (c.node.id.to_string(), acl(continuum, i))).collect();
+    let all: serde_json::Map<String, Value> = continuum.nodes.iter().enumerate().map(|(i, (_, c))| (c.node.id.to_string(), acl(continuum, i))).collect();
     Value::Object(all)
 }
 
@@ -148,10 +144,7 @@ pub fn digest(acl: &Value) -> String {
 /// The common name of the first certificate in a PEM file.
 pub fn cert_common_name(path: &Path) -> Result<String, String> {
     let pem = std::fs::read(path).map_err(|e| e.to_string())?;
-    let der = rustls_pemfile::certs(&mut pem.as_slice())
-        .next()
-        .ok_or("no PEM certificate in it")?
-        .map_err(|e| format!("not a PEM certificate: {e}"))?;
+    let der = rustls_pemfile::certs(&mut pem.as_slice()).next().ok_or("no PEM certificate in it")?.map_err(|e| format!("not a PEM certificate: {e}"))?;
     let (_, cert) = x509_parser::parse_x509_certificate(&der).map_err(|e| format!("not an X.509 certificate: {e}"))?;
     let cn = cert.subject().iter_common_name().next().ok_or("its subject has no common name")?;
     cn.as_str().map(str::to_owned).map_err(|e| format!("its common name is not text: {e}"))
@@ -179,12 +172,8 @@ struct Keys {
 fn keys_of(c: &NodeConfig) -> Keys {
     let id = c.node.id.as_str();
     let tier = c.node.tier;
-    let streams: BTreeSet<(String, String)> = c
-        .replication
-        .subscribe
-        .iter()
-        .map(|s| (s.origin().map_or("*".to_owned(), |o| o.to_string()), s.stream_pattern().as_str().to_owned()))
-        .collect();
+    let streams: BTreeSet<(String, String)> =
+        c.replication.subscribe.iter().map(|s| (s.origin().map_or("*".to_owned(), |o| o.to_string()), s.stream_pattern().as_str().to_owned())).collect();
     let live: BTreeSet<String> = streams.iter().map(|(o, p)| format!("strata/s/{o}/{p}")).collect();
     let replays: BTreeSet<String> = streams.iter().map(|(o, p)| format!("strata/replay/{o}/{p}")).collect();
     let mut subs = live.clone();
@@ -220,7 +209,13 @@ fn behind(continuum: &Continuum, me: usize, via: usize) -> BTreeSet<usize> {
     let mut queue = VecDeque::from([via]);
     while let Some(n) = queue.pop_front() {
         for &(a, b) in &continuum.links {
-            let next = if a == n { b } else if b == n { a } else { continue };
+            let next = if a == n {
+                b
+            } else if b == n {
+                a
+            } else {
+                continue;
+            };
             if next != me && seen.insert(next) {
                 queue.push_back(next);
             }

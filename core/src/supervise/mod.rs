@@ -113,9 +113,7 @@ impl Supervisor {
             restart,
             start: Arc::new(move |parent: ActorCell| {
                 let args = make_args();
-                Box::pin(async move {
-                    Actor::spawn_linked(None, Supervisor, args, parent).await.map(|(r, _)| r.get_cell()).map_err(|e| e.to_string())
-                })
+                Box::pin(async move { Actor::spawn_linked(None, Supervisor, args, parent).await.map(|(r, _)| r.get_cell()).map_err(|e| e.to_string()) })
             }),
         }
     }
@@ -279,12 +277,7 @@ impl Actor for Supervisor {
         Ok(())
     }
 
-    async fn handle_supervisor_evt(
-        &self,
-        myself: ActorRef<Self::Msg>,
-        event: SupervisionEvent,
-        state: &mut SupervisorState,
-    ) -> Result<(), ActorProcessingErr> {
+    async fn handle_supervisor_evt(&self, myself: ActorRef<Self::Msg>, event: SupervisionEvent, state: &mut SupervisorState) -> Result<(), ActorProcessingErr> {
         let (cell, failed, reason) = match event {
             SupervisionEvent::ActorFailed(cell, err) => (cell, true, err.to_string()),
             SupervisionEvent::ActorTerminated(cell, _, reason) => (cell, false, reason.unwrap_or_else(|| "normal".into())),

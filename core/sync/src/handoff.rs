@@ -170,13 +170,7 @@ impl<T, R> Handoff<T, R> {
     /// machine), and producers make no system call to signal it. Items that keep coming keep
     /// it taking past `spin_until` (its caller is busy with them, not idle), up to `want`.
     #[cfg(not(loom))]
-    pub fn take_spinning(
-        &self,
-        max: usize,
-        want: usize,
-        spin_until: std::time::Instant,
-        mut each: impl FnMut(Vec<(T, Completer<R>)>),
-    ) -> usize {
+    pub fn take_spinning(&self, max: usize, want: usize, spin_until: std::time::Instant, mut each: impl FnMut(Vec<(T, Completer<R>)>)) -> usize {
         let want = want.min(max);
         let mut taken = 0;
         while taken < want {

@@ -7,8 +7,8 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use rand::{Rng, SeedableRng};
 use ractor::Actor;
+use rand::{Rng, SeedableRng};
 use strata_core::actor::{snapshot_stream, ActorEnv};
 use strata_core::config::{Name, RestartType, Strategy};
 use strata_core::log::{Draft, Log, RocksStore, StoreOptions};
@@ -72,7 +72,11 @@ async fn panics_while_consuming_never_apply_an_effect_twice() {
     let panic_at = Arc::new(Mutex::new(points));
     let handled = Arc::new(Mutex::new(HashMap::new()));
 
-    let config = NodeConfig::parse("t.toml".as_ref(), "[node]\nid = \"edge-1\"\ntier = \"edge\"\n\n[[actors]]\nkind = \"effects\"\nname = \"fx\"\ninputs = [\"in\"]\noutputs = [\"out\"]\n").unwrap();
+    let config = NodeConfig::parse(
+        "t.toml".as_ref(),
+        "[node]\nid = \"edge-1\"\ntier = \"edge\"\n\n[[actors]]\nkind = \"effects\"\nname = \"fx\"\ninputs = [\"in\"]\noutputs = [\"out\"]\n",
+    )
+    .unwrap();
     let mut registry = Registry::new();
     let (p, h) = (panic_at.clone(), handled.clone());
     registry.register("effects", move |spec: &strata_core::config::ActorSpec| {

@@ -208,7 +208,13 @@ async fn mqtt_readings_and_commands_survive_a_broker_restart() {
     tokio::time::sleep(Duration::from_millis(300)).await;
 
     // Malformed payloads: each rejected with its reason, the bridge keeps going.
-    let bad = [("plant/p1/temp", "not json"), ("plant/p1/temp", r#"{"f": 1}"#), ("plant/p1/temp", r#"{"c": "hot"}"#), ("plant/p1/temp", r#"{"c": -50}"#), ("plant/p3/temp", r#"{"c": 1}"#)];
+    let bad = [
+        ("plant/p1/temp", "not json"),
+        ("plant/p1/temp", r#"{"f": 1}"#),
+        ("plant/p1/temp", r#"{"c": "hot"}"#),
+        ("plant/p1/temp", r#"{"c": -50}"#),
+        ("plant/p3/temp", r#"{"c": 1}"#),
+    ];
     for (topic, payload) in bad {
         publisher.client.publish(topic, rumqttc::QoS::AtLeastOnce, false, payload).await.unwrap();
     }
@@ -321,12 +327,24 @@ async fn mqtt_readings_and_commands_survive_a_broker_restart() {
     broker.start();
     node.log().append_durable(StreamName::new("commands-short").unwrap(), command("fresh", "stop")).await.unwrap();
     let short = |client: &Client| -> Vec<String> {
-        client.received.lock().unwrap().iter().filter(|(t, _)| t.starts_with("plant/short/")).map(|(_, p)| serde_json::from_slice::<Value>(p).unwrap()["key"].as_str().unwrap().to_owned()).collect()
+        client
+            .received
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(t, _)| t.starts_with("plant/short/"))
+            .map(|(_, p)| serde_json::from_slice::<Value>(p).unwrap()["key"].as_str().unwrap().to_owned())
+            .collect()
     };
     assert!(wait_for(Duration::from_secs(30), || short(&subscriber).contains(&"fresh".to_string())).await, "the fresh command is sent after the restart");
     let v5 = report(&node.status().await, "plant-v5");
     let events: Vec<Value> = payloads_live(&node, "events").into_iter().filter(|e| e["event"] == "command_expired").collect();
-    println!("mqtt 5: commands appended 4 / expired {} / sent {} / delivered {:?}", v5["counters"]["commands_expired"], v5["counters"]["commands_sent"], short(&subscriber));
+    println!(
+        "mqtt 5: commands appended 4 / expired {} / sent {} / delivered {:?}",
+        v5["counters"]["commands_expired"],
+        v5["counters"]["commands_sent"],
+        short(&subscriber)
+    );
     assert_eq!(v5["counters"]["commands_expired"], 3, "{v5}");
     assert_eq!(short(&subscriber), vec!["fresh".to_string()], "expired commands are not sent");
     assert_eq!(events.iter().map(|e| e["key"].as_str().unwrap()).collect::<BTreeSet<_>>(), ["late-0", "late-1", "late-2"].into_iter().collect());
@@ -453,7 +471,8 @@ type = "f32"
     let node = Node::start(NodeConfig::parse("edge-1.toml".as_ref(), &node_config(dir.path(), &actors)).unwrap(), &registry).await.unwrap();
     let last = |stream: &str| payloads_live(&node, stream).last().map(|d| d["value"].as_f64().unwrap());
     assert!(wait_for(Duration::from_secs(20), || last("readings/running").is_some() && last("readings/temp").is_some()).await, "no readings polled");
-    let polled: Vec<(&str, f64)> = ["temp", "count", "offset", "total", "running"].iter().map(|s| (*s, last(&format!("readings/{s}")).unwrap_or(f64::NAN))).collect();
+    let polled: Vec<(&str, f64)> =
+        ["temp", "count", "offset", "total", "running"].iter().map(|s| (*s, last(&format!("readings/{s}")).unwrap_or(f64::NAN))).collect();
     println!("modbus: polled {polled:?}");
     // The device's registers: f32 21.5, u16 1234 (x 0.1), i16 -7 (+ 100), u32 65538 (low word
     // first), coil on.
@@ -504,7 +523,27 @@ async fn mqtt_bridge_connects_with_tls_and_a_password() {
     run("openssl", &["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=test-ca"], d);
     run("openssl", &["req", "-newkey", "rsa:2048", "-nodes", "-keyout", "broker.key", "-out", "broker.csr", "-subj", "/CN=localhost"], d);
     std::fs::write(d.join("san.ext"), "subjectAltName=DNS:localhost,IP:127.0.0.1\n").unwrap();
-    run("openssl", &["x509", "-req", "-in", "broker.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-out", "broker.pem", "-days", "2", "-extfile", "san.ext"], d);
+    run(
+        "openssl",
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "broker.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "broker.pem",
+            "-days",
+            "2",
+            "-extfile",
+            "san.ext",
+        ],
+        d,
+    );
     run("mosquitto_passwd", &["-b", "-c", "passwd", "gateway", "s3cret"], d);
     let tls_port = free_port();
     let extra = format!(
@@ -540,6 +579,11 @@ async fn mqtt_bridge_connects_with_tls_and_a_password() {
     let wrong = report(&node.status().await, "wrong");
     println!("mqtt tls: 100/100 readings over TLS with a password; wrong password: {wrong}");
     assert_eq!(wrong["connected"], false, "{wrong}");
-    assert!(wrong["last_error"].as_str().unwrap_or("").to_lowercase().contains("refused") || wrong["last_error"].as_str().unwrap_or("").contains("NotAuthorized") || wrong["last_error"].as_str().unwrap_or("").contains("BadUserNamePassword"), "{wrong}");
+    assert!(
+        wrong["last_error"].as_str().unwrap_or("").to_lowercase().contains("refused")
+            || wrong["last_error"].as_str().unwrap_or("").contains("NotAuthorized")
+            || wrong["last_error"].as_str().unwrap_or("").contains("BadUserNamePassword"),
+        "{wrong}"
+    );
     node.shutdown().await;
 }

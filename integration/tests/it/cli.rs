@@ -46,11 +46,7 @@ fn usage_error_exits_2() {
 
 #[test]
 fn example_continuum_checks() {
-    check(
-        &["configs/edge.toml", "configs/fog.toml", "configs/cloud.toml"],
-        0,
-        "path edge -> fog -> cloud: edge-1 -> fog-1 -> cloud-1",
-    );
+    check(&["configs/edge.toml", "configs/fog.toml", "configs/cloud.toml"], 0, "path edge -> fog -> cloud: edge-1 -> fog-1 -> cloud-1");
     check(&["configs/edge.toml"], 0, "config valid");
     check(&["configs/gateway.toml"], 0, "config valid");
 }
@@ -61,7 +57,11 @@ fn bad_bridge_sections_are_named() {
     let gateway = std::fs::read_to_string(repo_root().join("configs/gateway.toml")).unwrap();
     let cases = [
         ("protocol = \"3.1.1\"", "protocol = \"4\"", "actors[0].params: protocol: \"4\" is not \"3.1.1\" or \"5\""),
-        ("topic = \"plant/+/temperature\"", "topic = \"plant/#/temperature\"", "actors[0].params: readings[0]: topic \"plant/#/temperature\" is not a valid MQTT filter"),
+        (
+            "topic = \"plant/+/temperature\"",
+            "topic = \"plant/#/temperature\"",
+            "actors[0].params: readings[0]: topic \"plant/#/temperature\" is not a valid MQTT filter",
+        ),
         ("port = 1883", "port = 1883\nhots = \"x\"", "actors[0].params: unknown field `hots`"),
         ("port = 1883", "port = 99999", "actors[0].params: port: invalid value: integer `99999`, expected u16"),
         ("type = \"f32\"", "type = \"f64\"", "actors[1].params: points[0].type: unknown variant `f64`, expected one of `u16`, `i16`, `u32`, `i32`, `f32`"),
@@ -192,11 +192,7 @@ mod log {
         assert!(text(&out.stderr).contains("no stream fog-1:readings/nope in"), "{}", text(&out.stderr));
 
         // --follow prints what is appended after it started.
-        let mut child = Command::new(strata_bin())
-            .args(["log", "tail", path, "readings/a", "--follow"])
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
+        let mut child = Command::new(strata_bin()).args(["log", "tail", path, "readings/a", "--follow"]).stdout(std::process::Stdio::piped()).spawn().unwrap();
         let stdout = child.stdout.take().unwrap();
         let reader = std::thread::spawn(move || {
             let mut lines = Vec::new();

@@ -31,12 +31,7 @@ fn kill_9_loses_no_acknowledged_append() {
     let mut acked: BTreeMap<u64, (u8, u64)> = BTreeMap::new();
     let mut stored_last = 0u64;
     for cycle in 0..cycles() {
-        let mut child = Command::new(helper_bin("crash_writer"))
-            .arg(dir.path())
-            .arg("4")
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
+        let mut child = Command::new(helper_bin("crash_writer")).arg(dir.path()).arg("4").stdout(Stdio::piped()).spawn().unwrap();
         let stdout = child.stdout.take().unwrap();
         let reader = std::thread::spawn(move || {
             let mut lines = Vec::new();
@@ -113,12 +108,7 @@ fn kill_9_loses_no_acknowledged_append() {
     }
     let torn = present.values().filter(|v| v.is_none()).count();
     let lost = acked.iter().filter(|(seq, who)| present.get(seq) != Some(&Some(**who))).count();
-    println!(
-        "crash test: {} kills, appended {} / acknowledged {} / lost {lost} (must be 0) / torn {torn} (must be 0)",
-        cycles(),
-        present.len(),
-        acked.len()
-    );
+    println!("crash test: {} kills, appended {} / acknowledged {} / lost {lost} (must be 0) / torn {torn} (must be 0)", cycles(), present.len(), acked.len());
     assert!(acked.len() > 100, "the writer acknowledged too little to mean anything: {}", acked.len());
     assert_eq!(lost, 0);
     assert_eq!(torn, 0);

@@ -12,11 +12,7 @@ use crate::replication::serial;
 fn a_short_demo_loses_nothing_and_reports_every_phase() {
     let _serial = serial();
     let out_dir = tempfile::tempdir().unwrap();
-    let out = Command::new(strata_bin())
-        .args(["demo", "--duration", "20", "--seed", "3", "--out"])
-        .arg(out_dir.path())
-        .output()
-        .expect("run strata demo");
+    let out = Command::new(strata_bin()).args(["demo", "--duration", "20", "--seed", "3", "--out"]).arg(out_dir.path()).output().expect("run strata demo");
     let stdout = String::from_utf8_lossy(&out.stdout);
     println!("{stdout}");
     assert_eq!(out.status.code(), Some(0), "strata demo failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));

@@ -106,10 +106,9 @@ async fn escalations_are_approved_denied_or_time_out_to_the_safe_default() {
     assert!(err.contains("no node reachable through") && err.contains("holds escalation"), "{err}");
 
     // Everything is on the durable streams once the arbiter has acted on the last resolution.
-    let commands_done = wait_async(Duration::from_secs(20), || async {
-        payloads(&edge.data_dir, "commands").iter().filter(|c| c["resolution"].is_string()).count() == 3
-    })
-    .await;
+    let commands_done =
+        wait_async(Duration::from_secs(20), || async { payloads(&edge.data_dir, "commands").iter().filter(|c| c["resolution"].is_string()).count() == 3 })
+            .await;
     assert!(commands_done, "the arbiter did not act on the resolutions\n{}", edge.log_text());
     assert_eq!(edge.terminate(Duration::from_secs(20)), Some(0));
 
@@ -125,11 +124,8 @@ async fn escalations_are_approved_denied_or_time_out_to_the_safe_default() {
         .filter(|d| d["escalation"].is_string())
         .map(|d| (d["escalation"].as_str().unwrap().into(), d["outcome"].as_str().unwrap().into(), d["action"].as_str().unwrap().into()))
         .collect();
-    let expected: Vec<(String, String, String)> = ids
-        .iter()
-        .zip([("approved", "stop"), ("denied", "hold"), ("timed_out", "hold")])
-        .map(|(id, (o, a))| (id.clone(), o.into(), a.into()))
-        .collect();
+    let expected: Vec<(String, String, String)> =
+        ids.iter().zip([("approved", "stop"), ("denied", "hold"), ("timed_out", "hold")]).map(|(id, (o, a))| (id.clone(), o.into(), a.into())).collect();
     assert_eq!(resolutions, expected);
     let by: Vec<&str> = decisions.iter().filter_map(|d| d["by"].as_str()).collect();
     assert_eq!(by, ["ops-anna", "ops-anna", "timeout"]);
@@ -139,11 +135,8 @@ async fn escalations_are_approved_denied_or_time_out_to_the_safe_default() {
     assert!(escalated.iter().all(|d| d["route"] == "local" && d["tier"] == "edge" && d["met"] == true), "{escalated:?}");
 
     let commands = payloads(&edge.data_dir, "commands");
-    let acted: Vec<(String, String)> = commands
-        .iter()
-        .filter(|c| c["resolution"].is_string())
-        .map(|c| (c["key"].as_str().unwrap().into(), c["action"].as_str().unwrap().into()))
-        .collect();
+    let acted: Vec<(String, String)> =
+        commands.iter().filter(|c| c["resolution"].is_string()).map(|c| (c["key"].as_str().unwrap().into(), c["action"].as_str().unwrap().into())).collect();
     assert_eq!(acted, expected.iter().map(|(id, _, a)| (id.clone(), a.clone())).collect::<Vec<_>>());
 
     let events = payloads(&edge.data_dir, "events");

@@ -1,8 +1,8 @@
 //! The one integration test binary of Strata (one link step for all multi-node tests).
 
-mod cli;
 mod actors;
 mod bridges;
+mod cli;
 mod crash;
 mod demo;
 mod escalate;

@@ -55,11 +55,8 @@ impl Continuum {
     pub async fn start(proxied: bool) -> Continuum {
         let dir = tempfile::tempdir().unwrap();
         let (edge_port, fog_port, cloud_port) = (free_port(), free_port(), free_port());
-        let proxy = if proxied {
-            Some(Proxy::start("127.0.0.1:0".parse().unwrap(), format!("127.0.0.1:{cloud_port}").parse().unwrap()).await.unwrap())
-        } else {
-            None
-        };
+        let proxy =
+            if proxied { Some(Proxy::start("127.0.0.1:0".parse().unwrap(), format!("127.0.0.1:{cloud_port}").parse().unwrap()).await.unwrap()) } else { None };
         let fog_upstream = proxy.as_ref().map_or(cloud_port, |p| p.listen.port());
         let zenoh = |mode: &str, listen: u16, connect: Option<u16>| {
             let connect = connect.map_or(String::new(), |p| format!("\"tcp/127.0.0.1:{p}\""));
@@ -68,11 +65,7 @@ impl Continuum {
             )
         };
         let edge = format!("{}{}[ingest]\nstreams = [\"readings/**\"]\n", common("edge-1", "edge"), zenoh("peer", edge_port, Some(fog_port)));
-        let fog = format!(
-            "{}subscribe = [\"edge-1/**\"]\n{}",
-            common("fog-1", "fog"),
-            zenoh("router", fog_port, Some(fog_upstream))
-        );
+        let fog = format!("{}subscribe = [\"edge-1/**\"]\n{}", common("fog-1", "fog"), zenoh("router", fog_port, Some(fog_upstream)));
         let cloud = format!("{}subscribe = [\"*/**\"]\n{}", common("cloud-1", "cloud"), zenoh("router", cloud_port, None));
         let mut c = Continuum {
             edge: NodeProc::new(dir.path(), "edge-1", &edge),
@@ -146,11 +139,7 @@ impl Device {
         let task = {
             let (sent, stop) = (sent.clone(), stop.clone());
             tokio::spawn(async move {
-                let publisher = session
-                    .declare_publisher(format!("strata/ingest/{STREAM}"))
-                    .congestion_control(CongestionControl::Block)
-                    .await
-                    .unwrap();
+                let publisher = session.declare_publisher(format!("strata/ingest/{STREAM}")).congestion_control(CongestionControl::Block).await.unwrap();
                 let start = Instant::now();
                 for i in 0..count {
                     if stop.load(Ordering::Relaxed) {
@@ -196,8 +185,7 @@ pub struct Held {
 
 pub fn held(data_dir: &Path) -> Held {
     let store = RocksStore::open_read_only(data_dir).unwrap();
-    let keys: Vec<StreamKey> =
-        store.streams().into_iter().filter(|i| i.origin.as_str() == "edge-1" && i.stream.as_str() == STREAM).map(|i| i.key()).collect();
+    let keys: Vec<StreamKey> = store.streams().into_iter().filter(|i| i.origin.as_str() == "edge-1" && i.stream.as_str() == STREAM).map(|i| i.key()).collect();
     let mut h = Held { incarnations: keys.len(), count: 0, watermark: 0, values: Vec::new(), seqs_in_order: true };
     for key in keys {
         let info = store.stream(&key).unwrap();
@@ -244,10 +232,7 @@ async fn ten_thousand_readings_reach_the_cloud_in_order_once() {
     let n = 10_000;
     let mut d = Device::start(device.clone(), n, 0);
     assert_eq!(d.finish().await, n);
-    let arrived = wait_async(Duration::from_secs(60), || async {
-        watermark(&cloud_view, "cloud-1", "edge-1", STREAM).await == Some(n)
-    })
-    .await;
+    let arrived = wait_async(Duration::from_secs(60), || async { watermark(&cloud_view, "cloud-1", "edge-1", STREAM).await == Some(n) }).await;
     if !arrived {
         let edge_view = zenoh_session(&Continuum::endpoint(c.edge_port)).await;
         let fog_view = zenoh_session(&Continuum::endpoint(c.fog_port)).await;
@@ -345,10 +330,7 @@ async fn fog_kill_9_mid_stream_resumes_from_its_watermarks() {
     assert!(fog_after_restart >= fog_before - 50, "fog restarted at {fog_after_restart}, had {fog_before}");
     tokio::time::sleep(Duration::from_secs(2)).await;
     let sent = d.stop().await;
-    let ok = wait_async(Duration::from_secs(60), || async {
-        wm(&cloud_view, "cloud-1").await == sent && wm(&fog_view, "fog-1").await == sent
-    })
-    .await;
+    let ok = wait_async(Duration::from_secs(60), || async { wm(&cloud_view, "cloud-1").await == sent && wm(&fog_view, "fog-1").await == sent }).await;
     assert!(ok, "fog and cloud did not get all {sent} readings\nfog log:\n{}", c.fog.log_text());
 
     let edge_doc = status(&edge_view, "edge-1").await.unwrap();
@@ -403,10 +385,7 @@ async fn a_wiped_edge_comes_back_as_a_new_incarnation() {
     for node in [&c.fog, &c.cloud] {
         let h = held(&node.data_dir);
         assert_eq!((h.incarnations, h.count), (2, 150), "{}: both histories, apart", node.id);
-        let out = std::process::Command::new(strata_integration::strata_bin())
-            .args(["log", "ls", node.data_dir.to_str().unwrap()])
-            .output()
-            .unwrap();
+        let out = std::process::Command::new(strata_integration::strata_bin()).args(["log", "ls", node.data_dir.to_str().unwrap()]).output().unwrap();
         let text = String::from_utf8_lossy(&out.stdout);
         let rows: Vec<&str> = text.lines().filter(|l| l.starts_with("edge-1") && l.contains(STREAM)).collect();
         assert_eq!(rows.len(), 2, "{}: strata log ls shows both incarnations:\n{text}", node.id);
@@ -437,7 +416,9 @@ async fn fog_cloud_partition_by_veth_link_down() {
     let dir = tempfile::tempdir().unwrap();
     let (edge_port, fog_port, cloud_port) = (free_port(), free_port(), free_port());
     let zenoh = |mode: &str, listen: &str, connect: &str| {
-        format!("[zenoh]\nmode = \"{mode}\"\nlisten = [\"tcp/{listen}\"]\nconnect = [{connect}]\nlease_ms = 1000\nconnect_retry_ms = 100\nopen_timeout_ms = 500\n")
+        format!(
+            "[zenoh]\nmode = \"{mode}\"\nlisten = [\"tcp/{listen}\"]\nconnect = [{connect}]\nlease_ms = 1000\nconnect_retry_ms = 100\nopen_timeout_ms = 500\n"
+        )
     };
     let edge = format!(
         "{}{}[ingest]\nstreams = [\"readings/**\"]\n",
@@ -594,21 +575,15 @@ async fn nodes_work_behind_a_plain_zenoh_router() {
     // endpoint. (Two *peers* behind one router do not reach each other unless they can mesh
     // directly: Zenoh expects peers of one region to be connected to each other.)
     let via_router = |id: &str, tier: &str, mode: &str, extra: &str| {
-        format!(
-            "{}{extra}[zenoh]\nmode = \"{mode}\"\nconnect = [\"tcp/127.0.0.1:{router_port}\"]\nconnect_retry_ms = 100\n",
-            common(id, tier)
-        )
+        format!("{}{extra}[zenoh]\nmode = \"{mode}\"\nconnect = [\"tcp/127.0.0.1:{router_port}\"]\nconnect_retry_ms = 100\n", common(id, tier))
     };
-    let mut edge =
-        NodeProc::new(dir.path(), "edge-1", &format!("{}[ingest]\nstreams = [\"readings/**\"]\n", via_router("edge-1", "edge", "peer", "")));
+    let mut edge = NodeProc::new(dir.path(), "edge-1", &format!("{}[ingest]\nstreams = [\"readings/**\"]\n", via_router("edge-1", "edge", "peer", "")));
     let mut cloud = NodeProc::new(dir.path(), "cloud-1", &via_router("cloud-1", "cloud", "router", "subscribe = [\"*/**\"]\n"));
     edge.start();
     cloud.start();
     let view = strata_integration::zenoh_session_as("client", &Continuum::endpoint(router_port)).await;
-    let connected = wait_async(Duration::from_secs(30), || async {
-        status(&view, "edge-1").await.is_some_and(|doc| doc["liveliness"]["cloud-1"]["alive"] == true)
-    })
-    .await;
+    let connected =
+        wait_async(Duration::from_secs(30), || async { status(&view, "edge-1").await.is_some_and(|doc| doc["liveliness"]["cloud-1"]["alive"] == true) }).await;
     assert!(connected, "edge and cloud did not find each other through the router\n{}", edge.log_text());
     Device::start(view.clone(), 1000, 0).finish().await;
     let ok = wait_async(Duration::from_secs(30), || async { wm(&view, "cloud-1").await == 1000 }).await;

@@ -159,16 +159,7 @@ async fn decisions_follow_the_tier_that_can_meet_their_deadline() {
     let mut tallies = Vec::new();
     for p in &phases {
         let t = tally(decisions.iter().filter(|(at, _)| (p.from..p.to).contains(at)));
-        println!(
-            "{:<12} {:>9} {:>6} {:>5} {:>5} {:>9}  {:>5.1}%",
-            p.name,
-            t.total(),
-            t.cloud,
-            t.fog,
-            t.edge,
-            t.fallback,
-            100.0 * t.share(t.met)
-        );
+        println!("{:<12} {:>9} {:>6} {:>5} {:>5} {:>9}  {:>5.1}%", p.name, t.total(), t.cloud, t.fog, t.edge, t.fallback, 100.0 * t.share(t.met));
         tallies.push(t);
     }
     println!("fog back: decisions moved back to it within {moved_back_s:.1} s (hold {HOLD_MS} ms)");
@@ -203,7 +194,12 @@ async fn decisions_follow_the_tier_that_can_meet_their_deadline() {
     let misses = events.iter().filter(|(_, e)| e["event"] == "deadline_miss").count();
     println!("mode recovered {} ms after the fog process restarted ({reason}); deadline_miss events: {misses}", recovered_at - back);
     // The reasons say why.
-    let slow_reason = decisions.iter().filter(|(at, d)| (phases[1].from..phases[1].to).contains(at) && d["tier"] == "fog").map(|(_, d)| d["reason"].as_str().unwrap_or("")).next_back().unwrap_or("");
+    let slow_reason = decisions
+        .iter()
+        .filter(|(at, d)| (phases[1].from..phases[1].to).contains(at) && d["tier"] == "fog")
+        .map(|(_, d)| d["reason"].as_str().unwrap_or(""))
+        .next_back()
+        .unwrap_or("");
     assert!(slow_reason.contains("cloud cloud-1: p95") && slow_reason.contains("fog fog-1: p95"), "{slow_reason}");
     println!("reason while the cloud is slow: {slow_reason}");
 }

@@ -447,7 +447,11 @@ fn acl_of_the_example_configs_matches_the_golden_file() {
         let want = std::fs::read_to_string(&path).unwrap_or_default();
         assert!(out == want, "`strata acl {configs}` differs from {} (STRATA_BLESS=1 to accept a deliberate change):\n{out}", path.display());
         let doc: serde_json::Value = serde_json::from_str(&out).unwrap();
-        println!("strata acl {configs}: {} nodes, {} rules, matches {golden}", doc.as_object().unwrap().len(), doc.as_object().unwrap().values().map(|a| a["rules"].as_array().unwrap().len()).sum::<usize>());
+        println!(
+            "strata acl {configs}: {} nodes, {} rules, matches {golden}",
+            doc.as_object().unwrap().len(),
+            doc.as_object().unwrap().values().map(|a| a["rules"].as_array().unwrap().len()).sum::<usize>()
+        );
     }
 }
 

@@ -90,12 +90,8 @@ async fn rest_for_one_restarts_the_failed_child_and_those_started_after_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restart_types_decide_what_is_restarted() {
     let (probes, rec) = (Probes::default(), Recorder::default());
-    let children = [
-        ("perm", RestartType::Permanent),
-        ("trans", RestartType::Transient),
-        ("trans-crash", RestartType::Transient),
-        ("temp", RestartType::Temporary),
-    ];
+    let children =
+        [("perm", RestartType::Permanent), ("trans", RestartType::Transient), ("trans-crash", RestartType::Transient), ("temp", RestartType::Temporary)];
     let sup = start(policy(Strategy::OneForOne), &probes, &children, &rec).await;
     // A permanent child is restarted even after a normal exit.
     fail_and_wait(&probes, "perm", ProbeMsg::Exit, &[("perm", 2)]).await;
@@ -111,10 +107,7 @@ async fn restart_types_decide_what_is_restarted() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(starts(&probes, &["perm", "trans", "trans-crash", "temp"]), [2, 1, 2, 1]);
     let states: Vec<(String, &str)> = supervise::children(&sup).await.unwrap().into_iter().map(|c| (c.name, c.state)).collect();
-    assert_eq!(
-        states,
-        [("perm".into(), "running"), ("trans".into(), "stopped"), ("trans-crash".into(), "running"), ("temp".into(), "stopped")]
-    );
+    assert_eq!(states, [("perm".into(), "running"), ("trans".into(), "stopped"), ("trans-crash".into(), "running"), ("temp".into(), "stopped")]);
     supervise::shutdown(&sup, WAIT).await;
 }
 
@@ -150,7 +143,8 @@ async fn the_failure_past_the_intensity_escalates_to_the_parent() {
     let escalated = events.iter().position(|e| matches!(e, Event::Escalated { supervisor, .. } if supervisor == "inner"));
     let escalated = escalated.unwrap_or_else(|| panic!("no escalation in {events:?}"));
     assert_eq!(rec.stopped()[..2], [("c".to_owned(), false), ("a".to_owned(), false)], "reverse start order");
-    let outer_saw = events.iter().position(|e| matches!(e, Event::ChildExited { supervisor, child, failed: true, .. } if supervisor == "outer" && child == "inner"));
+    let outer_saw =
+        events.iter().position(|e| matches!(e, Event::ChildExited { supervisor, child, failed: true, .. } if supervisor == "outer" && child == "inner"));
     assert!(outer_saw.is_some_and(|i| i > escalated), "the outer supervisor saw the inner one fail: {events:?}");
     supervise::shutdown(&outer, WAIT).await;
 }
@@ -173,12 +167,7 @@ async fn a_root_past_its_intensity_stops_and_fails() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn successive_restarts_are_spaced_by_the_backoff() {
     let (probes, rec) = (Probes::default(), Recorder::default());
-    let p = Policy {
-        restarts_max: 10,
-        backoff_base: Duration::from_millis(100),
-        backoff_max: Duration::from_millis(400),
-        ..policy(Strategy::OneForOne)
-    };
+    let p = Policy { restarts_max: 10, backoff_base: Duration::from_millis(100), backoff_max: Duration::from_millis(400), ..policy(Strategy::OneForOne) };
     let sup = start(p, &probes, &[("a", RestartType::Permanent)], &rec).await;
     for n in 2..=5 {
         fail_and_wait(&probes, "a", ProbeMsg::Panic, &[("a", n)]).await;

@@ -84,11 +84,7 @@ async fn raw(n: u64, rate: u64) -> Result<(f64, u64, u64)> {
     let session = client(fog).await?;
     // Let routing settle before measuring.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let publisher = session
-        .declare_publisher("bench/raw")
-        .congestion_control(CongestionControl::Block)
-        .await
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let publisher = session.declare_publisher("bench/raw").congestion_control(CongestionControl::Block).await.map_err(|e| anyhow::anyhow!("{e}"))?;
     let start = Instant::now();
     for i in 0..n {
         if rate > 0 {
@@ -160,9 +156,7 @@ impl Continuum {
         }
         let files: Vec<_> = ["edge-1", "fog-1", "cloud-1"].iter().map(|id| d.join(format!("{id}.toml"))).collect();
         let common = |id: &str, tier: &str| {
-            let mut s = format!(
-                "[node]\nid = \"{id}\"\ntier = \"{tier}\"\ndata_dir = \"{{data_dir}}\"\n[log]\nsync = \"always\"\n"
-            );
+            let mut s = format!("[node]\nid = \"{id}\"\ntier = \"{tier}\"\ndata_dir = \"{{data_dir}}\"\n[log]\nsync = \"always\"\n");
             if secure {
                 s += &format!(
                     "[security]\ntls = true\nca_file = {:?}\ncert_file = {:?}\nkey_file = {:?}\ncontinuum = {:?}\noperators = [\"ops\"]\n",
@@ -176,7 +170,9 @@ impl Continuum {
         };
         let zenoh = |listen: u16, connect: Option<u16>| {
             let connect = connect.map_or(String::new(), |p| format!("\"{proto}/127.0.0.1:{p}\""));
-            format!("[zenoh]\nmode = \"router\"\nlisten = [\"{proto}/127.0.0.1:{listen}\"]\nconnect = [{connect}]\nconnect_retry_ms = 100\nopen_timeout_ms = 500\n")
+            format!(
+                "[zenoh]\nmode = \"router\"\nlisten = [\"{proto}/127.0.0.1:{listen}\"]\nconnect = [{connect}]\nconnect_retry_ms = 100\nopen_timeout_ms = 500\n"
+            )
         };
         let mut fog = NodeProc::new(d, "fog-1", &format!("{}subscribe = [\"edge-1/**\"]\n{}", common("fog-1", "fog"), zenoh(fog_port, Some(fog_up))));
         let mut cloud = NodeProc::new(d, "cloud-1", &format!("{}subscribe = [\"*/**\"]\n{}", common("cloud-1", "cloud"), zenoh(cloud_port, None)));

@@ -58,11 +58,9 @@ async fn restarts(snapshot_bytes: usize) -> Result<Vec<Duration>> {
     let dir = tempfile::tempdir()?;
     let node = NodeId::new("bench").map_err(anyhow::Error::msg)?;
     let log = Log::new(Arc::new(RocksStore::open(dir.path(), &node, StoreOptions::default())?));
-    let config = NodeConfig::parse(
-        "bench.toml".as_ref(),
-        "[node]\nid = \"bench\"\ntier = \"edge\"\n[[actors]]\nkind = \"failing\"\nname = \"f\"\ninputs = [\"in\"]\n",
-    )
-    .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let config =
+        NodeConfig::parse("bench.toml".as_ref(), "[node]\nid = \"bench\"\ntier = \"edge\"\n[[actors]]\nkind = \"failing\"\nname = \"f\"\ninputs = [\"in\"]\n")
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
     let (fail_tx, mut fail_rx) = mpsc::channel(4);
     let (handled_tx, mut handled_rx) = mpsc::channel(4);
     let failed = Arc::new(Mutex::new(HashSet::new()));
