@@ -52,6 +52,16 @@ fn configs(edge: u16, fog: u16, fog_upstream: u16, cloud: u16) -> [String; 3] {
     ]
 }
 
+/// Whether a decision's reason says that `tier`'s node `node` could not answer in time: its
+/// estimate over the budget left (`fog fog-1: p95 7.5 ms > 4.3 ms available`), or no budget
+/// left to route with at all.
+fn tier_did_not_fit(reason: &str, tier: &str, node: &str) -> bool {
+    reason.split("; ").any(|clause| {
+        let over = clause.strip_prefix(&format!("{tier} {node}: p95 ")).is_some_and(|c| c.contains(" > ") && c.ends_with(" available"));
+        over || (clause.starts_with("budget ") && clause.contains(" <= margin")) || clause == "deadline passed before sending"
+    })
+}
+
 fn unix_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64
 }
@@ -176,8 +186,24 @@ async fn decisions_follow_the_tier_that_can_meet_their_deadline() {
         assert!(t.share(t.met) >= 0.8, "{}: deadline met {:.1}%: {t:?}; missed: {missed:#?}", p.name, 100.0 * t.share(t.met));
     }
     let [normal, slow, killed, _] = &tallies[..] else { unreachable!() };
-    assert!(normal.share(normal.cloud) >= 0.6, "normal: cloud should decide: {normal:?}");
-    assert!(slow.share(slow.fog) >= 0.7 && slow.cloud <= 5, "cloud slow: the fog should decide: {slow:?}");
+    // On a busy machine (the other tests of this binary run alongside) a request can wait at
+    // the edge long enough that the tier the phase is about no longer fits the budget left: the
+    // router then rightly picks a nearer tier. So most decisions, not all, go to that tier, and
+    // every other one must say why: that tier's estimate over the budget left, the budget gone
+    // before routing, or no answer in time (a fallback). Never "unreachable" or "not trusted":
+    // the tier is up and warm. (Decisions taken by a more capable tier, the cloud just after it
+    // slowed down, are counted below.)
+    for (p, tier, node, above) in [(&phases[0], "cloud", "cloud-1", None), (&phases[1], "fog", "fog-1", Some("cloud"))] {
+        let unexplained: Vec<&str> = decisions
+            .iter()
+            .filter(|(at, d)| (p.from..p.to).contains(at) && d["tier"] != tier && d["tier"].as_str() != above && d["fallback"] != true)
+            .map(|(_, d)| d["reason"].as_str().unwrap_or(""))
+            .filter(|r| !tier_did_not_fit(r, tier, node))
+            .collect();
+        assert!(unexplained.is_empty(), "{}: decided without {tier}, and the reason does not say it did not fit: {unexplained:#?}", p.name);
+    }
+    assert!(normal.share(normal.cloud) >= 0.5, "normal: cloud should decide: {normal:?}");
+    assert!(slow.share(slow.fog) >= 0.5 && slow.cloud <= 5, "cloud slow: the fog should decide: {slow:?}");
     assert!(killed.share(killed.edge) >= 0.9, "fog killed: the edge should decide: {killed:?}");
     // In the last phase, the fog decides again only once the mode has recovered, i.e. after
     // the fog was back for the hold time.
