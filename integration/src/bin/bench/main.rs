@@ -31,6 +31,7 @@
 
 mod bus;
 mod restart;
+mod sketches;
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -112,16 +113,22 @@ impl RawStore {
     fn run(&mut self, slice: Duration) -> Result<(u64, Duration)> {
         let (start, first) = (Instant::now(), self.seq);
         while start.elapsed() < slice {
-            let mut wb = WriteBatch::default();
-            for _ in 0..self.batch {
-                self.seq += 1;
-                let mut key = b"edge-1/readings/bench/".to_vec();
-                key.extend_from_slice(&self.seq.to_be_bytes());
-                wb.put(&key, &self.value);
-            }
-            self.db.write_opt(wb, &self.wo)?;
+            self.write(self.batch)?;
         }
         Ok((self.seq - first, start.elapsed()))
+    }
+
+    /// Writes the next `records` records as one `WriteBatch` + WAL sync.
+    fn write(&mut self, records: usize) -> Result<()> {
+        let mut wb = WriteBatch::default();
+        for _ in 0..records {
+            self.seq += 1;
+            let mut key = b"edge-1/readings/bench/".to_vec();
+            key.extend_from_slice(&self.seq.to_be_bytes());
+            wb.put(&key, &self.value);
+        }
+        self.db.write_opt(wb, &self.wo)?;
+        Ok(())
     }
 }
 
@@ -315,83 +322,6 @@ fn bench_rocksdb_group(budget: Duration) -> Result<()> {
     Ok(())
 }
 
-/// Records waiting for [`bench_minimal_group`]'s committer thread, and whether it should stop.
-type MinimalQueue = (std::sync::Mutex<(Vec<tokio::sync::oneshot::Sender<()>>, bool)>, std::sync::Condvar);
-
-/// The simplest group commit an integrator could write over raw RocksDB, for comparison:
-/// `n` tokio tasks on this bench's runtime each queue a record and await a oneshot; one
-/// thread takes everything queued, writes it as one `WriteBatch` + WAL sync and answers.
-/// No waiting to grow a batch, no spinning. Against the raw batch of `n` and Strata, in
-/// alternating slices like [`round`].
-fn bench_minimal_group(rt: &tokio::runtime::Runtime, budget: Duration) -> Result<()> {
-    for n in [1usize, 8, 64] {
-        let mut raw = RawStore::open(n, PAYLOAD_BYTES)?;
-        let log = StrataLog::open()?;
-        let queue: Arc<MinimalQueue> = Arc::new((std::sync::Mutex::new((Vec::new(), false)), std::sync::Condvar::new()));
-        let committer = {
-            let (queue, store) = (queue.clone(), RawStore::open(1, PAYLOAD_BYTES)?);
-            std::thread::spawn(move || -> Result<()> {
-                // The whole store, temporary directory included (a closure would capture
-                // only the fields it uses, and the directory would be deleted under it).
-                let mut store = store;
-                loop {
-                    let waiting = {
-                        let mut q = queue.0.lock().expect("queue lock");
-                        while q.0.is_empty() && !q.1 {
-                            q = queue.1.wait(q).expect("queue lock");
-                        }
-                        if q.0.is_empty() {
-                            return Ok(());
-                        }
-                        std::mem::take(&mut q.0)
-                    };
-                    let mut wb = WriteBatch::default();
-                    for _ in &waiting {
-                        store.seq += 1;
-                        let mut key = b"edge-1/readings/bench/".to_vec();
-                        key.extend_from_slice(&store.seq.to_be_bytes());
-                        wb.put(&key, &store.value);
-                    }
-                    store.db.write_opt(wb, &store.wo)?;
-                    for done in waiting {
-                        let _ = done.send(());
-                    }
-                }
-            })
-        };
-        let slice = budget / SLICES;
-        let mut totals = [(0u64, Duration::ZERO); 3];
-        for _ in 0..SLICES {
-            let (records, elapsed) = raw.run(slice)?;
-            totals[0] = (totals[0].0 + records, totals[0].1 + elapsed);
-            let queue = queue.clone();
-            let (records, elapsed) = rt.block_on(each_awaiting(n, slice, move || {
-                let queue = queue.clone();
-                async move {
-                    let (done, durable) = tokio::sync::oneshot::channel();
-                    queue.0.lock().expect("queue lock").0.push(done);
-                    queue.1.notify_one();
-                    durable.await?;
-                    Ok(())
-                }
-            }))?;
-            totals[1] = (totals[1].0 + records, totals[1].1 + elapsed);
-            let (records, elapsed) = rt.block_on(log.producers(n, slice))?;
-            totals[2] = (totals[2].0 + records, totals[2].1 + elapsed);
-        }
-        queue.0.lock().expect("queue lock").1 = true;
-        queue.1.notify_one();
-        committer.join().expect("committer thread")?;
-        let [r, m, s] = totals.map(|(records, elapsed)| rate(records, elapsed));
-        println!(
-            "{n} producers: raw batch of {n} {r:.0} rec/s; minimal group commit {m:.0} rec/s (ratio {:.2}); strata {s:.0} rec/s (ratio {:.2})",
-            m / r,
-            s / r
-        );
-    }
-    Ok(())
-}
-
 /// Slices per side in one round.
 const SLICES: u32 = 10;
 
@@ -451,11 +381,11 @@ fn bench_log(budget: Duration) -> Result<()> {
     // For profiling one case: STRATA_BENCH_ONLY=pipelined or producers:N, e.g. under perf
     // record; STRATA_BENCH_ONLY=encode times the envelope encoder alone; rocksdb-group
     // measures RocksDB's own group commit (concurrent writers, each put + sync);
-    // minimal-group the simplest group commit from tokio tasks to a thread.
+    // sketches two bare group commits over raw RocksDB next to Strata (bench/sketches.rs).
     match std::env::var("STRATA_BENCH_ONLY").ok().as_deref() {
         Some("encode") => return bench_encode(&rt),
         Some("rocksdb-group") => return bench_rocksdb_group(budget),
-        Some("minimal-group") => return bench_minimal_group(&rt, budget),
+        Some("sketches") => return sketches::bench_sketches(&rt, budget),
         Some("pipelined") => {
             let (raw, r, avg) = round(&rt, 1024, budget, pipelined)?;
             println!("pipelined: {r:.0} rec/s, avg batch {avg:.1}; raw batch of 1024: {raw:.0} rec/s; ratio {:.2}", r / raw);
@@ -465,7 +395,7 @@ fn bench_log(budget: Duration) -> Result<()> {
             let producers: usize = only
                 .strip_prefix("producers:")
                 .and_then(|n| n.parse().ok())
-                .with_context(|| format!("STRATA_BENCH_ONLY={only:?}: expected pipelined, producers:N, encode, rocksdb-group or minimal-group"))?;
+                .with_context(|| format!("STRATA_BENCH_ONLY={only:?}: expected pipelined, producers:N, encode, rocksdb-group or sketches"))?;
             let (raw, r, avg) = round(&rt, producers, budget, async |log: &StrataLog, slice| log.producers(producers, slice).await)?;
             println!("{producers} producers: {r:.0} rec/s, avg batch {avg:.1}; raw batch of {producers}: {raw:.0} rec/s; ratio {:.2}", r / raw);
             return Ok(());
