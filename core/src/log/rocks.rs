@@ -27,7 +27,7 @@ use std::ops::RangeInclusive;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::{mpsc, Arc, Mutex, MutexGuard};
+use std::sync::{mpsc, Arc, Mutex, MutexGuard, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -106,15 +106,16 @@ pub struct RocksStore {
     path: PathBuf,
     node: NodeId,
     incarnation: Incarnation,
-    db: Arc<DB>,
+    /// Replaced as a whole when a read-only store is refreshed.
+    db: RwLock<Arc<DB>>,
     core: Arc<Mutex<Core>>,
     handoff: Handoff<Op, OpOutcome>,
     commits: tokio::sync::watch::Sender<u64>,
     threads: Mutex<Threads>,
     /// Held for the store's lifetime: other processes cannot open it for writing.
     _lock: Option<File>,
-    /// Set for read-only (secondary) instances: the directory of the secondary's own files.
-    secondary_dir: Option<PathBuf>,
+    /// Opened with [`RocksStore::open_read_only`].
+    read_only: bool,
 }
 
 #[derive(Default)]
@@ -181,11 +182,13 @@ fn db_options(opts: &StoreOptions) -> Options {
     // All column families' memtables together stay within two memtables' worth.
     o.set_db_write_buffer_size(opts.memtable_bytes * 2);
     o.set_atomic_flush(true);
-    // Not `recycle_log_file_num`. Overwriting old WAL files instead of growing new ones made a
-    // synced batch of 64 records about 1.7x as fast here (an fsync of a file whose size did not
-    // change need not write its inode), but a read-only reader (a RocksDB secondary instance:
-    // `strata log ls/tail` on a running node) then fails to follow the live WAL: "missing start
-    // of fragmented record" in `a_read_only_reader_never_skips_a_record_while_the_writer_flushes`.
+    // WAL files are reused instead of created: an fsync of a file whose size did not change
+    // need not write its inode, which made a synced batch of 64 records about 1.7x as fast here.
+    // Records of a reused file carry its log number, so recovery (and a read-only open) stops
+    // at the old records beyond the new end. Readers on a running node are RocksDB read-only
+    // instances, opened again at each refresh: a secondary instance following a reused live WAL
+    // fails ("missing start of fragmented record", RocksDB 10.4.2).
+    o.set_recycle_log_file_num(WAL_FILES_REUSED);
     o.set_max_background_jobs(2);
     o.set_keep_log_file_num(3);
     o.set_max_log_file_size(1024 * 1024);
@@ -274,26 +277,26 @@ impl RocksStore {
 
         let mut core = Core::new(node.clone(), incarnation, opts.limits, opts.retention.clone());
         load_state(&db, path, &mut core)?;
-        let db = Arc::new(db);
         let store = RocksStore {
             path: path.to_owned(),
             node: node.clone(),
             incarnation,
-            db,
+            db: RwLock::new(Arc::new(db)),
             core: Arc::new(Mutex::new(core)),
             handoff: Handoff::new(opts.commit_queue_len_max),
             commits: tokio::sync::watch::channel(0).0,
             threads: Mutex::new(Threads::default()),
             _lock: Some(lock),
-            secondary_dir: None,
+            read_only: false,
         };
         store.start_threads(&opts);
         Ok(store)
     }
 
     /// Opens an existing store for reading only, while its node may be running (a RocksDB
-    /// secondary instance: no lock taken). Operations that write fail with `Closed`;
-    /// [`RocksStore::refresh`] catches up with the writer.
+    /// read-only instance: no lock taken, nothing written in the store's directory). It sees
+    /// the store as it was when opened; [`RocksStore::refresh`] opens it again to see more.
+    /// Operations that write fail with `Closed`.
     pub fn open_read_only(path: &Path) -> Result<RocksStore, LogError> {
         if path.is_file() {
             return Err(LogError::PathIsFile { path: path.to_owned() });
@@ -301,15 +304,7 @@ impl RocksStore {
         if !path.join("CURRENT").is_file() {
             return Err(LogError::NotAStore { path: path.to_owned() });
         }
-        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let secondary = std::env::temp_dir().join(format!("strata-reader-{}-{n}", std::process::id()));
-        let mut o = db_options(&StoreOptions::default());
-        o.create_if_missing(false);
-        o.create_missing_column_families(false);
-        o.set_max_open_files(-1);
-        let names: Vec<&str> = Cf::ALL.iter().map(|c| c.name()).collect();
-        let db = DB::open_cf_as_secondary(&o, path, &secondary, names).map_err(|e| open_error(path, e))?;
+        let db = open_reader(path)?;
         let Meta { node, incarnation, .. } = read_meta(&db, path)?.ok_or_else(|| LogError::NotAStore { path: path.to_owned() })?;
         let node = NodeId::new(node).map_err(|e| LogError::Corrupt { path: path.to_owned(), detail: format!("meta node_id: {e}") })?;
         let mut core = Core::new(node.clone(), incarnation, Limits::default(), Vec::new());
@@ -320,27 +315,35 @@ impl RocksStore {
             path: path.to_owned(),
             node,
             incarnation,
-            db: Arc::new(db),
+            db: RwLock::new(Arc::new(db)),
             core: Arc::new(Mutex::new(core)),
             handoff,
             commits: tokio::sync::watch::channel(0).0,
             threads: Mutex::new(Threads::default()),
             _lock: None,
-            secondary_dir: Some(secondary),
+            read_only: true,
         })
     }
 
-    /// For a read-only instance: catches up with what the writer has written since.
+    /// For a read-only store: opens it again, to see what the writer has written since.
     pub fn refresh(&self) -> Result<(), LogError> {
-        if self.secondary_dir.is_none() {
+        if !self.read_only {
             return Ok(());
         }
-        self.db.try_catch_up_with_primary().map_err(|e| open_error(&self.path, e))?;
+        let db = open_reader(&self.path)?;
         let mut core = Core::new(self.node.clone(), self.incarnation, Limits::default(), Vec::new());
-        load_state(&self.db, &self.path, &mut core)?;
-        *lock_core(&self.core) = core;
+        load_state(&db, &self.path, &mut core)?;
+        {
+            let mut current = lock_core(&self.core);
+            *self.db.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(db);
+            *current = core;
+        }
         self.commits.send_modify(|n| *n += 1);
         Ok(())
+    }
+
+    fn db(&self) -> Arc<DB> {
+        self.db.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     pub fn path(&self) -> &Path {
@@ -350,7 +353,7 @@ impl RocksStore {
     fn start_threads(&self, opts: &StoreOptions) {
         let mut threads = self.threads.lock().unwrap_or_else(|p| p.into_inner());
         let committer = Committer {
-            db: self.db.clone(),
+            db: self.db(),
             core: self.core.clone(),
             handoff: self.handoff.clone(),
             commits: self.commits.clone(),
@@ -364,7 +367,7 @@ impl RocksStore {
         threads.committer = Some(std::thread::Builder::new().name("strata-commit".into()).spawn(move || committer.run()).expect("spawn the committer thread"));
         if opts.sync == SyncPolicy::Interval {
             let (stop, stopped) = mpsc::channel::<()>();
-            let db = self.db.clone();
+            let db = self.db();
             let every = Duration::from_millis(opts.sync_interval_ms);
             let handle = std::thread::Builder::new()
                 .name("strata-sync".into())
@@ -666,6 +669,37 @@ impl SyncGate {
     }
 }
 
+/// WAL files kept for reuse once their records are flushed.
+const WAL_FILES_REUSED: usize = 4;
+
+/// Times a read-only open is tried when a file vanished under it.
+const READER_OPEN_ATTEMPTS: u32 = 50;
+
+/// A RocksDB read-only instance of the store at `path`. Opening reads the MANIFEST, opens every
+/// table file and replays the WAL files. A flush or compaction finishing meanwhile in a running
+/// node deletes files that the MANIFEST just read still names: that open fails with "No such
+/// file or directory" and is tried again.
+fn open_reader(path: &Path) -> Result<DB, LogError> {
+    let mut o = db_options(&StoreOptions::default());
+    o.create_if_missing(false);
+    o.create_missing_column_families(false);
+    // Every table file opened at once: one the writer deletes later stays readable (its
+    // descriptor is open).
+    o.set_max_open_files(-1);
+    let names: Vec<&str> = Cf::ALL.iter().map(|c| c.name()).collect();
+    let mut attempt = 1;
+    loop {
+        match DB::open_cf_for_read_only(&o, path, &names, false) {
+            Ok(db) => return Ok(db),
+            Err(e) if attempt < READER_OPEN_ATTEMPTS && e.as_ref().contains("No such file or directory") => {
+                attempt += 1;
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            Err(e) => return Err(open_error(path, e)),
+        }
+    }
+}
+
 /// Stops the store after a failed WAL sync; returns the error to refuse operations with.
 fn sync_failed(db: &DB, e: rocksdb::Error, stop: &Stopped) -> LogError {
     let error =
@@ -781,14 +815,14 @@ impl Store for RocksStore {
         // A read-only instance also needs where the stream starts and its reported gaps.
         let (limits, last, reader) = {
             let core = lock_core(&self.core);
-            let reader = self.secondary_dir.is_some().then(|| (core.info(key).map_or(1, |i| i.first), core.gaps(key, usize::MAX)));
+            let reader = self.read_only.then(|| (core.info(key).map_or(1, |i| i.first), core.gaps(key, usize::MAX)));
             (core.limits, core.readable_last(key), reader)
         };
         if from > last {
             return Ok(Vec::new());
         }
         let limit = limit.min(usize::try_from(last - from + 1).unwrap_or(usize::MAX));
-        let mut records = scan(&self.db, &stream_prefix(key), from, limit).map_err(|e| LogError::Io { path: self.path.clone(), detail: e.into_string() })?;
+        let mut records = scan(&self.db(), &stream_prefix(key), from, limit).map_err(|e| LogError::Io { path: self.path.clone(), detail: e.into_string() })?;
         records.retain(|(seq, _)| *seq <= last);
         if let Some((first, gaps)) = reader {
             // A read-only instance catches up with the writer's files in steps. Between two
@@ -844,9 +878,6 @@ impl Store for RocksStore {
 impl Drop for RocksStore {
     fn drop(&mut self) {
         self.close();
-        if let Some(dir) = &self.secondary_dir {
-            let _ = std::fs::remove_dir_all(dir);
-        }
     }
 }
 

@@ -78,7 +78,16 @@ fn rate(records: u64, elapsed: Duration) -> f64 {
     records as f64 / elapsed.as_secs_f64()
 }
 
-fn raw_options() -> Options {
+/// How a raw store gets its WAL files.
+#[derive(Clone, Copy, PartialEq)]
+enum Wal {
+    /// Reused once flushed, as the Strata store does (`recycle_log_file_num`): the baseline.
+    Reused,
+    /// A new file each time, RocksDB's default: what a program with default options gets.
+    New,
+}
+
+fn raw_options(wal: Wal) -> Options {
     // As close as raw RocksDB gets to the store's own settings (see core/src/log/rocks.rs).
     let mut o = Options::default();
     o.create_if_missing(true);
@@ -86,6 +95,9 @@ fn raw_options() -> Options {
     o.set_write_buffer_size(4 * 1024 * 1024);
     o.set_max_write_buffer_number(2);
     o.set_max_background_jobs(2);
+    if wal == Wal::Reused {
+        o.set_recycle_log_file_num(4);
+    }
     o
 }
 
@@ -101,9 +113,14 @@ struct RawStore {
 }
 
 impl RawStore {
+    /// A store with the Strata store's settings.
     fn open(batch: usize, value_bytes: usize) -> Result<RawStore> {
+        RawStore::open_with(batch, value_bytes, Wal::Reused)
+    }
+
+    fn open_with(batch: usize, value_bytes: usize, wal: Wal) -> Result<RawStore> {
         let dir = tempfile::tempdir()?;
-        let db = DB::open(&raw_options(), dir.path())?;
+        let db = DB::open(&raw_options(wal), dir.path())?;
         let mut wo = WriteOptions::default();
         wo.set_sync(true);
         Ok(RawStore { db, wo, value: vec![7u8; value_bytes], batch, seq: 0, _dir: dir })
@@ -325,29 +342,36 @@ fn bench_rocksdb_group(budget: Duration) -> Result<()> {
 /// Slices per side in one round.
 const SLICES: u32 = 10;
 
-/// One round: a fresh raw store (`WriteBatch`es of `batch` records) and a fresh Strata log,
-/// run in `SLICES` alternating slices each, `budget` in all per side, so that both see the
-/// same disk: fsync latency drifts by tens of percent within seconds on shared machines, and
-/// slices of a few hundred ms spread that drift over both sides. Returns raw records/s,
-/// Strata records/s and Strata's mean group-commit batch size.
-fn round(
-    rt: &tokio::runtime::Runtime,
-    batch: usize,
-    budget: Duration,
-    strata: impl AsyncFn(&StrataLog, Duration) -> Result<(u64, Duration)>,
-) -> Result<(f64, f64, f64)> {
+/// Records/s of one round (see [`round`]).
+struct Round {
+    /// Raw RocksDB with the store's settings: the baseline.
+    raw: f64,
+    /// Raw RocksDB creating a new WAL file each time (RocksDB's default).
+    raw_new_wal: f64,
+    strata: f64,
+    /// Strata's mean group-commit batch size.
+    avg_batch: f64,
+}
+
+/// One round: fresh raw stores (`WriteBatch`es of `batch` records; WAL files reused as the
+/// Strata store does, and new ones as by default) and a fresh Strata log, run in `SLICES`
+/// alternating slices each, `budget` in all per side, so that all see the same disk: fsync
+/// latency drifts by tens of percent within seconds on shared machines, and slices of a few
+/// hundred ms spread that drift over every side.
+fn round(rt: &tokio::runtime::Runtime, batch: usize, budget: Duration, strata: impl AsyncFn(&StrataLog, Duration) -> Result<(u64, Duration)>) -> Result<Round> {
     let mut raw = RawStore::open(batch, PAYLOAD_BYTES)?;
+    let mut raw_new_wal = RawStore::open_with(batch, PAYLOAD_BYTES, Wal::New)?;
     let log = StrataLog::open()?;
     let slice = budget / SLICES;
-    let (mut raw_total, mut strata_total) = ((0, Duration::ZERO), (0, Duration::ZERO));
+    let mut totals = [(0, Duration::ZERO); 3];
+    let mut add = |i: usize, (n, t): (u64, Duration)| totals[i] = (totals[i].0 + n, totals[i].1 + t);
     for _ in 0..SLICES {
-        let (n, t) = raw.run(slice)?;
-        raw_total = (raw_total.0 + n, raw_total.1 + t);
-        let (n, t) = rt.block_on(strata(&log, slice))?;
-        strata_total = (strata_total.0 + n, strata_total.1 + t);
+        add(0, raw.run(slice)?);
+        add(1, raw_new_wal.run(slice)?);
+        add(2, rt.block_on(strata(&log, slice))?);
     }
-    let avg_batch = strata_total.0 as f64 / log.commits().max(1) as f64;
-    Ok((rate(raw_total.0, raw_total.1), rate(strata_total.0, strata_total.1), avg_batch))
+    let [raw, raw_new_wal, strata] = totals.map(|(n, t)| rate(n, t));
+    Ok(Round { raw, raw_new_wal, strata, avg_batch: totals[2].0 as f64 / log.commits().max(1) as f64 })
 }
 
 /// Median of a few values.
@@ -356,23 +380,20 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-/// `rounds` rounds (see [`round`]); the medians of raw records/s, Strata records/s and
-/// Strata's mean batch size.
+/// `rounds` rounds (see [`round`]); the median of each figure.
 fn measure(
     rt: &tokio::runtime::Runtime,
     rounds: usize,
     batch: usize,
     budget: Duration,
     strata: impl AsyncFn(&StrataLog, Duration) -> Result<(u64, Duration)>,
-) -> Result<(f64, f64, f64)> {
-    let (mut r, mut s, mut b) = (Vec::new(), Vec::new(), Vec::new());
+) -> Result<Round> {
+    let mut all = Vec::new();
     for _ in 0..rounds {
-        let (raw, rate, avg) = round(rt, batch, budget, &strata)?;
-        r.push(raw);
-        s.push(rate);
-        b.push(avg);
+        all.push(round(rt, batch, budget, &strata)?);
     }
-    Ok((median(r), median(s), median(b)))
+    let of = |f: fn(&Round) -> f64| median(all.iter().map(f).collect());
+    Ok(Round { raw: of(|r| r.raw), raw_new_wal: of(|r| r.raw_new_wal), strata: of(|r| r.strata), avg_batch: of(|r| r.avg_batch) })
 }
 
 fn bench_log(budget: Duration) -> Result<()> {
@@ -387,8 +408,8 @@ fn bench_log(budget: Duration) -> Result<()> {
         Some("rocksdb-group") => return bench_rocksdb_group(budget),
         Some("sketches") => return sketches::bench_sketches(&rt, budget),
         Some("pipelined") => {
-            let (raw, r, avg) = round(&rt, 1024, budget, pipelined)?;
-            println!("pipelined: {r:.0} rec/s, avg batch {avg:.1}; raw batch of 1024: {raw:.0} rec/s; ratio {:.2}", r / raw);
+            let r = round(&rt, 1024, budget, pipelined)?;
+            println!("pipelined: {:.0} rec/s, avg batch {:.1}; raw batch of 1024: {:.0} rec/s; ratio {:.2}", r.strata, r.avg_batch, r.raw, r.strata / r.raw);
             return Ok(());
         }
         Some(only) => {
@@ -396,8 +417,14 @@ fn bench_log(budget: Duration) -> Result<()> {
                 .strip_prefix("producers:")
                 .and_then(|n| n.parse().ok())
                 .with_context(|| format!("STRATA_BENCH_ONLY={only:?}: expected pipelined, producers:N, encode, rocksdb-group or sketches"))?;
-            let (raw, r, avg) = round(&rt, producers, budget, async |log: &StrataLog, slice| log.producers(producers, slice).await)?;
-            println!("{producers} producers: {r:.0} rec/s, avg batch {avg:.1}; raw batch of {producers}: {raw:.0} rec/s; ratio {:.2}", r / raw);
+            let r = round(&rt, producers, budget, async |log: &StrataLog, slice| log.producers(producers, slice).await)?;
+            println!(
+                "{producers} producers: {:.0} rec/s, avg batch {:.1}; raw batch of {producers}: {:.0} rec/s; ratio {:.2}",
+                r.strata,
+                r.avg_batch,
+                r.raw,
+                r.strata / r.raw
+            );
             return Ok(());
         }
         None => {}
@@ -408,29 +435,40 @@ fn bench_log(budget: Duration) -> Result<()> {
          {SLICES} alternating slices of raw and strata, {:.1} s of each in all",
         budget.as_secs_f64()
     );
-    println!("baseline: raw RocksDB on the same disk in the same run (WriteBatch of N records + WAL sync; N = 1 is put + sync)");
+    println!(
+        "baseline: raw RocksDB on the same disk in the same run (WriteBatch of N records + WAL sync; N = 1 is put + sync), \
+         with the store's settings: WAL files reused, as the store does"
+    );
+    println!("for comparison only: raw RocksDB creating a new WAL file each time (RocksDB's default), and Strata's ratio to it");
     println!();
-    println!("{:<44} {:>11} {:>10} {:>11} {:>7} {:>7}", "case", "strata/s", "avg batch", "raw/s", "ratio", "target");
+    println!("{:<44} {:>11} {:>10} {:>11} {:>7} {:>7}   {:>13} {:>7}", "case", "strata/s", "avg batch", "raw/s", "ratio", "target", "raw new WAL/s", "ratio");
     let mut ok = true;
     let mut put_sync = Vec::new();
-    let mut report = |label: &str, raw: f64, strata: f64, batch: f64, target: f64, base: &str| {
-        let ratio = strata / raw;
+    let mut report = |label: &str, r: &Round, target: f64, base: &str| {
+        let ratio = r.strata / r.raw;
         ok &= ratio >= target;
         let mark = if ratio >= target { "" } else { "  BELOW TARGET" };
-        println!("{label:<44} {strata:>11.0} {batch:>10.1} {raw:>11.0} {ratio:>7.2} {target:>7.2}  (raw {base}){mark}");
+        println!(
+            "{label:<44} {:>11.0} {:>10.1} {:>11.0} {ratio:>7.2} {target:>7.2}   {:>13.0} {:>7.2}  (raw {base}){mark}",
+            r.strata,
+            r.avg_batch,
+            r.raw,
+            r.raw_new_wal,
+            r.strata / r.raw_new_wal
+        );
     };
     for producers in [1usize, 8, 64] {
-        let (raw, strata, batch) = measure(&rt, rounds, producers, budget, async |log: &StrataLog, slice| log.producers(producers, slice).await)?;
+        let r = measure(&rt, rounds, producers, budget, async |log: &StrataLog, slice| log.producers(producers, slice).await)?;
         if producers == 1 {
-            put_sync.push(raw);
+            put_sync.push(r.raw);
         }
         let base = if producers == 1 { "put + sync".to_owned() } else { format!("batch of {producers}") };
-        report(&format!("(a) {producers} producers, each awaiting its ack"), raw, strata, batch, 0.8, &base);
+        report(&format!("(a) {producers} producers, each awaiting its ack"), &r, 0.8, &base);
     }
-    let (raw, strata, batch) = measure(&rt, rounds, 1024, budget, pipelined)?;
-    report("(b) 1 producer, 1024 appends in flight", raw, strata, batch, 0.5, "batch of 1024");
+    let r = measure(&rt, rounds, 1024, budget, pipelined)?;
+    report("(b) 1 producer, 1024 appends in flight", &r, 0.5, "batch of 1024");
     if let Some(p) = put_sync.first() {
-        println!("(b) against one put + sync per record: x{:.1}", strata / p);
+        println!("(b) against one put + sync per record: x{:.1}", r.strata / p);
     }
     println!("bench log: {}", if ok { "every ratio meets its target" } else { "SOME RATIO BELOW TARGET" });
     Ok(())
