@@ -171,14 +171,14 @@ fn three_stores_ceiling(value_bytes: usize, budget: Duration) -> Result<f64> {
 struct StrataLog {
     log: Log,
     stream: StreamName,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 impl StrataLog {
     fn open() -> Result<StrataLog> {
         let dir = tempfile::tempdir()?;
         let store = RocksStore::open(dir.path(), &NodeId::new("bench")?, StoreOptions::default())?;
-        Ok(StrataLog { log: Log::new(Arc::new(store)), stream: StreamName::new("readings/bench")?, _dir: dir })
+        Ok(StrataLog { log: Log::new(Arc::new(store)), stream: StreamName::new("readings/bench")?, dir })
     }
 
     /// Group-commit batches written so far.
@@ -402,11 +402,13 @@ fn bench_log(budget: Duration) -> Result<()> {
     // For profiling one case: STRATA_BENCH_ONLY=pipelined or producers:N, e.g. under perf
     // record; STRATA_BENCH_ONLY=encode times the envelope encoder alone; rocksdb-group
     // measures RocksDB's own group commit (concurrent writers, each put + sync);
-    // sketches two bare group commits over raw RocksDB next to Strata (bench/sketches.rs).
+    // sketches two bare group commits over raw RocksDB next to Strata (bench/sketches.rs);
+    // reader-open what opening a read-only reader costs (each `log tail --follow` refresh).
     match std::env::var("STRATA_BENCH_ONLY").ok().as_deref() {
         Some("encode") => return bench_encode(&rt),
         Some("rocksdb-group") => return bench_rocksdb_group(budget),
         Some("sketches") => return sketches::bench_sketches(&rt, budget),
+        Some("reader-open") => return bench_reader_open(&rt, budget),
         Some("pipelined") => {
             let r = round(&rt, 1024, budget, pipelined)?;
             println!("pipelined: {:.0} rec/s, avg batch {:.1}; raw batch of 1024: {:.0} rec/s; ratio {:.2}", r.strata, r.avg_batch, r.raw, r.strata / r.raw);
@@ -416,7 +418,7 @@ fn bench_log(budget: Duration) -> Result<()> {
             let producers: usize = only
                 .strip_prefix("producers:")
                 .and_then(|n| n.parse().ok())
-                .with_context(|| format!("STRATA_BENCH_ONLY={only:?}: expected pipelined, producers:N, encode, rocksdb-group or sketches"))?;
+                .with_context(|| format!("STRATA_BENCH_ONLY={only:?}: expected pipelined, producers:N, encode, rocksdb-group, sketches or reader-open"))?;
             let r = round(&rt, producers, budget, async |log: &StrataLog, slice| log.producers(producers, slice).await)?;
             println!(
                 "{producers} producers: {:.0} rec/s, avg batch {:.1}; raw batch of {producers}: {:.0} rec/s; ratio {:.2}",
@@ -471,5 +473,45 @@ fn bench_log(budget: Duration) -> Result<()> {
         println!("(b) against one put + sync per record: x{:.1}", r.strata / p);
     }
     println!("bench log: {}", if ok { "every ratio meets its target" } else { "SOME RATIO BELOW TARGET" });
+    Ok(())
+}
+
+/// What a read-only reader's open costs (`strata log ls`, and each refresh of
+/// `log tail --follow`): a store filled for `budget` by one producer with 1,024 appends in
+/// flight, then the median of 20 opens, while the writer is stopped and while it appends.
+fn bench_reader_open(rt: &tokio::runtime::Runtime, budget: Duration) -> Result<()> {
+    let log = StrataLog::open()?;
+    let (records, _) = rt.block_on(log.pipelined(1024, budget))?;
+    let path = log.dir.path().to_owned();
+    let files =
+        |ext: &str| std::fs::read_dir(&path).map(|d| d.filter_map(|e| e.ok()).filter(|e| e.path().extension().is_some_and(|x| x == ext)).count()).unwrap_or(0);
+    let opens = |n: usize| -> Result<f64> {
+        let mut times = Vec::new();
+        for _ in 0..n {
+            let start = Instant::now();
+            let reader = RocksStore::open_read_only(&path)?;
+            times.push(start.elapsed().as_secs_f64() * 1e3);
+            drop(reader);
+        }
+        Ok(median(times))
+    };
+    let busy = {
+        let (log, stream) = (log.log.clone(), log.stream.clone());
+        rt.spawn(async move {
+            for _ in 0..200_000 {
+                log.append_durable(stream.clone(), draft()).await?;
+            }
+            anyhow::Ok(())
+        })
+    };
+    let appending = opens(20)?;
+    busy.abort();
+    let _ = rt.block_on(busy);
+    let quiet = opens(20)?;
+    println!(
+        "reader open: store of {records} records ({} table files, {} WAL files): median {quiet:.1} ms idle, {appending:.1} ms while a producer appends",
+        files("sst"),
+        files("log")
+    );
     Ok(())
 }
