@@ -181,6 +181,10 @@ enum LogCommand {
         /// Keep printing new envelopes as they are appended (Ctrl-C to stop).
         #[arg(long)]
         follow: bool,
+        /// With --follow: how long to wait before looking again when nothing new came, in ms.
+        /// Each look lists the store's files and, if they changed, opens the store again.
+        #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u64).range(1..=3_600_000))]
+        poll_ms: u64,
         /// One JSON object per line.
         #[arg(long)]
         json: bool,
@@ -191,8 +195,6 @@ const EXIT_CONFIG: u8 = 2;
 const EXIT_RUNTIME: u8 = 1;
 /// Records read per batch by `log tail`.
 const TAIL_BATCH_LEN: usize = 512;
-/// Pause of `log tail --follow` when there is nothing new, in ms.
-const FOLLOW_POLL_MS: u64 = 200;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -204,7 +206,8 @@ fn main() -> ExitCode {
         Command::Approve(r) => resolve(r, strata_core::node::escalate::Verdict::Approve),
         Command::Deny(r) => resolve(r, strata_core::node::escalate::Verdict::Deny),
         Command::Log { command: LogCommand::Ls { path, json } } => log_ls(&path, json),
-        Command::Log { command: LogCommand::Tail { path, stream, from, incarnation, follow, json } } => {
+        Command::Log { command: LogCommand::Tail { path, stream, from, incarnation, follow, poll_ms, json } } => {
+            let follow = follow.then(|| std::time::Duration::from_millis(poll_ms));
             log_tail(&path, &stream, from, incarnation.as_deref(), follow, json)
         }
         Command::Certs { command: CertsCommand::Init { dir, days } } => certs(strata_core::security::certs::init(&dir, days)),
@@ -429,7 +432,8 @@ fn log_ls(path: &std::path::Path, json: bool) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-fn log_tail(path: &std::path::Path, stream: &str, from: u64, incarnation: Option<&str>, follow: bool, json: bool) -> ExitCode {
+/// `follow`: keep looking for new envelopes, this long apart while nothing new comes.
+fn log_tail(path: &std::path::Path, stream: &str, from: u64, incarnation: Option<&str>, follow: Option<std::time::Duration>, json: bool) -> ExitCode {
     let store = match open_store(path) {
         Ok(s) => s,
         Err(code) => return code,
@@ -460,7 +464,7 @@ fn log_tail(path: &std::path::Path, stream: &str, from: u64, incarnation: Option
             .collect()
     };
     let mut next: Vec<(StreamKey, u64)> = matching(&store).into_iter().map(|k| (k, from.max(1))).collect();
-    if next.is_empty() && !follow {
+    if next.is_empty() && follow.is_none() {
         let known: Vec<String> = store.streams().iter().map(|i| format!("{}:{}", i.origin, i.stream)).collect();
         eprintln!(
             "strata log tail: no stream {origin}:{} in {} (streams: {})",
@@ -494,11 +498,11 @@ fn log_tail(path: &std::path::Path, stream: &str, from: u64, incarnation: Option
                 }
             }
         }
-        if !follow {
+        let Some(poll) = follow else {
             return ExitCode::SUCCESS;
-        }
+        };
         if printed == 0 {
-            std::thread::sleep(std::time::Duration::from_millis(FOLLOW_POLL_MS));
+            std::thread::sleep(poll);
             if let Err(e) = store.refresh() {
                 eprintln!("strata log tail: {e}");
                 return ExitCode::from(EXIT_RUNTIME);

@@ -29,7 +29,7 @@ use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::{mpsc, Arc, Mutex, MutexGuard, RwLock};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use rocksdb::{BlockBasedOptions, Cache, ColumnFamilyDescriptor, DBCompressionType, Direction, ErrorKind, IteratorMode, Options, WriteBatch, WriteOptions, DB};
 use strata_sync::handoff::{Completer, Handoff};
@@ -116,6 +116,50 @@ pub struct RocksStore {
     _lock: Option<File>,
     /// Opened with [`RocksStore::open_read_only`].
     read_only: bool,
+    /// A read-only store's files as listed just before it was last opened.
+    listed: Mutex<Option<Listing>>,
+}
+
+/// The files of a store, as a read-only store listed them just before opening it.
+struct Listing {
+    /// Name, length and modification time of each file, but table files (a new one comes
+    /// with a write to the MANIFEST) and RocksDB's info logs (not data).
+    files: Vec<(std::ffi::OsString, u64, SystemTime)>,
+    /// When the files were listed.
+    at: SystemTime,
+}
+
+/// How long a store's files must have been left alone before a listing is trusted to show the
+/// next write: a write sets a file's modification time from a coarse clock (a few ms on
+/// Linux, 2 s on FAT), so a write soon after a listing may leave the time it listed; and a
+/// reused WAL file keeps its length, so its time is all that shows a write.
+const FILES_QUIET: Duration = Duration::from_secs(3);
+
+impl Listing {
+    /// The store's files now, or `None` if they cannot be listed (the store is then opened
+    /// again at each refresh, as without a listing).
+    fn take(path: &Path, at: SystemTime) -> Option<Listing> {
+        let mut files = Vec::new();
+        for entry in std::fs::read_dir(path).ok()? {
+            let entry = entry.ok()?;
+            let name = entry.file_name();
+            let text = name.to_string_lossy();
+            if text.ends_with(".sst") || text.starts_with("LOG") {
+                continue;
+            }
+            let meta = entry.metadata().ok()?;
+            files.push((name, meta.len(), meta.modified().ok()?));
+        }
+        files.sort();
+        Some(Listing { files, at })
+    }
+
+    /// Nothing was written since `earlier` was taken, and an open just after it saw
+    /// everything: the same files, unchanged, and the newest written `FILES_QUIET` before it.
+    fn unchanged_since(&self, earlier: &Listing) -> bool {
+        let newest = self.files.iter().map(|f| f.2).max();
+        self.files == earlier.files && newest.is_some_and(|t| t + FILES_QUIET <= earlier.at)
+    }
 }
 
 #[derive(Default)]
@@ -288,6 +332,7 @@ impl RocksStore {
             threads: Mutex::new(Threads::default()),
             _lock: Some(lock),
             read_only: false,
+            listed: Mutex::new(None),
         };
         store.start_threads(&opts);
         Ok(store)
@@ -304,6 +349,7 @@ impl RocksStore {
         if !path.join("CURRENT").is_file() {
             return Err(LogError::NotAStore { path: path.to_owned() });
         }
+        let listed = Listing::take(path, SystemTime::now());
         let db = open_reader(path)?;
         let Meta { node, incarnation, .. } = read_meta(&db, path)?.ok_or_else(|| LogError::NotAStore { path: path.to_owned() })?;
         let node = NodeId::new(node).map_err(|e| LogError::Corrupt { path: path.to_owned(), detail: format!("meta node_id: {e}") })?;
@@ -322,13 +368,29 @@ impl RocksStore {
             threads: Mutex::new(Threads::default()),
             _lock: None,
             read_only: true,
+            listed: Mutex::new(listed),
         })
     }
 
-    /// For a read-only store: opens it again, to see what the writer has written since.
-    pub fn refresh(&self) -> Result<(), LogError> {
+    /// For a read-only store: opens it again, to see what the writer has written since, unless
+    /// nothing was written since the last open (listing the store's files costs far less than
+    /// opening it: an open opens every table file). Returns whether it opened the store again.
+    pub fn refresh(&self) -> Result<bool, LogError> {
+        self.refresh_at(SystemTime::now())
+    }
+
+    /// [`RocksStore::refresh`], the files listed at `now` (tests move the clock instead of
+    /// waiting).
+    pub(crate) fn refresh_at(&self, now: SystemTime) -> Result<bool, LogError> {
         if !self.read_only {
-            return Ok(());
+            return Ok(false);
+        }
+        let listing = Listing::take(&self.path, now);
+        let mut listed = self.listed.lock().unwrap_or_else(|p| p.into_inner());
+        if let (Some(new), Some(old)) = (&listing, &*listed) {
+            if new.unchanged_since(old) {
+                return Ok(false);
+            }
         }
         let db = open_reader(&self.path)?;
         let mut core = Core::new(self.node.clone(), self.incarnation, Limits::default(), Vec::new());
@@ -338,8 +400,9 @@ impl RocksStore {
             *self.db.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(db);
             *current = core;
         }
+        *listed = listing;
         self.commits.send_modify(|n| *n += 1);
-        Ok(())
+        Ok(true)
     }
 
     fn db(&self) -> Arc<DB> {

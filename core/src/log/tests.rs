@@ -343,6 +343,86 @@ async fn read_only_reader_catches_up_with_the_writer() {
     assert!(matches!(Log::new(Arc::new(reader)).append_durable(s, draft(b"3")).await, Err(LogError::Closed)));
 }
 
+/// `log tail --follow` refreshes its reader every few hundred ms: a store nobody writes to is
+/// not opened again (an open opens every table file), one written to since always is.
+#[tokio::test]
+async fn a_read_only_reader_opens_the_store_again_only_once_it_changed() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = rocks(dir.path(), StoreOptions::default());
+    let s = stream("r");
+    let key = log.local_key(&s);
+    log.append_durable(s.clone(), draft(b"1")).await.unwrap();
+    let reader = RocksStore::open_read_only(dir.path()).unwrap();
+    let now = std::time::SystemTime::now();
+    // Written just before the listing taken at open: a write in the same clock tick would not
+    // show in it, so the store is opened again.
+    assert!(reader.refresh_at(now).unwrap(), "files written just now are opened again");
+    // The clock moved on: the listing taken at `now` could miss nothing written after it, as
+    // the files were last written before it; it is taken again with the open.
+    let later = now + Duration::from_secs(60);
+    assert!(reader.refresh_at(later).unwrap(), "files quiet only since the listing are opened again");
+    assert!(!reader.refresh_at(later + Duration::from_secs(60)).unwrap(), "nothing was written: no open");
+    assert!(!reader.refresh_at(later + Duration::from_secs(120)).unwrap(), "still nothing written: no open");
+    log.append_durable(s.clone(), draft(b"2")).await.unwrap();
+    assert!(reader.refresh_at(later + Duration::from_secs(180)).unwrap(), "a record was appended: opened again");
+    assert_eq!(reader.stream(&key).unwrap().last, 2);
+    assert_eq!(reader.read(&key, 1, 10).unwrap().len(), 2);
+    // A writer's store is never opened again.
+    let writer = RocksStore::open(&dir.path().join("other"), &NodeId::new("n").unwrap(), StoreOptions::default()).unwrap();
+    assert!(!writer.refresh().unwrap());
+}
+
+/// The same with real clocks, on a store whose WAL files are reused: a reused file keeps its
+/// length, so the append after a quiet spell shows only in its modification time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quiet_reader_sees_an_append_to_a_reused_wal_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = rocks(dir.path(), StoreOptions { memtable_bytes: 64 * 1024, ..StoreOptions::default() });
+    let s = stream("readings/q");
+    let key = log.local_key(&s);
+    let mut tickets = std::collections::VecDeque::new();
+    for _ in 0..3000 {
+        tickets.push_back(log.append(s.clone(), draft(&[7; 200])).await.unwrap());
+        if tickets.len() >= 64 {
+            tickets.pop_front().unwrap().await.unwrap();
+        }
+    }
+    for t in tickets {
+        t.await.unwrap();
+    }
+    let wal_files = || -> Vec<(std::ffi::OsString, u64)> {
+        let mut v: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap())
+            .filter(|e| e.path().extension().is_some_and(|x| x == "log"))
+            .map(|e| (e.file_name(), e.metadata().unwrap().len()))
+            .collect();
+        v.sort();
+        v
+    };
+    let reader = RocksStore::open_read_only(dir.path()).unwrap();
+    // An append that fills the memtable moves the writer to another WAL file, which changes
+    // the files' lengths; the append after that one cannot.
+    for attempt in 1..=2u64 {
+        // Bounded wait for the quiet spell after which a refresh no longer opens the store.
+        let started = std::time::Instant::now();
+        while reader.refresh().unwrap() {
+            assert!(started.elapsed() < Duration::from_secs(30), "the reader kept opening a store nobody writes to");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(reader.stream(&key).unwrap().last, 2999 + attempt);
+        let before = wal_files();
+        log.append_durable(s.clone(), draft(b"late")).await.unwrap();
+        assert!(reader.refresh().unwrap(), "append {attempt} after a quiet spell was noticed");
+        assert_eq!(reader.stream(&key).unwrap().last, 3000 + attempt);
+        assert_eq!(reader.read(&key, 3000 + attempt, 1).unwrap()[0].payload, b"late");
+        if wal_files() == before {
+            return;
+        }
+    }
+    panic!("both appends changed the WAL files' lengths: the case under test (a reused WAL file) was not reached");
+}
+
 /// With the smallest memtable the writer flushes and moves to a new WAL file every few
 /// hundred KiB. A read-only reader catching up meanwhile sees an intact prefix of the stream
 /// each time, never a later record past a missing one (which a follower would skip), and

@@ -191,8 +191,16 @@ mod log {
         assert_eq!(out.status.code(), Some(2));
         assert!(text(&out.stderr).contains("no stream fog-1:readings/nope in"), "{}", text(&out.stderr));
 
+        let out = strata(&["log", "tail", path, "readings/a", "--follow", "--poll-ms", "0"]);
+        assert_eq!(out.status.code(), Some(2));
+        assert!(text(&out.stderr).contains("invalid value '0' for '--poll-ms <POLL_MS>'"), "{}", text(&out.stderr));
+
         // --follow prints what is appended after it started.
-        let mut child = Command::new(strata_bin()).args(["log", "tail", path, "readings/a", "--follow"]).stdout(std::process::Stdio::piped()).spawn().unwrap();
+        let mut child = Command::new(strata_bin())
+            .args(["log", "tail", path, "readings/a", "--follow", "--poll-ms", "50"])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
         let stdout = child.stdout.take().unwrap();
         let reader = std::thread::spawn(move || {
             let mut lines = Vec::new();
