@@ -87,12 +87,21 @@ enum Wal {
     New,
 }
 
-fn raw_options(wal: Wal) -> Options {
+/// Memtable size of the Strata store and of the raw stores alike: the store's default
+/// (`log.memtable_bytes`), or `STRATA_BENCH_MEMTABLE_BYTES` to see what another size does.
+fn memtable_bytes() -> Result<usize> {
+    match std::env::var("STRATA_BENCH_MEMTABLE_BYTES") {
+        Err(_) => Ok(StoreOptions::default().memtable_bytes),
+        Ok(v) => v.parse().with_context(|| format!("STRATA_BENCH_MEMTABLE_BYTES={v:?} is not a number of bytes")),
+    }
+}
+
+fn raw_options(wal: Wal, memtable_bytes: usize) -> Options {
     // As close as raw RocksDB gets to the store's own settings (see core/src/log/rocks.rs).
     let mut o = Options::default();
     o.create_if_missing(true);
     o.set_compression_type(rocksdb::DBCompressionType::None);
-    o.set_write_buffer_size(4 * 1024 * 1024);
+    o.set_write_buffer_size(memtable_bytes);
     o.set_max_write_buffer_number(2);
     o.set_max_background_jobs(2);
     if wal == Wal::Reused {
@@ -120,7 +129,7 @@ impl RawStore {
 
     fn open_with(batch: usize, value_bytes: usize, wal: Wal) -> Result<RawStore> {
         let dir = tempfile::tempdir()?;
-        let db = DB::open(&raw_options(wal), dir.path())?;
+        let db = DB::open(&raw_options(wal, memtable_bytes()?), dir.path())?;
         let mut wo = WriteOptions::default();
         wo.set_sync(true);
         Ok(RawStore { db, wo, value: vec![7u8; value_bytes], batch, seq: 0, _dir: dir })
@@ -177,7 +186,7 @@ struct StrataLog {
 impl StrataLog {
     fn open() -> Result<StrataLog> {
         let dir = tempfile::tempdir()?;
-        let store = RocksStore::open(dir.path(), &NodeId::new("bench")?, StoreOptions::default())?;
+        let store = RocksStore::open(dir.path(), &NodeId::new("bench")?, StoreOptions { memtable_bytes: memtable_bytes()?, ..StoreOptions::default() })?;
         Ok(StrataLog { log: Log::new(Arc::new(store)), stream: StreamName::new("readings/bench")?, dir })
     }
 
@@ -446,7 +455,8 @@ fn bench_log(budget: Duration) -> Result<()> {
     );
     println!(
         "baseline: raw RocksDB on the same disk in the same run (WriteBatch of N records + WAL sync; N = 1 is put + sync), \
-         with the store's settings: WAL files reused, as the store does"
+         with the store's settings: WAL files reused, as the store does, and {} MiB memtables on both sides",
+        memtable_bytes()? as f64 / (1024.0 * 1024.0)
     );
     println!("for comparison only: raw RocksDB creating a new WAL file each time (RocksDB's default), and Strata's ratio to it");
     println!();
