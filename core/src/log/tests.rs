@@ -357,8 +357,9 @@ async fn a_read_only_reader_opens_the_store_again_only_once_it_changed() {
     // Written just before the listing taken at open: a write in the same clock tick would not
     // show in it, so the store is opened again.
     assert!(reader.refresh_at(now).unwrap(), "files written just now are opened again");
-    // The clock moved on: the listing taken at `now` could miss nothing written after it, as
-    // the files were last written before it; it is taken again with the open.
+    // A minute on, the files are unchanged, but the listing they are compared with (taken at
+    // `now`) was of files written just before it: opened again, and this listing, of files
+    // left alone for a minute, is the one the next refreshes compare with.
     let later = now + Duration::from_secs(60);
     assert!(reader.refresh_at(later).unwrap(), "files quiet only since the listing are opened again");
     assert!(!reader.refresh_at(later + Duration::from_secs(60)).unwrap(), "nothing was written: no open");
