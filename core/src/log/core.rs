@@ -346,8 +346,13 @@ impl Core {
         let key = StreamKey { origin: self.node.clone(), incarnation: self.incarnation, stream };
         let entry = self.entry(&mut plan.staged, &key);
         let seq = next_seq(entry.wm.get(), &key.stream)?;
+        scratch.set_key(&key, seq.get());
+        // The key's parts move into the envelope, not clones: each clone or drop here is an
+        // atomic on a count that the producer's thread also changes (it drops the envelope);
+        // in a profile at 1,024 in flight, these atomics took most of the planning's samples.
+        let StreamKey { origin, incarnation, stream } = key;
         let envelope = Envelope {
-            id: EnvelopeId { origin: key.origin.clone(), incarnation: key.incarnation, stream: key.stream.clone(), seq },
+            id: EnvelopeId { origin, incarnation, stream, seq },
             kind: draft.kind,
             hlc: HlcTime::from_uhlc(self.next_stamp(scratch)),
             budget_us: draft.budget_us,
@@ -360,7 +365,6 @@ impl Core {
         let inserted = entry.wm.insert(seq.get());
         assert_eq!(inserted, Insert::New, "local seqs have no gaps");
         entry.add(seq.get(), scratch.value.len());
-        scratch.set_key(&key, seq.get());
         sink.put(Cf::Log, &scratch.key, &scratch.value);
         Ok(OpResult::Appended(envelope))
     }
