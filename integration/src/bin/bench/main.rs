@@ -6,7 +6,10 @@
 //! `log`: appends of 100-byte payloads with `sync = always` group commit, against raw
 //! RocksDB (one `put` + WAL sync per record; a `WriteBatch` of the same size + WAL sync).
 //! The figures depend on the disk's fsync latency; the ratios are what to compare. Raw and
-//! Strata run in alternating slices of a few hundred ms, so that both meet the same disk.
+//! Strata run in alternating slices of a few hundred ms, so that both meet the same disk, and
+//! each slice starts once every store's flushes and compactions have finished. For
+//! comparison it also prints raw RocksDB with new WAL files (RocksDB's default) and raw
+//! RocksDB writing records as large as Strata stores them.
 //!
 //!     cargo run --release -p strata-integration --bin bench -- bus
 //!
@@ -43,6 +46,9 @@ use strata_core::log::{Draft, Log, RocksStore, StoreOptions};
 use strata_core::{Kind, NodeId, PayloadType, StreamName};
 
 const PAYLOAD_BYTES: usize = 100;
+
+/// The raw baselines' key: this prefix, then the record's seq (u64 big-endian).
+const RAW_KEY_PREFIX: &[u8] = b"edge-1/readings/bench/";
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -115,6 +121,8 @@ fn raw_options(wal: Wal, memtable_bytes: usize) -> Options {
 struct RawStore {
     db: DB,
     wo: WriteOptions,
+    /// Each record's key: this prefix, then its seq (u64 big-endian).
+    key_prefix: Vec<u8>,
     value: Vec<u8>,
     batch: usize,
     seq: u64,
@@ -132,7 +140,25 @@ impl RawStore {
         let db = DB::open(&raw_options(wal, memtable_bytes()?), dir.path())?;
         let mut wo = WriteOptions::default();
         wo.set_sync(true);
-        Ok(RawStore { db, wo, value: vec![7u8; value_bytes], batch, seq: 0, _dir: dir })
+        Ok(RawStore { db, wo, key_prefix: RAW_KEY_PREFIX.to_vec(), value: vec![7u8; value_bytes], batch, seq: 0, _dir: dir })
+    }
+
+    /// A store with the Strata store's settings whose records are as large as Strata stores
+    /// the bench's appends: keys of `key_bytes` (seq included) and values of `value_bytes`.
+    fn open_sized(batch: usize, key_bytes: usize, value_bytes: usize) -> Result<RawStore> {
+        let mut store = RawStore::open(batch, value_bytes)?;
+        store.key_prefix = vec![b'k'; key_bytes.saturating_sub(8)];
+        Ok(store)
+    }
+
+    /// RocksDB's flushes and compactions running or waiting on this store (see
+    /// `RocksStore::background_jobs`).
+    fn background_jobs(&self) -> u64 {
+        let int = |name: &str| self.db.property_int_value(name).ok().flatten().unwrap_or(0);
+        ["rocksdb.num-running-flushes", "rocksdb.num-running-compactions", "rocksdb.mem-table-flush-pending", "rocksdb.compaction-pending"]
+            .into_iter()
+            .map(int)
+            .sum()
     }
 
     /// Writes batches for `slice`; returns the records written and the time taken.
@@ -149,7 +175,7 @@ impl RawStore {
         let mut wb = WriteBatch::default();
         for _ in 0..records {
             self.seq += 1;
-            let mut key = b"edge-1/readings/bench/".to_vec();
+            let mut key = self.key_prefix.clone();
             key.extend_from_slice(&self.seq.to_be_bytes());
             wb.put(&key, &self.value);
         }
@@ -179,6 +205,7 @@ fn three_stores_ceiling(value_bytes: usize, budget: Duration) -> Result<f64> {
 /// A Strata log appended to by the benchmark's producers.
 struct StrataLog {
     log: Log,
+    store: Arc<RocksStore>,
     stream: StreamName,
     dir: tempfile::TempDir,
 }
@@ -187,7 +214,8 @@ impl StrataLog {
     fn open() -> Result<StrataLog> {
         let dir = tempfile::tempdir()?;
         let store = RocksStore::open(dir.path(), &NodeId::new("bench")?, StoreOptions { memtable_bytes: memtable_bytes()?, ..StoreOptions::default() })?;
-        Ok(StrataLog { log: Log::new(Arc::new(store)), stream: StreamName::new("readings/bench")?, dir })
+        let store = Arc::new(store);
+        Ok(StrataLog { log: Log::new(store.clone()), store, stream: StreamName::new("readings/bench")?, dir })
     }
 
     /// Group-commit batches written so far.
@@ -329,7 +357,7 @@ fn bench_rocksdb_group(budget: Duration) -> Result<()> {
                             let mut written = 0u64;
                             while start.elapsed() < slice {
                                 let seq = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                                let mut key = b"edge-1/readings/bench/".to_vec();
+                                let mut key = RAW_KEY_PREFIX.to_vec();
                                 key.extend_from_slice(&seq.to_be_bytes());
                                 threads.db.put_opt(&key, &threads.value, &threads.wo)?;
                                 written += 1;
@@ -357,30 +385,73 @@ struct Round {
     raw: f64,
     /// Raw RocksDB creating a new WAL file each time (RocksDB's default).
     raw_new_wal: f64,
+    /// Raw RocksDB with the store's settings, writing records as large as Strata stores the
+    /// bench's appends (key and value): what the same batches cost the disk, so that Strata's
+    /// ratio to it is what its group commit costs beyond the bytes of the stored envelope.
+    raw_as_stored: f64,
     strata: f64,
     /// Strata's mean group-commit batch size.
     avg_batch: f64,
 }
 
+/// Bytes of the key and of the value under which the Strata store keeps one of the bench's
+/// appends (see `core/src/log/keys.rs`: origin and stream each with a length byte,
+/// incarnation and seq as u64).
+fn stored_sizes(rt: &tokio::runtime::Runtime) -> Result<(usize, usize)> {
+    let log = StrataLog::open()?;
+    let envelope = rt.block_on(log.log.append_durable(log.stream.clone(), draft()))?;
+    let mut value = Vec::new();
+    strata_core::codec::encode_record_into(&envelope, &Default::default(), &mut value)?;
+    let key = 1 + log.log.node().as_str().len() + 8 + 1 + log.stream.as_str().len() + 8;
+    Ok((key, value.len()))
+}
+
 /// One round: fresh raw stores (`WriteBatch`es of `batch` records; WAL files reused as the
-/// Strata store does, and new ones as by default) and a fresh Strata log, run in `SLICES`
-/// alternating slices each, `budget` in all per side, so that all see the same disk: fsync
-/// latency drifts by tens of percent within seconds on shared machines, and slices of a few
-/// hundred ms spread that drift over every side.
-fn round(rt: &tokio::runtime::Runtime, batch: usize, budget: Duration, strata: impl AsyncFn(&StrataLog, Duration) -> Result<(u64, Duration)>) -> Result<Round> {
+/// Strata store does, new ones as by default, and records as large as Strata stores them) and
+/// a fresh Strata log, run in `SLICES` alternating slices each, `budget` in all per side, so
+/// that all see the same disk: fsync latency drifts by tens of percent within seconds on
+/// shared machines, and slices of a few hundred ms spread that drift over every side.
+fn round(
+    rt: &tokio::runtime::Runtime,
+    batch: usize,
+    stored: (usize, usize),
+    budget: Duration,
+    strata: impl AsyncFn(&StrataLog, Duration) -> Result<(u64, Duration)>,
+) -> Result<Round> {
     let mut raw = RawStore::open(batch, PAYLOAD_BYTES)?;
     let mut raw_new_wal = RawStore::open_with(batch, PAYLOAD_BYTES, Wal::New)?;
+    let mut raw_as_stored = RawStore::open_sized(batch, stored.0, stored.1)?;
     let log = StrataLog::open()?;
     let slice = budget / SLICES;
-    let mut totals = [(0, Duration::ZERO); 3];
+    let mut totals = [(0, Duration::ZERO); 4];
     let mut add = |i: usize, (n, t): (u64, Duration)| totals[i] = (totals[i].0 + n, totals[i].1 + t);
     for _ in 0..SLICES {
+        settle(&[&raw, &raw_new_wal, &raw_as_stored], &log)?;
         add(0, raw.run(slice)?);
+        settle(&[&raw, &raw_new_wal, &raw_as_stored], &log)?;
         add(1, raw_new_wal.run(slice)?);
-        add(2, rt.block_on(strata(&log, slice))?);
+        settle(&[&raw, &raw_new_wal, &raw_as_stored], &log)?;
+        add(2, raw_as_stored.run(slice)?);
+        settle(&[&raw, &raw_new_wal, &raw_as_stored], &log)?;
+        add(3, rt.block_on(strata(&log, slice))?);
     }
-    let [raw, raw_new_wal, strata] = totals.map(|(n, t)| rate(n, t));
-    Ok(Round { raw, raw_new_wal, strata, avg_batch: totals[2].0 as f64 / log.commits().max(1) as f64 })
+    let [raw, raw_new_wal, raw_as_stored, strata] = totals.map(|(n, t)| rate(n, t));
+    Ok(Round { raw, raw_new_wal, raw_as_stored, strata, avg_batch: totals[3].0 as f64 / log.commits().max(1) as f64 })
+}
+
+/// Longest [`settle`] waits.
+const SETTLE_MAX: Duration = Duration::from_secs(30);
+
+/// Waits until no store of a round has a flush or a compaction running or waiting, so that
+/// each slice is timed with the CPUs and the disk free of the other sides' background work.
+/// Each side still pays the background work its own writes start during its slice.
+fn settle(raws: &[&RawStore], log: &StrataLog) -> Result<()> {
+    let start = Instant::now();
+    while raws.iter().map(|r| r.background_jobs()).sum::<u64>() + log.store.background_jobs() > 0 {
+        anyhow::ensure!(start.elapsed() < SETTLE_MAX, "the stores' flushes and compactions did not finish within {SETTLE_MAX:?}");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    Ok(())
 }
 
 /// Median of a few values.
@@ -394,15 +465,22 @@ fn measure(
     rt: &tokio::runtime::Runtime,
     rounds: usize,
     batch: usize,
+    stored: (usize, usize),
     budget: Duration,
     strata: impl AsyncFn(&StrataLog, Duration) -> Result<(u64, Duration)>,
 ) -> Result<Round> {
     let mut all = Vec::new();
     for _ in 0..rounds {
-        all.push(round(rt, batch, budget, &strata)?);
+        all.push(round(rt, batch, stored, budget, &strata)?);
     }
     let of = |f: fn(&Round) -> f64| median(all.iter().map(f).collect());
-    Ok(Round { raw: of(|r| r.raw), raw_new_wal: of(|r| r.raw_new_wal), strata: of(|r| r.strata), avg_batch: of(|r| r.avg_batch) })
+    Ok(Round {
+        raw: of(|r| r.raw),
+        raw_new_wal: of(|r| r.raw_new_wal),
+        raw_as_stored: of(|r| r.raw_as_stored),
+        strata: of(|r| r.strata),
+        avg_batch: of(|r| r.avg_batch),
+    })
 }
 
 fn bench_log(budget: Duration) -> Result<()> {
@@ -426,8 +504,15 @@ fn bench_log(budget: Duration) -> Result<()> {
             return Ok(());
         }
         Some("pipelined") => {
-            let r = round(&rt, 1024, budget, pipelined)?;
-            println!("pipelined: {:.0} rec/s, avg batch {:.1}; raw batch of 1024: {:.0} rec/s; ratio {:.2}", r.strata, r.avg_batch, r.raw, r.strata / r.raw);
+            let r = round(&rt, 1024, stored_sizes(&rt)?, budget, pipelined)?;
+            println!(
+                "pipelined: {:.0} rec/s, avg batch {:.1}; raw batch of 1024: {:.0} rec/s; ratio {:.2}; to raw as stored {:.2}",
+                r.strata,
+                r.avg_batch,
+                r.raw,
+                r.strata / r.raw,
+                r.strata / r.raw_as_stored
+            );
             return Ok(());
         }
         Some(only) => {
@@ -435,13 +520,14 @@ fn bench_log(budget: Duration) -> Result<()> {
                 .strip_prefix("producers:")
                 .and_then(|n| n.parse().ok())
                 .with_context(|| format!("STRATA_BENCH_ONLY={only:?}: expected pipelined, producers:N, encode, rocksdb-group, sketches or reader-open"))?;
-            let r = round(&rt, producers, budget, async |log: &StrataLog, slice| log.producers(producers, slice).await)?;
+            let r = round(&rt, producers, stored_sizes(&rt)?, budget, async |log: &StrataLog, slice| log.producers(producers, slice).await)?;
             println!(
-                "{producers} producers: {:.0} rec/s, avg batch {:.1}; raw batch of {producers}: {:.0} rec/s; ratio {:.2}",
+                "{producers} producers: {:.0} rec/s, avg batch {:.1}; raw batch of {producers}: {:.0} rec/s; ratio {:.2}; to raw as stored {:.2}",
                 r.strata,
                 r.avg_batch,
                 r.raw,
-                r.strata / r.raw
+                r.strata / r.raw,
+                r.strata / r.raw_as_stored
             );
             return Ok(());
         }
@@ -450,7 +536,8 @@ fn bench_log(budget: Duration) -> Result<()> {
     let rounds = 3;
     println!(
         "bench log: {PAYLOAD_BYTES}-byte payloads, sync = always; each figure is the median of {rounds} rounds, each round \
-         {SLICES} alternating slices of raw and strata, {:.1} s of each in all",
+         {SLICES} alternating slices of raw and strata, {:.1} s of each in all; before each slice, every store's flushes and \
+         compactions have finished",
         budget.as_secs_f64()
     );
     println!(
@@ -458,9 +545,21 @@ fn bench_log(budget: Duration) -> Result<()> {
          with the store's settings: WAL files reused, as the store does, and {} MiB memtables on both sides",
         memtable_bytes()? as f64 / (1024.0 * 1024.0)
     );
+    let stored = stored_sizes(&rt)?;
     println!("for comparison only: raw RocksDB creating a new WAL file each time (RocksDB's default), and Strata's ratio to it");
+    println!(
+        "and raw RocksDB with the store's settings writing records as large as the store keeps one append ({}-byte keys, \
+         {}-byte values, against {}-byte keys and {PAYLOAD_BYTES}-byte values in the baseline): Strata's ratio to it is what its \
+         group commit costs beyond the bytes of the stored envelope",
+        stored.0,
+        stored.1,
+        RAW_KEY_PREFIX.len() + 8
+    );
     println!();
-    println!("{:<44} {:>11} {:>10} {:>11} {:>7} {:>7}   {:>13} {:>7}", "case", "strata/s", "avg batch", "raw/s", "ratio", "target", "raw new WAL/s", "ratio");
+    println!(
+        "{:<44} {:>11} {:>10} {:>11} {:>7} {:>7}   {:>13} {:>7}   {:>15} {:>7}",
+        "case", "strata/s", "avg batch", "raw/s", "ratio", "target", "raw new WAL/s", "ratio", "raw as stored/s", "ratio"
+    );
     let mut ok = true;
     let mut put_sync = Vec::new();
     let mut report = |label: &str, r: &Round, target: f64, base: &str| {
@@ -468,23 +567,25 @@ fn bench_log(budget: Duration) -> Result<()> {
         ok &= ratio >= target;
         let mark = if ratio >= target { "" } else { "  BELOW TARGET" };
         println!(
-            "{label:<44} {:>11.0} {:>10.1} {:>11.0} {ratio:>7.2} {target:>7.2}   {:>13.0} {:>7.2}  (raw {base}){mark}",
+            "{label:<44} {:>11.0} {:>10.1} {:>11.0} {ratio:>7.2} {target:>7.2}   {:>13.0} {:>7.2}   {:>15.0} {:>7.2}  (raw {base}){mark}",
             r.strata,
             r.avg_batch,
             r.raw,
             r.raw_new_wal,
-            r.strata / r.raw_new_wal
+            r.strata / r.raw_new_wal,
+            r.raw_as_stored,
+            r.strata / r.raw_as_stored
         );
     };
     for producers in [1usize, 8, 64] {
-        let r = measure(&rt, rounds, producers, budget, async |log: &StrataLog, slice| log.producers(producers, slice).await)?;
+        let r = measure(&rt, rounds, producers, stored, budget, async |log: &StrataLog, slice| log.producers(producers, slice).await)?;
         if producers == 1 {
             put_sync.push(r.raw);
         }
         let base = if producers == 1 { "put + sync".to_owned() } else { format!("batch of {producers}") };
         report(&format!("(a) {producers} producers, each awaiting its ack"), &r, 0.8, &base);
     }
-    let r = measure(&rt, rounds, 1024, budget, pipelined)?;
+    let r = measure(&rt, rounds, 1024, stored, budget, pipelined)?;
     report("(b) 1 producer, 1024 appends in flight", &r, 0.5, "batch of 1024");
     if let Some(p) = put_sync.first() {
         println!("(b) against one put + sync per record: x{:.1}", r.strata / p);
