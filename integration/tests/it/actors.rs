@@ -68,7 +68,7 @@ async fn panics_while_consuming_never_apply_an_effect_twice() {
     while points.len() < PANICS {
         points.insert(rng.gen_range(1..=RECORDS));
     }
-    println!("seed {seed}: panics at seqs {points:?}");
+    report!("seed {seed}: panics at seqs {points:?}");
     let panic_at = Arc::new(Mutex::new(points));
     let handled = Arc::new(Mutex::new(HashMap::new()));
 
@@ -131,7 +131,7 @@ async fn panics_while_consuming_never_apply_an_effect_twice() {
     let snapshot_key = log.local_key(&snapshot_stream(&consumer));
     let last = log.stream(&snapshot_key).unwrap().last;
     let state = u64::from_le_bytes(log.read(&snapshot_key, last, 1).unwrap()[0].payload.clone().try_into().unwrap());
-    println!(
+    report!(
         "{RECORDS} records, {PANICS} panics, {restarts} restarts: unhandled {unhandled}, handled again after a crash {rehandled}, \
          effects {} (distinct keys {}), applied twice {twice}, state {state}, took {:?}",
         by_key.values().sum::<u32>(),

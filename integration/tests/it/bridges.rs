@@ -295,7 +295,7 @@ async fn mqtt_readings_and_commands_survive_a_broker_restart() {
     let (seen, delivered) = (stored(), keys(&subscriber));
     let accepted = plant["counters"]["accepted"].as_u64().unwrap_or(0);
     let stored_total: usize = seen.values().sum();
-    println!(
+    report!(
         "mqtt: published {READINGS} / accepted {accepted} / stored {stored_total} ({} distinct, {} stored twice) / lost {}; \
          commands appended {COMMANDS} / sent {} / delivered {} distinct ({} repeats) / expired {}; broker down 10 s",
         seen.len(),
@@ -361,7 +361,7 @@ async fn mqtt_readings_and_commands_survive_a_broker_restart() {
     assert!(wait_for(Duration::from_secs(30), || short(&subscriber).contains(&"fresh".to_string())).await, "the fresh command is sent after the restart");
     let v5 = report(&node.status().await, "plant-v5");
     let events: Vec<Value> = payloads_live(&node, "events").into_iter().filter(|e| e["event"] == "command_expired").collect();
-    println!(
+    report!(
         "mqtt 5: commands appended 4 / expired {} / sent {} / delivered {:?}",
         v5["counters"]["commands_expired"],
         v5["counters"]["commands_sent"],
@@ -495,7 +495,7 @@ type = "f32"
     assert!(wait_for(Duration::from_secs(20), || last("readings/running").is_some() && last("readings/temp").is_some()).await, "no readings polled");
     let polled: Vec<(&str, f64)> =
         ["temp", "count", "offset", "total", "running"].iter().map(|s| (*s, last(&format!("readings/{s}")).unwrap_or(f64::NAN))).collect();
-    println!("modbus: polled {polled:?}");
+    report!("modbus: polled {polled:?}");
     // The device's registers: f32 21.5, u16 1234 (x 0.1), i16 -7 (+ 100), u32 65538 (low word
     // first), coil on.
     for ((name, got), want) in polled.iter().zip([21.5, 123.4, 93.0, 65_538.0, 1.0]) {
@@ -521,7 +521,7 @@ type = "f32"
 
     // Exceptions and unknown commands are counted by reason; the bridge keeps polling.
     let plc = report(&node.status().await, "plc");
-    println!("modbus: {plc}");
+    report!("modbus: {plc}");
     assert!(plc["rejected"]["exception_illegal_data_address"].as_u64().unwrap() >= 1, "{plc}");
     assert_eq!(plc["rejected"]["unknown_action"], 1, "{plc}");
     let polls = plc["counters"]["polls"].as_u64().unwrap();
@@ -599,7 +599,7 @@ async fn mqtt_bridge_connects_with_tls_and_a_password() {
 
     // A wrong password never connects; status says why.
     let wrong = report(&node.status().await, "wrong");
-    println!("mqtt tls: 100/100 readings over TLS with a password; wrong password: {wrong}");
+    report!("mqtt tls: 100/100 readings over TLS with a password; wrong password: {wrong}");
     assert_eq!(wrong["connected"], false, "{wrong}");
     assert!(
         wrong["last_error"].as_str().unwrap_or("").to_lowercase().contains("refused")

@@ -2,7 +2,7 @@
 //! every acknowledged append survived, intact, with no hole in the seqs.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Write as _};
+use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -22,7 +22,7 @@ fn kill_9_loses_no_acknowledged_append() {
     let _serial = crate::replication::serial();
     let dir = tempfile::tempdir().unwrap();
     let seed: u64 = std::env::var("STRATA_SEED").ok().and_then(|v| v.parse().ok()).unwrap_or_else(rand::random);
-    println!("crash test seed {seed} (STRATA_SEED={seed} replays the kill schedule)");
+    report!("crash test seed {seed} (STRATA_SEED={seed} replays the kill schedule)");
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let node = NodeId::new("crash-node").unwrap();
     let stream = StreamName::new("crash/test").unwrap();
@@ -108,15 +108,12 @@ fn kill_9_loses_no_acknowledged_append() {
     }
     let torn = present.values().filter(|v| v.is_none()).count();
     let lost = acked.iter().filter(|(seq, who)| present.get(seq) != Some(&Some(**who))).count();
-    // Straight to stderr, not through `println!`, which the test harness captures: the figures
-    // belong in every CI log, passing or not.
-    let summary = format!(
+    report!(
         "crash test (seed {seed}): {} kills, appended {} / acknowledged {} / lost {lost} (must be 0) / torn {torn} (must be 0)",
         cycles(),
         present.len(),
         acked.len()
     );
-    let _ = writeln!(std::io::stderr().lock(), "{summary}");
     assert!(acked.len() > 100, "the writer acknowledged too little to mean anything: {}", acked.len());
     assert_eq!(lost, 0);
     assert_eq!(torn, 0);

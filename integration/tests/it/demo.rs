@@ -14,7 +14,7 @@ fn a_short_demo_loses_nothing_and_reports_every_phase() {
     let out_dir = tempfile::tempdir().unwrap();
     let out = Command::new(strata_bin()).args(["demo", "--duration", "20", "--seed", "3", "--out"]).arg(out_dir.path()).output().expect("run strata demo");
     let stdout = String::from_utf8_lossy(&out.stdout);
-    println!("{stdout}");
+    report!("{stdout}");
     assert_eq!(out.status.code(), Some(0), "strata demo failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
     assert!(stdout.contains("result: PASS"), "{stdout}");
 
@@ -85,5 +85,5 @@ fn a_short_demo_loses_nothing_and_reports_every_phase() {
     for (marks, w, h) in &charts {
         assert!(*marks >= 10 && *w >= 500 && *h >= 100, "a chart rendered empty or tiny: {check}");
     }
-    println!("rendered by chromium-headless-shell: {check}");
+    report!("rendered by chromium-headless-shell: {check}");
 }

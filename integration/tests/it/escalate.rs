@@ -144,7 +144,7 @@ async fn escalations_are_approved_denied_or_time_out_to_the_safe_default() {
     let outcomes: Vec<&str> = events.iter().filter(|e| e["event"] == "escalation_resolved").filter_map(|e| e["outcome"].as_str()).collect();
     assert_eq!(count("escalation_opened"), 3);
     assert_eq!(outcomes, ["approved", "denied", "timed_out"]);
-    println!(
+    report!(
         "escalations: 3 raised while isolated; approved -> stop, denied -> hold, timed out after {TIMEOUT_MS} ms -> hold; \
          {} decisions, {} commands, {} events recorded",
         decisions.len(),

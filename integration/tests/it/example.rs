@@ -52,5 +52,5 @@ fn the_example_threshold_actor_runs_in_a_node() {
     let values: Vec<f64> = alarms.iter().map(|a| a["value"].as_f64().unwrap()).collect();
     assert_eq!(values, above);
     assert_eq!(alarms.last().unwrap()["alarms"].as_u64(), Some(above.len() as u64), "the count in the snapshot-backed state");
-    println!("example threshold actor: {} readings handled, {} above {LIMIT}, {} alarms", cursor, above.len(), alarms.len());
+    report!("example threshold actor: {} readings handled, {} above {LIMIT}, {} alarms", cursor, above.len(), alarms.len());
 }

@@ -51,6 +51,6 @@ async fn python_client_readings_are_appended_and_bad_ones_rejected() {
     assert_eq!((stream["count"].as_u64(), stream["last"].as_u64()), (Some(100), Some(100)));
     assert!(edge.is_running(), "the node keeps running after bad input");
     assert!(edge.log_text().contains("ingest message rejected"), "rejections are logged");
-    println!("python ingest: 100 appended, 5 rejected ({reasons}), node still running");
+    report!("python ingest: 100 appended, 5 rejected ({reasons}), node still running");
     assert_eq!(edge.terminate(Duration::from_secs(20)), Some(0));
 }

@@ -67,7 +67,7 @@ fn strata_run_edge_stops_in_order_and_keeps_cursors_through_kill_9() {
     let events = payloads(&edge.data_dir, "events");
     let stopped: Vec<&str> = events.iter().filter(|e| e["event"] == "child_stopped").map(|e| e["child"].as_str().unwrap()).collect();
     assert_eq!(stopped, ["arbiter", "anomaly-local", "line-3"], "children stop in reverse start order");
-    println!("SIGTERM: exit 0 after {took:?}; cursor {after_term}; events {}", events.len());
+    report!("SIGTERM: exit 0 after {took:?}; cursor {after_term}; events {}", events.len());
 
     // It reopens cleanly and continues after its cursor.
     edge.start();
@@ -91,7 +91,7 @@ fn strata_run_edge_stops_in_order_and_keeps_cursors_through_kill_9() {
     let (n, decided_twice) = repeats("decisions", "input");
     let (m, commanded_twice) = repeats("commands", "key");
     assert_eq!((decided_twice, commanded_twice), (0, 0), "a reading was decided twice or a command issued twice");
-    println!("cursors: {first} -> SIGTERM {after_term} -> {resumed}; kill -9 at {before_kill} (after: {after_kill}) -> {again}; {n} decisions, {m} commands, no repeats");
+    report!("cursors: {first} -> SIGTERM {after_term} -> {resumed}; kill -9 at {before_kill} (after: {after_kill}) -> {again}; {n} decisions, {m} commands, no repeats");
 }
 
 #[test]
@@ -130,7 +130,7 @@ fn status_lists_a_running_three_node_continuum() {
     assert!(ok, "status never showed all three nodes running and acked: {docs:#?}\n{logs}");
     let out = status(false);
     let table = String::from_utf8_lossy(&out.stdout);
-    println!("{table}");
+    report!("{table}");
     assert!(out.status.success());
     for needle in ["edge-1", "fog-1", "cloud-1", "line-3:running/0", "anomaly-local:running/0", "anomaly-fog:running/0", "anomaly-cloud:running/0", "cloud:"] {
         assert!(table.contains(needle), "{needle:?} missing from\n{table}");
@@ -179,7 +179,7 @@ fn a_root_past_its_restart_intensity_records_the_incident_and_exits_non_zero() {
     let events = payloads(&node.data_dir, "events");
     let count = |kind: &str| events.iter().filter(|e| e["event"] == kind).count();
     let escalated: Vec<&serde_json::Value> = events.iter().filter(|e| e["event"] == "escalated").collect();
-    println!("events: {} exits, {} restarts scheduled, escalated: {}", count("child_exited"), count("restart_scheduled"), escalated[0]["reason"]);
+    report!("events: {} exits, {} restarts scheduled, escalated: {}", count("child_exited"), count("restart_scheduled"), escalated[0]["reason"]);
     assert_eq!(count("child_exited"), 4, "three restarts, then the 4th failure escalates");
     assert_eq!(count("restart_scheduled"), 3);
     assert_eq!(escalated.len(), 1);

@@ -253,7 +253,7 @@ async fn ten_thousand_readings_reach_the_cloud_in_order_once() {
         assert!(h.seqs_in_order);
         assert_eq!(h.values, (0..n).collect::<Vec<_>>(), "{}: every reading once, in order", node.id);
     }
-    println!("replication: {n} readings, edge -> fog -> cloud: all stored once, in order");
+    report!("replication: {n} readings, edge -> fog -> cloud: all stored once, in order");
 }
 
 /// The watermark `node` reports for edge-1's stream, asking through `view`.
@@ -288,7 +288,7 @@ async fn fog_cloud_partitions_lose_nothing() {
         let ok = wait_async(Duration::from_secs(60), || async { wm(&cloud_view, "cloud-1").await >= edge_at_heal }).await;
         assert!(ok, "cycle {cycle}: the cloud did not catch up\ncloud log:\n{}", c.cloud.log_text());
         let secs = healed.elapsed().as_secs_f64();
-        println!("partition cycle {cycle}: cut 5.0 s, cloud behind by {} readings at heal, caught up in {secs:.2} s", edge_at_heal - cloud_late);
+        report!("partition cycle {cycle}: cut 5.0 s, cloud behind by {} readings at heal, caught up in {secs:.2} s", edge_at_heal - cloud_late);
         catch_up.push(secs);
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
@@ -297,7 +297,7 @@ async fn fog_cloud_partitions_lose_nothing() {
     assert!(ok, "the cloud did not get all {sent} readings");
     c.stop_all();
     let (delivered, lost, duplicated, out_of_order) = verdict(&c.cloud.data_dir, sent);
-    println!(
+    report!(
         "partitions: sent {sent} / delivered {delivered} / lost {lost} / duplicated {duplicated} / out-of-order {out_of_order} / \
          seconds to catch up after heal {}",
         catch_up.iter().map(|s| format!("{s:.2}")).collect::<Vec<_>>().join(", ")
@@ -337,7 +337,7 @@ async fn fog_kill_9_mid_stream_resumes_from_its_watermarks() {
     let fog_doc = status(&fog_view, "fog-1").await.unwrap();
     let served_by_edge = edge_doc["replication"]["replay_served_records"].as_u64().unwrap();
     let fog_replayed = fog_doc["replication"]["replay_received"].as_u64().unwrap();
-    println!(
+    report!(
         "fog kill -9: fog had {fog_before}, cloud {cloud_before} of {sent}; after restart the fog replayed {fog_replayed} records \
          (not from seq 1); the edge served {served_by_edge} replayed records in all"
     );
@@ -347,7 +347,7 @@ async fn fog_kill_9_mid_stream_resumes_from_its_watermarks() {
     c.stop_all();
     for node in [&c.fog, &c.cloud] {
         let (delivered, lost, duplicated, out_of_order) = verdict(&node.data_dir, sent);
-        println!("{}: sent {sent} / delivered {delivered} / lost {lost} / duplicated {duplicated} / out-of-order {out_of_order}", node.id);
+        report!("{}: sent {sent} / delivered {delivered} / lost {lost} / duplicated {duplicated} / out-of-order {out_of_order}", node.id);
         assert_eq!((lost, duplicated, out_of_order), (0, 0, 0), "{}", node.id);
     }
 }
@@ -389,7 +389,7 @@ async fn a_wiped_edge_comes_back_as_a_new_incarnation() {
         let text = String::from_utf8_lossy(&out.stdout);
         let rows: Vec<&str> = text.lines().filter(|l| l.starts_with("edge-1") && l.contains(STREAM)).collect();
         assert_eq!(rows.len(), 2, "{}: strata log ls shows both incarnations:\n{text}", node.id);
-        println!("{}: {}", node.id, rows.join(" | "));
+        report!("{}: {}", node.id, rows.join(" | "));
     }
 }
 
@@ -404,7 +404,7 @@ async fn fog_cloud_partition_by_veth_link_down() {
     let mut ns = match NsHost::create(&format!("st{tag}")) {
         Ok(ns) => ns,
         Err(why) => {
-            println!("netns partition test NOT RUN: {why}");
+            report!("netns partition test NOT RUN: {why}");
             assert!(std::env::var("STRATA_REQUIRE_NETNS").is_err(), "STRATA_REQUIRE_NETNS is set but: {why}");
             return;
         }
@@ -472,7 +472,7 @@ async fn fog_cloud_partition_by_veth_link_down() {
         let ok = wait_async(Duration::from_secs(60), || async { wm(&cloud_view, "cloud-1").await >= edge_at_heal }).await;
         assert!(ok, "cycle {cycle}: the cloud did not catch up\ncloud log:\n{}\nfog log:\n{}", cloud.log_text(), fog.log_text());
         let secs = healed.elapsed().as_secs_f64();
-        println!(
+        report!(
             "veth partition cycle {cycle}: link down 5 s, loss detected by the edge after {detected:.2} s, cloud behind by {} at heal, caught up in {secs:.2} s",
             edge_at_heal - cloud_late
         );
@@ -480,7 +480,7 @@ async fn fog_cloud_partition_by_veth_link_down() {
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
     if std::env::var("STRATA_DEBUG_LOGS").is_ok() {
-        println!("cloud log:\n{}\nfog log:\n{}", cloud.log_text(), fog.log_text());
+        report!("cloud log:\n{}\nfog log:\n{}", cloud.log_text(), fog.log_text());
     }
     let sent = d.stop().await;
     assert!(wait_async(Duration::from_secs(60), || async { wm(&cloud_view, "cloud-1").await == sent }).await);
@@ -488,7 +488,7 @@ async fn fog_cloud_partition_by_veth_link_down() {
         assert_eq!(n.terminate(Duration::from_secs(20)), Some(0), "{}\n{}", n.id, n.log_text());
     }
     let (delivered, lost, duplicated, out_of_order) = verdict(&cloud.data_dir, sent);
-    println!(
+    report!(
         "veth partitions: sent {sent} / delivered {delivered} / lost {lost} / duplicated {duplicated} / out-of-order {out_of_order} / \
          seconds to catch up after heal {}",
         catch_up.iter().map(|s| format!("{s:.2}")).collect::<Vec<_>>().join(", ")
@@ -530,7 +530,7 @@ async fn memory_stays_flat_during_a_long_partition() {
     let caught_up = wait_async(Duration::from_secs(300), || async { wm(&cloud_view, "cloud-1").await == sent }).await;
     let catch_up = healed.elapsed().as_secs_f64();
     let after = rss(&c);
-    println!(
+    report!(
         "memory during a {} s partition at {rate} readings/s (backlog {backlog} readings; cloud caught up in {catch_up:.1} s, {:.0} readings/s):",
         partition.as_secs(),
         backlog as f64 / catch_up
@@ -539,9 +539,11 @@ async fn memory_stays_flat_during_a_long_partition() {
     for (i, name) in ["edge-1", "fog-1", "cloud-1"].iter().enumerate() {
         let growth = peak[i].saturating_sub(before[i]);
         worst = worst.max(growth);
-        println!(
+        report!(
             "  {name:<8} RSS before {:>7} KiB, end of partition {:>7} KiB, after catch-up {:>7} KiB, growth during partition {growth:>6} KiB",
-            before[i], end[i], after[i]
+            before[i],
+            end[i],
+            after[i]
         );
     }
     assert!(caught_up, "the cloud did not catch up with {sent} readings");
@@ -592,6 +594,6 @@ async fn nodes_work_behind_a_plain_zenoh_router() {
         assert_eq!(n.terminate(Duration::from_secs(20)), Some(0));
     }
     let (delivered, lost, duplicated, out_of_order) = verdict(&cloud.data_dir, 1000);
-    println!("behind a plain zenoh router: sent 1000 / delivered {delivered} / lost {lost} / duplicated {duplicated} / out-of-order {out_of_order}");
+    report!("behind a plain zenoh router: sent 1000 / delivered {delivered} / lost {lost} / duplicated {duplicated} / out-of-order {out_of_order}");
     assert_eq!((lost, duplicated, out_of_order), (0, 0, 0));
 }

@@ -165,14 +165,14 @@ async fn decisions_follow_the_tier_that_can_meet_their_deadline() {
 
     let decisions = records(&edge.data_dir, "decisions");
     let events = records(&edge.data_dir, "events");
-    println!("phase        decisions  cloud   fog  edge  fallback  deadline met");
+    report!("phase        decisions  cloud   fog  edge  fallback  deadline met");
     let mut tallies = Vec::new();
     for p in &phases {
         let t = tally(decisions.iter().filter(|(at, _)| (p.from..p.to).contains(at)));
-        println!("{:<12} {:>9} {:>6} {:>5} {:>5} {:>9}  {:>5.1}%", p.name, t.total(), t.cloud, t.fog, t.edge, t.fallback, 100.0 * t.share(t.met));
+        report!("{:<12} {:>9} {:>6} {:>5} {:>5} {:>9}  {:>5.1}%", p.name, t.total(), t.cloud, t.fog, t.edge, t.fallback, 100.0 * t.share(t.met));
         tallies.push(t);
     }
-    println!("fog back: decisions moved back to it within {moved_back_s:.1} s (hold {HOLD_MS} ms)");
+    report!("fog back: decisions moved back to it within {moved_back_s:.1} s (hold {HOLD_MS} ms)");
     for (p, t) in phases.iter().zip(&tallies) {
         let missed: Vec<String> = decisions
             .iter()
@@ -218,7 +218,7 @@ async fn decisions_follow_the_tier_that_can_meet_their_deadline() {
     let first_fog = decisions.iter().find(|(at, d)| *at > back && d["tier"] == "fog").map(|(at, _)| *at).unwrap();
     assert!(first_fog >= recovered_at, "the fog decided at {first_fog}, before the mode recovered at {recovered_at}");
     let misses = events.iter().filter(|(_, e)| e["event"] == "deadline_miss").count();
-    println!("mode recovered {} ms after the fog process restarted ({reason}); deadline_miss events: {misses}", recovered_at - back);
+    report!("mode recovered {} ms after the fog process restarted ({reason}); deadline_miss events: {misses}", recovered_at - back);
     // The reasons say why.
     let slow_reason = decisions
         .iter()
@@ -227,5 +227,5 @@ async fn decisions_follow_the_tier_that_can_meet_their_deadline() {
         .next_back()
         .unwrap_or("");
     assert!(slow_reason.contains("cloud cloud-1: p95") && slow_reason.contains("fog fog-1: p95"), "{slow_reason}");
-    println!("reason while the cloud is slow: {slow_reason}");
+    report!("reason while the cloud is slow: {slow_reason}");
 }

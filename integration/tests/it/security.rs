@@ -116,7 +116,7 @@ fn count_stream(data_dir: &Path, stream: &str) -> usize {
 }
 
 fn print_case(name: &str, attempts: usize, rejected: usize, delivered: usize) {
-    println!("{name:<58} attempts {attempts:>3} / rejected {rejected:>3} / delivered-anyway {delivered} (must be 0)");
+    report!("{name:<58} attempts {attempts:>3} / rejected {rejected:>3} / delivered-anyway {delivered} (must be 0)");
 }
 
 /// A client session's status query of `node` (through an operator's session).
@@ -193,7 +193,7 @@ fn secured_continuum_replicates_and_refuses_every_way_around_it() {
             assert_eq!(doc["security"]["tls"], true, "{id}");
             assert_eq!(doc["security"]["acl_digest"], want, "{id} applies another ACL than `strata acl` prints");
         }
-        println!("ACL applied = `strata acl --digest`: {}", digests.trim().replace('\n', ", "));
+        report!("ACL applied = `strata acl --digest`: {}", digests.trim().replace('\n', ", "));
 
         // --- Acceptance 2: negative cases ---------------------------------------------------
         let attempts = 3;
@@ -257,7 +257,7 @@ fn secured_continuum_replicates_and_refuses_every_way_around_it() {
             let control_ok = wait_until(Duration::from_secs(20), || count_stream(&cloud_dir, "readings/neg-control") == attempts as usize);
             let delivered = count_stream(&fog_dir, "readings/neg-other") + count_stream(&cloud_dir, "readings/neg-other");
             print_case("valid node (edge-1) putting under fog-1's key", attempts as usize, attempts as usize - delivered, delivered);
-            println!("  positive control: its {attempts} puts under its own key reached the cloud: {control_ok}");
+            report!("  positive control: its {attempts} puts under its own key reached the cloud: {control_ok}");
             assert!(control_ok, "the control puts never reached the cloud\n{}", logs(&nodes));
             assert_eq!(delivered, 0);
 
@@ -277,7 +277,7 @@ fn secured_continuum_replicates_and_refuses_every_way_around_it() {
             let received = sub.drain().len();
             let delivered = received + answered;
             print_case("valid node (edge-1) subscribing/replaying what it may not", 3, 3 - delivered.min(3), delivered);
-            println!("  meanwhile the cloud received {} of the edge's readings it subscribes to", after - before);
+            report!("  meanwhile the cloud received {} of the edge's readings it subscribes to", after - before);
             assert!(after > before, "no data flowed during the window: the check would prove nothing");
             assert_eq!((received, answered), (0, 0));
 
@@ -327,7 +327,7 @@ fn secured_continuum_replicates_and_refuses_every_way_around_it() {
             let (c, k) = id_of("ops");
             let args = ["approve", &id, "--connect", &fog_ep, "--by", "ops", "--ca", ca.to_str().unwrap(), "--cert", c.to_str().unwrap(), "--key", k.to_str().unwrap()];
             let (code, out, err) = strata(d, &args);
-            println!("  positive control: the operator's approval: {}", out.trim());
+            report!("  positive control: the operator's approval: {}", out.trim());
             assert_eq!(code, 0, "the operator's approval failed: {out}{err}");
         }
 
@@ -353,7 +353,7 @@ fn secured_continuum_replicates_and_refuses_every_way_around_it() {
             tokio::time::sleep(Duration::from_millis(500)).await;
             accepted = holdings(&edge_dir).into_iter().filter(|(_, s, _)| s.starts_with("readings/ingest-")).map(|(_, s, _)| s).collect();
             print_case("ingest by a non-device identity (ops)", 1, 1 - accepted.iter().filter(|s| s.ends_with("ops")).count(), accepted.iter().filter(|s| s.ends_with("ops")).count());
-            println!("  positive control: the device's reading was appended: {accepted:?}");
+            report!("  positive control: the device's reading was appended: {accepted:?}");
             assert_eq!(accepted, ["readings/ingest-line-3-gw"]);
 
             // The official Python binding as the device, with its certificate.
@@ -372,7 +372,7 @@ fn secured_continuum_replicates_and_refuses_every_way_around_it() {
                 python >= 20
             });
             let rejected = rt_status(&ops, "edge-1")["replication"]["ingest_rejected"].clone();
-            println!("  the Python client (eclipse-zenoh, QUIC, its own certificate): 20 readings sent, {python} appended; malformed rejected by reason: {rejected}");
+            report!("  the Python client (eclipse-zenoh, QUIC, its own certificate): 20 readings sent, {python} appended; malformed rejected by reason: {rejected}");
             assert_eq!(python, 20);
         }
         ops.close().await.unwrap();
@@ -394,7 +394,7 @@ fn secured_continuum_replicates_and_refuses_every_way_around_it() {
         let in_order = held.iter().enumerate().all(|(i, &s)| s == i as u64 + 1);
         let present: std::collections::HashSet<u64> = held.iter().copied().collect();
         let missing: Vec<u64> = (1..=last).filter(|s| !present.contains(s)).take(20).collect();
-        println!(
+        report!(
             "mTLS continuum: edge produced {} readings (10,000 reached the cloud after {reach_s:.1} s); cloud holds {} ({}), in order and without gaps: {in_order}; first missing: {missing:?}; waited {:.1} s after the edge stopped",
             produced.len(),
             held.len(),
@@ -447,7 +447,7 @@ fn acl_of_the_example_configs_matches_the_golden_file() {
         let want = std::fs::read_to_string(&path).unwrap_or_default();
         assert!(out == want, "`strata acl {configs}` differs from {} (STRATA_BLESS=1 to accept a deliberate change):\n{out}", path.display());
         let doc: serde_json::Value = serde_json::from_str(&out).unwrap();
-        println!(
+        report!(
             "strata acl {configs}: {} nodes, {} rules, matches {golden}",
             doc.as_object().unwrap().len(),
             doc.as_object().unwrap().values().map(|a| a["rules"].as_array().unwrap().len()).sum::<usize>()
@@ -488,7 +488,7 @@ fn the_readme_security_commands_secure_the_example_continuum() {
         };
         let words: Vec<&str> = line.split_whitespace().collect();
         assert_eq!(words[0], "strata", "README command {line:?}");
-        println!("$ {line}");
+        report!("$ {line}");
         if in_background {
             let log = std::fs::File::create(d.join(format!("background-{i}.log"))).unwrap();
             let child = Command::new(strata_bin()).args(&words[1..]).current_dir(d).stdout(Stdio::null()).stderr(log).spawn().unwrap();
@@ -534,7 +534,7 @@ fn a_node_whose_certificate_names_another_node_does_not_start() {
     let (code, _, err) = strata(d, &["run", "edge-1.toml"]);
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("fog-1.pem: its common name is \"fog-1\", not this node's id \"edge-1\""), "{err}");
-    println!("strata run with another node's certificate: exit {code}: {}", err.lines().last().unwrap_or(""));
+    report!("strata run with another node's certificate: exit {code}: {}", err.lines().last().unwrap_or(""));
     // `strata check` says the same before anything runs; the fog's files are fine, the
     // cloud has no certificate yet.
     let (code, _, check) = strata(d, &["check", "edge-1.toml", "fog-1.toml", "cloud-1.toml"]);

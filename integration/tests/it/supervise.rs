@@ -176,7 +176,7 @@ async fn successive_restarts_are_spaced_by_the_backoff() {
     let exits = events.iter().filter(|(_, e)| matches!(e, Event::ChildExited { .. })).map(|(t, _)| *t);
     let starts = events.iter().filter(|(_, e)| matches!(e, Event::ChildStarted { restarts, .. } if *restarts > 0)).map(|(t, _)| *t);
     let gaps: Vec<Duration> = exits.zip(starts).map(|(exit, start)| start - exit).collect();
-    println!("restart gaps: {gaps:?} (configured 100, 200, 400, 400 ms)");
+    report!("restart gaps: {gaps:?} (configured 100, 200, 400, 400 ms)");
     for (gap, want) in gaps.iter().zip([100, 200, 400, 400]) {
         let want = Duration::from_millis(want);
         assert!(*gap >= want && *gap < want + Duration::from_millis(500), "gap {gap:?}, configured {want:?}");
