@@ -10,6 +10,8 @@
 //! each slice starts once every store's flushes and compactions have finished. For
 //! comparison it also prints raw RocksDB with new WAL files (RocksDB's default) and raw
 //! RocksDB writing records as large as Strata stores them.
+//! `STRATA_BENCH_WORKERS` sets the worker threads of the producers' tokio runtime
+//! (default 2), `STRATA_BENCH_MEMTABLE_BYTES` the memtables on both sides.
 //!
 //!     cargo run --release -p strata-integration --bin bench -- bus
 //!
@@ -91,6 +93,15 @@ enum Wal {
     Reused,
     /// A new file each time, RocksDB's default: what a program with default options gets.
     New,
+}
+
+/// Worker threads of the producers' tokio runtime: 2 (this machine's vCPUs, as a node's
+/// runtime has), or `STRATA_BENCH_WORKERS` to see what another runtime gives.
+fn producer_workers() -> Result<usize> {
+    match std::env::var("STRATA_BENCH_WORKERS") {
+        Err(_) => Ok(2),
+        Ok(v) => v.parse().ok().filter(|&n| n >= 1).with_context(|| format!("STRATA_BENCH_WORKERS={v:?} is not a number of threads (at least 1)")),
+    }
 }
 
 /// Memtable size of the Strata store and of the raw stores alike: the store's default
@@ -484,7 +495,8 @@ fn measure(
 }
 
 fn bench_log(budget: Duration) -> Result<()> {
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let workers = producer_workers()?;
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(workers).enable_all().build()?;
     let pipelined = async |log: &StrataLog, slice| log.pipelined(1024, slice).await;
     // For profiling one case: STRATA_BENCH_ONLY=pipelined or producers:N, e.g. under perf
     // record; STRATA_BENCH_ONLY=encode times the envelope encoder alone; rocksdb-group
@@ -542,7 +554,8 @@ fn bench_log(budget: Duration) -> Result<()> {
     );
     println!(
         "baseline: raw RocksDB on the same disk in the same run (WriteBatch of N records + WAL sync; N = 1 is put + sync), \
-         with the store's settings: WAL files reused, as the store does, and {} MiB memtables on both sides",
+         with the store's settings: WAL files reused, as the store does, and {} MiB memtables on both sides; \
+         Strata's producers are tasks on a tokio runtime of {workers} worker threads",
         memtable_bytes()? as f64 / (1024.0 * 1024.0)
     );
     let stored = stored_sizes(&rt)?;
