@@ -52,7 +52,7 @@ use crate::config::Name;
 use crate::model::{Envelope, EnvelopeId, Incarnation, Kind, NodeId, PayloadType, Priority, Seq, StreamName, Tier, Trace};
 
 pub use memory::MemStore;
-pub use rocks::{RocksStore, StoreOptions};
+pub use rocks::{RocksStore, StoreOptions, BACKGROUND_RUNNING, BACKGROUND_WAITING};
 
 /// Identifies one stream's history: `(origin, incarnation, stream)`.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]

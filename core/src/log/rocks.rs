@@ -748,9 +748,9 @@ impl SyncGate {
 }
 
 /// RocksDB properties (of the whole store) counting flushes and compactions running.
-const BACKGROUND_RUNNING: [&str; 2] = ["rocksdb.num-running-flushes", "rocksdb.num-running-compactions"];
+pub const BACKGROUND_RUNNING: [&str; 2] = ["rocksdb.num-running-flushes", "rocksdb.num-running-compactions"];
 /// RocksDB properties (of each column family) that are 1 while a flush or a compaction waits.
-const BACKGROUND_WAITING: [&str; 2] = ["rocksdb.mem-table-flush-pending", "rocksdb.compaction-pending"];
+pub const BACKGROUND_WAITING: [&str; 2] = ["rocksdb.mem-table-flush-pending", "rocksdb.compaction-pending"];
 
 /// WAL files kept for reuse once their records are flushed.
 const WAL_FILES_REUSED: usize = 4;

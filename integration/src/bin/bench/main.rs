@@ -44,7 +44,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use rocksdb::{Options, WriteBatch, WriteOptions, DB};
-use strata_core::log::{Draft, Log, RocksStore, StoreOptions};
+use strata_core::log::{Draft, Log, RocksStore, StoreOptions, BACKGROUND_RUNNING, BACKGROUND_WAITING};
 use strata_core::{Kind, NodeId, PayloadType, StreamName};
 
 const PAYLOAD_BYTES: usize = 100;
@@ -162,14 +162,10 @@ impl RawStore {
         Ok(store)
     }
 
-    /// RocksDB's flushes and compactions running or waiting on this store (see
-    /// `RocksStore::background_jobs`).
+    /// RocksDB's flushes and compactions running or waiting on this store (its one column
+    /// family), read from the properties `RocksStore::background_jobs` reads.
     fn background_jobs(&self) -> u64 {
-        let int = |name: &str| self.db.property_int_value(name).ok().flatten().unwrap_or(0);
-        ["rocksdb.num-running-flushes", "rocksdb.num-running-compactions", "rocksdb.mem-table-flush-pending", "rocksdb.compaction-pending"]
-            .into_iter()
-            .map(int)
-            .sum()
+        BACKGROUND_RUNNING.iter().chain(&BACKGROUND_WAITING).map(|&name| self.db.property_int_value(name).ok().flatten().unwrap_or(0)).sum()
     }
 
     /// Writes batches for `slice`; returns the records written and the time taken.
