@@ -59,8 +59,18 @@ impl NodeId {
 
     pub fn new(value: impl Into<String>) -> Result<NodeId, NameError> {
         let value = value.into();
-        check_alphabet("node id", &value, Self::LEN_MAX, "[a-z0-9_-]", |b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')?;
+        Self::check(&value)?;
         Ok(NodeId(value.into()))
+    }
+
+    /// [`NodeId::new`] from a borrowed string, allocating only the shared one (a decoder's path).
+    pub(crate) fn parse(value: &str) -> Result<NodeId, NameError> {
+        Self::check(value)?;
+        Ok(NodeId(value.into()))
+    }
+
+    fn check(value: &str) -> Result<(), NameError> {
+        check_alphabet("node id", value, Self::LEN_MAX, "[a-z0-9_-]", |b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
     }
 
     pub fn as_str(&self) -> &str {
@@ -82,11 +92,20 @@ impl StreamName {
 
     pub fn new(value: impl Into<String>) -> Result<StreamName, NameError> {
         let value = value.into();
+        Self::check(&value)?;
+        Ok(StreamName(value.into()))
+    }
+
+    /// [`StreamName::new`] from a borrowed string, allocating only the shared one (a decoder's path).
+    pub(crate) fn parse(value: &str) -> Result<StreamName, NameError> {
+        Self::check(value)?;
+        Ok(StreamName(value.into()))
+    }
+
+    fn check(value: &str) -> Result<(), NameError> {
         let what = "stream name";
-        check_alphabet(what, &value, Self::LEN_MAX, "[a-z0-9_./-]", |b| {
-            b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'_' | b'.' | b'/' | b'-')
-        })?;
-        let shape = |reason| Err(NameError::Shape { what, value: value.clone(), reason });
+        check_alphabet(what, value, Self::LEN_MAX, "[a-z0-9_./-]", |b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'_' | b'.' | b'/' | b'-'))?;
+        let shape = |reason| Err(NameError::Shape { what, value: value.to_owned(), reason });
         if value.starts_with('/') {
             return shape("it starts with '/'");
         }
@@ -99,7 +118,7 @@ impl StreamName {
         if value.contains("..") {
             return shape("it contains '..'");
         }
-        Ok(StreamName(value.into()))
+        Ok(())
     }
 
     pub fn as_str(&self) -> &str {
@@ -118,8 +137,18 @@ impl PayloadType {
 
     pub fn new(value: impl Into<String>) -> Result<PayloadType, NameError> {
         let value = value.into();
-        check_alphabet("payload type", &value, Self::LEN_MAX, "printable ASCII without space", |b| b.is_ascii_graphic())?;
+        Self::check(&value)?;
         Ok(PayloadType(value.into()))
+    }
+
+    /// [`PayloadType::new`] from a borrowed string, allocating only the shared one (a decoder's path).
+    pub(crate) fn parse(value: &str) -> Result<PayloadType, NameError> {
+        Self::check(value)?;
+        Ok(PayloadType(value.into()))
+    }
+
+    fn check(value: &str) -> Result<(), NameError> {
+        check_alphabet("payload type", value, Self::LEN_MAX, "printable ASCII without space", |b| b.is_ascii_graphic())
     }
 
     pub fn as_str(&self) -> &str {

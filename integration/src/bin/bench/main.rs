@@ -340,6 +340,28 @@ fn bench_encode(rt: &tokio::runtime::Runtime) -> Result<()> {
     let mut record = Vec::new();
     let stored = time(&mut record, |out| Ok(strata_core::codec::encode_record_into(&envelope, &limits, out)?))?;
     println!("encode as the log stores it (without what the key says): {} bytes, {stored:.1} ns", record.len());
+    // Decoding, as every received envelope and every record read back is decoded.
+    let mut decoded = None;
+    let strata = time(&mut Vec::new(), |_| {
+        decoded = Some(strata_core::codec::decode(&ours, &limits)?);
+        Ok(())
+    })?;
+    anyhow::ensure!(decoded.as_ref() == Some(&envelope), "Strata's decoder gave another envelope");
+    let mut theirs = None;
+    let serde = time(&mut Vec::new(), |_| {
+        let (e, _): (strata_core::Envelope, usize) = bincode::serde::decode_from_slice(&ours[1..], bincode::config::standard())?;
+        theirs = Some(e);
+        Ok(())
+    })?;
+    anyhow::ensure!(theirs.as_ref() == Some(&envelope), "bincode::serde decoded another envelope");
+    println!("decode: strata {strata:.1} ns, bincode::serde {serde:.1} ns (same envelope); ratio {:.2}", strata / serde);
+    let id = envelope.id.clone();
+    let stored = time(&mut Vec::new(), |_| {
+        decoded = Some(strata_core::codec::decode_record(&id, &record, &limits)?);
+        Ok(())
+    })?;
+    anyhow::ensure!(decoded.as_ref() == Some(&envelope), "the stored record decoded to another envelope");
+    println!("decode as the log stores it: {stored:.1} ns");
     Ok(())
 }
 
