@@ -256,9 +256,11 @@ pub fn decode(bytes: &[u8], limits: &Limits) -> Result<Envelope, DecodeError> {
     check_payload(read_body(body)?, bytes.len(), limits)
 }
 
+/// The payload bound the encoder applies too: the configured limit, at most the ceiling.
 fn check_payload(envelope: Envelope, len: usize, limits: &Limits) -> Result<Envelope, DecodeError> {
-    if envelope.payload.len() > limits.max_payload_bytes {
-        return Err(DecodeError::TooLarge { len, max: limits.max_payload_bytes });
+    let max = limits.max_payload_bytes.min(PAYLOAD_BYTES_CEILING);
+    if envelope.payload.len() > max {
+        return Err(DecodeError::TooLarge { len, max });
     }
     Ok(envelope)
 }
@@ -679,6 +681,27 @@ mod tests {
         body.extend_from_slice(&full[1 + id.len()..]);
         assert_eq!(serde_decoded(&body), None);
         assert_eq!(read_body(&body), Err(DecodeError::Malformed("seq: integer marker 254 is not allowed here".into())));
+        // The kind (a variant index, a u32 to bincode; the byte after the id): Escalation (4)
+        // as a u16 and a u32, but not as a u64.
+        let with_kind = |wide: &[u8]| {
+            let mut body = id.clone();
+            body.extend_from_slice(wide);
+            body.extend_from_slice(&full[1 + id.len() + 1..]);
+            body
+        };
+        let escalation = Envelope { kind: Kind::Escalation, ..e.clone() };
+        for wide in [&[251u8, 4, 0][..], &[252, 4, 0, 0, 0]] {
+            let body = with_kind(wide);
+            assert_eq!(serde_decoded(&body).as_ref(), Some(&escalation));
+            assert_eq!(read_body(&body), Ok(escalation.clone()));
+        }
+        let body = with_kind(&[253, 4, 0, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(serde_decoded(&body), None);
+        assert_eq!(read_body(&body), Err(DecodeError::Malformed("kind: integer marker 253 is not allowed here".into())));
+        for unknown in [&[6u8][..], &[251, 0, 1]] {
+            assert_eq!(serde_decoded(&with_kind(unknown)), None);
+            assert!(read_body(&with_kind(unknown)).is_err());
+        }
         // The clock id: the 16 bytes after kind and time.
         let mut body = full[1..].to_vec();
         let clock_at = id.len() + 1 + {
@@ -801,8 +824,8 @@ mod tests {
         // Encode an envelope with an empty payload, then replace the payload's length
         // (the last byte, a varint 0) by a varint claiming 2^56 bytes. If the decoder
         // believed it, the allocation would abort the test process.
-        // A claim within the configured payload limit but beyond the input is refused by
-        // the allocation limit too, before anything is reserved.
+        // A claim within the configured payload limit but beyond the input is refused too:
+        // every length is checked against the bytes left before anything is copied.
         let limits = Limits::default();
         for claimed in [1u64 << 56, 900_000] {
             let mut bytes = encode(&sample(vec![]), &limits).unwrap();
