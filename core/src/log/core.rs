@@ -434,7 +434,18 @@ impl Core {
                     }
                     let too_big = rule.bytes_max.is_some_and(|max| entry.bytes > max);
                     let too_old = match age_cutoff_ms {
-                        Some(cutoff) => decode_record(&key, seq, &value, &self.limits)?.hlc.unix_ms() < cutoff,
+                        Some(_) if too_big => true,
+                        Some(cutoff) => match decode_record(&key, seq, &value, &self.limits) {
+                            Ok(envelope) => envelope.hlc.unix_ms() < cutoff,
+                            Err(e) => {
+                                // Its age is unknown: it stays, and so does what follows it in
+                                // this stream (the log is removed in seq order). The other
+                                // streams are swept as usual.
+                                report.unreadable += 1;
+                                report.first_unreadable.get_or_insert_with(|| e.to_string());
+                                break 'stream;
+                            }
+                        },
                         None => false,
                     };
                     if !too_big && !too_old {

@@ -144,6 +144,11 @@ pub struct SweepReport {
     pub expired: u64,
     /// Streams where the sweep stopped at its per-sweep bound; the next sweep continues.
     pub unfinished: u64,
+    /// Streams where removal by age stopped at a record that cannot be decoded (its age is
+    /// unknown): that record and the ones after it stay until it is repaired or removed.
+    pub unreadable: u64,
+    /// The first such record and why it cannot be decoded.
+    pub first_unreadable: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Error)]

@@ -321,6 +321,41 @@ async fn a_version_1_store_with_whole_envelopes_is_read_and_upgraded() {
     assert!(matches!(&err, LogError::CorruptRecord { key, .. } if key.ends_with("#3")), "{err}");
 }
 
+/// A record that cannot be decoded (a bad disk block, say) stops removal by age in its own
+/// stream, where its age is unknown, and nowhere else; the sweep says which record it is.
+#[tokio::test]
+async fn an_unreadable_record_stops_retention_by_age_in_its_stream_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = || StoreOptions { retention: vec![rule("**", None, Some(0), &[])], ..StoreOptions::default() };
+    let (a, b) = (stream("a"), stream("b"));
+    let (key_a, key_b) = {
+        let log = rocks(dir.path(), opts());
+        for i in 0..3u8 {
+            log.append_durable(a.clone(), draft(&[i])).await.unwrap();
+            log.append_durable(b.clone(), draft(&[i])).await.unwrap();
+        }
+        log.close();
+        (log.local_key(&a), log.local_key(&b))
+    };
+    {
+        let db = rocksdb::DB::open_cf(&db_options_for_test(), dir.path(), ["log", "cursors", "watermarks", "meta"]).unwrap();
+        db.put_cf(db.cf_handle("log").unwrap(), keys::record_key(&key_a, 2), [codec::RECORD_OWN_CLOCK, 0xFF]).unwrap();
+    }
+    let log = rocks(dir.path(), opts());
+    let report = log.sweep(now_ms() + 10_000).await.unwrap();
+    assert_eq!((report.removed, report.unreadable), (4, 1), "a#1 and all of b; {report:?}");
+    let first = report.first_unreadable.unwrap();
+    assert!(first.contains("a@") && first.contains("#2"), "{first}");
+    assert_eq!(log.stream(&key_a).unwrap().first, 2);
+    assert_eq!(log.read(&key_a, 3, 1).unwrap()[0].payload, vec![2], "what follows is kept");
+    assert_eq!(log.stream(&key_b).unwrap().count, 0);
+    // Byte-based removal needs no decoding: it goes past the unreadable record.
+    drop(log);
+    let log = rocks(dir.path(), StoreOptions { retention: vec![rule("a", Some(1), Some(0), &[])], ..StoreOptions::default() });
+    let report = log.sweep(now_ms() + 10_000).await.unwrap();
+    assert_eq!((report.removed, report.unreadable), (2, 0), "{report:?}");
+}
+
 fn db_options_for_test() -> rocksdb::Options {
     let mut o = rocksdb::Options::default();
     o.set_compression_type(rocksdb::DBCompressionType::None);

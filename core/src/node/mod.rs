@@ -221,8 +221,14 @@ impl Node {
             loop {
                 tick.tick().await;
                 match log.sweep(unix_ms()).await {
-                    Ok(r) if r.removed > 0 => tracing::info!(removed = r.removed, expired = r.expired, "retention sweep"),
-                    Ok(_) => {}
+                    Ok(r) => {
+                        if r.removed > 0 {
+                            tracing::info!(removed = r.removed, expired = r.expired, "retention sweep");
+                        }
+                        if let Some(first) = &r.first_unreadable {
+                            tracing::error!(streams = r.unreadable, first = %first, "retention by age is stuck at a record that cannot be read; it and what follows it are kept");
+                        }
+                    }
                     Err(e) => tracing::error!(error = %e, "retention sweep failed"),
                 }
             }
