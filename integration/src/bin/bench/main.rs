@@ -598,7 +598,7 @@ fn bench_log(budget: Duration) -> Result<()> {
         ok &= ratio >= target;
         let mark = if ratio >= target { "" } else { "  BELOW TARGET" };
         println!(
-            "{label:<44} {:>11.0} {:>10.1} {:>11.0} {ratio:>7.2} {target:>7.2}   {:>13.0} {:>7.2}   {:>15.0} {:>7.2}  (raw {base}){mark}",
+            "{label:<44} {:>11.0} {:>10.1} {:>11.0} {ratio:>7.3} {target:>7.2}   {:>13.0} {:>7.3}   {:>15.0} {:>7.3}  (raw {base}){mark}",
             r.strata,
             r.avg_batch,
             r.raw,
