@@ -544,6 +544,21 @@ impl Core {
     }
 }
 
+/// Decodes scanned records in seq order, up to the first one that cannot be decoded: a reader
+/// gets every record before a damaged one, and a read that starts at it gets its error, which
+/// names it (a tail, a replay or a consumer then stops there, not a whole batch earlier).
+pub(crate) fn decode_records(key: &StreamKey, records: &[(u64, Vec<u8>)], limits: &Limits) -> Result<Vec<Envelope>, LogError> {
+    let mut out = Vec::with_capacity(records.len());
+    for (seq, value) in records {
+        match decode_record(key, *seq, value, limits) {
+            Ok(envelope) => out.push(envelope),
+            Err(e) if out.is_empty() => return Err(e),
+            Err(_) => break,
+        }
+    }
+    Ok(out)
+}
+
 /// Decodes one stored record, naming it on failure.
 pub(crate) fn decode_record(key: &StreamKey, seq: u64, value: &[u8], limits: &Limits) -> Result<Envelope, LogError> {
     let corrupt = |error| LogError::CorruptRecord { key: format!("{key}#{seq}"), error };

@@ -12,7 +12,7 @@ use crate::codec::Limits;
 use crate::config::{Name, RetentionRule};
 use crate::model::{Envelope, Incarnation, NodeId, Tier};
 
-use super::core::{decode_record, Backend, Cf, Core, Write};
+use super::core::{decode_records, Backend, Cf, Core, Write};
 use super::keys::{record_seq, stream_prefix};
 use super::{LogError, Op, Pending, PendingInner, Store, StreamInfo, StreamKey};
 
@@ -103,7 +103,7 @@ impl Store for MemStore {
     fn read(&self, key: &StreamKey, from: u64, limit: usize) -> Result<Vec<Envelope>, LogError> {
         let inner = self.lock();
         let records = inner.data.scan(&stream_prefix(key), from, limit)?;
-        records.iter().map(|(seq, v)| decode_record(key, *seq, v, &inner.core.limits)).collect()
+        decode_records(key, &records, &inner.core.limits)
     }
 
     fn streams(&self) -> Vec<StreamInfo> {

@@ -227,7 +227,9 @@ pub trait Store: Send + Sync + 'static {
     /// result, which resolves once the op is durable.
     #[doc(hidden)]
     fn submit(&self, op: Op) -> Pin<Box<dyn Future<Output = Result<Pending, LogError>> + Send + '_>>;
-    /// Up to `limit` records of `key` from seq `from` on, in seq order.
+    /// Up to `limit` records of `key` from seq `from` on, in seq order, stopping before a
+    /// record that cannot be decoded; a read that starts at one returns its
+    /// [`LogError::CorruptRecord`].
     fn read(&self, key: &StreamKey, from: u64, limit: usize) -> Result<Vec<Envelope>, LogError>;
     fn streams(&self) -> Vec<StreamInfo>;
     fn stream(&self, key: &StreamKey) -> Option<StreamInfo>;

@@ -38,7 +38,7 @@ use crate::codec::Limits;
 use crate::config::{LogSection, Name, RetentionRule, SyncPolicy};
 use crate::model::{Envelope, Incarnation, NodeId, Tier};
 
-use super::core::{decode_record, parse_stats_entry, Backend, Cf, Core, Plan, Sink, STORE_FORMAT_OLDEST, STORE_FORMAT_VERSION};
+use super::core::{decode_records, parse_stats_entry, Backend, Cf, Core, Plan, Sink, STORE_FORMAT_OLDEST, STORE_FORMAT_VERSION};
 use super::keys::{parse_cursor_key, record_seq, stream_prefix};
 use super::{LogError, Op, OpOutcome, Pending, PendingInner, Store, StreamInfo, StreamKey};
 
@@ -916,7 +916,7 @@ impl Store for RocksStore {
             let present = present_prefix(&records, from.max(first), &gaps);
             records.truncate(present);
         }
-        records.iter().map(|(seq, v)| decode_record(key, *seq, v, &limits)).collect()
+        decode_records(key, &records, &limits)
     }
 
     fn streams(&self) -> Vec<StreamInfo> {

@@ -319,6 +319,9 @@ async fn a_version_1_store_with_whole_envelopes_is_read_and_upgraded() {
     let log = rocks(dir.path(), StoreOptions::default());
     let err = log.read(&key, 3, 1).unwrap_err();
     assert!(matches!(&err, LogError::CorruptRecord { key, .. } if key.ends_with("#3")), "{err}");
+    // A read across it returns what comes before it; one from it on returns its error.
+    assert_eq!(log.read(&key, 1, 10).unwrap(), ours[..2]);
+    assert!(matches!(log.read(&key, 3, 10), Err(LogError::CorruptRecord { .. })));
 }
 
 /// A record that cannot be decoded (a bad disk block, say) stops removal by age in its own
