@@ -14,8 +14,9 @@
 //!   coming back, or heads showing more than we hold, start replay: a request to
 //!   `strata/replay/<origin>/<stream>` naming one holder (the origin if alive, else the
 //!   holder with the most), answered from that holder's log in batches of at most
-//!   `replay_batch_len_max`, repeated until the gap is closed or no progress is made (then the
-//!   next check tries again). A gap is replayed only once it outlived one check, so records
+//!   `replay_batch_len_max`, repeated until the gap is closed. A holder whose answer moves
+//!   nothing (a record of its copy cannot be read, say) is passed over for the rest of the
+//!   check and the next one asked; with none left, the next check tries again. A gap is replayed only once it outlived one check, so records
 //!   still in flight are not fetched twice.
 //! - **Liveliness**: the node holds `strata/alive/<tier>/<node>` and tracks every other
 //!   node's token ([`Replicator::presence`]).
@@ -112,6 +113,8 @@ pub struct Counters {
     pub malformed: AtomicU64,
     pub spoofed: AtomicU64,
     pub replay_requests: AtomicU64,
+    /// Replay requests that moved nothing (the holder had nothing it could send).
+    pub replay_stalled: AtomicU64,
     pub replay_received: AtomicU64,
     pub replay_stored: AtomicU64,
     pub replay_served_requests: AtomicU64,
@@ -204,6 +207,7 @@ pub struct CounterSnapshot {
     pub malformed: u64,
     pub spoofed: u64,
     pub replay_requests: u64,
+    pub replay_stalled: u64,
     pub replay_received: u64,
     pub replay_stored: u64,
     pub replay_served_requests: u64,
@@ -355,6 +359,7 @@ impl Replicator {
             malformed: get(&c.malformed),
             spoofed: get(&c.spoofed),
             replay_requests: get(&c.replay_requests),
+            replay_stalled: get(&c.replay_stalled),
             replay_received: get(&c.replay_received),
             replay_stored: get(&c.replay_stored),
             replay_served_requests: get(&c.replay_served_requests),
@@ -919,29 +924,32 @@ async fn check_and_replay(shared: &Arc<Shared>) {
 }
 
 /// Picks who to ask for `key` beyond our watermark `mine`: the origin if it is alive and
-/// holds more, else the live holder holding most.
-fn choose_holder(shared: &Shared, key: &StreamKey, mine: u64) -> Option<NodeId> {
+/// holds more, else the live holder holding most; never one of `skip`.
+fn choose_holder(shared: &Shared, key: &StreamKey, mine: u64, skip: &[NodeId]) -> Option<NodeId> {
     let st = lock(&shared.state);
-    let alive = |n: &NodeId| st.presence.get(n).is_some_and(|p| p.alive);
+    let eligible = |n: &NodeId| st.presence.get(n).is_some_and(|p| p.alive) && !skip.contains(n);
     let holders = st.holders.get(key);
     let origin_holds = holders.and_then(|h| h.get(&key.origin)).copied().unwrap_or(0).max(st.seen_live.get(key).copied().unwrap_or(0));
-    if alive(&key.origin) && origin_holds > mine {
+    if eligible(&key.origin) && origin_holds > mine {
         return Some(key.origin.clone());
     }
-    holders?.iter().filter(|(n, wm)| **wm > mine && alive(n)).max_by_key(|(_, wm)| **wm).map(|(n, _)| n.clone())
+    holders?.iter().filter(|(n, wm)| **wm > mine && eligible(n)).max_by_key(|(_, wm)| **wm).map(|(n, _)| n.clone())
 }
 
 async fn replay_stream(shared: &Arc<Shared>, key: &StreamKey, goal: u64) {
     let settings = &shared.settings;
     let request_len = settings.replay_batch_len_max as u64 * REPLAY_BATCHES_PER_REQUEST;
+    // Holders that answered without moving our watermark in this check (one whose copy has a
+    // record it cannot read, say): the others are asked instead; the next check tries all.
+    let mut stuck: Vec<NodeId> = Vec::new();
     // Bounded: at most this many requests per check; the next check continues.
     for _ in 0..64 {
         let mine = shared.log.stream(key).map_or(0, |i| i.watermark);
         if mine >= goal {
             return;
         }
-        let Some(holder) = choose_holder(shared, key, mine) else { return };
-        let params = ReplayParams { incarnation: key.incarnation, from: mine + 1, to: goal.min(mine + request_len), holder };
+        let Some(holder) = choose_holder(shared, key, mine, &stuck) else { return };
+        let params = ReplayParams { incarnation: key.incarnation, from: mine + 1, to: goal.min(mine + request_len), holder: holder.clone() };
         shared.counters.replay_requests.fetch_add(1, Ordering::Relaxed);
         let replies = shared
             .transport
@@ -1005,8 +1013,9 @@ async fn replay_stream(shared: &Arc<Shared>, key: &StreamKey, goal: u64) {
         }
         let after = shared.log.stream(key).map_or(0, |i| i.watermark);
         if after <= mine {
-            tracing::debug!(%key, mine, goal, "replay made no progress; next check retries");
-            return;
+            tracing::debug!(%key, mine, goal, %holder, "replay made no progress; asking another holder, if any");
+            shared.counters.replay_stalled.fetch_add(1, Ordering::Relaxed);
+            stuck.push(holder);
         }
     }
 }

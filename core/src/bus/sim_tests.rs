@@ -25,6 +25,7 @@ struct SimNode {
     tier: Tier,
     subscriptions: Vec<Subscription>,
     log: Log,
+    store: Arc<MemStore>,
     replicator: Option<Replicator>,
     /// The seeded schedules stop nodes without a handover, like a crash that still flushes,
     /// so that replay from the fog is what repairs them.
@@ -55,12 +56,13 @@ fn settings(n: &SimNode) -> Settings {
 impl SimNode {
     fn new(id: &str, tier: Tier, subscriptions: &[&str], incarnation: u64) -> SimNode {
         let id = NodeId::new(id).unwrap();
-        let store = MemStore::new(id.clone(), Incarnation::from_raw(incarnation), Limits::default(), Vec::new());
+        let store = Arc::new(MemStore::new(id.clone(), Incarnation::from_raw(incarnation), Limits::default(), Vec::new()));
         SimNode {
             id,
             tier,
             subscriptions: subscriptions.iter().map(|s| Subscription::new(*s).unwrap()).collect(),
-            log: Log::new(Arc::new(store)),
+            log: Log::new(store.clone()),
+            store,
             replicator: None,
             handover: Duration::ZERO,
         }
@@ -328,5 +330,55 @@ fn an_orderly_stop_hands_over_what_only_the_stopping_node_holds() {
         let ((), cut_after) = tokio::join!(edge.down(&net), cut);
         assert!(watermark(&fog.log, &key) < published + unpublished, "the fog caught up before the cut: the case tests nothing");
         assert!(started.elapsed() < handover, "the stop waited {:?} although the fog went out of reach after {cut_after:?}", started.elapsed());
+    });
+}
+
+/// A holder that cannot read a record of the range it is asked for (a damaged block in its
+/// copy) does not stall a subscriber that another holder can serve: the origin's copy is
+/// damaged at seq 10, the fog's is whole, and the cloud, which asks the origin first, gets
+/// every record (1..=9 from the origin, the rest from the fog).
+#[test]
+fn a_holder_that_cannot_serve_a_range_is_passed_over_for_another() {
+    paused_runtime().block_on(async {
+        let net = SimNet::new(5, Faults::NONE);
+        let mut edge = SimNode::new("edge-1", Tier::Edge, &[], 11);
+        let mut fog = SimNode::new("fog-1", Tier::Fog, &["edge-1/**"], 22);
+        let mut cloud = SimNode::new("cloud-1", Tier::Cloud, &["edge-1/**"], 33);
+        net.link(&edge.id, &fog.id);
+        net.link(&edge.id, &cloud.id);
+        net.link(&fog.id, &cloud.id);
+        edge.up(&net).await;
+        fog.up(&net).await;
+        let stream = StreamName::new("readings/a").unwrap();
+        let key = StreamKey { origin: edge.id.clone(), incarnation: edge.log.incarnation(), stream: stream.clone() };
+        let total = 40u64;
+        for i in 0..total {
+            let draft = Draft::new(Kind::Reading, PayloadType::new("sim/1").unwrap(), i.to_le_bytes().to_vec());
+            edge.replicator.as_ref().unwrap().append(stream.clone(), draft).await.unwrap();
+        }
+        for _ in 0..10_000 {
+            if watermark(&fog.log, &key) == total {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        assert_eq!(watermark(&fog.log, &key), total, "the fog should hold the whole stream first");
+        edge.store.damage_record(&key, 10);
+        // The cloud comes up after every record went out live: replay is its only way.
+        cloud.up(&net).await;
+        for _ in 0..30_000 {
+            if watermark(&cloud.log, &key) == total {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let counters = cloud.replicator.as_ref().unwrap().counters();
+        assert_eq!(watermark(&cloud.log, &key), total, "the cloud is stuck behind the damaged record; {counters:?}");
+        assert!(counters.replay_stalled >= 1, "the origin was never asked for the damaged range: the case tests nothing; {counters:?}");
+        let records = cloud.log.read(&key, 1, total as usize).unwrap();
+        assert_eq!(records.iter().map(|e| e.id.seq.get()).collect::<Vec<_>>(), (1..=total).collect::<Vec<_>>());
+        for mut n in [edge, fog, cloud] {
+            n.down(&net).await;
+        }
     });
 }

@@ -60,6 +60,16 @@ impl MemStore {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Overwrites the stored record `seq` of `key` with bytes no decoder accepts, as a damaged
+    /// disk block would (for tests of what reads and replication do then).
+    #[cfg(test)]
+    pub(crate) fn damage_record(&self, key: &StreamKey, seq: u64) {
+        let k = (cf_id(Cf::Log), super::keys::record_key(key, seq));
+        let mut inner = self.lock();
+        assert!(inner.data.contains_key(&k), "no record {key}#{seq} to damage");
+        inner.data.insert(k, vec![crate::codec::RECORD_OWN_CLOCK, 0xFF]);
+    }
+
     /// Runs one op to completion (what the committer does for a batch of one).
     fn run(&self, op: Op) -> Result<Pending, LogError> {
         let mut inner = self.lock();
