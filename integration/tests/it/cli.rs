@@ -226,6 +226,35 @@ mod log {
         assert!(lines[4].ends_with("late 5"), "{lines:?}");
     }
 
+    /// A damaged record (its bytes overwritten, as a bad block would) is not skipped: `tail`
+    /// prints what comes before it, then names it and fails.
+    #[tokio::test]
+    async fn tail_stops_at_a_damaged_record_and_names_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = store(dir.path()).await;
+        let incarnation = log.incarnation();
+        log.close();
+        drop(log);
+        {
+            let db = rocksdb::DB::open_cf(&rocksdb::Options::default(), dir.path(), ["log", "cursors", "watermarks", "meta"]).unwrap();
+            let cf = db.cf_handle("log").unwrap();
+            // The node's own records are stored without their clock id (form byte 0xC1), the
+            // replica's with it: the second own record is readings/a #2.
+            let own: Vec<Box<[u8]>> =
+                db.iterator_cf(cf, rocksdb::IteratorMode::Start).map(|r| r.unwrap()).filter(|(_, v)| v[0] == 0xC1).map(|(k, _)| k).collect();
+            assert_eq!(own.len(), 3);
+            db.put_cf(cf, &own[1], [0xC1, 0xFF]).unwrap();
+        }
+        let out = strata(&["log", "tail", dir.path().to_str().unwrap(), "readings/a"]);
+        let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        let lines: Vec<&str> = stdout.lines().collect();
+        assert_eq!(lines.len(), 1, "{stdout}");
+        assert!(lines[0].starts_with("fog-1 #1 "), "{stdout}");
+        assert!(stderr.contains(&format!("record fog-1/readings/a@{incarnation}#2 is corrupted")), "{stderr}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
+    }
+
     #[tokio::test]
     async fn broken_stores_give_clear_errors() {
         let dir = tempfile::tempdir().unwrap();
