@@ -113,7 +113,8 @@ pub struct Counters {
     pub malformed: AtomicU64,
     pub spoofed: AtomicU64,
     pub replay_requests: AtomicU64,
-    /// Replay requests that moved nothing (the holder had nothing it could send).
+    /// Replay requests that moved nothing: the holder had nothing it could send (a record of
+    /// its copy cannot be read, say), or its answer was lost or timed out.
     pub replay_stalled: AtomicU64,
     pub replay_received: AtomicU64,
     pub replay_stored: AtomicU64,
