@@ -594,6 +594,16 @@ mod tests {
         }
     }
 
+    /// `envelope` encoded, then each `(index, value)` of `flips` written over one of its bytes.
+    fn mutated(envelope: &Envelope, flips: Vec<(prop::sample::Index, u8)>) -> Vec<u8> {
+        let mut bytes = encode(envelope, &Limits::default()).unwrap();
+        for (at, value) in flips {
+            let i = at.index(bytes.len());
+            bytes[i] = value;
+        }
+        bytes
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(cases(50_000)))]
         #[test]
@@ -603,11 +613,7 @@ mod tests {
             cut in any::<prop::sample::Index>(),
         ) {
             let limits = Limits::default();
-            let mut bytes = encode(&envelope, &limits).unwrap();
-            for (at, value) in flips {
-                let i = at.index(bytes.len());
-                bytes[i] = value;
-            }
+            let bytes = mutated(&envelope, flips);
             if let Ok(decoded) = decode(&bytes, &limits) {
                 // Whatever decodes is valid by construction: names passed their checks.
                 prop_assert!(StreamName::new(decoded.id.stream.as_str()).is_ok());
@@ -645,11 +651,7 @@ mod tests {
             flips in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..4),
             cut in any::<prop::sample::Index>(),
         ) {
-            let mut bytes = encode(&envelope, &Limits::default()).unwrap();
-            for (at, value) in flips {
-                let i = at.index(bytes.len());
-                bytes[i] = value;
-            }
+            let bytes = mutated(&envelope, flips);
             agrees_with_serde(&bytes[1..])?;
             agrees_with_serde(&bytes[1..1 + cut.index(bytes.len())])?;
         }

@@ -58,9 +58,7 @@ impl NodeId {
     pub const LEN_MAX: usize = 64;
 
     pub fn new(value: impl Into<String>) -> Result<NodeId, NameError> {
-        let value = value.into();
-        Self::check(&value)?;
-        Ok(NodeId(value.into()))
+        Self::parse(&value.into())
     }
 
     /// [`NodeId::new`] from a borrowed string, allocating only the shared one (a decoder's path).
@@ -91,9 +89,7 @@ impl StreamName {
     pub const LEN_MAX: usize = 128;
 
     pub fn new(value: impl Into<String>) -> Result<StreamName, NameError> {
-        let value = value.into();
-        Self::check(&value)?;
-        Ok(StreamName(value.into()))
+        Self::parse(&value.into())
     }
 
     /// [`StreamName::new`] from a borrowed string, allocating only the shared one (a decoder's path).
@@ -136,9 +132,7 @@ impl PayloadType {
     pub const LEN_MAX: usize = 128;
 
     pub fn new(value: impl Into<String>) -> Result<PayloadType, NameError> {
-        let value = value.into();
-        Self::check(&value)?;
-        Ok(PayloadType(value.into()))
+        Self::parse(&value.into())
     }
 
     /// [`PayloadType::new`] from a borrowed string, allocating only the shared one (a decoder's path).
