@@ -464,15 +464,17 @@ fn log_tail(path: &std::path::Path, stream: &str, from: u64, incarnation: Option
             .collect()
     };
     let mut next: Vec<(StreamKey, u64)> = matching(&store).into_iter().map(|k| (k, from.max(1))).collect();
-    if next.is_empty() && follow.is_none() {
-        let known: Vec<String> = store.streams().iter().map(|i| format!("{}:{}", i.origin, i.stream)).collect();
-        eprintln!(
-            "strata log tail: no stream {origin}:{} in {} (streams: {})",
-            wanted.stream,
-            path.display(),
-            if known.is_empty() { "none".to_owned() } else { known.join(", ") }
-        );
-        return ExitCode::from(EXIT_CONFIG);
+    if next.is_empty() {
+        let known: Vec<String> = store.streams().iter().map(|i| format!("{}:{} (incarnation {})", i.origin, i.stream, i.incarnation)).collect();
+        let of_incarnation = incarnation.map(|i| format!(" of incarnation {i:016x}")).unwrap_or_default();
+        let known = if known.is_empty() { "none".to_owned() } else { known.join(", ") };
+        if follow.is_none() {
+            eprintln!("strata log tail: no stream {origin}:{}{of_incarnation} in {} (streams: {known})", wanted.stream, path.display());
+            return ExitCode::from(EXIT_CONFIG);
+        }
+        // Following a stream that may only appear later: say so, rather than wait in silence
+        // on a misspelt name.
+        eprintln!("strata log tail: no stream {origin}:{}{of_incarnation} in {} yet; waiting for it (streams: {known})", wanted.stream, path.display());
     }
     loop {
         let mut printed = 0;

@@ -190,6 +190,13 @@ mod log {
         let out = strata(&["log", "tail", path, "readings/nope"]);
         assert_eq!(out.status.code(), Some(2));
         assert!(text(&out.stderr).contains("no stream fog-1:readings/nope in"), "{}", text(&out.stderr));
+        let out = strata(&["log", "tail", path, "edge-7:readings/b", "--incarnation", "abd"]);
+        assert_eq!(out.status.code(), Some(2));
+        let err = text(&out.stderr);
+        assert!(
+            err.contains("no stream edge-7:readings/b of incarnation 0000000000000abd in") && err.contains("edge-7:readings/b (incarnation 0000000000000abc)"),
+            "{err}"
+        );
 
         let out = strata(&["log", "tail", path, "readings/a", "--follow", "--poll-ms", "0"]);
         assert_eq!(out.status.code(), Some(2));
@@ -224,6 +231,32 @@ mod log {
         let lines = reader.join().unwrap();
         assert_eq!(lines.len(), 5, "{lines:?}");
         assert!(lines[4].ends_with("late 5"), "{lines:?}");
+
+        // Following a stream that is not there yet says so on stderr (a misspelt name does not
+        // wait in silence), then prints its records once it appears.
+        let mut child = Command::new(strata_bin())
+            .args(["log", "tail", path, "readings/later", "--follow", "--poll-ms", "50"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (stdout, stderr) = (child.stdout.take().unwrap(), child.stderr.take().unwrap());
+        let first_line = |pipe: Box<dyn std::io::Read + Send>| std::thread::spawn(move || BufReader::new(pipe).lines().map_while(Result::ok).next());
+        let (note, printed) = (first_line(Box::new(stderr)), first_line(Box::new(stdout)));
+        let started = Instant::now();
+        while !note.is_finished() && started.elapsed() < Duration::from_secs(30) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        log.append_durable(StreamName::new("readings/later").unwrap(), draft("at last")).await.unwrap();
+        while !printed.is_finished() && started.elapsed() < Duration::from_secs(30) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let note = note.join().unwrap().unwrap_or_default();
+        assert!(note.contains("no stream fog-1:readings/later in") && note.contains("yet; waiting for it"), "{note}");
+        let printed = printed.join().unwrap().unwrap_or_default();
+        assert!(printed.starts_with("fog-1 #1 ") && printed.ends_with("at last"), "{printed}");
     }
 
     /// A damaged record (its bytes overwritten, as a bad block would) is not skipped: `tail`
