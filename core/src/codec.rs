@@ -26,11 +26,18 @@ pub const HEADER_BYTES_MAX: usize = 1024;
 /// Hard ceiling for `max_payload_bytes`, whatever the configuration says.
 pub const PAYLOAD_BYTES_CEILING: usize = 64 * 1024 * 1024 - HEADER_BYTES_MAX - 1;
 
-/// Size limits, from the node configuration (`log.max_payload_bytes`).
+/// Size limits, from the node configuration (`log.payload_bytes_max`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
     /// Largest payload accepted, in bytes. Default 1 MiB.
     pub max_payload_bytes: usize,
+}
+
+impl Limits {
+    /// What a store's records are read with, whatever the reader's configuration: a record
+    /// stored under a larger `log.payload_bytes_max` (or by another node) is not damaged, and
+    /// reads as what it is. The configured limit applies to what comes in, not to what is kept.
+    pub const STORED: Limits = Limits { max_payload_bytes: PAYLOAD_BYTES_CEILING };
 }
 
 impl Default for Limits {

@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::codec::PAYLOAD_BYTES_CEILING;
+use crate::bus::wire::{MESSAGE_BYTES_MAX, REPLICABLE_PAYLOAD_BYTES_MAX};
 use crate::model::{string_newtype, NameError, NodeId, StreamName, Tier};
 
 // ---------------------------------------------------------------------------------------
@@ -871,8 +871,14 @@ impl NodeConfig {
         if !(1..=1_048_576).contains(&l.commit_queue_len_max) {
             bad("log.commit_queue_len_max", format!("{} is not in 1..=1048576", l.commit_queue_len_max));
         }
-        if !(1..=PAYLOAD_BYTES_CEILING).contains(&l.payload_bytes_max) {
-            bad("log.payload_bytes_max", format!("{} is not in 1..={PAYLOAD_BYTES_CEILING}", l.payload_bytes_max));
+        if !(1..=REPLICABLE_PAYLOAD_BYTES_MAX).contains(&l.payload_bytes_max) {
+            bad(
+                "log.payload_bytes_max",
+                format!(
+                    "{} is not in 1..={REPLICABLE_PAYLOAD_BYTES_MAX} (a record must fit in one replay message of {MESSAGE_BYTES_MAX} bytes)",
+                    l.payload_bytes_max
+                ),
+            );
         }
         if l.memtable_bytes < 64 * 1024 {
             bad("log.memtable_bytes", format!("{} is less than 65536", l.memtable_bytes));
@@ -1142,6 +1148,11 @@ mod tests {
         check(&format!("{MINIMAL}[log]\nsync = \"sometimes\"\n"), Err("t.toml: log.sync: unknown variant `sometimes`"));
         check(&format!("{MINIMAL}[log]\ncommit_batch_len_max = 0\n"), Err("t.toml: log.commit_batch_len_max: 0 is not in 1..=65536"));
         check(&format!("{MINIMAL}[log]\ncommit_spin_us = 5000\n"), Err("t.toml: log.commit_spin_us: 5000 is more than 2000"));
+        check(
+            &format!("{MINIMAL}[log]\npayload_bytes_max = 8388608\n"),
+            Err("t.toml: log.payload_bytes_max: 8388608 is not in 1..=4192247 (a record must fit in one replay message of 4194304 bytes)"),
+        );
+        check(&format!("{MINIMAL}[log]\npayload_bytes_max = 4192247\n"), Ok(()));
         check(&format!("{MINIMAL}[zenoh]\n"), Err("duplicate key"));
         check(
             "[node]\nid = \"e\"\ntier = \"edge\"\n[zenoh]\nmode = \"client\"\nlisten = [\"tcp/127.0.0.1:1\"]\nconnect = [\"tcp/h:2\"]\n",

@@ -366,7 +366,9 @@ impl<B: Behaviour> HostState<B> {
             };
             // Past what is durable: the batches whose write is still queued.
             let cursor = durable.max(self.handled_to.get(&key).copied().unwrap_or(0));
-            let batch = self.ctx.log.read(&key, cursor + 1, INPUT_BATCH_LEN_MAX)?;
+            // In order, up to the watermark: a received record past a gap waits for the gap
+            // to be filled, so the cursor never passes a record not yet handled.
+            let batch = self.ctx.log.read_in_order(&key, cursor + 1, INPUT_BATCH_LEN_MAX)?;
             let Some(last) = batch.last().map(|e| e.id.seq.get()) else { continue };
             for envelope in &batch {
                 self.ctx.input = Some(envelope.id.clone());

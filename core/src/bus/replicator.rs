@@ -867,8 +867,8 @@ async fn serve_replay(shared: Arc<Shared>, mut requests: super::Incoming<Request
             let mut size = 0;
             for envelope in records.iter().filter(|e| e.id.seq.get() <= to) {
                 let Ok(bytes) = codec::encode(envelope, &shared.settings.limits) else { continue };
-                size += bytes.len() + 8;
-                if size > MESSAGE_BYTES_MAX - 1024 && !batch.records.is_empty() {
+                size += bytes.len() + wire::REPLY_RECORD_OVERHEAD;
+                if size > MESSAGE_BYTES_MAX - wire::REPLY_FRAMING_BYTES && !batch.records.is_empty() {
                     break;
                 }
                 batch.records.push(wire::ByteVec(bytes));
@@ -950,7 +950,7 @@ async fn replay_stream(shared: &Arc<Shared>, key: &StreamKey, goal: u64) {
             return;
         }
         let Some(holder) = choose_holder(shared, key, mine, &stuck) else { return };
-        let params = ReplayParams { incarnation: key.incarnation, from: mine + 1, to: goal.min(mine + request_len), holder: holder.clone() };
+        let params = ReplayParams { incarnation: key.incarnation, from: mine + 1, to: goal.min(mine.saturating_add(request_len)), holder: holder.clone() };
         shared.counters.replay_requests.fetch_add(1, Ordering::Relaxed);
         let replies = shared
             .transport

@@ -14,6 +14,15 @@ pub const WIRE_VERSION: u8 = 1;
 /// it whatever `replay_batch_len_max` says.
 pub const MESSAGE_BYTES_MAX: usize = 4 * 1024 * 1024;
 
+/// Room kept in a replay reply for its own framing, and what each record adds to it.
+pub const REPLY_FRAMING_BYTES: usize = 1024;
+pub const REPLY_RECORD_OVERHEAD: usize = 8;
+
+/// Largest payload a record may have and still be replayed: alone in a reply, with the
+/// largest envelope header. `log.payload_bytes_max` may not be set above it, or a record
+/// that went out live could never be replayed to a node that missed it.
+pub const REPLICABLE_PAYLOAD_BYTES_MAX: usize = MESSAGE_BYTES_MAX - REPLY_FRAMING_BYTES - REPLY_RECORD_OVERHEAD - 1 - crate::codec::HEADER_BYTES_MAX;
+
 /// Most stream entries in one heads message; a node with more sends several.
 pub const HEADS_PER_MESSAGE_MAX: usize = 512;
 

@@ -189,6 +189,11 @@ pub(crate) struct Core {
     hlc: uhlc::HLC,
     streams: Map<StreamKey, Entry>,
     cursors: Map<StreamKey, BTreeMap<Name, u64>>,
+    /// Each consumer's last cursor written, durable or not yet: what retention compares with.
+    /// A sweep written after a cursor commit is durable only if that commit is (the WAL keeps
+    /// their order), so records the consumer has handled are not counted as expired while its
+    /// commit waits for its sync.
+    cursors_written: Map<StreamKey, BTreeMap<Name, u64>>,
     acks: Map<StreamKey, BTreeMap<Tier, u64>>,
     retention: Vec<RetentionRule>,
     /// Written but not yet durable: each stream's state after the last staged batch that
@@ -215,6 +220,7 @@ impl Core {
             hlc: uhlc::HLCBuilder::new().with_id(id).build(),
             streams: Map::default(),
             cursors: Map::default(),
+            cursors_written: Map::default(),
             acks: Map::default(),
             retention,
             pending: Map::default(),
@@ -233,7 +239,9 @@ impl Core {
             for (seq, _) in &chunk {
                 wm.insert(*seq);
             }
-            from = last + 1;
+            // A store written before seqs were bounded may end at `u64::MAX`.
+            let Some(next) = last.checked_add(1) else { break };
+            from = next;
         }
         let entry = Entry { wm, first: stats.first, count: stats.count, bytes: stats.bytes, expired: stats.expired, removed: stats.removed };
         self.streams.insert(key, entry);
@@ -241,7 +249,24 @@ impl Core {
     }
 
     pub(crate) fn load_cursor(&mut self, consumer: Name, key: StreamKey, seq: u64) {
+        self.cursors_written.entry(key.clone()).or_default().insert(consumer.clone(), seq);
         self.cursors.entry(key).or_default().insert(consumer, seq);
+    }
+
+    /// The lowest cursor on `key`, counting cursors written and not yet durable and those
+    /// planned so far in this batch.
+    fn slowest_reader(&self, plan: &Plan, key: &StreamKey) -> Option<u64> {
+        let mut cursors = self.cursors_written.get(key).cloned().unwrap_or_default();
+        for (consumer, _, seq) in plan.cursors.iter().filter(|(_, k, _)| k == key) {
+            cursors.insert(consumer.clone(), *seq);
+        }
+        cursors.values().min().copied()
+    }
+
+    fn note_cursors_written(&mut self, plan: &Plan) {
+        for (consumer, key, seq) in &plan.cursors {
+            self.cursors_written.entry(key.clone()).or_default().insert(consumer.clone(), *seq);
+        }
     }
 
     fn entry<'a>(&'a self, staged: &'a mut Map<StreamKey, Entry>, key: &StreamKey) -> &'a mut Entry {
@@ -383,6 +408,9 @@ impl Core {
         self.settle_stamps(scratch);
         let _ = self.hlc.update_with_timestamp(envelope.hlc.as_uhlc());
         let seq = envelope.id.seq.get();
+        if seq > super::SEQ_MAX {
+            return Err(LogError::SeqOutOfRange { record: envelope.id.to_string() });
+        }
         let entry = self.entry(&mut plan.staged, &key);
         match entry.wm.check(seq) {
             Insert::Duplicate => return Ok(Inserted::Duplicate { watermark: entry.wm.get() }),
@@ -414,7 +442,7 @@ impl Core {
                 let acked = self.acks.get(&key).and_then(|a| a.get(tier)).copied().unwrap_or(0);
                 upper = upper.min(acked);
             }
-            let slowest_reader = self.cursors.get(&key).and_then(|c| c.values().min().copied());
+            let slowest_reader = self.slowest_reader(plan, &key);
             let age_cutoff_ms = rule.age_s_max.map(|s| now_unix_ms.saturating_sub(s.saturating_mul(1000)));
             let prefix = stream_prefix(&key);
             let entry = self.entry(&mut plan.staged, &key);
@@ -435,7 +463,7 @@ impl Core {
                     let too_big = rule.bytes_max.is_some_and(|max| entry.bytes > max);
                     let too_old = match age_cutoff_ms {
                         Some(_) if too_big => true,
-                        Some(cutoff) => match decode_record(&key, seq, &value, &self.limits) {
+                        Some(cutoff) => match decode_record(&key, seq, &value) {
                             Ok(envelope) => envelope.hlc.unix_ms() < cutoff,
                             Err(e) => {
                                 // Its age is unknown: it stays, and so does what follows it in
@@ -452,10 +480,12 @@ impl Core {
                         break 'stream;
                     }
                     sink.delete(Cf::Log, &record_key(&key, seq));
-                    entry.count -= 1;
-                    entry.bytes -= value.len() as u64;
+                    // Saturating: figures read from a damaged store must not stop the committer.
+                    entry.count = entry.count.saturating_sub(1);
+                    entry.bytes = entry.bytes.saturating_sub(value.len() as u64);
                     entry.removed += 1;
-                    entry.first = seq + 1;
+                    // Past a gap, the next record kept is further on.
+                    entry.first = entry.wm.next_present(seq + 1);
                     report.removed += 1;
                     report.removed_bytes += value.len() as u64;
                     if slowest_reader.is_some_and(|c| c < seq) {
@@ -475,6 +505,7 @@ impl Core {
     /// Makes a written plan's state current; returns the results to hand back.
     pub(crate) fn apply(&mut self, plan: Plan) -> Vec<OpOutcome> {
         debug_assert!(self.pending.is_empty(), "apply is for unpipelined backends");
+        self.note_cursors_written(&plan);
         self.apply_staged(plan, 0)
     }
 
@@ -484,6 +515,7 @@ impl Core {
         for (key, entry) in &plan.staged {
             self.pending.insert(key.clone(), (batch, entry.clone()));
         }
+        self.note_cursors_written(plan);
     }
 
     /// Staged batch `batch` is durable: makes its state current (a later staged batch's state
@@ -547,10 +579,10 @@ impl Core {
 /// Decodes scanned records in seq order, up to the first one that cannot be decoded: a reader
 /// gets every record before a damaged one, and a read that starts at it gets its error, which
 /// names it (a tail, a replay or a consumer then stops there, not a whole batch earlier).
-pub(crate) fn decode_records(key: &StreamKey, records: &[(u64, Vec<u8>)], limits: &Limits) -> Result<Vec<Envelope>, LogError> {
+pub(crate) fn decode_records(key: &StreamKey, records: &[(u64, Vec<u8>)]) -> Result<Vec<Envelope>, LogError> {
     let mut out = Vec::with_capacity(records.len());
     for (seq, value) in records {
-        match decode_record(key, *seq, value, limits) {
+        match decode_record(key, *seq, value) {
             Ok(envelope) => out.push(envelope),
             Err(e) if out.is_empty() => return Err(e),
             Err(_) => break,
@@ -559,8 +591,9 @@ pub(crate) fn decode_records(key: &StreamKey, records: &[(u64, Vec<u8>)], limits
     Ok(out)
 }
 
-/// Decodes one stored record, naming it on failure.
-pub(crate) fn decode_record(key: &StreamKey, seq: u64, value: &[u8], limits: &Limits) -> Result<Envelope, LogError> {
+/// Decodes one stored record, naming it on failure. Read within [`Limits::STORED`], not the
+/// configured limit: lowering `log.payload_bytes_max` must not make what is kept unreadable.
+pub(crate) fn decode_record(key: &StreamKey, seq: u64, value: &[u8]) -> Result<Envelope, LogError> {
     let corrupt = |error| LogError::CorruptRecord { key: format!("{key}#{seq}"), error };
     let id = EnvelopeId {
         origin: key.origin.clone(),
@@ -568,7 +601,7 @@ pub(crate) fn decode_record(key: &StreamKey, seq: u64, value: &[u8], limits: &Li
         stream: key.stream.clone(),
         seq: Seq::new(seq).ok_or_else(|| corrupt(codec::DecodeError::Malformed("record key holds seq 0".into())))?,
     };
-    let envelope = codec::decode_record(&id, value, limits).map_err(corrupt)?;
+    let envelope = codec::decode_record(&id, value, &Limits::STORED).map_err(corrupt)?;
     // A record in the older form holds its own id: it must be its key.
     if envelope.id != id {
         return Err(LogError::CorruptRecord {
@@ -586,4 +619,63 @@ pub(crate) fn parse_stats_entry(k: &[u8], v: &[u8]) -> Result<(StreamKey, Stored
         return Err("unreadable stream key".into());
     }
     Ok((key, StoredStats::decode(v)?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::StreamPattern;
+    use crate::model::{Kind, PayloadType, StreamName};
+
+    type Data = BTreeMap<(u8, Vec<u8>), Vec<u8>>;
+
+    fn write(data: &mut Data, writes: Vec<Write>) {
+        for w in writes {
+            match w {
+                Write::Put(cf, k, v) => data.insert((cf as u8, k), v),
+                Write::Delete(cf, k) => data.remove(&(cf as u8, k)),
+            };
+        }
+    }
+
+    fn swept(outcome: &OpOutcome) -> &SweepReport {
+        match outcome {
+            Ok(OpResult::Swept(report)) => report,
+            other => panic!("not a sweep report: {other:?}"),
+        }
+    }
+
+    /// A reader that handled every record commits its cursor; a sweep planned while that
+    /// commit is written but not yet synced (pipelined), or in the same batch, must not count
+    /// what it handled as expired.
+    #[test]
+    fn a_cursor_written_but_not_yet_durable_counts_for_retention() {
+        let bytes_max = RetentionRule { streams: StreamPattern::new("**").unwrap(), bytes_max: Some(1), age_s_max: None, keep_until_acked: vec![] };
+        let mut core = Core::new(NodeId::new("edge-1").unwrap(), Incarnation::from_raw(7), Limits::default(), vec![bytes_max]);
+        let stream = StreamName::new("r").unwrap();
+        let key = StreamKey { origin: core.node.clone(), incarnation: core.incarnation, stream: stream.clone() };
+        let reader = Name::new("reader").unwrap();
+        let cursor = |seq| Op::Cursor { consumer: reader.clone(), key: key.clone(), seq };
+        let append = || Op::Append { stream: stream.clone(), draft: super::super::Draft::new(Kind::Reading, PayloadType::new("t/1").unwrap(), vec![1; 10]) };
+        let sweep = || Op::Sweep { now_unix_ms: 0 };
+        let mut data = Data::new();
+
+        let mut writes = Vec::new();
+        let plan = core.plan(vec![cursor(0), append(), append(), append(), append()], &data, &mut writes);
+        write(&mut data, writes);
+        core.apply(plan);
+
+        // The cursor commit is written and staged (its sync runs); the sweep comes next.
+        let mut writes = Vec::new();
+        let commit = core.plan(vec![cursor(3)], &data, &mut writes);
+        write(&mut data, writes);
+        core.stage(&commit, 1);
+        let plan = core.plan(vec![sweep()], &data, &mut Vec::<Write>::new());
+        assert_eq!((swept(&plan.results[0]).removed, swept(&plan.results[0]).expired), (4, 1), "only seq 4 was not handled");
+        assert_eq!(core.cursor(&reader, &key), Some(0), "the durable cursor is still the old one");
+
+        // In the same batch as the sweep, ahead of it.
+        let plan = core.plan(vec![cursor(4), sweep()], &data, &mut Vec::<Write>::new());
+        assert_eq!((swept(&plan.results[1]).removed, swept(&plan.results[1]).expired), (4, 0));
+    }
 }

@@ -113,7 +113,7 @@ impl Store for MemStore {
     fn read(&self, key: &StreamKey, from: u64, limit: usize) -> Result<Vec<Envelope>, LogError> {
         let inner = self.lock();
         let records = inner.data.scan(&stream_prefix(key), from, limit)?;
-        decode_records(key, &records, &inner.core.limits)
+        decode_records(key, &records)
     }
 
     fn streams(&self) -> Vec<StreamInfo> {

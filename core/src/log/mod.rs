@@ -173,6 +173,8 @@ pub enum LogError {
     Encode(#[from] EncodeError),
     #[error("stream {stream} is full: seq would overflow")]
     SeqOverflow { stream: String },
+    #[error("record {record} is refused: its seq is above the highest a stream may hold ({max})", max = SEQ_MAX)]
+    SeqOutOfRange { record: String },
     #[error("the log is closed")]
     Closed,
 }
@@ -439,6 +441,23 @@ impl Log {
         self.store.read(key, from, limit)
     }
 
+    /// Records of `key` from `from`, in seq order, never past the stream's watermark: what a
+    /// consumer that must handle every record once, in order, reads. A received record past a
+    /// gap waits there until replay fills the gap; [`Log::read`] would return it at once, and
+    /// a cursor committed after it would pass over the gap for good.
+    pub fn read_in_order(&self, key: &StreamKey, from: u64, limit: usize) -> Result<Vec<Envelope>, LogError> {
+        let watermark = self.store.stream(key).map_or(0, |i| i.watermark);
+        if from > watermark {
+            return Ok(Vec::new());
+        }
+        let limit = limit.min(usize::try_from(watermark - from + 1).unwrap_or(usize::MAX));
+        let mut records = self.store.read(key, from, limit)?;
+        // Retention may have removed records from `from` on: the read then starts later and
+        // can reach past the watermark.
+        records.retain(|e| e.id.seq.get() <= watermark);
+        Ok(records)
+    }
+
     /// Like [`Log::read`], but waits up to `wait` for records if there are none yet.
     /// Returns an empty batch if none arrived in time.
     pub async fn tail(&self, key: &StreamKey, from: u64, limit: usize, wait: Duration) -> Result<Vec<Envelope>, LogError> {
@@ -484,7 +503,12 @@ impl Log {
     }
 }
 
+/// Highest seq a stream may hold: one below `u64::MAX`, so that the seq after any stored one
+/// exists (watermarks, scans and replay ranges count on it). A received envelope above it is
+/// refused ([`LogError::SeqOutOfRange`]); it can only come from a broken or forged peer.
+pub const SEQ_MAX: u64 = u64::MAX - 1;
+
 /// The seq after `last` for a stream, or an overflow error.
 pub(crate) fn next_seq(last: u64, stream: &StreamName) -> Result<Seq, LogError> {
-    last.checked_add(1).and_then(Seq::new).ok_or_else(|| LogError::SeqOverflow { stream: stream.to_string() })
+    last.checked_add(1).filter(|&s| s <= SEQ_MAX).and_then(Seq::new).ok_or_else(|| LogError::SeqOverflow { stream: stream.to_string() })
 }

@@ -51,8 +51,8 @@ impl Watermark {
         if self.contains(seq) {
             return Insert::Duplicate;
         }
-        let joins_left = seq == self.watermark + 1 || self.above.range(..seq).next_back().is_some_and(|(_, &end)| end + 1 == seq);
-        let joins_right = self.above.contains_key(&(seq + 1));
+        let joins_left = seq == self.watermark.saturating_add(1) || self.above.range(..seq).next_back().is_some_and(|(_, &end)| end.saturating_add(1) == seq);
+        let joins_right = seq.checked_add(1).is_some_and(|next| self.above.contains_key(&next));
         if !joins_left && !joins_right && self.above.len() >= PRESENT_RANGES_MAX {
             return Insert::TooFragmented;
         }
@@ -69,15 +69,15 @@ impl Watermark {
         let mut start = seq;
         let mut end = seq;
         if let Some((&s, &e)) = self.above.range(..seq).next_back() {
-            if e + 1 == seq {
+            if e.saturating_add(1) == seq {
                 self.above.remove(&s);
                 start = s;
             }
         }
-        if let Some(e) = self.above.remove(&(seq + 1)) {
+        if let Some(e) = seq.checked_add(1).and_then(|next| self.above.remove(&next)) {
             end = e;
         }
-        if start == self.watermark + 1 {
+        if start == self.watermark.saturating_add(1) {
             self.watermark = end;
         } else {
             self.above.insert(start, end);
@@ -85,16 +85,25 @@ impl Watermark {
         Insert::New
     }
 
+    /// The lowest seq from `seq` on that is present (or was, before retention, at or below the
+    /// watermark); `seq` itself when nothing from there on is.
+    pub fn next_present(&self, seq: u64) -> u64 {
+        if self.contains(seq) {
+            return seq;
+        }
+        self.above.range(seq..).next().map_or(seq, |(&start, _)| start)
+    }
+
     /// The missing ranges between the watermark and the highest present seq, at most `max`.
     pub fn gaps(&self, max: usize) -> Vec<RangeInclusive<u64>> {
         let mut out = Vec::new();
-        let mut next = self.watermark + 1;
+        let mut next = self.watermark.saturating_add(1);
         for (&start, &end) in &self.above {
             if out.len() == max {
                 break;
             }
             out.push(next..=start - 1);
-            next = end + 1;
+            next = end.saturating_add(1);
         }
         out
     }
@@ -127,6 +136,26 @@ mod tests {
         assert_eq!(w.insert(4), Insert::New);
         assert_eq!(w.insert(3), Insert::New);
         assert_eq!((w.get(), w.fragments(), w.gaps(10)), (7, 0, vec![]));
+    }
+
+    #[test]
+    fn next_present_steps_over_gaps() {
+        let mut w = Watermark::new(5);
+        w.insert(8);
+        w.insert(9);
+        w.insert(12);
+        let next: Vec<u64> = [3, 5, 6, 7, 8, 10, 12, 13].iter().map(|&s| w.next_present(s)).collect();
+        assert_eq!(next, [3, 5, 8, 8, 8, 12, 12, 13]);
+    }
+
+    #[test]
+    fn the_highest_seqs_do_not_overflow() {
+        let mut w = Watermark::new(3);
+        assert_eq!(w.insert(u64::MAX), Insert::New);
+        assert_eq!(w.insert(u64::MAX - 1), Insert::New);
+        assert_eq!(w.check(u64::MAX), Insert::Duplicate);
+        assert_eq!(w.gaps(10), vec![4..=u64::MAX - 2]);
+        assert_eq!((w.last(), w.next_present(4)), (u64::MAX, u64::MAX - 1));
     }
 
     #[test]

@@ -200,6 +200,12 @@ fn scan(db: &DB, prefix: &[u8], from: u64, limit: usize) -> Result<Vec<(u64, Vec
     Ok(out)
 }
 
+/// Whether `seq` lies in one of `gaps` (ascending, disjoint).
+fn in_gaps(seq: u64, gaps: &[RangeInclusive<u64>]) -> bool {
+    let i = gaps.partition_point(|g| *g.end() < seq);
+    gaps.get(i).is_some_and(|g| g.contains(&seq))
+}
+
 /// How many of `records` (ascending seqs) follow on from `expect` without a hole, where the
 /// ranges in `gaps` are holes that are known and skipped.
 fn present_prefix(records: &[(u64, Vec<u8>)], mut expect: u64, gaps: &[RangeInclusive<u64>]) -> usize {
@@ -442,7 +448,23 @@ impl RocksStore {
             sync: opts.sync == SyncPolicy::Always,
             unsynced_max: opts.commit_unsynced_batches_max.max(1),
         };
-        threads.committer = Some(std::thread::Builder::new().name("strata-commit".into()).spawn(move || committer.run()).expect("spawn the committer thread"));
+        let (handoff, path) = (self.handoff.clone(), self.path.clone());
+        let run = move || {
+            let Err(panic) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| committer.run())) else { return };
+            // A bug, not an IO error: still, nobody may wait for an answer that cannot come.
+            // The operations it held resolve as abandoned; the queued ones, and any submitted
+            // from now on, are refused.
+            let what = panic.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| panic.downcast_ref::<String>().cloned()).unwrap_or_default();
+            let error = LogError::Io { path, detail: format!("the committer thread panicked ({what}); the store refuses writes until it is reopened") };
+            tracing::error!(%error, "the committer stopped");
+            handoff.close();
+            while let Some(queued) = handoff.take_batch(1024) {
+                for (_, done) in queued {
+                    done.complete(Err(error.clone()));
+                }
+            }
+        };
+        threads.committer = Some(std::thread::Builder::new().name("strata-commit".into()).spawn(run).expect("spawn the committer thread"));
         if opts.sync == SyncPolicy::Interval {
             let (stop, stopped) = mpsc::channel::<()>();
             let db = self.db();
@@ -628,7 +650,7 @@ impl Committer {
                 gate: gate.clone(),
             };
             let handle = std::thread::Builder::new().name("strata-sync-wal".into()).spawn(move || syncer.run(rx)).expect("spawn the WAL syncer thread");
-            (tx, handle)
+            SyncerThread { tx: Some(tx), handle: Some(handle) }
         });
         // Pipelined, the syncer makes batches durable (`wo`); a batch written while the syncer
         // is idle and nothing else waits is written with its sync (`wo_sync`).
@@ -692,7 +714,7 @@ impl Committer {
             write_time = average(write_time, started.elapsed());
             // The right to sync inline, if taken, is held until the batch is applied (end of match).
             match (&syncer, inline) {
-                (Some((tx, _)), None) => {
+                (Some(SyncerThread { tx: Some(tx), .. }), None) => {
                     lock_core(&self.core).stage(&plan, number);
                     gate.queued.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                     // Waits while `unsynced_max` batches are already waiting for their sync.
@@ -709,17 +731,29 @@ impl Committer {
                 }
             }
         }
-        match syncer {
-            Some((tx, handle)) => {
-                drop(tx);
-                if handle.join().is_err() {
-                    tracing::error!(path = %self.db.path().display(), "the WAL syncer thread panicked");
-                }
+        // Dropping the syncer's thread waits for it to sync what it holds.
+        if syncer.is_none() {
+            if let Err(e) = self.db.flush_wal(true) {
+                tracing::error!(error = %e, "final WAL sync failed");
             }
-            None => {
-                if let Err(e) = self.db.flush_wal(true) {
-                    tracing::error!(error = %e, "final WAL sync failed");
-                }
+        }
+    }
+}
+
+/// The syncer's thread and the channel to it. Dropped, also while the committer unwinds from
+/// a panic, it closes the channel and waits for the syncer to finish what it holds, so the
+/// database is released when the committer's thread ends.
+struct SyncerThread {
+    tx: Option<mpsc::SyncSender<Written>>,
+    handle: Option<JoinHandle<()>>,
+}
+
+impl Drop for SyncerThread {
+    fn drop(&mut self) {
+        self.tx.take();
+        if let Some(handle) = self.handle.take() {
+            if handle.join().is_err() {
+                tracing::error!("the WAL syncer thread panicked");
             }
         }
     }
@@ -894,20 +928,21 @@ impl Store for RocksStore {
     }
 
     fn read(&self, key: &StreamKey, from: u64, limit: usize) -> Result<Vec<Envelope>, LogError> {
-        // Read the durable bound first: whatever the scan finds past it is not yet synced.
-        // A read-only instance also needs where the stream starts and its reported gaps.
-        let (limits, last, reader) = {
+        // Read the durable state first: whatever the scan finds past its highest seq, or in one
+        // of its gaps (a received record filling a gap), is written but not yet synced.
+        // A read-only instance also needs where the stream starts.
+        let (last, gaps, first) = {
             let core = lock_core(&self.core);
-            let reader = self.read_only.then(|| (core.info(key).map_or(1, |i| i.first), core.gaps(key, usize::MAX)));
-            (core.limits, core.readable_last(key), reader)
+            let first = self.read_only.then(|| core.info(key).map_or(1, |i| i.first));
+            (core.readable_last(key), core.gaps(key, usize::MAX), first)
         };
         if from > last {
             return Ok(Vec::new());
         }
         let limit = limit.min(usize::try_from(last - from + 1).unwrap_or(usize::MAX));
         let mut records = scan(&self.db(), &stream_prefix(key), from, limit).map_err(|e| LogError::Io { path: self.path.clone(), detail: e.into_string() })?;
-        records.retain(|(seq, _)| *seq <= last);
-        if let Some((first, gaps)) = reader {
+        records.retain(|(seq, _)| *seq <= last && !in_gaps(*seq, &gaps));
+        if let Some(first) = first {
             // A read-only instance catches up with the writer's files in steps. Between two
             // steps a record can be missing below newer ones (its WAL file was deleted after a
             // flush this instance has not seen yet). Stop before the first record missing that
@@ -916,7 +951,7 @@ impl Store for RocksStore {
             let present = present_prefix(&records, from.max(first), &gaps);
             records.truncate(present);
         }
-        decode_records(key, &records, &limits)
+        decode_records(key, &records)
     }
 
     fn streams(&self) -> Vec<StreamInfo> {
@@ -1013,5 +1048,13 @@ mod tests {
         assert_eq!(present_prefix(&records(&[4, 5]), 4, &[]), 2, "reading from 4 (records below it expired)");
         assert_eq!(present_prefix(&records(&[7]), 1, &[1..=3, 4..=6]), 1, "adjacent gaps");
         assert_eq!(present_prefix(&[], 1, &[]), 0);
+    }
+
+    #[test]
+    fn in_gaps_finds_a_seq_in_any_of_the_ranges_and_nowhere_else() {
+        let gaps = [3..=4, 7..=7, 10..=12];
+        let inside: Vec<u64> = (0..15).filter(|&s| in_gaps(s, &gaps)).collect();
+        assert_eq!(inside, [3, 4, 7, 10, 11, 12]);
+        assert!(!in_gaps(5, &[]));
     }
 }

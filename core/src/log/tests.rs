@@ -676,3 +676,98 @@ fn appends_of_a_lot_get_increasing_timestamps_after_what_was_received() {
     let second = stamps(&core.plan((0..3).map(|_| append()).collect(), &Empty, &mut sink).results);
     assert!(second[0] > first[99], "the next lot comes after the last of this one");
 }
+
+#[tokio::test]
+async fn a_consumer_reads_a_received_stream_in_order_up_to_its_watermark() {
+    both(vec![rule("**", None, Some(0), &[])], |log| async move {
+        let key = StreamKey::of(&remote("fog-9", 3, "r", 1).id);
+        for seq in [1, 2, 4, 5, 8] {
+            log.insert_remote(remote("fog-9", 3, "r", seq)).await.unwrap();
+        }
+        let seqs = |records: Vec<Envelope>| records.iter().map(|e| e.id.seq.get()).collect::<Vec<_>>();
+        assert_eq!(seqs(log.read(&key, 1, 10).unwrap()), [1, 2, 4, 5, 8], "a plain read returns what is held");
+        assert_eq!(seqs(log.read_in_order(&key, 1, 10).unwrap()), [1, 2], "a consumer stops at the gap");
+        assert!(log.read_in_order(&key, 3, 10).unwrap().is_empty());
+        log.insert_remote(remote("fog-9", 3, "r", 3)).await.unwrap();
+        assert_eq!(seqs(log.read_in_order(&key, 3, 10).unwrap()), [3, 4, 5], "the filled gap, then up to the watermark");
+        // Retention removes up to the watermark; the stream then starts at the next record
+        // held, past the gap, and a consumer behind it still reads nothing beyond the watermark.
+        let report = log.sweep(now_ms() + 10_000).await.unwrap();
+        assert_eq!(report.removed, 5, "{report:?}");
+        let info = log.stream(&key).unwrap();
+        assert_eq!((info.first, info.watermark, info.count), (8, 5, 1));
+        assert!(log.read_in_order(&key, 1, 10).unwrap().is_empty());
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_received_seq_above_the_highest_a_stream_may_hold_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = rocks(dir.path(), StoreOptions::default());
+    let err = log.insert_remote(remote("fog-9", 3, "r", u64::MAX)).await.unwrap_err();
+    assert!(matches!(err, LogError::SeqOutOfRange { .. }), "{err:?}");
+    assert!(err.to_string().contains("fog-9") && err.to_string().contains(&SEQ_MAX.to_string()), "{err}");
+    assert_eq!(log.insert_remote(remote("fog-9", 3, "r", SEQ_MAX)).await.unwrap(), Inserted::Stored { watermark: 0 });
+    log.close();
+    drop(log);
+    // A store written before seqs were bounded may hold one at u64::MAX: it still opens (its
+    // state is rebuilt by scanning above the watermark, which used to start again at 0).
+    let key = StreamKey::of(&remote("fog-9", 3, "r", 1).id);
+    {
+        let db = rocksdb::DB::open_cf(&db_options_for_test(), dir.path(), ["log", "cursors", "watermarks", "meta"]).unwrap();
+        let mut value = Vec::new();
+        codec::encode_record_into(&remote("fog-9", 3, "r", u64::MAX), &Limits::default(), &mut value).unwrap();
+        db.put_cf(db.cf_handle("log").unwrap(), keys::record_key(&key, u64::MAX), value).unwrap();
+    }
+    let path = dir.path().to_owned();
+    let reopened = tokio::task::spawn_blocking(move || RocksStore::open(&path, &node(), StoreOptions::default()));
+    let store = tokio::time::timeout(Duration::from_secs(60), reopened).await.expect("the store opens").unwrap().unwrap();
+    let info = store.stream(&key).unwrap();
+    assert_eq!((info.watermark, info.last, info.count), (0, u64::MAX, 1));
+    assert_eq!(store.gaps(&key, 10), vec![1..=SEQ_MAX - 1]);
+}
+
+#[tokio::test]
+async fn a_panicking_committer_refuses_what_is_queued_and_what_comes_next() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = rocks(dir.path(), StoreOptions::default());
+    log.append_durable(stream("a"), draft(b"before")).await.unwrap();
+    // Only appends and cursor commits may be atomic: anything else is a bug in the caller,
+    // and the committer panics on it. That is the way into the panic path here.
+    let bad = Op::Atomic { ops: vec![Op::Sweep { now_unix_ms: 0 }] };
+    let ticket = log.store().submit(bad).await.unwrap();
+    let answered = tokio::time::timeout(Duration::from_secs(30), ticket).await.expect("the op held by the panicking committer resolves");
+    assert!(answered.is_err());
+    let next = tokio::time::timeout(Duration::from_secs(30), async { log.append(stream("a"), draft(b"after")).await?.await })
+        .await
+        .expect("an append after the panic is answered");
+    let err = next.unwrap_err();
+    assert!(matches!(err, LogError::Closed | LogError::Io { .. }), "{err:?}");
+    drop(log);
+    // Reopened, the store has what was durable before.
+    let log = rocks(dir.path(), StoreOptions::default());
+    let key = log.local_key(&stream("a"));
+    assert_eq!(log.read(&key, 1, 10).unwrap().iter().map(|e| e.payload.clone()).collect::<Vec<_>>(), [b"before".to_vec()]);
+}
+
+#[tokio::test]
+async fn records_stored_under_a_larger_payload_limit_stay_readable() {
+    let dir = tempfile::tempdir().unwrap();
+    let big = StoreOptions { limits: Limits { max_payload_bytes: 2 * 1024 * 1024 }, ..StoreOptions::default() };
+    let payload = vec![7u8; 1536 * 1024];
+    {
+        let log = rocks(dir.path(), big);
+        log.append_durable(stream("frames"), draft(&payload)).await.unwrap();
+        log.close();
+    }
+    // The configured limit is lowered back to the default (1 MiB), and a read-only reader
+    // (`strata log tail`) has no configuration at all: both read the record as it is.
+    let log = rocks(dir.path(), StoreOptions::default());
+    let key = log.local_key(&stream("frames"));
+    assert_eq!(log.read(&key, 1, 1).unwrap()[0].payload, payload);
+    let err = log.append_durable(stream("frames"), draft(&payload)).await.unwrap_err();
+    assert!(matches!(err, LogError::Encode(codec::EncodeError::PayloadTooLarge { .. })), "new input still meets the limit: {err:?}");
+    let reader = RocksStore::open_read_only(dir.path()).unwrap();
+    assert_eq!(reader.read(&key, 1, 1).unwrap()[0].payload, payload);
+}

@@ -145,3 +145,92 @@ async fn panics_while_consuming_never_apply_an_effect_twice() {
     assert_eq!(state, RECORDS, "the snapshotted state counts every record exactly once");
     log.close();
 }
+
+/// Records the seqs it handles, in order.
+struct Order(Arc<Mutex<Vec<u64>>>);
+
+impl Behaviour for Order {
+    type State = ();
+
+    async fn start(&self, _ctx: &mut Ctx) -> Result<(), ActorError> {
+        Ok(())
+    }
+
+    async fn handle(&self, _ctx: &mut Ctx, _state: &mut (), input: &Envelope) -> Result<(), ActorError> {
+        self.0.lock().unwrap().push(input.id.seq.get());
+        Ok(())
+    }
+}
+
+/// An actor consuming a stream received from another node meets a gap (live delivery lost
+/// seq 3; 4 and 5 arrived): it handles 1 and 2, waits, and handles 3, 4 and 5 once replay
+/// has filled the gap. It used to handle 4 and 5 at once and commit its cursor past 3, which
+/// it then never handled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_actor_consuming_a_received_stream_waits_at_a_gap() {
+    use strata_core::{EnvelopeId, HlcTime, Incarnation, Priority, Seq, Trace};
+    let dir = tempfile::tempdir().unwrap();
+    let log = Log::new(Arc::new(RocksStore::open(dir.path(), &NodeId::new("cloud-1").unwrap(), StoreOptions::default()).unwrap()));
+    let received = |seq: u64| Envelope {
+        id: EnvelopeId {
+            origin: NodeId::new("edge-7").unwrap(),
+            incarnation: Incarnation::from_raw(0xabc),
+            stream: StreamName::new("readings").unwrap(),
+            seq: Seq::new(seq).unwrap(),
+        },
+        kind: Kind::Reading,
+        hlc: HlcTime::from_uhlc(uhlc::HLC::default().new_timestamp()),
+        budget_us: None,
+        priority: Priority::NORMAL,
+        trace: Trace::default(),
+        payload_type: PayloadType::new("test/1").unwrap(),
+        payload: vec![seq as u8],
+    };
+    for seq in [1, 2, 4, 5] {
+        log.insert_remote(received(seq)).await.unwrap();
+    }
+    let config = NodeConfig::parse(
+        "t.toml".as_ref(),
+        "[node]\nid = \"cloud-1\"\ntier = \"cloud\"\n\n[[actors]]\nkind = \"order\"\nname = \"ord\"\ninputs = [\"edge-7:readings\"]\n",
+    )
+    .unwrap();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let mut registry = Registry::new();
+    let s = seen.clone();
+    registry.register("order", move |_: &strata_core::config::ActorSpec| Ok::<_, String>(Order(s.clone())));
+    let env = ActorEnv::fixed(Arc::new(config.clone()), strata_core::mode::Mode::Full, log.clone(), Arc::new(|_| {}));
+    let child = registry.child(&config.actors[0], &env).unwrap();
+    let policy = Policy {
+        strategy: Strategy::OneForOne,
+        restarts_max: 1,
+        window: Duration::from_secs(60),
+        backoff_base: Duration::from_millis(1),
+        backoff_max: Duration::from_millis(1),
+        jitter_pct: 0,
+        child_shutdown_timeout: Duration::from_secs(5),
+    };
+    let args = SupervisorArgs { name: "root".into(), policy, children: vec![child], events: Recorder::default().sink() };
+    let (sup, _) = Actor::spawn(None, Supervisor, args).await.unwrap();
+
+    let consumer = Name::new("ord").unwrap();
+    let key = strata_core::log::StreamKey::of(&received(1).id);
+    let wait_for_cursor = |seq: u64| {
+        let log = log.clone();
+        let consumer = consumer.clone();
+        let key = key.clone();
+        async move {
+            let t0 = Instant::now();
+            while log.cursor(&consumer, &key).is_none_or(|c| c < seq) {
+                assert!(t0.elapsed() < Duration::from_secs(60), "cursor stuck at {:?}, waiting for {seq}", log.cursor(&consumer, &key));
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+    };
+    wait_for_cursor(2).await;
+    log.insert_remote(received(3)).await.unwrap();
+    wait_for_cursor(5).await;
+    supervise::shutdown(&sup, Duration::from_secs(10)).await;
+    assert_eq!(*seen.lock().unwrap(), [1, 2, 3, 4, 5], "handled once each, in order");
+    assert_eq!(log.cursor(&consumer, &key), Some(5));
+    log.close();
+}
