@@ -478,8 +478,10 @@ fn log_tail(path: &std::path::Path, stream: &str, from: u64, incarnation: Option
     }
     loop {
         let mut printed = 0;
+        // `seq` is the next to print; 0 once u64::MAX, the last there can be, was printed (only
+        // a forged peer's record, in a store written before seqs stopped at SEQ_MAX).
         for (key, seq) in next.iter_mut() {
-            loop {
+            while *seq != 0 {
                 let batch = match store.read(key, *seq, TAIL_BATCH_LEN) {
                     Ok(b) => b,
                     Err(e) => {
@@ -488,7 +490,7 @@ fn log_tail(path: &std::path::Path, stream: &str, from: u64, incarnation: Option
                     }
                 };
                 let Some(last) = batch.last() else { break };
-                *seq = last.id.seq.get() + 1;
+                *seq = last.id.seq.get().checked_add(1).unwrap_or(0);
                 printed += batch.len();
                 let mut out = std::io::stdout().lock();
                 for e in &batch {

@@ -510,6 +510,12 @@ pub struct ReplicationSection {
     /// that a stopped node leaves nothing only it holds. Tiers not reachable are not waited
     /// for; 0 does not wait. Default 5000.
     pub shutdown_handover_ms: u64,
+    /// How long an actor reading a received stream waits, in ms, at a gap (records missing
+    /// below ones that arrived) for replay to fill it. Past it, the actor goes on after the
+    /// gap, and the seqs it passed over are recorded as an `input_gap_passed` event: records
+    /// that no holder can supply (removed by retention at their origin before they were
+    /// replicated, or damaged everywhere) must not stop a consumer for good. Default 30000.
+    pub consumer_gap_wait_ms: u64,
 }
 
 impl Default for ReplicationSection {
@@ -525,6 +531,7 @@ impl Default for ReplicationSection {
             publish_queue_bytes_max: 8 * 1024 * 1024,
             live_frame_bytes_max: 16384,
             shutdown_handover_ms: 5000,
+            consumer_gap_wait_ms: 30_000,
         }
     }
 }
@@ -883,9 +890,6 @@ impl NodeConfig {
         if l.memtable_bytes < 64 * 1024 {
             bad("log.memtable_bytes", format!("{} is less than 65536", l.memtable_bytes));
         }
-        if l.retention_check_interval_ms == 0 {
-            bad("log.retention_check_interval_ms", "must be at least 1".into());
-        }
         for (i, r) in l.retention.iter().enumerate() {
             if r.bytes_max.is_none() && r.age_s_max.is_none() {
                 bad(&format!("log.retention[{i}]"), "a rule needs bytes_max, age_s_max or both".into());
@@ -896,33 +900,48 @@ impl NodeConfig {
         }
 
         let r = &self.replication;
-        for (key, value, min) in [
-            ("replication.replay_batch_len_max", r.replay_batch_len_max as u64, 1),
-            ("replication.replay_check_interval_ms", r.replay_check_interval_ms, 10),
-            ("replication.replay_timeout_ms", r.replay_timeout_ms, 10),
-            ("replication.ack_interval_ms", r.ack_interval_ms, 10),
-            ("replication.live_queue_len_max", r.live_queue_len_max as u64, 1),
-            ("replication.publish_queue_len_max", r.publish_queue_len_max as u64, 1),
-            ("replication.publish_queue_bytes_max", r.publish_queue_bytes_max as u64, 1024),
-            ("replication.live_frame_bytes_max", r.live_frame_bytes_max as u64, 1024),
-            ("ingest.payload_bytes_max", self.ingest.payload_bytes_max as u64, 16),
-            ("supervision.restart_window_ms", self.supervision.restart_window_ms, 1),
-            ("supervision.child_shutdown_timeout_ms", self.supervision.child_shutdown_timeout_ms, 1),
-            ("supervision.events_queue_len_max", self.supervision.events_queue_len_max as u64, 1),
-            ("routing.probe_interval_ms", self.routing.probe_interval_ms, 10),
-            ("routing.default_deadline_ms", self.routing.default_deadline_ms, 1),
-            ("routing.estimate_samples_max", self.routing.estimate_samples_max as u64, 1),
-            ("routing.serve_queue_len_max", self.routing.serve_queue_len_max as u64, 1),
-            ("autonomy.pending_escalations_max", self.autonomy.pending_escalations_max as u64, 1),
-            ("modes.check_interval_ms", self.modes.check_interval_ms, 1),
-            ("autonomy.escalation_timeout_ms", self.autonomy.escalation_timeout_ms, 1),
+        // Upper bounds too: a value with a few zeros too many must be refused here, not
+        // overflow a sum of instants or a channel's allocation when the node starts.
+        let (sv, rt, md, au) = (&self.supervision, &self.routing, &self.modes, &self.autonomy);
+        for (key, value, min, max) in [
+            ("replication.replay_batch_len_max", r.replay_batch_len_max as u64, 1, BATCH_LEN_CEILING),
+            ("replication.replay_check_interval_ms", r.replay_check_interval_ms, 10, DAY_MS),
+            ("replication.replay_timeout_ms", r.replay_timeout_ms, 10, DAY_MS),
+            ("replication.ack_interval_ms", r.ack_interval_ms, 10, DAY_MS),
+            ("replication.live_queue_len_max", r.live_queue_len_max as u64, 1, QUEUE_LEN_CEILING),
+            ("replication.publish_queue_len_max", r.publish_queue_len_max as u64, 1, QUEUE_LEN_CEILING),
+            ("replication.publish_queue_bytes_max", r.publish_queue_bytes_max as u64, 1024, u64::MAX),
+            ("replication.live_frame_bytes_max", r.live_frame_bytes_max as u64, 1024, crate::bus::wire::MESSAGE_BYTES_MAX as u64),
+            ("replication.shutdown_handover_ms", r.shutdown_handover_ms, 0, DAY_MS),
+            ("replication.consumer_gap_wait_ms", r.consumer_gap_wait_ms, 0, DAY_MS),
+            ("ingest.payload_bytes_max", self.ingest.payload_bytes_max as u64, 16, u64::MAX),
+            ("log.retention_check_interval_ms", l.retention_check_interval_ms, 1, DAY_MS),
+            ("supervision.restart_window_ms", sv.restart_window_ms, 1, DAY_MS),
+            ("supervision.backoff_base_ms", sv.backoff_base_ms, 0, DAY_MS),
+            ("supervision.backoff_max_ms", sv.backoff_max_ms, 0, DAY_MS),
+            ("supervision.child_shutdown_timeout_ms", sv.child_shutdown_timeout_ms, 1, DAY_MS),
+            ("supervision.events_queue_len_max", sv.events_queue_len_max as u64, 1, QUEUE_LEN_CEILING),
+            ("routing.safety_margin_ms", rt.safety_margin_ms, 0, DAY_MS),
+            ("routing.probe_interval_ms", rt.probe_interval_ms, 10, DAY_MS),
+            ("routing.default_deadline_ms", rt.default_deadline_ms, 1, DAY_MS),
+            ("routing.fallback_ms", rt.fallback_ms, 0, DAY_MS),
+            ("routing.estimate_samples_max", rt.estimate_samples_max as u64, 1, QUEUE_LEN_CEILING),
+            ("routing.serve_queue_len_max", rt.serve_queue_len_max as u64, 1, QUEUE_LEN_CEILING),
+            ("modes.recover_hold_ms", md.recover_hold_ms, 0, DAY_MS),
+            ("modes.check_interval_ms", md.check_interval_ms, 1, DAY_MS),
+            ("autonomy.escalation_timeout_ms", au.escalation_timeout_ms, 1, DAY_MS),
+            ("autonomy.pending_escalations_max", au.pending_escalations_max as u64, 1, QUEUE_LEN_CEILING),
         ] {
             if value < min {
                 bad(key, format!("{value} is less than {min}"));
+            } else if value > max {
+                bad(key, format!("{value} is more than {max}"));
             }
         }
-        if r.live_frame_bytes_max > crate::bus::wire::MESSAGE_BYTES_MAX {
-            bad("replication.live_frame_bytes_max", format!("{} is more than {}", r.live_frame_bytes_max, crate::bus::wire::MESSAGE_BYTES_MAX));
+        for (cap, ms) in &rt.deadline_ms {
+            if *ms > DAY_MS {
+                bad(&format!("routing.deadline_ms.{cap}"), format!("{ms} is more than {DAY_MS}"));
+            }
         }
         if self.ingest.payload_bytes_max > l.payload_bytes_max {
             bad("ingest.payload_bytes_max", format!("{} is larger than log.payload_bytes_max ({})", self.ingest.payload_bytes_max, l.payload_bytes_max));
@@ -969,6 +988,13 @@ impl NodeConfig {
         out
     }
 }
+
+/// Longest duration any `*_ms` setting may have: one day.
+const DAY_MS: u64 = 86_400_000;
+/// Most entries any queue, and any list of samples, may be configured to hold.
+const QUEUE_LEN_CEILING: u64 = 1_048_576;
+/// Most records any batch may be configured to hold.
+const BATCH_LEN_CEILING: u64 = 65_536;
 
 fn duplicates<T: PartialEq + fmt::Debug>(path: &str, items: &[T], bad: &mut impl FnMut(&str, String)) {
     for (i, item) in items.iter().enumerate() {
@@ -1153,6 +1179,16 @@ mod tests {
             Err("t.toml: log.payload_bytes_max: 8388608 is not in 1..=4192247 (a record must fit in one replay message of 4194304 bytes)"),
         );
         check(&format!("{MINIMAL}[log]\npayload_bytes_max = 4192247\n"), Ok(()));
+        check(
+            &format!("{MINIMAL}[routing]\nsafety_margin_ms = 18446744073709551\n"),
+            Err("t.toml: routing.safety_margin_ms: 18446744073709551 is more than 86400000"),
+        );
+        check(
+            &format!("{MINIMAL}[replication]\nlive_queue_len_max = 2305843009213693952\n"),
+            Err("replication.live_queue_len_max: 2305843009213693952 is more than 1048576"),
+        );
+        check(&format!("{MINIMAL}[replication]\nshutdown_handover_ms = 86400001\n"), Err("replication.shutdown_handover_ms: 86400001 is more than 86400000"));
+        check(&format!("{MINIMAL}[routing.deadline_ms]\ninspect = 86400001\n"), Err("routing.deadline_ms.inspect: 86400001 is more than 86400000"));
         check(&format!("{MINIMAL}[zenoh]\n"), Err("duplicate key"));
         check(
             "[node]\nid = \"e\"\ntier = \"edge\"\n[zenoh]\nmode = \"client\"\nlisten = [\"tcp/127.0.0.1:1\"]\nconnect = [\"tcp/h:2\"]\n",

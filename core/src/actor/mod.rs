@@ -70,7 +70,7 @@
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef};
 
@@ -289,6 +289,8 @@ pub struct HostState<B: Behaviour> {
     /// Per input, the last seq handled and queued for commit (ahead of the durable cursor
     /// while a write is in flight).
     handled_to: BTreeMap<StreamKey, u64>,
+    /// Per received input waiting at a gap: the gap's first seq and since when.
+    at_gap: BTreeMap<StreamKey, (u64, Instant)>,
 }
 
 /// Runs one [`Behaviour`] as a ractor actor.
@@ -356,6 +358,43 @@ impl<B: Behaviour> HostState<B> {
         }
     }
 
+    /// The input `key`, its cursor at `cursor`, has nothing to read: if that is because of a
+    /// gap, waits for it (`replication.consumer_gap_wait_ms`, measured across polls) and then
+    /// moves the cursor past it, recording what was passed over. Returns whether it moved.
+    async fn pass_gap_if_waited(&mut self, key: &StreamKey, cursor: u64) -> Result<bool, ActorError> {
+        let Some(gap) = self.ctx.log.next_gap(key, cursor + 1) else {
+            self.at_gap.remove(key);
+            return Ok(false);
+        };
+        let now = Instant::now();
+        let since = match self.at_gap.get(key) {
+            Some(&(start, since)) if start == *gap.start() => since,
+            _ => {
+                self.at_gap.insert(key.clone(), (*gap.start(), now));
+                now
+            }
+        };
+        let wait = Duration::from_millis(self.ctx.config.replication.consumer_gap_wait_ms);
+        if now.duration_since(since) < wait {
+            return Ok(false);
+        }
+        self.at_gap.remove(key);
+        let passed = format!("{}..={}", gap.start(), gap.end());
+        tracing::warn!(actor = %self.ctx.name, stream = %key, %passed, "no holder supplied these records in time; the actor goes on after them");
+        if let Some(events) = &self.ctx.events {
+            events(serde_json::json!({
+                "event": "input_gap_passed",
+                "actor": self.ctx.name.to_string(),
+                "stream": key.to_string(),
+                "from": gap.start(),
+                "to": gap.end(),
+                "waited_ms": wait.as_millis() as u64,
+            }));
+        }
+        self.commit(vec![(key.clone(), *gap.end())]).await?;
+        Ok(true)
+    }
+
     /// One pass over the inputs; returns how many records were handled.
     async fn poll(&mut self) -> Result<usize, ActorError> {
         let mut handled = 0;
@@ -366,10 +405,16 @@ impl<B: Behaviour> HostState<B> {
             };
             // Past what is durable: the batches whose write is still queued.
             let cursor = durable.max(self.handled_to.get(&key).copied().unwrap_or(0));
-            // In order, up to the watermark: a received record past a gap waits for the gap
-            // to be filled, so the cursor never passes a record not yet handled.
+            // In order, up to the next gap: a received record past a gap waits for replay to
+            // fill it, so the cursor never passes a record not yet handled.
             let batch = self.ctx.log.read_in_order(&key, cursor + 1, INPUT_BATCH_LEN_MAX)?;
-            let Some(last) = batch.last().map(|e| e.id.seq.get()) else { continue };
+            let Some(last) = batch.last().map(|e| e.id.seq.get()) else {
+                if self.pass_gap_if_waited(&key, cursor).await? {
+                    handled += 1;
+                }
+                continue;
+            };
+            self.at_gap.remove(&key);
             for envelope in &batch {
                 self.ctx.input = Some(envelope.id.clone());
                 self.behaviour.handle(&mut self.ctx, &mut self.state, envelope).await?;
@@ -422,7 +467,7 @@ impl<B: Behaviour> Actor for Host<B> {
         if let Some(every) = behaviour.tick_interval() {
             myself.send_after(every, || HostMsg::Tick);
         }
-        Ok(HostState { behaviour, state, ctx, inputs: spec.inputs, publish, in_flight: None, handled_to: BTreeMap::new() })
+        Ok(HostState { behaviour, state, ctx, inputs: spec.inputs, publish, in_flight: None, handled_to: BTreeMap::new(), at_gap: BTreeMap::new() })
     }
 
     async fn handle(&self, myself: ActorRef<HostMsg>, msg: HostMsg, s: &mut HostState<B>) -> Result<(), ActorProcessingErr> {

@@ -626,6 +626,13 @@ fn accept(shared: &Shared, key: Option<&str>, bytes: &[u8]) -> Option<Envelope> 
             return None;
         }
     };
+    if envelope.id.seq.get() > crate::log::SEQ_MAX {
+        // The store would refuse it; refused here, it also does not count as seen live (which
+        // would have the node ask for replay up to it at every check).
+        c.malformed.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(id = %envelope.id, "envelope with a seq above SEQ_MAX received");
+        return None;
+    }
     if let Some(key) = key {
         let named = keys::parse_stream(key);
         if named != Some((envelope.id.origin.as_str(), envelope.id.stream.as_str())) {
@@ -866,7 +873,9 @@ async fn serve_replay(shared: Arc<Shared>, mut requests: super::Incoming<Request
             let mut batch = ReplayBatch { records: Vec::with_capacity(records.len()) };
             let mut size = 0;
             for envelope in records.iter().filter(|e| e.id.seq.get() <= to) {
-                let Ok(bytes) = codec::encode(envelope, &shared.settings.limits) else { continue };
+                // What this node holds it serves, whatever its own limit says now (a record
+                // stored under a larger one); the receiver applies its own.
+                let Ok(bytes) = codec::encode(envelope, &codec::Limits::STORED) else { break };
                 size += bytes.len() + wire::REPLY_RECORD_OVERHEAD;
                 if size > MESSAGE_BYTES_MAX - wire::REPLY_FRAMING_BYTES && !batch.records.is_empty() {
                     break;
@@ -878,7 +887,14 @@ async fn serve_replay(shared: Arc<Shared>, mut requests: super::Incoming<Request
             if request.responder.reply(wire::encode(&batch)).await.is_err() || sent == 0 {
                 break;
             }
-            from = if sent < records.len() as u64 { records[sent as usize].id.seq.get() } else { last + 1 };
+            from = if sent < records.len() as u64 {
+                records[sent as usize].id.seq.get()
+            } else {
+                match last.checked_add(1) {
+                    Some(next) => next,
+                    None => break,
+                }
+            };
         }
     }
 }

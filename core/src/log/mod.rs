@@ -441,21 +441,32 @@ impl Log {
         self.store.read(key, from, limit)
     }
 
-    /// Records of `key` from `from`, in seq order, never past the stream's watermark: what a
+    /// Records of `key` from `from`, in seq order, stopping before the first gap: what a
     /// consumer that must handle every record once, in order, reads. A received record past a
-    /// gap waits there until replay fills the gap; [`Log::read`] would return it at once, and
-    /// a cursor committed after it would pass over the gap for good.
+    /// gap waits there until replay fills the gap ([`Log::next_gap`] says which); a plain
+    /// [`Log::read`] would return it at once, and a cursor committed after it would pass over
+    /// the gap for good. Records retention removed are not a gap: reading continues after them.
     pub fn read_in_order(&self, key: &StreamKey, from: u64, limit: usize) -> Result<Vec<Envelope>, LogError> {
-        let watermark = self.store.stream(key).map_or(0, |i| i.watermark);
-        if from > watermark {
+        let Some(info) = self.store.stream(key) else { return Ok(Vec::new()) };
+        // The highest seq first, then the gaps: a record arriving in between, past a new gap,
+        // is above that bound.
+        let end = info.last.saturating_add(1);
+        let stop = self.next_gap(key, from).map_or(end, |gap| (*gap.start()).min(end));
+        if stop <= from {
             return Ok(Vec::new());
         }
-        let limit = limit.min(usize::try_from(watermark - from + 1).unwrap_or(usize::MAX));
+        let limit = limit.min(usize::try_from(stop - from).unwrap_or(usize::MAX));
         let mut records = self.store.read(key, from, limit)?;
         // Retention may have removed records from `from` on: the read then starts later and
-        // can reach past the watermark.
-        records.retain(|e| e.id.seq.get() <= watermark);
+        // can reach past the gap.
+        records.retain(|e| e.id.seq.get() < stop);
         Ok(records)
+    }
+
+    /// The first gap of `key` (seqs missing below a received record) that ends at or after
+    /// `from`.
+    pub fn next_gap(&self, key: &StreamKey, from: u64) -> Option<RangeInclusive<u64>> {
+        self.store.gaps(key, usize::MAX).into_iter().find(|g| *g.end() >= from)
     }
 
     /// Like [`Log::read`], but waits up to `wait` for records if there are none yet.

@@ -211,12 +211,12 @@ fn in_gaps(seq: u64, gaps: &[RangeInclusive<u64>]) -> bool {
 fn present_prefix(records: &[(u64, Vec<u8>)], mut expect: u64, gaps: &[RangeInclusive<u64>]) -> usize {
     for (i, (seq, _)) in records.iter().enumerate() {
         while let Some(gap) = gaps.iter().find(|g| g.contains(&expect)) {
-            expect = gap.end() + 1;
+            expect = gap.end().saturating_add(1);
         }
         if *seq != expect {
             return i;
         }
-        expect = seq + 1;
+        expect = seq.saturating_add(1);
     }
     records.len()
 }

@@ -678,7 +678,7 @@ fn appends_of_a_lot_get_increasing_timestamps_after_what_was_received() {
 }
 
 #[tokio::test]
-async fn a_consumer_reads_a_received_stream_in_order_up_to_its_watermark() {
+async fn a_consumer_reads_a_received_stream_in_order_up_to_the_next_gap() {
     both(vec![rule("**", None, Some(0), &[])], |log| async move {
         let key = StreamKey::of(&remote("fog-9", 3, "r", 1).id);
         for seq in [1, 2, 4, 5, 8] {
@@ -696,7 +696,10 @@ async fn a_consumer_reads_a_received_stream_in_order_up_to_its_watermark() {
         assert_eq!(report.removed, 5, "{report:?}");
         let info = log.stream(&key).unwrap();
         assert_eq!((info.first, info.watermark, info.count), (8, 5, 1));
-        assert!(log.read_in_order(&key, 1, 10).unwrap().is_empty());
+        assert!(log.read_in_order(&key, 1, 10).unwrap().is_empty(), "nothing held before the gap");
+        assert_eq!(log.next_gap(&key, 1), Some(6..=7), "so a consumer at 1 waits at 6..=7");
+        assert_eq!(seqs(log.read_in_order(&key, 8, 10).unwrap()), [8], "past the gap (a consumer that passed over it)");
+        assert_eq!(log.next_gap(&key, 8), None);
     })
     .await;
 }

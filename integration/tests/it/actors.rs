@@ -162,16 +162,9 @@ impl Behaviour for Order {
     }
 }
 
-/// An actor consuming a stream received from another node meets a gap (live delivery lost
-/// seq 3; 4 and 5 arrived): it handles 1 and 2, waits, and handles 3, 4 and 5 once replay
-/// has filled the gap. It used to handle 4 and 5 at once and commit its cursor past 3, which
-/// it then never handled.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_actor_consuming_a_received_stream_waits_at_a_gap() {
+fn received(seq: u64) -> Envelope {
     use strata_core::{EnvelopeId, HlcTime, Incarnation, Priority, Seq, Trace};
-    let dir = tempfile::tempdir().unwrap();
-    let log = Log::new(Arc::new(RocksStore::open(dir.path(), &NodeId::new("cloud-1").unwrap(), StoreOptions::default()).unwrap()));
-    let received = |seq: u64| Envelope {
+    Envelope {
         id: EnvelopeId {
             origin: NodeId::new("edge-7").unwrap(),
             incarnation: Incarnation::from_raw(0xabc),
@@ -185,52 +178,108 @@ async fn an_actor_consuming_a_received_stream_waits_at_a_gap() {
         trace: Trace::default(),
         payload_type: PayloadType::new("test/1").unwrap(),
         payload: vec![seq as u8],
-    };
-    for seq in [1, 2, 4, 5] {
-        log.insert_remote(received(seq)).await.unwrap();
     }
-    let config = NodeConfig::parse(
-        "t.toml".as_ref(),
-        "[node]\nid = \"cloud-1\"\ntier = \"cloud\"\n\n[[actors]]\nkind = \"order\"\nname = \"ord\"\ninputs = [\"edge-7:readings\"]\n",
-    )
-    .unwrap();
-    let seen = Arc::new(Mutex::new(Vec::new()));
-    let mut registry = Registry::new();
-    let s = seen.clone();
-    registry.register("order", move |_: &strata_core::config::ActorSpec| Ok::<_, String>(Order(s.clone())));
-    let env = ActorEnv::fixed(Arc::new(config.clone()), strata_core::mode::Mode::Full, log.clone(), Arc::new(|_| {}));
-    let child = registry.child(&config.actors[0], &env).unwrap();
-    let policy = Policy {
-        strategy: Strategy::OneForOne,
-        restarts_max: 1,
-        window: Duration::from_secs(60),
-        backoff_base: Duration::from_millis(1),
-        backoff_max: Duration::from_millis(1),
-        jitter_pct: 0,
-        child_shutdown_timeout: Duration::from_secs(5),
-    };
-    let args = SupervisorArgs { name: "root".into(), policy, children: vec![child], events: Recorder::default().sink() };
-    let (sup, _) = Actor::spawn(None, Supervisor, args).await.unwrap();
+}
 
-    let consumer = Name::new("ord").unwrap();
-    let key = strata_core::log::StreamKey::of(&received(1).id);
-    let wait_for_cursor = |seq: u64| {
-        let log = log.clone();
-        let consumer = consumer.clone();
-        let key = key.clone();
-        async move {
-            let t0 = Instant::now();
-            while log.cursor(&consumer, &key).is_none_or(|c| c < seq) {
-                assert!(t0.elapsed() < Duration::from_secs(60), "cursor stuck at {:?}, waiting for {seq}", log.cursor(&consumer, &key));
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
+/// A cloud node's store holding edge-7's `readings` 1, 2, 4 and 5 (3 was lost live), and an
+/// `Order` actor consuming that stream under a supervisor, with `replication` settings
+/// `replication` (TOML lines). Returns what the actor handled and the events it recorded.
+struct GapRun {
+    log: Log,
+    sup: ractor::ActorRef<supervise::SupervisorMsg>,
+    seen: Arc<Mutex<Vec<u64>>>,
+    events: Arc<Mutex<Vec<serde_json::Value>>>,
+    _dir: tempfile::TempDir,
+}
+
+impl GapRun {
+    async fn start(replication: &str) -> GapRun {
+        let dir = tempfile::tempdir().unwrap();
+        let log = Log::new(Arc::new(RocksStore::open(dir.path(), &NodeId::new("cloud-1").unwrap(), StoreOptions::default()).unwrap()));
+        for seq in [1, 2, 4, 5] {
+            log.insert_remote(received(seq)).await.unwrap();
         }
-    };
-    wait_for_cursor(2).await;
-    log.insert_remote(received(3)).await.unwrap();
-    wait_for_cursor(5).await;
-    supervise::shutdown(&sup, Duration::from_secs(10)).await;
-    assert_eq!(*seen.lock().unwrap(), [1, 2, 3, 4, 5], "handled once each, in order");
-    assert_eq!(log.cursor(&consumer, &key), Some(5));
-    log.close();
+        let config = NodeConfig::parse(
+            "t.toml".as_ref(),
+            &format!("[node]\nid = \"cloud-1\"\ntier = \"cloud\"\n[replication]\n{replication}\n[[actors]]\nkind = \"order\"\nname = \"ord\"\ninputs = [\"edge-7:readings\"]\n"),
+        )
+        .unwrap();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let events = Arc::new(Mutex::new(Vec::new()));
+        let mut registry = Registry::new();
+        let s = seen.clone();
+        registry.register("order", move |_: &strata_core::config::ActorSpec| Ok::<_, String>(Order(s.clone())));
+        let mut env = ActorEnv::fixed(Arc::new(config.clone()), strata_core::mode::Mode::Full, log.clone(), Arc::new(|_| {}));
+        let e = events.clone();
+        env.events = Some(Arc::new(move |doc| e.lock().unwrap().push(doc)));
+        let child = registry.child(&config.actors[0], &env).unwrap();
+        let policy = Policy {
+            strategy: Strategy::OneForOne,
+            restarts_max: 1,
+            window: Duration::from_secs(60),
+            backoff_base: Duration::from_millis(1),
+            backoff_max: Duration::from_millis(1),
+            jitter_pct: 0,
+            child_shutdown_timeout: Duration::from_secs(5),
+        };
+        let args = SupervisorArgs { name: "root".into(), policy, children: vec![child], events: Recorder::default().sink() };
+        let (sup, _) = Actor::spawn(None, Supervisor, args).await.unwrap();
+        GapRun { log, sup, seen, events, _dir: dir }
+    }
+
+    fn cursor(&self) -> Option<u64> {
+        self.log.cursor(&Name::new("ord").unwrap(), &strata_core::log::StreamKey::of(&received(1).id))
+    }
+
+    async fn wait_for_cursor(&self, seq: u64) {
+        let t0 = Instant::now();
+        while self.cursor().is_none_or(|c| c < seq) {
+            assert!(t0.elapsed() < Duration::from_secs(60), "cursor stuck at {:?}, waiting for {seq}", self.cursor());
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    async fn stop(self) -> (Vec<u64>, Vec<serde_json::Value>) {
+        supervise::shutdown(&self.sup, Duration::from_secs(10)).await;
+        self.log.close();
+        let seen = self.seen.lock().unwrap().clone();
+        let events = self.events.lock().unwrap().clone();
+        (seen, events)
+    }
+}
+
+/// An actor consuming a stream received from another node meets a gap (live delivery lost
+/// seq 3; 4 and 5 arrived): it handles 1 and 2, waits, and handles 3, 4 and 5 once replay
+/// has filled the gap. It used to handle 4 and 5 at once and commit its cursor past 3, which
+/// it then never handled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_actor_consuming_a_received_stream_waits_at_a_gap() {
+    let run = GapRun::start("").await;
+    run.wait_for_cursor(2).await;
+    run.log.insert_remote(received(3)).await.unwrap();
+    run.wait_for_cursor(5).await;
+    assert_eq!(run.cursor(), Some(5));
+    let (seen, events) = run.stop().await;
+    assert_eq!(seen, [1, 2, 3, 4, 5], "handled once each, in order");
+    assert!(events.is_empty(), "{events:?}");
+}
+
+/// A gap no holder fills (the records were removed at their origin before this node got
+/// them) must not stop the consumer for good: after `consumer_gap_wait_ms` it goes on after
+/// the gap, and says which seqs it passed over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_actor_passes_over_a_gap_nobody_fills_and_records_it() {
+    let run = GapRun::start("consumer_gap_wait_ms = 300").await;
+    run.wait_for_cursor(5).await;
+    let (seen, events) = run.stop().await;
+    assert_eq!(seen, [1, 2, 4, 5]);
+    assert_eq!(events.len(), 1, "{events:?}");
+    let e = &events[0];
+    assert_eq!(
+        (e["event"].as_str(), e["actor"].as_str(), e["from"].as_u64(), e["to"].as_u64()),
+        (Some("input_gap_passed"), Some("ord"), Some(3), Some(3)),
+        "{e}"
+    );
+    assert!(e["stream"].as_str().is_some_and(|s| s.contains("edge-7") && s.contains("readings")), "{e}");
+    assert_eq!(e["waited_ms"].as_u64(), Some(300), "{e}");
 }
