@@ -410,9 +410,11 @@ pub struct LogSection {
     pub commit_linger_us: u64,
     /// Adaptive group commit: when fewer appends are ready than the last WAL sync covered
     /// (`sync = "always"`; otherwise the last write), wait for that many, at most half a sync
-    /// (and at most 2 ms). Keeps N producers in one sync instead of two alternating halves.
-    /// Default true.
+    /// (and at most `commit_wait_us_max`). Keeps N producers in one sync instead of two
+    /// alternating halves. Default true.
     pub commit_wait_adaptive: bool,
+    /// The longest the adaptive wait may be, in µs, whatever a sync takes. Default 2000.
+    pub commit_wait_us_max: u64,
     /// Within that adaptive wait, how long the committer first spins (looks, yields the CPU,
     /// looks again) before it sleeps, in µs. The producers it expects are usually back within
     /// tens of µs; a sleeping committer's wake-up costs about as much again on a busy or
@@ -439,6 +441,9 @@ pub struct LogSection {
     /// Retention rules; the first rule whose `streams` matches a stream applies.
     /// Default none: keep everything.
     pub retention: Vec<RetentionRule>,
+    /// Most records one retention sweep removes (the sweep is one committer operation, so it
+    /// delays appends meanwhile); the next sweep goes on. Default 100000.
+    pub sweep_records_max: u64,
 }
 
 impl Default for LogSection {
@@ -449,6 +454,7 @@ impl Default for LogSection {
             commit_batch_len_max: 1024,
             commit_linger_us: 0,
             commit_wait_adaptive: true,
+            commit_wait_us_max: 2000,
             commit_spin_us: 100,
             commit_queue_len_max: 4096,
             commit_unsynced_batches_max: 4,
@@ -458,6 +464,7 @@ impl Default for LogSection {
             retention_check_interval_ms: 10_000,
             snapshot_bytes_max: 1024 * 1024,
             retention: Vec::new(),
+            sweep_records_max: 100_000,
         }
     }
 }
@@ -869,8 +876,14 @@ impl NodeConfig {
         if l.commit_linger_us > 1_000_000 {
             bad("log.commit_linger_us", format!("{} is more than 1000000 (1 s)", l.commit_linger_us));
         }
-        if l.commit_spin_us > 2_000 {
-            bad("log.commit_spin_us", format!("{} is more than 2000 (the adaptive wait's own bound, 2 ms)", l.commit_spin_us));
+        if !(1..=100_000).contains(&l.commit_wait_us_max) {
+            bad("log.commit_wait_us_max", format!("{} is not in 1..=100000", l.commit_wait_us_max));
+        }
+        if l.commit_spin_us > l.commit_wait_us_max {
+            bad("log.commit_spin_us", format!("{} is more than commit_wait_us_max ({}), the wait it is part of", l.commit_spin_us, l.commit_wait_us_max));
+        }
+        if !(1..=10_000_000).contains(&l.sweep_records_max) {
+            bad("log.sweep_records_max", format!("{} is not in 1..=10000000", l.sweep_records_max));
         }
         if !(1..=1024).contains(&l.commit_unsynced_batches_max) {
             bad("log.commit_unsynced_batches_max", format!("{} is not in 1..=1024", l.commit_unsynced_batches_max));
@@ -1173,7 +1186,9 @@ mod tests {
         check("[node]\ntier = \"edge\"\n", Err("missing field `id`"));
         check(&format!("{MINIMAL}[log]\nsync = \"sometimes\"\n"), Err("t.toml: log.sync: unknown variant `sometimes`"));
         check(&format!("{MINIMAL}[log]\ncommit_batch_len_max = 0\n"), Err("t.toml: log.commit_batch_len_max: 0 is not in 1..=65536"));
-        check(&format!("{MINIMAL}[log]\ncommit_spin_us = 5000\n"), Err("t.toml: log.commit_spin_us: 5000 is more than 2000"));
+        check(&format!("{MINIMAL}[log]\ncommit_spin_us = 5000\n"), Err("t.toml: log.commit_spin_us: 5000 is more than commit_wait_us_max (2000)"));
+        check(&format!("{MINIMAL}[log]\ncommit_spin_us = 5000\ncommit_wait_us_max = 5000\n"), Ok(()));
+        check(&format!("{MINIMAL}[log]\nsweep_records_max = 0\n"), Err("t.toml: log.sweep_records_max: 0 is not in 1..=10000000"));
         check(
             &format!("{MINIMAL}[log]\npayload_bytes_max = 8388608\n"),
             Err("t.toml: log.payload_bytes_max: 8388608 is not in 1..=4192247 (a record must fit in one replay message of 4194304 bytes)"),

@@ -366,6 +366,13 @@ impl<B: Behaviour> HostState<B> {
             self.at_gap.remove(key);
             return Ok(false);
         };
+        // Records may have arrived since the read, with a new gap past them: then the actor is
+        // not at that gap yet. Below the first gap every seq is held or was removed by
+        // retention, and neither changes, so what is found now is all there is.
+        if !self.ctx.log.read_in_order(key, cursor + 1, 1)?.is_empty() {
+            self.at_gap.remove(key);
+            return Ok(false);
+        }
         let now = Instant::now();
         let since = match self.at_gap.get(key) {
             Some(&(start, since)) if start == *gap.start() => since,
@@ -374,13 +381,14 @@ impl<B: Behaviour> HostState<B> {
                 now
             }
         };
-        let wait = Duration::from_millis(self.ctx.config.replication.consumer_gap_wait_ms);
-        if now.duration_since(since) < wait {
+        let waited = now.duration_since(since);
+        if waited < Duration::from_millis(self.ctx.config.replication.consumer_gap_wait_ms) {
             return Ok(false);
         }
         self.at_gap.remove(key);
+        self.commit(vec![(key.clone(), *gap.end())]).await?;
         let passed = format!("{}..={}", gap.start(), gap.end());
-        tracing::warn!(actor = %self.ctx.name, stream = %key, %passed, "no holder supplied these records in time; the actor goes on after them");
+        tracing::warn!(actor = %self.ctx.name, stream = %key, %passed, "replay brought none of these records in time; the actor goes on after them");
         if let Some(events) = &self.ctx.events {
             events(serde_json::json!({
                 "event": "input_gap_passed",
@@ -388,10 +396,9 @@ impl<B: Behaviour> HostState<B> {
                 "stream": key.to_string(),
                 "from": gap.start(),
                 "to": gap.end(),
-                "waited_ms": wait.as_millis() as u64,
+                "waited_ms": waited.as_millis() as u64,
             }));
         }
-        self.commit(vec![(key.clone(), *gap.end())]).await?;
         Ok(true)
     }
 

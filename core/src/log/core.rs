@@ -36,8 +36,9 @@ pub(crate) const STORE_FORMAT_VERSION: u32 = 2;
 /// Oldest store layout this build reads.
 pub(crate) const STORE_FORMAT_OLDEST: u32 = 1;
 
-/// Most records one retention sweep removes; the next sweep continues.
-pub(crate) const SWEEP_RECORDS_MAX: u64 = 100_000;
+/// Most records one retention sweep removes unless the store is told otherwise
+/// (`log.sweep_records_max`, [`Core::sweep_records_max`]); the next sweep continues.
+pub(crate) const SWEEP_RECORDS_DEFAULT: u64 = 100_000;
 
 /// Records read per scan while sweeping or rebuilding state.
 const SCAN_CHUNK: usize = 1024;
@@ -186,6 +187,8 @@ pub(crate) struct Core {
     pub node: NodeId,
     pub incarnation: Incarnation,
     pub limits: Limits,
+    /// Most records one sweep removes.
+    pub sweep_records_max: u64,
     hlc: uhlc::HLC,
     streams: Map<StreamKey, Entry>,
     cursors: Map<StreamKey, BTreeMap<Name, u64>>,
@@ -217,6 +220,7 @@ impl Core {
             node,
             incarnation,
             limits,
+            sweep_records_max: SWEEP_RECORDS_DEFAULT,
             hlc: uhlc::HLCBuilder::new().with_id(id).build(),
             streams: Map::default(),
             cursors: Map::default(),
@@ -456,7 +460,7 @@ impl Core {
                     if seq > upper {
                         break 'stream;
                     }
-                    if report.removed >= SWEEP_RECORDS_MAX {
+                    if report.removed >= self.sweep_records_max {
                         report.unfinished += 1;
                         break 'stream;
                     }

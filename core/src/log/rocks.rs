@@ -55,6 +55,7 @@ pub struct StoreOptions {
     pub commit_batch_len_max: usize,
     pub commit_linger_us: u64,
     pub commit_wait_adaptive: bool,
+    pub commit_wait_us_max: u64,
     pub commit_spin_us: u64,
     pub commit_queue_len_max: usize,
     pub commit_unsynced_batches_max: usize,
@@ -62,6 +63,7 @@ pub struct StoreOptions {
     pub memtable_bytes: usize,
     pub block_cache_bytes: usize,
     pub retention: Vec<RetentionRule>,
+    pub sweep_records_max: u64,
 }
 
 impl StoreOptions {
@@ -72,6 +74,7 @@ impl StoreOptions {
             commit_batch_len_max: log.commit_batch_len_max,
             commit_linger_us: log.commit_linger_us,
             commit_wait_adaptive: log.commit_wait_adaptive,
+            commit_wait_us_max: log.commit_wait_us_max,
             commit_spin_us: log.commit_spin_us,
             commit_queue_len_max: log.commit_queue_len_max,
             commit_unsynced_batches_max: log.commit_unsynced_batches_max,
@@ -79,6 +82,7 @@ impl StoreOptions {
             memtable_bytes: log.memtable_bytes,
             block_cache_bytes: log.block_cache_bytes,
             retention: with_snapshot_rule(&log.retention, log.snapshot_bytes_max),
+            sweep_records_max: log.sweep_records_max,
         }
     }
 }
@@ -326,6 +330,7 @@ impl RocksStore {
         };
 
         let mut core = Core::new(node.clone(), incarnation, opts.limits, opts.retention.clone());
+        core.sweep_records_max = opts.sweep_records_max;
         load_state(&db, path, &mut core)?;
         let store = RocksStore {
             path: path.to_owned(),
@@ -444,6 +449,7 @@ impl RocksStore {
             batch_max: opts.commit_batch_len_max,
             linger: Duration::from_micros(opts.commit_linger_us),
             adaptive: opts.commit_wait_adaptive,
+            wait_max: Duration::from_micros(opts.commit_wait_us_max),
             spin: Duration::from_micros(opts.commit_spin_us),
             sync: opts.sync == SyncPolicy::Always,
             unsynced_max: opts.commit_unsynced_batches_max.max(1),
@@ -533,13 +539,12 @@ struct Committer {
     batch_max: usize,
     linger: Duration,
     adaptive: bool,
+    /// Longest adaptive wait for a batch to fill, whatever the write time (`commit_wait_us_max`).
+    wait_max: Duration,
     spin: Duration,
     sync: bool,
     unsynced_max: usize,
 }
-
-/// Longest adaptive wait for a batch to fill, whatever the write time.
-const ADAPTIVE_WAIT_MAX: Duration = Duration::from_millis(2);
 
 /// A `WriteBatch` as the planner's sink.
 struct BatchSink<'a> {
@@ -646,6 +651,7 @@ impl Committer {
                 core: self.core.clone(),
                 commits: self.commits.clone(),
                 adaptive: self.adaptive,
+                wait_max: self.wait_max,
                 stop: stop.clone(),
                 gate: gate.clone(),
             };
@@ -672,7 +678,7 @@ impl Committer {
             let mut batch = Gathering::new(&self.db, &self.core, expected.max(1));
             if self.adaptive && expected > 1 {
                 let now = Instant::now();
-                let deadline = now + (write_time / 2).min(ADAPTIVE_WAIT_MAX);
+                let deadline = now + (write_time / 2).min(self.wait_max);
                 let spin_until = (now + self.spin).min(deadline);
                 let taken = self.handoff.take_spinning(self.batch_max, expected, spin_until, |lot| batch.add(lot));
                 if taken < expected {
@@ -832,6 +838,8 @@ struct Syncer {
     core: Arc<Mutex<Core>>,
     commits: tokio::sync::watch::Sender<u64>,
     adaptive: bool,
+    /// Longest adaptive wait for more written batches, whatever a sync takes.
+    wait_max: Duration,
     stop: Stopped,
     gate: Arc<SyncGate>,
 }
@@ -847,7 +855,7 @@ impl Syncer {
             // Adaptive group commit: the producers acknowledged by the last sync are about to
             // append again. Wait (at most half a sync) until as many are written, so that N
             // producers share one fsync instead of alternating half groups.
-            let deadline = Instant::now() + (sync_time / 2).min(ADAPTIVE_WAIT_MAX);
+            let deadline = Instant::now() + (sync_time / 2).min(self.wait_max);
             loop {
                 while let Ok(w) = rx.try_recv() {
                     ops += w.completers.len();

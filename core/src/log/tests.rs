@@ -774,3 +774,24 @@ async fn records_stored_under_a_larger_payload_limit_stay_readable() {
     let reader = RocksStore::open_read_only(dir.path()).unwrap();
     assert_eq!(reader.read(&key, 1, 1).unwrap()[0].payload, payload);
 }
+
+#[tokio::test]
+async fn a_sweep_removes_at_most_sweep_records_max_and_the_next_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = StoreOptions { retention: vec![rule("**", Some(1), None, &[])], sweep_records_max: 3, ..StoreOptions::default() };
+    let log = rocks(dir.path(), opts);
+    let s = stream("r");
+    for i in 0..7u8 {
+        log.append_durable(s.clone(), draft(&[i])).await.unwrap();
+    }
+    let removed: Vec<(u64, u64)> = {
+        let mut out = Vec::new();
+        for _ in 0..4 {
+            let r = log.sweep(now_ms()).await.unwrap();
+            out.push((r.removed, r.unfinished));
+        }
+        out
+    };
+    assert_eq!(removed, [(3, 1), (3, 1), (1, 0), (0, 0)]);
+    assert_eq!(log.stream(&log.local_key(&s)).unwrap().count, 0);
+}

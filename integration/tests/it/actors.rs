@@ -281,5 +281,5 @@ async fn an_actor_passes_over_a_gap_nobody_fills_and_records_it() {
         "{e}"
     );
     assert!(e["stream"].as_str().is_some_and(|s| s.contains("edge-7") && s.contains("readings")), "{e}");
-    assert_eq!(e["waited_ms"].as_u64(), Some(300), "{e}");
+    assert!(e["waited_ms"].as_u64().is_some_and(|ms| ms >= 300), "it waited the configured time first: {e}");
 }
