@@ -368,7 +368,8 @@ impl<B: Behaviour> HostState<B> {
         };
         // Records may have arrived since the read, with a new gap past them: then the actor is
         // not at that gap yet. Below the first gap every seq is held or was removed by
-        // retention, and neither changes, so what is found now is all there is.
+        // retention, and nothing new can arrive there (a held record can still be removed,
+        // and is then counted as expired), so this look is not overtaken.
         if !self.ctx.log.read_in_order(key, cursor + 1, 1)?.is_empty() {
             self.at_gap.remove(key);
             return Ok(false);
