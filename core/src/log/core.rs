@@ -549,6 +549,7 @@ impl Core {
             count: e.count,
             bytes: e.bytes,
             watermark: e.wm.get(),
+            missing: e.wm.missing(),
             expired: e.expired,
             removed: e.removed,
         })

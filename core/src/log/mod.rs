@@ -124,6 +124,9 @@ pub struct StreamInfo {
     pub bytes: u64,
     /// Every seq up to here was received (and stored, unless retention removed it).
     pub watermark: u64,
+    /// Seqs missing between the watermark and `last` (in the gaps replay is to fill): a replica
+    /// whose figure stays above 0 is waiting for records no holder has supplied yet.
+    pub missing: u64,
     /// Records retention removed before every registered consumer had read them.
     pub expired: u64,
     /// Records retention removed in all.

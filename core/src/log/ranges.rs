@@ -108,6 +108,13 @@ impl Watermark {
         out
     }
 
+    /// How many seqs are missing between the watermark and the highest present seq (the
+    /// gaps' sizes summed, over every gap, not only those [`Watermark::gaps`] lists).
+    pub fn missing(&self) -> u64 {
+        let above: u64 = self.above.iter().map(|(&start, &end)| end - start + 1).sum();
+        (self.last() - self.watermark) - above
+    }
+
     /// Number of disjoint present ranges above the watermark.
     pub fn fragments(&self) -> usize {
         self.above.len()
@@ -136,6 +143,19 @@ mod tests {
         assert_eq!(w.insert(4), Insert::New);
         assert_eq!(w.insert(3), Insert::New);
         assert_eq!((w.get(), w.fragments(), w.gaps(10)), (7, 0, vec![]));
+    }
+
+    #[test]
+    fn missing_counts_every_gap() {
+        let mut w = Watermark::new(5);
+        assert_eq!(w.missing(), 0);
+        w.insert(8);
+        w.insert(9);
+        w.insert(12);
+        assert_eq!(w.missing(), 2 + 2, "6..=7 and 10..=11");
+        w.insert(6);
+        w.insert(7);
+        assert_eq!((w.get(), w.missing()), (9, 2));
     }
 
     #[test]

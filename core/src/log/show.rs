@@ -39,7 +39,7 @@ pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
 
 /// `strata log ls`: one row per stream history.
 pub fn streams_table(infos: &[StreamInfo]) -> String {
-    let header = ["origin", "incarnation", "stream", "first", "last", "count", "bytes", "watermark", "expired", ""];
+    let header = ["origin", "incarnation", "stream", "first", "last", "count", "bytes", "watermark", "missing", "expired", ""];
     let rows: Vec<Vec<String>> = infos
         .iter()
         .map(|i| {
@@ -52,6 +52,7 @@ pub fn streams_table(infos: &[StreamInfo]) -> String {
                 i.count.to_string(),
                 human_bytes(i.bytes),
                 i.watermark.to_string(),
+                i.missing.to_string(),
                 i.expired.to_string(),
                 if i.local { "local".to_owned() } else { "replica".to_owned() },
             ]

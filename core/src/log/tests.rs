@@ -123,7 +123,7 @@ async fn remote_inserts_are_idempotent_and_track_watermarks_and_gaps() {
         assert_eq!(log.gaps(&key, 10), vec![3..=3, 5..=5]);
         assert_eq!(log.insert_remote(remote("fog-9", 3, "r", 3)).await.unwrap(), Inserted::Stored { watermark: 4 });
         let info = log.stream(&key).unwrap();
-        assert_eq!((info.watermark, info.last, info.count, info.local), (4, 6, 5, false));
+        assert_eq!((info.watermark, info.last, info.count, info.local, info.missing), (4, 6, 5, false, 1));
         // Another incarnation of the same origin is another history.
         assert_eq!(log.insert_remote(remote("fog-9", 4, "r", 1)).await.unwrap(), Inserted::Stored { watermark: 1 });
         assert_eq!(log.streams().len(), 2);

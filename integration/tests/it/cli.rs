@@ -166,15 +166,15 @@ mod log {
         assert_eq!(&cells[..6], &["fog-1", &format!("{}", log.incarnation()), "readings/a", "1", "3", "3"], "{row}");
         let row = stdout.lines().find(|l| l.contains("readings/b")).expect("replica listed");
         let cells: Vec<&str> = row.split_whitespace().collect();
-        // origin incarnation stream first last count bytes(2 cells) watermark expired kind
+        // origin incarnation stream first last count bytes(2 cells) watermark missing expired kind
         assert_eq!(&cells[..6], &["edge-7", "0000000000000abc", "readings/b", "1", "3", "2"], "{row}");
-        assert_eq!(&cells[8..], &["1", "0", "replica"], "{row}");
+        assert_eq!(&cells[8..], &["1", "1", "0", "replica"], "{row}");
 
         let out = strata(&["log", "ls", path, "--json"]);
         let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         let streams = json.as_array().unwrap();
         assert_eq!(streams.len(), 2);
-        assert!(streams.iter().any(|s| s["stream"] == "readings/b" && s["watermark"] == 1 && s["last"] == 3));
+        assert!(streams.iter().any(|s| s["stream"] == "readings/b" && s["watermark"] == 1 && s["missing"] == 1 && s["last"] == 3));
 
         let out = strata(&["log", "tail", path, "readings/a", "--from", "2"]);
         let lines: Vec<String> = text(&out.stdout).lines().map(String::from).collect();
