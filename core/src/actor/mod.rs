@@ -69,6 +69,7 @@
 
 use std::collections::BTreeMap;
 use std::future::Future;
+use std::ops::RangeInclusive;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -289,8 +290,8 @@ pub struct HostState<B: Behaviour> {
     /// Per input, the last seq handled and queued for commit (ahead of the durable cursor
     /// while a write is in flight).
     handled_to: BTreeMap<StreamKey, u64>,
-    /// Per received input waiting at a gap: the gap's first seq and since when.
-    at_gap: BTreeMap<StreamKey, (u64, Instant)>,
+    /// Per received input waiting at a gap: the gap and since when.
+    at_gap: BTreeMap<StreamKey, (RangeInclusive<u64>, Instant)>,
 }
 
 /// Runs one [`Behaviour`] as a ractor actor.
@@ -374,16 +375,23 @@ impl<B: Behaviour> HostState<B> {
             self.at_gap.remove(key);
             return Ok(false);
         }
+        // Any change of the gap (replay brought some of it, at either end) restarts the wait.
         let now = Instant::now();
         let since = match self.at_gap.get(key) {
-            Some(&(start, since)) if start == *gap.start() => since,
+            Some((seen, since)) if *seen == gap => *since,
             _ => {
-                self.at_gap.insert(key.clone(), (*gap.start(), now));
+                self.at_gap.insert(key.clone(), (gap.clone(), now));
                 now
             }
         };
         let waited = now.duration_since(since);
         if waited < Duration::from_millis(self.ctx.config.replication.consumer_gap_wait_ms) {
+            return Ok(false);
+        }
+        // Looked at again just before passing: what replay brought meanwhile restarts the wait
+        // (a record arriving between this look and the commit is still passed over).
+        if self.ctx.log.next_gap(key, cursor + 1).as_ref() != Some(&gap) {
+            self.at_gap.remove(key);
             return Ok(false);
         }
         self.at_gap.remove(key);

@@ -474,7 +474,7 @@ fn status(
             json!({
                 "origin": i.origin.as_str(), "incarnation": i.incarnation.to_string(), "stream": i.stream.as_str(),
                 "local": i.local, "first": i.first, "last": i.last, "count": i.count, "bytes": i.bytes,
-                "watermark": i.watermark, "expired": i.expired, "acked": acked, "peers": peers,
+                "watermark": i.watermark, "missing": i.missing, "expired": i.expired, "acked": acked, "peers": peers,
             })
         })
         .collect();
