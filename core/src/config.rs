@@ -503,6 +503,10 @@ pub struct ReplicationSection {
     /// Received live samples waiting to be stored; beyond it samples are dropped and
     /// later repaired by replay. Default 8192.
     pub live_queue_len_max: usize,
+    /// The bound in bytes of each receive queue (live samples, heads, ingest): samples beyond
+    /// it are dropped like those beyond `live_queue_len_max` (ingest waits instead). At least
+    /// 4194304, the largest message, so that one always fits. Default 67108864 (64 MiB).
+    pub live_queue_bytes_max: usize,
     /// Durable local records waiting to be published live; beyond it they are not published
     /// live and subscribers repair them by replay. Default 4096.
     pub publish_queue_len_max: usize,
@@ -534,6 +538,7 @@ impl Default for ReplicationSection {
             replay_timeout_ms: 2000,
             ack_interval_ms: 250,
             live_queue_len_max: 8192,
+            live_queue_bytes_max: 64 * 1024 * 1024,
             publish_queue_len_max: 4096,
             publish_queue_bytes_max: 8 * 1024 * 1024,
             live_frame_bytes_max: 16384,
@@ -922,6 +927,7 @@ impl NodeConfig {
             ("replication.replay_timeout_ms", r.replay_timeout_ms, 10, DAY_MS),
             ("replication.ack_interval_ms", r.ack_interval_ms, 10, DAY_MS),
             ("replication.live_queue_len_max", r.live_queue_len_max as u64, 1, QUEUE_LEN_CEILING),
+            ("replication.live_queue_bytes_max", r.live_queue_bytes_max as u64, crate::bus::wire::MESSAGE_BYTES_MAX as u64, u64::MAX),
             ("replication.publish_queue_len_max", r.publish_queue_len_max as u64, 1, QUEUE_LEN_CEILING),
             ("replication.publish_queue_bytes_max", r.publish_queue_bytes_max as u64, 1024, u64::MAX),
             ("replication.live_frame_bytes_max", r.live_frame_bytes_max as u64, 1024, crate::bus::wire::MESSAGE_BYTES_MAX as u64),

@@ -27,7 +27,7 @@ mod zenoh;
 use std::any::Any;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -89,26 +89,145 @@ pub struct Request {
     pub responder: Box<dyn Responder>,
 }
 
+/// How many bytes an item takes in a receive queue.
+pub trait Weighed {
+    fn weight(&self) -> usize;
+}
+
+impl Weighed for Sample {
+    fn weight(&self) -> usize {
+        self.key.len() + self.payload.len()
+    }
+}
+
+impl Weighed for Request {
+    fn weight(&self) -> usize {
+        self.key.len() + self.params.len() + self.payload.len()
+    }
+}
+
+impl Weighed for AliveEvent {
+    fn weight(&self) -> usize {
+        self.key.len()
+    }
+}
+
+impl Weighed for Vec<u8> {
+    fn weight(&self) -> usize {
+        self.len()
+    }
+}
+
+/// A receive queue's bound in bytes, shared by the side that queues (a Zenoh callback) and the
+/// [`Incoming`] that takes items out: the bytes of items queued and not yet received.
+pub struct ByteBudget {
+    queued: AtomicUsize,
+    max: usize,
+    freed: tokio::sync::Notify,
+}
+
+impl ByteBudget {
+    pub fn new(max: usize) -> Arc<ByteBudget> {
+        Arc::new(ByteBudget { queued: AtomicUsize::new(0), max, freed: tokio::sync::Notify::new() })
+    }
+
+    /// Reserves `n` bytes if they fit.
+    pub fn try_take(&self, n: usize) -> bool {
+        self.queued.fetch_update(Ordering::AcqRel, Ordering::Acquire, |q| q.checked_add(n).filter(|&t| t <= self.max)).is_ok()
+    }
+
+    /// Blocks this (non-async) thread until `n` bytes fit and reserves them; `false` at once if
+    /// they never can (more than the whole bound).
+    pub fn take_blocking(&self, n: usize) -> bool {
+        if n > self.max {
+            return false;
+        }
+        loop {
+            // Registered before the look, so a release between the look and the wait wakes it.
+            let freed = self.freed.notified();
+            let mut freed = std::pin::pin!(freed);
+            freed.as_mut().enable();
+            if self.try_take(n) {
+                return true;
+            }
+            futures::executor::block_on(tokio::task::unconstrained(freed));
+        }
+    }
+
+    /// Releases `n` bytes reserved earlier.
+    pub fn give_back(&self, n: usize) {
+        // Saturating: a release without its reservation (a bug) must not wrap the count and
+        // make every later sample look too large.
+        let _ = self.queued.fetch_update(Ordering::AcqRel, Ordering::Acquire, |q| Some(q.saturating_sub(n)));
+        self.freed.notify_waiters();
+    }
+
+    /// Bytes reserved now.
+    pub fn queued(&self) -> usize {
+        self.queued.load(Ordering::Acquire)
+    }
+}
+
 /// A bounded stream of incoming items, plus what keeps the declaration alive and a count of
-/// items dropped because the queue was full.
+/// items dropped because the queue was full (in items, or in bytes when it has a
+/// [`ByteBudget`]).
 pub struct Incoming<T> {
-    pub rx: mpsc::Receiver<T>,
+    rx: mpsc::Receiver<T>,
     pub dropped: Arc<AtomicU64>,
+    budget: Option<Arc<ByteBudget>>,
     _guard: Box<dyn Any + Send + Sync>,
 }
 
-impl<T> Incoming<T> {
+impl<T: Weighed> Incoming<T> {
     pub fn new(rx: mpsc::Receiver<T>, dropped: Arc<AtomicU64>, guard: Box<dyn Any + Send + Sync>) -> Incoming<T> {
-        Incoming { rx, dropped, _guard: guard }
+        Incoming { rx, dropped, budget: None, _guard: guard }
+    }
+
+    /// The queue is also bounded in bytes by `budget`, which its sender reserves from.
+    pub fn with_budget(mut self, budget: Arc<ByteBudget>) -> Incoming<T> {
+        self.budget = Some(budget);
+        self
+    }
+
+    fn released(&self, item: T) -> T {
+        if let Some(budget) = &self.budget {
+            budget.give_back(item.weight());
+        }
+        item
     }
 
     pub async fn recv(&mut self) -> Option<T> {
-        self.rx.recv().await
+        let item = self.rx.recv().await?;
+        Some(self.released(item))
+    }
+
+    /// The next item if one is queued.
+    pub fn try_recv(&mut self) -> Option<T> {
+        let item = self.rx.try_recv().ok()?;
+        Some(self.released(item))
     }
 
     pub fn dropped(&self) -> u64 {
         self.dropped.load(Ordering::Relaxed)
     }
+}
+
+/// Queues `item` for an [`Incoming`] without waiting: when it is full in items or in bytes
+/// (`budget`), the item is dropped and counted. Returns whether it was queued.
+pub fn offer<T: Weighed>(tx: &mpsc::Sender<T>, budget: Option<&ByteBudget>, dropped: &AtomicU64, item: T) -> bool {
+    let n = item.weight();
+    if budget.is_some_and(|b| !b.try_take(n)) {
+        dropped.fetch_add(1, Ordering::Relaxed);
+        return false;
+    }
+    if tx.try_send(item).is_err() {
+        if let Some(b) = budget {
+            b.give_back(n);
+        }
+        dropped.fetch_add(1, Ordering::Relaxed);
+        return false;
+    }
+    true
 }
 
 /// What Strata needs from a network. Key expressions use Zenoh's syntax (`*` one chunk,
@@ -117,10 +236,10 @@ pub trait Transport: Send + Sync + 'static {
     fn node(&self) -> &NodeId;
     /// Live publication: never blocks; may be dropped under congestion or partition.
     fn publish(&self, key: &str, payload: Vec<u8>);
-    /// Samples published on keys matching `keyexpr`, in a queue of `capacity`; when it is
-    /// full, `overflow` says whether new samples are dropped (and counted) or the network
-    /// is made to wait.
-    fn subscribe(&self, keyexpr: &str, capacity: usize, overflow: Overflow) -> BoxFut<'_, Result<Incoming<Sample>, BusError>>;
+    /// Samples published on keys matching `keyexpr`, in a queue of `capacity` samples and
+    /// `bytes_max` bytes; when it is full, `overflow` says whether new samples are dropped (and
+    /// counted) or the network is made to wait. A sample larger than `bytes_max` is dropped.
+    fn subscribe(&self, keyexpr: &str, capacity: usize, bytes_max: usize, overflow: Overflow) -> BoxFut<'_, Result<Incoming<Sample>, BusError>>;
     /// Requests on keys matching `keyexpr`, in a queue of `capacity` (full: refused).
     fn serve(&self, keyexpr: &str, capacity: usize) -> BoxFut<'_, Result<Incoming<Request>, BusError>>;
     /// Sends a request (with an optional body, `payload`) to every server of `key`; the
@@ -198,5 +317,68 @@ pub mod keys {
         let p: Vec<&str> = pattern.split('/').collect();
         let k: Vec<&str> = key.split('/').collect();
         crate::config::segments_match(&p, &k)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_byte_budget_takes_what_fits_and_frees_on_give_back() {
+        let b = ByteBudget::new(100);
+        assert!(b.try_take(60));
+        assert!(!b.try_take(41), "60 + 41 > 100");
+        assert!(b.try_take(40));
+        assert_eq!(b.queued(), 100);
+        b.give_back(60);
+        assert!(b.try_take(50));
+        assert!(!b.take_blocking(101), "more than the whole bound never fits");
+        b.give_back(1000);
+        assert_eq!(b.queued(), 0, "saturates");
+    }
+
+    #[test]
+    fn take_blocking_waits_until_bytes_are_given_back() {
+        let b = ByteBudget::new(10);
+        assert!(b.try_take(8));
+        let waiter = {
+            let b = b.clone();
+            std::thread::spawn(move || b.take_blocking(5))
+        };
+        // The waiter cannot proceed until the 8 bytes go back; a bounded wait for it to block.
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        b.give_back(8);
+        while !waiter.is_finished() {
+            assert!(std::time::Instant::now() < deadline, "the waiter was not woken");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert!(waiter.join().unwrap());
+        assert_eq!(b.queued(), 5);
+    }
+
+    /// A subscription's queue holds at most `bytes_max` bytes of samples not yet received:
+    /// beyond that samples are dropped and counted, and receiving makes room again.
+    #[tokio::test]
+    async fn a_subscription_is_bounded_in_bytes() {
+        let net = sim::SimNet::new(1, sim::Faults::NONE);
+        let (a, b) = (NodeId::new("a").unwrap(), NodeId::new("b").unwrap());
+        let (ta, tb) = (net.attach(&a), net.attach(&b));
+        net.link(&a, &b);
+        let mut incoming = tb.subscribe("t/**", 1000, 10_000, Overflow::Drop).await.unwrap();
+        for _ in 0..5 {
+            ta.publish("t/x", vec![0; 4000]);
+        }
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while incoming.dropped() < 3 {
+            assert!(tokio::time::Instant::now() < deadline, "dropped {}", incoming.dropped());
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(incoming.recv().await.map(|s| s.payload.len()), Some(4000));
+        assert_eq!(incoming.recv().await.map(|s| s.payload.len()), Some(4000));
+        assert!(incoming.try_recv().is_none(), "two fit in 10,000 bytes (with their keys), the other three were dropped");
+        assert_eq!(incoming.dropped(), 3);
+        ta.publish("t/x", vec![0; 4000]);
+        assert_eq!(incoming.recv().await.map(|s| s.payload.len()), Some(4000), "receiving made room");
     }
 }

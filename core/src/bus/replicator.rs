@@ -66,6 +66,8 @@ pub struct Settings {
     pub replay_timeout: Duration,
     pub ack_interval: Duration,
     pub live_queue_len_max: usize,
+    /// Each receive queue's bound in bytes (live, heads, ingest).
+    pub live_queue_bytes_max: usize,
     pub publish_queue_len_max: usize,
     pub publish_queue_bytes_max: usize,
     pub live_frame_bytes_max: usize,
@@ -87,6 +89,7 @@ impl Settings {
             replay_timeout: Duration::from_millis(c.replication.replay_timeout_ms),
             ack_interval: Duration::from_millis(c.replication.ack_interval_ms),
             live_queue_len_max: c.replication.live_queue_len_max,
+            live_queue_bytes_max: c.replication.live_queue_bytes_max,
             publish_queue_len_max: c.replication.publish_queue_len_max,
             publish_queue_bytes_max: c.replication.publish_queue_bytes_max,
             live_frame_bytes_max: c.replication.live_frame_bytes_max,
@@ -308,17 +311,17 @@ impl Replicator {
         for sub in &s.subscriptions {
             let origin = sub.origin().map_or("*".to_owned(), |o| o.to_string());
             let keyexpr = format!("strata/s/{origin}/{}", sub.stream_pattern().as_str());
-            let incoming = t.subscribe(&keyexpr, s.live_queue_len_max, Overflow::Drop).await?;
+            let incoming = t.subscribe(&keyexpr, s.live_queue_len_max, s.live_queue_bytes_max, Overflow::Drop).await?;
             tasks.spawn(receive_live(shared.clone(), incoming));
         }
-        let heads = t.subscribe(keys::HEADS_ALL, EVENT_QUEUE_LEN, Overflow::Drop).await?;
+        let heads = t.subscribe(keys::HEADS_ALL, EVENT_QUEUE_LEN, s.live_queue_bytes_max, Overflow::Drop).await?;
         tasks.spawn(receive_heads(shared.clone(), heads));
         let requests = t.serve(keys::REPLAY_ALL, REQUEST_QUEUE_LEN).await?;
         tasks.spawn(serve_replay(shared.clone(), requests));
         let alive = t.watch_alive(keys::ALIVE_ALL, EVENT_QUEUE_LEN).await?;
         tasks.spawn(watch_presence(shared.clone(), alive));
         if !s.ingest_streams.is_empty() {
-            let ingest = t.subscribe(keys::INGEST_ALL, s.live_queue_len_max, Overflow::Block).await?;
+            let ingest = t.subscribe(keys::INGEST_ALL, s.live_queue_len_max, s.live_queue_bytes_max, Overflow::Block).await?;
             tasks.spawn(receive_ingest(shared.clone(), ingest));
         }
         tasks.spawn(publish_heads(shared.clone()));
@@ -653,12 +656,12 @@ async fn receive_live(shared: Arc<Shared>, mut incoming: super::Incoming<super::
         let mut bytes = first.payload.len();
         let mut samples = vec![first];
         while samples.len() < LIVE_BATCH_LEN_MAX && bytes < LIVE_BATCH_BYTES_MAX {
-            match incoming.rx.try_recv() {
-                Ok(s) => {
+            match incoming.try_recv() {
+                Some(s) => {
                     bytes += s.payload.len();
                     samples.push(s);
                 }
-                Err(_) => break,
+                None => break,
             }
         }
         let dropped = incoming.dropped();

@@ -17,7 +17,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tokio::sync::mpsc;
 
-use super::{keys, AliveEvent, BoxFut, BusError, Incoming, Overflow, Request, Responder, Sample, Transport};
+use super::{keys, AliveEvent, BoxFut, BusError, ByteBudget, Incoming, Overflow, Request, Responder, Sample, Transport, Weighed};
 use crate::model::NodeId;
 
 /// Fault probabilities (0.0..=1.0) and the delay range of every delivered message.
@@ -42,11 +42,16 @@ pub struct NetStats {
     pub unreachable: u64,
 }
 
+/// Where a publication goes: a subscription's queue, its byte bound, its drop count, its node.
+type SubTarget = (mpsc::Sender<Sample>, Option<Arc<ByteBudget>>, Arc<AtomicU64>, NodeId);
+
 struct Sub<T> {
     owner: NodeId,
     pattern: String,
     tx: mpsc::Sender<T>,
     dropped: Arc<AtomicU64>,
+    /// The queue's bound in bytes, for subscriptions.
+    budget: Option<Arc<ByteBudget>>,
     id: u64,
 }
 
@@ -249,7 +254,14 @@ impl Drop for SimGuard {
 }
 
 /// Sends one copy of `item` per planned delay, each in its own task.
-fn deliver<T: Send + 'static>(delays: Vec<Duration>, tx: mpsc::Sender<T>, item: T, dropped: Arc<AtomicU64>, clone: impl Fn(&T) -> T) {
+fn deliver<T: Weighed + Send + 'static>(
+    delays: Vec<Duration>,
+    tx: mpsc::Sender<T>,
+    budget: Option<Arc<ByteBudget>>,
+    item: T,
+    dropped: Arc<AtomicU64>,
+    clone: impl Fn(&T) -> T,
+) {
     let n = delays.len();
     if n == 0 {
         return;
@@ -260,14 +272,12 @@ fn deliver<T: Send + 'static>(delays: Vec<Duration>, tx: mpsc::Sender<T>, item: 
     }
     items.push(item);
     for (delay, item) in delays.into_iter().zip(items) {
-        let (tx, dropped) = (tx.clone(), dropped.clone());
+        let (tx, dropped, budget) = (tx.clone(), dropped.clone(), budget.clone());
         tokio::spawn(async move {
             if !delay.is_zero() {
                 tokio::time::sleep(delay).await;
             }
-            if tx.try_send(item).is_err() {
-                dropped.fetch_add(1, Ordering::Relaxed);
-            }
+            super::offer(&tx, budget.as_deref(), &dropped, item);
         });
     }
 }
@@ -286,7 +296,7 @@ impl Responder for SimResponder {
             let delays = s.plan();
             s.stats.delivered += delays.len() as u64;
             drop(s);
-            deliver(delays, self.tx.clone(), payload, Arc::new(AtomicU64::new(0)), Clone::clone);
+            deliver(delays, self.tx.clone(), None, payload, Arc::new(AtomicU64::new(0)), Clone::clone);
         } else {
             s.stats.unreachable += 1;
         }
@@ -296,13 +306,19 @@ impl Responder for SimResponder {
 
 impl SimTransport {
     /// Adds a bounded queue of `T` for `keyexpr` to the list `list` picks.
-    fn register<T>(&self, list: impl FnOnce(&mut State) -> &mut Vec<Sub<T>>, keyexpr: &str, capacity: usize) -> Incoming<T> {
+    fn register<T: Weighed>(
+        &self,
+        list: impl FnOnce(&mut State) -> &mut Vec<Sub<T>>,
+        keyexpr: &str,
+        capacity: usize,
+        budget: Option<Arc<ByteBudget>>,
+    ) -> Incoming<T> {
         let mut s = self.net.lock();
         let (tx, rx) = mpsc::channel(capacity);
         let dropped = Arc::new(AtomicU64::new(0));
         let id = s.next_id;
         s.next_id += 1;
-        list(&mut s).push(Sub { owner: self.node.clone(), pattern: keyexpr.to_owned(), tx, dropped: dropped.clone(), id });
+        list(&mut s).push(Sub { owner: self.node.clone(), pattern: keyexpr.to_owned(), tx, dropped: dropped.clone(), budget, id });
         Incoming::new(rx, dropped, Box::new(SimGuard { net: self.net.clone(), id }))
     }
 }
@@ -314,27 +330,32 @@ impl Transport for SimTransport {
 
     fn publish(&self, key: &str, payload: Vec<u8>) {
         let mut s = self.net.lock();
-        let targets: Vec<(mpsc::Sender<Sample>, Arc<AtomicU64>, NodeId)> =
-            s.subs.iter().filter(|sub| keys::matches(&sub.pattern, key)).map(|sub| (sub.tx.clone(), sub.dropped.clone(), sub.owner.clone())).collect();
-        for (tx, dropped, owner) in targets {
+        let targets: Vec<SubTarget> = s
+            .subs
+            .iter()
+            .filter(|sub| keys::matches(&sub.pattern, key))
+            .map(|sub| (sub.tx.clone(), sub.budget.clone(), sub.dropped.clone(), sub.owner.clone()))
+            .collect();
+        for (tx, budget, dropped, owner) in targets {
             if !s.reachable(&self.node, &owner) {
                 s.stats.unreachable += 1;
                 continue;
             }
             let delays = s.plan();
             s.stats.delivered += delays.len() as u64;
-            deliver(delays, tx, Sample { key: key.to_owned(), payload: payload.clone() }, dropped, Clone::clone);
+            deliver(delays, tx, budget, Sample { key: key.to_owned(), payload: payload.clone() }, dropped, Clone::clone);
         }
     }
 
     // The simulated queues drop when full whatever `overflow` says: ingest is not simulated.
-    fn subscribe(&self, keyexpr: &str, capacity: usize, _overflow: Overflow) -> BoxFut<'_, Result<Incoming<Sample>, BusError>> {
-        let incoming = self.register(|s| &mut s.subs, keyexpr, capacity);
-        Box::pin(async move { Ok(incoming) })
+    fn subscribe(&self, keyexpr: &str, capacity: usize, bytes_max: usize, _overflow: Overflow) -> BoxFut<'_, Result<Incoming<Sample>, BusError>> {
+        let budget = ByteBudget::new(bytes_max);
+        let incoming = self.register(|s| &mut s.subs, keyexpr, capacity, Some(budget.clone()));
+        Box::pin(async move { Ok(incoming.with_budget(budget)) })
     }
 
     fn serve(&self, keyexpr: &str, capacity: usize) -> BoxFut<'_, Result<Incoming<Request>, BusError>> {
-        let incoming = self.register(|s| &mut s.servers, keyexpr, capacity);
+        let incoming = self.register(|s| &mut s.servers, keyexpr, capacity, None);
         Box::pin(async move { Ok(incoming) })
     }
 
@@ -382,7 +403,7 @@ impl Transport for SimTransport {
     }
 
     fn watch_alive(&self, keyexpr: &str, capacity: usize) -> BoxFut<'_, Result<Incoming<AliveEvent>, BusError>> {
-        let incoming = self.register(|s| &mut s.watchers, keyexpr, capacity);
+        let incoming = self.register(|s| &mut s.watchers, keyexpr, capacity, None);
         self.net.lock().refresh_liveliness();
         Box::pin(async move { Ok(incoming) })
     }

@@ -44,6 +44,7 @@ fn settings(n: &SimNode) -> Settings {
         replay_timeout: Duration::from_millis(500),
         ack_interval: Duration::from_millis(50),
         live_queue_len_max: 64,
+        live_queue_bytes_max: super::wire::MESSAGE_BYTES_MAX,
         publish_queue_len_max: 64,
         publish_queue_bytes_max: 64 * 1024,
         // Small frames: schedules drop, duplicate and reorder frames of several records too.

@@ -12,7 +12,7 @@ use zenoh::query::{ConsolidationMode, QueryTarget};
 use zenoh::sample::SampleKind;
 use zenoh::Wait;
 
-use super::{AliveEvent, BoxFut, BusError, Incoming, Overflow, Request, Responder, Sample, Transport};
+use super::{AliveEvent, BoxFut, BusError, ByteBudget, Incoming, Overflow, Request, Responder, Sample, Transport, Weighed};
 use crate::config::{NodeConfig, ZenohMode};
 use crate::security::{NodeSecurity, TlsFiles};
 
@@ -221,12 +221,14 @@ impl Transport for ZenohTransport {
         }
     }
 
-    fn subscribe(&self, keyexpr: &str, capacity: usize, overflow: Overflow) -> BoxFut<'_, Result<Incoming<Sample>, BusError>> {
+    fn subscribe(&self, keyexpr: &str, capacity: usize, bytes_max: usize, overflow: Overflow) -> BoxFut<'_, Result<Incoming<Sample>, BusError>> {
         let keyexpr = keyexpr.to_owned();
         Box::pin(async move {
             let (tx, rx) = mpsc::channel(capacity);
             let dropped = Arc::new(AtomicU64::new(0));
             let counter = dropped.clone();
+            let budget = ByteBudget::new(bytes_max);
+            let bytes = budget.clone();
             let sub = self
                 .session
                 .declare_subscriber(keyexpr)
@@ -234,16 +236,19 @@ impl Transport for ZenohTransport {
                     let sample = Sample { key: s.key_expr().as_str().to_owned(), payload: s.payload().to_bytes().into_owned() };
                     match overflow {
                         Overflow::Drop => {
-                            if tx.try_send(sample).is_err() {
-                                counter.fetch_add(1, Ordering::Relaxed);
-                            }
+                            super::offer(&tx, Some(&bytes), &counter, sample);
                         }
-                        // Blocks this Zenoh receive thread until there is room: backpressure
-                        // reaches the sender through the link. `unconstrained`: this thread is a
-                        // tokio worker of Zenoh's runtime, whose cooperative budget would
-                        // otherwise run out (and never refill) while we block inside the task.
+                        // Blocks this Zenoh receive thread until there is room, in bytes and in
+                        // samples: backpressure reaches the sender through the link.
+                        // `unconstrained`: this thread is a tokio worker of Zenoh's runtime, whose
+                        // cooperative budget would otherwise run out (and never refill) while we
+                        // block inside the task.
                         Overflow::Block => {
-                            if futures::executor::block_on(tokio::task::unconstrained(tx.send(sample))).is_err() {
+                            let n = sample.weight();
+                            if !bytes.take_blocking(n) {
+                                counter.fetch_add(1, Ordering::Relaxed);
+                            } else if futures::executor::block_on(tokio::task::unconstrained(tx.send(sample))).is_err() {
+                                bytes.give_back(n);
                                 counter.fetch_add(1, Ordering::Relaxed);
                             }
                         }
@@ -251,7 +256,7 @@ impl Transport for ZenohTransport {
                 })
                 .await
                 .map_err(zerr)?;
-            Ok(Incoming::new(rx, dropped, Box::new(sub)))
+            Ok(Incoming::new(rx, dropped, Box::new(sub)).with_budget(budget))
         })
     }
 
