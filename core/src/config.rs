@@ -503,9 +503,10 @@ pub struct ReplicationSection {
     /// Received live samples waiting to be stored; beyond it samples are dropped and
     /// later repaired by replay. Default 8192.
     pub live_queue_len_max: usize,
-    /// The bound in bytes of each receive queue (live samples, heads, ingest): samples beyond
-    /// it are dropped like those beyond `live_queue_len_max` (ingest waits instead). At least
-    /// 4194304, the largest message, so that one always fits. Default 67108864 (64 MiB).
+    /// The bound in bytes (keys and payloads) of each receive queue (live samples, heads,
+    /// ingest): samples beyond it are dropped like those beyond `live_queue_len_max` (ingest
+    /// waits instead); one larger sample is taken when its queue is empty. At least 4194304.
+    /// Default 67108864 (64 MiB).
     pub live_queue_bytes_max: usize,
     /// Durable local records waiting to be published live; beyond it they are not published
     /// live and subscribers repair them by replay. Default 4096.

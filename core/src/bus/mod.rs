@@ -124,29 +124,40 @@ pub struct ByteBudget {
     queued: AtomicUsize,
     max: usize,
     freed: tokio::sync::Notify,
+    /// The receiving side is gone: nobody will give bytes back.
+    closed: std::sync::atomic::AtomicBool,
 }
 
 impl ByteBudget {
     pub fn new(max: usize) -> Arc<ByteBudget> {
-        Arc::new(ByteBudget { queued: AtomicUsize::new(0), max, freed: tokio::sync::Notify::new() })
+        Arc::new(ByteBudget { queued: AtomicUsize::new(0), max, freed: tokio::sync::Notify::new(), closed: Default::default() })
     }
 
-    /// Reserves `n` bytes if they fit.
+    /// The receiving side is gone: a taker blocked in [`ByteBudget::take_blocking`] returns
+    /// `false` instead of waiting for bytes that will never come back.
+    pub fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        self.freed.notify_waiters();
+    }
+
+    /// Reserves `n` bytes if they fit, or if nothing is reserved (one item larger than the
+    /// whole bound still gets through alone, so a queue never refuses an item for good).
     pub fn try_take(&self, n: usize) -> bool {
-        self.queued.fetch_update(Ordering::AcqRel, Ordering::Acquire, |q| q.checked_add(n).filter(|&t| t <= self.max)).is_ok()
+        self.queued.fetch_update(Ordering::AcqRel, Ordering::Acquire, |q| q.checked_add(n).filter(|&t| q == 0 || t <= self.max)).is_ok()
     }
 
-    /// Blocks this (non-async) thread until `n` bytes fit and reserves them; `false` at once if
-    /// they never can (more than the whole bound).
+    /// Blocks this (non-async) thread until `n` bytes fit ([`ByteBudget::try_take`]) and
+    /// reserves them; `false` once the receiving side is gone.
     pub fn take_blocking(&self, n: usize) -> bool {
-        if n > self.max {
-            return false;
-        }
         loop {
-            // Registered before the look, so a release between the look and the wait wakes it.
+            // Registered before the look, so a release (or a close) between the look and the
+            // wait wakes it.
             let freed = self.freed.notified();
             let mut freed = std::pin::pin!(freed);
             freed.as_mut().enable();
+            if self.closed.load(Ordering::Acquire) {
+                return false;
+            }
             if self.try_take(n) {
                 return true;
             }
@@ -212,6 +223,14 @@ impl<T: Weighed> Incoming<T> {
     }
 }
 
+impl<T> Drop for Incoming<T> {
+    fn drop(&mut self) {
+        if let Some(budget) = &self.budget {
+            budget.close();
+        }
+    }
+}
+
 /// Queues `item` for an [`Incoming`] without waiting: when it is full in items or in bytes
 /// (`budget`), the item is dropped and counted. Returns whether it was queued.
 pub fn offer<T: Weighed>(tx: &mpsc::Sender<T>, budget: Option<&ByteBudget>, dropped: &AtomicU64, item: T) -> bool {
@@ -237,8 +256,9 @@ pub trait Transport: Send + Sync + 'static {
     /// Live publication: never blocks; may be dropped under congestion or partition.
     fn publish(&self, key: &str, payload: Vec<u8>);
     /// Samples published on keys matching `keyexpr`, in a queue of `capacity` samples and
-    /// `bytes_max` bytes; when it is full, `overflow` says whether new samples are dropped (and
-    /// counted) or the network is made to wait. A sample larger than `bytes_max` is dropped.
+    /// `bytes_max` bytes (key and payload; a larger sample is taken when the queue is empty);
+    /// when it is full, `overflow` says whether new samples are dropped (and counted) or the
+    /// network is made to wait.
     fn subscribe(&self, keyexpr: &str, capacity: usize, bytes_max: usize, overflow: Overflow) -> BoxFut<'_, Result<Incoming<Sample>, BusError>>;
     /// Requests on keys matching `keyexpr`, in a queue of `capacity` (full: refused).
     fn serve(&self, keyexpr: &str, capacity: usize) -> BoxFut<'_, Result<Incoming<Request>, BusError>>;
@@ -333,9 +353,10 @@ mod tests {
         assert_eq!(b.queued(), 100);
         b.give_back(60);
         assert!(b.try_take(50));
-        assert!(!b.take_blocking(101), "more than the whole bound never fits");
         b.give_back(1000);
         assert_eq!(b.queued(), 0, "saturates");
+        assert!(b.try_take(150), "alone, an item larger than the bound gets through");
+        assert!(!b.try_take(1));
     }
 
     #[test]
@@ -355,6 +376,18 @@ mod tests {
         }
         assert!(waiter.join().unwrap());
         assert_eq!(b.queued(), 5);
+        // Closed (its Incoming dropped): a blocked taker gives up instead of waiting forever.
+        let waiter = {
+            let b = b.clone();
+            std::thread::spawn(move || b.take_blocking(10))
+        };
+        b.close();
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while !waiter.is_finished() {
+            assert!(std::time::Instant::now() < deadline, "the waiter was not released by close");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert!(!waiter.join().unwrap());
     }
 
     /// A subscription's queue holds at most `bytes_max` bytes of samples not yet received:

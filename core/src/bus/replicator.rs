@@ -113,6 +113,8 @@ pub struct Counters {
     pub live_stored: AtomicU64,
     pub live_duplicates: AtomicU64,
     pub live_dropped: AtomicU64,
+    /// Heads messages dropped because their receive queue was full (in messages or bytes).
+    pub heads_dropped: AtomicU64,
     pub malformed: AtomicU64,
     pub spoofed: AtomicU64,
     pub replay_requests: AtomicU64,
@@ -208,6 +210,7 @@ pub struct CounterSnapshot {
     pub live_stored: u64,
     pub live_duplicates: u64,
     pub live_dropped: u64,
+    pub heads_dropped: u64,
     pub malformed: u64,
     pub spoofed: u64,
     pub replay_requests: u64,
@@ -360,6 +363,7 @@ impl Replicator {
             live_stored: get(&c.live_stored),
             live_duplicates: get(&c.live_duplicates),
             live_dropped: get(&c.live_dropped),
+            heads_dropped: get(&c.heads_dropped),
             malformed: get(&c.malformed),
             spoofed: get(&c.spoofed),
             replay_requests: get(&c.replay_requests),
@@ -724,7 +728,13 @@ async fn receive_live(shared: Arc<Shared>, mut incoming: super::Incoming<super::
 }
 
 async fn receive_heads(shared: Arc<Shared>, mut incoming: super::Incoming<super::Sample>) {
+    let mut reported_drops = 0;
     while let Some(sample) = incoming.recv().await {
+        let dropped = incoming.dropped();
+        if dropped != reported_drops {
+            shared.counters.heads_dropped.fetch_add(dropped - reported_drops, Ordering::Relaxed);
+            reported_drops = dropped;
+        }
         let heads: Heads = match wire::decode(&sample.payload) {
             Ok(h) => h,
             Err(e) => {

@@ -12,7 +12,7 @@ use zenoh::query::{ConsolidationMode, QueryTarget};
 use zenoh::sample::SampleKind;
 use zenoh::Wait;
 
-use super::{AliveEvent, BoxFut, BusError, ByteBudget, Incoming, Overflow, Request, Responder, Sample, Transport, Weighed};
+use super::{AliveEvent, BoxFut, BusError, ByteBudget, Incoming, Overflow, Request, Responder, Sample, Transport};
 use crate::config::{NodeConfig, ZenohMode};
 use crate::security::{NodeSecurity, TlsFiles};
 
@@ -233,25 +233,30 @@ impl Transport for ZenohTransport {
                 .session
                 .declare_subscriber(keyexpr)
                 .callback(move |s: zenoh::sample::Sample| {
-                    let sample = Sample { key: s.key_expr().as_str().to_owned(), payload: s.payload().to_bytes().into_owned() };
-                    match overflow {
-                        Overflow::Drop => {
-                            super::offer(&tx, Some(&bytes), &counter, sample);
-                        }
+                    // The bytes are reserved before the payload is copied out of Zenoh's buffer:
+                    // a sample that does not fit costs no copy. `n` is the copy's weight.
+                    let n = s.key_expr().as_str().len() + s.payload().len();
+                    let copy = |s: &zenoh::sample::Sample| Sample { key: s.key_expr().as_str().to_owned(), payload: s.payload().to_bytes().into_owned() };
+                    let reserved = match overflow {
+                        Overflow::Drop => bytes.try_take(n),
                         // Blocks this Zenoh receive thread until there is room, in bytes and in
                         // samples: backpressure reaches the sender through the link.
+                        Overflow::Block => bytes.take_blocking(n),
+                    };
+                    if !reserved {
+                        counter.fetch_add(1, Ordering::Relaxed);
+                        return;
+                    }
+                    let queued = match overflow {
+                        Overflow::Drop => tx.try_send(copy(&s)).is_ok(),
                         // `unconstrained`: this thread is a tokio worker of Zenoh's runtime, whose
                         // cooperative budget would otherwise run out (and never refill) while we
                         // block inside the task.
-                        Overflow::Block => {
-                            let n = sample.weight();
-                            if !bytes.take_blocking(n) {
-                                counter.fetch_add(1, Ordering::Relaxed);
-                            } else if futures::executor::block_on(tokio::task::unconstrained(tx.send(sample))).is_err() {
-                                bytes.give_back(n);
-                                counter.fetch_add(1, Ordering::Relaxed);
-                            }
-                        }
+                        Overflow::Block => futures::executor::block_on(tokio::task::unconstrained(tx.send(copy(&s)))).is_ok(),
+                    };
+                    if !queued {
+                        bytes.give_back(n);
+                        counter.fetch_add(1, Ordering::Relaxed);
                     }
                 })
                 .await
