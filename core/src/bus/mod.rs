@@ -258,7 +258,7 @@ pub trait Transport: Send + Sync + 'static {
     /// Samples published on keys matching `keyexpr`, in a queue of `capacity` samples and
     /// `bytes_max` bytes (key and payload; a larger sample is taken when the queue is empty);
     /// when it is full, `overflow` says whether new samples are dropped (and counted) or the
-    /// network is made to wait.
+    /// network is made to wait. A payload over [`wire::MESSAGE_BYTES_MAX`] is dropped.
     fn subscribe(&self, keyexpr: &str, capacity: usize, bytes_max: usize, overflow: Overflow) -> BoxFut<'_, Result<Incoming<Sample>, BusError>>;
     /// Requests on keys matching `keyexpr`, in a queue of `capacity` (full: refused).
     fn serve(&self, keyexpr: &str, capacity: usize) -> BoxFut<'_, Result<Incoming<Request>, BusError>>;

@@ -233,6 +233,12 @@ impl Transport for ZenohTransport {
                 .session
                 .declare_subscriber(keyexpr)
                 .callback(move |s: zenoh::sample::Sample| {
+                    // No message of the protocol (live frame or envelope, heads, ingest) is larger
+                    // than MESSAGE_BYTES_MAX; Zenoh itself would pass up to 1 GiB.
+                    if s.payload().len() > super::wire::MESSAGE_BYTES_MAX {
+                        counter.fetch_add(1, Ordering::Relaxed);
+                        return;
+                    }
                     // The bytes are reserved before the payload is copied out of Zenoh's buffer:
                     // a sample that does not fit costs no copy. `n` is the copy's weight.
                     let n = s.key_expr().as_str().len() + s.payload().len();
