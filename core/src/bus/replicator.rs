@@ -121,8 +121,6 @@ pub struct Counters {
     /// Replay requests that moved nothing: the holder had nothing it could send (a record of
     /// its copy cannot be read, say), or its answer was lost or timed out.
     pub replay_stalled: AtomicU64,
-    /// Seqs of received streams no holder had any more, which the watermark moved past.
-    pub replay_closed: AtomicU64,
     pub replay_received: AtomicU64,
     pub replay_stored: AtomicU64,
     pub replay_served_requests: AtomicU64,
@@ -217,7 +215,6 @@ pub struct CounterSnapshot {
     pub spoofed: u64,
     pub replay_requests: u64,
     pub replay_stalled: u64,
-    pub replay_closed: u64,
     pub replay_received: u64,
     pub replay_stored: u64,
     pub replay_served_requests: u64,
@@ -266,8 +263,7 @@ struct Shared {
     /// Signalled when another tier acknowledges more of our own streams, or a node goes
     /// away (a handover stops waiting for a tier it can no longer reach).
     acked: Notify,
-    /// When this node started (tokio's clock, so that simulations in virtual time see it move).
-    started: tokio::time::Instant,
+    started: Instant,
     /// Encoded local records waiting to be published live, with their key.
     outbox: mpsc::Sender<Outgoing>,
     /// Bytes of the records in `outbox`.
@@ -309,7 +305,7 @@ impl Replicator {
             counters: Counters::default(),
             wake: Notify::new(),
             acked: Notify::new(),
-            started: tokio::time::Instant::now(),
+            started: Instant::now(),
         });
         let s = &shared.settings;
         let t = &shared.transport;
@@ -372,7 +368,6 @@ impl Replicator {
             spoofed: get(&c.spoofed),
             replay_requests: get(&c.replay_requests),
             replay_stalled: get(&c.replay_stalled),
-            replay_closed: get(&c.replay_closed),
             replay_received: get(&c.replay_received),
             replay_stored: get(&c.replay_stored),
             replay_served_requests: get(&c.replay_served_requests),
@@ -795,9 +790,7 @@ fn publish_heads_now(shared: &Shared) {
         .log
         .streams()
         .into_iter()
-        // Streams held only above a watermark of 0 too: a node deciding that nobody holds a range
-        // must hear of every holder.
-        .filter(|i| i.watermark > 0 || i.count > 0)
+        .filter(|i| i.watermark > 0)
         .map(|i| Head { origin: i.origin, incarnation: i.incarnation, stream: i.stream, watermark: i.watermark })
         .collect();
     for chunk in heads.chunks(HEADS_PER_MESSAGE_MAX) {
@@ -889,14 +882,7 @@ async fn serve_replay(shared: Arc<Shared>, mut requests: super::Incoming<Request
                     break;
                 }
             };
-            let Some(last) = records.last().map(|e| e.id.seq.get()) else {
-                // Nothing from `from` on: said with an empty batch, so that the asker can tell
-                // "holds none of it" from a lost answer (see `close_hole_nobody_holds`).
-                if from == params.from {
-                    let _ = request.responder.reply(wire::encode(&ReplayBatch { records: Vec::new() })).await;
-                }
-                break;
-            };
+            let Some(last) = records.last().map(|e| e.id.seq.get()) else { break };
             let mut batch = ReplayBatch { records: Vec::with_capacity(records.len()) };
             let mut size = 0;
             for envelope in records.iter().filter(|e| e.id.seq.get() <= to) {
@@ -986,24 +972,13 @@ async fn replay_stream(shared: &Arc<Shared>, key: &StreamKey, goal: u64) {
     // Holders that answered without moving our watermark in this check (one whose copy has a
     // record it cannot read, say): the others are asked instead; the next check tries all.
     let mut stuck: Vec<NodeId> = Vec::new();
-    // Holders that answered a request from `lacking_from` with nothing below some later record:
-    // that record's seq, by holder. Forgotten when the watermark moves.
-    let mut lacking: BTreeMap<NodeId, u64> = BTreeMap::new();
-    let mut lacking_from = 0;
     // Bounded: at most this many requests per check; the next check continues.
     for _ in 0..64 {
         let mine = shared.log.stream(key).map_or(0, |i| i.watermark);
         if mine >= goal {
             return;
         }
-        if lacking_from != mine + 1 {
-            lacking.clear();
-            lacking_from = mine + 1;
-        }
-        let Some(holder) = choose_holder(shared, key, mine, &stuck) else {
-            close_hole_nobody_holds(shared, key, lacking_from, &lacking).await;
-            return;
-        };
+        let Some(holder) = choose_holder(shared, key, mine, &stuck) else { return };
         let params = ReplayParams { incarnation: key.incarnation, from: mine + 1, to: goal.min(mine.saturating_add(request_len)), holder: holder.clone() };
         shared.counters.replay_requests.fetch_add(1, Ordering::Relaxed);
         let replies = shared
@@ -1018,9 +993,6 @@ async fn replay_stream(shared: &Arc<Shared>, key: &StreamKey, goal: u64) {
             }
         };
         let mut tickets = Vec::new();
-        // The lowest seq the holder sent: a holder reads from `from` in order, so it holds
-        // nothing below it from `from` on.
-        let mut lowest: Option<u64> = None;
         while let Some(bytes) = replies.recv().await {
             let batch: ReplayBatch = match wire::decode(&bytes) {
                 Ok(b) => b,
@@ -1036,8 +1008,6 @@ async fn replay_stream(shared: &Arc<Shared>, key: &StreamKey, goal: u64) {
                     shared.counters.spoofed.fetch_add(1, Ordering::Relaxed);
                     continue;
                 }
-                let seq = envelope.id.seq.get();
-                lowest = Some(lowest.map_or(seq, |l| l.min(seq)));
                 records.push(envelope);
             }
             shared.counters.replay_received.fetch_add(records.len() as u64, Ordering::Relaxed);
@@ -1075,86 +1045,8 @@ async fn replay_stream(shared: &Arc<Shared>, key: &StreamKey, goal: u64) {
         if after <= mine {
             tracing::debug!(%key, mine, goal, %holder, "replay made no progress; asking another holder, if any");
             shared.counters.replay_stalled.fetch_add(1, Ordering::Relaxed);
-            if let Some(first) = lowest.filter(|&l| l > params.from) {
-                lacking.insert(holder.clone(), first);
-            }
             stuck.push(holder);
         }
-    }
-}
-
-/// Asks `holder` for `from..=to` of `key`; whether it answered, with no record in that range.
-async fn answers_empty(shared: &Arc<Shared>, key: &StreamKey, holder: &NodeId, from: u64, to: u64) -> bool {
-    let params = ReplayParams { incarnation: key.incarnation, from, to, holder: holder.clone() };
-    shared.counters.replay_requests.fetch_add(1, Ordering::Relaxed);
-    let request = shared.transport.request(
-        &keys::replay(&key.origin, &key.stream),
-        &params.to_params(),
-        Vec::new(),
-        shared.settings.replay_timeout,
-        REPLAY_BATCHES_PER_REQUEST as usize + 1,
-    );
-    let Ok(mut replies) = request.await else { return false };
-    let mut answered = false;
-    while let Some(bytes) = replies.recv().await {
-        let Ok(batch) = wire::decode::<ReplayBatch>(&bytes) else { return false };
-        if !batch.records.is_empty() {
-            return false;
-        }
-        answered = true;
-    }
-    answered
-}
-
-/// Every holder chosen has been asked for `from` on in this check, and the origin answered with
-/// later records only: it no longer has `from..` up to its lowest record, which only its
-/// retention removes. If no other node has them either, the watermark would stay there for good,
-/// replay would ask for them at every check, and retention here and at the origin
-/// (`keep_until_acked`) would stop at them. So the origin and every node ever heard holding any
-/// of the stream (at any watermark: one that lost an earlier record live holds later ones above
-/// its watermark) are asked for exactly that range; only if every one of them is alive and
-/// answers with an empty batch does the watermark move past it, the seqs counting as `expired`
-/// ([`Log::close_hole`]). A holder not alive now, or not answering, keeps the hole open.
-async fn close_hole_nobody_holds(shared: &Arc<Shared>, key: &StreamKey, from: u64, lacking: &BTreeMap<NodeId, u64>) {
-    // A node that has just started may not have heard every holder's heads yet (each publishes
-    // them every `ack_interval`): it does not decide that nobody holds something before then.
-    if shared.started.elapsed() < shared.settings.ack_interval * 3 {
-        return;
-    }
-    let (through, asked) = {
-        let st = lock(&shared.state);
-        // The origin, where records are made, must have answered: a record it lacks was
-        // removed there (a damaged one gets no answer, so it is never taken for gone).
-        let Some(&origin_first) = lacking.get(&key.origin) else { return };
-        let mut asked = vec![key.origin.clone()];
-        for node in st.holders.get(key).into_iter().flatten().map(|(node, _)| node) {
-            if *node == shared.settings.node || *node == key.origin {
-                continue;
-            }
-            if !st.presence.get(node).is_some_and(|p| p.alive) {
-                return; // it may hold them and come back
-            }
-            asked.push(node.clone());
-        }
-        (origin_first - 1, asked)
-    };
-    if through < from {
-        return;
-    }
-    // Exactly `from..=through`: a holder with nothing there (and something after it) answers
-    // with an empty batch, which a lost answer cannot look like; one that holds nothing of the
-    // stream from `from` on does not answer, and keeps the hole open.
-    for holder in &asked {
-        if !answers_empty(shared, key, holder, from, through).await {
-            return;
-        }
-    }
-    match shared.log.close_hole(key, through).await {
-        Ok(closed) => {
-            shared.counters.replay_closed.fetch_add(closed, Ordering::Relaxed);
-            tracing::warn!(%key, from, through, closed, "no holder has these records any more (removed at their origin); the watermark moves past them");
-        }
-        Err(e) => tracing::error!(%key, error = %e, "cannot close a hole no holder can fill"),
     }
 }
 

@@ -69,13 +69,6 @@ impl SimNode {
         }
     }
 
-    /// The node's store applies `rules` when swept.
-    fn with_retention(mut self, rules: Vec<crate::config::RetentionRule>) -> SimNode {
-        self.store = Arc::new(MemStore::new(self.id.clone(), self.log.incarnation(), Limits::default(), rules));
-        self.log = Log::new(self.store.clone());
-        self
-    }
-
     async fn up(&mut self, net: &SimNet) {
         let transport = net.attach(&self.id) as Arc<dyn Transport>;
         self.replicator = Some(Replicator::start(settings(self), self.log.clone(), transport).await.unwrap());
@@ -389,123 +382,6 @@ fn a_holder_that_cannot_serve_a_range_is_passed_over_for_another() {
         let records = cloud.log.read(&key, 1, total as usize).unwrap();
         assert_eq!(records.iter().map(|e| e.id.seq.get()).collect::<Vec<_>>(), (1..=total).collect::<Vec<_>>());
         for mut n in [edge, fog, cloud] {
-            n.down(&net).await;
-        }
-    });
-}
-
-/// The origin's retention removed seqs 1..=20 of a stream. A node that comes up later and can
-/// reach a holder of them (the fog) gets them from it; one that has heard of a node holding some
-/// of them keeps the hole open, even when that node is gone; one that has heard of no holder
-/// but the origin closes the hole instead of asking for it forever, and counts the 20 as expired.
-#[test]
-fn a_hole_no_holder_can_fill_is_closed_and_counted() {
-    paused_runtime().block_on(async {
-        let net = SimNet::new(9, Faults::NONE);
-        let everything_old = crate::config::RetentionRule {
-            streams: crate::config::StreamPattern::new("**").unwrap(),
-            bytes_max: None,
-            age_s_max: Some(0),
-            keep_until_acked: Vec::new(),
-        };
-        let mut edge = SimNode::new("edge-1", Tier::Edge, &[], 11).with_retention(vec![everything_old]);
-        let mut fog = SimNode::new("fog-1", Tier::Fog, &["edge-1/**"], 22);
-        let mut cloud = SimNode::new("cloud-1", Tier::Cloud, &["edge-1/**"], 33);
-        let mut late = SimNode::new("cloud-2", Tier::Cloud, &["edge-1/**"], 44);
-        for a in [&edge.id, &fog.id, &cloud.id, &late.id] {
-            for b in [&edge.id, &fog.id, &cloud.id, &late.id] {
-                if a < b {
-                    net.link(a, b);
-                }
-            }
-        }
-        edge.up(&net).await;
-        fog.up(&net).await;
-        let stream = StreamName::new("readings/a").unwrap();
-        let key = StreamKey { origin: edge.id.clone(), incarnation: edge.log.incarnation(), stream: stream.clone() };
-        let append = |n: u64| {
-            let r = edge.replicator.as_ref().unwrap();
-            let stream = stream.clone();
-            async move {
-                for i in 0..n {
-                    let draft = Draft::new(Kind::Reading, PayloadType::new("sim/1").unwrap(), i.to_le_bytes().to_vec());
-                    r.append(stream.clone(), draft).await.unwrap();
-                }
-            }
-        };
-        let reach = |log: &Log, wm: u64| {
-            let (log, key) = (log.clone(), key.clone());
-            async move {
-                for _ in 0..30_000 {
-                    if watermark(&log, &key) >= wm {
-                        return true;
-                    }
-                    tokio::time::sleep(Duration::from_millis(1)).await;
-                }
-                false
-            }
-        };
-        append(20).await;
-        assert!(reach(&fog.log, 20).await, "the fog holds 1..=20");
-        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
-        assert_eq!(edge.log.sweep(now + 60_000).await.unwrap().removed, 20, "the origin's retention removes 1..=20");
-        append(20).await;
-        assert!(reach(&fog.log, 40).await);
-
-        // The fog is alive and holds the start: the cloud gets it from there.
-        cloud.up(&net).await;
-        assert!(reach(&cloud.log, 40).await, "{:?}", cloud.replicator.as_ref().unwrap().counters());
-        let counters = cloud.replicator.as_ref().unwrap().counters();
-        assert_eq!(counters.replay_closed, 0, "nothing is closed while a holder has it; {counters:?}");
-        assert_eq!(cloud.log.read(&key, 1, 100).unwrap().len(), 40);
-
-        // A node holding 5..=20 above a watermark of 0 (it never got 1..=4): it is never asked to
-        // replay (it holds no more than the asker's watermark), but it is heard, so it is asked
-        // about the hole, answers with records, and the hole stays open; once it is gone (heard,
-        // not alive) the hole stays open too, since it may come back.
-        let mut partial = SimNode::new("fog-2", Tier::Fog, &[], 55);
-        for e in fog.log.read(&key, 5, 16).unwrap() {
-            partial.log.insert_remote(e).await.unwrap();
-        }
-        assert_eq!(partial.log.stream(&key).map(|i| (i.watermark, i.count)), Some((0, 16)));
-        fog.down(&net).await;
-        cloud.down(&net).await;
-        net.link(&partial.id, &edge.id);
-        net.link(&partial.id, &late.id);
-        partial.up(&net).await;
-        late.up(&net).await;
-        let stalled = |n: &SimNode| n.replicator.as_ref().unwrap().counters().replay_stalled;
-        for _ in 0..30_000 {
-            if stalled(&late) >= 20 {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
-        let counters = late.replicator.as_ref().unwrap().counters();
-        assert!(counters.replay_stalled >= 20, "the hole was looked at many times; {counters:?}");
-        assert_eq!((counters.replay_closed, watermark(&late.log, &key)), (0, 0), "fog-2 holds 5..=20: nothing is closed; {counters:?}");
-        partial.down(&net).await;
-        let before = stalled(&late);
-        for _ in 0..30_000 {
-            if stalled(&late) >= before + 20 {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
-        let counters = late.replicator.as_ref().unwrap().counters();
-        assert_eq!((counters.replay_closed, watermark(&late.log, &key)), (0, 0), "fog-2 is gone but may come back; {counters:?}");
-        late.down(&net).await;
-
-        // A node that has heard of no holder of 1..=20 but the origin closes the hole.
-        let mut late = SimNode::new("cloud-3", Tier::Cloud, &["edge-1/**"], 66);
-        net.link(&late.id, &edge.id);
-        late.up(&net).await;
-        assert!(reach(&late.log, 40).await, "the late node stays behind the hole; {:?}", late.replicator.as_ref().unwrap().counters());
-        let counters = late.replicator.as_ref().unwrap().counters();
-        assert_eq!(counters.replay_closed, 20, "{counters:?}");
-        let info = late.log.stream(&key).unwrap();
-        assert_eq!((info.watermark, info.expired, info.missing, info.count), (40, 20, 0, 20));
-        for mut n in [edge, late] {
             n.down(&net).await;
         }
     });

@@ -347,14 +347,6 @@ impl Core {
                     Ok(OpResult::Cursor)
                 }
                 Op::Sweep { now_unix_ms } => self.plan_sweep(plan, sink, now_unix_ms, backend).map(OpResult::Swept),
-                Op::CloseHole { key, through } => {
-                    let local = key.origin == self.node && key.incarnation == self.incarnation;
-                    let entry = self.entry(&mut plan.staged, &key);
-                    // A local stream has no holes; its seqs are this store's to give.
-                    let closed = if local { 0 } else { entry.wm.close_through(through.min(super::SEQ_MAX)) };
-                    entry.expired += closed;
-                    Ok(OpResult::Closed(closed))
-                }
                 Op::Atomic { ops } => self.plan_atomic(plan, sink, scratch, backend, ops),
             };
             result

@@ -127,8 +127,7 @@ pub struct StreamInfo {
     /// Seqs missing between the watermark and `last` (in the gaps replay is to fill): a replica
     /// whose figure stays above 0 is waiting for records no holder has supplied yet.
     pub missing: u64,
-    /// Records retention removed before every registered consumer had read them, and, for a
-    /// received stream, seqs its origin had removed before this node got them ([`Log::close_hole`]).
+    /// Records retention removed before every registered consumer had read them.
     pub expired: u64,
     /// Records retention removed in all.
     pub removed: u64,
@@ -205,12 +204,6 @@ pub enum Op {
     Sweep {
         now_unix_ms: u64,
     },
-    /// Seqs of a received stream up to `through` that no holder has any more: the watermark
-    /// moves past them ([`Log::close_hole`]).
-    CloseHole {
-        key: StreamKey,
-        through: u64,
-    },
     /// Appends and cursor commits written in one `WriteBatch`: all or nothing.
     Atomic {
         ops: Vec<Op>,
@@ -225,8 +218,6 @@ pub enum OpResult {
     InsertedMany(Vec<Result<Inserted, LogError>>),
     Cursor,
     Swept(SweepReport),
-    /// How many missing seqs a [`Op::CloseHole`] closed.
-    Closed(u64),
     Atomic(Vec<OpResult>),
 }
 
@@ -439,18 +430,6 @@ impl Log {
         let mut ops: Vec<Op> = outputs.into_iter().map(|(stream, draft)| Op::Append { stream, draft }).collect();
         ops.extend(cursors.into_iter().map(|(key, seq)| Op::Cursor { consumer: consumer.clone(), key, seq }));
         Ok(AtomicTicket(self.store.submit(Op::Atomic { ops }).await?))
-    }
-
-    /// Moves the watermark of the received stream `key` past every seq up to `through` that is
-    /// missing, counting them as `expired`: for a hole no holder can fill any more (its records
-    /// were removed at their origin, by retention, before this node got them). Replication
-    /// calls it once every holder it can reach has answered without them. Returns how many
-    /// seqs it closed.
-    pub async fn close_hole(&self, key: &StreamKey, through: u64) -> Result<u64, LogError> {
-        match self.store.submit(Op::CloseHole { key: key.clone(), through }).await?.await? {
-            OpResult::Closed(n) => Ok(n),
-            other => unreachable!("close_hole answered with {other:?}"),
-        }
     }
 
     /// Applies the configured retention rules at wall-clock time `now_unix_ms`.

@@ -108,29 +108,6 @@ impl Watermark {
         out
     }
 
-    /// Treats every seq up to `through` as present or gone for good (a hole no holder can fill
-    /// any more), moving the watermark to `through`, or past it over what follows on; returns
-    /// how many seqs up to `through` were missing.
-    pub fn close_through(&mut self, through: u64) -> u64 {
-        if through <= self.watermark {
-            return 0;
-        }
-        let starts: Vec<u64> = self.above.range(..=through).map(|(&start, _)| start).collect();
-        let mut present = 0;
-        let mut watermark = through;
-        for start in starts {
-            let end = self.above.remove(&start).expect("listed above");
-            present += end.min(through) - start + 1;
-            watermark = watermark.max(end);
-        }
-        let closed = (through - self.watermark) - present;
-        self.watermark = watermark;
-        if let Some(end) = watermark.checked_add(1).and_then(|next| self.above.remove(&next)) {
-            self.watermark = end;
-        }
-        closed
-    }
-
     /// How many seqs are missing between the watermark and the highest present seq (the
     /// gaps' sizes summed, over every gap, not only those [`Watermark::gaps`] lists).
     pub fn missing(&self) -> u64 {
@@ -166,21 +143,6 @@ mod tests {
         assert_eq!(w.insert(4), Insert::New);
         assert_eq!(w.insert(3), Insert::New);
         assert_eq!((w.get(), w.fragments(), w.gaps(10)), (7, 0, vec![]));
-    }
-
-    #[test]
-    fn closing_a_hole_moves_the_watermark_over_what_follows() {
-        let mut w = Watermark::new(2);
-        for s in [5, 6, 9, 10, 11, 20] {
-            w.insert(s);
-        }
-        assert_eq!(w.close_through(2), 0, "nothing above the watermark asked for");
-        assert_eq!(w.close_through(4), 2, "3 and 4 were missing");
-        assert_eq!((w.get(), w.gaps(10)), (6, vec![7..=8, 12..=19]), "and 5..=6 followed on");
-        assert_eq!(w.close_through(10), 2, "7 and 8; 9..=11 held, partly past 10");
-        assert_eq!((w.get(), w.gaps(10), w.missing()), (11, vec![12..=19], 8));
-        assert_eq!(w.close_through(25), 13, "12..=19 and 21..=25");
-        assert_eq!((w.get(), w.missing(), w.fragments()), (25, 0, 0));
     }
 
     #[test]

@@ -795,29 +795,3 @@ async fn a_sweep_removes_at_most_sweep_records_max_and_the_next_goes_on() {
     assert_eq!(removed, [(3, 1), (3, 1), (1, 0), (0, 0)]);
     assert_eq!(log.stream(&log.local_key(&s)).unwrap().count, 0);
 }
-
-#[tokio::test]
-async fn closing_a_hole_moves_the_watermark_and_counts_what_was_missing_as_expired() {
-    let dir = tempfile::tempdir().unwrap();
-    let key = StreamKey::of(&remote("fog-9", 3, "r", 1).id);
-    {
-        let log = rocks(dir.path(), StoreOptions::default());
-        for seq in [5, 6, 9] {
-            log.insert_remote(remote("fog-9", 3, "r", seq)).await.unwrap();
-        }
-        assert_eq!(log.close_hole(&key, 4).await.unwrap(), 4, "1..=4 were missing");
-        let info = log.stream(&key).unwrap();
-        assert_eq!((info.watermark, info.missing, info.expired, info.count), (6, 2, 4, 3), "5 and 6 followed on; 7..=8 still missing");
-        assert_eq!(log.close_hole(&key, 4).await.unwrap(), 0, "closing again changes nothing");
-        // Our own streams have no holes to close.
-        let own = log.append_durable(stream("mine"), draft(b"x")).await.unwrap();
-        assert_eq!(log.close_hole(&StreamKey::of(&own.id), 10).await.unwrap(), 0);
-        assert_eq!(log.stream(&StreamKey::of(&own.id)).unwrap().watermark, 1);
-        log.close();
-    }
-    // The moved watermark and the count are durable.
-    let log = rocks(dir.path(), StoreOptions::default());
-    let info = log.stream(&key).unwrap();
-    assert_eq!((info.watermark, info.missing, info.expired), (6, 2, 4));
-    assert_eq!(log.read_in_order(&key, 1, 10).unwrap().iter().map(|e| e.id.seq.get()).collect::<Vec<_>>(), [5, 6]);
-}
