@@ -74,6 +74,28 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// A free TCP port on loopback for a node the test starts (see [`strata_core::ports`]).
+/// A reading envelope as `origin` (incarnation `incarnation`) would send it on `stream`, with
+/// seq `seq` and `{"value": seq}` as payload: what tests put on the wire or in a store as if
+/// received from another node.
+pub fn reading_envelope(origin: &str, incarnation: u64, stream: &str, seq: u64) -> strata_core::Envelope {
+    use strata_core::{EnvelopeId, HlcTime, Incarnation, Kind, NodeId, PayloadType, Priority, Seq, StreamName, Trace};
+    strata_core::Envelope {
+        id: EnvelopeId {
+            origin: NodeId::new(origin).unwrap(),
+            incarnation: Incarnation::from_raw(incarnation),
+            stream: StreamName::new(stream).unwrap(),
+            seq: Seq::new(seq).unwrap(),
+        },
+        kind: Kind::Reading,
+        hlc: HlcTime::from_uhlc(uhlc::HLC::default().new_timestamp()),
+        budget_us: None,
+        priority: Priority::NORMAL,
+        trace: Trace::default(),
+        payload_type: PayloadType::new("strata.reading/1").unwrap(),
+        payload: format!("{{\"value\": {seq}}}").into_bytes(),
+    }
+}
+
 pub fn free_port() -> u16 {
     strata_core::ports::free_loopback_port().expect("a free loopback port")
 }

@@ -163,22 +163,7 @@ impl Behaviour for Order {
 }
 
 fn received(seq: u64) -> Envelope {
-    use strata_core::{EnvelopeId, HlcTime, Incarnation, Priority, Seq, Trace};
-    Envelope {
-        id: EnvelopeId {
-            origin: NodeId::new("edge-7").unwrap(),
-            incarnation: Incarnation::from_raw(0xabc),
-            stream: StreamName::new("readings").unwrap(),
-            seq: Seq::new(seq).unwrap(),
-        },
-        kind: Kind::Reading,
-        hlc: HlcTime::from_uhlc(uhlc::HLC::default().new_timestamp()),
-        budget_us: None,
-        priority: Priority::NORMAL,
-        trace: Trace::default(),
-        payload_type: PayloadType::new("test/1").unwrap(),
-        payload: vec![seq as u8],
-    }
+    strata_integration::reading_envelope("edge-7", 0xabc, "readings", seq)
 }
 
 /// A cloud node's store holding edge-7's `readings` 1, 2, 4 and 5 (3 was lost live), and an

@@ -10,8 +10,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use strata_core::log::{RocksStore, Store, StreamKey};
-use strata_core::model::{Envelope, EnvelopeId, HlcTime, Incarnation, Kind, NodeId, PayloadType, Priority, Seq, StreamName, Trace};
-use strata_integration::{free_port, repo_root, strata_bin, wait_until, NodeProc};
+use strata_core::model::Envelope;
+use strata_integration::{free_port, reading_envelope as envelope, repo_root, strata_bin, wait_until, NodeProc};
 
 const NODES: [(&str, &str); 3] = [("cloud-1", "cloud"), ("fog-1", "fog"), ("edge-1", "edge")];
 
@@ -67,25 +67,6 @@ async fn client(endpoint: &str, ca: &Path, identity: Option<(&Path, &Path)>) -> 
         set("transport/link/tls/enable_mtls", "true".into());
     }
     zenoh::open(c).await.map_err(|e| e.to_string())
-}
-
-fn envelope(origin: &str, incarnation: u64, stream: &str, seq: u64) -> Envelope {
-    let hlc = uhlc::HLC::default();
-    Envelope {
-        id: EnvelopeId {
-            origin: NodeId::new(origin).unwrap(),
-            incarnation: Incarnation::from_raw(incarnation),
-            stream: StreamName::new(stream).unwrap(),
-            seq: Seq::new(seq).unwrap(),
-        },
-        kind: Kind::Reading,
-        hlc: HlcTime::from_uhlc(hlc.new_timestamp()),
-        budget_us: None,
-        priority: Priority::NORMAL,
-        trace: Trace::default(),
-        payload_type: PayloadType::new("strata.reading/1").unwrap(),
-        payload: format!("{{\"value\": {seq}}}").into_bytes(),
-    }
 }
 
 fn encoded(e: &Envelope) -> Vec<u8> {
