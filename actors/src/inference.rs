@@ -44,7 +44,6 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
-use strata_core::actor::INPUT_BATCH_LEN_MAX;
 use strata_core::bus::BoxFut;
 use strata_core::config::{ActorSpec, Name};
 use strata_core::log::{Draft, StreamKey};
@@ -445,7 +444,8 @@ impl Behaviour for Inference {
                 // Load: how far behind this actor is, as a share of what it can take in one
                 // batch (a full batch waiting or more: saturated).
                 let last = ctx.log().stream(&StreamKey::of(&input.id)).map_or(0, |i| i.last);
-                let load = (last.saturating_sub(input.id.seq.get()) as f64 / INPUT_BATCH_LEN_MAX as f64).min(1.0);
+                let batch_len_max = ctx.config().supervision.input_batch_len_max as f64;
+                let load = (last.saturating_sub(input.id.seq.get()) as f64 / batch_len_max).min(1.0);
                 let (mut doc, outcome) = decider.decide(self.capability.as_str(), &id, &request, deadline, started, input.priority, load, local).await;
                 if let (Value::Object(d), Value::Object(o)) = (&mut doc, serde_json::to_value(&outcome)?) {
                     d.extend(o);

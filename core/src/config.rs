@@ -307,6 +307,14 @@ pub struct NodeSection {
     /// directory.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub data_dir: Option<PathBuf>,
+    /// Status queries (`strata status`, `strata demo`'s view) waiting to be answered; beyond
+    /// it a query is dropped: the tool that asked gets no reply from this node. Default 16.
+    #[serde(default = "status_queue_len_default")]
+    pub status_queue_len_max: usize,
+}
+
+fn status_queue_len_default() -> usize {
+    16
 }
 
 impl NodeSection {
@@ -357,6 +365,9 @@ pub struct ZenohSection {
     pub open_timeout_ms: u64,
     /// Multicast scouting (peer discovery on the LAN). Default false: links are explicit.
     pub scouting_multicast: bool,
+    /// Zenoh publishers kept declared, one per key this node publishes on (live streams,
+    /// heads); beyond it the node sends plain puts, which cost a key lookup each. Default 1024.
+    pub publishers_max: usize,
 }
 
 impl Default for ZenohSection {
@@ -369,6 +380,7 @@ impl Default for ZenohSection {
             connect_retry_ms: 250,
             open_timeout_ms: 2000,
             scouting_multicast: false,
+            publishers_max: 1024,
         }
     }
 }
@@ -444,6 +456,14 @@ pub struct LogSection {
     /// Most records one retention sweep removes (the sweep is one committer operation, so it
     /// delays appends meanwhile); the next sweep goes on. Default 100000.
     pub sweep_records_max: u64,
+    /// WAL files kept once their records are flushed, and written again instead of new ones
+    /// (RocksDB's `recycle_log_file_num`): a reused file needs no new allocation before its
+    /// sync. 0 creates a new file every time. Default 4.
+    pub wal_files_reused: usize,
+    /// Most disjoint ranges of received records kept above a stream's watermark (its memory
+    /// grows with the gaps, not the records); a received record that would open one more is
+    /// not stored (`Deferred`) and replay brings it again in order. Default 1024.
+    pub present_ranges_max: usize,
 }
 
 impl Default for LogSection {
@@ -465,6 +485,8 @@ impl Default for LogSection {
             snapshot_bytes_max: 1024 * 1024,
             retention: Vec::new(),
             sweep_records_max: 100_000,
+            wal_files_reused: 4,
+            present_ranges_max: 1024,
         }
     }
 }
@@ -528,6 +550,28 @@ pub struct ReplicationSection {
     /// that no holder can supply (removed by retention at their origin before they were
     /// replicated, or damaged everywhere) must not stop a consumer for good. Default 30000.
     pub consumer_gap_wait_ms: u64,
+    /// Most received live samples stored as one insert operation. Default 512.
+    pub live_batch_len_max: usize,
+    /// The same batch's bound in bytes of payloads; a batch takes at least one sample.
+    /// Default 262144 (256 KiB).
+    pub live_batch_bytes_max: usize,
+    /// Insert operations of received live samples queued to the log before the receiver
+    /// waits for the oldest to be durable (meanwhile samples wait in the live queue).
+    /// Default 64.
+    pub insert_batches_in_flight_max: usize,
+    /// Replay requests from other nodes waiting to be served; beyond it a request is not
+    /// answered, and its sender asks again after `replay_timeout_ms`. Default 64.
+    pub request_queue_len_max: usize,
+    /// Heads announcements of other nodes waiting to be handled, and (in a queue of its own)
+    /// their liveliness changes; beyond it they are dropped (heads are counted as
+    /// `heads_dropped` and come again every `ack_interval_ms`). Default 1024.
+    pub peer_events_queue_len_max: usize,
+    /// Most queued local records the publisher takes in one round (it frames them by stream
+    /// before it publishes them). Default 4096.
+    pub publish_round_len_max: usize,
+    /// How long an orderly stop waits for the records queued to be published live to go
+    /// out, in ms, before the handover. Default 5000.
+    pub shutdown_flush_ms: u64,
 }
 
 impl Default for ReplicationSection {
@@ -545,6 +589,13 @@ impl Default for ReplicationSection {
             live_frame_bytes_max: 16384,
             shutdown_handover_ms: 5000,
             consumer_gap_wait_ms: 30_000,
+            live_batch_len_max: 512,
+            live_batch_bytes_max: 256 * 1024,
+            insert_batches_in_flight_max: 64,
+            request_queue_len_max: 64,
+            peer_events_queue_len_max: 1024,
+            publish_round_len_max: 4096,
+            shutdown_flush_ms: 5000,
         }
     }
 }
@@ -606,6 +657,15 @@ pub struct SupervisionSection {
     /// Supervision events waiting to be appended to the `events` stream; beyond it they are
     /// counted as dropped (and still logged). Default 1024.
     pub events_queue_len_max: usize,
+    /// How long an orderly stop waits for the events still queued to be appended, in ms.
+    /// Default 5000.
+    pub events_drain_wait_ms: u64,
+    /// Most records an actor's host reads from one input per batch (one handler batch, one
+    /// cursor commit). Default 256.
+    pub input_batch_len_max: usize,
+    /// Longest an idle actor's host waits for new input before it looks again, in ms (new
+    /// records wake it at once; this bounds a missed wake-up). Default 200.
+    pub input_idle_wait_ms: u64,
 }
 
 impl Default for SupervisionSection {
@@ -619,6 +679,9 @@ impl Default for SupervisionSection {
             backoff_jitter_pct: 20,
             child_shutdown_timeout_ms: 5_000,
             events_queue_len_max: 1024,
+            events_drain_wait_ms: 5000,
+            input_batch_len_max: 256,
+            input_idle_wait_ms: 200,
         }
     }
 }
@@ -720,11 +783,15 @@ pub struct ModesSection {
     /// How often the mode is re-evaluated from the liveliness table and local health, in ms.
     /// Default 100.
     pub check_interval_ms: u64,
+    /// After a recovery, how long the catch-up of the tiers that acknowledge this node's
+    /// streams is watched, in ms: a `caught_up` event when they hold what this node held at
+    /// the recovery, a `catch_up_slow` event if they still do not after this. Default 600000.
+    pub catch_up_watch_ms: u64,
 }
 
 impl Default for ModesSection {
     fn default() -> Self {
-        ModesSection { recover_hold_ms: 3000, check_interval_ms: 100 }
+        ModesSection { recover_hold_ms: 3000, check_interval_ms: 100, catch_up_watch_ms: 600_000 }
     }
 }
 
@@ -757,6 +824,18 @@ pub struct AutonomySection {
     /// Escalations waiting at once; beyond it the oldest is resolved with the safe default
     /// at once (and recorded as such). Default 1024.
     pub pending_escalations_max: usize,
+    /// Resolutions remembered after the fact, to answer a late approve or deny with what
+    /// happened. Default 1024.
+    pub resolutions_remembered_max: usize,
+    /// Operators' approvals and denials waiting for this node's escalation desk; beyond it
+    /// one is dropped: the operator's tool gets no reply from this node, and the escalation
+    /// stays pending. Default 16.
+    pub approvals_queue_len_max: usize,
+    /// Escalations read from their stream per batch. Default 64.
+    pub escalation_batch_len_max: usize,
+    /// Longest wait for new escalations between checks for timed-out ones, in ms: an
+    /// escalation times out at most this late. Default 100.
+    pub escalation_check_interval_ms: u64,
     /// Bounds in mode `Full`. Default actions log, alert, adjust, stop; risk_max 1.0.
     pub full: Bounds,
     /// Bounds in mode `NoCloud`. Default actions log, alert, adjust, stop; risk_max 0.7.
@@ -775,6 +854,10 @@ impl Default for AutonomySection {
             escalations_stream: StreamName::new("escalations").expect("static name"),
             resolutions_stream: StreamName::new("decisions").expect("static name"),
             pending_escalations_max: 1024,
+            resolutions_remembered_max: 1024,
+            approvals_queue_len_max: 16,
+            escalation_batch_len_max: 64,
+            escalation_check_interval_ms: 100,
             full: bounds(&["log", "alert", "adjust", "stop"], 1.0),
             no_cloud: bounds(&["log", "alert", "adjust", "stop"], 0.7),
             isolated: bounds(&["log", "alert", "stop"], 0.4),
@@ -951,6 +1034,25 @@ impl NodeConfig {
             ("modes.check_interval_ms", md.check_interval_ms, 1, DAY_MS),
             ("autonomy.escalation_timeout_ms", au.escalation_timeout_ms, 1, DAY_MS),
             ("autonomy.pending_escalations_max", au.pending_escalations_max as u64, 1, QUEUE_LEN_CEILING),
+            ("autonomy.resolutions_remembered_max", au.resolutions_remembered_max as u64, 1, QUEUE_LEN_CEILING),
+            ("autonomy.approvals_queue_len_max", au.approvals_queue_len_max as u64, 1, QUEUE_LEN_CEILING),
+            ("node.status_queue_len_max", self.node.status_queue_len_max as u64, 1, QUEUE_LEN_CEILING),
+            ("autonomy.escalation_batch_len_max", au.escalation_batch_len_max as u64, 1, BATCH_LEN_CEILING),
+            ("autonomy.escalation_check_interval_ms", au.escalation_check_interval_ms, 1, DAY_MS),
+            ("replication.live_batch_len_max", r.live_batch_len_max as u64, 1, BATCH_LEN_CEILING),
+            ("replication.live_batch_bytes_max", r.live_batch_bytes_max as u64, 1024, crate::bus::wire::MESSAGE_BYTES_MAX as u64 * 16),
+            ("replication.insert_batches_in_flight_max", r.insert_batches_in_flight_max as u64, 1, BATCH_LEN_CEILING),
+            ("replication.request_queue_len_max", r.request_queue_len_max as u64, 1, QUEUE_LEN_CEILING),
+            ("replication.peer_events_queue_len_max", r.peer_events_queue_len_max as u64, 1, QUEUE_LEN_CEILING),
+            ("replication.publish_round_len_max", r.publish_round_len_max as u64, 1, QUEUE_LEN_CEILING),
+            ("replication.shutdown_flush_ms", r.shutdown_flush_ms, 0, DAY_MS),
+            ("supervision.events_drain_wait_ms", sv.events_drain_wait_ms, 0, DAY_MS),
+            ("supervision.input_batch_len_max", sv.input_batch_len_max as u64, 1, BATCH_LEN_CEILING),
+            ("supervision.input_idle_wait_ms", sv.input_idle_wait_ms, 1, DAY_MS),
+            ("modes.catch_up_watch_ms", md.catch_up_watch_ms, 1, DAY_MS),
+            ("log.wal_files_reused", l.wal_files_reused as u64, 0, 64),
+            ("log.present_ranges_max", l.present_ranges_max as u64, 1, QUEUE_LEN_CEILING),
+            ("zenoh.publishers_max", z.publishers_max as u64, 0, QUEUE_LEN_CEILING),
         ] {
             if value < min {
                 bad(key, format!("{value} is less than {min}"));
@@ -1181,6 +1283,45 @@ mod tests {
         check(&format!("{secure}ingest_clients = [\"gw\"]\n"), Err("security.ingest_clients: ingest clients are named but [ingest] streams is empty"));
     }
 
+    /// The bounds that were constants in the code: each is a field now, refused by name out
+    /// of its range and taken at its edges.
+    #[test]
+    fn former_constants_are_fields_with_ranges() {
+        for (section, key, low, high) in [
+            ("zenoh", "publishers_max", 0, QUEUE_LEN_CEILING),
+            ("log", "wal_files_reused", 0, 64),
+            ("log", "present_ranges_max", 1, QUEUE_LEN_CEILING),
+            ("replication", "live_batch_len_max", 1, BATCH_LEN_CEILING),
+            ("replication", "live_batch_bytes_max", 1024, 64 * 1024 * 1024),
+            ("replication", "insert_batches_in_flight_max", 1, BATCH_LEN_CEILING),
+            ("replication", "request_queue_len_max", 1, QUEUE_LEN_CEILING),
+            ("replication", "peer_events_queue_len_max", 1, QUEUE_LEN_CEILING),
+            ("replication", "publish_round_len_max", 1, QUEUE_LEN_CEILING),
+            ("replication", "shutdown_flush_ms", 0, DAY_MS),
+            ("supervision", "events_drain_wait_ms", 0, DAY_MS),
+            ("supervision", "input_batch_len_max", 1, BATCH_LEN_CEILING),
+            ("supervision", "input_idle_wait_ms", 1, DAY_MS),
+            ("modes", "catch_up_watch_ms", 1, DAY_MS),
+            ("autonomy", "resolutions_remembered_max", 1, QUEUE_LEN_CEILING),
+            ("autonomy", "approvals_queue_len_max", 1, QUEUE_LEN_CEILING),
+            ("autonomy", "escalation_batch_len_max", 1, BATCH_LEN_CEILING),
+            ("autonomy", "escalation_check_interval_ms", 1, DAY_MS),
+        ] {
+            // MINIMAL ends in its [zenoh] table.
+            let header = if section == "zenoh" { String::new() } else { format!("[{section}]\n") };
+            let with = |v: u64| format!("{MINIMAL}{header}{key} = {v}\n");
+            check(&with(low), Ok(()));
+            check(&with(high), Ok(()));
+            check(&with(high + 1), Err(&format!("t.toml: {section}.{key}: {} is more than {high}", high + 1)));
+            if low > 0 {
+                check(&with(low - 1), Err(&format!("t.toml: {section}.{key}: {} is less than {low}", low - 1)));
+            }
+        }
+        let node = |v: u64| format!("[node]\nid = \"edge-1\"\ntier = \"edge\"\nstatus_queue_len_max = {v}\n[zenoh]\nconnect = [\"tcp/127.0.0.1:7448\"]\n");
+        check(&node(1), Ok(()));
+        check(&node(0), Err("t.toml: node.status_queue_len_max: 0 is less than 1"));
+    }
+
     #[test]
     fn errors_name_key_path_and_problem() {
         check(
@@ -1400,6 +1541,7 @@ mod config_files {
         assert_eq!(reference.modes, ModesSection::default());
         assert_eq!(reference.autonomy, AutonomySection::default());
         assert_eq!(reference.security, SecuritySection::default());
+        assert_eq!(reference.node.status_queue_len_max, status_queue_len_default());
     }
 }
 

@@ -84,11 +84,6 @@ use crate::supervise::ChildSpec;
 /// What a handler may fail with; the actor then fails and its supervisor decides.
 pub type ActorError = Box<dyn std::error::Error + Send + Sync>;
 
-/// Records read from one input per batch.
-pub const INPUT_BATCH_LEN_MAX: usize = 256;
-/// How long an idle actor waits for new input before looking again.
-const IDLE_WAIT: Duration = Duration::from_millis(200);
-
 /// An actor's behaviour. Implementations are built per (re)start by their kind's factory.
 pub trait Behaviour: Send + Sync + Sized + 'static {
     type State: Send + 'static;
@@ -423,7 +418,7 @@ impl<B: Behaviour> HostState<B> {
             let cursor = durable.max(self.handled_to.get(&key).copied().unwrap_or(0));
             // In order, up to the next gap: a received record past a gap waits for replay to
             // fill it, so the cursor never passes a record not yet handled.
-            let batch = self.ctx.log.read_in_order(&key, cursor + 1, INPUT_BATCH_LEN_MAX)?;
+            let batch = self.ctx.log.read_in_order(&key, cursor + 1, self.ctx.config.supervision.input_batch_len_max)?;
             let Some(last) = batch.last().map(|e| e.id.seq.get()) else {
                 if self.pass_gap_if_waited(&key, cursor).await? {
                     handled += 1;
@@ -495,7 +490,8 @@ impl<B: Behaviour> Actor for Host<B> {
                     // Nothing new: make the last batch durable and published, then wait
                     // (bounded) for the next write to the log.
                     s.settle().await?;
-                    let _ = tokio::time::timeout(IDLE_WAIT, commits.changed()).await;
+                    let idle_wait = Duration::from_millis(s.ctx.config.supervision.input_idle_wait_ms);
+                    let _ = tokio::time::timeout(idle_wait, commits.changed()).await;
                 }
                 myself.send_message(HostMsg::Poll)?;
             }

@@ -42,16 +42,9 @@ use crate::log::{Draft, InsertManyTicket, Inserted, Log, LogError, StreamKey};
 use crate::model::{Envelope, Kind, NodeId, PayloadType, StreamName, Tier};
 
 /// Most batches one replay request is answered with; the requester asks again for more.
+/// Part of the protocol, not a node's setting: the server caps a request's range with it and
+/// the requester expects at most this many replies.
 const REPLAY_BATCHES_PER_REQUEST: u64 = 16;
-/// Queue of received requests (replay, waiting to be served).
-const REQUEST_QUEUE_LEN: usize = 64;
-/// Queue of liveliness and heads events.
-const EVENT_QUEUE_LEN: usize = 1024;
-/// Insert batches kept in flight per receiver before it waits for the oldest to be durable.
-const INSERT_BATCHES_IN_FLIGHT_MAX: usize = 64;
-/// Most live samples, and most bytes of them, stored as one insert operation.
-const LIVE_BATCH_LEN_MAX: usize = 512;
-const LIVE_BATCH_BYTES_MAX: usize = 256 * 1024;
 
 /// The protocol's settings, from the node config.
 #[derive(Debug, Clone)]
@@ -73,6 +66,19 @@ pub struct Settings {
     pub live_frame_bytes_max: usize,
     /// How long an orderly stop waits for reachable tiers to acknowledge our records.
     pub shutdown_handover: Duration,
+    /// How long an orderly stop waits for queued records to be published.
+    pub shutdown_flush: Duration,
+    /// Most live samples, and most bytes of them, stored as one insert operation.
+    pub live_batch_len_max: usize,
+    pub live_batch_bytes_max: usize,
+    /// Insert batches kept in flight per receiver before it waits for the oldest to be durable.
+    pub insert_batches_in_flight_max: usize,
+    /// Queue of received replay requests waiting to be served.
+    pub request_queue_len_max: usize,
+    /// Queues of heads and of liveliness events.
+    pub peer_events_queue_len_max: usize,
+    /// Most queued records one round of the publisher takes.
+    pub publish_round_len_max: usize,
     pub limits: Limits,
 }
 
@@ -94,6 +100,13 @@ impl Settings {
             publish_queue_bytes_max: c.replication.publish_queue_bytes_max,
             live_frame_bytes_max: c.replication.live_frame_bytes_max,
             shutdown_handover: Duration::from_millis(c.replication.shutdown_handover_ms),
+            shutdown_flush: Duration::from_millis(c.replication.shutdown_flush_ms),
+            live_batch_len_max: c.replication.live_batch_len_max,
+            live_batch_bytes_max: c.replication.live_batch_bytes_max,
+            insert_batches_in_flight_max: c.replication.insert_batches_in_flight_max,
+            request_queue_len_max: c.replication.request_queue_len_max,
+            peer_events_queue_len_max: c.replication.peer_events_queue_len_max,
+            publish_round_len_max: c.replication.publish_round_len_max,
             limits: Limits { max_payload_bytes: c.log.payload_bytes_max },
         }
     }
@@ -277,9 +290,6 @@ enum Outgoing {
     Flush(tokio::sync::oneshot::Sender<()>),
 }
 
-/// How long an orderly stop waits for queued records to be published.
-const FLUSH_WAIT: Duration = Duration::from_secs(5);
-
 /// A running replication protocol. Dropping it (or [`Replicator::stop`]) ends its tasks.
 pub struct Replicator {
     shared: Arc<Shared>,
@@ -317,11 +327,11 @@ impl Replicator {
             let incoming = t.subscribe(&keyexpr, s.live_queue_len_max, s.live_queue_bytes_max, Overflow::Drop).await?;
             tasks.spawn(receive_live(shared.clone(), incoming));
         }
-        let heads = t.subscribe(keys::HEADS_ALL, EVENT_QUEUE_LEN, s.live_queue_bytes_max, Overflow::Drop).await?;
+        let heads = t.subscribe(keys::HEADS_ALL, s.peer_events_queue_len_max, s.live_queue_bytes_max, Overflow::Drop).await?;
         tasks.spawn(receive_heads(shared.clone(), heads));
-        let requests = t.serve(keys::REPLAY_ALL, REQUEST_QUEUE_LEN).await?;
+        let requests = t.serve(keys::REPLAY_ALL, s.request_queue_len_max).await?;
         tasks.spawn(serve_replay(shared.clone(), requests));
-        let alive = t.watch_alive(keys::ALIVE_ALL, EVENT_QUEUE_LEN).await?;
+        let alive = t.watch_alive(keys::ALIVE_ALL, s.peer_events_queue_len_max).await?;
         tasks.spawn(watch_presence(shared.clone(), alive));
         if !s.ingest_streams.is_empty() {
             let ingest = t.subscribe(keys::INGEST_ALL, s.live_queue_len_max, s.live_queue_bytes_max, Overflow::Block).await?;
@@ -442,7 +452,7 @@ impl Replicator {
                 let _ = flushed.await;
             }
         };
-        if tokio::time::timeout(FLUSH_WAIT, flush).await.is_err() {
+        if tokio::time::timeout(self.shared.settings.shutdown_flush, flush).await.is_err() {
             tracing::warn!("records queued for live publication were not all published before stopping; subscribers will replay them");
         }
         self.hand_over().await;
@@ -529,16 +539,13 @@ fn publish(shared: &Shared, envelope: &Envelope) {
     }
 }
 
-/// Most queued records one round of the publisher takes.
-const PUBLISH_ROUND_LEN_MAX: usize = 4096;
-
 /// Publishes queued records: what waits for the same stream goes out as live frames of at
 /// most `live_frame_bytes_max` bytes, a record alone as itself. Nothing waits to fill a frame,
 /// so a lone record goes out at once; under load, frames form while the last ones are sent.
 async fn publish_live(shared: Arc<Shared>, mut outgoing: mpsc::Receiver<Outgoing>) {
-    let frame_max = shared.settings.live_frame_bytes_max;
+    let (frame_max, round_max) = (shared.settings.live_frame_bytes_max, shared.settings.publish_round_len_max);
     let mut round = Vec::new();
-    while outgoing.recv_many(&mut round, PUBLISH_ROUND_LEN_MAX).await > 0 {
+    while outgoing.recv_many(&mut round, round_max).await > 0 {
         // Group by stream, keeping each stream's order.
         let mut streams: Vec<(String, Vec<Vec<u8>>)> = Vec::new();
         let mut flushes = Vec::new();
@@ -652,14 +659,16 @@ fn accept(shared: &Shared, key: Option<&str>, bytes: &[u8]) -> Option<Envelope> 
 }
 
 async fn receive_live(shared: Arc<Shared>, mut incoming: super::Incoming<super::Sample>) {
-    let (tx, rx) = mpsc::channel(INSERT_BATCHES_IN_FLIGHT_MAX);
+    let s = &shared.settings;
+    let (batch_len_max, batch_bytes_max) = (s.live_batch_len_max, s.live_batch_bytes_max);
+    let (tx, rx) = mpsc::channel(s.insert_batches_in_flight_max);
     let settle = tokio::spawn(settle_inserts(shared.clone(), rx));
     let mut reported_drops = 0;
     while let Some(first) = incoming.recv().await {
         // Take what is already waiting too: one insert operation for the lot.
         let mut bytes = first.payload.len();
         let mut samples = vec![first];
-        while samples.len() < LIVE_BATCH_LEN_MAX && bytes < LIVE_BATCH_BYTES_MAX {
+        while samples.len() < batch_len_max && bytes < batch_bytes_max {
             match incoming.try_recv() {
                 Some(s) => {
                     bytes += s.payload.len();

@@ -50,6 +50,14 @@ fn settings(n: &SimNode) -> Settings {
         // Small frames: schedules drop, duplicate and reorder frames of several records too.
         live_frame_bytes_max: 1024,
         shutdown_handover: n.handover,
+        shutdown_flush: Duration::from_secs(5),
+        // Small batches and queues: schedules exercise the receiver's batching and waits.
+        live_batch_len_max: 8,
+        live_batch_bytes_max: 4096,
+        insert_batches_in_flight_max: 4,
+        request_queue_len_max: 64,
+        peer_events_queue_len_max: 1024,
+        publish_round_len_max: 16,
         limits: Limits::default(),
     }
 }

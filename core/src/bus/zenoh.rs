@@ -152,20 +152,25 @@ pub struct ZenohTransport {
     node: NodeId,
     session: zenoh::Session,
     publishers: Mutex<HashMap<String, zenoh::pubsub::Publisher<'static>>>,
+    /// Most publishers kept declared (one per key); beyond it, plain puts are used.
+    publishers_max: usize,
 }
 
-/// Most live publishers kept declared (one per stream); beyond it, plain puts are used.
-const PUBLISHERS_MAX: usize = 1024;
+/// Publishers kept declared by a session opened without a node config (tools: they publish
+/// little); a node's session keeps `zenoh.publishers_max`.
+const TOOL_PUBLISHERS_MAX: usize = 16;
 
 impl ZenohTransport {
     /// Opens the node's session from its config and what its `[security]` prepared.
     pub async fn open(config: &NodeConfig, security: &NodeSecurity) -> Result<ZenohTransport, BusError> {
-        ZenohTransport::open_with(config.node.id.clone(), zenoh_config(config, security)?).await
+        let mut transport = ZenohTransport::open_with(config.node.id.clone(), zenoh_config(config, security)?).await?;
+        transport.publishers_max = config.zenoh.publishers_max;
+        Ok(transport)
     }
 
     pub async fn open_with(node: NodeId, config: zenoh::Config) -> Result<ZenohTransport, BusError> {
         let session = zenoh::open(config).await.map_err(zerr)?;
-        Ok(ZenohTransport { node, session, publishers: Mutex::new(HashMap::new()) })
+        Ok(ZenohTransport { node, session, publishers: Mutex::new(HashMap::new()), publishers_max: TOOL_PUBLISHERS_MAX })
     }
 
     pub fn session(&self) -> &zenoh::Session {
@@ -204,7 +209,7 @@ impl Transport for ZenohTransport {
 
     fn publish(&self, key: &str, payload: Vec<u8>) {
         let mut publishers = self.publishers.lock().unwrap_or_else(|p| p.into_inner());
-        if !publishers.contains_key(key) && publishers.len() < PUBLISHERS_MAX {
+        if !publishers.contains_key(key) && publishers.len() < self.publishers_max {
             match self.session.declare_publisher(key.to_owned()).congestion_control(CongestionControl::Drop).wait() {
                 Ok(p) => {
                     publishers.insert(key.to_owned(), p);
@@ -352,5 +357,47 @@ impl Transport for ZenohTransport {
                 .map_err(zerr)?;
             Ok(Incoming::new(rx, dropped, Box::new(sub)))
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn loopback(node: &str, listen: Option<u16>, connect: Option<u16>) -> ZenohTransport {
+        let mut c = zenoh::Config::default();
+        let mut set = |key: &str, value: String| c.insert_json5(key, &value).unwrap();
+        set("mode", "\"peer\"".into());
+        set("scouting/multicast/enabled", "false".into());
+        set("listen/endpoints", serde_json::to_string(&listen.map(|p| format!("tcp/127.0.0.1:{p}")).into_iter().collect::<Vec<_>>()).unwrap());
+        set("connect/endpoints", serde_json::to_string(&connect.map(|p| format!("tcp/127.0.0.1:{p}")).into_iter().collect::<Vec<_>>()).unwrap());
+        ZenohTransport::open_with(NodeId::new(node).unwrap(), c).await.unwrap()
+    }
+
+    /// Beyond `publishers_max` declared publishers, live publication goes on with plain puts.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn past_publishers_max_records_go_out_as_plain_puts() {
+        let port = crate::ports::free_loopback_port().unwrap();
+        let mut a = loopback("a", Some(port), None).await;
+        a.publishers_max = 1;
+        let b = loopback("b", None, Some(port)).await;
+        let mut incoming = b.subscribe("t/**", 1024, 1 << 20, Overflow::Drop).await.unwrap();
+        let keys = ["t/x", "t/y", "t/z"];
+        let mut seen = std::collections::BTreeSet::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        // Until the subscription has reached `a`, what it publishes goes nowhere: publish again.
+        while seen.len() < keys.len() {
+            assert!(tokio::time::Instant::now() < deadline, "received only {seen:?}");
+            for k in keys {
+                a.publish(k, k.as_bytes().to_vec());
+            }
+            while let Ok(Some(s)) = tokio::time::timeout(Duration::from_millis(50), incoming.recv()).await {
+                assert_eq!(s.payload, s.key.as_bytes(), "each key's own payload");
+                seen.insert(s.key);
+            }
+        }
+        assert_eq!(a.publishers.lock().unwrap().len(), 1, "one publisher declared, the other keys put plainly");
+        a.close().await;
+        b.close().await;
     }
 }

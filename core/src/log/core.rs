@@ -40,6 +40,10 @@ pub(crate) const STORE_FORMAT_OLDEST: u32 = 1;
 /// (`log.sweep_records_max`, [`Core::sweep_records_max`]); the next sweep continues.
 pub(crate) const SWEEP_RECORDS_DEFAULT: u64 = 100_000;
 
+/// Most disjoint ranges of received records kept above a stream's watermark unless the store
+/// is told otherwise (`log.present_ranges_max`, [`Core::present_ranges_max`]).
+pub(crate) const PRESENT_RANGES_DEFAULT: usize = 1024;
+
 /// Records read per scan while sweeping or rebuilding state.
 const SCAN_CHUNK: usize = 1024;
 
@@ -189,6 +193,8 @@ pub(crate) struct Core {
     pub limits: Limits,
     /// Most records one sweep removes.
     pub sweep_records_max: u64,
+    /// Most disjoint ranges of received records kept above a stream's watermark.
+    pub present_ranges_max: usize,
     hlc: uhlc::HLC,
     streams: Map<StreamKey, Entry>,
     cursors: Map<StreamKey, BTreeMap<Name, u64>>,
@@ -221,6 +227,7 @@ impl Core {
             incarnation,
             limits,
             sweep_records_max: SWEEP_RECORDS_DEFAULT,
+            present_ranges_max: PRESENT_RANGES_DEFAULT,
             hlc: uhlc::HLCBuilder::new().with_id(id).build(),
             streams: Map::default(),
             cursors: Map::default(),
@@ -416,7 +423,7 @@ impl Core {
             return Err(LogError::SeqOutOfRange { record: envelope.id.to_string() });
         }
         let entry = self.entry(&mut plan.staged, &key);
-        match entry.wm.check(seq) {
+        match entry.wm.check(seq, self.present_ranges_max) {
             Insert::Duplicate => return Ok(Inserted::Duplicate { watermark: entry.wm.get() }),
             Insert::TooFragmented => return Ok(Inserted::Deferred { watermark: entry.wm.get() }),
             Insert::New => {}

@@ -102,7 +102,7 @@ pub enum Inserted {
     /// Already stored (or below the watermark): nothing changed.
     Duplicate { watermark: u64 },
     /// Not stored because too many disjoint ranges are pending above the watermark
-    /// ([`ranges::PRESENT_RANGES_MAX`]); replay will bring it again, in order.
+    /// (`log.present_ranges_max`); replay will bring it again, in order.
     Deferred { watermark: u64 },
     /// The envelope is one of this store's own local records: ignored.
     Own,

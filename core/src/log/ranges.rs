@@ -5,10 +5,6 @@
 use std::collections::BTreeMap;
 use std::ops::RangeInclusive;
 
-/// Most disjoint ranges kept above the watermark. An insert that would open one more is
-/// refused ([`Insert::TooFragmented`]) and left to replay, which fills gaps in order.
-pub const PRESENT_RANGES_MAX: usize = 1024;
-
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Watermark {
     /// Every seq in `1..=watermark` is present (or was, before retention).
@@ -24,7 +20,8 @@ pub enum Insert {
     New,
     /// Already present: nothing changes.
     Duplicate,
-    /// Would exceed [`PRESENT_RANGES_MAX`]: not taken.
+    /// Would open more disjoint ranges above the watermark than the bound
+    /// (`log.present_ranges_max`) allows: not taken. Only [`Watermark::check`] says so.
     TooFragmented,
 }
 
@@ -46,23 +43,26 @@ impl Watermark {
         seq <= self.watermark || self.above.range(..=seq).next_back().is_some_and(|(_, &end)| seq <= end)
     }
 
-    /// What inserting `seq` would do, without doing it.
-    pub fn check(&self, seq: u64) -> Insert {
+    /// What inserting `seq` would do, without doing it, if at most `ranges_max` disjoint
+    /// ranges may be kept above the watermark.
+    pub fn check(&self, seq: u64, ranges_max: usize) -> Insert {
         if self.contains(seq) {
             return Insert::Duplicate;
         }
         let joins_left = seq == self.watermark.saturating_add(1) || self.above.range(..seq).next_back().is_some_and(|(_, &end)| end.saturating_add(1) == seq);
         let joins_right = seq.checked_add(1).is_some_and(|next| self.above.contains_key(&next));
-        if !joins_left && !joins_right && self.above.len() >= PRESENT_RANGES_MAX {
+        if !joins_left && !joins_right && self.above.len() >= ranges_max {
             return Insert::TooFragmented;
         }
         Insert::New
     }
 
-    /// Marks `seq` (>= 1) present.
+    /// Marks `seq` (>= 1) present, whatever the number of ranges: a caller that bounds them
+    /// asks [`Watermark::check`] first. (What a store holds is present, even if it holds more
+    /// ranges than a bound lowered since.)
     pub fn insert(&mut self, seq: u64) -> Insert {
         debug_assert!(seq >= 1);
-        let verdict = self.check(seq);
+        let verdict = self.check(seq, usize::MAX);
         if verdict != Insert::New {
             return verdict;
         }
@@ -173,21 +173,27 @@ mod tests {
         let mut w = Watermark::new(3);
         assert_eq!(w.insert(u64::MAX), Insert::New);
         assert_eq!(w.insert(u64::MAX - 1), Insert::New);
-        assert_eq!(w.check(u64::MAX), Insert::Duplicate);
+        assert_eq!(w.check(u64::MAX, 1), Insert::Duplicate);
         assert_eq!(w.gaps(10), vec![4..=u64::MAX - 2]);
         assert_eq!((w.last(), w.next_present(4)), (u64::MAX, u64::MAX - 1));
     }
 
     #[test]
     fn fragmentation_is_bounded() {
+        const RANGES_MAX: usize = 16;
         let mut w = Watermark::default();
-        for i in 0..PRESENT_RANGES_MAX as u64 {
-            assert_eq!(w.insert(10 + 2 * i), Insert::New);
+        for i in 0..RANGES_MAX as u64 {
+            assert_eq!(w.check(10 + 2 * i, RANGES_MAX), Insert::New);
+            w.insert(10 + 2 * i);
         }
-        assert_eq!(w.insert(1_000_000), Insert::TooFragmented);
+        assert_eq!(w.check(1_000_000, RANGES_MAX), Insert::TooFragmented);
         // Filling next to an existing range is still accepted.
+        assert_eq!(w.check(11, RANGES_MAX), Insert::New);
         assert_eq!(w.insert(11), Insert::New);
-        assert_eq!(w.fragments(), PRESENT_RANGES_MAX - 1);
+        assert_eq!(w.fragments(), RANGES_MAX - 1);
+        // Unbounded insert (loading what a store holds) takes a range beyond the bound.
+        assert_eq!(w.insert(1_000_000), Insert::New);
+        assert_eq!(w.fragments(), RANGES_MAX);
     }
 
     proptest! {

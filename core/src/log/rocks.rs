@@ -64,6 +64,8 @@ pub struct StoreOptions {
     pub block_cache_bytes: usize,
     pub retention: Vec<RetentionRule>,
     pub sweep_records_max: u64,
+    pub wal_files_reused: usize,
+    pub present_ranges_max: usize,
 }
 
 impl StoreOptions {
@@ -83,6 +85,8 @@ impl StoreOptions {
             block_cache_bytes: log.block_cache_bytes,
             retention: with_snapshot_rule(&log.retention, log.snapshot_bytes_max),
             sweep_records_max: log.sweep_records_max,
+            wal_files_reused: log.wal_files_reused,
+            present_ranges_max: log.present_ranges_max,
         }
     }
 }
@@ -242,7 +246,7 @@ fn db_options(opts: &StoreOptions) -> Options {
     // at the old records beyond the new end. Readers on a running node are RocksDB read-only
     // instances, opened again at each refresh: a secondary instance following a reused live WAL
     // fails ("missing start of fragmented record", RocksDB 10.4.2).
-    o.set_recycle_log_file_num(WAL_FILES_REUSED);
+    o.set_recycle_log_file_num(opts.wal_files_reused);
     o.set_max_background_jobs(2);
     o.set_keep_log_file_num(3);
     o.set_max_log_file_size(1024 * 1024);
@@ -331,6 +335,7 @@ impl RocksStore {
 
         let mut core = Core::new(node.clone(), incarnation, opts.limits, opts.retention.clone());
         core.sweep_records_max = opts.sweep_records_max;
+        core.present_ranges_max = opts.present_ranges_max;
         load_state(&db, path, &mut core)?;
         let store = RocksStore {
             path: path.to_owned(),
@@ -791,9 +796,6 @@ impl SyncGate {
 pub const BACKGROUND_RUNNING: [&str; 2] = ["rocksdb.num-running-flushes", "rocksdb.num-running-compactions"];
 /// RocksDB properties (of each column family) that are 1 while a flush or a compaction waits.
 pub const BACKGROUND_WAITING: [&str; 2] = ["rocksdb.mem-table-flush-pending", "rocksdb.compaction-pending"];
-
-/// WAL files kept for reuse once their records are flushed.
-const WAL_FILES_REUSED: usize = 4;
 
 /// Times a read-only open is tried when a file vanished under it.
 const READER_OPEN_ATTEMPTS: u32 = 50;

@@ -795,3 +795,36 @@ async fn a_sweep_removes_at_most_sweep_records_max_and_the_next_goes_on() {
     assert_eq!(removed, [(3, 1), (3, 1), (1, 0), (0, 0)]);
     assert_eq!(log.stream(&log.local_key(&s)).unwrap().count, 0);
 }
+
+/// `log.present_ranges_max` bounds the disjoint ranges of received records above a stream's
+/// watermark: one more is deferred to replay. A store reopened with a lower bound still counts
+/// every record it holds as present (a record it holds is not stored again).
+#[tokio::test]
+async fn present_ranges_max_defers_what_would_open_one_more_range() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = StreamKey::of(&remote("fog-9", 3, "r", 1).id);
+    let log = rocks(dir.path(), StoreOptions { present_ranges_max: 2, ..StoreOptions::default() });
+    for (seq, expected) in [
+        (2, Inserted::Stored { watermark: 0 }),
+        (4, Inserted::Stored { watermark: 0 }),
+        (6, Inserted::Deferred { watermark: 0 }),
+        (5, Inserted::Stored { watermark: 0 }),
+        (1, Inserted::Stored { watermark: 2 }),
+        (7, Inserted::Stored { watermark: 2 }),
+        (9, Inserted::Deferred { watermark: 2 }),
+    ] {
+        assert_eq!(log.insert_remote(remote("fog-9", 3, "r", seq)).await.unwrap(), expected, "seq {seq}");
+    }
+    assert_eq!(log.gaps(&key, 10), vec![3..=3, 6..=6]);
+    log.close();
+    drop(log);
+
+    let log = rocks(dir.path(), StoreOptions { present_ranges_max: 1, ..StoreOptions::default() });
+    assert_eq!(log.gaps(&key, 10), vec![3..=3, 6..=6], "both ranges held are present after the reopen");
+    assert_eq!(log.insert_remote(remote("fog-9", 3, "r", 7)).await.unwrap(), Inserted::Duplicate { watermark: 2 });
+    assert_eq!(log.insert_remote(remote("fog-9", 3, "r", 9)).await.unwrap(), Inserted::Deferred { watermark: 2 });
+    assert_eq!(log.insert_remote(remote("fog-9", 3, "r", 6)).await.unwrap(), Inserted::Stored { watermark: 2 });
+    let info = log.stream(&key).unwrap();
+    assert_eq!((info.count, info.last), (6, 7), "1, 2, 4, 5, 6 and 7, each once");
+    log.close();
+}

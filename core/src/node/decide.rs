@@ -203,7 +203,7 @@ impl Decider {
             events,
             tasks: Mutex::new(Vec::new()),
         });
-        let mut alive = decider.transport.watch_alive(SERVES_ALL, r.serve_queue_len_max.max(64)).await?;
+        let mut alive = decider.transport.watch_alive(SERVES_ALL, config.replication.peer_events_queue_len_max).await?;
         let weak = Arc::downgrade(&decider);
         let watch = tokio::spawn(async move {
             while let Some(event) = alive.recv().await {

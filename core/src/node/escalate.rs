@@ -32,12 +32,6 @@ use crate::model::{Envelope, Kind, NodeId, PayloadType};
 pub const RESOLUTION_TYPE: &str = "strata.resolution/1";
 /// The desk's consumer name (cursor and snapshot).
 pub const DESK: &str = "escalation-desk";
-/// Resolutions remembered after the fact, to answer a late approve with what happened.
-const RECENT_MAX: usize = 1024;
-/// Escalations read per batch.
-const BATCH_LEN_MAX: usize = 64;
-/// Longest wait for new escalations between timeout checks.
-const IDLE_WAIT: Duration = Duration::from_millis(100);
 
 pub fn resolve_key(node: &NodeId) -> String {
     format!("strata/escalation/{node}")
@@ -101,6 +95,8 @@ struct Desk {
     timeout_ms: u64,
     safe_default: String,
     pending_max: usize,
+    /// Resolutions remembered after the fact, to answer a late approve with what happened.
+    recent_max: usize,
     cursor: u64,
     read_to: u64,
     resolved_above: BTreeSet<u64>,
@@ -139,6 +135,7 @@ impl Desk {
             timeout_ms: a.escalation_timeout_ms,
             safe_default: a.safe_default_action.to_string(),
             pending_max: a.pending_escalations_max,
+            recent_max: a.resolutions_remembered_max,
             cursor,
             read_to: cursor,
             resolved_above,
@@ -206,7 +203,7 @@ impl Desk {
         (self.events)(json!({"event": "escalation_resolved", "id": p.id, "outcome": outcome, "action": action, "by": by, "waited_ms": waited_ms}));
         tracing::warn!(id = p.id, outcome, action, by, waited_ms, "escalation resolved");
         let r = Resolved { node: self.node.to_string(), id: p.id, outcome: outcome.to_owned(), action, now: true };
-        if self.recent.len() == RECENT_MAX {
+        while self.recent.len() >= self.recent_max {
             self.recent.pop_front();
         }
         self.recent.push_back(Resolved { now: false, ..r.clone() });
@@ -259,7 +256,7 @@ pub async fn run(
             return;
         }
     };
-    let mut requests = match transport.serve(&resolve_key(&config.node.id), 16).await {
+    let mut requests = match transport.serve(&resolve_key(&config.node.id), config.autonomy.approvals_queue_len_max).await {
         Ok(r) => r,
         Err(e) => {
             tracing::error!(error = %e, "the escalation desk cannot serve approvals");
@@ -267,10 +264,13 @@ pub async fn run(
         }
     };
     let (log, key) = (desk.log.clone(), desk.key.clone());
+    let a = &config.autonomy;
+    // Longest wait for new escalations between timeout checks.
+    let (batch_len_max, idle_wait) = (a.escalation_batch_len_max, Duration::from_millis(a.escalation_check_interval_ms));
     loop {
         let from = desk.read_to + 1;
         tokio::select! {
-            batch = log.tail(&key, from, BATCH_LEN_MAX, IDLE_WAIT) => {
+            batch = log.tail(&key, from, batch_len_max, idle_wait) => {
                 match batch {
                     Ok(batch) => {
                         for (seq, outcome) in desk.take(batch) {
@@ -281,7 +281,7 @@ pub async fn run(
                     }
                     Err(e) => {
                         tracing::error!(error = %e, "cannot read escalations");
-                        tokio::time::sleep(IDLE_WAIT).await;
+                        tokio::time::sleep(idle_wait).await;
                     }
                 }
             }
@@ -329,13 +329,19 @@ mod tests {
         log.read(&key, 1, 100).unwrap().iter().map(|e| serde_json::from_slice(&e.payload).unwrap()).collect()
     }
 
-    #[tokio::test]
-    async fn out_of_order_resolutions_survive_a_restart_exactly_once() {
+    /// An in-memory log holding one escalation per id, in order.
+    async fn log_with_escalations(ids: &[&str]) -> Log {
         let log = Log::new(Arc::new(MemStore::new(NodeId::new("edge-1").unwrap(), Incarnation::from_raw(7), Limits::default(), Vec::new())));
         let esc = crate::model::StreamName::new("escalations").unwrap();
-        for id in ["a", "b", "c"] {
+        for id in ids {
             log.append_durable(esc.clone(), escalation(id)).await.unwrap();
         }
+        log
+    }
+
+    #[tokio::test]
+    async fn out_of_order_resolutions_survive_a_restart_exactly_once() {
+        let log = log_with_escalations(&["a", "b", "c"]).await;
         let publish: Publish = Arc::new(|_| {});
         let events: super::super::decide::EventSink = Arc::new(|_| {});
         let mut desk = Desk::open(&config(60_000), log.clone(), publish.clone(), events.clone()).await.unwrap();
@@ -357,5 +363,26 @@ mod tests {
         let outcomes: Vec<(String, String)> =
             resolutions(&log).iter().map(|d| (d["escalation"].as_str().unwrap().into(), d["outcome"].as_str().unwrap().into())).collect();
         assert_eq!(outcomes, [("b".into(), "approved".into()), ("a".into(), "denied".into())]);
+    }
+
+    #[tokio::test]
+    async fn a_late_answer_is_told_what_happened_within_the_resolutions_remembered() {
+        let log = log_with_escalations(&["a", "b", "c"]).await;
+        let mut config = config(60_000);
+        config.autonomy.resolutions_remembered_max = 2;
+        let (publish, events): (Publish, super::super::decide::EventSink) = (Arc::new(|_| {}), Arc::new(|_| {}));
+        let mut desk = Desk::open(&config, log.clone(), publish, events).await.unwrap();
+        let batch = log.read(&desk.key, 1, 10).unwrap();
+        desk.take(batch);
+        for seq in 1..=3 {
+            desk.resolve(seq, "denied", "ops").await.unwrap();
+        }
+        let late = |id: &str| serde_json::to_vec(&Resolve { id: id.into(), verdict: Verdict::Approve, by: "late".into() }).unwrap();
+        for id in ["b", "c"] {
+            let told = desk.answer(&late(id)).await.unwrap_or_else(|| panic!("{id} is among the last 2 resolved"));
+            assert_eq!((told["id"].as_str(), told["outcome"].as_str(), told["now"].as_bool()), (Some(id), Some("denied"), Some(false)));
+        }
+        assert_eq!(desk.answer(&late("a")).await, None, "a was resolved before the last 2: forgotten");
+        assert_eq!(desk.recent.len(), 2);
     }
 }

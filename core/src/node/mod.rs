@@ -249,6 +249,7 @@ impl Node {
     ) {
         let (replicator, fatal) = (self.replicator.clone(), self.fatal.clone());
         let every = Duration::from_millis(self.config.modes.check_interval_ms);
+        let catch_up_watch = Duration::from_millis(self.config.modes.catch_up_watch_ms);
         self.tasks.spawn(async move {
             let clock = MonoClock::new();
             let mut tick = tokio::time::interval(every);
@@ -278,11 +279,11 @@ impl Node {
                             let start = Instant::now();
                             let records = replicator.short_of(&goal, false);
                             while replicator.short_of(&goal, false) > 0 {
-                                if start.elapsed() > CATCH_UP_WATCH {
+                                if start.elapsed() > catch_up_watch {
                                     events.push(json!({"event": "catch_up_slow", "records": records, "after_ms": start.elapsed().as_millis() as u64}));
                                     return;
                                 }
-                                tokio::time::sleep(Duration::from_millis(100)).await;
+                                tokio::time::sleep(every).await;
                             }
                             events.push(json!({"event": "caught_up", "records": records, "after_ms": start.elapsed().as_millis() as u64}));
                         }));
@@ -298,7 +299,7 @@ impl Node {
     }
 
     async fn start_status(&mut self) -> Result<(), NodeError> {
-        let mut requests = self.transport.serve(&keys::status(&self.config.node.id), 16).await?;
+        let mut requests = self.transport.serve(&keys::status(&self.config.node.id), self.config.node.status_queue_len_max).await?;
         let (log, replicator, config, started) = (self.log.clone(), self.replicator.clone(), self.config.clone(), self.started);
         let (root, dropped, mode) = (self.root.clone(), self.events_dropped.clone(), self.mode.clone());
         let (decider, escalations, reports) = (self.decider.clone(), self.escalations.clone(), self.reports.clone());
@@ -369,7 +370,8 @@ impl Node {
             let _ = finish.send(());
         }
         if let Some(events) = self.events_task.take() {
-            if tokio::time::timeout(EVENTS_DRAIN_WAIT, events).await.is_err() {
+            let drain_wait = Duration::from_millis(self.config.supervision.events_drain_wait_ms);
+            if tokio::time::timeout(drain_wait, events).await.is_err() {
                 tracing::warn!("the last events were not all appended before stopping");
             }
         }
@@ -383,9 +385,6 @@ impl Node {
         tracing::info!(node = %self.config.node.id, "node stopped");
     }
 }
-
-/// How long a recovery's catch-up is watched before it is reported as slow.
-const CATCH_UP_WATCH: Duration = Duration::from_secs(600);
 
 /// Records of this node's own streams that some acknowledging tier does not hold yet (per
 /// stream, the largest gap over the tiers that acknowledge it).
@@ -407,9 +406,6 @@ impl EventQueue {
         }
     }
 }
-
-/// How long an orderly shutdown waits for the last events to be appended.
-const EVENTS_DRAIN_WAIT: Duration = Duration::from_secs(5);
 
 /// Appends node events (supervision, mode changes) to the `events` stream until every
 /// sender is gone, or `finish` fires: then what is already queued is appended and it ends.
