@@ -25,6 +25,7 @@
 //! will be replayed.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::ops::RangeInclusive;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -880,7 +881,13 @@ async fn serve_replay(shared: Arc<Shared>, mut requests: super::Incoming<Request
         let key = StreamKey { origin, incarnation: params.incarnation, stream };
         shared.counters.replay_served_requests.fetch_add(1, Ordering::Relaxed);
         let batch_len = shared.settings.replay_batch_len_max as u64;
-        let to = params.to.min(params.from.saturating_add(batch_len * REPLAY_BATCHES_PER_REQUEST - 1));
+        // One request is answered with at most this many seqs' worth of records, counted from
+        // the first record held in the range (not from its start): a range that begins in a
+        // hole this holder cannot fill (records its retention removed) still gets what lies
+        // above the hole, and the requester asks again from there.
+        let span = batch_len * REPLAY_BATCHES_PER_REQUEST;
+        let mut to = params.to;
+        let mut capped = false;
         let mut from = params.from;
         while from <= to {
             let want = (to - from + 1).min(batch_len) as usize;
@@ -892,6 +899,11 @@ async fn serve_replay(shared: Arc<Shared>, mut requests: super::Incoming<Request
                 }
             };
             let Some(last) = records.last().map(|e| e.id.seq.get()) else { break };
+            if !capped {
+                capped = true;
+                let first = records.first().map_or(from, |e| e.id.seq.get());
+                to = to.min(first.saturating_add(span - 1));
+            }
             let mut batch = ReplayBatch { records: Vec::with_capacity(records.len()) };
             let mut size = 0;
             for envelope in records.iter().filter(|e| e.id.seq.get() <= to) {
@@ -975,20 +987,45 @@ fn choose_holder(shared: &Shared, key: &StreamKey, mine: u64, skip: &[NodeId]) -
     holders?.iter().filter(|(n, wm)| **wm > mine && eligible(n)).max_by_key(|(_, wm)| **wm).map(|(n, _)| n.clone())
 }
 
+/// The first range of seqs this node misses of `key` at or above `from` and up to `goal`: a
+/// gap below the highest seq held, else what lies above it.
+fn next_missing(shared: &Shared, key: &StreamKey, from: u64, goal: u64) -> Option<RangeInclusive<u64>> {
+    let (watermark, last) = shared.log.stream(key).map_or((0, 0), |i| (i.watermark, i.last));
+    let from = from.max(watermark.saturating_add(1));
+    if from > goal {
+        return None;
+    }
+    if let Some(gap) = shared.log.next_gap(key, from) {
+        let start = from.max(*gap.start());
+        return (start <= goal).then(|| start..=(*gap.end()).min(goal));
+    }
+    let start = from.max(last.saturating_add(1));
+    (start <= goal).then_some(start..=goal)
+}
+
 async fn replay_stream(shared: &Arc<Shared>, key: &StreamKey, goal: u64) {
     let settings = &shared.settings;
-    let request_len = settings.replay_batch_len_max as u64 * REPLAY_BATCHES_PER_REQUEST;
-    // Holders that answered without moving our watermark in this check (one whose copy has a
-    // record it cannot read, say): the others are asked instead; the next check tries all.
+    // Holders that sent nothing for the range asked (one whose copy has a record it cannot
+    // read, say): the others are asked for it instead. When none is left, the range is a hole
+    // nobody reachable can fill now (records removed by retention at their origin before this
+    // node got them): the missing ranges above it are asked for next, so that a hole never
+    // keeps back what is held above it. The next check starts again at the watermark.
     let mut stuck: Vec<NodeId> = Vec::new();
+    let mut from = 0;
     // Bounded: at most this many requests per check; the next check continues.
     for _ in 0..64 {
+        let Some(range) = next_missing(shared, key, from, goal) else { return };
         let mine = shared.log.stream(key).map_or(0, |i| i.watermark);
-        if mine >= goal {
-            return;
-        }
-        let Some(holder) = choose_holder(shared, key, mine, &stuck) else { return };
-        let params = ReplayParams { incarnation: key.incarnation, from: mine + 1, to: goal.min(mine.saturating_add(request_len)), holder: holder.clone() };
+        let Some(holder) = choose_holder(shared, key, mine, &stuck) else {
+            if stuck.is_empty() {
+                return; // nobody to ask
+            }
+            from = range.end().saturating_add(1);
+            stuck.clear();
+            continue;
+        };
+        // The holder caps what it sends (`serve_replay`); what is left is asked for next.
+        let params = ReplayParams { incarnation: key.incarnation, from: *range.start(), to: *range.end(), holder: holder.clone() };
         shared.counters.replay_requests.fetch_add(1, Ordering::Relaxed);
         let replies = shared
             .transport
@@ -1001,6 +1038,8 @@ async fn replay_stream(shared: &Arc<Shared>, key: &StreamKey, goal: u64) {
                 return;
             }
         };
+        // The highest seq received for `key` in the asked range: the next request starts above it.
+        let mut reached: Option<u64> = None;
         let mut tickets = Vec::new();
         while let Some(bytes) = replies.recv().await {
             let batch: ReplayBatch = match wire::decode(&bytes) {
@@ -1016,6 +1055,10 @@ async fn replay_stream(shared: &Arc<Shared>, key: &StreamKey, goal: u64) {
                 if StreamKey::of(&envelope.id) != *key {
                     shared.counters.spoofed.fetch_add(1, Ordering::Relaxed);
                     continue;
+                }
+                let seq = envelope.id.seq.get();
+                if range.contains(&seq) {
+                    reached = reached.max(Some(seq));
                 }
                 records.push(envelope);
             }
@@ -1050,11 +1093,16 @@ async fn replay_stream(shared: &Arc<Shared>, key: &StreamKey, goal: u64) {
                 }
             }
         }
-        let after = shared.log.stream(key).map_or(0, |i| i.watermark);
-        if after <= mine {
-            tracing::debug!(%key, mine, goal, %holder, "replay made no progress; asking another holder, if any");
-            shared.counters.replay_stalled.fetch_add(1, Ordering::Relaxed);
-            stuck.push(holder);
+        match reached {
+            Some(seq) => {
+                from = seq.saturating_add(1);
+                stuck.clear();
+            }
+            None => {
+                tracing::debug!(%key, from = range.start(), to = range.end(), %holder, "replay brought nothing; asking another holder, if any");
+                shared.counters.replay_stalled.fetch_add(1, Ordering::Relaxed);
+                stuck.push(holder);
+            }
         }
     }
 }

@@ -16,7 +16,7 @@ use super::replicator::{Replicator, Settings};
 use super::sim::{Faults, SimNet};
 use super::Transport;
 use crate::codec::Limits;
-use crate::config::Subscription;
+use crate::config::{RetentionRule, StreamPattern, Subscription};
 use crate::log::{Draft, Log, MemStore, StreamKey};
 use crate::model::{Incarnation, Kind, NodeId, PayloadType, StreamName, Tier};
 
@@ -64,8 +64,12 @@ fn settings(n: &SimNode) -> Settings {
 
 impl SimNode {
     fn new(id: &str, tier: Tier, subscriptions: &[&str], incarnation: u64) -> SimNode {
+        SimNode::with_retention(id, tier, subscriptions, incarnation, Vec::new())
+    }
+
+    fn with_retention(id: &str, tier: Tier, subscriptions: &[&str], incarnation: u64, retention: Vec<RetentionRule>) -> SimNode {
         let id = NodeId::new(id).unwrap();
-        let store = Arc::new(MemStore::new(id.clone(), Incarnation::from_raw(incarnation), Limits::default(), Vec::new()));
+        let store = Arc::new(MemStore::new(id.clone(), Incarnation::from_raw(incarnation), Limits::default(), retention));
         SimNode {
             id,
             tier,
@@ -390,6 +394,58 @@ fn a_holder_that_cannot_serve_a_range_is_passed_over_for_another() {
         let records = cloud.log.read(&key, 1, total as usize).unwrap();
         assert_eq!(records.iter().map(|e| e.id.seq.get()).collect::<Vec<_>>(), (1..=total).collect::<Vec<_>>());
         for mut n in [edge, fog, cloud] {
+            n.down(&net).await;
+        }
+    });
+}
+
+/// A replica that joins after the origin's retention removed the start of a stream (a new
+/// node, or one rebuilt empty) cannot get those records from anyone, but it gets every record
+/// the origin still holds, although they begin further above the hole than one request
+/// spans (16 batches of 16 here). It used to ask for the first span of the hole again and
+/// again, get nothing, and never ask for what lies above it.
+#[test]
+fn a_late_replica_gets_everything_held_above_a_hole_nobody_can_fill() {
+    paused_runtime().block_on(async {
+        let stream = StreamName::new("readings/a").unwrap();
+        let draft = |i: u64| Draft::new(Kind::Reading, PayloadType::new("sim/1").unwrap(), i.to_le_bytes().to_vec());
+        // The size of one stored record, to keep the last 300 of 1,000.
+        let probe = SimNode::new("edge-1", Tier::Edge, &[], 11);
+        probe.log.append_durable(stream.clone(), draft(0)).await.unwrap();
+        let record_bytes = probe.log.streams()[0].bytes;
+        let keep =
+            RetentionRule { streams: StreamPattern::new("**").unwrap(), bytes_max: Some(300 * record_bytes), age_s_max: None, keep_until_acked: Vec::new() };
+
+        let net = SimNet::new(6, Faults::NONE);
+        let mut edge = SimNode::with_retention("edge-1", Tier::Edge, &[], 11, vec![keep]);
+        let mut cloud = SimNode::new("cloud-1", Tier::Cloud, &["edge-1/**"], 33);
+        net.link(&edge.id, &cloud.id);
+        edge.up(&net).await;
+        let key = StreamKey { origin: edge.id.clone(), incarnation: edge.log.incarnation(), stream: stream.clone() };
+        let total = 1000u64;
+        for i in 0..total {
+            edge.replicator.as_ref().unwrap().append(stream.clone(), draft(i)).await.unwrap();
+        }
+        // Let the live publication of those records end (to nobody) before the cloud comes up.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let swept = edge.log.sweep(0).await.unwrap();
+        let first = edge.log.stream(&key).unwrap().first;
+        assert!(first > 16 * 16 + 1, "the hole ({} records removed, first kept {first}) is within one request's span: the case tests nothing", swept.removed);
+
+        cloud.up(&net).await;
+        let held = |log: &Log| log.stream(&key).map_or(0, |i| i.count);
+        for _ in 0..30_000 {
+            if held(&cloud.log) == total - first + 1 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let counters = cloud.replicator.as_ref().unwrap().counters();
+        let records = cloud.log.read(&key, 1, total as usize).unwrap();
+        let seqs: Vec<u64> = records.iter().map(|e| e.id.seq.get()).collect();
+        assert_eq!(seqs, (first..=total).collect::<Vec<_>>(), "the cloud holds {} records, not {first}..={total}; {counters:?}", seqs.len());
+        assert_eq!(watermark(&cloud.log, &key), 0, "the hole stays: nobody holds 1..{first}");
+        for mut n in [edge, cloud] {
             n.down(&net).await;
         }
     });
