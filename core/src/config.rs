@@ -464,6 +464,10 @@ pub struct LogSection {
     /// grows with the gaps, not the records); a received record that would open one more is
     /// not stored (`Deferred`) and replay brings it again in order. Default 1024.
     pub present_ranges_max: usize,
+    /// RocksDB's own info log (`LOG` files in the store's directory): files kept, and the
+    /// size at which a file is rolled, in bytes. Defaults 3 and 1048576 (1 MiB).
+    pub info_log_files_max: usize,
+    pub info_log_file_bytes_max: usize,
 }
 
 impl Default for LogSection {
@@ -487,6 +491,8 @@ impl Default for LogSection {
             sweep_records_max: 100_000,
             wal_files_reused: 4,
             present_ranges_max: 1024,
+            info_log_files_max: 3,
+            info_log_file_bytes_max: 1024 * 1024,
         }
     }
 }
@@ -552,19 +558,24 @@ pub struct ReplicationSection {
     pub consumer_gap_wait_ms: u64,
     /// Most received live samples stored as one insert operation. Default 512.
     pub live_batch_len_max: usize,
-    /// The same batch's bound in bytes of payloads; a batch takes at least one sample.
-    /// Default 262144 (256 KiB).
+    /// The same batch's bound in bytes of payloads: no sample is added once the batch holds
+    /// this many, so it may exceed it by one sample. Default 262144 (256 KiB).
     pub live_batch_bytes_max: usize,
     /// Insert operations of received live samples queued to the log before the receiver
     /// waits for the oldest to be durable (meanwhile samples wait in the live queue).
     /// Default 64.
     pub insert_batches_in_flight_max: usize,
-    /// Replay requests from other nodes waiting to be served; beyond it a request is not
-    /// answered, and its sender asks again after `replay_timeout_ms`. Default 64.
+    /// Replay requests waiting to be looked at (every node receives each request and only the
+    /// holder it names answers); beyond it a request is dropped, which ends it with no answer:
+    /// its sender asks another holder, or again at its next check. Default 64.
     pub request_queue_len_max: usize,
-    /// Heads announcements of other nodes waiting to be handled, and (in a queue of its own)
-    /// their liveliness changes; beyond it they are dropped (heads are counted as
-    /// `heads_dropped` and come again every `ack_interval_ms`). Default 1024.
+    /// Heads announcements of other nodes waiting to be handled, and (each in a queue of its
+    /// own) their liveliness changes and the decision servers' announcements; beyond it they
+    /// are dropped. Heads are counted as `heads_dropped` and come again every
+    /// `ack_interval_ms`; a liveliness change is counted as `presence_dropped` and is not sent
+    /// again, so the node may count a tier as unreachable (or reachable) until that node's
+    /// liveliness changes again: keep it well above the number of nodes. At least 64.
+    /// Default 1024.
     pub peer_events_queue_len_max: usize,
     /// Most queued local records the publisher takes in one round (it frames them by stream
     /// before it publishes them). Default 4096.
@@ -572,6 +583,9 @@ pub struct ReplicationSection {
     /// How long an orderly stop waits for the records queued to be published live to go
     /// out, in ms, before the handover. Default 5000.
     pub shutdown_flush_ms: u64,
+    /// Most replay requests for one stream in one check (each for one missing range, answered
+    /// with up to 16 × `replay_batch_len_max` records); the next check goes on. Default 64.
+    pub replay_requests_per_check_max: usize,
 }
 
 impl Default for ReplicationSection {
@@ -596,6 +610,7 @@ impl Default for ReplicationSection {
             peer_events_queue_len_max: 1024,
             publish_round_len_max: 4096,
             shutdown_flush_ms: 5000,
+            replay_requests_per_check_max: 64,
         }
     }
 }
@@ -664,8 +679,11 @@ pub struct SupervisionSection {
     /// cursor commit). Default 256.
     pub input_batch_len_max: usize,
     /// Longest an idle actor's host waits for new input before it looks again, in ms (new
-    /// records wake it at once; this bounds a missed wake-up). Default 200.
+    /// records wake it at once; this bounds a missed wake-up). At least 10. Default 200.
     pub input_idle_wait_ms: u64,
+    /// How long a status query waits for the root supervisor's list of actors, in ms; past
+    /// it the status lists none. Default 2000.
+    pub status_children_wait_ms: u64,
 }
 
 impl Default for SupervisionSection {
@@ -682,6 +700,7 @@ impl Default for SupervisionSection {
             events_drain_wait_ms: 5000,
             input_batch_len_max: 256,
             input_idle_wait_ms: 200,
+            status_children_wait_ms: 2000,
         }
     }
 }
@@ -785,7 +804,8 @@ pub struct ModesSection {
     pub check_interval_ms: u64,
     /// After a recovery, how long the catch-up of the tiers that acknowledge this node's
     /// streams is watched, in ms: a `caught_up` event when they hold what this node held at
-    /// the recovery, a `catch_up_slow` event if they still do not after this. Default 600000.
+    /// the recovery, a `catch_up_slow` event if they still do not after this (looked at every
+    /// `replication.ack_interval_ms`). Default 600000.
     pub catch_up_watch_ms: u64,
 }
 
@@ -834,7 +854,7 @@ pub struct AutonomySection {
     /// Escalations read from their stream per batch. Default 64.
     pub escalation_batch_len_max: usize,
     /// Longest wait for new escalations between checks for timed-out ones, in ms: an
-    /// escalation times out at most this late. Default 100.
+    /// escalation times out at most this late. At least 10. Default 100.
     pub escalation_check_interval_ms: u64,
     /// Bounds in mode `Full`. Default actions log, alert, adjust, stop; risk_max 1.0.
     pub full: Bounds,
@@ -1038,20 +1058,24 @@ impl NodeConfig {
             ("autonomy.approvals_queue_len_max", au.approvals_queue_len_max as u64, 1, QUEUE_LEN_CEILING),
             ("node.status_queue_len_max", self.node.status_queue_len_max as u64, 1, QUEUE_LEN_CEILING),
             ("autonomy.escalation_batch_len_max", au.escalation_batch_len_max as u64, 1, BATCH_LEN_CEILING),
-            ("autonomy.escalation_check_interval_ms", au.escalation_check_interval_ms, 1, DAY_MS),
+            ("autonomy.escalation_check_interval_ms", au.escalation_check_interval_ms, 10, DAY_MS),
             ("replication.live_batch_len_max", r.live_batch_len_max as u64, 1, BATCH_LEN_CEILING),
             ("replication.live_batch_bytes_max", r.live_batch_bytes_max as u64, 1024, crate::bus::wire::MESSAGE_BYTES_MAX as u64 * 16),
             ("replication.insert_batches_in_flight_max", r.insert_batches_in_flight_max as u64, 1, BATCH_LEN_CEILING),
             ("replication.request_queue_len_max", r.request_queue_len_max as u64, 1, QUEUE_LEN_CEILING),
-            ("replication.peer_events_queue_len_max", r.peer_events_queue_len_max as u64, 1, QUEUE_LEN_CEILING),
+            ("replication.peer_events_queue_len_max", r.peer_events_queue_len_max as u64, 64, QUEUE_LEN_CEILING),
+            ("replication.replay_requests_per_check_max", r.replay_requests_per_check_max as u64, 1, QUEUE_LEN_CEILING),
             ("replication.publish_round_len_max", r.publish_round_len_max as u64, 1, QUEUE_LEN_CEILING),
             ("replication.shutdown_flush_ms", r.shutdown_flush_ms, 0, DAY_MS),
             ("supervision.events_drain_wait_ms", sv.events_drain_wait_ms, 0, DAY_MS),
             ("supervision.input_batch_len_max", sv.input_batch_len_max as u64, 1, BATCH_LEN_CEILING),
-            ("supervision.input_idle_wait_ms", sv.input_idle_wait_ms, 1, DAY_MS),
+            ("supervision.input_idle_wait_ms", sv.input_idle_wait_ms, 10, DAY_MS),
+            ("supervision.status_children_wait_ms", sv.status_children_wait_ms, 1, DAY_MS),
             ("modes.catch_up_watch_ms", md.catch_up_watch_ms, 1, DAY_MS),
             ("log.wal_files_reused", l.wal_files_reused as u64, 0, 64),
             ("log.present_ranges_max", l.present_ranges_max as u64, 1, QUEUE_LEN_CEILING),
+            ("log.info_log_files_max", l.info_log_files_max as u64, 1, 1000),
+            ("log.info_log_file_bytes_max", l.info_log_file_bytes_max as u64, 64 * 1024, 1 << 30),
             ("zenoh.publishers_max", z.publishers_max as u64, 0, QUEUE_LEN_CEILING),
         ] {
             if value < min {
@@ -1291,21 +1315,25 @@ mod tests {
             ("zenoh", "publishers_max", 0, QUEUE_LEN_CEILING),
             ("log", "wal_files_reused", 0, 64),
             ("log", "present_ranges_max", 1, QUEUE_LEN_CEILING),
+            ("log", "info_log_files_max", 1, 1000),
+            ("log", "info_log_file_bytes_max", 64 * 1024, 1 << 30),
             ("replication", "live_batch_len_max", 1, BATCH_LEN_CEILING),
             ("replication", "live_batch_bytes_max", 1024, 64 * 1024 * 1024),
             ("replication", "insert_batches_in_flight_max", 1, BATCH_LEN_CEILING),
             ("replication", "request_queue_len_max", 1, QUEUE_LEN_CEILING),
-            ("replication", "peer_events_queue_len_max", 1, QUEUE_LEN_CEILING),
+            ("replication", "peer_events_queue_len_max", 64, QUEUE_LEN_CEILING),
+            ("replication", "replay_requests_per_check_max", 1, QUEUE_LEN_CEILING),
             ("replication", "publish_round_len_max", 1, QUEUE_LEN_CEILING),
             ("replication", "shutdown_flush_ms", 0, DAY_MS),
             ("supervision", "events_drain_wait_ms", 0, DAY_MS),
             ("supervision", "input_batch_len_max", 1, BATCH_LEN_CEILING),
-            ("supervision", "input_idle_wait_ms", 1, DAY_MS),
+            ("supervision", "input_idle_wait_ms", 10, DAY_MS),
+            ("supervision", "status_children_wait_ms", 1, DAY_MS),
             ("modes", "catch_up_watch_ms", 1, DAY_MS),
             ("autonomy", "resolutions_remembered_max", 1, QUEUE_LEN_CEILING),
             ("autonomy", "approvals_queue_len_max", 1, QUEUE_LEN_CEILING),
             ("autonomy", "escalation_batch_len_max", 1, BATCH_LEN_CEILING),
-            ("autonomy", "escalation_check_interval_ms", 1, DAY_MS),
+            ("autonomy", "escalation_check_interval_ms", 10, DAY_MS),
         ] {
             // MINIMAL ends in its [zenoh] table.
             let header = if section == "zenoh" { String::new() } else { format!("[{section}]\n") };

@@ -80,6 +80,8 @@ pub struct Settings {
     pub peer_events_queue_len_max: usize,
     /// Most queued records one round of the publisher takes.
     pub publish_round_len_max: usize,
+    /// Most replay requests per stream in one check; the next check goes on.
+    pub replay_requests_per_check_max: usize,
     pub limits: Limits,
 }
 
@@ -108,6 +110,7 @@ impl Settings {
             request_queue_len_max: c.replication.request_queue_len_max,
             peer_events_queue_len_max: c.replication.peer_events_queue_len_max,
             publish_round_len_max: c.replication.publish_round_len_max,
+            replay_requests_per_check_max: c.replication.replay_requests_per_check_max,
             limits: Limits { max_payload_bytes: c.log.payload_bytes_max },
         }
     }
@@ -129,11 +132,15 @@ pub struct Counters {
     pub live_dropped: AtomicU64,
     /// Heads messages dropped because their receive queue was full (in messages or bytes).
     pub heads_dropped: AtomicU64,
+    /// Liveliness changes dropped because their queue was full: the presence table may be
+    /// wrong about a node until its liveliness changes again.
+    pub presence_dropped: AtomicU64,
     pub malformed: AtomicU64,
     pub spoofed: AtomicU64,
     pub replay_requests: AtomicU64,
-    /// Replay requests that moved nothing: the holder had nothing it could send (a record of
-    /// its copy cannot be read, say), or its answer was lost or timed out.
+    /// Replay requests that brought nothing of the range asked for: the holder had nothing it
+    /// could send (a record of its copy cannot be read, or it no longer holds the range), or
+    /// its answer was lost or timed out.
     pub replay_stalled: AtomicU64,
     pub replay_received: AtomicU64,
     pub replay_stored: AtomicU64,
@@ -225,6 +232,7 @@ pub struct CounterSnapshot {
     pub live_duplicates: u64,
     pub live_dropped: u64,
     pub heads_dropped: u64,
+    pub presence_dropped: u64,
     pub malformed: u64,
     pub spoofed: u64,
     pub replay_requests: u64,
@@ -375,6 +383,7 @@ impl Replicator {
             live_duplicates: get(&c.live_duplicates),
             live_dropped: get(&c.live_dropped),
             heads_dropped: get(&c.heads_dropped),
+            presence_dropped: get(&c.presence_dropped),
             malformed: get(&c.malformed),
             spoofed: get(&c.spoofed),
             replay_requests: get(&c.replay_requests),
@@ -810,7 +819,14 @@ fn publish_heads_now(shared: &Shared) {
 }
 
 async fn watch_presence(shared: Arc<Shared>, mut incoming: super::Incoming<super::AliveEvent>) {
+    let mut reported_drops = 0;
     while let Some(event) = incoming.recv().await {
+        let dropped = incoming.dropped();
+        if dropped != reported_drops {
+            shared.counters.presence_dropped.fetch_add(dropped - reported_drops, Ordering::Relaxed);
+            tracing::warn!(dropped = dropped - reported_drops, "liveliness changes dropped (queue full): raise replication.peer_events_queue_len_max");
+            reported_drops = dropped;
+        }
         let Some((tier, node)) = keys::parse_alive(&event.key) else { continue };
         if node == shared.settings.node {
             continue;
@@ -1013,7 +1029,7 @@ async fn replay_stream(shared: &Arc<Shared>, key: &StreamKey, goal: u64) {
     let mut stuck: Vec<NodeId> = Vec::new();
     let mut from = 0;
     // Bounded: at most this many requests per check; the next check continues.
-    for _ in 0..64 {
+    for _ in 0..settings.replay_requests_per_check_max {
         let Some(range) = next_missing(shared, key, from, goal) else { return };
         let mine = shared.log.stream(key).map_or(0, |i| i.watermark);
         let Some(holder) = choose_holder(shared, key, mine, &stuck) else {

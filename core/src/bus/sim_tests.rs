@@ -58,6 +58,7 @@ fn settings(n: &SimNode) -> Settings {
         request_queue_len_max: 64,
         peer_events_queue_len_max: 1024,
         publish_round_len_max: 16,
+        replay_requests_per_check_max: 64,
         limits: Limits::default(),
     }
 }

@@ -66,6 +66,8 @@ pub struct StoreOptions {
     pub sweep_records_max: u64,
     pub wal_files_reused: usize,
     pub present_ranges_max: usize,
+    pub info_log_files_max: usize,
+    pub info_log_file_bytes_max: usize,
 }
 
 impl StoreOptions {
@@ -87,6 +89,8 @@ impl StoreOptions {
             sweep_records_max: log.sweep_records_max,
             wal_files_reused: log.wal_files_reused,
             present_ranges_max: log.present_ranges_max,
+            info_log_files_max: log.info_log_files_max,
+            info_log_file_bytes_max: log.info_log_file_bytes_max,
         }
     }
 }
@@ -248,8 +252,8 @@ fn db_options(opts: &StoreOptions) -> Options {
     // fails ("missing start of fragmented record", RocksDB 10.4.2).
     o.set_recycle_log_file_num(opts.wal_files_reused);
     o.set_max_background_jobs(2);
-    o.set_keep_log_file_num(3);
-    o.set_max_log_file_size(1024 * 1024);
+    o.set_keep_log_file_num(opts.info_log_files_max);
+    o.set_max_log_file_size(opts.info_log_file_bytes_max);
     let mut table = BlockBasedOptions::default();
     table.set_block_cache(&Cache::new_lru_cache(opts.block_cache_bytes));
     o.set_block_based_table_factory(&table);

@@ -250,6 +250,8 @@ impl Node {
         let (replicator, fatal) = (self.replicator.clone(), self.fatal.clone());
         let every = Duration::from_millis(self.config.modes.check_interval_ms);
         let catch_up_watch = Duration::from_millis(self.config.modes.catch_up_watch_ms);
+        // The tiers' acknowledgements, which the catch-up is measured by, come this often.
+        let ack_every = Duration::from_millis(self.config.replication.ack_interval_ms);
         self.tasks.spawn(async move {
             let clock = MonoClock::new();
             let mut tick = tokio::time::interval(every);
@@ -283,7 +285,7 @@ impl Node {
                                     events.push(json!({"event": "catch_up_slow", "records": records, "after_ms": start.elapsed().as_millis() as u64}));
                                     return;
                                 }
-                                tokio::time::sleep(every).await;
+                                tokio::time::sleep(ack_every).await;
                             }
                             events.push(json!({"event": "caught_up", "records": records, "after_ms": start.elapsed().as_millis() as u64}));
                         }));
@@ -305,8 +307,9 @@ impl Node {
         let (decider, escalations, reports) = (self.decider.clone(), self.escalations.clone(), self.reports.clone());
         let security = self.security.clone();
         self.tasks.spawn(async move {
+            let children_wait = Duration::from_millis(config.supervision.status_children_wait_ms);
             while let Some(mut request) = requests.recv().await {
-                let actors = supervise::children(&root).await.unwrap_or_default();
+                let actors = supervise::children(&root, children_wait).await.unwrap_or_default();
                 let dropped = dropped.load(std::sync::atomic::Ordering::Relaxed);
                 let mut doc = status(&config, &log, &replicator, started, *mode.borrow(), &actors, dropped);
                 decisions_status(&mut doc, &decider, &escalations, &reports);
@@ -319,7 +322,8 @@ impl Node {
 
     /// The status document served on `strata/status/<node_id>`.
     pub async fn status(&self) -> Value {
-        let actors = supervise::children(&self.root).await.unwrap_or_default();
+        let children_wait = Duration::from_millis(self.config.supervision.status_children_wait_ms);
+        let actors = supervise::children(&self.root, children_wait).await.unwrap_or_default();
         let dropped = self.events_dropped.load(std::sync::atomic::Ordering::Relaxed);
         let mut doc = status(&self.config, &self.log, &self.replicator, self.started, self.mode(), &actors, dropped);
         decisions_status(&mut doc, &self.decider, &self.escalations, &self.reports);

@@ -294,9 +294,10 @@ impl Actor for Supervisor {
     }
 }
 
-/// Asks a supervisor for its children's states (`None` if it is gone).
-pub async fn children(supervisor: &ActorRef<SupervisorMsg>) -> Option<Vec<ChildInfo>> {
-    ractor::call_t!(supervisor, SupervisorMsg::Children, 2000).ok()
+/// Asks a supervisor for its children's states (`None` if it is gone or does not answer
+/// within `timeout`).
+pub async fn children(supervisor: &ActorRef<SupervisorMsg>, timeout: Duration) -> Option<Vec<ChildInfo>> {
+    ractor::call_t!(supervisor, SupervisorMsg::Children, timeout.as_millis() as u64).ok()
 }
 
 /// Orderly shutdown of a supervision tree: waits at most `timeout`.

@@ -106,7 +106,7 @@ async fn restart_types_decide_what_is_restarted() {
     // Give a wrong restart every chance to happen (the backoff is 1 ms).
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(starts(&probes, &["perm", "trans", "trans-crash", "temp"]), [2, 1, 2, 1]);
-    let states: Vec<(String, &str)> = supervise::children(&sup).await.unwrap().into_iter().map(|c| (c.name, c.state)).collect();
+    let states: Vec<(String, &str)> = supervise::children(&sup, Duration::from_secs(30)).await.unwrap().into_iter().map(|c| (c.name, c.state)).collect();
     assert_eq!(states, [("perm".into(), "running"), ("trans".into(), "stopped"), ("trans-crash".into(), "running"), ("temp".into(), "stopped")]);
     supervise::shutdown(&sup, WAIT).await;
 }
