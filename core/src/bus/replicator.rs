@@ -13,11 +13,13 @@
 //! - **Replay**: a periodic check (every `replay_check_interval_ms`), a liveliness token
 //!   coming back, or heads showing more than we hold, start replay: a request to
 //!   `strata/replay/<origin>/<stream>` naming one holder (the origin if alive, else the
-//!   holder with the most), answered from that holder's log in batches of at most
-//!   `replay_batch_len_max`, repeated until the gap is closed. A holder whose answer moves
-//!   nothing (a record of its copy cannot be read, say) is passed over for the rest of the
-//!   check and the next one asked; with none left, the next check tries again. A gap is replayed only once it outlived one check, so records
-//!   still in flight are not fetched twice.
+//!   holder with the most) and one missing range, answered from that holder's log in batches
+//!   of at most `replay_batch_len_max`, up to 16 batches' worth of seqs from the first record
+//!   it holds in the range; the requester asks next from above what it got. A holder that
+//!   answers with nothing is passed over for that range, one that does not answer for the
+//!   rest of the check; when no holder is left for a range, the missing ranges above it are
+//!   asked for. Each check starts again at the watermark. A gap is replayed only once it
+//!   outlived one check, so records still in flight are not fetched twice.
 //! - **Liveliness**: the node holds `strata/alive/<tier>/<node>` and tracks every other
 //!   node's token ([`Replicator::presence`]).
 //!
@@ -914,7 +916,14 @@ async fn serve_replay(shared: Arc<Shared>, mut requests: super::Incoming<Request
                     break;
                 }
             };
-            let Some(last) = records.last().map(|e| e.id.seq.get()) else { break };
+            let Some(last) = records.last().map(|e| e.id.seq.get()) else {
+                if !capped {
+                    // Nothing held in the range: say so, so that the requester can tell this
+                    // from no answer at all.
+                    let _ = request.responder.reply(wire::encode(&ReplayBatch { records: Vec::new() })).await;
+                }
+                break;
+            };
             if !capped {
                 capped = true;
                 let first = records.first().map_or(from, |e| e.id.seq.get());
@@ -972,7 +981,8 @@ async fn check_and_replay(shared: &Arc<Shared>) {
             let mine = shared.log.stream(&key).map_or(0, |i| i.watermark);
             let best_holder = st.holders.get(&key).and_then(|h| h.values().max().copied()).unwrap_or(0);
             let seen = st.seen_live.get(&key).copied().unwrap_or(0);
-            let target = best_holder.max(seen);
+            // A peer may announce more than a seq can be (`SEQ_MAX`): nothing above it exists.
+            let target = best_holder.max(seen).min(crate::log::SEQ_MAX);
             let previous = st.last_target.insert(key.clone(), target).unwrap_or(0);
             // Only what was already missing at the last check, unless it is urgent.
             let goal = if urgent { target } else { previous.min(target) };
@@ -1021,20 +1031,25 @@ fn next_missing(shared: &Shared, key: &StreamKey, from: u64, goal: u64) -> Optio
 
 async fn replay_stream(shared: &Arc<Shared>, key: &StreamKey, goal: u64) {
     let settings = &shared.settings;
-    // Holders that sent nothing for the range asked (one whose copy has a record it cannot
-    // read, say): the others are asked for it instead. When none is left, the range is a hole
-    // nobody reachable can fill now (records removed by retention at their origin before this
-    // node got them): the missing ranges above it are asked for next, so that a hole never
-    // keeps back what is held above it. The next check starts again at the watermark.
+    // Holders that answered the range asked with nothing (they do not hold it, or their copy
+    // has a record they cannot read): the others are asked for it instead. When none is left,
+    // no holder asked has that range now (records removed by retention at their origin before
+    // this node got them, say): the missing ranges above it are asked for next, so that such
+    // a hole does not keep back what a holder has above it. The next check starts again at
+    // the watermark.
     let mut stuck: Vec<NodeId> = Vec::new();
+    // Holders that did not answer at all (timed out, or the answer was lost): not asked again
+    // in this check, so that one silent holder costs one timeout per check, not one per range.
+    let mut silent: Vec<NodeId> = Vec::new();
     let mut from = 0;
     // Bounded: at most this many requests per check; the next check continues.
     for _ in 0..settings.replay_requests_per_check_max {
         let Some(range) = next_missing(shared, key, from, goal) else { return };
         let mine = shared.log.stream(key).map_or(0, |i| i.watermark);
-        let Some(holder) = choose_holder(shared, key, mine, &stuck) else {
+        let skip: Vec<NodeId> = stuck.iter().chain(&silent).cloned().collect();
+        let Some(holder) = choose_holder(shared, key, mine, &skip) else {
             if stuck.is_empty() {
-                return; // nobody to ask
+                return; // nobody (else) to ask
             }
             from = range.end().saturating_add(1);
             stuck.clear();
@@ -1054,8 +1069,7 @@ async fn replay_stream(shared: &Arc<Shared>, key: &StreamKey, goal: u64) {
                 return;
             }
         };
-        // The highest seq received for `key` in the asked range: the next request starts above it.
-        let mut reached: Option<u64> = None;
+        let mut answered = false;
         let mut tickets = Vec::new();
         while let Some(bytes) = replies.recv().await {
             let batch: ReplayBatch = match wire::decode(&bytes) {
@@ -1065,6 +1079,7 @@ async fn replay_stream(shared: &Arc<Shared>, key: &StreamKey, goal: u64) {
                     continue;
                 }
             };
+            answered = true;
             let mut records = Vec::with_capacity(batch.records.len());
             for record in batch.records {
                 let Some(envelope) = accept(shared, None, &record.0) else { continue };
@@ -1072,22 +1087,21 @@ async fn replay_stream(shared: &Arc<Shared>, key: &StreamKey, goal: u64) {
                     shared.counters.spoofed.fetch_add(1, Ordering::Relaxed);
                     continue;
                 }
-                let seq = envelope.id.seq.get();
-                if range.contains(&seq) {
-                    reached = reached.max(Some(seq));
-                }
                 records.push(envelope);
             }
             shared.counters.replay_received.fetch_add(records.len() as u64, Ordering::Relaxed);
+            let seqs: Vec<u64> = records.iter().map(|e| e.id.seq.get()).collect();
             match shared.log.insert_remote_many(records).await {
-                Ok(t) => tickets.push(t),
+                Ok(t) => tickets.push((seqs, t)),
                 Err(e) => {
                     tracing::error!(error = %e, "cannot queue replayed envelopes");
                     return;
                 }
             }
         }
-        for t in tickets {
+        // The seqs of the range now held thanks to this answer (stored, or held already).
+        let mut held = Vec::new();
+        for (seqs, t) in tickets {
             let results = match t.await {
                 Ok(r) => r,
                 Err(e) => {
@@ -1096,11 +1110,13 @@ async fn replay_stream(shared: &Arc<Shared>, key: &StreamKey, goal: u64) {
                     return;
                 }
             };
-            for r in results {
+            for (seq, r) in seqs.into_iter().zip(results) {
                 match r {
                     Ok(Inserted::Stored { .. }) => {
                         shared.counters.replay_stored.fetch_add(1, Ordering::Relaxed);
+                        held.push(seq);
                     }
+                    Ok(Inserted::Duplicate { .. }) => held.push(seq),
                     Ok(_) => {}
                     Err(e) => {
                         shared.counters.insert_errors.fetch_add(1, Ordering::Relaxed);
@@ -1109,23 +1125,54 @@ async fn replay_stream(shared: &Arc<Shared>, key: &StreamKey, goal: u64) {
                 }
             }
         }
-        match reached {
-            Some(seq) => {
-                from = seq.saturating_add(1);
+        match first_run_end(held, &range) {
+            // Go on above the first unbroken run held: what broke it (a batch lost on the way,
+            // a record deferred or not stored, a gap in the holder's copy) is asked for next.
+            Some(end) => {
+                from = end.saturating_add(1);
                 stuck.clear();
             }
-            None => {
-                tracing::debug!(%key, from = range.start(), to = range.end(), %holder, "replay brought nothing; asking another holder, if any");
+            None if answered => {
+                tracing::debug!(%key, from = range.start(), to = range.end(), %holder, "the holder has nothing of the range; asking another, if any");
                 shared.counters.replay_stalled.fetch_add(1, Ordering::Relaxed);
                 stuck.push(holder);
+            }
+            None => {
+                tracing::debug!(%key, from = range.start(), to = range.end(), %holder, "the holder did not answer; not asking it again in this check");
+                shared.counters.replay_stalled.fetch_add(1, Ordering::Relaxed);
+                silent.push(holder);
             }
         }
     }
 }
 
+/// The last seq of the first unbroken run of `held` seqs within `range`.
+fn first_run_end(mut held: Vec<u64>, range: &RangeInclusive<u64>) -> Option<u64> {
+    held.retain(|s| range.contains(s));
+    held.sort_unstable();
+    held.dedup();
+    let mut end = *held.first()?;
+    for &s in &held[1..] {
+        if s != end + 1 {
+            break;
+        }
+        end = s;
+    }
+    Some(end)
+}
+
 #[cfg(test)]
 mod tests {
-    use super::LatencyHistogram;
+    use super::{first_run_end, LatencyHistogram};
+
+    #[test]
+    fn replay_goes_on_above_the_first_unbroken_run_held() {
+        assert_eq!(first_run_end(vec![], &(1..=10)), None);
+        assert_eq!(first_run_end(vec![12, 11], &(1..=10)), None, "outside the range asked");
+        assert_eq!(first_run_end(vec![5, 3, 4, 4, 8, 9], &(1..=10)), Some(5), "7 is missing: ask again from 6");
+        assert_eq!(first_run_end(vec![1, 2, 3], &(2..=10)), Some(3));
+        assert_eq!(first_run_end(vec![u64::MAX - 1, u64::MAX], &(1..=u64::MAX)), Some(u64::MAX));
+    }
 
     #[test]
     fn histogram_quantiles_are_within_a_bucket() {

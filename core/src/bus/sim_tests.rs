@@ -402,15 +402,17 @@ fn a_holder_that_cannot_serve_a_range_is_passed_over_for_another() {
 
 /// A replica that joins after the origin's retention removed the start of a stream (a new
 /// node, or one rebuilt empty) cannot get those records from anyone, but it gets every record
-/// the origin still holds, although they begin further above the hole than one request
-/// spans (16 batches of 16 here). It used to ask for the first span of the hole again and
-/// again, get nothing, and never ask for what lies above it.
+/// the origin still holds, although they begin further above the hole than one request spans
+/// (16 batches of 16 here): the origin keeps 651..=950 of 950, then the cloud comes up and
+/// receives 951..=1000 live, and replay brings 651..=950 into the gap below them. It used to ask
+/// for the first span of the hole again and again, get nothing, and never ask for what lies
+/// above it. Once caught up, each check costs one empty answer: nothing is sent twice.
 #[test]
 fn a_late_replica_gets_everything_held_above_a_hole_nobody_can_fill() {
     paused_runtime().block_on(async {
         let stream = StreamName::new("readings/a").unwrap();
         let draft = |i: u64| Draft::new(Kind::Reading, PayloadType::new("sim/1").unwrap(), i.to_le_bytes().to_vec());
-        // The size of one stored record, to keep the last 300 of 1,000.
+        // The size of one stored record, to keep the last 300.
         let probe = SimNode::new("edge-1", Tier::Edge, &[], 11);
         probe.log.append_durable(stream.clone(), draft(0)).await.unwrap();
         let record_bytes = probe.log.streams()[0].bytes;
@@ -423,17 +425,21 @@ fn a_late_replica_gets_everything_held_above_a_hole_nobody_can_fill() {
         net.link(&edge.id, &cloud.id);
         edge.up(&net).await;
         let key = StreamKey { origin: edge.id.clone(), incarnation: edge.log.incarnation(), stream: stream.clone() };
-        let total = 1000u64;
-        for i in 0..total {
+        let (before, total) = (950u64, 1000u64);
+        for i in 0..before {
             edge.replicator.as_ref().unwrap().append(stream.clone(), draft(i)).await.unwrap();
         }
         // Let the live publication of those records end (to nobody) before the cloud comes up.
         tokio::time::sleep(Duration::from_secs(1)).await;
         let swept = edge.log.sweep(0).await.unwrap();
         let first = edge.log.stream(&key).unwrap().first;
-        assert!(first > 16 * 16 + 1, "the hole ({} records removed, first kept {first}) is within one request's span: the case tests nothing", swept.removed);
+        let span = 16 * 16; // settings(): replay_batch_len_max 16, 16 batches per request
+        assert!(first > span + 1, "the hole ({} records removed, first kept {first}) is within one request's span: the case tests nothing", swept.removed);
 
         cloud.up(&net).await;
+        for i in before..total {
+            edge.replicator.as_ref().unwrap().append(stream.clone(), draft(i)).await.unwrap();
+        }
         let held = |log: &Log| log.stream(&key).map_or(0, |i| i.count);
         for _ in 0..30_000 {
             if held(&cloud.log) == total - first + 1 {
@@ -446,6 +452,16 @@ fn a_late_replica_gets_everything_held_above_a_hole_nobody_can_fill() {
         let seqs: Vec<u64> = records.iter().map(|e| e.id.seq.get()).collect();
         assert_eq!(seqs, (first..=total).collect::<Vec<_>>(), "the cloud holds {} records, not {first}..={total}; {counters:?}", seqs.len());
         assert_eq!(watermark(&cloud.log, &key), 0, "the hole stays: nobody holds 1..{first}");
+        assert!(counters.live_stored > 0, "nothing arrived live: the gap path is not tested; {counters:?}");
+
+        // 100 more checks (10 s at 100 ms): each asks the origin for the hole, which answers
+        // with nothing.
+        let (requests, received) = (counters.replay_requests, counters.replay_received);
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        let after = cloud.replicator.as_ref().unwrap().counters();
+        assert_eq!(after.replay_received, received, "records were sent again after the cloud caught up");
+        assert!(after.replay_requests > requests, "the hole was not asked for again");
+        assert!(after.replay_requests - requests <= 2 * 100, "{} requests in 100 checks", after.replay_requests - requests);
         for mut n in [edge, cloud] {
             n.down(&net).await;
         }
