@@ -15,11 +15,13 @@
 //!   `strata/replay/<origin>/<stream>` naming one holder (the origin if alive, else the
 //!   holder with the most) and one missing range, answered from that holder's log in batches
 //!   of at most `replay_batch_len_max`, up to 16 batches' worth of seqs from the first record
-//!   it holds in the range; the requester asks next from above what it got. A holder that
-//!   answers with nothing is passed over for that range, one that does not answer for the
-//!   rest of the check; when no holder is left for a range, the missing ranges above it are
-//!   asked for. Each check starts again at the watermark. A gap is replayed only once it
-//!   outlived one check, so records still in flight are not fetched twice.
+//!   it holds in the range (stepping over records it cannot read); the requester asks next
+//!   from above the first unbroken run it holds. A holder that answers with nothing is passed
+//!   over for that range, one that does not answer for the rest of the check; when no holder
+//!   is left for a range, the missing ranges above it are asked for. A check that used up its
+//!   requests leaves the next to start where it stopped; after the goal, at the watermark. A
+//!   gap is replayed only once it outlived one check, so records still in flight are not
+//!   fetched twice.
 //! - **Liveliness**: the node holds `strata/alive/<tier>/<node>` and tracks every other
 //!   node's token ([`Replicator::presence`]).
 //!
@@ -148,6 +150,9 @@ pub struct Counters {
     pub replay_stored: AtomicU64,
     pub replay_served_requests: AtomicU64,
     pub replay_served_records: AtomicU64,
+    /// Records this node could not read while serving a replay (a damaged block): stepped
+    /// over, so that the requester gets what lies above them (another holder may have them).
+    pub replay_served_damaged: AtomicU64,
     pub ingest_accepted: AtomicU64,
     pub insert_errors: AtomicU64,
     pub live_lag: LatencyHistogram,
@@ -243,6 +248,7 @@ pub struct CounterSnapshot {
     pub replay_stored: u64,
     pub replay_served_requests: u64,
     pub replay_served_records: u64,
+    pub replay_served_damaged: u64,
     pub ingest_accepted: u64,
     pub ingest_rejected: BTreeMap<String, u64>,
     pub insert_errors: u64,
@@ -269,6 +275,10 @@ struct State {
     /// The replay target each stream had at the last check: replayed at the next one if
     /// still missing, so that records in flight are not fetched twice.
     last_target: BTreeMap<StreamKey, u64>,
+    /// Where the next check's replay of a stream starts when the last one used up its
+    /// requests before reaching its goal (holes nobody fills must not keep ranges above them
+    /// from ever being asked for); absent: at the watermark.
+    replay_resume: BTreeMap<StreamKey, u64>,
     presence: BTreeMap<NodeId, Presence>,
     /// Acknowledgements of our own streams: key -> tier -> best watermark.
     acks: BTreeMap<StreamKey, BTreeMap<Tier, u64>>,
@@ -394,6 +404,7 @@ impl Replicator {
             replay_stored: get(&c.replay_stored),
             replay_served_requests: get(&c.replay_served_requests),
             replay_served_records: get(&c.replay_served_records),
+            replay_served_damaged: get(&c.replay_served_damaged),
             ingest_accepted: get(&c.ingest_accepted),
             ingest_rejected: lock(&self.shared.state).ingest_rejected.clone(),
             insert_errors: get(&c.insert_errors),
@@ -882,6 +893,38 @@ async fn receive_ingest(shared: Arc<Shared>, mut incoming: super::Incoming<super
     }
 }
 
+/// Up to `want` records of `key` held in `from..=to`, for a replay. A record that cannot be
+/// read (a damaged block) is logged, counted and stepped over, so that what lies above it is
+/// still served: the requester sees the gap and may get that record from another holder.
+fn read_serving(shared: &Shared, key: &StreamKey, from: u64, to: u64, want: usize) -> Result<Vec<Envelope>, LogError> {
+    match shared.log.read(key, from, want) {
+        Err(LogError::CorruptRecord { .. }) => {}
+        other => return other,
+    }
+    // One record at a time, to step over the damaged ones.
+    let mut out = Vec::new();
+    let mut next = from;
+    while out.len() < want && next <= to {
+        match shared.log.read(key, next, 1) {
+            Ok(mut one) => {
+                let Some(e) = one.pop() else { break };
+                next = e.id.seq.get().saturating_add(1);
+                out.push(e);
+            }
+            Err(LogError::CorruptRecord { seq, key: name, error }) if seq >= next => {
+                shared.counters.replay_served_damaged.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(record = name, %error, "a record this node holds cannot be read; replay steps over it");
+                match seq.checked_add(1) {
+                    Some(after) => next = after,
+                    None => break,
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(out)
+}
+
 async fn serve_replay(shared: Arc<Shared>, mut requests: super::Incoming<Request>) {
     while let Some(mut request) = requests.recv().await {
         let Some((origin, stream)) = keys::parse_replay(&request.key) else { continue };
@@ -909,7 +952,7 @@ async fn serve_replay(shared: Arc<Shared>, mut requests: super::Incoming<Request
         let mut from = params.from;
         while from <= to {
             let want = (to - from + 1).min(batch_len) as usize;
-            let records = match shared.log.read(&key, from, want) {
+            let records = match read_serving(&shared, &key, from, to, want) {
                 Ok(r) => r,
                 Err(e) => {
                     tracing::error!(%key, error = %e, "replay read failed");
@@ -1031,8 +1074,8 @@ fn next_missing(shared: &Shared, key: &StreamKey, from: u64, goal: u64) -> Optio
 
 async fn replay_stream(shared: &Arc<Shared>, key: &StreamKey, goal: u64) {
     let settings = &shared.settings;
-    // Holders that answered the range asked with nothing (they do not hold it, or their copy
-    // has a record they cannot read): the others are asked for it instead. When none is left,
+    // Holders that answered the range asked with nothing (they do not hold it): the others
+    // are asked for it instead. When none is left,
     // no holder asked has that range now (records removed by retention at their origin before
     // this node got them, say): the missing ranges above it are asked for next, so that such
     // a hole does not keep back what a holder has above it. The next check starts again at
@@ -1041,8 +1084,9 @@ async fn replay_stream(shared: &Arc<Shared>, key: &StreamKey, goal: u64) {
     // Holders that did not answer at all (timed out, or the answer was lost): not asked again
     // in this check, so that one silent holder costs one timeout per check, not one per range.
     let mut silent: Vec<NodeId> = Vec::new();
-    let mut from = 0;
-    // Bounded: at most this many requests per check; the next check continues.
+    let mut from = lock(&shared.state).replay_resume.remove(key).unwrap_or(0);
+    // Bounded: at most this many requests per check; the next check goes on from where this
+    // one stopped, and from the watermark again once it reached the goal.
     for _ in 0..settings.replay_requests_per_check_max {
         let Some(range) = next_missing(shared, key, from, goal) else { return };
         let mine = shared.log.stream(key).map_or(0, |i| i.watermark);
@@ -1144,6 +1188,7 @@ async fn replay_stream(shared: &Arc<Shared>, key: &StreamKey, goal: u64) {
             }
         }
     }
+    lock(&shared.state).replay_resume.insert(key.clone(), from);
 }
 
 /// The last seq of the first unbroken run of `held` seqs within `range`.

@@ -606,7 +606,7 @@ pub(crate) fn decode_records(key: &StreamKey, records: &[(u64, Vec<u8>)]) -> Res
 /// Decodes one stored record, naming it on failure. Read within [`Limits::STORED`], not the
 /// configured limit: lowering `log.payload_bytes_max` must not make what is kept unreadable.
 pub(crate) fn decode_record(key: &StreamKey, seq: u64, value: &[u8]) -> Result<Envelope, LogError> {
-    let corrupt = |error| LogError::CorruptRecord { key: format!("{key}#{seq}"), error };
+    let corrupt = |error| LogError::CorruptRecord { key: format!("{key}#{seq}"), seq, error };
     let id = EnvelopeId {
         origin: key.origin.clone(),
         incarnation: key.incarnation,
@@ -618,6 +618,7 @@ pub(crate) fn decode_record(key: &StreamKey, seq: u64, value: &[u8]) -> Result<E
     if envelope.id != id {
         return Err(LogError::CorruptRecord {
             key: format!("{key}#{seq}"),
+            seq,
             error: codec::DecodeError::Malformed(format!("record holds envelope {}", envelope.id)),
         });
     }

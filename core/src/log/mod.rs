@@ -171,7 +171,7 @@ pub enum LogError {
     #[error("{path}: {detail}")]
     Io { path: PathBuf, detail: String },
     #[error("record {key} is corrupted: {error}")]
-    CorruptRecord { key: String, error: DecodeError },
+    CorruptRecord { key: String, seq: u64, error: DecodeError },
     #[error(transparent)]
     Encode(#[from] EncodeError),
     #[error("stream {stream} is full: seq would overflow")]
