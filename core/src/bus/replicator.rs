@@ -15,11 +15,12 @@
 //!   `strata/replay/<origin>/<stream>` naming one holder (the origin if alive, else the
 //!   holder with the most) and one missing range, answered from that holder's log in batches
 //!   of at most `replay_batch_len_max`, up to 16 batches' worth of seqs from the first record
-//!   it holds in the range (stepping over records it cannot read); the requester asks next
-//!   from above the first unbroken run it holds. A holder that answers with nothing is passed
-//!   over for that range, one that does not answer for the rest of the check; when no holder
-//!   is left for a range, the missing ranges above it are asked for. A check that used up its
-//!   requests leaves the next to start where it stopped; after the goal, at the watermark. A
+//!   it holds in the range (stepping over records it cannot decode), or an empty batch; the
+//!   requester asks next from above the first unbroken run it holds. A holder that answers
+//!   with nothing is passed over for that range, one that does not answer for the rest of the
+//!   check; when no holder is left for a range, the missing ranges above it are asked for. A
+//!   check that stops before its goal leaves the next to start where it stopped; after the
+//!   goal, at the watermark. A
 //!   gap is replayed only once it outlived one check, so records still in flight are not
 //!   fetched twice.
 //! - **Liveliness**: the node holds `strata/alive/<tier>/<node>` and tracks every other
@@ -893,36 +894,63 @@ async fn receive_ingest(shared: Arc<Shared>, mut incoming: super::Incoming<super
     }
 }
 
+/// What [`read_serving`] found.
+struct Served {
+    /// Readable records, in seq order.
+    records: Vec<Envelope>,
+    /// Where to read on.
+    next: u64,
+    /// Nothing held at or above `next`.
+    exhausted: bool,
+    /// The first seq held at or after `from`, readable or not.
+    first: Option<u64>,
+    /// Records stepped over because they cannot be decoded.
+    damaged: u64,
+}
+
 /// Up to `want` records of `key` held in `from..=to`, for a replay. A record that cannot be
-/// read (a damaged block) is logged, counted and stepped over, so that what lies above it is
-/// still served: the requester sees the gap and may get that record from another holder.
-fn read_serving(shared: &Shared, key: &StreamKey, from: u64, to: u64, want: usize) -> Result<Vec<Envelope>, LogError> {
+/// decoded (damaged bytes) is stepped over, and counts against `want`, so that what lies above
+/// it is still served: the requester sees the gap and may get that record from another holder.
+/// An error RocksDB itself reports (a block that fails its checksum) ends the answer.
+fn read_serving(shared: &Shared, key: &StreamKey, from: u64, to: u64, want: usize) -> Result<Served, LogError> {
     match shared.log.read(key, from, want) {
         Err(LogError::CorruptRecord { .. }) => {}
-        other => return other,
-    }
-    // One record at a time, to step over the damaged ones.
-    let mut out = Vec::new();
-    let mut next = from;
-    while out.len() < want && next <= to {
-        match shared.log.read(key, next, 1) {
-            Ok(mut one) => {
-                let Some(e) = one.pop() else { break };
-                next = e.id.seq.get().saturating_add(1);
-                out.push(e);
-            }
-            Err(LogError::CorruptRecord { seq, key: name, error }) if seq >= next => {
-                shared.counters.replay_served_damaged.fetch_add(1, Ordering::Relaxed);
-                tracing::error!(record = name, %error, "a record this node holds cannot be read; replay steps over it");
-                match seq.checked_add(1) {
-                    Some(after) => next = after,
-                    None => break,
-                }
-            }
-            Err(e) => return Err(e),
+        Err(e) => return Err(e),
+        Ok(records) => {
+            let (first, last) = (records.first().map(|e| e.id.seq.get()), records.last().map(|e| e.id.seq.get()));
+            let next = last.map_or(from, |l| l.saturating_add(1));
+            return Ok(Served { exhausted: records.is_empty() || last == Some(u64::MAX), records, next, first, damaged: 0 });
         }
     }
-    Ok(out)
+    // One record at a time, to step over the damaged ones.
+    let mut served = Served { records: Vec::new(), next: from, exhausted: false, first: None, damaged: 0 };
+    while served.records.len() + (served.damaged as usize) < want && served.next <= to {
+        let seq = match shared.log.read(key, served.next, 1) {
+            Ok(mut one) => {
+                let Some(e) = one.pop() else {
+                    served.exhausted = true;
+                    break;
+                };
+                let seq = e.id.seq.get();
+                served.records.push(e);
+                seq
+            }
+            Err(LogError::CorruptRecord { seq, .. }) if seq >= served.next => {
+                served.damaged += 1;
+                seq
+            }
+            Err(e) => return Err(e),
+        };
+        served.first.get_or_insert(seq);
+        match seq.checked_add(1) {
+            Some(after) => served.next = after,
+            None => {
+                served.exhausted = true;
+                break;
+            }
+        }
+    }
+    Ok(served)
 }
 
 async fn serve_replay(shared: Arc<Shared>, mut requests: super::Incoming<Request>) {
@@ -950,27 +978,33 @@ async fn serve_replay(shared: Arc<Shared>, mut requests: super::Incoming<Request
         let mut to = params.to;
         let mut capped = false;
         let mut from = params.from;
+        // Whether a batch went out; if none did (nothing held in the range, or the read
+        // failed first), one empty batch says so: the requester then asks another holder for
+        // the range, and does not take this one for silent.
+        let (mut answered, mut damaged) = (false, 0);
         while from <= to {
             let want = (to - from + 1).min(batch_len) as usize;
-            let records = match read_serving(&shared, &key, from, to, want) {
-                Ok(r) => r,
+            let served = match read_serving(&shared, &key, from, to, want) {
+                Ok(s) => s,
                 Err(e) => {
                     tracing::error!(%key, error = %e, "replay read failed");
                     break;
                 }
             };
-            let Some(last) = records.last().map(|e| e.id.seq.get()) else {
-                if !capped {
-                    // Nothing held in the range: say so, so that the requester can tell this
-                    // from no answer at all.
-                    let _ = request.responder.reply(wire::encode(&ReplayBatch { records: Vec::new() })).await;
-                }
-                break;
-            };
+            damaged += served.damaged;
             if !capped {
-                capped = true;
-                let first = records.first().map_or(from, |e| e.id.seq.get());
-                to = to.min(first.saturating_add(span - 1));
+                if let Some(first) = served.first {
+                    capped = true;
+                    to = to.min(first.saturating_add(span - 1));
+                }
+            }
+            let (records, next) = (served.records, served.next);
+            if records.is_empty() {
+                if served.exhausted {
+                    break;
+                }
+                from = next; // past a run of damaged records
+                continue;
             }
             let mut batch = ReplayBatch { records: Vec::with_capacity(records.len()) };
             let mut size = 0;
@@ -985,18 +1019,28 @@ async fn serve_replay(shared: Arc<Shared>, mut requests: super::Incoming<Request
                 batch.records.push(wire::ByteVec(bytes));
             }
             let sent = batch.records.len() as u64;
-            shared.counters.replay_served_records.fetch_add(sent, Ordering::Relaxed);
-            if request.responder.reply(wire::encode(&batch)).await.is_err() || sent == 0 {
+            if sent == 0 {
                 break;
             }
-            from = if sent < records.len() as u64 {
-                records[sent as usize].id.seq.get()
+            shared.counters.replay_served_records.fetch_add(sent, Ordering::Relaxed);
+            answered = true;
+            if request.responder.reply(wire::encode(&batch)).await.is_err() {
+                break;
+            }
+            if sent < records.len() as u64 {
+                from = records[sent as usize].id.seq.get();
+            } else if served.exhausted {
+                break;
             } else {
-                match last.checked_add(1) {
-                    Some(next) => next,
-                    None => break,
-                }
-            };
+                from = next;
+            }
+        }
+        if !answered {
+            let _ = request.responder.reply(wire::encode(&ReplayBatch { records: Vec::new() })).await;
+        }
+        if damaged > 0 {
+            shared.counters.replay_served_damaged.fetch_add(damaged, Ordering::Relaxed);
+            tracing::error!(%key, damaged, from = params.from, to = params.to, "records this node holds cannot be read; replay stepped over them");
         }
     }
 }
@@ -1072,33 +1116,47 @@ fn next_missing(shared: &Shared, key: &StreamKey, from: u64, goal: u64) -> Optio
     (start <= goal).then_some(start..=goal)
 }
 
+/// One check's replay of `key` up to `goal`. A check that stops before the goal (out of
+/// requests, no holder left to ask, an error) leaves the next one to start where it stopped;
+/// one that reaches the goal leaves the next to start at the watermark.
 async fn replay_stream(shared: &Arc<Shared>, key: &StreamKey, goal: u64) {
+    let start = lock(&shared.state).replay_resume.remove(key).unwrap_or(0);
+    if let Some(stopped_at) = replay_from(shared, key, goal, start).await {
+        lock(&shared.state).replay_resume.insert(key.clone(), stopped_at);
+    }
+}
+
+/// Asks for the missing ranges of `key` from `from` up to `goal`; returns where it stopped,
+/// or `None` once nothing up to `goal` is missing above where it started.
+async fn replay_from(shared: &Arc<Shared>, key: &StreamKey, goal: u64, mut from: u64) -> Option<u64> {
     let settings = &shared.settings;
     // Holders that answered the range asked with nothing (they do not hold it): the others
-    // are asked for it instead. When none is left,
-    // no holder asked has that range now (records removed by retention at their origin before
-    // this node got them, say): the missing ranges above it are asked for next, so that such
-    // a hole does not keep back what a holder has above it. The next check starts again at
-    // the watermark.
+    // are asked for it instead. When none is left, no holder asked has that range now
+    // (records removed by retention at their origin before this node got them, say): the
+    // missing ranges above it are asked for next, so that such a hole does not keep back
+    // what a holder has above it.
     let mut stuck: Vec<NodeId> = Vec::new();
     // Holders that did not answer at all (timed out, or the answer was lost): not asked again
     // in this check, so that one silent holder costs one timeout per check, not one per range.
     let mut silent: Vec<NodeId> = Vec::new();
-    let mut from = lock(&shared.state).replay_resume.remove(key).unwrap_or(0);
-    // Bounded: at most this many requests per check; the next check goes on from where this
-    // one stopped, and from the watermark again once it reached the goal.
-    for _ in 0..settings.replay_requests_per_check_max {
-        let Some(range) = next_missing(shared, key, from, goal) else { return };
+    // Bounded: at most this many requests per check (moving past a range costs none).
+    let mut requests = 0;
+    loop {
+        let range = next_missing(shared, key, from, goal)?;
         let mine = shared.log.stream(key).map_or(0, |i| i.watermark);
         let skip: Vec<NodeId> = stuck.iter().chain(&silent).cloned().collect();
         let Some(holder) = choose_holder(shared, key, mine, &skip) else {
             if stuck.is_empty() {
-                return; // nobody (else) to ask
+                return Some(from); // nobody (else) to ask
             }
             from = range.end().saturating_add(1);
             stuck.clear();
             continue;
         };
+        if requests == settings.replay_requests_per_check_max {
+            return Some(from);
+        }
+        requests += 1;
         // The holder caps what it sends (`serve_replay`); what is left is asked for next.
         let params = ReplayParams { incarnation: key.incarnation, from: *range.start(), to: *range.end(), holder: holder.clone() };
         shared.counters.replay_requests.fetch_add(1, Ordering::Relaxed);
@@ -1110,7 +1168,7 @@ async fn replay_stream(shared: &Arc<Shared>, key: &StreamKey, goal: u64) {
             Ok(r) => r,
             Err(e) => {
                 tracing::warn!(%key, error = %e, "replay request failed");
-                return;
+                return Some(from);
             }
         };
         let mut answered = false;
@@ -1139,7 +1197,7 @@ async fn replay_stream(shared: &Arc<Shared>, key: &StreamKey, goal: u64) {
                 Ok(t) => tickets.push((seqs, t)),
                 Err(e) => {
                     tracing::error!(error = %e, "cannot queue replayed envelopes");
-                    return;
+                    return Some(from);
                 }
             }
         }
@@ -1151,7 +1209,7 @@ async fn replay_stream(shared: &Arc<Shared>, key: &StreamKey, goal: u64) {
                 Err(e) => {
                     shared.counters.insert_errors.fetch_add(1, Ordering::Relaxed);
                     tracing::error!(error = %e, "storing replayed envelopes failed");
-                    return;
+                    return Some(from);
                 }
             };
             for (seq, r) in seqs.into_iter().zip(results) {
@@ -1188,7 +1246,6 @@ async fn replay_stream(shared: &Arc<Shared>, key: &StreamKey, goal: u64) {
             }
         }
     }
-    lock(&shared.state).replay_resume.insert(key.clone(), from);
 }
 
 /// The last seq of the first unbroken run of `held` seqs within `range`.

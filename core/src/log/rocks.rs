@@ -200,9 +200,13 @@ fn scan(db: &DB, prefix: &[u8], from: u64, limit: usize) -> Result<Vec<(u64, Vec
     let mut start = prefix.to_vec();
     start.extend_from_slice(&from.to_be_bytes());
     let mut out = Vec::new();
-    for item in db.iterator_cf(cf(db, Cf::Log), IteratorMode::From(&start, Direction::Forward)) {
+    let mut records = db.iterator_cf(cf(db, Cf::Log), IteratorMode::From(&start, Direction::Forward));
+    // The limit is checked before the next step: a read of n records does not fail on an
+    // unreadable block just past them.
+    while out.len() < limit {
+        let Some(item) = records.next() else { break };
         let (k, v) = item?;
-        if out.len() >= limit || !k.starts_with(prefix) {
+        if !k.starts_with(prefix) {
             break;
         }
         if let Some(seq) = record_seq(prefix, &k) {
