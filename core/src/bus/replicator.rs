@@ -276,10 +276,10 @@ struct State {
     /// The replay target each stream had at the last check: replayed at the next one if
     /// still missing, so that records in flight are not fetched twice.
     last_target: BTreeMap<StreamKey, u64>,
-    /// Where the next check's replay of a stream starts when the last one used up its
-    /// requests before reaching its goal (holes nobody fills must not keep ranges above them
-    /// from ever being asked for); absent: at the watermark.
-    replay_resume: BTreeMap<StreamKey, u64>,
+    /// Where the next check's replay of a stream goes on when the last one stopped before its
+    /// goal (holes nobody fills must not keep ranges above them from ever being asked for);
+    /// absent: at the watermark.
+    replay_resume: BTreeMap<StreamKey, Resume>,
     presence: BTreeMap<NodeId, Presence>,
     /// Acknowledgements of our own streams: key -> tier -> best watermark.
     acks: BTreeMap<StreamKey, BTreeMap<Tier, u64>>,
@@ -932,8 +932,16 @@ fn read_serving(shared: &Shared, key: &StreamKey, from: u64, to: u64, want: usiz
                     break;
                 };
                 let seq = e.id.seq.get();
+                if seq > to {
+                    served.next = seq;
+                    break;
+                }
                 served.records.push(e);
                 seq
+            }
+            Err(LogError::CorruptRecord { seq, .. }) if seq > to => {
+                served.next = seq;
+                break;
             }
             Err(LogError::CorruptRecord { seq, .. }) if seq >= served.next => {
                 served.damaged += 1;
@@ -1116,47 +1124,64 @@ fn next_missing(shared: &Shared, key: &StreamKey, from: u64, goal: u64) -> Optio
     (start <= goal).then_some(start..=goal)
 }
 
-/// One check's replay of `key` up to `goal`. A check that stops before the goal (out of
-/// requests, no holder left to ask, an error) leaves the next one to start where it stopped;
-/// one that reaches the goal leaves the next to start at the watermark.
+/// Where a stream's replay goes on, and who it passes over there.
+#[derive(Debug, Clone, Default)]
+struct Resume {
+    /// Ranges are asked for from here (0: from the watermark).
+    from: u64,
+    /// Holders that answered the range at `from` with nothing (they do not hold it, or not
+    /// its start): the others are asked for it instead. When none is left, no holder asked
+    /// has that range now (records removed by retention at their origin before this node got
+    /// them, say): the missing ranges above it are asked for next, so that such a hole does
+    /// not keep back what a holder has above it.
+    stuck: Vec<NodeId>,
+    /// Holders that did not answer at all (timed out, or the answer was lost): not asked again
+    /// until the pass over the missing ranges ends or nobody else is left, so that one silent
+    /// holder costs one timeout, not one per range.
+    silent: Vec<NodeId>,
+}
+
+/// One check's replay of `key` up to `goal`, at most `replay_requests_per_check_max`
+/// requests. A check that stops before the goal (out of requests, nobody left to ask, an
+/// error) leaves the next one to go on where it stopped, passing over the same holders; one
+/// that reaches the goal from there starts again at the watermark with the requests left.
 async fn replay_stream(shared: &Arc<Shared>, key: &StreamKey, goal: u64) {
-    let start = lock(&shared.state).replay_resume.remove(key).unwrap_or(0);
-    if let Some(stopped_at) = replay_from(shared, key, goal, start).await {
-        lock(&shared.state).replay_resume.insert(key.clone(), stopped_at);
+    let resume = lock(&shared.state).replay_resume.remove(key);
+    let resumed = resume.is_some();
+    let mut requests = 0;
+    let mut stopped = replay_from(shared, key, goal, resume.unwrap_or_default(), &mut requests).await;
+    if stopped.is_none() && resumed {
+        stopped = replay_from(shared, key, goal, Resume::default(), &mut requests).await;
+    }
+    if let Some(at) = stopped {
+        lock(&shared.state).replay_resume.insert(key.clone(), at);
     }
 }
 
-/// Asks for the missing ranges of `key` from `from` up to `goal`; returns where it stopped,
-/// or `None` once nothing up to `goal` is missing above where it started.
-async fn replay_from(shared: &Arc<Shared>, key: &StreamKey, goal: u64, mut from: u64) -> Option<u64> {
+/// Asks for the missing ranges of `key` from `at.from` up to `goal`, counting requests in
+/// `requests`; returns where it stopped, or `None` once nothing up to `goal` is missing above
+/// where it started.
+async fn replay_from(shared: &Arc<Shared>, key: &StreamKey, goal: u64, at: Resume, requests: &mut usize) -> Option<Resume> {
     let settings = &shared.settings;
-    // Holders that answered the range asked with nothing (they do not hold it): the others
-    // are asked for it instead. When none is left, no holder asked has that range now
-    // (records removed by retention at their origin before this node got them, say): the
-    // missing ranges above it are asked for next, so that such a hole does not keep back
-    // what a holder has above it.
-    let mut stuck: Vec<NodeId> = Vec::new();
-    // Holders that did not answer at all (timed out, or the answer was lost): not asked again
-    // in this check, so that one silent holder costs one timeout per check, not one per range.
-    let mut silent: Vec<NodeId> = Vec::new();
-    // Bounded: at most this many requests per check (moving past a range costs none).
-    let mut requests = 0;
+    let Resume { mut from, mut stuck, mut silent } = at;
     loop {
         let range = next_missing(shared, key, from, goal)?;
         let mine = shared.log.stream(key).map_or(0, |i| i.watermark);
         let skip: Vec<NodeId> = stuck.iter().chain(&silent).cloned().collect();
         let Some(holder) = choose_holder(shared, key, mine, &skip) else {
             if stuck.is_empty() {
-                return Some(from); // nobody (else) to ask
+                // Nobody (else) to ask: the next check asks the silent ones again.
+                return Some(Resume { from, stuck, silent: Vec::new() });
             }
             from = range.end().saturating_add(1);
             stuck.clear();
             continue;
         };
-        if requests == settings.replay_requests_per_check_max {
-            return Some(from);
+        // Bounded: at most this many requests per check (moving past a range costs none).
+        if *requests == settings.replay_requests_per_check_max {
+            return Some(Resume { from, stuck, silent });
         }
-        requests += 1;
+        *requests += 1;
         // The holder caps what it sends (`serve_replay`); what is left is asked for next.
         let params = ReplayParams { incarnation: key.incarnation, from: *range.start(), to: *range.end(), holder: holder.clone() };
         shared.counters.replay_requests.fetch_add(1, Ordering::Relaxed);
@@ -1168,7 +1193,7 @@ async fn replay_from(shared: &Arc<Shared>, key: &StreamKey, goal: u64, mut from:
             Ok(r) => r,
             Err(e) => {
                 tracing::warn!(%key, error = %e, "replay request failed");
-                return Some(from);
+                return Some(Resume { from, stuck, silent });
             }
         };
         let mut answered = false;
@@ -1197,7 +1222,7 @@ async fn replay_from(shared: &Arc<Shared>, key: &StreamKey, goal: u64, mut from:
                 Ok(t) => tickets.push((seqs, t)),
                 Err(e) => {
                     tracing::error!(error = %e, "cannot queue replayed envelopes");
-                    return Some(from);
+                    return Some(Resume { from, stuck, silent });
                 }
             }
         }
@@ -1209,7 +1234,7 @@ async fn replay_from(shared: &Arc<Shared>, key: &StreamKey, goal: u64, mut from:
                 Err(e) => {
                     shared.counters.insert_errors.fetch_add(1, Ordering::Relaxed);
                     tracing::error!(error = %e, "storing replayed envelopes failed");
-                    return Some(from);
+                    return Some(Resume { from, stuck, silent });
                 }
             };
             for (seq, r) in seqs.into_iter().zip(results) {
@@ -1227,11 +1252,15 @@ async fn replay_from(shared: &Arc<Shared>, key: &StreamKey, goal: u64, mut from:
                 }
             }
         }
-        match first_run_end(held, &range) {
+        match first_run(held, &range) {
+            // The holder lacks the start of the range (its retention removed it, or its copy
+            // has a gap there): the others are asked for that part; moving past it, if none has
+            // it, costs no request.
+            Some(run) if run.start() > range.start() => stuck.push(holder),
             // Go on above the first unbroken run held: what broke it (a batch lost on the way,
             // a record deferred or not stored, a gap in the holder's copy) is asked for next.
-            Some(end) => {
-                from = end.saturating_add(1);
+            Some(run) => {
+                from = run.end().saturating_add(1);
                 stuck.clear();
             }
             None if answered => {
@@ -1248,32 +1277,33 @@ async fn replay_from(shared: &Arc<Shared>, key: &StreamKey, goal: u64, mut from:
     }
 }
 
-/// The last seq of the first unbroken run of `held` seqs within `range`.
-fn first_run_end(mut held: Vec<u64>, range: &RangeInclusive<u64>) -> Option<u64> {
+/// The first unbroken run of `held` seqs within `range`.
+fn first_run(mut held: Vec<u64>, range: &RangeInclusive<u64>) -> Option<RangeInclusive<u64>> {
     held.retain(|s| range.contains(s));
     held.sort_unstable();
     held.dedup();
-    let mut end = *held.first()?;
+    let start = *held.first()?;
+    let mut end = start;
     for &s in &held[1..] {
         if s != end + 1 {
             break;
         }
         end = s;
     }
-    Some(end)
+    Some(start..=end)
 }
 
 #[cfg(test)]
 mod tests {
-    use super::{first_run_end, LatencyHistogram};
+    use super::{first_run, LatencyHistogram};
 
     #[test]
     fn replay_goes_on_above_the_first_unbroken_run_held() {
-        assert_eq!(first_run_end(vec![], &(1..=10)), None);
-        assert_eq!(first_run_end(vec![12, 11], &(1..=10)), None, "outside the range asked");
-        assert_eq!(first_run_end(vec![5, 3, 4, 4, 8, 9], &(1..=10)), Some(5), "7 is missing: ask again from 6");
-        assert_eq!(first_run_end(vec![1, 2, 3], &(2..=10)), Some(3));
-        assert_eq!(first_run_end(vec![u64::MAX - 1, u64::MAX], &(1..=u64::MAX)), Some(u64::MAX));
+        assert_eq!(first_run(vec![], &(1..=10)), None);
+        assert_eq!(first_run(vec![12, 11], &(1..=10)), None, "outside the range asked");
+        assert_eq!(first_run(vec![5, 3, 4, 4, 8, 9], &(1..=10)), Some(3..=5), "6 and 7 are missing: ask again from 6");
+        assert_eq!(first_run(vec![1, 2, 3], &(2..=10)), Some(2..=3));
+        assert_eq!(first_run(vec![u64::MAX - 1, u64::MAX], &(1..=u64::MAX)), Some(u64::MAX - 1..=u64::MAX));
     }
 
     #[test]

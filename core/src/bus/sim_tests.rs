@@ -106,6 +106,18 @@ impl SimNode {
     }
 }
 
+/// A retention rule that keeps the last `n` readings of `stream` (by their stored size).
+async fn keep_last_readings(n: u64, stream: &StreamName) -> RetentionRule {
+    let probe = SimNode::new("edge-1", Tier::Edge, &[], 11);
+    probe.log.append_durable(stream.clone(), reading(0)).await.unwrap();
+    RetentionRule {
+        streams: StreamPattern::new("**").unwrap(),
+        bytes_max: Some(n * probe.log.streams()[0].bytes),
+        age_s_max: None,
+        keep_until_acked: Vec::new(),
+    }
+}
+
 fn reading(i: u64) -> Draft {
     Draft::new(Kind::Reading, PayloadType::new("sim/1").unwrap(), i.to_le_bytes().to_vec())
 }
@@ -423,12 +435,7 @@ fn a_holder_that_cannot_serve_a_range_is_passed_over_for_another() {
 fn a_late_replica_gets_everything_held_above_a_hole_nobody_can_fill() {
     paused_runtime().block_on(async {
         let stream = StreamName::new("readings/a").unwrap();
-        // The size of one stored record, to keep the last 300.
-        let probe = SimNode::new("edge-1", Tier::Edge, &[], 11);
-        probe.log.append_durable(stream.clone(), reading(0)).await.unwrap();
-        let record_bytes = probe.log.streams()[0].bytes;
-        let keep =
-            RetentionRule { streams: StreamPattern::new("**").unwrap(), bytes_max: Some(300 * record_bytes), age_s_max: None, keep_until_acked: Vec::new() };
+        let keep = keep_last_readings(300, &stream).await;
 
         let net = SimNet::new(6, Faults::NONE);
         let mut edge = SimNode::with_retention("edge-1", Tier::Edge, &[], 11, vec![keep]);
@@ -510,6 +517,59 @@ fn damaged_records_at_the_only_holder_keep_back_only_themselves() {
         assert_eq!(watermark(&cloud.log, &key), 9);
         assert!(edge.replicator.as_ref().unwrap().counters().replay_served_damaged >= 3);
         for mut n in [edge, cloud] {
+            n.down(&net).await;
+        }
+    });
+}
+
+/// With one request per check, a replica still gets what each holder has, although two
+/// holders lack part of what it misses: the origin kept 651..=950 of 950 (retention), a fog
+/// holds 1..=300 (it got those before the origin removed them), and the cloud, which holds 651
+/// and may make 1 request per check, ends up with 1..=300 and 651..=1000. The holders passed
+/// over at a range are remembered from one check to the next: else every check would ask the
+/// origin first, then have no request left for the fog.
+#[test]
+fn with_one_request_per_check_every_holder_is_still_asked() {
+    paused_runtime().block_on(async {
+        let stream = StreamName::new("readings/a").unwrap();
+        let keep = keep_last_readings(300, &stream).await;
+
+        let net = SimNet::new(8, Faults::NONE);
+        let mut edge = SimNode::with_retention("edge-1", Tier::Edge, &[], 11, vec![keep]);
+        let mut fog = SimNode::new("fog-1", Tier::Fog, &[], 22);
+        let mut cloud = SimNode::new("cloud-1", Tier::Cloud, &["edge-1/**"], 33);
+        cloud.replay_requests_per_check_max = 1;
+        for (a, b) in [(&edge.id, &fog.id), (&edge.id, &cloud.id), (&fog.id, &cloud.id)] {
+            net.link(a, b);
+        }
+        edge.up(&net).await;
+        let key = edge.append_readings(&stream, 0..950).await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        for e in edge.log.read(&key, 1, 300).unwrap() {
+            fog.log.insert_remote(e).await.unwrap();
+        }
+        edge.log.sweep(0).await.unwrap();
+        let first = edge.log.stream(&key).unwrap().first;
+        assert_eq!(first, 651, "the origin should keep the last 300 of 950");
+        let kept = edge.log.read(&key, first, 1).unwrap().pop().unwrap();
+        cloud.log.insert_remote(kept).await.unwrap();
+        fog.up(&net).await;
+        cloud.up(&net).await;
+        edge.append_readings(&stream, 950..1000).await;
+
+        let expected: Vec<u64> = (1..=300).chain(651..=1000).collect();
+        let held = |log: &Log| log.stream(&key).map_or(0, |i| i.count);
+        for _ in 0..60_000 {
+            if held(&cloud.log) == expected.len() as u64 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let counters = cloud.replicator.as_ref().unwrap().counters();
+        let seqs: Vec<u64> = cloud.log.read(&key, 1, 1000).unwrap().iter().map(|e| e.id.seq.get()).collect();
+        assert_eq!(seqs, expected, "{counters:?}");
+        assert_eq!(watermark(&cloud.log, &key), 300);
+        for mut n in [edge, fog, cloud] {
             n.down(&net).await;
         }
     });

@@ -958,8 +958,21 @@ impl Store for RocksStore {
             return Ok(Vec::new());
         }
         let limit = limit.min(usize::try_from(last - from + 1).unwrap_or(usize::MAX));
-        let mut records = scan(&self.db(), &stream_prefix(key), from, limit).map_err(|e| LogError::Io { path: self.path.clone(), detail: e.into_string() })?;
-        records.retain(|(seq, _)| *seq <= last && !in_gaps(*seq, &gaps));
+        let (db, prefix) = (self.db(), stream_prefix(key));
+        // Scanned records that are not readable yet are left out; scanning goes on past them
+        // until `limit` readable records are found or there are no more.
+        let mut records = Vec::new();
+        let mut next = from;
+        while records.len() < limit && next <= last {
+            let want = limit - records.len();
+            let chunk = scan(&db, &prefix, next, want).map_err(|e| LogError::Io { path: self.path.clone(), detail: e.into_string() })?;
+            let (scanned, highest) = (chunk.len(), chunk.last().map(|(seq, _)| *seq));
+            records.extend(chunk.into_iter().filter(|(seq, _)| *seq <= last && !in_gaps(*seq, &gaps)));
+            match highest.and_then(|h| h.checked_add(1)) {
+                Some(after) if scanned == want => next = after,
+                _ => break,
+            }
+        }
         if let Some(first) = first {
             // A read-only instance catches up with the writer's files in steps. Between two
             // steps a record can be missing below newer ones (its WAL file was deleted after a
