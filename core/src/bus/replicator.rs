@@ -12,15 +12,17 @@
 //!   holds more than it does.
 //! - **Replay**: a periodic check (every `replay_check_interval_ms`), a liveliness token
 //!   coming back, or heads showing more than we hold, start replay: a request to
-//!   `strata/replay/<origin>/<stream>` naming one holder (the origin if alive, else the
+//!   `strata/replay/<origin>/<stream>` naming one holder (the origin if alive and ahead of us, else the
 //!   holder with the most) and one missing range, answered from that holder's log in batches
 //!   of at most `replay_batch_len_max`, up to 16 batches' worth of seqs from the first record
 //!   it holds in the range (stepping over records it cannot decode), or an empty batch; the
-//!   requester asks next from above the first unbroken run it holds. A holder that answers
-//!   with nothing is passed over for that range, one that does not answer for the rest of the
-//!   check; when no holder is left for a range, the missing ranges above it are asked for. A
-//!   check that stops before its goal leaves the next to start where it stopped; after the
-//!   goal, at the watermark. A
+//!   requester asks next from above the first unbroken run it holds from the range's start.
+//!   A holder that answers with nothing, or not with the range's start, is passed over for
+//!   that range; one that does not answer, until the pass ends or nobody else is left. When
+//!   every holder that can be asked answered a range with nothing, the missing ranges above it
+//!   are asked for; when only silent ones are left, the check stops there. A check that stops
+//!   before its goal leaves the next to go on where it stopped; after the goal, at the
+//!   watermark. A
 //!   gap is replayed only once it outlived one check, so records still in flight are not
 //!   fetched twice.
 //! - **Liveliness**: the node holds `strata/alive/<tier>/<node>` and tracks every other
@@ -1083,6 +1085,8 @@ async fn check_and_replay(shared: &Arc<Shared>) {
             let goal = if urgent { target } else { previous.min(target) };
             if goal > mine {
                 work.push((key, goal));
+            } else {
+                st.replay_resume.remove(&key);
             }
         }
         (work, urgent)
@@ -1129,8 +1133,10 @@ fn next_missing(shared: &Shared, key: &StreamKey, from: u64, goal: u64) -> Optio
 struct Resume {
     /// Ranges are asked for from here (0: from the watermark).
     from: u64,
-    /// Holders that answered the range at `from` with nothing (they do not hold it, or not
-    /// its start): the others are asked for it instead. When none is left, no holder asked
+    /// The start of the range `stuck` is about; another range starts with nobody passed over.
+    stuck_at: u64,
+    /// Holders that answered that range with nothing (they do not hold it, or not its
+    /// start): the others are asked for it instead. When none is left, no holder asked
     /// has that range now (records removed by retention at their origin before this node got
     /// them, say): the missing ranges above it are asked for next, so that such a hole does
     /// not keep back what a holder has above it.
@@ -1143,35 +1149,42 @@ struct Resume {
 
 /// One check's replay of `key` up to `goal`, at most `replay_requests_per_check_max`
 /// requests. A check that stops before the goal (out of requests, nobody left to ask, an
-/// error) leaves the next one to go on where it stopped, passing over the same holders; one
-/// that reaches the goal from there starts again at the watermark with the requests left.
+/// error) leaves the next one to go on where it stopped, passing over the same holders for
+/// the same range; one that started there and reaches the goal goes on at the watermark with
+/// the requests left (still passing over the silent holders).
 async fn replay_stream(shared: &Arc<Shared>, key: &StreamKey, goal: u64) {
-    let resume = lock(&shared.state).replay_resume.remove(key);
-    let resumed = resume.is_some();
+    let stored = lock(&shared.state).replay_resume.remove(key);
+    let resumed_above = stored.as_ref().is_some_and(|r| r.from > 0);
     let mut requests = 0;
-    let mut stopped = replay_from(shared, key, goal, resume.unwrap_or_default(), &mut requests).await;
-    if stopped.is_none() && resumed {
-        stopped = replay_from(shared, key, goal, Resume::default(), &mut requests).await;
+    let (mut at, mut done) = replay_from(shared, key, goal, stored.unwrap_or_default(), &mut requests).await;
+    if done && resumed_above {
+        (at, done) = replay_from(shared, key, goal, Resume { silent: at.silent, ..Resume::default() }, &mut requests).await;
     }
-    if let Some(at) = stopped {
+    if !done {
         lock(&shared.state).replay_resume.insert(key.clone(), at);
     }
 }
 
 /// Asks for the missing ranges of `key` from `at.from` up to `goal`, counting requests in
-/// `requests`; returns where it stopped, or `None` once nothing up to `goal` is missing above
-/// where it started.
-async fn replay_from(shared: &Arc<Shared>, key: &StreamKey, goal: u64, at: Resume, requests: &mut usize) -> Option<Resume> {
+/// `requests`; returns where it stopped and whether nothing up to `goal` is missing above
+/// where it started (then only the silent holders matter).
+async fn replay_from(shared: &Arc<Shared>, key: &StreamKey, goal: u64, at: Resume, requests: &mut usize) -> (Resume, bool) {
     let settings = &shared.settings;
-    let Resume { mut from, mut stuck, mut silent } = at;
+    let Resume { mut from, mut stuck_at, mut stuck, mut silent } = at;
     loop {
-        let range = next_missing(shared, key, from, goal)?;
+        let Some(range) = next_missing(shared, key, from, goal) else {
+            return (Resume { from, stuck_at, stuck, silent }, true);
+        };
+        if *range.start() != stuck_at {
+            stuck.clear();
+            stuck_at = *range.start();
+        }
         let mine = shared.log.stream(key).map_or(0, |i| i.watermark);
         let skip: Vec<NodeId> = stuck.iter().chain(&silent).cloned().collect();
         let Some(holder) = choose_holder(shared, key, mine, &skip) else {
             if stuck.is_empty() {
                 // Nobody (else) to ask: the next check asks the silent ones again.
-                return Some(Resume { from, stuck, silent: Vec::new() });
+                return (Resume { from, stuck_at, stuck, silent: Vec::new() }, false);
             }
             from = range.end().saturating_add(1);
             stuck.clear();
@@ -1179,7 +1192,7 @@ async fn replay_from(shared: &Arc<Shared>, key: &StreamKey, goal: u64, at: Resum
         };
         // Bounded: at most this many requests per check (moving past a range costs none).
         if *requests == settings.replay_requests_per_check_max {
-            return Some(Resume { from, stuck, silent });
+            return (Resume { from, stuck_at, stuck, silent }, false);
         }
         *requests += 1;
         // The holder caps what it sends (`serve_replay`); what is left is asked for next.
@@ -1193,7 +1206,7 @@ async fn replay_from(shared: &Arc<Shared>, key: &StreamKey, goal: u64, at: Resum
             Ok(r) => r,
             Err(e) => {
                 tracing::warn!(%key, error = %e, "replay request failed");
-                return Some(Resume { from, stuck, silent });
+                return (Resume { from, stuck_at, stuck, silent }, false);
             }
         };
         let mut answered = false;
@@ -1222,7 +1235,7 @@ async fn replay_from(shared: &Arc<Shared>, key: &StreamKey, goal: u64, at: Resum
                 Ok(t) => tickets.push((seqs, t)),
                 Err(e) => {
                     tracing::error!(error = %e, "cannot queue replayed envelopes");
-                    return Some(Resume { from, stuck, silent });
+                    return (Resume { from, stuck_at, stuck, silent }, false);
                 }
             }
         }
@@ -1234,7 +1247,7 @@ async fn replay_from(shared: &Arc<Shared>, key: &StreamKey, goal: u64, at: Resum
                 Err(e) => {
                     shared.counters.insert_errors.fetch_add(1, Ordering::Relaxed);
                     tracing::error!(error = %e, "storing replayed envelopes failed");
-                    return Some(Resume { from, stuck, silent });
+                    return (Resume { from, stuck_at, stuck, silent }, false);
                 }
             };
             for (seq, r) in seqs.into_iter().zip(results) {
