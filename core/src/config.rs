@@ -366,7 +366,8 @@ pub struct ZenohSection {
     /// Multicast scouting (peer discovery on the LAN). Default false: links are explicit.
     pub scouting_multicast: bool,
     /// Zenoh publishers kept declared, one per key this node publishes on (live streams,
-    /// heads); beyond it the node sends plain puts, which cost a key lookup each. Default 1024.
+    /// heads); beyond it the node sends plain puts, which cost a key lookup each. 0: plain
+    /// puts only. Default 1024.
     pub publishers_max: usize,
 }
 
@@ -457,16 +458,16 @@ pub struct LogSection {
     /// delays appends meanwhile); the next sweep goes on. Default 100000.
     pub sweep_records_max: u64,
     /// WAL files kept once their records are flushed, and written again instead of new ones
-    /// (RocksDB's `recycle_log_file_num`): a reused file needs no new allocation before its
-    /// sync. 0 creates a new file every time. Default 4.
+    /// (RocksDB's `recycle_log_file_num`): the fsync of a file whose size does not change
+    /// need not update its inode. 0 creates a new file every time. Default 4.
     pub wal_files_reused: usize,
     /// Most disjoint ranges of received records kept above a stream's watermark (its memory
     /// grows with the gaps, not the records); a received record that would open one more is
     /// not stored (`Deferred`) and replay brings it again in order. Default 1024.
     pub present_ranges_max: usize,
-    /// RocksDB's own info log (`LOG` files in the store's directory): files kept, and the
-    /// size at which a file is rolled, in bytes. Defaults 3 and 1048576 (1 MiB).
+    /// RocksDB's own info log (`LOG` files in the store's directory): files kept. Default 3.
     pub info_log_files_max: usize,
+    /// The size at which that log rolls to a new file, in bytes. Default 1048576 (1 MiB).
     pub info_log_file_bytes_max: usize,
 }
 
@@ -523,7 +524,8 @@ pub struct ReplicationSection {
     pub replay_batch_len_max: usize,
     /// Period of the check for gaps and lagging watermarks, in ms. Default 1000.
     pub replay_check_interval_ms: u64,
-    /// How long one replay query may take before it is retried, in ms. Default 2000.
+    /// How long one replay query may take, in ms; a holder that has not answered by then is
+    /// passed over and another asked. Default 2000.
     pub replay_timeout_ms: u64,
     /// Period at which this node publishes its watermarks as acknowledgements, in ms.
     /// Default 250.

@@ -18,13 +18,13 @@
 //!   it holds in the range (stepping over records it cannot decode), or an empty batch; the
 //!   requester asks next from above the first unbroken run it holds from the range's start.
 //!   A holder that answers with nothing, or not with the range's start, is passed over for
-//!   that range; one that does not answer, until the pass ends or nobody else is left. When
-//!   every holder that can be asked answered a range with nothing, the missing ranges above it
-//!   are asked for; when only silent ones are left, the check stops there. A check that stops
-//!   before its goal leaves the next to go on where it stopped; after the goal, at the
-//!   watermark. A
-//!   gap is replayed only once it outlived one check, so records still in flight are not
-//!   fetched twice.
+//!   that range; one that does not answer, until the pass ends or nobody else is left. When no
+//!   holder is left to ask for a range and one of them answered it with nothing, the missing
+//!   ranges above it are asked for; when none did (the rest did not answer), the check stops
+//!   there. The next check goes on where this one stopped; a check that goes on and reaches
+//!   its goal makes a second pass from the watermark with the requests it has left. A gap is
+//!   replayed only once it outlived one check, so records still in flight are not fetched
+//!   twice.
 //! - **Liveliness**: the node holds `strata/alive/<tier>/<node>` and tracks every other
 //!   node's token ([`Replicator::presence`]).
 //!
@@ -145,9 +145,9 @@ pub struct Counters {
     pub malformed: AtomicU64,
     pub spoofed: AtomicU64,
     pub replay_requests: AtomicU64,
-    /// Replay requests that brought nothing of the range asked for: the holder had nothing it
-    /// could send (a record of its copy cannot be read, or it no longer holds the range), or
-    /// its answer was lost or timed out.
+    /// Replay requests after which the holder was passed over: it answered with nothing of the
+    /// range asked for (it does not hold it, or RocksDB failed to read its copy), or not with
+    /// the range's start, or not at all (the answer was lost or timed out).
     pub replay_stalled: AtomicU64,
     pub replay_received: AtomicU64,
     pub replay_stored: AtomicU64,
@@ -1269,7 +1269,10 @@ async fn replay_from(shared: &Arc<Shared>, key: &StreamKey, goal: u64, at: Resum
             // The holder lacks the start of the range (its retention removed it, or its copy
             // has a gap there): the others are asked for that part; moving past it, if none has
             // it, costs no request.
-            Some(run) if run.start() > range.start() => stuck.push(holder),
+            Some(run) if run.start() > range.start() => {
+                shared.counters.replay_stalled.fetch_add(1, Ordering::Relaxed);
+                stuck.push(holder);
+            }
             // Go on above the first unbroken run held: what broke it (a batch lost on the way,
             // a record deferred or not stored, a gap in the holder's copy) is asked for next.
             Some(run) => {
@@ -1282,7 +1285,7 @@ async fn replay_from(shared: &Arc<Shared>, key: &StreamKey, goal: u64, at: Resum
                 stuck.push(holder);
             }
             None => {
-                tracing::debug!(%key, from = range.start(), to = range.end(), %holder, "the holder did not answer; not asking it again in this check");
+                tracing::debug!(%key, from = range.start(), to = range.end(), %holder, "the holder did not answer; not asking it again until this pass ends or nobody else is left");
                 shared.counters.replay_stalled.fetch_add(1, Ordering::Relaxed);
                 silent.push(holder);
             }

@@ -206,7 +206,16 @@ impl Decider {
         let mut alive = decider.transport.watch_alive(SERVES_ALL, config.replication.peer_events_queue_len_max).await?;
         let weak = Arc::downgrade(&decider);
         let watch = tokio::spawn(async move {
+            let mut reported_drops = 0;
             while let Some(event) = alive.recv().await {
+                let dropped = alive.dropped();
+                if dropped != reported_drops {
+                    tracing::warn!(
+                        dropped = dropped - reported_drops,
+                        "decision servers' announcements dropped (queue full): raise replication.peer_events_queue_len_max"
+                    );
+                    reported_drops = dropped;
+                }
                 let Some(d) = weak.upgrade() else { return };
                 let Some(target) = parse_serves(&event.key) else { continue };
                 if target.node == d.node {
