@@ -45,7 +45,7 @@ use super::ingest::{self, READING_TYPE};
 use super::wire::{self, Head, Heads, ReplayBatch, ReplayParams, HEADS_PER_MESSAGE_MAX, MESSAGE_BYTES_MAX};
 use super::{keys, BusError, Overflow, Request, Transport};
 use crate::codec::{self, Limits};
-use crate::config::{NodeConfig, StreamPattern, Subscription};
+use crate::config::{NodeConfig, ReplicationSection, StreamPattern};
 use crate::log::{Draft, InsertManyTicket, Inserted, Log, LogError, StreamKey};
 use crate::model::{Envelope, Kind, NodeId, PayloadType, StreamName, Tier};
 
@@ -54,41 +54,15 @@ use crate::model::{Envelope, Kind, NodeId, PayloadType, StreamName, Tier};
 /// the requester expects at most this many replies.
 const REPLAY_BATCHES_PER_REQUEST: u64 = 16;
 
-/// The protocol's settings, from the node config.
+/// The protocol's settings, from the node config: its `[replication]` section as it is, and
+/// what it needs of the rest.
 #[derive(Debug, Clone)]
 pub struct Settings {
     pub node: NodeId,
     pub tier: Tier,
-    pub subscriptions: Vec<Subscription>,
+    pub replication: ReplicationSection,
     pub ingest_streams: Vec<StreamPattern>,
     pub ingest_payload_bytes_max: usize,
-    pub replay_batch_len_max: usize,
-    pub replay_check_interval: Duration,
-    pub replay_timeout: Duration,
-    pub ack_interval: Duration,
-    pub live_queue_len_max: usize,
-    /// Each receive queue's bound in bytes (live, heads, ingest).
-    pub live_queue_bytes_max: usize,
-    pub publish_queue_len_max: usize,
-    pub publish_queue_bytes_max: usize,
-    pub live_frame_bytes_max: usize,
-    /// How long an orderly stop waits for reachable tiers to acknowledge our records.
-    pub shutdown_handover: Duration,
-    /// How long an orderly stop waits for queued records to be published.
-    pub shutdown_flush: Duration,
-    /// Most live samples, and most bytes of them, stored as one insert operation.
-    pub live_batch_len_max: usize,
-    pub live_batch_bytes_max: usize,
-    /// Insert batches kept in flight per receiver before it waits for the oldest to be durable.
-    pub insert_batches_in_flight_max: usize,
-    /// Queue of received replay requests waiting to be served.
-    pub request_queue_len_max: usize,
-    /// Queues of heads and of liveliness events.
-    pub peer_events_queue_len_max: usize,
-    /// Most queued records one round of the publisher takes.
-    pub publish_round_len_max: usize,
-    /// Most replay requests per stream in one check; the next check goes on.
-    pub replay_requests_per_check_max: usize,
     pub limits: Limits,
 }
 
@@ -97,33 +71,15 @@ impl Settings {
         Settings {
             node: c.node.id.clone(),
             tier: c.node.tier,
-            subscriptions: c.replication.subscribe.clone(),
+            replication: c.replication.clone(),
             ingest_streams: c.ingest.streams.clone(),
             ingest_payload_bytes_max: c.ingest.payload_bytes_max,
-            replay_batch_len_max: c.replication.replay_batch_len_max,
-            replay_check_interval: Duration::from_millis(c.replication.replay_check_interval_ms),
-            replay_timeout: Duration::from_millis(c.replication.replay_timeout_ms),
-            ack_interval: Duration::from_millis(c.replication.ack_interval_ms),
-            live_queue_len_max: c.replication.live_queue_len_max,
-            live_queue_bytes_max: c.replication.live_queue_bytes_max,
-            publish_queue_len_max: c.replication.publish_queue_len_max,
-            publish_queue_bytes_max: c.replication.publish_queue_bytes_max,
-            live_frame_bytes_max: c.replication.live_frame_bytes_max,
-            shutdown_handover: Duration::from_millis(c.replication.shutdown_handover_ms),
-            shutdown_flush: Duration::from_millis(c.replication.shutdown_flush_ms),
-            live_batch_len_max: c.replication.live_batch_len_max,
-            live_batch_bytes_max: c.replication.live_batch_bytes_max,
-            insert_batches_in_flight_max: c.replication.insert_batches_in_flight_max,
-            request_queue_len_max: c.replication.request_queue_len_max,
-            peer_events_queue_len_max: c.replication.peer_events_queue_len_max,
-            publish_round_len_max: c.replication.publish_round_len_max,
-            replay_requests_per_check_max: c.replication.replay_requests_per_check_max,
             limits: Limits { max_payload_bytes: c.log.payload_bytes_max },
         }
     }
 
     fn subscribed(&self, key: &StreamKey) -> bool {
-        key.origin != self.node && self.subscriptions.iter().any(|s| s.matches(&key.origin, &key.stream))
+        key.origin != self.node && self.replication.subscribe.iter().any(|s| s.matches(&key.origin, &key.stream))
     }
 }
 
@@ -328,7 +284,7 @@ fn lock(m: &Mutex<State>) -> MutexGuard<'_, State> {
 impl Replicator {
     /// Declares everything on the transport and starts the protocol's tasks.
     pub async fn start(settings: Settings, log: Log, transport: Arc<dyn Transport>) -> Result<Replicator, BusError> {
-        let (outbox, outgoing) = mpsc::channel(settings.publish_queue_len_max.max(1));
+        let (outbox, outgoing) = mpsc::channel(settings.replication.publish_queue_len_max.max(1));
         let shared = Arc::new(Shared {
             outbox,
             outbox_bytes: std::sync::atomic::AtomicUsize::new(0),
@@ -345,20 +301,20 @@ impl Replicator {
         let t = &shared.transport;
         let mut tasks = JoinSet::new();
 
-        for sub in &s.subscriptions {
+        for sub in &s.replication.subscribe {
             let origin = sub.origin().map_or("*".to_owned(), |o| o.to_string());
             let keyexpr = format!("strata/s/{origin}/{}", sub.stream_pattern().as_str());
-            let incoming = t.subscribe(&keyexpr, s.live_queue_len_max, s.live_queue_bytes_max, Overflow::Drop).await?;
+            let incoming = t.subscribe(&keyexpr, s.replication.live_queue_len_max, s.replication.live_queue_bytes_max, Overflow::Drop).await?;
             tasks.spawn(receive_live(shared.clone(), incoming));
         }
-        let heads = t.subscribe(keys::HEADS_ALL, s.peer_events_queue_len_max, s.live_queue_bytes_max, Overflow::Drop).await?;
+        let heads = t.subscribe(keys::HEADS_ALL, s.replication.peer_events_queue_len_max, s.replication.live_queue_bytes_max, Overflow::Drop).await?;
         tasks.spawn(receive_heads(shared.clone(), heads));
-        let requests = t.serve(keys::REPLAY_ALL, s.request_queue_len_max).await?;
+        let requests = t.serve(keys::REPLAY_ALL, s.replication.request_queue_len_max).await?;
         tasks.spawn(serve_replay(shared.clone(), requests));
-        let alive = t.watch_alive(keys::ALIVE_ALL, s.peer_events_queue_len_max).await?;
+        let alive = t.watch_alive(keys::ALIVE_ALL, s.replication.peer_events_queue_len_max).await?;
         tasks.spawn(watch_presence(shared.clone(), alive));
         if !s.ingest_streams.is_empty() {
-            let ingest = t.subscribe(keys::INGEST_ALL, s.live_queue_len_max, s.live_queue_bytes_max, Overflow::Block).await?;
+            let ingest = t.subscribe(keys::INGEST_ALL, s.replication.live_queue_len_max, s.replication.live_queue_bytes_max, Overflow::Block).await?;
             tasks.spawn(receive_ingest(shared.clone(), ingest));
         }
         tasks.spawn(publish_heads(shared.clone()));
@@ -478,7 +434,7 @@ impl Replicator {
                 let _ = flushed.await;
             }
         };
-        if tokio::time::timeout(self.shared.settings.shutdown_flush, flush).await.is_err() {
+        if tokio::time::timeout(Duration::from_millis(self.shared.settings.replication.shutdown_flush_ms), flush).await.is_err() {
             tracing::warn!("records queued for live publication were not all published before stopping; subscribers will replay them");
         }
         self.hand_over().await;
@@ -492,7 +448,7 @@ impl Replicator {
     /// from us while we wait.
     async fn hand_over(&self) {
         let shared = &self.shared;
-        let limit = shared.settings.shutdown_handover;
+        let limit = Duration::from_millis(shared.settings.replication.shutdown_handover_ms);
         if limit.is_zero() {
             return;
         }
@@ -538,7 +494,7 @@ fn publish(shared: &Shared, envelope: &Envelope) {
             let key = keys::stream(&envelope.id.origin, &envelope.id.stream);
             let len = bytes.len();
             let queued = shared.outbox_bytes.fetch_add(len, Ordering::Relaxed);
-            if queued + len > shared.settings.publish_queue_bytes_max && queued > 0 {
+            if queued + len > shared.settings.replication.publish_queue_bytes_max && queued > 0 {
                 shared.outbox_bytes.fetch_sub(len, Ordering::Relaxed);
                 shared.counters.publish_dropped.fetch_add(1, Ordering::Relaxed);
                 return;
@@ -569,7 +525,7 @@ fn publish(shared: &Shared, envelope: &Envelope) {
 /// most `live_frame_bytes_max` bytes, a record alone as itself. Nothing waits to fill a frame,
 /// so a lone record goes out at once; under load, frames form while the last ones are sent.
 async fn publish_live(shared: Arc<Shared>, mut outgoing: mpsc::Receiver<Outgoing>) {
-    let (frame_max, round_max) = (shared.settings.live_frame_bytes_max, shared.settings.publish_round_len_max);
+    let (frame_max, round_max) = (shared.settings.replication.live_frame_bytes_max, shared.settings.replication.publish_round_len_max);
     let mut round = Vec::new();
     while outgoing.recv_many(&mut round, round_max).await > 0 {
         // Group by stream, keeping each stream's order.
@@ -686,8 +642,8 @@ fn accept(shared: &Shared, key: Option<&str>, bytes: &[u8]) -> Option<Envelope> 
 
 async fn receive_live(shared: Arc<Shared>, mut incoming: super::Incoming<super::Sample>) {
     let s = &shared.settings;
-    let (batch_len_max, batch_bytes_max) = (s.live_batch_len_max, s.live_batch_bytes_max);
-    let (tx, rx) = mpsc::channel(s.insert_batches_in_flight_max);
+    let (batch_len_max, batch_bytes_max) = (s.replication.live_batch_len_max, s.replication.live_batch_bytes_max);
+    let (tx, rx) = mpsc::channel(s.replication.insert_batches_in_flight_max);
     let settle = tokio::spawn(settle_inserts(shared.clone(), rx));
     let mut reported_drops = 0;
     while let Some(first) = incoming.recv().await {
@@ -811,7 +767,7 @@ async fn receive_heads(shared: Arc<Shared>, mut incoming: super::Incoming<super:
 }
 
 async fn publish_heads(shared: Arc<Shared>) {
-    let mut tick = tokio::time::interval(shared.settings.ack_interval);
+    let mut tick = tokio::time::interval(Duration::from_millis(shared.settings.replication.ack_interval_ms));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
@@ -979,7 +935,7 @@ async fn serve_replay(shared: Arc<Shared>, mut requests: super::Incoming<Request
         let (Ok(origin), Ok(stream)) = (NodeId::new(origin), StreamName::new(stream)) else { continue };
         let key = StreamKey { origin, incarnation: params.incarnation, stream };
         shared.counters.replay_served_requests.fetch_add(1, Ordering::Relaxed);
-        let batch_len = shared.settings.replay_batch_len_max as u64;
+        let batch_len = shared.settings.replication.replay_batch_len_max as u64;
         // One request is answered with at most this many seqs' worth of records, counted from
         // the first record held in the range (not from its start): a range that begins in a
         // hole this holder cannot fill (records its retention removed) still gets what lies
@@ -1056,7 +1012,7 @@ async fn serve_replay(shared: Arc<Shared>, mut requests: super::Incoming<Request
 }
 
 async fn drive_replay(shared: Arc<Shared>) {
-    let mut tick = tokio::time::interval(shared.settings.replay_check_interval);
+    let mut tick = tokio::time::interval(Duration::from_millis(shared.settings.replication.replay_check_interval_ms));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
@@ -1191,7 +1147,7 @@ async fn replay_from(shared: &Arc<Shared>, key: &StreamKey, goal: u64, at: Resum
             continue;
         };
         // Bounded: at most this many requests per check (moving past a range costs none).
-        if *requests == settings.replay_requests_per_check_max {
+        if *requests == settings.replication.replay_requests_per_check_max {
             return (Resume { from, stuck_at, stuck, silent }, false);
         }
         *requests += 1;
@@ -1200,7 +1156,13 @@ async fn replay_from(shared: &Arc<Shared>, key: &StreamKey, goal: u64, at: Resum
         shared.counters.replay_requests.fetch_add(1, Ordering::Relaxed);
         let replies = shared
             .transport
-            .request(&keys::replay(&key.origin, &key.stream), &params.to_params(), Vec::new(), settings.replay_timeout, REPLAY_BATCHES_PER_REQUEST as usize + 1)
+            .request(
+                &keys::replay(&key.origin, &key.stream),
+                &params.to_params(),
+                Vec::new(),
+                Duration::from_millis(settings.replication.replay_timeout_ms),
+                REPLAY_BATCHES_PER_REQUEST as usize + 1,
+            )
             .await;
         let mut replies = match replies {
             Ok(r) => r,

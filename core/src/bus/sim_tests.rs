@@ -16,7 +16,7 @@ use super::replicator::{Replicator, Settings};
 use super::sim::{Faults, SimNet};
 use super::Transport;
 use crate::codec::Limits;
-use crate::config::{RetentionRule, StreamPattern, Subscription};
+use crate::config::{ReplicationSection, RetentionRule, StreamPattern, Subscription};
 use crate::log::{Draft, Log, MemStore, StreamKey};
 use crate::model::{Incarnation, Kind, NodeId, PayloadType, StreamName, Tier};
 
@@ -37,29 +37,32 @@ fn settings(n: &SimNode) -> Settings {
     Settings {
         node: n.id.clone(),
         tier: n.tier,
-        subscriptions: n.subscriptions.clone(),
+        replication: ReplicationSection {
+            subscribe: n.subscriptions.clone(),
+            replay_batch_len_max: 16,
+            replay_check_interval_ms: 100,
+            replay_timeout_ms: 500,
+            ack_interval_ms: 50,
+            live_queue_len_max: 64,
+            live_queue_bytes_max: super::wire::MESSAGE_BYTES_MAX,
+            publish_queue_len_max: 64,
+            publish_queue_bytes_max: 64 * 1024,
+            // Small frames: schedules drop, duplicate and reorder frames of several records too.
+            live_frame_bytes_max: 1024,
+            shutdown_handover_ms: n.handover.as_millis() as u64,
+            shutdown_flush_ms: 5000,
+            // Small batches and queues: schedules exercise the receiver's batching and waits.
+            live_batch_len_max: 8,
+            live_batch_bytes_max: 4096,
+            insert_batches_in_flight_max: 4,
+            request_queue_len_max: 64,
+            peer_events_queue_len_max: 1024,
+            publish_round_len_max: 16,
+            replay_requests_per_check_max: n.replay_requests_per_check_max,
+            ..ReplicationSection::default()
+        },
         ingest_streams: Vec::new(),
         ingest_payload_bytes_max: 1024,
-        replay_batch_len_max: 16,
-        replay_check_interval: Duration::from_millis(100),
-        replay_timeout: Duration::from_millis(500),
-        ack_interval: Duration::from_millis(50),
-        live_queue_len_max: 64,
-        live_queue_bytes_max: super::wire::MESSAGE_BYTES_MAX,
-        publish_queue_len_max: 64,
-        publish_queue_bytes_max: 64 * 1024,
-        // Small frames: schedules drop, duplicate and reorder frames of several records too.
-        live_frame_bytes_max: 1024,
-        shutdown_handover: n.handover,
-        shutdown_flush: Duration::from_secs(5),
-        // Small batches and queues: schedules exercise the receiver's batching and waits.
-        live_batch_len_max: 8,
-        live_batch_bytes_max: 4096,
-        insert_batches_in_flight_max: 4,
-        request_queue_len_max: 64,
-        peer_events_queue_len_max: 1024,
-        publish_round_len_max: 16,
-        replay_requests_per_check_max: n.replay_requests_per_check_max,
         limits: Limits::default(),
     }
 }
