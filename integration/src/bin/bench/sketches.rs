@@ -1,4 +1,4 @@
-//! Two bare group commits over raw RocksDB, run next to Strata's (`STRATA_BENCH_ONLY=sketches
+//! Bare group commits over raw RocksDB, run next to Strata's (`STRATA_BENCH_ONLY=sketches
 //! bench log`): what tokio tasks that each await their own acknowledgement get from a group
 //! commit that does nothing but batch (no envelopes, no seq assignment, no stream state).
 //!
@@ -12,6 +12,16 @@
 //!   many records are queued as its last batch held. Strata could not ship this: every sync
 //!   would block a worker of the integrator's runtime. It measures how far removing the
 //!   wake-up would go.
+//! - `task in place`: the `task` committer, but it writes and syncs inside
+//!   `tokio::task::block_in_place`, so the worker's other tasks move to another thread for the
+//!   sync: what Strata would have to do to run its committer on an integrator's runtime.
+//! - `leader`: no committer at all. A producer that finds nobody writing becomes the leader:
+//!   it takes what is queued (its own record with it), writes and syncs inside
+//!   `tokio::task::block_in_place` (its worker's other tasks move to another thread for the
+//!   sync), then hands the lead to the first producer that queued meanwhile and acknowledges
+//!   the rest. This is RocksDB's own leader/follower group commit with tasks instead of
+//!   threads; it measures whether a sync on the producer's own thread, with no committer
+//!   thread, removes the wake-up that costs Strata.
 
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -97,7 +107,7 @@ fn thread_committer(queue: &Queue, store: &mut RawStore) -> Result<()> {
     }
 }
 
-async fn task_committer(queue: &Queue, store: &mut RawStore) -> Result<()> {
+async fn task_committer(queue: &Queue, store: &mut RawStore, in_place: bool) -> Result<()> {
     let Wake::Task(queued) = &queue.wake else { anyhow::bail!("the task committer needs a Notify") };
     let mut last = 1;
     loop {
@@ -122,10 +132,81 @@ async fn task_committer(queue: &Queue, store: &mut RawStore) -> Result<()> {
             }
         };
         last = acks.len();
-        store.write(acks.len())?;
+        if in_place {
+            tokio::task::block_in_place(|| store.write(acks.len()))?;
+        } else {
+            store.write(acks.len())?;
+        }
         acknowledge(acks);
         // Lets the producers just woken on this worker queue their next record.
         tokio::task::yield_now().await;
+    }
+}
+
+/// What a waiting producer of the `leader` sketch is told.
+enum Turn {
+    /// Its record is durable.
+    Done,
+    /// Its record is not written yet, and it leads the next batch.
+    Lead,
+}
+
+#[derive(Default)]
+struct Led {
+    waiting: Vec<oneshot::Sender<Turn>>,
+    leading: bool,
+}
+
+struct LeaderQueue {
+    led: Mutex<Led>,
+    store: Mutex<RawStore>,
+}
+
+impl LeaderQueue {
+    fn lock(&self) -> MutexGuard<'_, Led> {
+        self.led.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    async fn append(&self) -> Result<()> {
+        let lead = {
+            let mut led = self.lock();
+            if led.leading {
+                let (turn, told) = oneshot::channel();
+                led.waiting.push(turn);
+                Some(told)
+            } else {
+                led.leading = true;
+                None
+            }
+        };
+        match lead {
+            None => self.lead(),
+            Some(told) => match told.await? {
+                Turn::Done => Ok(()),
+                Turn::Lead => self.lead(),
+            },
+        }
+    }
+
+    /// Writes the leader's record with every one queued, then passes the lead on.
+    fn lead(&self) -> Result<()> {
+        let batch = std::mem::take(&mut self.lock().waiting);
+        let written = tokio::task::block_in_place(|| self.store.lock().unwrap_or_else(|p| p.into_inner()).write(batch.len() + 1));
+        {
+            let mut led = self.lock();
+            // A producer that stopped waiting cannot lead; the next one queued does.
+            led.leading = false;
+            while !led.waiting.is_empty() {
+                if led.waiting.remove(0).send(Turn::Lead).is_ok() {
+                    led.leading = true;
+                    break;
+                }
+            }
+        }
+        for done in batch {
+            let _ = done.send(Turn::Done);
+        }
+        written
     }
 }
 
@@ -143,14 +224,20 @@ pub(super) fn bench_sketches(rt: &tokio::runtime::Runtime, budget: Duration) -> 
         let task_queue = Queue::new(Wake::Task(Notify::new()));
         let task = {
             let (queue, mut store) = (task_queue.clone(), RawStore::open(1, PAYLOAD_BYTES)?);
-            rt.spawn(async move { task_committer(&queue, &mut store).await })
+            rt.spawn(async move { task_committer(&queue, &mut store, false).await })
         };
+        let in_place_queue = Queue::new(Wake::Task(Notify::new()));
+        let in_place = {
+            let (queue, mut store) = (in_place_queue.clone(), RawStore::open(1, PAYLOAD_BYTES)?);
+            rt.spawn(async move { task_committer(&queue, &mut store, true).await })
+        };
+        let leader = Arc::new(LeaderQueue { led: Mutex::default(), store: Mutex::new(RawStore::open(1, PAYLOAD_BYTES)?) });
         let slice = budget / SLICES;
-        let mut totals = [(0u64, Duration::ZERO); 4];
+        let mut totals = [(0u64, Duration::ZERO); 6];
         let mut add = |i: usize, (records, elapsed): (u64, Duration)| totals[i] = (totals[i].0 + records, totals[i].1 + elapsed);
         for _ in 0..SLICES {
             add(0, raw.run(slice)?);
-            for (i, queue) in [(1, &thread_queue), (2, &task_queue)] {
+            for (i, queue) in [(1, &thread_queue), (2, &task_queue), (5, &in_place_queue)] {
                 let queue = queue.clone();
                 add(
                     i,
@@ -161,16 +248,29 @@ pub(super) fn bench_sketches(rt: &tokio::runtime::Runtime, budget: Duration) -> 
                 );
             }
             add(3, rt.block_on(log.producers(n, slice))?);
+            let leader = leader.clone();
+            add(
+                4,
+                rt.block_on(each_awaiting(n, slice, move || {
+                    let leader = leader.clone();
+                    async move { leader.append().await }
+                }))?,
+            );
         }
         thread_queue.stop();
         task_queue.stop();
+        in_place_queue.stop();
         thread.join().map_err(|_| anyhow::anyhow!("the thread committer panicked"))??;
         rt.block_on(task)??;
-        let [r, t, k, s] = totals.map(|(records, elapsed)| rate(records, elapsed));
+        rt.block_on(in_place)??;
+        let [r, t, k, s, l, p] = totals.map(|(records, elapsed)| rate(records, elapsed));
         println!(
-            "{n} producers: raw batch of {n} {r:.0} rec/s; thread sketch {t:.0} (ratio {:.2}); task sketch {k:.0} (ratio {:.2}); strata {s:.0} (ratio {:.2})",
+            "{n} producers: raw batch of {n} {r:.0} rec/s; thread sketch {t:.0} (ratio {:.2}); task sketch {k:.0} (ratio {:.2}); \
+             task sketch in place {p:.0} (ratio {:.2}); leader sketch {l:.0} (ratio {:.2}); strata {s:.0} (ratio {:.2})",
             t / r,
             k / r,
+            p / r,
+            l / r,
             s / r
         );
     }
