@@ -45,6 +45,10 @@ malformed = [
     json.dumps({"value": "hot"}).encode(),    # bad_value
     json.dumps({"value": 1, "unit": "C"}).encode(),  # unknown_field
     json.dumps([1, 2, 3]).encode(),           # not_an_object
+    # too_large, twice: over the node's ingest.payload_bytes_max (64 KiB by default), and over
+    # the protocol's largest message (4 MiB), which the node's transport refuses unread.
+    json.dumps({"value": {"blob": "x" * 70_000}}).encode(),
+    json.dumps({"value": {"blob": "x" * (5 * 1024 * 1024)}}).encode(),
 ]
 
 WAIT_S = 10.0

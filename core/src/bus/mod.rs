@@ -181,17 +181,26 @@ impl ByteBudget {
 
 /// A bounded stream of incoming items, plus what keeps the declaration alive and a count of
 /// items dropped because the queue was full (in items, or in bytes when it has a
-/// [`ByteBudget`]).
+/// [`ByteBudget`]) or because they were too large to take.
 pub struct Incoming<T> {
     rx: mpsc::Receiver<T>,
     pub dropped: Arc<AtomicU64>,
+    /// Of `dropped`, the items refused for being larger than the protocol's largest message
+    /// ([`wire::MESSAGE_BYTES_MAX`]), whatever room the queue had.
+    pub oversized: Arc<AtomicU64>,
     budget: Option<Arc<ByteBudget>>,
     _guard: Box<dyn Any + Send + Sync>,
 }
 
 impl<T: Weighed> Incoming<T> {
     pub fn new(rx: mpsc::Receiver<T>, dropped: Arc<AtomicU64>, guard: Box<dyn Any + Send + Sync>) -> Incoming<T> {
-        Incoming { rx, dropped, budget: None, _guard: guard }
+        Incoming { rx, dropped, oversized: Arc::default(), budget: None, _guard: guard }
+    }
+
+    /// Items too large to take are counted in `oversized` (and in `dropped`).
+    pub fn with_oversized(mut self, oversized: Arc<AtomicU64>) -> Incoming<T> {
+        self.oversized = oversized;
+        self
     }
 
     /// The queue is also bounded in bytes by `budget`, which its sender reserves from.

@@ -242,6 +242,9 @@ struct State {
     /// Acknowledgements of our own streams: key -> tier -> best watermark.
     acks: BTreeMap<StreamKey, BTreeMap<Tier, u64>>,
     ingest_rejected: BTreeMap<String, u64>,
+    /// Ingest messages the transport refused unread for being over the protocol's largest
+    /// message (counted there, reported as `too_large` rejections).
+    ingest_oversized: Option<Arc<AtomicU64>>,
     /// Replay now, without waiting for a gap to outlive a check.
     urgent: bool,
 }
@@ -365,7 +368,16 @@ impl Replicator {
             replay_served_records: get(&c.replay_served_records),
             replay_served_damaged: get(&c.replay_served_damaged),
             ingest_accepted: get(&c.ingest_accepted),
-            ingest_rejected: lock(&self.shared.state).ingest_rejected.clone(),
+            ingest_rejected: {
+                let st = lock(&self.shared.state);
+                let mut rejected = st.ingest_rejected.clone();
+                let oversized = st.ingest_oversized.as_ref().map_or(0, |n| n.load(Ordering::Relaxed));
+                if oversized > 0 {
+                    let reason = ingest::Rejection::TooLarge { len: 0, max: 0 }.reason().to_owned();
+                    *rejected.entry(reason).or_insert(0) += oversized;
+                }
+                rejected
+            },
             insert_errors: get(&c.insert_errors),
             live_lag_us: c.live_lag.snapshot(),
         }
@@ -821,6 +833,7 @@ async fn watch_presence(shared: Arc<Shared>, mut incoming: super::Incoming<super
 
 async fn receive_ingest(shared: Arc<Shared>, mut incoming: super::Incoming<super::Sample>) {
     let s = &shared.settings;
+    lock(&shared.state).ingest_oversized = Some(incoming.oversized.clone());
     let mut last_log = Instant::now() - Duration::from_secs(10);
     while let Some(sample) = incoming.recv().await {
         match ingest::validate(&sample.key, &sample.payload, &s.ingest_streams, s.ingest_payload_bytes_max) {

@@ -232,6 +232,8 @@ impl Transport for ZenohTransport {
             let (tx, rx) = mpsc::channel(capacity);
             let dropped = Arc::new(AtomicU64::new(0));
             let counter = dropped.clone();
+            let oversized = Arc::new(AtomicU64::new(0));
+            let too_large = oversized.clone();
             let budget = ByteBudget::new(bytes_max);
             let bytes = budget.clone();
             let sub = self
@@ -242,6 +244,17 @@ impl Transport for ZenohTransport {
                     // than MESSAGE_BYTES_MAX; Zenoh itself would pass up to 1 GiB.
                     if s.payload().len() > super::wire::MESSAGE_BYTES_MAX {
                         counter.fetch_add(1, Ordering::Relaxed);
+                        let n = too_large.fetch_add(1, Ordering::Relaxed) + 1;
+                        // The 1st, 2nd, 4th, 8th…: a sender that keeps trying cannot flood the log.
+                        if n.is_power_of_two() {
+                            tracing::warn!(
+                                key = s.key_expr().as_str(),
+                                bytes = s.payload().len(),
+                                bytes_max = super::wire::MESSAGE_BYTES_MAX,
+                                refused = n,
+                                "message larger than the protocol's largest refused unread"
+                            );
+                        }
                         return;
                     }
                     // The bytes are reserved before the payload is copied out of Zenoh's buffer:
@@ -272,7 +285,7 @@ impl Transport for ZenohTransport {
                 })
                 .await
                 .map_err(zerr)?;
-            Ok(Incoming::new(rx, dropped, Box::new(sub)).with_budget(budget))
+            Ok(Incoming::new(rx, dropped, Box::new(sub)).with_budget(budget).with_oversized(oversized))
         })
     }
 
