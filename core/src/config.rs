@@ -574,10 +574,11 @@ pub struct ReplicationSection {
     /// Heads announcements of other nodes waiting to be handled, and (each in a queue of its
     /// own) their liveliness changes and the decision servers' announcements; beyond it they
     /// are dropped. Heads are counted as `heads_dropped` and come again every
-    /// `ack_interval_ms`; a liveliness change is counted as `presence_dropped` and is not sent
-    /// again, so the node may count a tier as unreachable (or reachable) until that node's
-    /// liveliness changes again: keep it well above the number of nodes. At least 64.
-    /// Default 1024.
+    /// `ack_interval_ms`. Liveliness does not send a dropped change again, so after a drop
+    /// (counted as `presence_dropped`, or `servers_dropped` in the decisions' counters) the node
+    /// asks who is alive now, within `ack_interval_ms` (`probe_interval_ms` for decision
+    /// servers), and its table follows the answer: keep it well above the number of nodes. At
+    /// least 64. Default 1024.
     pub peer_events_queue_len_max: usize,
     /// Most queued local records the publisher takes in one round (it frames them by stream
     /// before it publishes them). Default 4096.

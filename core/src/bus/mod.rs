@@ -25,6 +25,7 @@ pub mod wire;
 mod zenoh;
 
 use std::any::Any;
+use std::collections::BTreeSet;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -277,8 +278,81 @@ pub trait Transport: Send + Sync + 'static {
     fn request(&self, key: &str, params: &str, payload: Vec<u8>, timeout: Duration, capacity: usize) -> BoxFut<'_, Result<mpsc::Receiver<Vec<u8>>, BusError>>;
     /// Declares a liveliness token, held until the returned guard is dropped.
     fn declare_alive(&self, key: &str) -> BoxFut<'_, Result<Box<dyn Any + Send + Sync>, BusError>>;
-    /// Liveliness tokens matching `keyexpr`: the ones present now, then every change.
+    /// Liveliness tokens matching `keyexpr`: the ones present now, then every change, in a
+    /// queue of `capacity` (full: the change is dropped and counted). [`AliveWatch`] repairs
+    /// what such a drop loses.
     fn watch_alive(&self, keyexpr: &str, capacity: usize) -> BoxFut<'_, Result<Incoming<AliveEvent>, BusError>>;
+    /// The keys of the liveliness tokens matching `keyexpr` that this node sees now, as
+    /// gathered within `timeout`.
+    fn alive_now(&self, keyexpr: &str, timeout: Duration) -> BoxFut<'_, Result<BTreeSet<String>, BusError>>;
+}
+
+/// What an [`AliveWatch`] reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AliveChange {
+    /// One token appeared or went away.
+    One(AliveEvent),
+    /// Changes were dropped (the queue was full; `dropped` of them since the last report), so
+    /// here is every token alive now: any other is gone.
+    All { alive: BTreeSet<String>, dropped: u64 },
+}
+
+/// A liveliness watch that repairs itself. A change that finds the queue full is dropped, and
+/// liveliness does not send it again: a node would count a peer as present (or gone) until
+/// that peer changes again. After a drop the watch hands out what was queued before it, then
+/// asks who is alive now ([`Transport::alive_now`]) and reports that whole set. It looks at
+/// the drop count at each change and at least every `check`; a failed query is tried again
+/// after `check`.
+pub struct AliveWatch {
+    transport: Arc<dyn Transport>,
+    keyexpr: String,
+    incoming: Incoming<AliveEvent>,
+    check: Duration,
+    /// Drops already repaired.
+    repaired: u64,
+}
+
+impl AliveWatch {
+    pub async fn open(transport: Arc<dyn Transport>, keyexpr: &str, capacity: usize, check: Duration) -> Result<AliveWatch, BusError> {
+        let incoming = transport.watch_alive(keyexpr, capacity).await?;
+        Ok(AliveWatch { transport, keyexpr: keyexpr.to_owned(), incoming, check, repaired: 0 })
+    }
+
+    /// Changes dropped so far (repaired or about to be).
+    pub fn dropped(&self) -> u64 {
+        self.incoming.dropped()
+    }
+
+    /// The next change; `None` once the transport closed the watch.
+    pub async fn next(&mut self) -> Option<AliveChange> {
+        loop {
+            let dropped = self.incoming.dropped();
+            if dropped != self.repaired {
+                // A full queue refuses the newest changes: what it holds is older than what
+                // was lost, so it goes first, and the set alive now last.
+                if let Some(event) = self.incoming.try_recv() {
+                    return Some(AliveChange::One(event));
+                }
+                match self.transport.alive_now(&self.keyexpr, self.check).await {
+                    Ok(alive) => {
+                        let newly = dropped - self.repaired;
+                        self.repaired = dropped;
+                        return Some(AliveChange::All { alive, dropped: newly });
+                    }
+                    Err(e) => {
+                        tracing::warn!(key = self.keyexpr, error = %e, "cannot ask who is alive after dropped liveliness changes; trying again");
+                        tokio::time::sleep(self.check).await;
+                        continue;
+                    }
+                }
+            }
+            tokio::select! {
+                event = self.incoming.recv() => return event.map(AliveChange::One),
+                // Drops with no change after them are noticed too.
+                () = tokio::time::sleep(self.check) => {}
+            }
+        }
+    }
 }
 
 /// Key expressions of the Strata protocol.
@@ -422,5 +496,34 @@ mod tests {
         assert_eq!(incoming.dropped(), 3);
         ta.publish("t/x", vec![0; 4000]);
         assert_eq!(incoming.recv().await.map(|s| s.payload.len()), Some(4000), "receiving made room");
+    }
+
+    /// A liveliness change that finds the queue full is lost, and liveliness does not send it
+    /// again; the watch hands out what was queued, then the whole set alive now.
+    #[tokio::test]
+    async fn an_alive_watch_reads_the_whole_set_again_after_dropped_changes() {
+        let net = sim::SimNet::new(1, sim::Faults::NONE);
+        let (a, b) = (NodeId::new("a").unwrap(), NodeId::new("b").unwrap());
+        let (ta, tb) = (net.attach(&a), net.attach(&b));
+        net.link(&a, &b);
+        let mut watch = AliveWatch::open(ta.clone(), "alive/**", 1, Duration::from_secs(1)).await.unwrap();
+        let next = async |watch: &mut AliveWatch| tokio::time::timeout(Duration::from_secs(30), watch.next()).await.expect("a change within 30 s");
+        let mut tokens = Vec::new();
+        for i in 0..5 {
+            tokens.push(tb.declare_alive(&format!("alive/{i}")).await.unwrap());
+        }
+        let keys = |r: std::ops::Range<usize>| r.map(|i| format!("alive/{i}")).collect::<BTreeSet<_>>();
+        assert_eq!(next(&mut watch).await, Some(AliveChange::One(AliveEvent { key: "alive/0".into(), alive: true })), "what was queued first");
+        assert_eq!(next(&mut watch).await, Some(AliveChange::All { alive: keys(0..5), dropped: 4 }), "then everything alive");
+        tokens.truncate(2);
+        assert_eq!(next(&mut watch).await, Some(AliveChange::One(AliveEvent { key: "alive/2".into(), alive: false })));
+        assert_eq!(next(&mut watch).await, Some(AliveChange::All { alive: keys(0..2), dropped: 2 }), "the two gone unreported are gone");
+        // Read as they come, changes go one by one again.
+        for i in [1, 0] {
+            drop(tokens.pop());
+            assert_eq!(next(&mut watch).await, Some(AliveChange::One(AliveEvent { key: format!("alive/{i}"), alive: false })));
+        }
+        let quiet = tokio::time::timeout(Duration::from_millis(50), watch.next()).await;
+        assert!(quiet.is_err(), "nothing dropped, nothing to report: {quiet:?}");
     }
 }

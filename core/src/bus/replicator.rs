@@ -43,7 +43,7 @@ use tokio::task::JoinSet;
 
 use super::ingest::{self, READING_TYPE};
 use super::wire::{self, Head, Heads, ReplayBatch, ReplayParams, HEADS_PER_MESSAGE_MAX, MESSAGE_BYTES_MAX};
-use super::{keys, BusError, Overflow, Request, Transport};
+use super::{keys, AliveChange, AliveWatch, BusError, Overflow, Request, Transport};
 use crate::codec::{self, Limits};
 use crate::config::{NodeConfig, ReplicationSection, StreamPattern};
 use crate::log::{Draft, InsertManyTicket, Inserted, Log, LogError, StreamKey};
@@ -314,7 +314,8 @@ impl Replicator {
         tasks.spawn(receive_heads(shared.clone(), heads));
         let requests = t.serve(keys::REPLAY_ALL, s.replication.request_queue_len_max).await?;
         tasks.spawn(serve_replay(shared.clone(), requests));
-        let alive = t.watch_alive(keys::ALIVE_ALL, s.replication.peer_events_queue_len_max).await?;
+        let check = Duration::from_millis(s.replication.ack_interval_ms);
+        let alive = AliveWatch::open(t.clone(), keys::ALIVE_ALL, s.replication.peer_events_queue_len_max, check).await?;
         tasks.spawn(watch_presence(shared.clone(), alive));
         if !s.ingest_streams.is_empty() {
             let ingest = t.subscribe(keys::INGEST_ALL, s.replication.live_queue_len_max, s.replication.live_queue_bytes_max, Overflow::Block).await?;
@@ -802,33 +803,68 @@ fn publish_heads_now(shared: &Shared) {
     }
 }
 
-async fn watch_presence(shared: Arc<Shared>, mut incoming: super::Incoming<super::AliveEvent>) {
-    let mut reported_drops = 0;
-    while let Some(event) = incoming.recv().await {
-        let dropped = incoming.dropped();
-        if dropped != reported_drops {
-            shared.counters.presence_dropped.fetch_add(dropped - reported_drops, Ordering::Relaxed);
-            tracing::warn!(dropped = dropped - reported_drops, "liveliness changes dropped (queue full): raise replication.peer_events_queue_len_max");
-            reported_drops = dropped;
-        }
-        let Some((tier, node)) = keys::parse_alive(&event.key) else { continue };
-        if node == shared.settings.node {
-            continue;
-        }
+async fn watch_presence(shared: Arc<Shared>, mut watch: AliveWatch) {
+    while let Some(change) = watch.next().await {
         let since_ms = shared.started.elapsed().as_millis() as u64;
-        tracing::info!(%node, %tier, alive = event.alive, "liveliness");
-        let mut st = lock(&shared.state);
-        st.presence.insert(node, Presence { tier, alive: event.alive, since_ms });
-        if event.alive {
+        let (came, went) = {
+            let mut st = lock(&shared.state);
+            match change {
+                AliveChange::One(event) => {
+                    let Some((tier, node)) = keys::parse_alive(&event.key) else { continue };
+                    if node == shared.settings.node {
+                        continue;
+                    }
+                    tracing::info!(%node, %tier, alive = event.alive, "liveliness");
+                    st.presence.insert(node, Presence { tier, alive: event.alive, since_ms });
+                    (event.alive, !event.alive)
+                }
+                AliveChange::All { alive, dropped } => {
+                    shared.counters.presence_dropped.fetch_add(dropped, Ordering::Relaxed);
+                    let alive: BTreeMap<NodeId, Tier> = alive.iter().filter_map(|k| keys::parse_alive(k)).map(|(tier, node)| (node, tier)).collect();
+                    let (came, went) = reconcile_presence(&mut st.presence, &alive, &shared.settings.node, since_ms);
+                    tracing::warn!(
+                        dropped,
+                        alive = alive.len(),
+                        came = came.len(),
+                        went = went.len(),
+                        "liveliness changes dropped (queue full; raise replication.peer_events_queue_len_max): the liveliness table was read again"
+                    );
+                    (!came.is_empty(), !went.is_empty())
+                }
+            }
+        };
+        if came {
             // A node came back (a partition healed, a process restarted): catch up now.
-            st.urgent = true;
-            drop(st);
+            lock(&shared.state).urgent = true;
             shared.wake.notify_one();
-        } else {
-            drop(st);
+        }
+        if went {
             shared.acked.notify_waiters();
         }
     }
+}
+
+/// Makes `presence` agree with the set of nodes `alive` now (`me` aside); returns the nodes
+/// that came back and those that went away.
+fn reconcile_presence(presence: &mut BTreeMap<NodeId, Presence>, alive: &BTreeMap<NodeId, Tier>, me: &NodeId, since_ms: u64) -> (Vec<NodeId>, Vec<NodeId>) {
+    let (mut came, mut went) = (Vec::new(), Vec::new());
+    for (node, tier) in alive {
+        if node == me {
+            continue;
+        }
+        let known = presence.get(node).is_some_and(|p| p.alive && p.tier == *tier);
+        if !known {
+            presence.insert(node.clone(), Presence { tier: *tier, alive: true, since_ms });
+            came.push(node.clone());
+        }
+    }
+    for (node, p) in presence.iter_mut() {
+        if p.alive && !alive.contains_key(node) {
+            *p = Presence { tier: p.tier, alive: false, since_ms };
+            went.push(node.clone());
+        }
+    }
+    (came, went)
 }
 
 async fn receive_ingest(shared: Arc<Shared>, mut incoming: super::Incoming<super::Sample>) {
@@ -1286,7 +1322,33 @@ fn first_run(mut held: Vec<u64>, range: &RangeInclusive<u64>) -> Option<RangeInc
 
 #[cfg(test)]
 mod tests {
-    use super::{first_run, LatencyHistogram};
+    use std::collections::BTreeMap;
+
+    use super::{first_run, reconcile_presence, LatencyHistogram, Presence};
+    use crate::model::{NodeId, Tier};
+
+    /// After dropped liveliness changes, the table is made to agree with who is alive now.
+    #[test]
+    fn presence_agrees_with_the_set_alive_after_a_drop() {
+        let id = |s: &str| NodeId::new(s).unwrap();
+        let at = |tier, alive| Presence { tier, alive, since_ms: 1 };
+        let mut presence = BTreeMap::from([
+            (id("fog-1"), at(Tier::Fog, true)),      // went unreported
+            (id("cloud-1"), at(Tier::Cloud, false)), // came back unreported
+            (id("edge-2"), at(Tier::Edge, true)),    // unchanged
+            (id("edge-3"), at(Tier::Edge, false)),   // still gone
+        ]);
+        let alive = BTreeMap::from([(id("cloud-1"), Tier::Cloud), (id("edge-2"), Tier::Edge), (id("fog-2"), Tier::Fog), (id("me"), Tier::Edge)]);
+        let (came, went) = reconcile_presence(&mut presence, &alive, &id("me"), 7);
+        assert_eq!(came, [id("cloud-1"), id("fog-2")]);
+        assert_eq!(went, [id("fog-1")]);
+        let table: Vec<(String, bool, u64)> = presence.iter().map(|(n, p)| (n.to_string(), p.alive, p.since_ms)).collect();
+        assert_eq!(
+            table,
+            [("cloud-1".into(), true, 7), ("edge-2".into(), true, 1), ("edge-3".into(), false, 1), ("fog-1".into(), false, 7), ("fog-2".into(), true, 7)],
+            "only what changed has a new time, and this node is not in its own table"
+        );
+    }
 
     #[test]
     fn replay_goes_on_above_the_first_unbroken_run_held() {

@@ -132,11 +132,11 @@ impl State {
                 .map(|(k, _)| k.clone())
                 .collect();
             let before = self.seen.entry(w.id).or_default();
-            for gone in before.difference(&visible) {
-                let _ = w.tx.try_send(AliveEvent { key: gone.clone(), alive: false });
-            }
-            for new in visible.difference(before) {
-                let _ = w.tx.try_send(AliveEvent { key: new.clone(), alive: true });
+            let changes = before.difference(&visible).map(|k| (k, false)).chain(visible.difference(before).map(|k| (k, true)));
+            for (key, alive) in changes {
+                if w.tx.try_send(AliveEvent { key: key.clone(), alive }).is_err() {
+                    w.dropped.fetch_add(1, Ordering::Relaxed);
+                }
             }
             *before = visible;
         }
@@ -406,5 +406,11 @@ impl Transport for SimTransport {
         let incoming = self.register(|s| &mut s.watchers, keyexpr, capacity, None);
         self.net.lock().refresh_liveliness();
         Box::pin(async move { Ok(incoming) })
+    }
+
+    fn alive_now(&self, keyexpr: &str, _timeout: Duration) -> BoxFut<'_, Result<BTreeSet<String>, BusError>> {
+        let s = self.net.lock();
+        let alive = s.tokens.iter().filter(|(key, (owner, _))| keys::matches(keyexpr, key) && s.reachable(&self.node, owner)).map(|(k, _)| k.clone()).collect();
+        Box::pin(async move { Ok(alive) })
     }
 }

@@ -1,7 +1,7 @@
 //! The Zenoh [`Transport`]: the only code in Strata that knows Zenoh.
 
 use std::any::Any;
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -371,6 +371,20 @@ impl Transport for ZenohTransport {
             Ok(Incoming::new(rx, dropped, Box::new(sub)))
         })
     }
+
+    fn alive_now(&self, keyexpr: &str, timeout: Duration) -> BoxFut<'_, Result<BTreeSet<String>, BusError>> {
+        let keyexpr = keyexpr.to_owned();
+        Box::pin(async move {
+            let replies = self.session.liveliness().get(keyexpr).timeout(timeout).await.map_err(zerr)?;
+            let mut alive = BTreeSet::new();
+            while let Ok(reply) = replies.recv_async().await {
+                if let Ok(sample) = reply.result() {
+                    alive.insert(sample.key_expr().as_str().to_owned());
+                }
+            }
+            Ok(alive)
+        })
+    }
 }
 
 #[cfg(test)]
@@ -410,6 +424,53 @@ mod tests {
             }
         }
         assert_eq!(a.publishers.lock().unwrap().len(), 1, "one publisher declared, the other keys put plainly");
+        a.close().await;
+        b.close().await;
+    }
+
+    /// Follows `watch` until it has dropped at least `drops` changes and the set it reports
+    /// is `expected` (bounded waits).
+    async fn follow(watch: &mut super::super::AliveWatch, seen: &mut BTreeSet<String>, expected: BTreeSet<String>, drops: u64) {
+        use super::super::AliveChange;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while watch.dropped() < drops {
+            assert!(tokio::time::Instant::now() < deadline, "dropped {} of {drops}", watch.dropped());
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        while *seen != expected {
+            let change = tokio::time::timeout_at(deadline, watch.next()).await.unwrap_or_else(|_| panic!("still {seen:?}, not {expected:?}"));
+            match change.expect("the watch is open") {
+                AliveChange::One(e) if e.alive => drop(seen.insert(e.key)),
+                AliveChange::One(e) => drop(seen.remove(&e.key)),
+                AliveChange::All { alive, .. } => *seen = alive,
+            }
+        }
+    }
+
+    /// Over real Zenoh sessions: liveliness changes dropped by a full queue are not lost for
+    /// good; the watch reads who is alive again and ends with the true set.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_alive_watch_over_zenoh_recovers_dropped_changes() {
+        let port = crate::ports::free_loopback_port().unwrap();
+        let a = Arc::new(loopback("a", Some(port), None).await);
+        let b = loopback("b", None, Some(port)).await;
+        let keys = |n: usize| (0..n).map(|i| format!("test/alive/{i}")).collect::<BTreeSet<_>>();
+        let mut tokens = Vec::new();
+        for key in keys(5) {
+            tokens.push(b.declare_alive(&key).await.unwrap());
+        }
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while a.alive_now("test/alive/**", Duration::from_secs(1)).await.unwrap() != keys(5) {
+            assert!(tokio::time::Instant::now() < deadline, "a never saw b's five tokens");
+        }
+        // A queue of one: the five tokens already alive come as five changes, four dropped.
+        let mut watch = super::super::AliveWatch::open(a.clone(), "test/alive/**", 1, Duration::from_secs(1)).await.unwrap();
+        let mut seen = BTreeSet::new();
+        follow(&mut watch, &mut seen, keys(5), 4).await;
+        // Three go while nobody reads: one change queued, two dropped.
+        tokens.truncate(2);
+        follow(&mut watch, &mut seen, keys(2), 6).await;
+        drop(watch);
         a.close().await;
         b.close().await;
     }

@@ -26,7 +26,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, watch, Semaphore};
 
-use crate::bus::{BoxFut, BusError, Transport};
+use crate::bus::{AliveChange, AliveWatch, BoxFut, BusError, Transport};
 use crate::config::{Name, NodeConfig};
 use crate::mode::Mode;
 use crate::model::{MonoClock, MonoTime, NodeId, Priority, Tier};
@@ -135,6 +135,9 @@ pub struct DecideCounters {
     pub missed: u64,
     pub served: u64,
     pub serve_refused: u64,
+    /// Decision servers' announcements (liveliness) dropped because their queue was full; the
+    /// servers were read again after each drop.
+    pub servers_dropped: u64,
 }
 
 /// Where node events go (the node's bounded `events` queue).
@@ -203,31 +206,43 @@ impl Decider {
             events,
             tasks: Mutex::new(Vec::new()),
         });
-        let mut alive = decider.transport.watch_alive(SERVES_ALL, config.replication.peer_events_queue_len_max).await?;
+        let mut alive = AliveWatch::open(decider.transport.clone(), SERVES_ALL, config.replication.peer_events_queue_len_max, decider.probe_interval).await?;
         let weak = Arc::downgrade(&decider);
         let watch = tokio::spawn(async move {
-            let mut reported_drops = 0;
-            while let Some(event) = alive.recv().await {
-                let dropped = alive.dropped();
-                if dropped != reported_drops {
-                    tracing::warn!(
-                        dropped = dropped - reported_drops,
-                        "decision servers' announcements dropped (queue full): raise replication.peer_events_queue_len_max"
-                    );
-                    reported_drops = dropped;
-                }
+            while let Some(change) = alive.next().await {
                 let Some(d) = weak.upgrade() else { return };
-                let Some(target) = parse_serves(&event.key) else { continue };
-                if target.node == d.node {
-                    continue;
-                }
                 let mut servers = d.servers.lock().unwrap_or_else(|p| p.into_inner());
-                if event.alive {
-                    servers.insert(target);
-                } else {
-                    servers.remove(&target);
-                    // A returning server starts from fresh estimates (probes fill them).
-                    d.estimator.lock().unwrap_or_else(|p| p.into_inner()).forget(&target);
+                let gone: Vec<Target> = match change {
+                    AliveChange::One(event) => {
+                        let Some(target) = parse_serves(&event.key) else { continue };
+                        if target.node == d.node {
+                            continue;
+                        }
+                        if event.alive {
+                            servers.insert(target);
+                            continue;
+                        }
+                        servers.remove(&target);
+                        vec![target]
+                    }
+                    AliveChange::All { alive, dropped } => {
+                        d.counters.lock().unwrap_or_else(|p| p.into_inner()).servers_dropped += dropped;
+                        let now: BTreeSet<Target> = alive.iter().filter_map(|k| parse_serves(k)).filter(|t| t.node != d.node).collect();
+                        let gone: Vec<Target> = servers.difference(&now).cloned().collect();
+                        tracing::warn!(
+                            dropped,
+                            servers = now.len(),
+                            "decision servers' announcements dropped (queue full; raise replication.peer_events_queue_len_max): the servers were read again"
+                        );
+                        *servers = now;
+                        gone
+                    }
+                };
+                drop(servers);
+                // A returning server starts from fresh estimates (probes fill them).
+                let mut estimator = d.estimator.lock().unwrap_or_else(|p| p.into_inner());
+                for target in &gone {
+                    estimator.forget(target);
                 }
             }
         });
