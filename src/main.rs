@@ -9,7 +9,7 @@ mod demo;
 
 use clap::{Parser, Subcommand};
 use strata_core::config::{check_continuum, summary_table, NodeConfig, StreamRef};
-use strata_core::log::{show, RocksStore, Store, StreamKey};
+use strata_core::log::{show, LogError, RocksStore, Store, StreamKey};
 
 #[derive(Parser)]
 #[command(name = "strata", version, about = "Strata: durable, deadline-aware middleware for edge/fog/cloud AI systems")]
@@ -484,8 +484,14 @@ fn log_tail(path: &std::path::Path, stream: &str, from: u64, incarnation: Option
             while *seq != 0 {
                 let batch = match store.read(key, *seq, TAIL_BATCH_LEN) {
                     Ok(b) => b,
-                    Err(e) => {
+                    // A damaged record names itself; anything else (a table block RocksDB
+                    // cannot read) is told with where the reading was.
+                    Err(e @ LogError::CorruptRecord { .. }) => {
                         eprintln!("strata log tail: {e}");
+                        return ExitCode::from(EXIT_RUNTIME);
+                    }
+                    Err(e) => {
+                        eprintln!("strata log tail: {e} (reading {key} from #{seq})");
                         return ExitCode::from(EXIT_RUNTIME);
                     }
                 };

@@ -288,6 +288,52 @@ mod log {
         assert!(!stderr.contains("panicked"), "{stderr}");
     }
 
+    /// A bad disk damages a table file's data block: RocksDB's block checksum finds it on
+    /// read. `log tail` says which store, stream and where, and `log ls` still lists the store.
+    #[tokio::test]
+    async fn tail_names_a_damaged_table_block() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = store(dir.path()).await;
+        let incarnation = log.incarnation();
+        for i in 4..=200 {
+            log.append_durable(StreamName::new("readings/a").unwrap(), draft(&format!("{{\"value\":{i}}}"))).await.unwrap();
+        }
+        log.close();
+        drop(log);
+        // The table files that hold the records (column family `log`), not the store's meta.
+        let tables: Vec<std::path::PathBuf> = {
+            let db = rocksdb::DB::open_cf(&rocksdb::Options::default(), dir.path(), ["log", "cursors", "watermarks", "meta"]).unwrap();
+            db.flush_cf(db.cf_handle("log").unwrap()).unwrap();
+            let files = db.live_files().unwrap();
+            files.into_iter().filter(|f| f.column_family_name == "log").map(|f| dir.path().join(f.name.trim_start_matches('/'))).collect()
+        };
+        assert!(!tables.is_empty(), "the records are in a table file");
+        // Each table file's first data block starts at offset 0; damage bytes inside it.
+        for table in &tables {
+            let mut bytes = std::fs::read(table).unwrap();
+            for b in &mut bytes[64..96] {
+                *b ^= 0x5a;
+            }
+            std::fs::write(table, bytes).unwrap();
+        }
+        let path = dir.path().to_str().unwrap();
+        let out = strata(&["log", "tail", path, "readings/a"]);
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert!(stderr.starts_with(&format!("strata log tail: {path}: ")), "the store: {stderr}");
+        assert!(stderr.contains("block checksum mismatch"), "what: {stderr}");
+        let table = tables[0].file_name().unwrap().to_str().unwrap();
+        assert!(stderr.contains(table), "the table file: {stderr}");
+        assert!(stderr.contains(&format!("(reading fog-1/readings/a@{incarnation} from #1)")), "where: {stderr}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
+        // The listing reads the store's own tables, not the damaged one.
+        let out = strata(&["log", "ls", path]);
+        let stdout = text(&out.stdout);
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+        let row: Vec<&str> = stdout.lines().find(|l| l.contains("readings/a")).unwrap_or_default().split_whitespace().collect();
+        assert_eq!(row.get(3..6), Some(&["1", "200", "200"][..]), "{stdout}");
+    }
+
     #[tokio::test]
     async fn broken_stores_give_clear_errors() {
         let dir = tempfile::tempdir().unwrap();
