@@ -525,7 +525,8 @@ pub struct ReplicationSection {
     /// Period of the check for gaps and lagging watermarks, in ms. Default 1000.
     pub replay_check_interval_ms: u64,
     /// How long one replay query may take, in ms; a holder that has not answered by then is
-    /// passed over and another asked. Default 2000.
+    /// passed over and another asked. Also the bound on a query of who is alive, after
+    /// liveliness changes were dropped. Default 2000.
     pub replay_timeout_ms: u64,
     /// Period at which this node publishes its watermarks as acknowledgements, in ms.
     /// Default 250.
@@ -576,9 +577,10 @@ pub struct ReplicationSection {
     /// are dropped. Heads are counted as `heads_dropped` and come again every
     /// `ack_interval_ms`. Liveliness does not send a dropped change again, so after a drop
     /// (counted as `presence_dropped`, or `servers_dropped` in the decisions' counters) the node
-    /// asks who is alive now, within `ack_interval_ms` (`probe_interval_ms` for decision
-    /// servers), and its table follows the answer: keep it well above the number of nodes. At
-    /// least 64. Default 1024.
+    /// notices it within `ack_interval_ms` (`probe_interval_ms` for decision servers), asks who
+    /// is alive now (a query of at most `replay_timeout_ms`, tried again while it fails) and its
+    /// table follows the answer: keep it well above the number of nodes. At least 64.
+    /// Default 1024.
     pub peer_events_queue_len_max: usize,
     /// Most queued local records the publisher takes in one round (it frames them by stream
     /// before it publishes them). Default 4096.

@@ -231,6 +231,20 @@ impl<T: Weighed> Incoming<T> {
     pub fn dropped(&self) -> u64 {
         self.dropped.load(Ordering::Relaxed)
     }
+
+    /// Items queued now.
+    pub fn len(&self) -> usize {
+        self.rx.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rx.is_empty()
+    }
+
+    /// Whether the sending side is gone (nothing more will come).
+    pub fn is_closed(&self) -> bool {
+        self.rx.is_closed()
+    }
 }
 
 impl<T> Drop for Incoming<T> {
@@ -299,23 +313,31 @@ pub enum AliveChange {
 
 /// A liveliness watch that repairs itself. A change that finds the queue full is dropped, and
 /// liveliness does not send it again: a node would count a peer as present (or gone) until
-/// that peer changes again. After a drop the watch hands out what was queued before it, then
-/// asks who is alive now ([`Transport::alive_now`]) and reports that whole set. It looks at
-/// the drop count at each change and at least every `check`; a failed query is tried again
-/// after `check`.
+/// that peer changes again. After a drop the watch hands out the changes queued before it
+/// (older than the dropped ones; at most as many as were queued when it saw the drop, so a
+/// steady stream of changes cannot put the repair off), then asks who is alive now
+/// ([`Transport::alive_now`], within `query_timeout`) and reports that whole set. It looks at
+/// the drop count at each change and at least every `check`; a failed or incomplete query is
+/// tried again after `check`.
+///
+/// A peer that went away and came back within the dropped changes is alive before and after:
+/// the whole set cannot show it, so its return is not reported as one.
 pub struct AliveWatch {
     transport: Arc<dyn Transport>,
     keyexpr: String,
     incoming: Incoming<AliveEvent>,
     check: Duration,
+    query_timeout: Duration,
     /// Drops already repaired.
     repaired: u64,
+    /// Once a drop is seen: how many queued changes are still handed out before the query.
+    before_query: Option<usize>,
 }
 
 impl AliveWatch {
-    pub async fn open(transport: Arc<dyn Transport>, keyexpr: &str, capacity: usize, check: Duration) -> Result<AliveWatch, BusError> {
+    pub async fn open(transport: Arc<dyn Transport>, keyexpr: &str, capacity: usize, check: Duration, query_timeout: Duration) -> Result<AliveWatch, BusError> {
         let incoming = transport.watch_alive(keyexpr, capacity).await?;
-        Ok(AliveWatch { transport, keyexpr: keyexpr.to_owned(), incoming, check, repaired: 0 })
+        Ok(AliveWatch { transport, keyexpr: keyexpr.to_owned(), incoming, check, query_timeout, repaired: 0, before_query: None })
     }
 
     /// Changes dropped so far (repaired or about to be).
@@ -325,22 +347,33 @@ impl AliveWatch {
 
     /// The next change; `None` once the transport closed the watch.
     pub async fn next(&mut self) -> Option<AliveChange> {
+        let mut failures = 0u32;
         loop {
             let dropped = self.incoming.dropped();
             if dropped != self.repaired {
-                // A full queue refuses the newest changes: what it holds is older than what
-                // was lost, so it goes first, and the set alive now last.
-                if let Some(event) = self.incoming.try_recv() {
-                    return Some(AliveChange::One(event));
+                // A full queue refuses the newest changes: what it held is older than what was
+                // lost, so it goes first, and the set alive now last.
+                let queued = self.before_query.get_or_insert_with(|| self.incoming.len());
+                if *queued > 0 {
+                    *queued -= 1;
+                    if let Some(event) = self.incoming.try_recv() {
+                        return Some(AliveChange::One(event));
+                    }
                 }
-                match self.transport.alive_now(&self.keyexpr, self.check).await {
+                match self.transport.alive_now(&self.keyexpr, self.query_timeout).await {
                     Ok(alive) => {
                         let newly = dropped - self.repaired;
                         self.repaired = dropped;
+                        self.before_query = None;
                         return Some(AliveChange::All { alive, dropped: newly });
                     }
+                    Err(_) if self.incoming.is_closed() => return None,
                     Err(e) => {
-                        tracing::warn!(key = self.keyexpr, error = %e, "cannot ask who is alive after dropped liveliness changes; trying again");
+                        failures += 1;
+                        // One line per run of failures (the first, then every hundredth).
+                        if failures % 100 == 1 {
+                            tracing::warn!(key = self.keyexpr, error = %e, failures, "cannot ask who is alive after dropped liveliness changes; trying again");
+                        }
                         tokio::time::sleep(self.check).await;
                         continue;
                     }
@@ -348,7 +381,7 @@ impl AliveWatch {
             }
             tokio::select! {
                 event = self.incoming.recv() => return event.map(AliveChange::One),
-                // Drops with no change after them are noticed too.
+                // A drop counted just after its change was taken is noticed too.
                 () = tokio::time::sleep(self.check) => {}
             }
         }
@@ -498,16 +531,25 @@ mod tests {
         assert_eq!(incoming.recv().await.map(|s| s.payload.len()), Some(4000), "receiving made room");
     }
 
-    /// A liveliness change that finds the queue full is lost, and liveliness does not send it
-    /// again; the watch hands out what was queued, then the whole set alive now.
-    #[tokio::test]
-    async fn an_alive_watch_reads_the_whole_set_again_after_dropped_changes() {
+    /// Node `a` watches `alive/**` in a queue of `capacity`; `b` (returned) declares tokens.
+    async fn watched(capacity: usize) -> (sim::SimNet, Arc<sim::SimTransport>, AliveWatch) {
         let net = sim::SimNet::new(1, sim::Faults::NONE);
         let (a, b) = (NodeId::new("a").unwrap(), NodeId::new("b").unwrap());
         let (ta, tb) = (net.attach(&a), net.attach(&b));
         net.link(&a, &b);
-        let mut watch = AliveWatch::open(ta.clone(), "alive/**", 1, Duration::from_secs(1)).await.unwrap();
-        let next = async |watch: &mut AliveWatch| tokio::time::timeout(Duration::from_secs(30), watch.next()).await.expect("a change within 30 s");
+        let watch = AliveWatch::open(ta, "alive/**", capacity, Duration::from_secs(1), Duration::from_secs(1)).await.unwrap();
+        (net, tb, watch)
+    }
+
+    async fn next(watch: &mut AliveWatch) -> Option<AliveChange> {
+        tokio::time::timeout(Duration::from_secs(30), watch.next()).await.expect("a change within 30 s")
+    }
+
+    /// A liveliness change that finds the queue full is lost, and liveliness does not send it
+    /// again; the watch hands out what was queued, then the whole set alive now.
+    #[tokio::test]
+    async fn an_alive_watch_reads_the_whole_set_again_after_dropped_changes() {
+        let (_net, tb, mut watch) = watched(1).await;
         let mut tokens = Vec::new();
         for i in 0..5 {
             tokens.push(tb.declare_alive(&format!("alive/{i}")).await.unwrap());
@@ -525,5 +567,23 @@ mod tests {
         }
         let quiet = tokio::time::timeout(Duration::from_millis(50), watch.next()).await;
         assert!(quiet.is_err(), "nothing dropped, nothing to report: {quiet:?}");
+    }
+
+    /// Changes that keep coming after a drop do not put the repair off: only those queued
+    /// when the drop was seen go before the query.
+    #[tokio::test]
+    async fn an_alive_watch_repairs_before_changes_queued_after_the_drop() {
+        let (_net, tb, mut watch) = watched(2).await;
+        let up = |i: usize| AliveChange::One(AliveEvent { key: format!("alive/{i}"), alive: true });
+        let mut tokens = Vec::new();
+        for i in 0..3 {
+            tokens.push(tb.declare_alive(&format!("alive/{i}")).await.unwrap());
+        }
+        assert_eq!(next(&mut watch).await, Some(up(0)), "two queued, one dropped");
+        tokens.push(tb.declare_alive("alive/3").await.unwrap());
+        assert_eq!(next(&mut watch).await, Some(up(1)));
+        let all = (0..4).map(|i| format!("alive/{i}")).collect();
+        assert_eq!(next(&mut watch).await, Some(AliveChange::All { alive: all, dropped: 1 }), "before the change queued after the drop");
+        assert_eq!(next(&mut watch).await, Some(up(3)), "which comes after, and agrees");
     }
 }

@@ -315,7 +315,8 @@ impl Replicator {
         let requests = t.serve(keys::REPLAY_ALL, s.replication.request_queue_len_max).await?;
         tasks.spawn(serve_replay(shared.clone(), requests));
         let check = Duration::from_millis(s.replication.ack_interval_ms);
-        let alive = AliveWatch::open(t.clone(), keys::ALIVE_ALL, s.replication.peer_events_queue_len_max, check).await?;
+        let query_timeout = Duration::from_millis(s.replication.replay_timeout_ms);
+        let alive = AliveWatch::open(t.clone(), keys::ALIVE_ALL, s.replication.peer_events_queue_len_max, check, query_timeout).await?;
         tasks.spawn(watch_presence(shared.clone(), alive));
         if !s.ingest_streams.is_empty() {
             let ingest = t.subscribe(keys::INGEST_ALL, s.replication.live_queue_len_max, s.replication.live_queue_bytes_max, Overflow::Block).await?;
@@ -818,6 +819,9 @@ async fn watch_presence(shared: Arc<Shared>, mut watch: AliveWatch) {
                     st.presence.insert(node, Presence { tier, alive: event.alive, since_ms });
                     (event.alive, !event.alive)
                 }
+                // A node that went and came back within the dropped changes is alive before
+                // and after: it is not among `came`, and no catch-up is started for it (its
+                // heads, which come again every ack_interval_ms, still start one if it holds more).
                 AliveChange::All { alive, dropped } => {
                     shared.counters.presence_dropped.fetch_add(dropped, Ordering::Relaxed);
                     let alive: BTreeMap<NodeId, Tier> = alive.iter().filter_map(|k| keys::parse_alive(k)).map(|(tier, node)| (node, tier)).collect();

@@ -234,6 +234,8 @@ impl Transport for ZenohTransport {
             let counter = dropped.clone();
             let oversized = Arc::new(AtomicU64::new(0));
             let too_large = oversized.clone();
+            let opened = std::time::Instant::now();
+            let last_line_s = AtomicU64::new(0);
             let budget = ByteBudget::new(bytes_max);
             let bytes = budget.clone();
             let sub = self
@@ -245,8 +247,13 @@ impl Transport for ZenohTransport {
                     if s.payload().len() > super::wire::MESSAGE_BYTES_MAX {
                         counter.fetch_add(1, Ordering::Relaxed);
                         let n = too_large.fetch_add(1, Ordering::Relaxed) + 1;
-                        // The 1st, 2nd, 4th, 8th…: a sender that keeps trying cannot flood the log.
-                        if n.is_power_of_two() {
+                        // The 1st, 2nd, 4th, 8th…, and at least one a minute: a sender that keeps
+                        // trying cannot flood the log, nor silence it for a later one.
+                        let now_s = opened.elapsed().as_secs() + 60;
+                        let last_s = last_line_s.load(Ordering::Relaxed);
+                        if (n.is_power_of_two() || now_s >= last_s + 60)
+                            && last_line_s.compare_exchange(last_s, now_s, Ordering::Relaxed, Ordering::Relaxed).is_ok()
+                        {
                             tracing::warn!(
                                 key = s.key_expr().as_str(),
                                 bytes = s.payload().len(),
@@ -375,11 +382,14 @@ impl Transport for ZenohTransport {
     fn alive_now(&self, keyexpr: &str, timeout: Duration) -> BoxFut<'_, Result<BTreeSet<String>, BusError>> {
         let keyexpr = keyexpr.to_owned();
         Box::pin(async move {
-            let replies = self.session.liveliness().get(keyexpr).timeout(timeout).await.map_err(zerr)?;
+            let replies = self.session.liveliness().get(&keyexpr).timeout(timeout).await.map_err(zerr)?;
             let mut alive = BTreeSet::new();
             while let Ok(reply) = replies.recv_async().await {
-                if let Ok(sample) = reply.result() {
-                    alive.insert(sample.key_expr().as_str().to_owned());
+                match reply.result() {
+                    Ok(sample) => drop(alive.insert(sample.key_expr().as_str().to_owned())),
+                    // A timeout (or any error) leaves the answer incomplete: taken as the whole
+                    // set, it would count live peers as gone.
+                    Err(e) => return Err(BusError::Zenoh(format!("liveliness query on {keyexpr}: {}", e.payload().try_to_string().unwrap_or_default()))),
                 }
             }
             Ok(alive)
@@ -460,11 +470,12 @@ mod tests {
             tokens.push(b.declare_alive(&key).await.unwrap());
         }
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        while a.alive_now("test/alive/**", Duration::from_secs(1)).await.unwrap() != keys(5) {
+        while a.alive_now("test/alive/**", Duration::from_secs(1)).await.ok() != Some(keys(5)) {
             assert!(tokio::time::Instant::now() < deadline, "a never saw b's five tokens");
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
         // A queue of one: the five tokens already alive come as five changes, four dropped.
-        let mut watch = super::super::AliveWatch::open(a.clone(), "test/alive/**", 1, Duration::from_secs(1)).await.unwrap();
+        let mut watch = super::super::AliveWatch::open(a.clone(), "test/alive/**", 1, Duration::from_secs(1), Duration::from_secs(5)).await.unwrap();
         let mut seen = BTreeSet::new();
         follow(&mut watch, &mut seen, keys(5), 4).await;
         // Three go while nobody reads: one change queued, two dropped.

@@ -206,7 +206,10 @@ impl Decider {
             events,
             tasks: Mutex::new(Vec::new()),
         });
-        let mut alive = AliveWatch::open(decider.transport.clone(), SERVES_ALL, config.replication.peer_events_queue_len_max, decider.probe_interval).await?;
+        let query_timeout = Duration::from_millis(config.replication.replay_timeout_ms);
+        let mut alive =
+            AliveWatch::open(decider.transport.clone(), SERVES_ALL, config.replication.peer_events_queue_len_max, decider.probe_interval, query_timeout)
+                .await?;
         let weak = Arc::downgrade(&decider);
         let watch = tokio::spawn(async move {
             while let Some(change) = alive.next().await {
@@ -225,6 +228,8 @@ impl Decider {
                         servers.remove(&target);
                         vec![target]
                     }
+                    // A server that went and came back within the dropped changes keeps its
+                    // estimates (the whole set cannot show it); its probes refresh them.
                     AliveChange::All { alive, dropped } => {
                         d.counters.lock().unwrap_or_else(|p| p.into_inner()).servers_dropped += dropped;
                         let now: BTreeSet<Target> = alive.iter().filter_map(|k| parse_serves(k)).filter(|t| t.node != d.node).collect();
