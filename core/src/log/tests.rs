@@ -828,3 +828,34 @@ async fn present_ranges_max_defers_what_would_open_one_more_range() {
     assert_eq!((info.count, info.last), (6, 7), "1, 2, 4, 5, 6 and 7, each once");
     log.close();
 }
+
+/// RocksDB's own info log (`LOG`, `LOG.old.*` in the store's directory) keeps at most
+/// `log.info_log_files_max` files (RocksDB alone keeps 1,000; each open starts a new one) and
+/// rolls at `log.info_log_file_bytes_max` (an open alone writes about 75 KiB here).
+#[tokio::test]
+async fn rocksdb_info_log_files_are_bounded() {
+    let info_logs = |dir: &Path| -> Vec<u64> {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap())
+            .filter(|e| e.file_name().to_string_lossy().starts_with("LOG"))
+            .map(|e| e.metadata().unwrap().len())
+            .collect()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    for _ in 0..6 {
+        let log = rocks(dir.path(), StoreOptions { info_log_files_max: 2, ..StoreOptions::default() });
+        log.append_durable(stream("r"), draft(b"x")).await.unwrap();
+        log.close();
+    }
+    assert_eq!(info_logs(dir.path()).len(), 2, "six opens, two files kept");
+
+    let dir = tempfile::tempdir().unwrap();
+    let bytes_max = 65536;
+    let log = rocks(dir.path(), StoreOptions { info_log_files_max: 1000, info_log_file_bytes_max: bytes_max, ..StoreOptions::default() });
+    log.close();
+    let sizes = info_logs(dir.path());
+    assert!(sizes.len() >= 2, "one open rolled the file at {bytes_max} bytes: {sizes:?}");
+    // A file rolls once it reached the bound, so it may end with the line that crossed it.
+    assert!(sizes.iter().all(|&n| n < bytes_max as u64 + 16384), "{sizes:?}");
+}
