@@ -15,7 +15,7 @@
 //!   `strata/replay/<origin>/<stream>` naming one holder (the origin if alive and ahead of us, else the
 //!   holder with the most) and one missing range, answered from that holder's log in batches
 //!   of at most `replay_batch_len_max`, up to 16 batches' worth of seqs from the first record
-//!   it holds in the range (stepping over records it cannot decode), or an empty batch; the
+//!   it holds in the range (stepping over records it cannot decode or read), or an empty batch; the
 //!   requester asks next from above the first unbroken run it holds from the range's start.
 //!   A holder that answers with nothing, or not with the range's start, is passed over for
 //!   that range; one that does not answer, until the pass ends or nobody else is left. When no
@@ -109,8 +109,9 @@ pub struct Counters {
     pub replay_stored: AtomicU64,
     pub replay_served_requests: AtomicU64,
     pub replay_served_records: AtomicU64,
-    /// Records this node could not read while serving a replay (a damaged block): stepped
-    /// over, so that the requester gets what lies above them (another holder may have them).
+    /// Records this node could not decode, and regions RocksDB could not read (a table block
+    /// failing its checksum, counted once), while serving a replay: stepped over, so that the
+    /// requester gets what lies above them (another holder may have them).
     pub replay_served_damaged: AtomicU64,
     pub ingest_accepted: AtomicU64,
     pub insert_errors: AtomicU64,
@@ -915,17 +916,18 @@ struct Served {
     exhausted: bool,
     /// The first seq held at or after `from`, readable or not.
     first: Option<u64>,
-    /// Records stepped over because they cannot be decoded.
+    /// Records stepped over because they cannot be decoded, and regions RocksDB cannot read.
     damaged: u64,
 }
 
 /// Up to `want` records of `key` held in `from..=to`, for a replay. A record that cannot be
 /// decoded (damaged bytes) is stepped over, and counts against `want`, so that what lies above
 /// it is still served: the requester sees the gap and may get that record from another holder.
-/// An error RocksDB itself reports (a block that fails its checksum) ends the answer.
-fn read_serving(shared: &Shared, key: &StreamKey, from: u64, to: u64, want: usize) -> Result<Served, LogError> {
-    match shared.log.read(key, from, want) {
-        Err(LogError::CorruptRecord { .. }) => {}
+/// A region RocksDB itself cannot read (a table block that fails its checksum) is stepped over
+/// the same way, counted as one: [`readable_after`] finds where reading works again.
+fn read_serving(log: &Log, key: &StreamKey, from: u64, to: u64, want: usize) -> Result<Served, LogError> {
+    match log.read(key, from, want) {
+        Err(LogError::CorruptRecord { .. } | LogError::Io { .. }) => {}
         Err(e) => return Err(e),
         Ok(records) => {
             let (first, last) = (records.first().map(|e| e.id.seq.get()), records.last().map(|e| e.id.seq.get()));
@@ -936,7 +938,7 @@ fn read_serving(shared: &Shared, key: &StreamKey, from: u64, to: u64, want: usiz
     // One record at a time, to step over the damaged ones.
     let mut served = Served { records: Vec::new(), next: from, exhausted: false, first: None, damaged: 0 };
     while served.records.len() + (served.damaged as usize) < want && served.next <= to {
-        let seq = match shared.log.read(key, served.next, 1) {
+        let seq = match log.read(key, served.next, 1) {
             Ok(mut one) => {
                 let Some(e) = one.pop() else {
                     served.exhausted = true;
@@ -958,6 +960,23 @@ fn read_serving(shared: &Shared, key: &StreamKey, from: u64, to: u64, want: usiz
                 served.damaged += 1;
                 seq
             }
+            Err(e @ LogError::Io { .. }) => {
+                let Some(after) = readable_after(log, key, served.next, to)? else {
+                    // Unreadable up to the end of the range: what was read goes out, and
+                    // the next read starts past the range.
+                    if served.records.is_empty() && served.damaged == 0 {
+                        return Err(e);
+                    }
+                    served.first.get_or_insert(served.next);
+                    served.damaged += 1;
+                    served.next = to.saturating_add(1);
+                    break;
+                };
+                served.first.get_or_insert(served.next);
+                served.damaged += 1;
+                served.next = after;
+                continue;
+            }
             Err(e) => return Err(e),
         };
         served.first.get_or_insert(seq);
@@ -970,6 +989,39 @@ fn read_serving(shared: &Shared, key: &StreamKey, from: u64, to: u64, want: usiz
         }
     }
     Ok(served)
+}
+
+/// The lowest seq in `bad+1..=to` from which `key` reads again (a record, a damaged record, or
+/// nothing held at or above), when a read from `bad` fails in RocksDB; `None` if none does.
+/// Steps up by doubling, then narrows down: at most about 2·log2(to − bad) reads.
+fn readable_after(log: &Log, key: &StreamKey, bad: u64, to: u64) -> Result<Option<u64>, LogError> {
+    let reads = |seq: u64| match log.read(key, seq, 1) {
+        Ok(_) | Err(LogError::CorruptRecord { .. }) => Ok(true),
+        Err(LogError::Io { .. }) => Ok(false),
+        Err(e) => Err(e),
+    };
+    let (mut fails, mut step) = (bad, 1u64);
+    let works = loop {
+        let probe = fails.saturating_add(step).min(to);
+        if probe <= fails {
+            return Ok(None);
+        }
+        if reads(probe)? {
+            break probe;
+        }
+        fails = probe;
+        step = step.saturating_mul(2);
+    };
+    let (mut fails, mut works) = (fails, works);
+    while works - fails > 1 {
+        let mid = fails + (works - fails) / 2;
+        if reads(mid)? {
+            works = mid;
+        } else {
+            fails = mid;
+        }
+    }
+    Ok(Some(works))
 }
 
 async fn serve_replay(shared: Arc<Shared>, mut requests: super::Incoming<Request>) {
@@ -1003,7 +1055,7 @@ async fn serve_replay(shared: Arc<Shared>, mut requests: super::Incoming<Request
         let (mut answered, mut damaged) = (false, 0);
         while from <= to {
             let want = (to - from + 1).min(batch_len) as usize;
-            let served = match read_serving(&shared, &key, from, to, want) {
+            let served = match read_serving(&shared.log, &key, from, to, want) {
                 Ok(s) => s,
                 Err(e) => {
                     tracing::error!(%key, error = %e, "replay read failed");
@@ -1328,8 +1380,67 @@ fn first_run(mut held: Vec<u64>, range: &RangeInclusive<u64>) -> Option<RangeInc
 mod tests {
     use std::collections::BTreeMap;
 
-    use super::{first_run, reconcile_presence, LatencyHistogram, Presence};
+    use super::{first_run, read_serving, reconcile_presence, LatencyHistogram, LogError, Presence};
     use crate::model::{NodeId, Tier};
+
+    /// A table block of the only copy fails its checksum (a bad disk): a replay from that
+    /// holder steps over the records RocksDB cannot read and serves the ones above and below.
+    #[tokio::test]
+    async fn replay_serving_steps_over_a_table_block_rocksdb_cannot_read() {
+        use crate::log::{Draft, Log, RocksStore, StoreOptions};
+        use crate::model::{Kind, PayloadType, StreamName};
+        use std::sync::Arc;
+
+        let dir = tempfile::tempdir().unwrap();
+        let node = NodeId::new("edge-1").unwrap();
+        let stream = StreamName::new("readings/a").unwrap();
+        let open = || Log::new(Arc::new(RocksStore::open(dir.path(), &node, StoreOptions::default()).unwrap()));
+        let log = open();
+        for i in 0..300u32 {
+            let payload = format!("{{\"value\":{i},\"pad\":\"{}\"}}", "x".repeat(40)).into_bytes();
+            log.append_durable(stream.clone(), Draft::new(Kind::Reading, PayloadType::new("test/1").unwrap(), payload)).await.unwrap();
+        }
+        let key = log.local_key(&stream);
+        log.close();
+        drop(log);
+        let table = {
+            let db = rocksdb::DB::open_cf(&rocksdb::Options::default(), dir.path(), ["log", "cursors", "watermarks", "meta"]).unwrap();
+            db.flush_cf(db.cf_handle("log").unwrap()).unwrap();
+            let files: Vec<_> = db.live_files().unwrap().into_iter().filter(|f| f.column_family_name == "log").collect();
+            assert_eq!(files.len(), 1, "the records are in one table file");
+            dir.path().join(files[0].name.trim_start_matches('/'))
+        };
+        // Damage the second data block (the first is about 4 KiB from offset 0).
+        let mut bytes = std::fs::read(&table).unwrap();
+        assert!(bytes.len() > 12_000, "several data blocks: {} bytes", bytes.len());
+        for b in &mut bytes[5_000..5_032] {
+            *b ^= 0x5a;
+        }
+        std::fs::write(&table, bytes).unwrap();
+        let log = open();
+        assert!(matches!(log.read(&key, 1, 300), Err(LogError::Io { .. })), "a plain read fails at the damaged block");
+
+        // As `serve_replay` calls it: batches of 64 from 1 to 300.
+        let (mut from, mut held, mut damaged) = (1, Vec::new(), 0);
+        while from <= 300 {
+            let served = read_serving(&log, &key, from, 300, 64).unwrap();
+            damaged += served.damaged;
+            held.extend(served.records.iter().map(|e| e.id.seq.get()));
+            if served.exhausted {
+                break;
+            }
+            from = served.next;
+        }
+        assert_eq!(damaged, 1, "one unreadable region");
+        let missing: Vec<u64> = (1..=300).filter(|s| !held.contains(s)).collect();
+        assert!(!missing.is_empty() && missing.len() < 150, "{missing:?}");
+        assert!(missing.windows(2).all(|w| w[1] == w[0] + 1), "one run, the damaged block's records: {missing:?}");
+        assert!(held.contains(&1) && held.contains(&300), "below and above it are served");
+        for seq in [missing[0] - 1, missing[missing.len() - 1] + 1] {
+            assert!(log.read(&key, seq, 1).is_ok(), "{seq} is readable alone");
+        }
+        assert!(log.read(&key, missing[missing.len() - 1], 1).is_err(), "the last one stepped over is not");
+    }
 
     /// After dropped liveliness changes, the table is made to agree with who is alive now.
     #[test]
