@@ -76,7 +76,7 @@ use std::time::{Duration, Instant};
 use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef};
 
 use crate::config::{ActorSpec, Name, NodeConfig, StreamRef};
-use crate::log::{Draft, Log, StreamKey};
+use crate::log::{Draft, Log, LogError, StreamKey};
 use crate::mode::Mode;
 use crate::model::{Envelope, EnvelopeId, Kind, NodeId, PayloadType, StreamName};
 use crate::supervise::ChildSpec;
@@ -406,6 +406,43 @@ impl<B: Behaviour> HostState<B> {
         Ok(true)
     }
 
+    /// When reading `key` from `from` failed with `error` because the records there are
+    /// damaged for good (bytes that do not decode, or a table block RocksDB finds damaged):
+    /// the last seq to pass over, never past the next gap (records not received yet) nor the
+    /// highest seq held. Otherwise (any other error) `None`.
+    fn damaged_from(&self, key: &StreamKey, from: u64, error: &LogError) -> Result<Option<u64>, ActorError> {
+        let log = &self.ctx.log;
+        let Some(last) = log.stream(key).map(|i| i.last) else { return Ok(None) };
+        let end = log.next_gap(key, from).map_or(last, |gap| gap.start().saturating_sub(1).min(last));
+        Ok(match error {
+            LogError::CorruptRecord { seq, .. } if (from..=end).contains(seq) => Some(*seq),
+            LogError::Corrupt { .. } if from <= end => Some(log.readable_after(key, from, end)?.map_or(end, |after| after - 1)),
+            _ => None,
+        })
+    }
+
+    /// Moves the cursor of `key` past `from..=to`, records RocksDB or the decoder could not
+    /// read: waiting would not repair them (a replica holds them as present, and the origin's
+    /// own copy is the damaged one), and stopping would stop the actor for good. Recorded as
+    /// an `input_damaged_passed` event and an error in the log.
+    async fn pass_damaged(&mut self, key: &StreamKey, from: u64, to: u64, error: &LogError) -> Result<(), ActorError> {
+        self.at_gap.remove(key);
+        self.commit(vec![(key.clone(), to)]).await?;
+        let passed = format!("{from}..={to}");
+        tracing::error!(actor = %self.ctx.name, stream = %key, %passed, %error, "input records cannot be read; the actor goes on after them");
+        if let Some(events) = &self.ctx.events {
+            events(serde_json::json!({
+                "event": "input_damaged_passed",
+                "actor": self.ctx.name.to_string(),
+                "stream": key.to_string(),
+                "from": from,
+                "to": to,
+                "error": error.to_string(),
+            }));
+        }
+        Ok(())
+    }
+
     /// One pass over the inputs; returns how many records were handled.
     async fn poll(&mut self) -> Result<usize, ActorError> {
         let mut handled = 0;
@@ -418,7 +455,22 @@ impl<B: Behaviour> HostState<B> {
             let cursor = durable.max(self.handled_to.get(&key).copied().unwrap_or(0));
             // In order, up to the next gap: a received record past a gap waits for replay to
             // fill it, so the cursor never passes a record not yet handled.
-            let batch = self.ctx.log.read_in_order(&key, cursor + 1, self.ctx.config.supervision.input_batch_len_max)?;
+            let batch_len = self.ctx.config.supervision.input_batch_len_max;
+            let read = match self.ctx.log.read_in_order(&key, cursor + 1, batch_len) {
+                // RocksDB fails the whole read at a damaged block, maybe past good records:
+                // one at a time, those are handled first.
+                Err(LogError::Corrupt { .. }) if batch_len > 1 => self.ctx.log.read_in_order(&key, cursor + 1, 1),
+                read => read,
+            };
+            let batch = match read {
+                Ok(batch) => batch,
+                Err(e) => {
+                    let Some(to) = self.damaged_from(&key, cursor + 1, &e)? else { return Err(e.into()) };
+                    self.pass_damaged(&key, cursor + 1, to, &e).await?;
+                    handled += 1;
+                    continue;
+                }
+            };
             let Some(last) = batch.last().map(|e| e.id.seq.get()) else {
                 if self.pass_gap_if_waited(&key, cursor).await? {
                     handled += 1;

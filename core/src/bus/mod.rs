@@ -369,6 +369,9 @@ impl AliveWatch {
                     }
                     Err(_) if self.incoming.is_closed() => return None,
                     Err(e) => {
+                        // Changes queued meanwhile are handed out before the next try, so the
+                        // table keeps following them while the query fails.
+                        self.before_query = None;
                         failures += 1;
                         // One line per run of failures (the first, then every hundredth).
                         if failures % 100 == 1 {

@@ -924,10 +924,10 @@ struct Served {
 /// decoded (damaged bytes) is stepped over, and counts against `want`, so that what lies above
 /// it is still served: the requester sees the gap and may get that record from another holder.
 /// A region RocksDB itself cannot read (a table block that fails its checksum) is stepped over
-/// the same way, counted as one: [`readable_after`] finds where reading works again.
+/// the same way, counted as one: [`Log::readable_after`] finds where reading works again.
 fn read_serving(log: &Log, key: &StreamKey, from: u64, to: u64, want: usize) -> Result<Served, LogError> {
     match log.read(key, from, want) {
-        Err(LogError::CorruptRecord { .. } | LogError::Io { .. }) => {}
+        Err(LogError::CorruptRecord { .. } | LogError::Corrupt { .. }) => {}
         Err(e) => return Err(e),
         Ok(records) => {
             let (first, last) = (records.first().map(|e| e.id.seq.get()), records.last().map(|e| e.id.seq.get()));
@@ -960,8 +960,8 @@ fn read_serving(log: &Log, key: &StreamKey, from: u64, to: u64, want: usize) -> 
                 served.damaged += 1;
                 seq
             }
-            Err(e @ LogError::Io { .. }) => {
-                let Some(after) = readable_after(log, key, served.next, to)? else {
+            Err(e @ LogError::Corrupt { .. }) => {
+                let Some(after) = log.readable_after(key, served.next, to)? else {
                     // Unreadable up to the end of the range: what was read goes out, and
                     // the next read starts past the range.
                     if served.records.is_empty() && served.damaged == 0 {
@@ -972,7 +972,9 @@ fn read_serving(log: &Log, key: &StreamKey, from: u64, to: u64, want: usize) -> 
                     served.next = to.saturating_add(1);
                     break;
                 };
-                served.first.get_or_insert(served.next);
+                // The answer's span counts from where reading works again: counted from
+                // the region, records past a hole below it could fall outside the span.
+                served.first.get_or_insert(after);
                 served.damaged += 1;
                 served.next = after;
                 continue;
@@ -989,39 +991,6 @@ fn read_serving(log: &Log, key: &StreamKey, from: u64, to: u64, want: usize) -> 
         }
     }
     Ok(served)
-}
-
-/// The lowest seq in `bad+1..=to` from which `key` reads again (a record, a damaged record, or
-/// nothing held at or above), when a read from `bad` fails in RocksDB; `None` if none does.
-/// Steps up by doubling, then narrows down: at most about 2·log2(to − bad) reads.
-fn readable_after(log: &Log, key: &StreamKey, bad: u64, to: u64) -> Result<Option<u64>, LogError> {
-    let reads = |seq: u64| match log.read(key, seq, 1) {
-        Ok(_) | Err(LogError::CorruptRecord { .. }) => Ok(true),
-        Err(LogError::Io { .. }) => Ok(false),
-        Err(e) => Err(e),
-    };
-    let (mut fails, mut step) = (bad, 1u64);
-    let works = loop {
-        let probe = fails.saturating_add(step).min(to);
-        if probe <= fails {
-            return Ok(None);
-        }
-        if reads(probe)? {
-            break probe;
-        }
-        fails = probe;
-        step = step.saturating_mul(2);
-    };
-    let (mut fails, mut works) = (fails, works);
-    while works - fails > 1 {
-        let mid = fails + (works - fails) / 2;
-        if reads(mid)? {
-            works = mid;
-        } else {
-            fails = mid;
-        }
-    }
-    Ok(Some(works))
 }
 
 async fn serve_replay(shared: Arc<Shared>, mut requests: super::Incoming<Request>) {
@@ -1418,7 +1387,7 @@ mod tests {
         }
         std::fs::write(&table, bytes).unwrap();
         let log = open();
-        assert!(matches!(log.read(&key, 1, 300), Err(LogError::Io { .. })), "a plain read fails at the damaged block");
+        assert!(matches!(log.read(&key, 1, 300), Err(LogError::Corrupt { .. })), "a plain read fails at the damaged block");
 
         // As `serve_replay` calls it: batches of 64 from 1 to 300.
         let (mut from, mut held, mut damaged) = (1, Vec::new(), 0);

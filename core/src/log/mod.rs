@@ -444,6 +444,42 @@ impl Log {
         self.store.read(key, from, limit)
     }
 
+    /// A seq in `bad+1..=to` from which `key` reads again (a record, a damaged record, or
+    /// nothing held at or above), when a read from `bad` finds data RocksDB reports damaged
+    /// ([`LogError::Corrupt`], a table block failing its checksum); `None` if none does. Any
+    /// other error ends the search. Steps up by doubling, then narrows down to the first seq
+    /// that reads above the last that fails: at most about 2·log2(to − bad) reads. With one
+    /// damaged region that is where it ends; with two close together, a step may land past the
+    /// second, and the readable records between them are passed over too.
+    pub fn readable_after(&self, key: &StreamKey, bad: u64, to: u64) -> Result<Option<u64>, LogError> {
+        let reads = |seq: u64| match self.read(key, seq, 1) {
+            Ok(_) | Err(LogError::CorruptRecord { .. }) => Ok(true),
+            Err(LogError::Corrupt { .. }) => Ok(false),
+            Err(e) => Err(e),
+        };
+        let (mut fails, mut step) = (bad, 1u64);
+        let mut works = loop {
+            let probe = fails.saturating_add(step).min(to);
+            if probe <= fails {
+                return Ok(None);
+            }
+            if reads(probe)? {
+                break probe;
+            }
+            fails = probe;
+            step = step.saturating_mul(2);
+        };
+        while works - fails > 1 {
+            let mid = fails + (works - fails) / 2;
+            if reads(mid)? {
+                works = mid;
+            } else {
+                fails = mid;
+            }
+        }
+        Ok(Some(works))
+    }
+
     /// Records of `key` from `from`, in seq order, stopping before the first gap: what a
     /// consumer that must handle every record once, in order, reads. A received record past a
     /// gap waits there until replay fills the gap ([`Log::next_gap`] says which); a plain

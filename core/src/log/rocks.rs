@@ -188,7 +188,7 @@ struct DbBackend<'a>(&'a DB);
 
 impl Backend for DbBackend<'_> {
     fn scan(&self, prefix: &[u8], from: u64, limit: usize) -> Result<Vec<(u64, Vec<u8>)>, LogError> {
-        scan(self.0, prefix, from, limit).map_err(|e| LogError::Io { path: self.0.path().to_owned(), detail: e.into_string() })
+        scan(self.0, prefix, from, limit).map_err(|e| read_error(self.0.path(), e))
     }
 }
 
@@ -266,6 +266,15 @@ fn db_options(opts: &StoreOptions) -> Options {
 
 fn descriptors(o: &Options) -> Vec<ColumnFamilyDescriptor> {
     Cf::ALL.iter().map(|cf| ColumnFamilyDescriptor::new(cf.name(), o.clone())).collect()
+}
+
+/// Classifies a RocksDB error while reading records: data RocksDB finds damaged (a table
+/// block failing its checksum) is `Corrupt`, and stays so at every read; anything else is `Io`.
+fn read_error(path: &Path, e: rocksdb::Error) -> LogError {
+    match e.kind() {
+        ErrorKind::Corruption => LogError::Corrupt { path: path.to_owned(), detail: e.into_string() },
+        _ => LogError::Io { path: path.to_owned(), detail: e.into_string() },
+    }
 }
 
 /// Classifies a RocksDB error at open.
@@ -965,7 +974,7 @@ impl Store for RocksStore {
         let mut next = from;
         while records.len() < limit && next <= last {
             let want = limit - records.len();
-            let chunk = scan(&db, &prefix, next, want).map_err(|e| LogError::Io { path: self.path.clone(), detail: e.into_string() })?;
+            let chunk = scan(&db, &prefix, next, want).map_err(|e| read_error(&self.path, e))?;
             let (scanned, highest) = (chunk.len(), chunk.last().map(|(seq, _)| *seq));
             records.extend(chunk.into_iter().filter(|(seq, _)| *seq <= last && !in_gaps(*seq, &gaps)));
             match highest.and_then(|h| h.checked_add(1)) {

@@ -180,10 +180,19 @@ struct GapRun {
 impl GapRun {
     async fn start(replication: &str) -> GapRun {
         let dir = tempfile::tempdir().unwrap();
-        let log = Log::new(Arc::new(RocksStore::open(dir.path(), &NodeId::new("cloud-1").unwrap(), StoreOptions::default()).unwrap()));
+        let log = GapRun::log(dir.path());
         for seq in [1, 2, 4, 5] {
             log.insert_remote(received(seq)).await.unwrap();
         }
+        GapRun::with(dir, log, replication).await
+    }
+
+    fn log(dir: &std::path::Path) -> Log {
+        Log::new(Arc::new(RocksStore::open(dir, &NodeId::new("cloud-1").unwrap(), StoreOptions::default()).unwrap()))
+    }
+
+    /// The actor, started on `log` (in `dir`).
+    async fn with(dir: tempfile::TempDir, log: Log, replication: &str) -> GapRun {
         let config = NodeConfig::parse(
             "t.toml".as_ref(),
             &format!("[node]\nid = \"cloud-1\"\ntier = \"cloud\"\n[replication]\n{replication}\n[[actors]]\nkind = \"order\"\nname = \"ord\"\ninputs = [\"edge-7:readings\"]\n"),
@@ -267,4 +276,53 @@ async fn an_actor_passes_over_a_gap_nobody_fills_and_records_it() {
     );
     assert!(e["stream"].as_str().is_some_and(|s| s.contains("edge-7") && s.contains("readings")), "{e}");
     assert!(e["waited_ms"].as_u64().is_some_and(|ms| ms >= 300), "it waited the configured time first: {e}");
+}
+
+/// Records damaged on disk for good must not stop the consumer either: one whose bytes do not
+/// decode, and a table block that fails RocksDB's checksum. The actor handles every record
+/// around them, passes over those at once (waiting would not repair them), and says which.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_actor_passes_over_records_that_cannot_be_read_and_records_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = GapRun::log(dir.path());
+    for seq in 1..=300 {
+        log.insert_remote(received(seq)).await.unwrap();
+    }
+    log.close();
+    drop(log);
+    let table = {
+        let db = rocksdb::DB::open_cf(&rocksdb::Options::default(), dir.path(), ["log", "cursors", "watermarks", "meta"]).unwrap();
+        let cf = db.cf_handle("log").unwrap();
+        let keys: Vec<Box<[u8]>> = db.iterator_cf(cf, rocksdb::IteratorMode::Start).map(|r| r.unwrap().0).collect();
+        assert_eq!(keys.len(), 300);
+        db.put_cf(cf, &keys[19], [0xC1, 0xFF]).unwrap(); // seq 20: bytes that do not decode
+        db.flush_cf(cf).unwrap();
+        // The largest table file holds the 300 records (a smaller one, the damaged 20).
+        let files = db.live_files().unwrap();
+        let largest = files.iter().filter(|f| f.column_family_name == "log").max_by_key(|f| f.size).expect("a table file");
+        dir.path().join(largest.name.trim_start_matches('/'))
+    };
+    // Damage the second data block (the first is about 4 KiB from offset 0).
+    let mut bytes = std::fs::read(&table).unwrap();
+    assert!(bytes.len() > 12_000, "several data blocks: {} bytes", bytes.len());
+    for b in &mut bytes[5_000..5_032] {
+        *b ^= 0x5a;
+    }
+    std::fs::write(&table, bytes).unwrap();
+
+    let log = GapRun::log(dir.path());
+    let run = GapRun::with(dir, log, "").await;
+    run.wait_for_cursor(300).await;
+    let (seen, events) = run.stop().await;
+    let passed: Vec<(Option<&str>, u64, u64)> =
+        events.iter().map(|e| (e["event"].as_str(), e["from"].as_u64().unwrap_or(0), e["to"].as_u64().unwrap_or(0))).collect();
+    assert_eq!(passed.len(), 2, "{events:#?}");
+    assert_eq!(passed[0], (Some("input_damaged_passed"), 20, 20), "{events:#?}");
+    let (event, from, to) = passed[1];
+    assert_eq!(event, Some("input_damaged_passed"));
+    assert!(20 < from && from <= to && to < 300 && to - from < 150, "the damaged block's records: {from}..={to}");
+    assert!(events[1]["error"].as_str().is_some_and(|e| e.contains("block checksum mismatch")), "{}", events[1]);
+    let expected: Vec<u64> = (1..=300).filter(|&s| s != 20 && !(from..=to).contains(&s)).collect();
+    assert_eq!(seen, expected, "every other record handled once, in order");
+    report!("damaged input: passed over seq 20 (undecodable) and {from}..={to} (table block failing its checksum); handled the other {}", seen.len());
 }
