@@ -557,7 +557,9 @@ pub struct ReplicationSection {
     /// below ones that arrived) for replay to fill it. Past it, the actor goes on after the
     /// gap, and the seqs it passed over are recorded as an `input_gap_passed` event: records
     /// that no holder can supply (removed by retention at their origin before they were
-    /// replicated, or damaged everywhere) must not stop a consumer for good. Default 30000.
+    /// replicated, or damaged everywhere) must not stop a consumer for good. Input records
+    /// damaged on this node's disk get the same wait (a fault of a moment is waited out),
+    /// then are passed over with an `input_damaged_passed` event. Default 30000.
     pub consumer_gap_wait_ms: u64,
     /// Most received live samples stored as one insert operation. Default 512.
     pub live_batch_len_max: usize,

@@ -287,6 +287,8 @@ pub struct HostState<B: Behaviour> {
     handled_to: BTreeMap<StreamKey, u64>,
     /// Per received input waiting at a gap: the gap and since when.
     at_gap: BTreeMap<StreamKey, (RangeInclusive<u64>, Instant)>,
+    /// Per input waiting at records it cannot read: those seqs and since when.
+    at_damage: BTreeMap<StreamKey, (RangeInclusive<u64>, Instant)>,
 }
 
 /// Runs one [`Behaviour`] as a ractor actor.
@@ -416,31 +418,50 @@ impl<B: Behaviour> HostState<B> {
         let end = log.next_gap(key, from).map_or(last, |gap| gap.start().saturating_sub(1).min(last));
         Ok(match error {
             LogError::CorruptRecord { seq, .. } if (from..=end).contains(seq) => Some(*seq),
-            LogError::Corrupt { .. } if from <= end => Some(log.readable_after(key, from, end)?.map_or(end, |after| after - 1)),
+            // One seq at a time: a doubling step could land past readable records between
+            // two damaged blocks, and the actor would pass over them for good.
+            LogError::Corrupt { .. } if from <= end => Some(log.readable_after(key, from, end, 1)?.map_or(end, |after| after - 1)),
             _ => None,
         })
     }
 
-    /// Moves the cursor of `key` past `from..=to`, records RocksDB or the decoder could not
-    /// read: waiting would not repair them (a replica holds them as present, and the origin's
-    /// own copy is the damaged one), and stopping would stop the actor for good. Recorded as
-    /// an `input_damaged_passed` event and an error in the log.
-    async fn pass_damaged(&mut self, key: &StreamKey, from: u64, to: u64, error: &LogError) -> Result<(), ActorError> {
+    /// Input `key` cannot be read at `damaged` (records RocksDB or the decoder fails on):
+    /// after the same failure for `replication.consumer_gap_wait_ms` (a fault that goes away,
+    /// a read error of a moment, is waited out), moves the cursor past them. Waiting longer
+    /// would not repair them (the local copy is the damaged one, and replication counts them
+    /// as present), and failing would restart the actor into the same read for good.
+    /// Recorded as an `input_damaged_passed` event and an error line. Returns whether it moved.
+    async fn pass_damaged_if_waited(&mut self, key: &StreamKey, damaged: RangeInclusive<u64>, error: &LogError) -> Result<bool, ActorError> {
+        let now = Instant::now();
+        let since = match self.at_damage.get(key) {
+            Some((seen, since)) if *seen == damaged => *since,
+            _ => {
+                tracing::error!(actor = %self.ctx.name, stream = %key, seqs = ?damaged, %error, "input records cannot be read; the actor goes on after them unless this clears");
+                self.at_damage.insert(key.clone(), (damaged.clone(), now));
+                now
+            }
+        };
+        let waited = now.duration_since(since);
+        if waited < Duration::from_millis(self.ctx.config.replication.consumer_gap_wait_ms) {
+            return Ok(false);
+        }
+        self.at_damage.remove(key);
         self.at_gap.remove(key);
-        self.commit(vec![(key.clone(), to)]).await?;
-        let passed = format!("{from}..={to}");
-        tracing::error!(actor = %self.ctx.name, stream = %key, %passed, %error, "input records cannot be read; the actor goes on after them");
+        self.commit(vec![(key.clone(), *damaged.end())]).await?;
+        let passed = format!("{}..={}", damaged.start(), damaged.end());
+        tracing::error!(actor = %self.ctx.name, stream = %key, %passed, %error, "input records cannot be read; the actor went on after them");
         if let Some(events) = &self.ctx.events {
             events(serde_json::json!({
                 "event": "input_damaged_passed",
                 "actor": self.ctx.name.to_string(),
                 "stream": key.to_string(),
-                "from": from,
-                "to": to,
+                "from": damaged.start(),
+                "to": damaged.end(),
+                "waited_ms": waited.as_millis() as u64,
                 "error": error.to_string(),
             }));
         }
-        Ok(())
+        Ok(true)
     }
 
     /// One pass over the inputs; returns how many records were handled.
@@ -466,11 +487,13 @@ impl<B: Behaviour> HostState<B> {
                 Ok(batch) => batch,
                 Err(e) => {
                     let Some(to) = self.damaged_from(&key, cursor + 1, &e)? else { return Err(e.into()) };
-                    self.pass_damaged(&key, cursor + 1, to, &e).await?;
-                    handled += 1;
+                    if self.pass_damaged_if_waited(&key, cursor + 1..=to, &e).await? {
+                        handled += 1;
+                    }
                     continue;
                 }
             };
+            self.at_damage.remove(&key);
             let Some(last) = batch.last().map(|e| e.id.seq.get()) else {
                 if self.pass_gap_if_waited(&key, cursor).await? {
                     handled += 1;
@@ -530,7 +553,17 @@ impl<B: Behaviour> Actor for Host<B> {
         if let Some(every) = behaviour.tick_interval() {
             myself.send_after(every, || HostMsg::Tick);
         }
-        Ok(HostState { behaviour, state, ctx, inputs: spec.inputs, publish, in_flight: None, handled_to: BTreeMap::new(), at_gap: BTreeMap::new() })
+        Ok(HostState {
+            behaviour,
+            state,
+            ctx,
+            inputs: spec.inputs,
+            publish,
+            in_flight: None,
+            handled_to: BTreeMap::new(),
+            at_gap: BTreeMap::new(),
+            at_damage: BTreeMap::new(),
+        })
     }
 
     async fn handle(&self, myself: ActorRef<HostMsg>, msg: HostMsg, s: &mut HostState<B>) -> Result<(), ActorProcessingErr> {

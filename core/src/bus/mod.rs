@@ -332,12 +332,14 @@ pub struct AliveWatch {
     repaired: u64,
     /// Once a drop is seen: how many queued changes are still handed out before the query.
     before_query: Option<usize>,
+    /// Queries failed in a row (for the warning's rate).
+    failures: u32,
 }
 
 impl AliveWatch {
     pub async fn open(transport: Arc<dyn Transport>, keyexpr: &str, capacity: usize, check: Duration, query_timeout: Duration) -> Result<AliveWatch, BusError> {
         let incoming = transport.watch_alive(keyexpr, capacity).await?;
-        Ok(AliveWatch { transport, keyexpr: keyexpr.to_owned(), incoming, check, query_timeout, repaired: 0, before_query: None })
+        Ok(AliveWatch { transport, keyexpr: keyexpr.to_owned(), incoming, check, query_timeout, repaired: 0, before_query: None, failures: 0 })
     }
 
     /// Changes dropped so far (repaired or about to be).
@@ -347,7 +349,6 @@ impl AliveWatch {
 
     /// The next change; `None` once the transport closed the watch.
     pub async fn next(&mut self) -> Option<AliveChange> {
-        let mut failures = 0u32;
         loop {
             let dropped = self.incoming.dropped();
             if dropped != self.repaired {
@@ -365,6 +366,7 @@ impl AliveWatch {
                         let newly = dropped - self.repaired;
                         self.repaired = dropped;
                         self.before_query = None;
+                        self.failures = 0;
                         return Some(AliveChange::All { alive, dropped: newly });
                     }
                     Err(_) if self.incoming.is_closed() => return None,
@@ -372,10 +374,10 @@ impl AliveWatch {
                         // Changes queued meanwhile are handed out before the next try, so the
                         // table keeps following them while the query fails.
                         self.before_query = None;
-                        failures += 1;
+                        self.failures += 1;
                         // One line per run of failures (the first, then every hundredth).
-                        if failures % 100 == 1 {
-                            tracing::warn!(key = self.keyexpr, error = %e, failures, "cannot ask who is alive after dropped liveliness changes; trying again");
+                        if self.failures % 100 == 1 {
+                            tracing::warn!(key = self.keyexpr, error = %e, failures = self.failures, "cannot ask who is alive after dropped liveliness changes; trying again");
                         }
                         tokio::time::sleep(self.check).await;
                         continue;

@@ -961,7 +961,7 @@ fn read_serving(log: &Log, key: &StreamKey, from: u64, to: u64, want: usize) -> 
                 seq
             }
             Err(e @ LogError::Corrupt { .. }) => {
-                let Some(after) = log.readable_after(key, served.next, to)? else {
+                let Some(after) = log.readable_after(key, served.next, to, u64::MAX)? else {
                     // Unreadable up to the end of the range: what was read goes out, and
                     // the next read starts past the range.
                     if served.records.is_empty() && served.damaged == 0 {

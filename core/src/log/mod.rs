@@ -447,11 +447,12 @@ impl Log {
     /// A seq in `bad+1..=to` from which `key` reads again (a record, a damaged record, or
     /// nothing held at or above), when a read from `bad` finds data RocksDB reports damaged
     /// ([`LogError::Corrupt`], a table block failing its checksum); `None` if none does. Any
-    /// other error ends the search. Steps up by doubling, then narrows down to the first seq
-    /// that reads above the last that fails: at most about 2·log2(to − bad) reads. With one
-    /// damaged region that is where it ends; with two close together, a step may land past the
-    /// second, and the readable records between them are passed over too.
-    pub fn readable_after(&self, key: &StreamKey, bad: u64, to: u64) -> Result<Option<u64>, LogError> {
+    /// other error ends the search. Steps up by doubling, at most `step_max` at a time, then
+    /// narrows down to the first seq that reads above the last that fails. With `step_max` 1
+    /// that is the lowest seq that reads (one read per seq passed); unbounded, at most about
+    /// 2·log2(to − bad) reads, but with two damaged regions close together a step may land
+    /// past the second, passing over the readable records between them too.
+    pub fn readable_after(&self, key: &StreamKey, bad: u64, to: u64, step_max: u64) -> Result<Option<u64>, LogError> {
         let reads = |seq: u64| match self.read(key, seq, 1) {
             Ok(_) | Err(LogError::CorruptRecord { .. }) => Ok(true),
             Err(LogError::Corrupt { .. }) => Ok(false),
@@ -467,7 +468,7 @@ impl Log {
                 break probe;
             }
             fails = probe;
-            step = step.saturating_mul(2);
+            step = step.saturating_mul(2).min(step_max.max(1));
         };
         while works - fails > 1 {
             let mid = fails + (works - fails) / 2;
@@ -495,7 +496,12 @@ impl Log {
             return Ok(Vec::new());
         }
         let limit = limit.min(usize::try_from(stop - from).unwrap_or(usize::MAX));
-        let mut records = self.store.read(key, from, limit)?;
+        let mut records = match self.store.read(key, from, limit) {
+            // Retention removed everything up to the gap, and the first record past it is
+            // damaged: nothing to read in order here (the gap comes first).
+            Err(LogError::CorruptRecord { seq, .. }) if seq >= stop => Vec::new(),
+            read => read?,
+        };
         // Retention may have removed records from `from` on: the read then starts later and
         // can reach past the gap.
         records.retain(|e| e.id.seq.get() < stop);

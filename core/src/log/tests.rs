@@ -859,3 +859,42 @@ async fn rocksdb_info_log_files_are_bounded() {
     // A file rolls once it reached the bound, so it may end with the line that crossed it.
     assert!(sizes.iter().all(|&n| n < bytes_max as u64 + 16384), "{sizes:?}");
 }
+
+/// Two table blocks fail RocksDB's checksum with a readable one between them: one seq at a
+/// time, `readable_after` stops at the first readable seq after the first damaged block,
+/// never past the readable records between the two.
+#[tokio::test]
+async fn readable_after_one_seq_at_a_time_stops_before_the_next_damaged_block() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = rocks(dir.path(), StoreOptions::default());
+    for i in 0..600u32 {
+        log.append_durable(stream("r"), draft(format!("{{\"value\":{i},\"pad\":\"{}\"}}", "x".repeat(40)).as_bytes())).await.unwrap();
+    }
+    let key = log.local_key(&stream("r"));
+    log.close();
+    drop(log);
+    let table = {
+        let db = rocksdb::DB::open_cf(&rocksdb::Options::default(), dir.path(), ["log", "cursors", "watermarks", "meta"]).unwrap();
+        db.flush_cf(db.cf_handle("log").unwrap()).unwrap();
+        let files = db.live_files().unwrap();
+        let largest = files.iter().filter(|f| f.column_family_name == "log").max_by_key(|f| f.size).expect("a table file");
+        dir.path().join(largest.name.trim_start_matches('/'))
+    };
+    // Blocks are about 4 KiB: damage the second and the fourth.
+    let mut bytes = std::fs::read(&table).unwrap();
+    assert!(bytes.len() > 24_000, "several data blocks: {} bytes", bytes.len());
+    for at in [5_000, 13_500] {
+        for b in &mut bytes[at..at + 32] {
+            *b ^= 0x5a;
+        }
+    }
+    std::fs::write(&table, bytes).unwrap();
+    let log = rocks(dir.path(), StoreOptions::default());
+    let fails = |seq: u64| matches!(log.read(&key, seq, 1), Err(LogError::Corrupt { .. }));
+    let bad: Vec<u64> = (1..=600).filter(|&s| fails(s)).collect();
+    let first = bad[0];
+    let second = bad.windows(2).find(|w| w[1] != w[0] + 1).map(|w| w[1]).expect("a second damaged block, apart from the first");
+    let after = log.readable_after(&key, first, 600, 1).unwrap().expect("readable records above");
+    assert!(!fails(after) && fails(after - 1), "{after} is where reading works again");
+    assert!(after < second, "stopped at {after}, before the second damaged block at {second}");
+}

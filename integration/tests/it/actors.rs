@@ -280,7 +280,8 @@ async fn an_actor_passes_over_a_gap_nobody_fills_and_records_it() {
 
 /// Records damaged on disk for good must not stop the consumer either: one whose bytes do not
 /// decode, and a table block that fails RocksDB's checksum. The actor handles every record
-/// around them, passes over those at once (waiting would not repair them), and says which.
+/// around them, passes over those once the failure lasted `consumer_gap_wait_ms`, and says
+/// which.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_actor_passes_over_records_that_cannot_be_read_and_records_it() {
     let dir = tempfile::tempdir().unwrap();
@@ -311,7 +312,7 @@ async fn an_actor_passes_over_records_that_cannot_be_read_and_records_it() {
     std::fs::write(&table, bytes).unwrap();
 
     let log = GapRun::log(dir.path());
-    let run = GapRun::with(dir, log, "").await;
+    let run = GapRun::with(dir, log, "consumer_gap_wait_ms = 300").await;
     run.wait_for_cursor(300).await;
     let (seen, events) = run.stop().await;
     let passed: Vec<(Option<&str>, u64, u64)> =
@@ -322,6 +323,9 @@ async fn an_actor_passes_over_records_that_cannot_be_read_and_records_it() {
     assert_eq!(event, Some("input_damaged_passed"));
     assert!(20 < from && from <= to && to < 300 && to - from < 150, "the damaged block's records: {from}..={to}");
     assert!(events[1]["error"].as_str().is_some_and(|e| e.contains("block checksum mismatch")), "{}", events[1]);
+    for e in &events {
+        assert!(e["waited_ms"].as_u64().is_some_and(|ms| ms >= 300), "the failure lasted the configured wait first: {e}");
+    }
     let expected: Vec<u64> = (1..=300).filter(|&s| s != 20 && !(from..=to).contains(&s)).collect();
     assert_eq!(seen, expected, "every other record handled once, in order");
     report!("damaged input: passed over seq 20 (undecodable) and {from}..={to} (table block failing its checksum); handled the other {}", seen.len());
