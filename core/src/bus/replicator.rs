@@ -761,10 +761,16 @@ async fn receive_heads(shared: Arc<Shared>, mut incoming: super::Incoming<super:
         for head in heads.heads {
             let key = head.key();
             if key.origin == shared.settings.node && key.incarnation == shared.log.incarnation() {
+                // An acknowledgement counts only for a stream this node has, and only up to
+                // what it appended: retention trusts it (`keep_until_acked`), so a broken or
+                // forged peer must not make records look replicated before they are, nor fill
+                // the table with streams that do not exist.
+                let Some(last) = shared.log.stream(&key).map(|i| i.last) else { continue };
+                let watermark = head.watermark.min(last);
                 let acked = st.acks.entry(key.clone()).or_default().entry(heads.tier).or_insert(0);
-                acked_more |= head.watermark > *acked;
-                *acked = (*acked).max(head.watermark);
-                shared.log.record_ack(heads.tier, &key, head.watermark);
+                acked_more |= watermark > *acked;
+                *acked = (*acked).max(watermark);
+                shared.log.record_ack(heads.tier, &key, watermark);
             } else if shared.settings.subscribed(&key) {
                 let mine = shared.log.stream(&key).map_or(0, |i| i.watermark);
                 more |= head.watermark > mine;

@@ -579,3 +579,39 @@ fn with_one_request_per_check_every_holder_is_still_asked() {
         }
     });
 }
+
+/// Acknowledgements of this node's own streams count only for streams it has, and only up to
+/// what it appended: a broken or forged peer's heads must not let retention
+/// (`keep_until_acked`) remove records not yet replicated, nor fill the table.
+#[test]
+fn acknowledgements_beyond_what_the_origin_holds_are_not_taken() {
+    paused_runtime().block_on(async {
+        let net = SimNet::new(9, Faults::NONE);
+        let mut edge = SimNode::new("edge-1", Tier::Edge, &[], 11);
+        let forger = NodeId::new("fog-9").unwrap();
+        let peer = net.attach(&forger);
+        net.link(&edge.id, &forger);
+        edge.up(&net).await;
+        let stream = StreamName::new("readings/a").unwrap();
+        let key = edge.append_readings(&stream, 0..5).await;
+        let head = |stream: &str, watermark| super::wire::Head {
+            origin: edge.id.clone(),
+            incarnation: edge.log.incarnation(),
+            stream: StreamName::new(stream).unwrap(),
+            watermark,
+        };
+        let heads = super::wire::Heads { node: forger.clone(), tier: Tier::Fog, heads: vec![head("readings/a", u64::MAX - 1), head("readings/ghost", 7)] };
+        let acked = || edge.replicator.as_ref().unwrap().acks();
+        for _ in 0..1000 {
+            if acked().contains_key(&key) {
+                break;
+            }
+            peer.publish(&super::keys::heads(&forger), super::wire::encode(&heads));
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let acks = acked();
+        assert_eq!(acks.get(&key).and_then(|a| a.get(&Tier::Fog)).copied(), Some(5), "clamped to the 5 appended: {acks:?}");
+        assert_eq!(acks.len(), 1, "no entry for a stream the origin does not have: {acks:?}");
+        edge.down(&net).await;
+    });
+}
