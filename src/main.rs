@@ -482,7 +482,13 @@ fn log_tail(path: &std::path::Path, stream: &str, from: u64, incarnation: Option
         // a forged peer's record, in a store written before seqs stopped at SEQ_MAX).
         for (key, seq) in next.iter_mut() {
             while *seq != 0 {
-                let batch = match store.read(key, *seq, TAIL_BATCH_LEN) {
+                let read = match store.read(key, *seq, TAIL_BATCH_LEN) {
+                    // RocksDB fails a whole read at a damaged table block: the records before
+                    // it are printed one at a time, and the error names where it is.
+                    Err(LogError::Corrupt { .. }) => store.read(key, *seq, 1),
+                    read => read,
+                };
+                let batch = match read {
                     Ok(b) => b,
                     // A damaged record names itself; anything else (a table block RocksDB
                     // cannot read) is told with where the reading was.
@@ -491,7 +497,7 @@ fn log_tail(path: &std::path::Path, stream: &str, from: u64, incarnation: Option
                         return ExitCode::from(EXIT_RUNTIME);
                     }
                     Err(e) => {
-                        eprintln!("strata log tail: {e} (reading {key} from #{seq})");
+                        eprintln!("strata log tail: {e} (reading {key} at #{seq})");
                         return ExitCode::from(EXIT_RUNTIME);
                     }
                 };

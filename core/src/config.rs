@@ -579,7 +579,7 @@ pub struct ReplicationSection {
     /// are dropped. Heads are counted as `heads_dropped` and come again every
     /// `ack_interval_ms`. Liveliness does not send a dropped change again, so after a drop
     /// (counted as `presence_dropped`, or `servers_dropped` in the decisions' counters) the node
-    /// notices it within `ack_interval_ms` (`probe_interval_ms` for decision servers), asks who
+    /// notices it within `ack_interval_ms` (`routing.probe_interval_ms` for decision servers), asks who
     /// is alive now (a query of at most `replay_timeout_ms`, tried again while it fails) and its
     /// table follows the answer: keep it well above the number of nodes. At least 64.
     /// Default 1024.

@@ -289,6 +289,9 @@ pub struct HostState<B: Behaviour> {
     at_gap: BTreeMap<StreamKey, (RangeInclusive<u64>, Instant)>,
     /// Per input waiting at records it cannot read: those seqs and since when.
     at_damage: BTreeMap<StreamKey, (RangeInclusive<u64>, Instant)>,
+    /// Per input, the last seq of the damaged records it just passed over: damage right
+    /// after them (a region longer than one look) is passed without a new wait.
+    passed_damage: BTreeMap<StreamKey, u64>,
 }
 
 /// Runs one [`Behaviour`] as a ractor actor.
@@ -412,15 +415,24 @@ impl<B: Behaviour> HostState<B> {
     /// damaged for good (bytes that do not decode, or a table block RocksDB finds damaged):
     /// the last seq to pass over, never past the next gap (records not received yet) nor the
     /// highest seq held. Otherwise (any other error) `None`.
+    /// At most `supervision.input_batch_len_max` seqs are looked at per poll (one read each),
+    /// and the range found is reused while the same failure lasts.
     fn damaged_from(&self, key: &StreamKey, from: u64, error: &LogError) -> Result<Option<u64>, ActorError> {
+        if !matches!(error, LogError::CorruptRecord { .. } | LogError::Corrupt { .. }) {
+            return Ok(None);
+        }
+        if let Some((damaged, _)) = self.at_damage.get(key).filter(|(d, _)| *d.start() == from) {
+            return Ok(Some(*damaged.end()));
+        }
         let log = &self.ctx.log;
         let Some(last) = log.stream(key).map(|i| i.last) else { return Ok(None) };
         let end = log.next_gap(key, from).map_or(last, |gap| gap.start().saturating_sub(1).min(last));
         Ok(match error {
             LogError::CorruptRecord { seq, .. } if (from..=end).contains(seq) => Some(*seq),
-            // One seq at a time: a doubling step could land past readable records between
-            // two damaged blocks, and the actor would pass over them for good.
-            LogError::Corrupt { .. } if from <= end => Some(log.readable_after(key, from, end, 1)?.map_or(end, |after| after - 1)),
+            LogError::Corrupt { .. } if from <= end => {
+                let window = end.min(from.saturating_add(self.ctx.config.supervision.input_batch_len_max as u64));
+                Some(log.readable_after(key, from, window)?.map_or(window, |after| after - 1))
+            }
             _ => None,
         })
     }
@@ -442,10 +454,12 @@ impl<B: Behaviour> HostState<B> {
             }
         };
         let waited = now.duration_since(since);
-        if waited < Duration::from_millis(self.ctx.config.replication.consumer_gap_wait_ms) {
+        let continues = self.passed_damage.get(key).is_some_and(|&end| end.checked_add(1) == Some(*damaged.start()));
+        if waited < Duration::from_millis(self.ctx.config.replication.consumer_gap_wait_ms) && !continues {
             return Ok(false);
         }
         self.at_damage.remove(key);
+        self.passed_damage.insert(key.clone(), *damaged.end());
         self.at_gap.remove(key);
         self.commit(vec![(key.clone(), *damaged.end())]).await?;
         let passed = format!("{}..={}", damaged.start(), damaged.end());
@@ -494,6 +508,7 @@ impl<B: Behaviour> HostState<B> {
                 }
             };
             self.at_damage.remove(&key);
+            self.passed_damage.remove(&key);
             let Some(last) = batch.last().map(|e| e.id.seq.get()) else {
                 if self.pass_gap_if_waited(&key, cursor).await? {
                     handled += 1;
@@ -563,6 +578,7 @@ impl<B: Behaviour> Actor for Host<B> {
             handled_to: BTreeMap::new(),
             at_gap: BTreeMap::new(),
             at_damage: BTreeMap::new(),
+            passed_damage: BTreeMap::new(),
         })
     }
 

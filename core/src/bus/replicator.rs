@@ -920,7 +920,8 @@ struct Served {
     next: u64,
     /// Nothing held at or above `next`.
     exhausted: bool,
-    /// The first seq held at or after `from`, readable or not.
+    /// The first seq held at or after `from`, readable or not (past a region RocksDB cannot
+    /// read, where reading works again).
     first: Option<u64>,
     /// Records stepped over because they cannot be decoded, and regions RocksDB cannot read.
     damaged: u64,
@@ -930,7 +931,8 @@ struct Served {
 /// decoded (damaged bytes) is stepped over, and counts against `want`, so that what lies above
 /// it is still served: the requester sees the gap and may get that record from another holder.
 /// A region RocksDB itself cannot read (a table block that fails its checksum) is stepped over
-/// the same way, counted as one: [`Log::readable_after`] finds where reading works again.
+/// the same way, counted as one: [`Log::readable_after`] finds where reading works again, one
+/// read per seq, at most `want` seqs at a time.
 fn read_serving(log: &Log, key: &StreamKey, from: u64, to: u64, want: usize) -> Result<Served, LogError> {
     match log.read(key, from, want) {
         Err(LogError::CorruptRecord { .. } | LogError::Corrupt { .. }) => {}
@@ -967,7 +969,15 @@ fn read_serving(log: &Log, key: &StreamKey, from: u64, to: u64, want: usize) -> 
                 seq
             }
             Err(e @ LogError::Corrupt { .. }) => {
-                let Some(after) = log.readable_after(key, served.next, to, u64::MAX)? else {
+                // At most `want` seqs looked at per region found (one read each).
+                let window = to.min(served.next.saturating_add(want as u64));
+                let Some(after) = log.readable_after(key, served.next, window)? else {
+                    if window < to {
+                        // All of the window unreadable: go on after it.
+                        served.damaged += 1;
+                        served.next = window + 1;
+                        continue;
+                    }
                     // Unreadable up to the end of the range: what was read goes out, and
                     // the next read starts past the range.
                     if served.records.is_empty() && served.damaged == 0 {
@@ -1378,20 +1388,8 @@ mod tests {
         let key = log.local_key(&stream);
         log.close();
         drop(log);
-        let table = {
-            let db = rocksdb::DB::open_cf(&rocksdb::Options::default(), dir.path(), ["log", "cursors", "watermarks", "meta"]).unwrap();
-            db.flush_cf(db.cf_handle("log").unwrap()).unwrap();
-            let files: Vec<_> = db.live_files().unwrap().into_iter().filter(|f| f.column_family_name == "log").collect();
-            assert_eq!(files.len(), 1, "the records are in one table file");
-            dir.path().join(files[0].name.trim_start_matches('/'))
-        };
-        // Damage the second data block (the first is about 4 KiB from offset 0).
-        let mut bytes = std::fs::read(&table).unwrap();
-        assert!(bytes.len() > 12_000, "several data blocks: {} bytes", bytes.len());
-        for b in &mut bytes[5_000..5_032] {
-            *b ^= 0x5a;
-        }
-        std::fs::write(&table, bytes).unwrap();
+        // The second data block.
+        crate::log::tests::damage_table_blocks(dir.path(), &[5_000]);
         let log = open();
         assert!(matches!(log.read(&key, 1, 300), Err(LogError::Corrupt { .. })), "a plain read fails at the damaged block");
 

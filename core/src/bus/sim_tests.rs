@@ -31,6 +31,7 @@ struct SimNode {
     /// so that replay from the fog is what repairs them.
     handover: Duration,
     replay_requests_per_check_max: usize,
+    peer_events_queue_len_max: usize,
 }
 
 fn settings(n: &SimNode) -> Settings {
@@ -56,7 +57,7 @@ fn settings(n: &SimNode) -> Settings {
             live_batch_bytes_max: 4096,
             insert_batches_in_flight_max: 4,
             request_queue_len_max: 64,
-            peer_events_queue_len_max: 1024,
+            peer_events_queue_len_max: n.peer_events_queue_len_max,
             publish_round_len_max: 16,
             replay_requests_per_check_max: n.replay_requests_per_check_max,
             ..ReplicationSection::default()
@@ -84,6 +85,7 @@ impl SimNode {
             replicator: None,
             handover: Duration::ZERO,
             replay_requests_per_check_max: 64,
+            peer_events_queue_len_max: 1024,
         }
     }
 
@@ -613,5 +615,44 @@ fn acknowledgements_beyond_what_the_origin_holds_are_not_taken() {
         assert_eq!(acks.get(&key).and_then(|a| a.get(&Tier::Fog)).copied(), Some(5), "clamped to the 5 appended: {acks:?}");
         assert_eq!(acks.len(), 1, "no entry for a stream the origin does not have: {acks:?}");
         edge.down(&net).await;
+    });
+}
+
+/// Liveliness changes dropped by a full queue (here a queue of one) are not lost for good:
+/// the node reads who is alive again, counts the drops, and its table ends true.
+#[test]
+fn presence_dropped_by_a_full_queue_is_read_again() {
+    paused_runtime().block_on(async {
+        let net = SimNet::new(10, Faults::NONE);
+        let mut cloud = SimNode::new("cloud-1", Tier::Cloud, &[], 33);
+        cloud.peer_events_queue_len_max = 1;
+        let other = NodeId::new("fog-9").unwrap();
+        let peer = net.attach(&other);
+        net.link(&cloud.id, &other);
+        cloud.up(&net).await;
+        // The node's own token comes first; let it be taken.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let mut tokens = Vec::new();
+        for i in 0..5 {
+            tokens.push(peer.declare_alive(&super::keys::alive(Tier::Fog, &NodeId::new(format!("fog-{i}")).unwrap())).await.unwrap());
+        }
+        let replicator = cloud.replicator.as_ref().unwrap();
+        let alive = || -> Vec<String> { replicator.presence().into_iter().filter(|(_, p)| p.alive).map(|(n, _)| n.to_string()).collect() };
+        let settle = async |expected: &[&str]| {
+            for _ in 0..1000 {
+                if alive() == expected {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            assert_eq!(alive(), expected, "{:?}", replicator.counters());
+        };
+        settle(&["fog-0", "fog-1", "fog-2", "fog-3", "fog-4"]).await;
+        let dropped = replicator.counters().presence_dropped;
+        assert_eq!(dropped, 4, "one change queued, four dropped");
+        tokens.truncate(1);
+        settle(&["fog-0"]).await;
+        assert_eq!(replicator.counters().presence_dropped, dropped + 3, "one gone queued, three dropped");
+        cloud.down(&net).await;
     });
 }

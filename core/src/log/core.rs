@@ -459,7 +459,17 @@ impl Core {
             let entry = self.entry(&mut plan.staged, &key);
             let mut from = entry.first.max(1);
             'stream: while from <= upper {
-                let chunk = backend.scan(&prefix, from, SCAN_CHUNK)?;
+                let chunk = match backend.scan(&prefix, from, SCAN_CHUNK) {
+                    Ok(chunk) => chunk,
+                    // A table block RocksDB finds damaged: as with a record that does not
+                    // decode, this stream keeps it and what follows; the others are swept.
+                    Err(e @ LogError::Corrupt { .. }) => {
+                        report.unreadable += 1;
+                        report.first_unreadable.get_or_insert_with(|| format!("{key} from #{from}: {e}"));
+                        break 'stream;
+                    }
+                    Err(e) => return Err(e),
+                };
                 if chunk.is_empty() {
                     break;
                 }

@@ -31,7 +31,7 @@ pub mod ranges;
 mod rocks;
 pub mod show;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 /// Streams of actor snapshots: `snapshots/<actor>`. Retention always keeps the latest.
 pub const SNAPSHOTS_PREFIX: &str = "snapshots/";
@@ -444,41 +444,22 @@ impl Log {
         self.store.read(key, from, limit)
     }
 
-    /// A seq in `bad+1..=to` from which `key` reads again (a record, a damaged record, or
-    /// nothing held at or above), when a read from `bad` finds data RocksDB reports damaged
-    /// ([`LogError::Corrupt`], a table block failing its checksum); `None` if none does. Any
-    /// other error ends the search. Steps up by doubling, at most `step_max` at a time, then
-    /// narrows down to the first seq that reads above the last that fails. With `step_max` 1
-    /// that is the lowest seq that reads (one read per seq passed); unbounded, at most about
-    /// 2·log2(to − bad) reads, but with two damaged regions close together a step may land
-    /// past the second, passing over the readable records between them too.
-    pub fn readable_after(&self, key: &StreamKey, bad: u64, to: u64, step_max: u64) -> Result<Option<u64>, LogError> {
-        let reads = |seq: u64| match self.read(key, seq, 1) {
-            Ok(_) | Err(LogError::CorruptRecord { .. }) => Ok(true),
-            Err(LogError::Corrupt { .. }) => Ok(false),
-            Err(e) => Err(e),
-        };
-        let (mut fails, mut step) = (bad, 1u64);
-        let mut works = loop {
-            let probe = fails.saturating_add(step).min(to);
-            if probe <= fails {
-                return Ok(None);
-            }
-            if reads(probe)? {
-                break probe;
-            }
-            fails = probe;
-            step = step.saturating_mul(2).min(step_max.max(1));
-        };
-        while works - fails > 1 {
-            let mid = fails + (works - fails) / 2;
-            if reads(mid)? {
-                works = mid;
-            } else {
-                fails = mid;
+    /// The lowest seq in `bad+1..=to` from which `key` reads again (a record, a damaged
+    /// record, or nothing held at or above), when a read from `bad` finds data RocksDB reports
+    /// damaged ([`LogError::Corrupt`], a table block failing its checksum); `None` if none
+    /// does. One read per seq, so no readable record is passed over (a damaged block holds
+    /// tens of records); the caller bounds the work with `to`. Any other error ends the search.
+    pub fn readable_after(&self, key: &StreamKey, bad: u64, to: u64) -> Result<Option<u64>, LogError> {
+        let mut seq = bad;
+        while seq < to {
+            seq += 1;
+            match self.read(key, seq, 1) {
+                Ok(_) | Err(LogError::CorruptRecord { .. }) => return Ok(Some(seq)),
+                Err(LogError::Corrupt { .. }) => {}
+                Err(e) => return Err(e),
             }
         }
-        Ok(Some(works))
+        Ok(None)
     }
 
     /// Records of `key` from `from`, in seq order, stopping before the first gap: what a

@@ -25,6 +25,29 @@ fn rocks(dir: &Path, opts: StoreOptions) -> Log {
     Log::new(Arc::new(RocksStore::open(dir, &node(), opts).unwrap()))
 }
 
+/// Flushes the records of the closed store in `dir` to a table file, damages `len` bytes at
+/// each of `offsets` in the largest one (the records' data blocks are about 4 KiB each, from
+/// offset 0), so that RocksDB's block checksum fails there; returns the file.
+pub(crate) fn damage_table_blocks(dir: &Path, offsets: &[usize]) -> std::path::PathBuf {
+    let table = {
+        let db = rocksdb::DB::open_cf(&rocksdb::Options::default(), dir, ["log", "cursors", "watermarks", "meta"]).unwrap();
+        db.flush_cf(db.cf_handle("log").unwrap()).unwrap();
+        let files = db.live_files().unwrap();
+        let largest = files.iter().filter(|f| f.column_family_name == "log").max_by_key(|f| f.size).expect("a table file");
+        dir.join(largest.name.trim_start_matches('/'))
+    };
+    let mut bytes = std::fs::read(&table).unwrap();
+    let end = offsets.iter().max().copied().unwrap_or(0) + 32;
+    assert!(bytes.len() > end + 8_000, "data blocks past the damage: {} bytes", bytes.len());
+    for &at in offsets {
+        for b in &mut bytes[at..at + 32] {
+            *b ^= 0x5a;
+        }
+    }
+    std::fs::write(&table, bytes).unwrap();
+    table
+}
+
 fn mem(retention: Vec<RetentionRule>) -> Log {
     Log::new(Arc::new(MemStore::new(node(), Incarnation::from_raw(7), Limits::default(), retention)))
 }
@@ -860,11 +883,11 @@ async fn rocksdb_info_log_files_are_bounded() {
     assert!(sizes.iter().all(|&n| n < bytes_max as u64 + 16384), "{sizes:?}");
 }
 
-/// Two table blocks fail RocksDB's checksum with a readable one between them: one seq at a
-/// time, `readable_after` stops at the first readable seq after the first damaged block,
-/// never past the readable records between the two.
+/// Two table blocks fail RocksDB's checksum with a readable one between them:
+/// `readable_after` stops at the first readable seq after the first damaged block, never past
+/// the readable records between the two.
 #[tokio::test]
-async fn readable_after_one_seq_at_a_time_stops_before_the_next_damaged_block() {
+async fn readable_after_stops_before_the_next_damaged_block() {
     let dir = tempfile::tempdir().unwrap();
     let log = rocks(dir.path(), StoreOptions::default());
     for i in 0..600u32 {
@@ -873,28 +896,41 @@ async fn readable_after_one_seq_at_a_time_stops_before_the_next_damaged_block() 
     let key = log.local_key(&stream("r"));
     log.close();
     drop(log);
-    let table = {
-        let db = rocksdb::DB::open_cf(&rocksdb::Options::default(), dir.path(), ["log", "cursors", "watermarks", "meta"]).unwrap();
-        db.flush_cf(db.cf_handle("log").unwrap()).unwrap();
-        let files = db.live_files().unwrap();
-        let largest = files.iter().filter(|f| f.column_family_name == "log").max_by_key(|f| f.size).expect("a table file");
-        dir.path().join(largest.name.trim_start_matches('/'))
-    };
-    // Blocks are about 4 KiB: damage the second and the fourth.
-    let mut bytes = std::fs::read(&table).unwrap();
-    assert!(bytes.len() > 24_000, "several data blocks: {} bytes", bytes.len());
-    for at in [5_000, 13_500] {
-        for b in &mut bytes[at..at + 32] {
-            *b ^= 0x5a;
-        }
-    }
-    std::fs::write(&table, bytes).unwrap();
+    // The second and the fourth data blocks.
+    damage_table_blocks(dir.path(), &[5_000, 13_500]);
     let log = rocks(dir.path(), StoreOptions::default());
     let fails = |seq: u64| matches!(log.read(&key, seq, 1), Err(LogError::Corrupt { .. }));
     let bad: Vec<u64> = (1..=600).filter(|&s| fails(s)).collect();
     let first = bad[0];
     let second = bad.windows(2).find(|w| w[1] != w[0] + 1).map(|w| w[1]).expect("a second damaged block, apart from the first");
-    let after = log.readable_after(&key, first, 600, 1).unwrap().expect("readable records above");
+    let after = log.readable_after(&key, first, 600).unwrap().expect("readable records above");
     assert!(!fails(after) && fails(after - 1), "{after} is where reading works again");
     assert!(after < second, "stopped at {after}, before the second damaged block at {second}");
+}
+
+/// A table block of stream `a` fails RocksDB's checksum: a retention sweep keeps that stream
+/// as it is (it cannot read what it would remove) and reports it, and sweeps the others.
+#[tokio::test]
+async fn a_damaged_table_block_stops_retention_in_its_stream_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = || StoreOptions { retention: vec![rule("**", Some(1000), None, &[])], ..StoreOptions::default() };
+    let log = rocks(dir.path(), StoreOptions::default());
+    for name in ["a", "b"] {
+        for i in 0..300u32 {
+            log.append_durable(stream(name), draft(format!("{{\"value\":{i},\"pad\":\"{}\"}}", "x".repeat(40)).as_bytes())).await.unwrap();
+        }
+    }
+    let (a, b) = (log.local_key(&stream("a")), log.local_key(&stream("b")));
+    log.close();
+    drop(log);
+    // The first data block holds stream a's first records (a sorts before b).
+    damage_table_blocks(dir.path(), &[64]);
+    let log = rocks(dir.path(), opts());
+    assert!(matches!(log.read(&a, 1, 1), Err(LogError::Corrupt { .. })));
+    let report = log.sweep(now_ms()).await.unwrap();
+    assert_eq!(report.unreadable, 1, "{report:?}");
+    assert!(report.first_unreadable.as_deref().is_some_and(|e| e.contains(&format!("{a} from #1: ")) && e.contains("checksum")), "{report:?}");
+    assert_eq!(log.stream(&a).unwrap().count, 300, "stream a kept as it was");
+    let kept = log.stream(&b).unwrap();
+    assert!(kept.bytes <= 1000 && kept.count < 300, "stream b swept to its 1000 bytes: {kept:?}");
 }

@@ -519,7 +519,7 @@ fn bench_log(budget: Duration) -> Result<()> {
     // For profiling one case: STRATA_BENCH_ONLY=pipelined or producers:N, e.g. under perf
     // record; STRATA_BENCH_ONLY=encode times the envelope encoder alone; rocksdb-group
     // measures RocksDB's own group commit (concurrent writers, each put + sync);
-    // sketches two bare group commits over raw RocksDB next to Strata (bench/sketches.rs);
+    // sketches four bare group commits over raw RocksDB next to Strata (bench/sketches.rs);
     // reader-open what opening a read-only reader costs (each `log tail --follow` refresh).
     match std::env::var("STRATA_BENCH_ONLY").ok().as_deref() {
         Some("encode") => return bench_encode(&rt),

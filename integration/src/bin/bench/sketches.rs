@@ -210,7 +210,7 @@ impl LeaderQueue {
     }
 }
 
-/// For 1, 8 and 64 producers: the raw batch of that size, both sketches and Strata, in
+/// For 1, 8 and 64 producers: the raw batch of that size, the four sketches and Strata, in
 /// alternating slices (see [`super::round`]); prints each rate and its ratio to raw.
 pub(super) fn bench_sketches(rt: &tokio::runtime::Runtime, budget: Duration) -> Result<()> {
     for n in [1usize, 8, 64] {
