@@ -417,11 +417,11 @@ impl<B: Behaviour> HostState<B> {
     /// highest seq held. Otherwise (any other error) `None`.
     /// At most `supervision.input_batch_len_max` seqs are looked at per poll (one read each),
     /// and the range found is reused while the same failure lasts.
-    fn damaged_from(&self, key: &StreamKey, from: u64, error: &LogError) -> Result<Option<u64>, ActorError> {
+    fn damaged_from(&self, key: &StreamKey, from: u64, error: &LogError, reuse: bool) -> Result<Option<u64>, ActorError> {
         if !matches!(error, LogError::CorruptRecord { .. } | LogError::Corrupt { .. }) {
             return Ok(None);
         }
-        if let Some((damaged, _)) = self.at_damage.get(key).filter(|(d, _)| *d.start() == from) {
+        if let Some((damaged, _)) = self.at_damage.get(key).filter(|(d, _)| reuse && *d.start() == from) {
             return Ok(Some(*damaged.end()));
         }
         let log = &self.ctx.log;
@@ -454,8 +454,16 @@ impl<B: Behaviour> HostState<B> {
             }
         };
         let waited = now.duration_since(since);
+        // Right after damage just passed over (a region longer than one look): no new wait.
+        // A record that does not decode right there counts as such too.
         let continues = self.passed_damage.get(key).is_some_and(|&end| end.checked_add(1) == Some(*damaged.start()));
         if waited < Duration::from_millis(self.ctx.config.replication.consumer_gap_wait_ms) && !continues {
+            return Ok(false);
+        }
+        // Looked at again before passing: if the damage changed while waiting (part of it
+        // reads again), the wait starts over for what it is now.
+        if self.damaged_from(key, *damaged.start(), error, false)? != Some(*damaged.end()) {
+            self.at_damage.remove(key);
             return Ok(false);
         }
         self.at_damage.remove(key);
@@ -500,7 +508,7 @@ impl<B: Behaviour> HostState<B> {
             let batch = match read {
                 Ok(batch) => batch,
                 Err(e) => {
-                    let Some(to) = self.damaged_from(&key, cursor + 1, &e)? else { return Err(e.into()) };
+                    let Some(to) = self.damaged_from(&key, cursor + 1, &e, true)? else { return Err(e.into()) };
                     if self.pass_damaged_if_waited(&key, cursor + 1..=to, &e).await? {
                         handled += 1;
                     }

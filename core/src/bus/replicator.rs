@@ -931,8 +931,8 @@ struct Served {
 /// decoded (damaged bytes) is stepped over, and counts against `want`, so that what lies above
 /// it is still served: the requester sees the gap and may get that record from another holder.
 /// A region RocksDB itself cannot read (a table block that fails its checksum) is stepped over
-/// the same way, counted as one: [`Log::readable_after`] finds where reading works again, one
-/// read per seq, at most `want` seqs at a time.
+/// the same way, counted once per `want` seqs looked at: [`Log::readable_after`] finds where
+/// reading works again, one read per seq, at most `want` seqs at a time.
 fn read_serving(log: &Log, key: &StreamKey, from: u64, to: u64, want: usize) -> Result<Served, LogError> {
     match log.read(key, from, want) {
         Err(LogError::CorruptRecord { .. } | LogError::Corrupt { .. }) => {}
@@ -973,7 +973,9 @@ fn read_serving(log: &Log, key: &StreamKey, from: u64, to: u64, want: usize) -> 
                 let window = to.min(served.next.saturating_add(want as u64));
                 let Some(after) = log.readable_after(key, served.next, window)? else {
                     if window < to {
-                        // All of the window unreadable: go on after it.
+                        // All of the window unreadable: go on after it. The answer's span
+                        // counts from here, so one request reads at most that many seqs.
+                        served.first.get_or_insert(served.next);
                         served.damaged += 1;
                         served.next = window + 1;
                         continue;
@@ -1031,7 +1033,9 @@ async fn serve_replay(shared: Arc<Shared>, mut requests: super::Incoming<Request
         // hole this holder cannot fill (records its retention removed) still gets what lies
         // above the hole, and the requester asks again from there.
         let span = batch_len * REPLAY_BATCHES_PER_REQUEST;
-        let mut to = params.to;
+        // Nothing is held above SEQ_MAX; a larger `to` (a broken or forged request) would
+        // leave reading past the end of the range with nowhere to go.
+        let mut to = params.to.min(crate::log::SEQ_MAX);
         let mut capped = false;
         let mut from = params.from;
         // Whether a batch went out; if none did (nothing held in the range, or the read
@@ -1405,6 +1409,21 @@ mod tests {
             from = served.next;
         }
         assert_eq!(damaged, 1, "one unreadable region");
+        // Four seqs per look, fewer than the damaged block holds: the looks chain over it, each
+        // answer's span counted from where it started, and the same records come out.
+        let (mut from, mut held4, mut damaged4) = (1, Vec::new(), 0);
+        while from <= 300 {
+            let served = read_serving(&log, &key, from, 300, 4).unwrap();
+            assert!(served.first.is_some() || served.exhausted, "a span to count from: {from}");
+            damaged4 += served.damaged;
+            held4.extend(served.records.iter().map(|e| e.id.seq.get()));
+            if served.exhausted {
+                break;
+            }
+            from = served.next;
+        }
+        assert_eq!(held4, held);
+        assert!(damaged4 > 1, "one count per look: {damaged4}");
         let missing: Vec<u64> = (1..=300).filter(|s| !held.contains(s)).collect();
         assert!(!missing.is_empty() && missing.len() < 150, "{missing:?}");
         assert!(missing.windows(2).all(|w| w[1] == w[0] + 1), "one run, the damaged block's records: {missing:?}");

@@ -226,7 +226,7 @@ impl Node {
                             tracing::info!(removed = r.removed, expired = r.expired, "retention sweep");
                         }
                         if let Some(first) = &r.first_unreadable {
-                            tracing::error!(streams = r.unreadable, first = %first, "retention by age is stuck at a record that cannot be read; it and what follows it are kept");
+                            tracing::error!(streams = r.unreadable, first = %first, "retention is stuck at records that cannot be read; they and what follows them in their stream are kept");
                         }
                     }
                     Err(e) => tracing::error!(error = %e, "retention sweep failed"),

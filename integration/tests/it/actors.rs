@@ -278,12 +278,11 @@ async fn an_actor_passes_over_a_gap_nobody_fills_and_records_it() {
     assert!(e["waited_ms"].as_u64().is_some_and(|ms| ms >= 300), "it waited the configured time first: {e}");
 }
 
-/// Records damaged on disk for good must not stop the consumer either: one whose bytes do not
-/// decode, and a table block that fails RocksDB's checksum. The actor handles every record
-/// around them, passes over those once the failure lasted `consumer_gap_wait_ms`, and says
-/// which.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_actor_passes_over_records_that_cannot_be_read_and_records_it() {
+/// A store of 300 records received from edge-7 in which seq 20's bytes do not decode and the
+/// second data block of the table file fails RocksDB's checksum, consumed by the `Order`
+/// actor with `settings` (TOML lines of `[replication]`, then any other section) until its
+/// cursor reaches 300. Returns what it handled and its events.
+async fn consume_damaged(settings: &str) -> (Vec<u64>, Vec<serde_json::Value>) {
     let dir = tempfile::tempdir().unwrap();
     let log = GapRun::log(dir.path());
     for seq in 1..=300 {
@@ -312,21 +311,56 @@ async fn an_actor_passes_over_records_that_cannot_be_read_and_records_it() {
     std::fs::write(&table, bytes).unwrap();
 
     let log = GapRun::log(dir.path());
-    let run = GapRun::with(dir, log, "consumer_gap_wait_ms = 300").await;
+    let run = GapRun::with(dir, log, settings).await;
     run.wait_for_cursor(300).await;
-    let (seen, events) = run.stop().await;
-    let passed: Vec<(Option<&str>, u64, u64)> =
-        events.iter().map(|e| (e["event"].as_str(), e["from"].as_u64().unwrap_or(0), e["to"].as_u64().unwrap_or(0))).collect();
+    run.stop().await
+}
+
+/// The events' (from, to, waited_ms), checked to be `input_damaged_passed` naming the error.
+fn damaged_passes(events: &[serde_json::Value]) -> Vec<(u64, u64, u64)> {
+    events
+        .iter()
+        .map(|e| {
+            assert_eq!(e["event"], "input_damaged_passed", "{e}");
+            assert!(e["error"].as_str().is_some_and(|x| x.contains("corrupted") || x.contains("block checksum mismatch")), "{e}");
+            (e["from"].as_u64().unwrap(), e["to"].as_u64().unwrap(), e["waited_ms"].as_u64().unwrap())
+        })
+        .collect()
+}
+
+/// Records damaged on disk for good must not stop the consumer either: one whose bytes do not
+/// decode, and a table block that fails RocksDB's checksum. The actor handles every record
+/// around them, passes over those once the failure lasted `consumer_gap_wait_ms`, and says
+/// which.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_actor_passes_over_records_that_cannot_be_read_and_records_it() {
+    let (seen, events) = consume_damaged("consumer_gap_wait_ms = 300").await;
+    let passed = damaged_passes(&events);
     assert_eq!(passed.len(), 2, "{events:#?}");
-    assert_eq!(passed[0], (Some("input_damaged_passed"), 20, 20), "{events:#?}");
-    let (event, from, to) = passed[1];
-    assert_eq!(event, Some("input_damaged_passed"));
+    assert_eq!((passed[0].0, passed[0].1), (20, 20), "{events:#?}");
+    let (from, to, _) = passed[1];
     assert!(20 < from && from <= to && to < 300 && to - from < 150, "the damaged block's records: {from}..={to}");
     assert!(events[1]["error"].as_str().is_some_and(|e| e.contains("block checksum mismatch")), "{}", events[1]);
-    for e in &events {
-        assert!(e["waited_ms"].as_u64().is_some_and(|ms| ms >= 300), "the failure lasted the configured wait first: {e}");
-    }
+    assert!(passed.iter().all(|p| p.2 >= 300), "the failure lasted the configured wait first: {events:#?}");
     let expected: Vec<u64> = (1..=300).filter(|&s| s != 20 && !(from..=to).contains(&s)).collect();
     assert_eq!(seen, expected, "every other record handled once, in order");
     report!("damaged input: passed over seq 20 (undecodable) and {from}..={to} (table block failing its checksum); handled the other {}", seen.len());
+}
+
+/// A damaged block longer than one look (`input_batch_len_max` seqs): the actor waits once,
+/// then passes it in steps, each right after the last, without waiting again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_actor_passes_a_long_damaged_region_in_steps_after_one_wait() {
+    let (seen, events) = consume_damaged("consumer_gap_wait_ms = 300\n[supervision]\ninput_batch_len_max = 4").await;
+    let passed = damaged_passes(&events);
+    assert_eq!((passed[0].0, passed[0].1), (20, 20), "{events:#?}");
+    let steps = &passed[1..];
+    assert!(steps.len() > 2, "the block took several looks: {events:#?}");
+    assert!(steps.iter().all(|&(from, to, _)| to - from < 5), "at most 4 seqs looked at per step: {events:#?}");
+    assert!(steps.windows(2).all(|w| w[1].0 == w[0].1 + 1), "each step right after the last: {events:#?}");
+    assert!(steps[0].2 >= 300, "one wait first: {events:#?}");
+    assert!(steps[1..].iter().all(|s| s.2 == 0), "then no wait: {events:#?}");
+    let (from, to) = (steps[0].0, steps[steps.len() - 1].1);
+    let expected: Vec<u64> = (1..=300).filter(|&s| s != 20 && !(from..=to).contains(&s)).collect();
+    assert_eq!(seen, expected, "every other record handled once, in order");
 }
