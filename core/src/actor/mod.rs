@@ -430,8 +430,14 @@ impl<B: Behaviour> HostState<B> {
         Ok(match error {
             LogError::CorruptRecord { seq, .. } if (from..=end).contains(seq) => Some(*seq),
             LogError::Corrupt { .. } if from <= end => {
-                let window = end.min(from.saturating_add(self.ctx.config.supervision.input_batch_len_max as u64));
-                Some(log.readable_after(key, from, window)?.map_or(window, |after| after - 1))
+                // The read landed on the first record held from `from` (past what retention
+                // removed), in a damaged block; it and at most a batch's worth after it.
+                let start = log.next_held(key, from);
+                if start > end {
+                    return Ok(None);
+                }
+                let window = end.min(start.saturating_add(self.ctx.config.supervision.input_batch_len_max as u64 - 1));
+                Some(log.readable_after(key, start, window)?.map_or(window, |after| after - 1))
             }
             _ => None,
         })
@@ -462,7 +468,7 @@ impl<B: Behaviour> HostState<B> {
         }
         // Looked at again before passing: if the damage changed while waiting (part of it
         // reads again), the wait starts over for what it is now.
-        if self.damaged_from(key, *damaged.start(), error, false)? != Some(*damaged.end()) {
+        if !continues && self.damaged_from(key, *damaged.start(), error, false)? != Some(*damaged.end()) {
             self.at_damage.remove(key);
             return Ok(false);
         }

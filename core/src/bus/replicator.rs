@@ -920,8 +920,7 @@ struct Served {
     next: u64,
     /// Nothing held at or above `next`.
     exhausted: bool,
-    /// The first seq held at or after `from`, readable or not (past a region RocksDB cannot
-    /// read, where reading works again).
+    /// The first seq held at or after `from`, readable or not.
     first: Option<u64>,
     /// Records stepped over because they cannot be decoded, and regions RocksDB cannot read.
     damaged: u64,
@@ -968,33 +967,25 @@ fn read_serving(log: &Log, key: &StreamKey, from: u64, to: u64, want: usize) -> 
                 served.damaged += 1;
                 seq
             }
-            Err(e @ LogError::Corrupt { .. }) => {
-                // At most `want` seqs looked at per region found (one read each).
-                let window = to.min(served.next.saturating_add(want as u64));
-                let Some(after) = log.readable_after(key, served.next, window)? else {
-                    if window < to {
-                        // All of the window unreadable: go on after it. The answer's span
-                        // counts from here, so one request reads at most that many seqs.
-                        served.first.get_or_insert(served.next);
-                        served.damaged += 1;
-                        served.next = window + 1;
-                        continue;
-                    }
-                    // Unreadable up to the end of the range: what was read goes out, and
-                    // the next read starts past the range.
-                    if served.records.is_empty() && served.damaged == 0 {
-                        return Err(e);
-                    }
-                    served.first.get_or_insert(served.next);
-                    served.damaged += 1;
-                    served.next = to.saturating_add(1);
+            Err(LogError::Corrupt { .. }) => {
+                // The read landed on the first record held from here (past what retention
+                // removed or a gap), in a damaged block: the answer's span counts from it, as
+                // from any first record held, so one request reads at most that many seqs.
+                let start = log.next_held(key, served.next);
+                if start > to {
+                    served.next = start;
                     break;
-                };
-                // The answer's span counts from where reading works again: counted from
-                // the region, records past a hole below it could fall outside the span.
-                served.first.get_or_insert(after);
+                }
+                served.first.get_or_insert(start);
                 served.damaged += 1;
-                served.next = after;
+                // At most `want` seqs looked at per region found (one read each).
+                let window = to.min(start.saturating_add(want as u64 - 1));
+                served.next = match log.readable_after(key, start, window)? {
+                    Some(after) => after,
+                    // All of the window unreadable: go on after it (past the range: what was
+                    // read goes out).
+                    None => window.saturating_add(1),
+                };
                 continue;
             }
             Err(e) => return Err(e),

@@ -934,3 +934,24 @@ async fn a_damaged_table_block_stops_retention_in_its_stream_only() {
     let kept = log.stream(&b).unwrap();
     assert!(kept.bytes <= 1000 && kept.count < 300, "stream b swept to its 1000 bytes: {kept:?}");
 }
+
+/// `next_held`: where a read from a seq lands, past a gap or what retention removed.
+#[tokio::test]
+async fn next_held_skips_gaps_and_what_retention_removed() {
+    let log = mem(vec![rule("r", Some(1), None, &[])]);
+    for seq in (5..=10).chain(15..=20) {
+        log.insert_remote(remote("fog-9", 1, "q", seq)).await.unwrap();
+    }
+    let key = StreamKey::of(&remote("fog-9", 1, "q", 1).id);
+    let held: Vec<u64> = [1, 5, 7, 11, 14, 15, 20, 21].iter().map(|&s| log.next_held(&key, s)).collect();
+    assert_eq!(held, [5, 5, 7, 15, 15, 15, 20, 21]);
+    for _ in 0..4 {
+        log.append_durable(stream("r"), draft(b"x")).await.unwrap();
+    }
+    let own = log.local_key(&stream("r"));
+    log.sweep(now_ms()).await.unwrap();
+    log.append_durable(stream("r"), draft(b"y")).await.unwrap();
+    let first = log.stream(&own).unwrap().first;
+    assert!(first > 1, "retention removed the first records");
+    assert_eq!(log.next_held(&own, 1), first);
+}
