@@ -432,10 +432,7 @@ impl<B: Behaviour> HostState<B> {
             LogError::Corrupt { .. } if from <= end => {
                 // The read landed on the first record held from `from` (past what retention
                 // removed), in a damaged block; it and at most a batch's worth after it.
-                let start = log.next_held(key, from);
-                if start > end {
-                    return Ok(None);
-                }
+                let Some(start) = log.next_held(key, from).filter(|&s| s <= end) else { return Ok(None) };
                 let window = end.min(start.saturating_add(self.ctx.config.supervision.input_batch_len_max as u64 - 1));
                 Some(log.readable_after(key, start, window)?.map_or(window, |after| after - 1))
             }

@@ -931,8 +931,10 @@ struct Served {
 /// it is still served: the requester sees the gap and may get that record from another holder.
 /// A region RocksDB itself cannot read (a table block that fails its checksum) is stepped over
 /// the same way, counted once per `want` seqs looked at: [`Log::readable_after`] finds where
-/// reading works again, one read per seq, at most `want` seqs at a time.
-fn read_serving(log: &Log, key: &StreamKey, from: u64, to: u64, want: usize) -> Result<Served, LogError> {
+/// reading works again, one read per seq, at most `want` seqs at a time, and never past `span`
+/// seqs from the first record held in the range (the request's span, as `serve_replay` caps it).
+fn read_serving(log: &Log, key: &StreamKey, from: u64, to: u64, want: usize, span: u64) -> Result<Served, LogError> {
+    let mut to = to;
     match log.read(key, from, want) {
         Err(LogError::CorruptRecord { .. } | LogError::Corrupt { .. }) => {}
         Err(e) => return Err(e),
@@ -971,12 +973,19 @@ fn read_serving(log: &Log, key: &StreamKey, from: u64, to: u64, want: usize) -> 
                 // The read landed on the first record held from here (past what retention
                 // removed or a gap), in a damaged block: the answer's span counts from it, as
                 // from any first record held, so one request reads at most that many seqs.
-                let start = log.next_held(key, served.next);
+                let Some(start) = log.next_held(key, served.next) else {
+                    // Nothing held from here: the read ran past the stream (into another's
+                    // damaged block), which is not this stream's damage.
+                    served.exhausted = true;
+                    break;
+                };
                 if start > to {
                     served.next = start;
                     break;
                 }
-                served.first.get_or_insert(start);
+                let first = *served.first.get_or_insert(start);
+                // The request's span counts from the first record held; no look goes past it.
+                to = to.min(first.saturating_add(span - 1));
                 served.damaged += 1;
                 // At most `want` seqs looked at per region found (one read each).
                 let window = to.min(start.saturating_add(want as u64 - 1));
@@ -1035,7 +1044,7 @@ async fn serve_replay(shared: Arc<Shared>, mut requests: super::Incoming<Request
         let (mut answered, mut damaged) = (false, 0);
         while from <= to {
             let want = (to - from + 1).min(batch_len) as usize;
-            let served = match read_serving(&shared.log, &key, from, to, want) {
+            let served = match read_serving(&shared.log, &key, from, to, want, span) {
                 Ok(s) => s,
                 Err(e) => {
                     tracing::error!(%key, error = %e, "replay read failed");
@@ -1391,7 +1400,7 @@ mod tests {
         // As `serve_replay` calls it: batches of 64 from 1 to 300.
         let (mut from, mut held, mut damaged) = (1, Vec::new(), 0);
         while from <= 300 {
-            let served = read_serving(&log, &key, from, 300, 64).unwrap();
+            let served = read_serving(&log, &key, from, 300, 64, 64 * 16).unwrap();
             damaged += served.damaged;
             held.extend(served.records.iter().map(|e| e.id.seq.get()));
             if served.exhausted {
@@ -1404,7 +1413,7 @@ mod tests {
         // answer's span counted from where it started, and the same records come out.
         let (mut from, mut held4, mut damaged4) = (1, Vec::new(), 0);
         while from <= 300 {
-            let served = read_serving(&log, &key, from, 300, 4).unwrap();
+            let served = read_serving(&log, &key, from, 300, 4, 4 * 16).unwrap();
             assert!(served.first.is_some() || served.exhausted, "a span to count from: {from}");
             damaged4 += served.damaged;
             held4.extend(served.records.iter().map(|e| e.id.seq.get()));

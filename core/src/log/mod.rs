@@ -481,7 +481,7 @@ impl Log {
             // Retention removed everything up to the gap, and the first record past it is
             // damaged: nothing to read in order here (the gap comes first).
             Err(LogError::CorruptRecord { seq, .. }) if seq >= stop => Vec::new(),
-            Err(LogError::Corrupt { .. }) if self.next_held(key, from) >= stop => Vec::new(),
+            Err(LogError::Corrupt { .. }) if self.next_held(key, from).is_none_or(|held| held >= stop) => Vec::new(),
             read => read?,
         };
         // Retention may have removed records from `from` on: the read then starts later and
@@ -491,15 +491,16 @@ impl Log {
     }
 
     /// The first seq at or after `from` that `key` holds: past what retention removed and past
-    /// a gap `from` falls in (a read from `from` lands there). Above the last seq held when
-    /// nothing is held from `from` on.
-    pub fn next_held(&self, key: &StreamKey, from: u64) -> u64 {
-        let Some(info) = self.store.stream(key) else { return from };
+    /// a gap `from` falls in (a read from `from` lands there). `None` when nothing is held from
+    /// `from` on (a read from there runs past the stream, into whatever the store holds next).
+    pub fn next_held(&self, key: &StreamKey, from: u64) -> Option<u64> {
+        let info = self.store.stream(key).filter(|i| i.count > 0)?;
         let from = from.max(info.first);
-        match self.next_gap(key, from) {
+        let held = match self.next_gap(key, from) {
             Some(gap) if *gap.start() <= from => gap.end().saturating_add(1),
             _ => from,
-        }
+        };
+        (held <= info.last).then_some(held)
     }
 
     /// The first gap of `key` (seqs missing below a received record) that ends at or after

@@ -943,15 +943,16 @@ async fn next_held_skips_gaps_and_what_retention_removed() {
         log.insert_remote(remote("fog-9", 1, "q", seq)).await.unwrap();
     }
     let key = StreamKey::of(&remote("fog-9", 1, "q", 1).id);
-    let held: Vec<u64> = [1, 5, 7, 11, 14, 15, 20, 21].iter().map(|&s| log.next_held(&key, s)).collect();
-    assert_eq!(held, [5, 5, 7, 15, 15, 15, 20, 21]);
+    let held: Vec<Option<u64>> = [1, 5, 7, 11, 14, 15, 20, 21].iter().map(|&s| log.next_held(&key, s)).collect();
+    assert_eq!(held, [Some(5), Some(5), Some(7), Some(15), Some(15), Some(15), Some(20), None]);
     for _ in 0..4 {
         log.append_durable(stream("r"), draft(b"x")).await.unwrap();
     }
     let own = log.local_key(&stream("r"));
     log.sweep(now_ms()).await.unwrap();
+    assert_eq!(log.next_held(&own, 1), None, "retention removed everything");
     log.append_durable(stream("r"), draft(b"y")).await.unwrap();
     let first = log.stream(&own).unwrap().first;
     assert!(first > 1, "retention removed the first records");
-    assert_eq!(log.next_held(&own, 1), first);
+    assert_eq!(log.next_held(&own, 1), Some(first));
 }
