@@ -398,17 +398,26 @@ impl<B: Behaviour> HostState<B> {
         self.commit(vec![(key.clone(), *gap.end())]).await?;
         let passed = format!("{}..={}", gap.start(), gap.end());
         tracing::warn!(actor = %self.ctx.name, stream = %key, %passed, "replay brought none of these records in time; the actor goes on after them");
-        if let Some(events) = &self.ctx.events {
-            events(serde_json::json!({
-                "event": "input_gap_passed",
-                "actor": self.ctx.name.to_string(),
-                "stream": key.to_string(),
-                "from": gap.start(),
-                "to": gap.end(),
-                "waited_ms": waited.as_millis() as u64,
-            }));
-        }
+        self.record_passed("input_gap_passed", key, &gap, waited, serde_json::json!({}));
         Ok(true)
+    }
+
+    /// Records, as a node event, that the cursor of `key` went past `passed` without handling
+    /// those records (`event`, after `waited`, with the fields of `extra`).
+    fn record_passed(&self, event: &str, key: &StreamKey, passed: &RangeInclusive<u64>, waited: Duration, extra: serde_json::Value) {
+        let Some(events) = &self.ctx.events else { return };
+        let mut doc = serde_json::json!({
+            "event": event,
+            "actor": self.ctx.name.to_string(),
+            "stream": key.to_string(),
+            "from": passed.start(),
+            "to": passed.end(),
+            "waited_ms": waited.as_millis() as u64,
+        });
+        if let (Some(doc), serde_json::Value::Object(extra)) = (doc.as_object_mut(), extra) {
+            doc.extend(extra);
+        }
+        events(doc);
     }
 
     /// When reading `key` from `from` failed with `error` because the records there are
@@ -475,17 +484,7 @@ impl<B: Behaviour> HostState<B> {
         self.commit(vec![(key.clone(), *damaged.end())]).await?;
         let passed = format!("{}..={}", damaged.start(), damaged.end());
         tracing::error!(actor = %self.ctx.name, stream = %key, %passed, %error, "input records cannot be read; the actor went on after them");
-        if let Some(events) = &self.ctx.events {
-            events(serde_json::json!({
-                "event": "input_damaged_passed",
-                "actor": self.ctx.name.to_string(),
-                "stream": key.to_string(),
-                "from": damaged.start(),
-                "to": damaged.end(),
-                "waited_ms": waited.as_millis() as u64,
-                "error": error.to_string(),
-            }));
-        }
+        self.record_passed("input_damaged_passed", key, &damaged, waited, serde_json::json!({"error": error.to_string()}));
         Ok(true)
     }
 
