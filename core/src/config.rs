@@ -570,9 +570,10 @@ pub struct ReplicationSection {
     /// waits for the oldest to be durable (meanwhile samples wait in the live queue).
     /// Default 64.
     pub insert_batches_in_flight_max: usize,
-    /// Replay requests waiting to be looked at (every node receives each request and only the
-    /// holder it names answers); beyond it a request is dropped, which ends it with no answer:
-    /// its sender asks another holder, or again at its next check. Default 64.
+    /// Replay requests naming this node as the holder waiting to be served (every node
+    /// receives each request; the others refuse it before it takes a place here). Beyond it a
+    /// request is dropped and counted (`replay_requests_dropped`), which ends it with no
+    /// answer: its sender asks another holder, or again at its next check. Default 64.
     pub request_queue_len_max: usize,
     /// Heads announcements of other nodes waiting to be handled, and (each in a queue of its
     /// own) their liveliness changes and the decision servers' announcements; beyond it they

@@ -81,6 +81,15 @@ pub trait Responder: Send {
     fn reply(&mut self, payload: Vec<u8>) -> BoxFut<'_, Result<(), BusError>>;
 }
 
+/// Which requests a [`Transport::serve`]r takes, from their key and parameters; it runs on the
+/// transport's own thread, so it must be quick and never block.
+pub type Accept = Arc<dyn Fn(&str, &str) -> bool + Send + Sync>;
+
+/// Takes every request.
+pub fn accept_all() -> Accept {
+    Arc::new(|_, _| true)
+}
+
 /// A request received by a [`Transport::serve`]r.
 pub struct Request {
     pub key: String,
@@ -284,8 +293,11 @@ pub trait Transport: Send + Sync + 'static {
     /// when it is full, `overflow` says whether new samples are dropped (and counted) or the
     /// network is made to wait. A payload over [`wire::MESSAGE_BYTES_MAX`] is dropped.
     fn subscribe(&self, keyexpr: &str, capacity: usize, bytes_max: usize, overflow: Overflow) -> BoxFut<'_, Result<Incoming<Sample>, BusError>>;
-    /// Requests on keys matching `keyexpr`, in a queue of `capacity` (full: refused).
-    fn serve(&self, keyexpr: &str, capacity: usize) -> BoxFut<'_, Result<Incoming<Request>, BusError>>;
+    /// Requests on keys matching `keyexpr` that `accept` takes (given their key and
+    /// parameters), in a queue of `capacity` (full: refused and counted). A request refused
+    /// either way ends at once for this server, as one answered with nothing: its requester
+    /// does not wait for it until the timeout.
+    fn serve(&self, keyexpr: &str, capacity: usize, accept: Accept) -> BoxFut<'_, Result<Incoming<Request>, BusError>>;
     /// Sends a request (with an optional body, `payload`) to every server of `key`; the
     /// replies arrive on the returned queue of `capacity`, which closes when all servers
     /// finished or `timeout` passed.

@@ -95,8 +95,8 @@ pub struct Counters {
     pub live_dropped: AtomicU64,
     /// Heads messages dropped because their receive queue was full (in messages or bytes).
     pub heads_dropped: AtomicU64,
-    /// Liveliness changes dropped because their queue was full: the presence table may be
-    /// wrong about a node until its liveliness changes again.
+    /// Liveliness changes dropped because their queue was full: the presence table is read
+    /// again in full (see [`super::AliveWatch`]).
     pub presence_dropped: AtomicU64,
     pub malformed: AtomicU64,
     pub spoofed: AtomicU64,
@@ -108,6 +108,10 @@ pub struct Counters {
     pub replay_received: AtomicU64,
     pub replay_stored: AtomicU64,
     pub replay_served_requests: AtomicU64,
+    /// Replay requests naming this node that were dropped because `request_queue_len_max`
+    /// others were waiting: each ended unanswered, and its sender asks another holder, or
+    /// this one again at its next check.
+    pub replay_requests_dropped: AtomicU64,
     pub replay_served_records: AtomicU64,
     /// Records this node could not decode, and regions RocksDB could not read (a table block
     /// failing its checksum, counted once), while serving a replay: stepped over, so that the
@@ -207,6 +211,7 @@ pub struct CounterSnapshot {
     pub replay_received: u64,
     pub replay_stored: u64,
     pub replay_served_requests: u64,
+    pub replay_requests_dropped: u64,
     pub replay_served_records: u64,
     pub replay_served_damaged: u64,
     pub ingest_accepted: u64,
@@ -313,7 +318,7 @@ impl Replicator {
         }
         let heads = t.subscribe(keys::HEADS_ALL, s.replication.peer_events_queue_len_max, s.replication.live_queue_bytes_max, Overflow::Drop).await?;
         tasks.spawn(receive_heads(shared.clone(), heads));
-        let requests = t.serve(keys::REPLAY_ALL, s.replication.request_queue_len_max).await?;
+        let requests = t.serve(keys::REPLAY_ALL, s.replication.request_queue_len_max, replay_requests_for(s.node.clone())).await?;
         tasks.spawn(serve_replay(shared.clone(), requests));
         let check = Duration::from_millis(s.replication.ack_interval_ms);
         let query_timeout = Duration::from_millis(s.replication.replay_timeout_ms);
@@ -368,6 +373,7 @@ impl Replicator {
             replay_received: get(&c.replay_received),
             replay_stored: get(&c.replay_stored),
             replay_served_requests: get(&c.replay_served_requests),
+            replay_requests_dropped: get(&c.replay_requests_dropped),
             replay_served_records: get(&c.replay_served_records),
             replay_served_damaged: get(&c.replay_served_damaged),
             ingest_accepted: get(&c.ingest_accepted),
@@ -1011,8 +1017,37 @@ fn read_serving(log: &Log, key: &StreamKey, from: u64, to: u64, want: usize, spa
     Ok(served)
 }
 
+/// Which replay requests this node queues: those naming it as the holder. Every node receives
+/// every request; the others (and malformed ones) end at once here, so their requesters do not
+/// wait for this node's queue, and they take none of its places.
+fn replay_requests_for(node: NodeId) -> super::Accept {
+    Arc::new(move |key, params| match ReplayParams::parse(params) {
+        Ok(p) => p.holder == node,
+        Err(e) => {
+            tracing::debug!(key, params, error = e, "bad replay request");
+            false
+        }
+    })
+}
+
 async fn serve_replay(shared: Arc<Shared>, mut requests: super::Incoming<Request>) {
+    let (mut reported_drops, mut logged_at) = (0, None::<Instant>);
     while let Some(mut request) = requests.recv().await {
+        let dropped = requests.dropped();
+        if dropped != reported_drops {
+            shared.counters.replay_requests_dropped.fetch_add(dropped - reported_drops, Ordering::Relaxed);
+            // Logged at the 1st, 2nd, 4th… drop and at least once a minute while they go on:
+            // an operator sees it without a flood.
+            let crossed = (reported_drops + 1).next_power_of_two() <= dropped;
+            if crossed || logged_at.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
+                logged_at = Some(Instant::now());
+                tracing::warn!(
+                    dropped,
+                    "replay requests naming this node dropped (queue full; raise replication.request_queue_len_max); their senders ask again"
+                );
+            }
+            reported_drops = dropped;
+        }
         let Some((origin, stream)) = keys::parse_replay(&request.key) else { continue };
         let params = match ReplayParams::parse(&request.params) {
             Ok(p) => p,

@@ -17,7 +17,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tokio::sync::mpsc;
 
-use super::{keys, AliveEvent, BoxFut, BusError, ByteBudget, Incoming, Overflow, Request, Responder, Sample, Transport, Weighed};
+use super::{keys, Accept, AliveEvent, BoxFut, BusError, ByteBudget, Incoming, Overflow, Request, Responder, Sample, Transport, Weighed};
 use crate::model::NodeId;
 
 /// Fault probabilities (0.0..=1.0) and the delay range of every delivered message.
@@ -44,6 +44,8 @@ pub struct NetStats {
 
 /// Where a publication goes: a subscription's queue, its byte bound, its drop count, its node.
 type SubTarget = (mpsc::Sender<Sample>, Option<Arc<ByteBudget>>, Arc<AtomicU64>, NodeId);
+/// A server a request goes to: its queue, drop counter, filter and node.
+type ServerTarget = (mpsc::Sender<Request>, Arc<AtomicU64>, Option<Accept>, NodeId);
 
 struct Sub<T> {
     owner: NodeId,
@@ -52,6 +54,8 @@ struct Sub<T> {
     dropped: Arc<AtomicU64>,
     /// The queue's bound in bytes, for subscriptions.
     budget: Option<Arc<ByteBudget>>,
+    /// Which requests a server takes.
+    accept: Option<Accept>,
     id: u64,
 }
 
@@ -287,6 +291,16 @@ struct SimResponder {
     from: NodeId,
     to: NodeId,
     tx: mpsc::Sender<Vec<u8>>,
+    /// The request's timeout.
+    deadline: tokio::time::Instant,
+}
+
+/// Keeps a reply stream open until `deadline`, as a request or reply lost on the way does.
+fn hold_until(deadline: tokio::time::Instant, tx: mpsc::Sender<Vec<u8>>) {
+    tokio::spawn(async move {
+        tokio::time::sleep_until(deadline).await;
+        drop(tx);
+    });
 }
 
 impl Responder for SimResponder {
@@ -296,9 +310,14 @@ impl Responder for SimResponder {
             let delays = s.plan();
             s.stats.delivered += delays.len() as u64;
             drop(s);
+            if delays.is_empty() {
+                hold_until(self.deadline, self.tx.clone());
+            }
             deliver(delays, self.tx.clone(), None, payload, Arc::new(AtomicU64::new(0)), Clone::clone);
         } else {
             s.stats.unreachable += 1;
+            drop(s);
+            hold_until(self.deadline, self.tx.clone());
         }
         Box::pin(async { Ok(()) })
     }
@@ -312,13 +331,14 @@ impl SimTransport {
         keyexpr: &str,
         capacity: usize,
         budget: Option<Arc<ByteBudget>>,
+        accept: Option<Accept>,
     ) -> Incoming<T> {
         let mut s = self.net.lock();
         let (tx, rx) = mpsc::channel(capacity);
         let dropped = Arc::new(AtomicU64::new(0));
         let id = s.next_id;
         s.next_id += 1;
-        list(&mut s).push(Sub { owner: self.node.clone(), pattern: keyexpr.to_owned(), tx, dropped: dropped.clone(), budget, id });
+        list(&mut s).push(Sub { owner: self.node.clone(), pattern: keyexpr.to_owned(), tx, dropped: dropped.clone(), budget, accept, id });
         Incoming::new(rx, dropped, Box::new(SimGuard { net: self.net.clone(), id }))
     }
 }
@@ -350,21 +370,29 @@ impl Transport for SimTransport {
     // The simulated queues drop when full whatever `overflow` says: ingest is not simulated.
     fn subscribe(&self, keyexpr: &str, capacity: usize, bytes_max: usize, _overflow: Overflow) -> BoxFut<'_, Result<Incoming<Sample>, BusError>> {
         let budget = ByteBudget::new(bytes_max);
-        let incoming = self.register(|s| &mut s.subs, keyexpr, capacity, Some(budget.clone()));
+        let incoming = self.register(|s| &mut s.subs, keyexpr, capacity, Some(budget.clone()), None);
         Box::pin(async move { Ok(incoming.with_budget(budget)) })
     }
 
-    fn serve(&self, keyexpr: &str, capacity: usize) -> BoxFut<'_, Result<Incoming<Request>, BusError>> {
-        let incoming = self.register(|s| &mut s.servers, keyexpr, capacity, None);
+    fn serve(&self, keyexpr: &str, capacity: usize, accept: Accept) -> BoxFut<'_, Result<Incoming<Request>, BusError>> {
+        let incoming = self.register(|s| &mut s.servers, keyexpr, capacity, None, Some(accept));
         Box::pin(async move { Ok(incoming) })
     }
 
     fn request(&self, key: &str, params: &str, payload: Vec<u8>, timeout: Duration, capacity: usize) -> BoxFut<'_, Result<mpsc::Receiver<Vec<u8>>, BusError>> {
-        let (tx, rx) = mpsc::channel(capacity);
+        // Like a Zenoh query, the reply stream ends once every server reached is done with the
+        // request (its responder dropped, its replies delivered), or at the timeout. A request
+        // or reply lost on the way holds it open until the timeout.
+        let deadline = tokio::time::Instant::now() + timeout;
+        let (tx, mut replies) = mpsc::channel(capacity);
         let mut s = self.net.lock();
-        let servers: Vec<(mpsc::Sender<Request>, Arc<AtomicU64>, NodeId)> =
-            s.servers.iter().filter(|srv| keys::matches(&srv.pattern, key)).map(|srv| (srv.tx.clone(), srv.dropped.clone(), srv.owner.clone())).collect();
-        for (srv, dropped, owner) in servers {
+        let servers: Vec<ServerTarget> = s
+            .servers
+            .iter()
+            .filter(|srv| keys::matches(&srv.pattern, key))
+            .map(|srv| (srv.tx.clone(), srv.dropped.clone(), srv.accept.clone(), srv.owner.clone()))
+            .collect();
+        for (srv, dropped, accept, owner) in servers {
             if !s.reachable(&self.node, &owner) {
                 s.stats.unreachable += 1;
                 continue;
@@ -372,22 +400,41 @@ impl Transport for SimTransport {
             let delays = s.plan();
             s.stats.delivered += delays.len() as u64;
             // A request is not duplicated: one copy, after the first planned delay.
-            if let Some(&delay) = delays.first() {
-                let responder = SimResponder { net: self.net.clone(), from: owner.clone(), to: self.node.clone(), tx: tx.clone() };
-                let request = Request { key: key.to_owned(), params: params.to_owned(), payload: payload.clone(), responder: Box::new(responder) };
-                tokio::spawn(async move {
-                    tokio::time::sleep(delay).await;
-                    if srv.try_send(request).is_err() {
-                        dropped.fetch_add(1, Ordering::Relaxed);
-                    }
-                });
-            }
+            let Some(&delay) = delays.first() else {
+                hold_until(deadline, tx.clone());
+                continue;
+            };
+            let responder = SimResponder { net: self.net.clone(), from: owner.clone(), to: self.node.clone(), tx: tx.clone(), deadline };
+            let request = Request { key: key.to_owned(), params: params.to_owned(), payload: payload.clone(), responder: Box::new(responder) };
+            tokio::spawn(async move {
+                tokio::time::sleep(delay).await;
+                if !accept.is_none_or(|a| a(&request.key, &request.params)) {
+                    return;
+                }
+                // Counted before the refused request (and its responder) is dropped.
+                if let Err(refused) = srv.try_send(request) {
+                    dropped.fetch_add(1, Ordering::Relaxed);
+                    drop(refused);
+                }
+            });
         }
         drop(s);
-        // The reply stream ends at the timeout, like a Zenoh query.
+        drop(tx);
+        let (out, rx) = mpsc::channel(capacity);
         tokio::spawn(async move {
-            tokio::time::sleep(timeout).await;
-            drop(tx);
+            // Into the requester's queue as they come (full: the reply is lost, as with Zenoh);
+            // at the timeout, what already arrived is passed on and the stream ends.
+            let forward = async {
+                while let Some(reply) = replies.recv().await {
+                    let _ = out.try_send(reply);
+                }
+            };
+            if tokio::time::timeout_at(deadline, forward).await.is_err() {
+                replies.close();
+                while let Ok(reply) = replies.try_recv() {
+                    let _ = out.try_send(reply);
+                }
+            }
         });
         Box::pin(async move { Ok(rx) })
     }
@@ -403,7 +450,7 @@ impl Transport for SimTransport {
     }
 
     fn watch_alive(&self, keyexpr: &str, capacity: usize) -> BoxFut<'_, Result<Incoming<AliveEvent>, BusError>> {
-        let incoming = self.register(|s| &mut s.watchers, keyexpr, capacity, None);
+        let incoming = self.register(|s| &mut s.watchers, keyexpr, capacity, None, None);
         self.net.lock().refresh_liveliness();
         Box::pin(async move { Ok(incoming) })
     }

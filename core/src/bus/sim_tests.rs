@@ -32,6 +32,7 @@ struct SimNode {
     handover: Duration,
     replay_requests_per_check_max: usize,
     peer_events_queue_len_max: usize,
+    request_queue_len_max: usize,
 }
 
 fn settings(n: &SimNode) -> Settings {
@@ -56,7 +57,7 @@ fn settings(n: &SimNode) -> Settings {
             live_batch_len_max: 8,
             live_batch_bytes_max: 4096,
             insert_batches_in_flight_max: 4,
-            request_queue_len_max: 64,
+            request_queue_len_max: n.request_queue_len_max,
             peer_events_queue_len_max: n.peer_events_queue_len_max,
             publish_round_len_max: 16,
             replay_requests_per_check_max: n.replay_requests_per_check_max,
@@ -86,6 +87,7 @@ impl SimNode {
             handover: Duration::ZERO,
             replay_requests_per_check_max: 64,
             peer_events_queue_len_max: 1024,
+            request_queue_len_max: 64,
         }
     }
 
@@ -654,5 +656,58 @@ fn presence_dropped_by_a_full_queue_is_read_again() {
         settle(&["fog-0"]).await;
         assert_eq!(replicator.counters().presence_dropped, dropped + 3, "one gone queued, three dropped");
         cloud.down(&net).await;
+    });
+}
+
+/// Replay requests beyond `request_queue_len_max` are dropped and counted, and end at once
+/// for their senders; requests naming another holder take no place in the queue and end at
+/// once too. Here a queue of one: two requests for another holder arrive first, then four
+/// for this node at the same instant: one is queued and answered, three are dropped.
+#[test]
+fn replay_requests_beyond_the_queue_are_dropped_counted_and_end_at_once() {
+    paused_runtime().block_on(async {
+        use super::wire::{self, ReplayBatch, ReplayParams};
+        let net = SimNet::new(11, Faults::NONE);
+        let mut edge = SimNode::new("edge-1", Tier::Edge, &[], 11);
+        edge.request_queue_len_max = 1;
+        let asker = NodeId::new("fog-9").unwrap();
+        let peer = net.attach(&asker);
+        net.link(&edge.id, &asker);
+        edge.up(&net).await;
+        let stream = StreamName::new("readings/a").unwrap();
+        let key = edge.append_readings(&stream, 1..11).await;
+        let timeout = Duration::from_secs(60);
+        let ask = async |holder: &str| {
+            let params = ReplayParams { incarnation: key.incarnation, from: 1, to: 10, holder: NodeId::new(holder).unwrap() };
+            peer.request(&super::keys::replay(&key.origin, &key.stream), &params.to_params(), Vec::new(), timeout, 32).await.unwrap()
+        };
+        // Issued before this task yields: they arrive at the edge at the same instant.
+        let started = tokio::time::Instant::now();
+        let mut asked = Vec::new();
+        for holder in ["cloud-1", "cloud-2", "edge-1", "edge-1", "edge-1", "edge-1"] {
+            asked.push(ask(holder).await);
+        }
+        let mut records = Vec::new();
+        for replies in &mut asked {
+            let mut got = 0;
+            while let Some(bytes) = replies.recv().await {
+                got += wire::decode::<ReplayBatch>(&bytes).unwrap().records.len();
+            }
+            records.push(got);
+        }
+        assert!(started.elapsed() < timeout, "a reply stream stayed open until the timeout ({:?})", started.elapsed());
+        assert_eq!(records, [0, 0, 10, 0, 0, 0], "the first request naming the edge is answered in full; the others get nothing");
+        let counters = edge.replicator.as_ref().unwrap().counters();
+        assert_eq!((counters.replay_requests_dropped, counters.replay_served_requests), (3, 1), "{counters:?}");
+        // The queue takes requests again once it has room.
+        let mut again = ask("edge-1").await;
+        let mut got = 0;
+        while let Some(bytes) = again.recv().await {
+            got += wire::decode::<ReplayBatch>(&bytes).unwrap().records.len();
+        }
+        assert_eq!(got, 10);
+        let counters = edge.replicator.as_ref().unwrap().counters();
+        assert_eq!((counters.replay_requests_dropped, counters.replay_served_requests), (3, 2), "{counters:?}");
+        edge.down(&net).await;
     });
 }

@@ -12,7 +12,7 @@ use zenoh::query::{ConsolidationMode, QueryTarget};
 use zenoh::sample::SampleKind;
 use zenoh::Wait;
 
-use super::{AliveEvent, BoxFut, BusError, ByteBudget, Incoming, Overflow, Request, Responder, Sample, Transport};
+use super::{Accept, AliveEvent, BoxFut, BusError, ByteBudget, Incoming, Overflow, Request, Responder, Sample, Transport};
 use crate::config::{NodeConfig, ZenohMode};
 use crate::security::{NodeSecurity, TlsFiles};
 
@@ -296,7 +296,7 @@ impl Transport for ZenohTransport {
         })
     }
 
-    fn serve(&self, keyexpr: &str, capacity: usize) -> BoxFut<'_, Result<Incoming<Request>, BusError>> {
+    fn serve(&self, keyexpr: &str, capacity: usize, accept: Accept) -> BoxFut<'_, Result<Incoming<Request>, BusError>> {
         let keyexpr = keyexpr.to_owned();
         Box::pin(async move {
             let (tx, rx) = mpsc::channel(capacity);
@@ -307,6 +307,10 @@ impl Transport for ZenohTransport {
                 .session
                 .declare_queryable(keyexpr)
                 .callback(move |query: zenoh::query::Query| {
+                    // Dropping the query without a reply ends it for this node at once.
+                    if !accept(query.key_expr().as_str(), query.parameters().as_str()) {
+                        return;
+                    }
                     let request = Request {
                         key: query.key_expr().as_str().to_owned(),
                         params: query.parameters().as_str().to_owned(),
@@ -315,8 +319,10 @@ impl Transport for ZenohTransport {
                     };
                     // Full: the query is dropped, which ends it with no reply; the
                     // requester retries.
-                    if tx.try_send(request).is_err() {
+                    if let Err(refused) = tx.try_send(request) {
+                        // Counted before the query ends, which the requester may see at once.
                         counter.fetch_add(1, Ordering::Relaxed);
+                        drop(refused);
                     }
                 })
                 .await
@@ -434,6 +440,49 @@ mod tests {
             }
         }
         assert_eq!(a.publishers.lock().unwrap().len(), 1, "one publisher declared, the other keys put plainly");
+        a.close().await;
+        b.close().await;
+    }
+
+    /// Over real Zenoh sessions: a request the server refuses (`accept` says no), or cannot
+    /// queue (its queue is full), ends at once for the requester, with no reply; one waiting
+    /// in the queue keeps the reply stream open until it is answered.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn requests_a_server_refuses_or_cannot_queue_end_at_once() {
+        let port = crate::ports::free_loopback_port().unwrap();
+        let a = loopback("a", Some(port), None).await;
+        let b = loopback("b", None, Some(port)).await;
+        let mut served = a.serve("test/q/**", 1, Arc::new(|_, params| params == "take")).await.unwrap();
+        let long = Duration::from_secs(20);
+        // Until the queryable has reached `b`, a request ends with nobody asked: ask again
+        // until `a` receives one.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            assert!(tokio::time::Instant::now() < deadline, "a never received b's request");
+            let _replies = b.request("test/q/x", "take", Vec::new(), Duration::from_secs(1), 4).await.unwrap();
+            if tokio::time::timeout(Duration::from_millis(100), served.recv()).await.is_ok() {
+                break;
+            }
+        }
+        // A probe that arrives late must not take the queue's one place: wait until none has
+        // come for longer than a probe lives.
+        while let Ok(Some(_)) = tokio::time::timeout(Duration::from_millis(1500), served.recv()).await {}
+        let mut queued = b.request("test/q/x", "take", Vec::new(), long, 4).await.unwrap();
+        assert!(tokio::time::timeout(Duration::from_secs(1), queued.recv()).await.is_err(), "a queued request keeps its reply stream open");
+        let mut full = b.request("test/q/x", "take", Vec::new(), long, 4).await.unwrap();
+        let ended = tokio::time::timeout(Duration::from_secs(10), full.recv()).await;
+        assert_eq!(ended, Ok(None), "a request the full queue dropped ends at once, unanswered");
+        assert_eq!(served.dropped(), 1);
+        let mut refused = b.request("test/q/x", "other", Vec::new(), long, 4).await.unwrap();
+        let ended = tokio::time::timeout(Duration::from_secs(10), refused.recv()).await;
+        assert_eq!(ended, Ok(None), "a request the server refuses ends at once, unanswered");
+        assert_eq!(served.dropped(), 1, "a refused request is not counted as dropped");
+        let mut request = tokio::time::timeout(Duration::from_secs(10), served.recv()).await.unwrap().unwrap();
+        request.responder.reply(b"hi".to_vec()).await.unwrap();
+        drop(request);
+        assert_eq!(tokio::time::timeout(Duration::from_secs(10), queued.recv()).await, Ok(Some(b"hi".to_vec())));
+        assert_eq!(tokio::time::timeout(Duration::from_secs(10), queued.recv()).await, Ok(None));
+        drop(served);
         a.close().await;
         b.close().await;
     }

@@ -298,7 +298,7 @@ impl Decider {
 
     /// Serves `capability` with `service` until the guard is dropped.
     pub async fn serve(self: &Arc<Self>, capability: &Name, service: Arc<dyn Service>) -> Result<ServeGuard, BusError> {
-        let mut requests = self.transport.serve(&decide_key(capability.as_str(), &self.node), self.serve_queue_len_max).await?;
+        let mut requests = self.transport.serve(&decide_key(capability.as_str(), &self.node), self.serve_queue_len_max, crate::bus::accept_all()).await?;
         let token = self.transport.declare_alive(&serves_key(capability.as_str(), self.tier, &self.node)).await?;
         let (node, tier) = (self.node.to_string(), self.tier);
         let permits = Arc::new(Semaphore::new(self.serve_queue_len_max));

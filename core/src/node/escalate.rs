@@ -256,7 +256,7 @@ pub async fn run(
             return;
         }
     };
-    let mut requests = match transport.serve(&resolve_key(&config.node.id), config.autonomy.approvals_queue_len_max).await {
+    let mut requests = match transport.serve(&resolve_key(&config.node.id), config.autonomy.approvals_queue_len_max, crate::bus::accept_all()).await {
         Ok(r) => r,
         Err(e) => {
             tracing::error!(error = %e, "the escalation desk cannot serve approvals");

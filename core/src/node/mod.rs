@@ -301,7 +301,7 @@ impl Node {
     }
 
     async fn start_status(&mut self) -> Result<(), NodeError> {
-        let mut requests = self.transport.serve(&keys::status(&self.config.node.id), self.config.node.status_queue_len_max).await?;
+        let mut requests = self.transport.serve(&keys::status(&self.config.node.id), self.config.node.status_queue_len_max, crate::bus::accept_all()).await?;
         let (log, replicator, config, started) = (self.log.clone(), self.replicator.clone(), self.config.clone(), self.started);
         let (root, dropped, mode) = (self.root.clone(), self.events_dropped.clone(), self.mode.clone());
         let (decider, escalations, reports) = (self.decider.clone(), self.escalations.clone(), self.reports.clone());
