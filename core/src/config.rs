@@ -589,7 +589,8 @@ pub struct ReplicationSection {
     /// before it publishes them). Default 4096.
     pub publish_round_len_max: usize,
     /// How long an orderly stop waits for the records queued to be published live to go
-    /// out, in ms, before the handover. Default 5000.
+    /// out, in ms, before the handover. 0: not waited for (subscribers replay them later).
+    /// Default 5000.
     pub shutdown_flush_ms: u64,
     /// Most replay requests for one stream in one check (each for one missing range, answered
     /// with up to 16 × `replay_batch_len_max` records); the next check goes on. Default 64.
@@ -680,8 +681,8 @@ pub struct SupervisionSection {
     /// Supervision events waiting to be appended to the `events` stream; beyond it they are
     /// counted as dropped (and still logged). Default 1024.
     pub events_queue_len_max: usize,
-    /// How long an orderly stop waits for the events still queued to be appended, in ms.
-    /// Default 5000.
+    /// How long an orderly stop waits for the events still queued to be appended, in ms; past
+    /// it the rest are not appended. 0: no wait. Default 5000.
     pub events_drain_wait_ms: u64,
     /// Most records an actor's host reads from one input per batch (one handler batch, one
     /// cursor commit). Default 256.

@@ -33,6 +33,7 @@ struct SimNode {
     replay_requests_per_check_max: usize,
     peer_events_queue_len_max: usize,
     request_queue_len_max: usize,
+    shutdown_flush: Duration,
 }
 
 fn settings(n: &SimNode) -> Settings {
@@ -52,7 +53,7 @@ fn settings(n: &SimNode) -> Settings {
             // Small frames: schedules drop, duplicate and reorder frames of several records too.
             live_frame_bytes_max: 1024,
             shutdown_handover_ms: n.handover.as_millis() as u64,
-            shutdown_flush_ms: 5000,
+            shutdown_flush_ms: n.shutdown_flush.as_millis() as u64,
             // Small batches and queues: schedules exercise the receiver's batching and waits.
             live_batch_len_max: 8,
             live_batch_bytes_max: 4096,
@@ -88,6 +89,7 @@ impl SimNode {
             replay_requests_per_check_max: 64,
             peer_events_queue_len_max: 1024,
             request_queue_len_max: 64,
+            shutdown_flush: Duration::from_secs(5),
         }
     }
 
@@ -709,5 +711,44 @@ fn replay_requests_beyond_the_queue_are_dropped_counted_and_end_at_once() {
         let counters = edge.replicator.as_ref().unwrap().counters();
         assert_eq!((counters.replay_requests_dropped, counters.replay_served_requests), (3, 2), "{counters:?}");
         edge.down(&net).await;
+    });
+}
+
+/// An orderly stop publishes what is queued for live publication before it ends
+/// (`shutdown_flush_ms`), so a subscriber gets a stopping node's last records without a replay;
+/// with 0 it does not wait, and they stay on the stopped node. No handover here: only the
+/// flush can deliver them.
+#[test]
+fn an_orderly_stop_publishes_what_is_queued_unless_its_flush_wait_is_zero() {
+    paused_runtime().block_on(async {
+        for (seed, flush, expected) in [(12, Duration::from_secs(5), 20), (13, Duration::ZERO, 0)] {
+            let net = SimNet::new(seed, Faults::NONE);
+            let mut edge = SimNode::new("edge-1", Tier::Edge, &[], 11);
+            edge.shutdown_flush = flush;
+            let mut fog = SimNode::new("fog-1", Tier::Fog, &["edge-1/**"], 22);
+            net.link(&edge.id, &fog.id);
+            edge.up(&net).await;
+            fog.up(&net).await;
+            let stream = StreamName::new("readings/a").unwrap();
+            let mut appended = Vec::new();
+            for i in 0..20 {
+                appended.push(edge.log.append_durable(stream.clone(), reading(i)).await.unwrap());
+            }
+            let key = StreamKey::of(&appended[0].id);
+            // Queued for publication and stopped before the publisher had a turn.
+            let r = edge.replicator.as_ref().unwrap();
+            for envelope in &appended {
+                r.publish(envelope);
+            }
+            edge.down(&net).await;
+            for _ in 0..100 {
+                if watermark(&fog.log, &key) >= expected && expected > 0 {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            assert_eq!(watermark(&fog.log, &key), expected, "shutdown_flush {flush:?}: {:?}", fog.replicator.as_ref().unwrap().counters());
+            fog.down(&net).await;
+        }
     });
 }

@@ -373,10 +373,13 @@ impl Node {
         if let Some(finish) = self.events_finish.take() {
             let _ = finish.send(());
         }
-        if let Some(events) = self.events_task.take() {
+        if let Some(mut events) = self.events_task.take() {
             let drain_wait = Duration::from_millis(self.config.supervision.events_drain_wait_ms);
-            if tokio::time::timeout(drain_wait, events).await.is_err() {
-                tracing::warn!("the last events were not all appended before stopping");
+            if tokio::time::timeout(drain_wait, &mut events).await.is_err() {
+                // Ended here: it must not go on appending while replication stops and the log
+                // closes (each of its appends would fail and be logged as an error).
+                events.abort();
+                tracing::warn!(waited_ms = drain_wait.as_millis() as u64, "the last events were not all appended before stopping");
             }
         }
         // Replication stops last: the actors' and the events' last records are published and
