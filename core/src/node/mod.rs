@@ -278,16 +278,7 @@ impl Node {
                         // Caught up: every acknowledging tier holds what this node had at the recovery.
                         let goal = replicator.own_watermarks();
                         catching_up = Some(tokio::spawn(async move {
-                            let start = Instant::now();
-                            let records = replicator.short_of(&goal, false);
-                            while replicator.short_of(&goal, false) > 0 {
-                                if start.elapsed() > catch_up_watch {
-                                    events.push(json!({"event": "catch_up_slow", "records": records, "after_ms": start.elapsed().as_millis() as u64}));
-                                    return;
-                                }
-                                tokio::time::sleep(ack_every).await;
-                            }
-                            events.push(json!({"event": "caught_up", "records": records, "after_ms": start.elapsed().as_millis() as u64}));
+                            events.push(watch_catch_up(|| replicator.short_of(&goal, false), catch_up_watch, ack_every).await);
                         }));
                     }
                 }
@@ -390,6 +381,24 @@ impl Node {
         // Closing joins the committer thread: keep it off the async workers.
         let _ = tokio::task::spawn_blocking(move || log.close()).await;
         tracing::info!(node = %self.config.node.id, "node stopped");
+    }
+}
+
+/// Watches the other tiers catch up after a recovery, looking every `every` at how many
+/// records they still miss (`short_of`): a `caught_up` event once that is 0, a `catch_up_slow`
+/// event if it is not after `watch`. Both give the records missed at the start and the time.
+async fn watch_catch_up(short_of: impl Fn() -> u64, watch: Duration, every: Duration) -> Value {
+    let start = tokio::time::Instant::now();
+    let records = short_of();
+    loop {
+        let after_ms = start.elapsed().as_millis() as u64;
+        if short_of() == 0 {
+            return json!({"event": "caught_up", "records": records, "after_ms": after_ms});
+        }
+        if start.elapsed() > watch {
+            return json!({"event": "catch_up_slow", "records": records, "after_ms": after_ms});
+        }
+        tokio::time::sleep(every).await;
     }
 }
 
@@ -608,6 +617,30 @@ mod tests {
         assert!(lines[1].contains("cloud:3 fog:0") && lines[1].trim_end().ends_with('-'), "{table}");
         assert!(lines[1].contains("5/90/5 99.0%       1 "), "decisions per tier, deadlines met, escalations waiting: {table}");
         assert!(lines[2].contains("edge-1:2 fog-1:0"), "{table}");
+    }
+
+    /// `modes.catch_up_watch_ms` bounds how long the catch-up after a recovery is watched: a
+    /// shortfall that ends within it gives `caught_up`, one that does not gives
+    /// `catch_up_slow`, each with the records missed at the start (on a paused clock).
+    #[test]
+    fn the_catch_up_watch_reports_caught_up_or_slow_by_its_bound() {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_time().start_paused(true).build().unwrap();
+        runtime.block_on(async {
+            let (watch, every) = (Duration::from_millis(1000), Duration::from_millis(50));
+            // 40 records short, 4 fewer at every look: caught up at the tenth, 9 × 50 ms in.
+            let left = std::sync::atomic::AtomicU64::new(44);
+            let shrinking = || left.fetch_sub(4, std::sync::atomic::Ordering::Relaxed).saturating_sub(4);
+            let event = watch_catch_up(shrinking, watch, every).await;
+            assert_eq!(event, json!({"event": "caught_up", "records": 40, "after_ms": 450}));
+            let event = watch_catch_up(|| 7, watch, every).await;
+            assert_eq!(event["event"], "catch_up_slow", "{event}");
+            assert_eq!(event["records"], 7);
+            let after_ms = event["after_ms"].as_u64().unwrap();
+            assert!((1000..=1050).contains(&after_ms), "reported after the watch's bound and within one look of it: {event}");
+            // A shorter watch gives up sooner on the same shortfall.
+            let event = watch_catch_up(|| 7, Duration::from_millis(200), every).await;
+            assert_eq!((event["event"].as_str(), event["after_ms"].as_u64()), (Some("catch_up_slow"), Some(250)));
+        });
     }
 
     #[test]
