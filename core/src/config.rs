@@ -691,7 +691,8 @@ pub struct SupervisionSection {
     /// records wake it at once; this bounds a missed wake-up). At least 10. Default 200.
     pub input_idle_wait_ms: u64,
     /// How long a status query waits for the root supervisor's list of actors, in ms; past
-    /// it the status lists none. Default 2000.
+    /// it the status shows the list as unknown (`actors` null, `actors_unlisted_after_ms`).
+    /// Default 2000.
     pub status_children_wait_ms: u64,
 }
 

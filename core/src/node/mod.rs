@@ -300,9 +300,9 @@ impl Node {
         self.tasks.spawn(async move {
             let children_wait = Duration::from_millis(config.supervision.status_children_wait_ms);
             while let Some(mut request) = requests.recv().await {
-                let actors = supervise::children(&root, children_wait).await.unwrap_or_default();
+                let actors = Listed { actors: supervise::children(&root, children_wait).await, waited: children_wait };
                 let dropped = dropped.load(std::sync::atomic::Ordering::Relaxed);
-                let mut doc = status(&config, &log, &replicator, started, *mode.borrow(), &actors, dropped);
+                let mut doc = status(&config, &log, &replicator, started, *mode.borrow(), actors, dropped);
                 decisions_status(&mut doc, &decider, &escalations, &reports);
                 doc["security"] = security.clone();
                 let _ = request.responder.reply(doc.to_string().into_bytes()).await;
@@ -314,9 +314,9 @@ impl Node {
     /// The status document served on `strata/status/<node_id>`.
     pub async fn status(&self) -> Value {
         let children_wait = Duration::from_millis(self.config.supervision.status_children_wait_ms);
-        let actors = supervise::children(&self.root, children_wait).await.unwrap_or_default();
+        let actors = Listed { actors: supervise::children(&self.root, children_wait).await, waited: children_wait };
         let dropped = self.events_dropped.load(std::sync::atomic::Ordering::Relaxed);
-        let mut doc = status(&self.config, &self.log, &self.replicator, self.started, self.mode(), &actors, dropped);
+        let mut doc = status(&self.config, &self.log, &self.replicator, self.started, self.mode(), actors, dropped);
         decisions_status(&mut doc, &self.decider, &self.escalations, &self.reports);
         doc["security"] = self.security.clone();
         doc
@@ -461,15 +461,14 @@ fn decisions_status(doc: &mut Value, decider: &decide::Decider, escalations: &st
     doc["escalations_pending"] = escalations.lock().unwrap_or_else(|p| p.into_inner()).clone();
 }
 
-fn status(
-    config: &NodeConfig,
-    log: &Log,
-    replicator: &Replicator,
-    started: Instant,
-    mode: Mode,
-    actors: &[supervise::ChildInfo],
-    events_dropped: u64,
-) -> Value {
+/// The root supervisor's list of actors for a status document, or `None` if it did not answer
+/// within `waited` (`supervision.status_children_wait_ms`).
+struct Listed {
+    actors: Option<Vec<supervise::ChildInfo>>,
+    waited: Duration,
+}
+
+fn status(config: &NodeConfig, log: &Log, replicator: &Replicator, started: Instant, mode: Mode, listed: Listed, events_dropped: u64) -> Value {
     let acks = replicator.acks();
     let holders = replicator.holders();
     let streams: Vec<Value> = log
@@ -492,18 +491,23 @@ fn status(
         .collect();
     let presence: serde_json::Map<String, Value> =
         replicator.presence().into_iter().map(|(n, p)| (n.to_string(), serde_json::to_value(p).expect("presence serialises"))).collect();
-    json!({
+    let mut doc = json!({
         "node": config.node.id.as_str(),
         "tier": config.node.tier,
         "incarnation": log.incarnation().to_string(),
         "uptime_ms": started.elapsed().as_millis() as u64,
         "mode": mode,
-        "actors": actors,
+        "actors": listed.actors,
         "events_dropped": events_dropped,
         "streams": streams,
         "liveliness": presence,
         "replication": replicator.counters(),
-    })
+    });
+    if doc["actors"].is_null() {
+        // Not "no actors": the supervisor did not say (busy, or stuck), which is worth seeing.
+        doc["actors_unlisted_after_ms"] = json!(listed.waited.as_millis() as u64);
+    }
+    doc
 }
 
 /// `strata status`: one row per node: tier, mode, uptime, actors as `name:state/restarts`, streams,
@@ -557,7 +561,11 @@ pub fn status_table(docs: &[Value]) -> String {
                 d["tier"].as_str().unwrap_or("?").to_owned(),
                 d["mode"].as_str().unwrap_or("?").to_owned(),
                 format!("{:.1}s", d["uptime_ms"].as_u64().unwrap_or(0) as f64 / 1000.0),
-                if actors.is_empty() { "-".to_owned() } else { actors.join(" ") },
+                match d["actors_unlisted_after_ms"].as_u64() {
+                    Some(ms) => format!("? (no list in {ms} ms)"),
+                    None if actors.is_empty() => "-".to_owned(),
+                    None => actors.join(" "),
+                },
                 streams.len().to_string(),
                 decisions,
                 waiting.to_string(),
@@ -653,9 +661,15 @@ mod tests {
                 "other": {"note": "not a bridge"},
             },
         });
-        let table = status_table(&[gateway]);
+        let table = status_table(&[gateway.clone()]);
         let last = table.lines().last().unwrap();
         assert_eq!(last, "gw-1/plant: mqtt mqtt://127.0.0.1:1883 DISCONNECTED (reconnects 2) accepted:10 rejected not_json:1", "{table}");
         assert_eq!(table.lines().count(), 3, "{table}");
+        // A supervisor that did not list its actors in time is shown as unknown, not as none.
+        let mut unlisted = gateway;
+        unlisted["actors"] = Value::Null;
+        unlisted["actors_unlisted_after_ms"] = json!(2000);
+        let table = status_table(&[unlisted]);
+        assert!(table.lines().nth(1).unwrap().contains("? (no list in 2000 ms)"), "{table}");
     }
 }
