@@ -661,7 +661,7 @@ mod tests {
                 "other": {"note": "not a bridge"},
             },
         });
-        let table = status_table(&[gateway.clone()]);
+        let table = status_table(std::slice::from_ref(&gateway));
         let last = table.lines().last().unwrap();
         assert_eq!(last, "gw-1/plant: mqtt mqtt://127.0.0.1:1883 DISCONNECTED (reconnects 2) accepted:10 rejected not_json:1", "{table}");
         assert_eq!(table.lines().count(), 3, "{table}");
