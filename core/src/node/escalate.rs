@@ -165,9 +165,12 @@ impl Desk {
                                  "mode": doc["mode"], "reason": doc["reason"]}));
             tracing::warn!(id = pending.id, action = pending.action, reason = doc["reason"].as_str().unwrap_or(""), "escalation waiting for an operator");
             self.pending.insert(seq, pending);
-            if self.pending.len() > self.pending_max {
-                let oldest = *self.pending.keys().next().expect("not empty");
-                displaced.push((oldest, "displaced"));
+            // The oldest not displaced yet: several may arrive in one batch, and each
+            // displaced one stays pending until it is resolved.
+            if self.pending.len() - displaced.len() > self.pending_max {
+                if let Some(&oldest) = self.pending.keys().find(|s| !displaced.iter().any(|(d, _)| d == *s)) {
+                    displaced.push((oldest, "displaced"));
+                }
             }
         }
         displaced
@@ -176,7 +179,9 @@ impl Desk {
     /// Resolves pending `seq` with `outcome`: one atomic write of the resolution, the cursor
     /// and the out-of-order set.
     async fn resolve(&mut self, seq: u64, outcome: &str, by: &str) -> Result<Resolved, LogError> {
-        let p = self.pending.get(&seq).cloned().expect("resolving a pending escalation");
+        let Some(p) = self.pending.get(&seq).cloned() else {
+            return Err(LogError::Io { path: format!("escalation #{seq}").into(), detail: "not pending (resolved already)".into() });
+        };
         let action = if outcome == "approved" { p.action.clone() } else { self.safe_default.clone() };
         let waited_ms = unix_ms().saturating_sub(p.opened_unix_ms);
         let doc = json!({"escalation": p.id, "outcome": outcome, "action": action, "escalated_action": p.action,
@@ -363,6 +368,28 @@ mod tests {
         let outcomes: Vec<(String, String)> =
             resolutions(&log).iter().map(|d| (d["escalation"].as_str().unwrap().into(), d["outcome"].as_str().unwrap().into())).collect();
         assert_eq!(outcomes, [("b".into(), "approved".into()), ("a".into(), "denied".into())]);
+    }
+
+    /// Beyond `pending_escalations_max`, the oldest are displaced (resolved with the safe
+    /// default), each once, however many arrive in one batch.
+    #[tokio::test]
+    async fn a_batch_of_escalations_over_the_bound_displaces_each_oldest_once() {
+        let log = log_with_escalations(&["a", "b", "c", "d", "e"]).await;
+        let mut config = config(60_000);
+        config.autonomy.pending_escalations_max = 2;
+        let (publish, events): (Publish, super::super::decide::EventSink) = (Arc::new(|_| {}), Arc::new(|_| {}));
+        let mut desk = Desk::open(&config, log.clone(), publish, events).await.unwrap();
+        let batch = log.read(&desk.key, 1, 10).unwrap();
+        let displaced = desk.take(batch);
+        assert_eq!(displaced, [(1, "displaced"), (2, "displaced"), (3, "displaced")]);
+        for (seq, outcome) in displaced {
+            desk.resolve(seq, outcome, "desk").await.unwrap();
+        }
+        assert_eq!(desk.pending.values().map(|p| p.id.as_str()).collect::<Vec<_>>(), ["d", "e"]);
+        assert_eq!(desk.cursor, 3);
+        let outcomes: Vec<String> = resolutions(&log).iter().map(|d| d["escalation"].as_str().unwrap().to_owned()).collect();
+        assert_eq!(outcomes, ["a", "b", "c"]);
+        assert!(desk.resolve(1, "approved", "ops").await.is_err(), "resolving one that is not pending is an error, not a panic");
     }
 
     #[tokio::test]
