@@ -509,7 +509,9 @@ pub struct RetentionRule {
     /// Keep records at most this old, in seconds. Default unlimited.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub age_s_max: Option<u64>,
-    /// Never delete a record before every named tier acknowledged it. Default none.
+    /// Never delete a record of this node's own streams before every named tier acknowledged
+    /// it. Replicas of other nodes' streams go by size and age alone (their origin keeps its
+    /// own copy until acknowledged). Default none.
     #[serde(default)]
     pub keep_until_acked: Vec<Tier>,
 }

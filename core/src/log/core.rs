@@ -449,7 +449,11 @@ impl Core {
                 // An actor's latest snapshot is its state: never removed.
                 upper = upper.saturating_sub(1);
             }
-            for tier in &rule.keep_until_acked {
+            // Only this node's own streams wait for acknowledgements (only they get any): the
+            // origin keeps its records until the named tiers hold them, and a replica's copy
+            // goes by size and age alone, or it would never go.
+            let own = key.origin == self.node && key.incarnation == self.incarnation;
+            for tier in rule.keep_until_acked.iter().filter(|_| own) {
                 let acked = self.acks.get(&key).and_then(|a| a.get(tier)).copied().unwrap_or(0);
                 upper = upper.min(acked);
             }

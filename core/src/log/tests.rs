@@ -233,6 +233,30 @@ async fn retention_keeps_what_the_named_tiers_have_not_acknowledged() {
     .await;
 }
 
+/// `keep_until_acked` holds back this node's own records only: a replica's copy of another
+/// node's stream (which no acknowledgement is ever recorded for) goes by size and age, or a
+/// fog under the same rule as its edges would keep every replica for ever.
+#[tokio::test]
+async fn keep_until_acked_holds_back_own_records_not_replicas() {
+    both(vec![rule("**", None, Some(0), &[Tier::Cloud])], |log| async move {
+        let s = stream("r");
+        for i in 0..3u8 {
+            log.append_durable(s.clone(), draft(&[i])).await.unwrap();
+        }
+        for seq in 1..=3 {
+            log.insert_remote(remote("edge-9", 1, "r", seq)).await.unwrap();
+        }
+        let replica = StreamKey { origin: NodeId::new("edge-9").unwrap(), incarnation: Incarnation::from_raw(1), stream: s.clone() };
+        // Acknowledgements of a replica are not recorded by replication; one here changes nothing.
+        log.record_ack(Tier::Fog, &replica, 1);
+        let report = log.sweep(now_ms() + 10).await.unwrap();
+        assert_eq!(report.removed, 3, "{report:?}");
+        assert_eq!(log.stream(&replica).unwrap().count, 0, "the replica went by age");
+        assert_eq!(log.stream(&log.local_key(&s)).unwrap().count, 3, "own records wait for the cloud");
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn reopen_keeps_seqs_cursors_incarnation_and_gaps() {
     let dir = tempfile::tempdir().unwrap();
