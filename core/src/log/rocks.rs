@@ -730,11 +730,26 @@ impl Committer {
                 Some(_) if self.handoff.is_empty() => gate.try_inline(),
                 _ => None,
             };
+            // The syncer may have failed a sync since the check above; it stops the store
+            // while holding the gate, so with the gate held this is the last word.
+            if inline.is_some() {
+                if let Some(error) = stopped(&stop) {
+                    refuse(completers, &error);
+                    continue;
+                }
+            }
             let started = Instant::now();
             let written = self.db.write_opt(sink.batch, if inline.is_some() { &wo_sync } else { &wo });
             if let Err(e) = written {
-                let error = LogError::Io { path: self.db.path().to_owned(), detail: format!("batch write failed: {}", e.into_string()) };
-                tracing::error!(%error, "group commit failed; its operations are refused");
+                // Written with its sync, the failure may be the sync's: the WAL's state is
+                // unknown, so the store stops, as when the syncer's sync fails.
+                let error = if inline.is_some() {
+                    sync_failed(&self.db, e, &stop)
+                } else {
+                    let error = LogError::Io { path: self.db.path().to_owned(), detail: format!("batch write failed: {}", e.into_string()) };
+                    tracing::error!(%error, "group commit failed; its operations are refused");
+                    error
+                };
                 refuse(completers, &error);
                 continue;
             }
