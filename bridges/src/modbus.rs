@@ -447,7 +447,7 @@ async fn poll(p: ModbusParams, conn: Shared, health: Arc<Health>, connected: wat
             match tokio::time::timeout(timeout, attempt).await {
                 Ok(Ok(c)) => {
                     *conn.lock().await = Some(c);
-                    backoff.reset();
+                    backoff.connected();
                     health.connected();
                     connected.send_replace(true);
                 }
@@ -465,6 +465,7 @@ async fn poll(p: ModbusParams, conn: Shared, health: Arc<Health>, connected: wat
         }
         interval.tick().await;
         let mut readings = Vec::with_capacity(p.points.len());
+        let mut lost = false;
         {
             let mut guard = conn.lock().await;
             let Some(c) = guard.as_mut() else { continue };
@@ -482,6 +483,7 @@ async fn poll(p: ModbusParams, conn: Shared, health: Arc<Health>, connected: wat
                     Err((reason, true)) => {
                         *guard = None;
                         health.disconnected(&reason);
+                        lost = true;
                         break;
                     }
                 }
@@ -498,6 +500,11 @@ async fn poll(p: ModbusParams, conn: Shared, health: Arc<Health>, connected: wat
                 Ok(_) => health.count("readings", 1),
                 Err(e) => return tracing::error!(error = %e, "modbus: a reading could not be appended; the poller stops"),
             }
+        }
+        // Lost right after connecting (a gateway that accepts but whose device does not
+        // answer): wait as after a failed connect, not one poll interval.
+        if lost {
+            tokio::time::sleep(backoff.delay()).await;
         }
     }
 }

@@ -35,9 +35,13 @@
 //!
 //! Rejected messages (acknowledged, so the broker does not send them again) are counted by
 //! reason in `strata status`: `too_large`, `not_json`, `missing_field`, `bad_value`,
-//! `out_of_range`, `bad_timestamp`, `unmapped_topic`, `stream_not_in_outputs`; commands that
-//! cannot be published: `bad_command` (not JSON, or a template field missing; recorded as a
-//! `command_rejected` event).
+//! `out_of_range`, `bad_timestamp`, `unmapped_topic`, `stream_not_in_outputs`. A message over
+//! `packet_bytes_max` cannot be read: it fails the connection and is counted as
+//! `packet_too_large` (see `packet_bytes_max`). Commands that
+//! cannot be published: `bad_command` (not JSON, a template field missing, a rendered topic
+//! with a wildcard, or too large for `packet_bytes_max`) and `command_refused` (the broker
+//! refused it with an MQTT 5 reason code); each is recorded as a `command_rejected` event and
+//! not sent again.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -76,7 +80,8 @@ pub struct MqttParams {
     /// QoS of subscriptions and command publishes: 0, 1 or 2. Default 1.
     #[serde(default = "d_qos")]
     pub qos: u8,
-    /// MQTT keep-alive, in ms (at least 1000). Default 5000.
+    /// MQTT keep-alive, in ms: whole seconds (MQTT counts it in seconds), at least 1000 (5000
+    /// with protocol 5), at most 65535000. Default 5000.
     #[serde(default = "d_keep_alive_ms")]
     pub keep_alive_ms: u64,
     /// First reconnect delay, in ms; doubles up to `reconnect_max_ms`. Default 100.
@@ -88,9 +93,18 @@ pub struct MqttParams {
     /// Messages taken in and not yet durable (nor acknowledged) at most. Default 256.
     #[serde(default = "d_in_flight_max")]
     pub in_flight_len_max: usize,
-    /// Largest message accepted, in bytes. Default 65536.
+    /// Largest message accepted, in bytes (at least 1). Default 65536.
     #[serde(default = "d_payload_bytes_max")]
     pub payload_bytes_max: usize,
+    /// Largest MQTT packet read from or sent to the broker, in bytes. A message over
+    /// `payload_bytes_max` but within this is read, rejected as `too_large` and acknowledged.
+    /// A larger one fails the connection, and an MQTT 3.1.1 broker sends it again at every
+    /// reconnection, which holds back every message after it: keep the broker's own limit
+    /// (Mosquitto's `message_size_limit`) at or below this. An MQTT 5 broker is told it and
+    /// drops larger messages itself. At least `payload_bytes_max` + 1024, at most 268435455.
+    /// Default 1048576 (1 MiB).
+    #[serde(default = "d_packet_bytes_max")]
+    pub packet_bytes_max: usize,
     /// A command older than this when it could be sent is expired instead, in ms. Default
     /// 600000 (10 min).
     #[serde(default = "d_command_expiry_ms")]
@@ -163,6 +177,9 @@ fn d_in_flight_max() -> usize {
 }
 fn d_payload_bytes_max() -> usize {
     65_536
+}
+fn d_packet_bytes_max() -> usize {
+    1 << 20
 }
 fn d_command_expiry_ms() -> u64 {
     600_000
@@ -243,6 +260,13 @@ pub fn map_message(maps: &[ReadingMap], outputs: &[StreamName], topic: &str, pay
     Ok((stream, value, ts_ms))
 }
 
+/// Longest MQTT keep-alive: 65535 s (a 16-bit count of seconds).
+const KEEP_ALIVE_MS_MAX: u64 = 65_535_000;
+/// Largest packet MQTT can frame (its remaining length is at most 268435455).
+const PACKET_BYTES_CEILING: usize = 268_435_455;
+/// Room for a packet's header, topic and properties above its payload.
+const PACKET_OVERHEAD_BYTES: usize = 1024;
+
 pub struct Mqtt {
     params: MqttParams,
     qos: rumqttc::QoS,
@@ -266,8 +290,22 @@ impl Mqtt {
         if p.host.is_empty() {
             return Err("host: must not be empty".into());
         }
-        if p.keep_alive_ms < 1000 {
-            return Err(format!("keep_alive_ms: {} is less than 1000", p.keep_alive_ms));
+        let keep_alive_min_ms = if p.protocol == "5" { 5000 } else { 1000 };
+        if p.keep_alive_ms % 1000 != 0 || !(keep_alive_min_ms..=KEEP_ALIVE_MS_MAX).contains(&p.keep_alive_ms) {
+            return Err(format!(
+                "keep_alive_ms: {} is not whole seconds in {keep_alive_min_ms}..={KEEP_ALIVE_MS_MAX} (MQTT {} counts it in seconds, in 16 bits)",
+                p.keep_alive_ms, p.protocol
+            ));
+        }
+        if p.payload_bytes_max == 0 {
+            return Err("payload_bytes_max: must be at least 1".into());
+        }
+        let packet_min = p.payload_bytes_max.saturating_add(PACKET_OVERHEAD_BYTES);
+        if p.packet_bytes_max < packet_min || p.packet_bytes_max > PACKET_BYTES_CEILING {
+            return Err(format!(
+                "packet_bytes_max: {} is not in payload_bytes_max + {PACKET_OVERHEAD_BYTES} ({packet_min})..={PACKET_BYTES_CEILING} (MQTT's largest packet)",
+                p.packet_bytes_max
+            ));
         }
         if p.reconnect_min_ms == 0 || p.reconnect_max_ms < p.reconnect_min_ms {
             return Err(format!("reconnect_min_ms ({}) must be > 0 and <= reconnect_max_ms ({})", p.reconnect_min_ms, p.reconnect_max_ms));
@@ -355,8 +393,14 @@ enum AckToken {
 /// What the event loop saw, for either protocol version.
 enum Seen {
     Connected,
-    Message { topic: String, payload: Vec<u8>, token: Box<AckToken> },
+    Message {
+        topic: String,
+        payload: Vec<u8>,
+        token: Box<AckToken>,
+    },
     PublishAcked,
+    /// The broker refused a publish (MQTT 5 reason code).
+    PublishRefused(String),
     Other,
 }
 
@@ -387,7 +431,8 @@ fn connect(p: &MqttParams, client_id: String) -> Result<(Client, Events), String
         o.set_keep_alive(keep_alive).set_clean_start(false).set_manual_acks(true).set_transport(transport);
         // Keep the session (subscriptions, unacknowledged messages) across disconnections.
         o.set_session_expiry_interval(Some(u32::MAX));
-        o.set_max_packet_size(Some(p.payload_bytes_max as u32 + 1024));
+        // At most PACKET_BYTES_CEILING (checked): fits in u32.
+        o.set_max_packet_size(Some(p.packet_bytes_max as u32));
         if let Some(u) = &p.username {
             o.set_credentials(u.clone(), p.password.clone().unwrap_or_default());
         }
@@ -396,7 +441,7 @@ fn connect(p: &MqttParams, client_id: String) -> Result<(Client, Events), String
     } else {
         let mut o = rumqttc::MqttOptions::new(client_id, p.host.clone(), p.port);
         o.set_keep_alive(keep_alive).set_clean_session(false).set_manual_acks(true).set_transport(transport);
-        o.set_max_packet_size(p.payload_bytes_max + 1024, p.payload_bytes_max + 1024);
+        o.set_max_packet_size(p.packet_bytes_max, p.packet_bytes_max);
         if let Some(u) = &p.username {
             o.set_credentials(u.clone(), p.password.clone().unwrap_or_default());
         }
@@ -421,14 +466,21 @@ impl Events {
                 })
             }
             Events::V5(e) => {
-                use rumqttc::v5::mqttbytes::v5::Packet;
+                use rumqttc::v5::mqttbytes::v5::{Packet, PubAckReason, PubRecReason};
                 use rumqttc::v5::Event;
                 Ok(match e.poll().await.map_err(|e| e.to_string())? {
                     Event::Incoming(Packet::ConnAck(_)) => Seen::Connected,
                     Event::Incoming(Packet::Publish(p)) => {
                         Seen::Message { topic: String::from_utf8_lossy(&p.topic).into_owned(), payload: p.payload.to_vec(), token: Box::new(AckToken::V5(p)) }
                     }
-                    Event::Incoming(Packet::PubAck(_)) => Seen::PublishAcked,
+                    Event::Incoming(Packet::PubAck(a)) => match a.reason {
+                        PubAckReason::Success | PubAckReason::NoMatchingSubscribers => Seen::PublishAcked,
+                        refused => Seen::PublishRefused(format!("{refused:?}")),
+                    },
+                    Event::Incoming(Packet::PubRec(r)) => match r.reason {
+                        PubRecReason::Success | PubRecReason::NoMatchingSubscribers => Seen::Other,
+                        refused => Seen::PublishRefused(format!("{refused:?}")),
+                    },
                     Event::Incoming(Packet::PubComp(_)) => Seen::PublishAcked,
                     _ => Seen::Other,
                 })
@@ -471,11 +523,29 @@ fn v5_qos(q: rumqttc::QoS) -> rumqttc::v5::mqttbytes::QoS {
     }
 }
 
-/// A command for the connection task: publish, then say when the broker acknowledged it.
+/// A command for the connection task: publish, then say when the broker acknowledged it, or
+/// why it could not be published.
 struct Outbound {
     topic: String,
     payload: Vec<u8>,
-    done: oneshot::Sender<()>,
+    done: oneshot::Sender<Result<(), String>>,
+}
+
+/// Why `topic` cannot carry a command of `payload_len` bytes within `packet_bytes_max`, if it
+/// cannot: checked before sending, so that such a command is rejected (recorded), not retried
+/// into the same refusal at every restart.
+fn unpublishable(topic: &str, payload_len: usize, packet_bytes_max: usize) -> Option<String> {
+    if topic.is_empty() {
+        return Some("the topic is empty".into());
+    }
+    if topic.contains(['+', '#', '\0']) {
+        return Some(format!("topic {topic:?} has a wildcard (+ or #) or a NUL, which a publish cannot use"));
+    }
+    if topic.len() > usize::from(u16::MAX) {
+        return Some(format!("topic of {} bytes is over MQTT's 65535", topic.len()));
+    }
+    let size = payload_len + topic.len() + PACKET_OVERHEAD_BYTES;
+    (size > packet_bytes_max).then(|| format!("{payload_len} bytes with the topic and headers do not fit packet_bytes_max {packet_bytes_max}"))
 }
 
 /// The bridge's state: its connection task (stopped with the actor).
@@ -555,6 +625,11 @@ impl Behaviour for Mqtt {
                 return Ok(());
             }
         };
+        if let Some(e) = unpublishable(&topic, input.payload.len(), self.params.packet_bytes_max) {
+            health.reject("bad_command", &e);
+            health.event(json!({"event": "command_rejected", "bridge": "mqtt", "command": input.id.to_string(), "key": key, "reason": e}));
+            return Ok(());
+        }
         let expiry = Duration::from_millis(self.params.command_expiry_ms);
         // Wait for the broker, at most until the command expires.
         loop {
@@ -570,8 +645,15 @@ impl Behaviour for Mqtt {
         let (done, acked) = oneshot::channel();
         state.outbound.send(Outbound { topic, payload: input.payload.to_vec(), done }).await.map_err(|_| "the MQTT connection task ended")?;
         // Sent: the client resends it after a reconnection until the broker acknowledges.
-        acked.await.map_err(|_| "the MQTT connection task ended before the broker acknowledged a command")?;
-        health.count("commands_sent", 1);
+        match acked.await.map_err(|_| "the MQTT connection task ended before the broker acknowledged a command")? {
+            Ok(()) => health.count("commands_sent", 1),
+            // Refused (an MQTT 5 reason code such as NotAuthorized), or the client would not
+            // take it: sending it again would meet the same answer.
+            Err(e) => {
+                health.reject("command_refused", &format!("{}: {e}", input.id));
+                health.event(json!({"event": "command_rejected", "bridge": "mqtt", "command": input.id.to_string(), "key": key, "reason": e}));
+            }
+        }
         Ok(())
     }
 
@@ -624,7 +706,7 @@ async fn ingest(
             }
             seen = events.poll(), if appends.len() < p.in_flight_len_max => match seen {
                 Ok(Seen::Connected) => {
-                    backoff.reset();
+                    backoff.connected();
                     // At every connection: a broker that lost our session has lost our
                     // subscriptions too (subscribing again is harmless otherwise).
                     for m in &p.readings {
@@ -657,6 +739,13 @@ async fn ingest(
                 Ok(_) => {}
                 Err(e) => {
                     connected.send_replace(false);
+                    if oversized_packet(&e) {
+                        // Counted, and named: otherwise the bridge looks merely flaky.
+                        health.reject(
+                            "packet_too_large",
+                            &format!("a message over packet_bytes_max {} failed the connection ({e}); an MQTT 3.1.1 broker sends it again at every reconnection: raise packet_bytes_max or set the broker's message size limit at or below it", p.packet_bytes_max),
+                        );
+                    }
                     health.disconnected(&e);
                     tokio::time::sleep(backoff.delay()).await;
                 }
@@ -665,29 +754,39 @@ async fn ingest(
     }
 }
 
+/// Whether the event loop's error `e` is a packet over the client's maximum (the texts of
+/// rumqttc's MQTT 3.1.1 and 5 errors).
+fn oversized_packet(e: &str) -> bool {
+    e.contains("size limit exceeded") || (e.contains("Max Payload size") && e.contains("exceeded"))
+}
+
 /// The command connection: publishes one command at a time and reports the broker's
 /// acknowledgement (the only publish in flight, so any PUBACK/PUBCOMP is its).
 async fn commands(p: MqttParams, qos: rumqttc::QoS, conn: Client, mut events: Events, mut outbound: mpsc::Receiver<Outbound>, connected: watch::Sender<bool>) {
     let mut backoff = Backoff::new(Duration::from_millis(p.reconnect_min_ms), Duration::from_millis(p.reconnect_max_ms));
-    let mut waiting: Option<oneshot::Sender<()>> = None;
+    let mut waiting: Option<oneshot::Sender<Result<(), String>>> = None;
     loop {
         tokio::select! {
             Some(cmd) = outbound.recv(), if waiting.is_none() => {
                 match conn.try_publish(cmd.topic, qos, cmd.payload) {
-                    Ok(()) if qos == rumqttc::QoS::AtMostOnce => { let _ = cmd.done.send(()); }
+                    Ok(()) if qos == rumqttc::QoS::AtMostOnce => { let _ = cmd.done.send(Ok(())); }
                     Ok(()) => waiting = Some(cmd.done),
-                    // Dropping `done` fails the handler: the command stays in the log.
-                    Err(e) => tracing::warn!(error = %e, "mqtt: could not queue a command"),
+                    Err(e) => { let _ = cmd.done.send(Err(format!("the MQTT client refused it: {e}"))); }
                 }
             }
             seen = events.poll() => match seen {
                 Ok(Seen::Connected) => {
-                    backoff.reset();
+                    backoff.connected();
                     connected.send_replace(true);
                 }
                 Ok(Seen::PublishAcked) => {
                     if let Some(done) = waiting.take() {
-                        let _ = done.send(());
+                        let _ = done.send(Ok(()));
+                    }
+                }
+                Ok(Seen::PublishRefused(reason)) => {
+                    if let Some(done) = waiting.take() {
+                        let _ = done.send(Err(format!("the broker refused it: {reason}")));
                     }
                 }
                 Ok(_) => {}
@@ -768,5 +867,24 @@ mod tests {
         );
         assert!(err("command_topic = \"c\"\ntls = { ca_path = \"/nonexistent/ca.pem\" }").starts_with("tls: /nonexistent/ca.pem: "));
         assert!(err("command_topic = \"c\"\nport = \"x\"").contains("port"));
+        // Keep-alive: whole seconds, at least 5 s with MQTT 5 (the client library asserts it).
+        assert!(spec("command_topic = \"c\"\nprotocol = \"5\"\nkeep_alive_ms = 5000").is_ok());
+        assert!(err("command_topic = \"c\"\nprotocol = \"5\"\nkeep_alive_ms = 2000").starts_with("keep_alive_ms: 2000 is not whole seconds in 5000..="));
+        assert!(err("command_topic = \"c\"\nkeep_alive_ms = 1500").starts_with("keep_alive_ms: 1500 is not whole seconds in 1000..="));
+        assert!(err("command_topic = \"c\"\nkeep_alive_ms = 65536000").starts_with("keep_alive_ms: 65536000"));
+        assert_eq!(err("command_topic = \"c\"\npayload_bytes_max = 0"), "payload_bytes_max: must be at least 1");
+        assert!(err("command_topic = \"c\"\npayload_bytes_max = 2000000").starts_with("packet_bytes_max: 1048576 is not in payload_bytes_max + 1024 (2001024)"));
+        assert!(err("command_topic = \"c\"\npacket_bytes_max = 300000000").starts_with("packet_bytes_max: 300000000"));
+    }
+
+    #[test]
+    fn commands_a_publish_cannot_carry_are_found_before_sending() {
+        assert_eq!(unpublishable("plant/cmd/stop", 100, 1 << 20), None);
+        assert!(unpublishable("plant/cmd/+", 100, 1 << 20).unwrap().contains("wildcard"));
+        assert!(unpublishable("plant/#", 100, 1 << 20).unwrap().contains("wildcard"));
+        assert!(unpublishable("a\0b", 100, 1 << 20).unwrap().contains("NUL"));
+        assert_eq!(unpublishable("", 100, 1 << 20).as_deref(), Some("the topic is empty"));
+        assert!(unpublishable(&"t".repeat(70_000), 1, 1 << 20).unwrap().contains("65535"));
+        assert!(unpublishable("t", 1 << 20, 1 << 20).unwrap().contains("packet_bytes_max 1048576"));
     }
 }

@@ -16,28 +16,38 @@ pub fn unix_ms() -> u64 {
 }
 
 /// Exponential backoff between `min` and `max`, each delay drawn in [d/2, d] (jitter: many
-/// bridges that lost the same broker do not all come back at the same instant).
+/// bridges that lost the same broker do not all come back at the same instant). It goes back
+/// to `min` only after a connection has lasted `max`: a link that connects and fails at once
+/// again and again (a broker kicking a duplicate client id, a gateway whose device does not
+/// answer) backs off like one that does not connect at all.
 pub struct Backoff {
     min: Duration,
     max: Duration,
     next: Duration,
+    /// When the current connection was made.
+    up_since: Option<tokio::time::Instant>,
 }
 
 impl Backoff {
     pub fn new(min: Duration, max: Duration) -> Backoff {
-        Backoff { min, max, next: min }
+        Backoff { min, max, next: min, up_since: None }
     }
 
-    /// The delay before the next attempt; doubles the one after.
+    /// A connection was made.
+    pub fn connected(&mut self) {
+        self.up_since = Some(tokio::time::Instant::now());
+    }
+
+    /// The delay before the next attempt; doubles the one after. Back to `min` first if the
+    /// connection that just ended had lasted `max`.
     pub fn delay(&mut self) -> Duration {
+        if self.up_since.take().is_some_and(|t| t.elapsed() >= self.max) {
+            self.next = self.min;
+        }
         let d = self.next;
         self.next = (self.next * 2).min(self.max);
         let half = d / 2;
         half + rand::thread_rng().gen_range(Duration::ZERO..=d - half)
-    }
-
-    pub fn reset(&mut self) {
-        self.next = self.min;
     }
 }
 
@@ -201,6 +211,28 @@ pub fn check_template(template: &str) -> Result<(), String> {
 mod tests {
     use super::*;
 
+    /// The backoff keeps growing over connections that fail at once, and starts again from
+    /// `min` after one that lasted `max` (on a paused clock).
+    #[test]
+    fn the_backoff_resets_only_after_a_connection_that_lasted() {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_time().start_paused(true).build().unwrap();
+        runtime.block_on(async {
+            let (min, max) = (Duration::from_millis(100), Duration::from_millis(800));
+            let mut b = Backoff::new(min, max);
+            let bounds =
+                |d: Duration, of: u64| assert!(d >= Duration::from_millis(of / 2) && d <= Duration::from_millis(of), "{d:?} not in [{}, {of}] ms", of / 2);
+            bounds(b.delay(), 100);
+            for of in [200, 400, 800, 800] {
+                b.connected();
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                bounds(b.delay(), of);
+            }
+            b.connected();
+            tokio::time::sleep(max).await;
+            bounds(b.delay(), 100);
+        });
+    }
+
     #[test]
     fn templates_take_the_commands_fields() {
         let cmd = json!({"key": "edge-1/decisions@1#5", "action": "stop", "line": 3});
@@ -220,7 +252,5 @@ mod tests {
             let nominal = Duration::from_millis(nominal);
             assert!(*d >= nominal / 2 && *d <= nominal, "{d:?} not in [{:?}, {nominal:?}]", nominal / 2);
         }
-        b.reset();
-        assert!(b.delay() <= Duration::from_millis(100));
     }
 }

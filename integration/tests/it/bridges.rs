@@ -99,6 +99,8 @@ impl Client {
     async fn new(id: &str, port: u16, subscribe: Option<&str>) -> Client {
         let mut o = rumqttc::MqttOptions::new(id, "127.0.0.1", port);
         o.set_keep_alive(Duration::from_secs(5)).set_clean_session(false);
+        // Room for the oversized message the test sends (the default is 10 KiB).
+        o.set_max_packet_size(1 << 21, 1 << 21);
         let (client, mut eventloop) = rumqttc::AsyncClient::new(o, 20_000);
         let received = Arc::new(Mutex::new(Vec::new()));
         let (r, c, filter) = (received.clone(), client.clone(), subscribe.map(str::to_owned));
@@ -237,10 +239,17 @@ async fn mqtt_readings_and_commands_survive_a_broker_restart() {
     for (topic, payload) in bad {
         publisher.client.publish(topic, rumqttc::QoS::AtLeastOnce, false, payload).await.unwrap();
     }
+    // Over payload_bytes_max (64 KiB) but within packet_bytes_max (1 MiB): read, rejected as
+    // too_large and acknowledged; the messages after it still come.
+    let big = format!(r#"{{"c": 1, "pad": "{}"}}"#, "x".repeat(200 * 1024));
+    publisher.client.publish("plant/p1/temp", rumqttc::QoS::AtLeastOnce, false, big).await.unwrap();
 
     // 10,000 readings over ~20 s and 100 commands, with the broker down for 10 s in the middle.
     let log = node.log().clone();
     let commands = tokio::spawn(async move {
+        // Its topic would be "plant/cmd/+": no publish can use it. Rejected and recorded; the
+        // commands after it still go.
+        log.append_durable(StreamName::new("commands").unwrap(), command("wildcard", "+")).await.unwrap();
         for i in 0..COMMANDS {
             log.append_durable(StreamName::new("commands").unwrap(), command(&format!("cmd-{i}"), "set")).await.unwrap();
             tokio::time::sleep(Duration::from_millis(150)).await;
@@ -333,9 +342,11 @@ async fn mqtt_readings_and_commands_survive_a_broker_restart() {
     assert!(plant["reconnects"].as_u64().unwrap() >= 1 && plant["connected"] == true, "{plant}");
     // Each malformed payload was rejected with its reason, and the bridge kept running.
     let rejected = &plant["rejected"];
-    for reason in ["not_json", "missing_field", "bad_value", "out_of_range", "stream_not_in_outputs"] {
+    for reason in ["not_json", "missing_field", "bad_value", "out_of_range", "stream_not_in_outputs", "too_large", "bad_command"] {
         assert_eq!(rejected[reason], 1, "{reason}: {rejected}");
     }
+    let wildcard = payloads_live(&node, "events").into_iter().filter(|e| e["event"] == "command_rejected").collect::<Vec<_>>();
+    assert!(wildcard.len() == 1 && wildcard[0]["key"] == "wildcard", "{wildcard:?}");
 
     // Store-and-forward with expiry (MQTT 5 bridge): commands appended while the broker is
     // down wait; one older than command_expiry_ms when the broker returns is recorded as
