@@ -670,7 +670,9 @@ pub struct SupervisionSection {
     pub strategy: Strategy,
     /// Restarts allowed within `restart_window_ms` before escalating. Default 5.
     pub restarts_max: u32,
-    /// Window of the restart intensity, in ms. Default 10000.
+    /// Window of the restart intensity, in ms: longer than the backoff can spread `restarts_max`
+    /// restarts over (their delays at full jitter; checked), or a child failing at every start
+    /// would never exceed the intensity. Default 10000.
     pub restart_window_ms: u64,
     /// First restart delay, in ms; doubles with each restart in the window. Default 50.
     pub backoff_base_ms: u64,
@@ -1112,6 +1114,22 @@ impl NodeConfig {
         if s.backoff_jitter_pct > 100 {
             bad("supervision.backoff_jitter_pct", format!("{} is more than 100", s.backoff_jitter_pct));
         }
+        let span = crate::supervise::policy::backoff_span(&crate::supervise::policy::Policy::from_config(s));
+        if span >= std::time::Duration::from_millis(s.restart_window_ms) {
+            bad(
+                "supervision.restart_window_ms",
+                format!(
+                    "{} is not longer than the {} ms the backoff can spread restarts_max ({}) restarts over (backoff_base_ms {}, backoff_max_ms {}, jitter {}%): \
+                     a child failing at every start would never exceed restarts_max and be restarted for ever; raise it, or lower restarts_max or backoff_max_ms",
+                    s.restart_window_ms,
+                    span.as_millis(),
+                    s.restarts_max,
+                    s.backoff_base_ms,
+                    s.backoff_max_ms,
+                    s.backoff_jitter_pct
+                ),
+            );
+        }
 
         let mut names = BTreeSet::new();
         for (i, a) in self.actors.iter().enumerate() {
@@ -1391,6 +1409,11 @@ mod tests {
             Err("replication.live_queue_len_max: 2305843009213693952 is more than 1048576"),
         );
         check(&format!("{MINIMAL}[replication]\nshutdown_handover_ms = 86400001\n"), Err("replication.shutdown_handover_ms: 86400001 is more than 86400000"));
+        check(
+            &format!("{MINIMAL}[supervision]\nrestarts_max = 8\n"),
+            Err("supervision.restart_window_ms: 10000 is not longer than the 13620 ms the backoff can spread restarts_max (8) restarts over"),
+        );
+        check(&format!("{MINIMAL}[supervision]\nrestarts_max = 8\nrestart_window_ms = 14000\n"), Ok(()));
         check(&format!("{MINIMAL}[routing.deadline_ms]\ninspect = 86400001\n"), Err("routing.deadline_ms.inspect: 86400001 is more than 86400000"));
         check(&format!("{MINIMAL}[zenoh]\n"), Err("duplicate key"));
         check(

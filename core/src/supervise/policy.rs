@@ -98,9 +98,52 @@ pub fn backoff(policy: &Policy, attempt: usize, jitter: f64) -> Duration {
     delay + spread
 }
 
+/// The longest the backoff alone spaces `restarts_max + 1` failures of a child that fails as
+/// soon as it starts (every delay at its full jitter). Unless it is shorter than the window,
+/// such a child may never reach the restart intensity: its supervisor would restart it for
+/// ever instead of giving up.
+pub fn backoff_span(policy: &Policy) -> Duration {
+    // From the 33rd restart on, every delay is the same (`backoff` doubles at most 32 times).
+    let n = policy.restarts_max as usize;
+    let varying: Duration = (1..=n.min(33)).map(|a| backoff(policy, a, 1.0)).sum();
+    let same = backoff(policy, 33, 1.0).saturating_mul(n.saturating_sub(33).min(u32::MAX as usize) as u32);
+    varying.saturating_add(same)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A child that fails as soon as it starts, restarted after each backoff (at full jitter):
+    /// the restart at which its supervisor gives up, if it does within `tries`.
+    fn gives_up_after(policy: &Policy, tries: usize) -> Option<usize> {
+        let mut intensity = Intensity::new(policy.restarts_max, policy.window);
+        let mut now = MonoTime::ZERO;
+        for n in 1..=tries {
+            if !intensity.record(now) {
+                return Some(n);
+            }
+            now = now.saturating_add(backoff(policy, intensity.count(), 1.0));
+        }
+        None
+    }
+
+    /// The rule `config` checks (`backoff_span` under the window) is what makes a crash loop
+    /// end: the defaults give up at the 6th failure; 8 restarts in the same 10 s with the same
+    /// backoff (a span of 13.6 s) never do.
+    #[test]
+    fn a_crash_loop_ends_only_if_the_backoff_span_fits_in_the_window() {
+        let defaults = Policy::from_config(&SupervisionSection::default());
+        assert_eq!(backoff_span(&defaults), Duration::from_millis(1860));
+        assert_eq!(gives_up_after(&defaults, 1000), Some(6));
+        let eight = Policy { restarts_max: 8, ..defaults.clone() };
+        assert_eq!(backoff_span(&eight), Duration::from_millis(13_620));
+        assert_eq!(gives_up_after(&eight, 1000), None, "restarted for ever");
+        let longer = Policy { window: Duration::from_millis(13_621), ..eight };
+        assert_eq!(gives_up_after(&longer, 1000), Some(9));
+        let many = Policy { restarts_max: u32::MAX, ..defaults };
+        assert!(backoff_span(&many) > Duration::from_secs(86_400), "saturates, never wraps");
+    }
 
     #[test]
     fn strategies_stop_and_restart_exactly_their_children() {
