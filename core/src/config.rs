@@ -1136,6 +1136,10 @@ impl NodeConfig {
             if !names.insert(&a.name) {
                 bad(&format!("actors[{i}].name"), format!("{:?} is already the name of another actor", a.name.as_str()));
             }
+            if a.name.as_str() == crate::node::escalate::DESK {
+                // Its cursors and snapshots would be the desk's own.
+                bad(&format!("actors[{i}].name"), format!("{:?} is the node's escalation desk's name; choose another", a.name.as_str()));
+            }
             duplicates(&format!("actors[{i}].outputs"), &a.outputs, &mut bad);
         }
 
@@ -1414,6 +1418,10 @@ mod tests {
             Err("supervision.restart_window_ms: 10000 is not longer than the 13620 ms the backoff can spread restarts_max (8) restarts over"),
         );
         check(&format!("{MINIMAL}[supervision]\nrestarts_max = 8\nrestart_window_ms = 14000\n"), Ok(()));
+        check(
+            &format!("{MINIMAL}[[actors]]\nkind = \"sensor\"\nname = \"escalation-desk\"\n"),
+            Err("actors[0].name: \"escalation-desk\" is the node's escalation desk's name; choose another"),
+        );
         check(&format!("{MINIMAL}[routing.deadline_ms]\ninspect = 86400001\n"), Err("routing.deadline_ms.inspect: 86400001 is more than 86400000"));
         check(&format!("{MINIMAL}[zenoh]\n"), Err("duplicate key"));
         check(
