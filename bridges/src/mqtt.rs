@@ -100,11 +100,12 @@ pub struct MqttParams {
     /// `payload_bytes_max` but within this is read, rejected as `too_large` and acknowledged.
     /// A larger one fails the connection, and an MQTT 3.1.1 broker sends it again at every
     /// reconnection, which holds back every message after it: keep the broker's own limit
-    /// (Mosquitto's `message_size_limit`) at or below this. An MQTT 5 broker is told it and
-    /// drops larger messages itself. At least `payload_bytes_max` + 1024, at most 268435455.
-    /// Default 1048576 (1 MiB).
-    #[serde(default = "d_packet_bytes_max")]
-    pub packet_bytes_max: usize,
+    /// (Mosquitto's `message_size_limit`, which counts the payload only) at or below this less
+    /// 1024. An MQTT 5 broker is told it and drops larger messages itself. At least
+    /// `payload_bytes_max` + 1024, at most 268435455. Default 1048576 (1 MiB), or
+    /// `payload_bytes_max` + 1024 if that is more.
+    #[serde(default)]
+    pub packet_bytes_max: Option<usize>,
     /// A command older than this when it could be sent is expired instead, in ms. Default
     /// 600000 (10 min).
     #[serde(default = "d_command_expiry_ms")]
@@ -178,8 +179,12 @@ fn d_in_flight_max() -> usize {
 fn d_payload_bytes_max() -> usize {
     65_536
 }
-fn d_packet_bytes_max() -> usize {
-    1 << 20
+
+impl MqttParams {
+    /// `packet_bytes_max`, or its default.
+    pub fn packet_bytes_max(&self) -> usize {
+        self.packet_bytes_max.unwrap_or_else(|| (1 << 20).max(self.payload_bytes_max.saturating_add(PACKET_OVERHEAD_BYTES)))
+    }
 }
 fn d_command_expiry_ms() -> u64 {
     600_000
@@ -301,10 +306,10 @@ impl Mqtt {
             return Err("payload_bytes_max: must be at least 1".into());
         }
         let packet_min = p.payload_bytes_max.saturating_add(PACKET_OVERHEAD_BYTES);
-        if p.packet_bytes_max < packet_min || p.packet_bytes_max > PACKET_BYTES_CEILING {
+        if p.packet_bytes_max() < packet_min || p.packet_bytes_max() > PACKET_BYTES_CEILING {
             return Err(format!(
                 "packet_bytes_max: {} is not in payload_bytes_max + {PACKET_OVERHEAD_BYTES} ({packet_min})..={PACKET_BYTES_CEILING} (MQTT's largest packet)",
-                p.packet_bytes_max
+                p.packet_bytes_max()
             ));
         }
         if p.reconnect_min_ms == 0 || p.reconnect_max_ms < p.reconnect_min_ms {
@@ -432,7 +437,7 @@ fn connect(p: &MqttParams, client_id: String) -> Result<(Client, Events), String
         // Keep the session (subscriptions, unacknowledged messages) across disconnections.
         o.set_session_expiry_interval(Some(u32::MAX));
         // At most PACKET_BYTES_CEILING (checked): fits in u32.
-        o.set_max_packet_size(Some(p.packet_bytes_max as u32));
+        o.set_max_packet_size(Some(p.packet_bytes_max() as u32));
         if let Some(u) = &p.username {
             o.set_credentials(u.clone(), p.password.clone().unwrap_or_default());
         }
@@ -441,7 +446,7 @@ fn connect(p: &MqttParams, client_id: String) -> Result<(Client, Events), String
     } else {
         let mut o = rumqttc::MqttOptions::new(client_id, p.host.clone(), p.port);
         o.set_keep_alive(keep_alive).set_clean_session(false).set_manual_acks(true).set_transport(transport);
-        o.set_max_packet_size(p.packet_bytes_max, p.packet_bytes_max);
+        o.set_max_packet_size(p.packet_bytes_max(), p.packet_bytes_max());
         if let Some(u) = &p.username {
             o.set_credentials(u.clone(), p.password.clone().unwrap_or_default());
         }
@@ -506,6 +511,13 @@ impl Client {
         }
     }
 
+    fn try_disconnect(&self) -> Result<(), String> {
+        match self {
+            Client::V4(c) => c.try_disconnect().map_err(|e| e.to_string()),
+            Client::V5(c) => c.try_disconnect().map_err(|e| e.to_string()),
+        }
+    }
+
     fn try_ack(&self, token: &AckToken) -> Result<(), String> {
         match (self, token) {
             (Client::V4(c), AckToken::V4(p)) => c.try_ack(p).map_err(|e| e.to_string()),
@@ -524,11 +536,19 @@ fn v5_qos(q: rumqttc::QoS) -> rumqttc::v5::mqttbytes::QoS {
 }
 
 /// A command for the connection task: publish, then say when the broker acknowledged it, or
-/// why it could not be published.
+/// why it was not.
 struct Outbound {
     topic: String,
     payload: Vec<u8>,
-    done: oneshot::Sender<Result<(), String>>,
+    done: oneshot::Sender<Result<(), NotSent>>,
+}
+
+/// Why a command was not published.
+enum NotSent {
+    /// The broker refused it (an MQTT 5 reason code): sending it again meets the same answer.
+    Refused(String),
+    /// The client could not take it now: the handler fails and the command is tried again.
+    Later(String),
 }
 
 /// Why `topic` cannot carry a command of `payload_len` bytes within `packet_bytes_max`, if it
@@ -625,7 +645,7 @@ impl Behaviour for Mqtt {
                 return Ok(());
             }
         };
-        if let Some(e) = unpublishable(&topic, input.payload.len(), self.params.packet_bytes_max) {
+        if let Some(e) = unpublishable(&topic, input.payload.len(), self.params.packet_bytes_max()) {
             health.reject("bad_command", &e);
             health.event(json!({"event": "command_rejected", "bridge": "mqtt", "command": input.id.to_string(), "key": key, "reason": e}));
             return Ok(());
@@ -647,12 +667,11 @@ impl Behaviour for Mqtt {
         // Sent: the client resends it after a reconnection until the broker acknowledges.
         match acked.await.map_err(|_| "the MQTT connection task ended before the broker acknowledged a command")? {
             Ok(()) => health.count("commands_sent", 1),
-            // Refused (an MQTT 5 reason code such as NotAuthorized), or the client would not
-            // take it: sending it again would meet the same answer.
-            Err(e) => {
+            Err(NotSent::Refused(e)) => {
                 health.reject("command_refused", &format!("{}: {e}", input.id));
                 health.event(json!({"event": "command_rejected", "bridge": "mqtt", "command": input.id.to_string(), "key": key, "reason": e}));
             }
+            Err(NotSent::Later(e)) => return Err(e.into()),
         }
         Ok(())
     }
@@ -743,7 +762,7 @@ async fn ingest(
                         // Counted, and named: otherwise the bridge looks merely flaky.
                         health.reject(
                             "packet_too_large",
-                            &format!("a message over packet_bytes_max {} failed the connection ({e}); an MQTT 3.1.1 broker sends it again at every reconnection: raise packet_bytes_max or set the broker's message size limit at or below it", p.packet_bytes_max),
+                            &format!("a message over packet_bytes_max {} failed the connection ({e}); an MQTT 3.1.1 broker sends it again at every reconnection: raise packet_bytes_max or set the broker's message size limit below it", p.packet_bytes_max()),
                         );
                     }
                     health.disconnected(&e);
@@ -764,14 +783,14 @@ fn oversized_packet(e: &str) -> bool {
 /// acknowledgement (the only publish in flight, so any PUBACK/PUBCOMP is its).
 async fn commands(p: MqttParams, qos: rumqttc::QoS, conn: Client, mut events: Events, mut outbound: mpsc::Receiver<Outbound>, connected: watch::Sender<bool>) {
     let mut backoff = Backoff::new(Duration::from_millis(p.reconnect_min_ms), Duration::from_millis(p.reconnect_max_ms));
-    let mut waiting: Option<oneshot::Sender<Result<(), String>>> = None;
+    let mut waiting: Option<oneshot::Sender<Result<(), NotSent>>> = None;
     loop {
         tokio::select! {
             Some(cmd) = outbound.recv(), if waiting.is_none() => {
                 match conn.try_publish(cmd.topic, qos, cmd.payload) {
                     Ok(()) if qos == rumqttc::QoS::AtMostOnce => { let _ = cmd.done.send(Ok(())); }
                     Ok(()) => waiting = Some(cmd.done),
-                    Err(e) => { let _ = cmd.done.send(Err(format!("the MQTT client refused it: {e}"))); }
+                    Err(e) => { let _ = cmd.done.send(Err(NotSent::Later(format!("the MQTT client could not queue a command: {e}")))); }
                 }
             }
             seen = events.poll() => match seen {
@@ -786,7 +805,12 @@ async fn commands(p: MqttParams, qos: rumqttc::QoS, conn: Client, mut events: Ev
                 }
                 Ok(Seen::PublishRefused(reason)) => {
                     if let Some(done) = waiting.take() {
-                        let _ = done.send(Err(format!("the broker refused it: {reason}")));
+                        let _ = done.send(Err(NotSent::Refused(format!("the broker refused it: {reason}"))));
+                    }
+                    // rumqttc frees a QoS 2 publish's place in flight only at its PUBCOMP, which
+                    // a refused PUBREC never gets: reconnecting frees it.
+                    if qos == rumqttc::QoS::ExactlyOnce {
+                        let _ = conn.try_disconnect();
                     }
                 }
                 Ok(_) => {}
@@ -873,7 +897,9 @@ mod tests {
         assert!(err("command_topic = \"c\"\nkeep_alive_ms = 1500").starts_with("keep_alive_ms: 1500 is not whole seconds in 1000..="));
         assert!(err("command_topic = \"c\"\nkeep_alive_ms = 65536000").starts_with("keep_alive_ms: 65536000"));
         assert_eq!(err("command_topic = \"c\"\npayload_bytes_max = 0"), "payload_bytes_max: must be at least 1");
-        assert!(err("command_topic = \"c\"\npayload_bytes_max = 2000000").starts_with("packet_bytes_max: 1048576 is not in payload_bytes_max + 1024 (2001024)"));
+        assert!(spec("command_topic = \"c\"\npayload_bytes_max = 2000000").is_ok(), "the default packet bound follows a larger payload bound");
+        assert!(err("command_topic = \"c\"\npayload_bytes_max = 2000000\npacket_bytes_max = 1048576")
+            .starts_with("packet_bytes_max: 1048576 is not in payload_bytes_max + 1024 (2001024)"));
         assert!(err("command_topic = \"c\"\npacket_bytes_max = 300000000").starts_with("packet_bytes_max: 300000000"));
     }
 
