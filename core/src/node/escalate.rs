@@ -245,7 +245,8 @@ impl Desk {
     }
 }
 
-/// Runs the desk until the task is aborted. `pending` is kept up to date for status.
+/// Runs the desk until the task is aborted; returns why it could not go on if it ends
+/// otherwise. `pending` is kept up to date for status.
 pub async fn run(
     config: NodeConfig,
     log: Log,
@@ -253,20 +254,14 @@ pub async fn run(
     publish: Publish,
     events: super::decide::EventSink,
     pending: Arc<std::sync::Mutex<Value>>,
-) {
+) -> String {
     let mut desk = match Desk::open(&config, log, publish, events).await {
         Ok(d) => d,
-        Err(e) => {
-            tracing::error!(error = %e, "the escalation desk cannot start");
-            return;
-        }
+        Err(e) => return format!("cannot start: {e}"),
     };
     let mut requests = match transport.serve(&resolve_key(&config.node.id), config.autonomy.approvals_queue_len_max, crate::bus::accept_all()).await {
         Ok(r) => r,
-        Err(e) => {
-            tracing::error!(error = %e, "the escalation desk cannot serve approvals");
-            return;
-        }
+        Err(e) => return format!("cannot serve approvals: {e}"),
     };
     let (log, key) = (desk.log.clone(), desk.key.clone());
     let a = &config.autonomy;
@@ -291,7 +286,7 @@ pub async fn run(
                 }
             }
             request = requests.recv() => {
-                let Some(mut request) = request else { return };
+                let Some(mut request) = request else { return "its queue of approvals closed".into() };
                 let payload = std::mem::take(&mut request.payload);
                 if let Some(reply) = desk.answer(&payload).await {
                     let _ = request.responder.reply(reply.to_string().into_bytes()).await;

@@ -158,6 +158,7 @@ impl Node {
         let children = config.actors.iter().map(|spec| registry.child(spec, &env)).collect::<Result<Vec<_>, _>>().map_err(NodeError::Actors)?;
         let args = SupervisorArgs { name: ROOT.into(), policy: Policy::from_config(&config.supervision), children, events: sink };
         let (root, handle) = Actor::spawn(None, Supervisor, args).await.map_err(|e| NodeError::Actors(format!("the actors failed to start: {e}")))?;
+        let desk_fatal = fatal_tx.clone();
         let root_done = tokio::spawn(async move {
             let ended = handle.await;
             // The root ends on shutdown (reason recorded elsewhere) or when it gives up.
@@ -184,14 +185,9 @@ impl Node {
             started: Instant::now(),
             security: security.status(),
         };
-        node.tasks.spawn(escalate::run(
-            node.config.clone(),
-            node.log.clone(),
-            node.transport.clone() as Arc<dyn Transport>,
-            publish,
-            node_events,
-            node.escalations.clone(),
-        ));
+        let desk =
+            escalate::run(node.config.clone(), node.log.clone(), node.transport.clone() as Arc<dyn Transport>, publish, node_events, node.escalations.clone());
+        node.tasks.spawn(fail_node_if_it_ends("the escalation desk", desk, desk_fatal));
         node.start_modes(machine, mode_tx, mode_events, incidents);
         node.start_retention();
         node.start_status().await?;
@@ -382,6 +378,27 @@ impl Node {
         let _ = tokio::task::spawn_blocking(move || log.close()).await;
         tracing::info!(node = %self.config.node.id, "node stopped");
     }
+}
+
+/// Runs `part` of the node (the escalation desk) in a task of its own. If it ends or panics,
+/// the node fails with the reason ([`Node::failed`]), as when the root supervisor gives up:
+/// otherwise the node would go on without it (escalations would never time out to the safe
+/// default) and only a log line would say so. Dropping (aborting) this future aborts it.
+async fn fail_node_if_it_ends(what: &'static str, part: impl std::future::Future<Output = String> + Send + 'static, fatal: Arc<watch::Sender<Option<String>>>) {
+    struct AbortOnDrop(tokio::task::JoinHandle<String>);
+    impl Drop for AbortOnDrop {
+        fn drop(&mut self) {
+            self.0.abort();
+        }
+    }
+    let mut task = AbortOnDrop(tokio::spawn(part));
+    let why = match (&mut task.0).await {
+        Ok(why) => why,
+        Err(e) if e.is_panic() => e.to_string(),
+        Err(_) => return,
+    };
+    tracing::error!(part = what, reason = why, "a part of the node stopped; the node fails");
+    fatal.send_replace(Some(format!("{what} stopped: {why}")));
 }
 
 /// Watches the other tiers catch up after a recovery, looking every `every` at how many
@@ -625,6 +642,34 @@ mod tests {
         assert!(lines[1].contains("cloud:3 fog:0") && lines[1].trim_end().ends_with('-'), "{table}");
         assert!(lines[1].contains("5/90/5 99.0%       1 "), "decisions per tier, deadlines met, escalations waiting: {table}");
         assert!(lines[2].contains("edge-1:2 fog-1:0"), "{table}");
+    }
+
+    /// A part of the node that ends or panics fails the node with the reason; one aborted
+    /// with the node's tasks does not, and is itself aborted.
+    #[test]
+    fn a_part_of_the_node_that_stops_fails_the_node() {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
+        runtime.block_on(async {
+            let (tx, rx) = watch::channel(None);
+            let tx = Arc::new(tx);
+            fail_node_if_it_ends("the desk", async { "cannot serve approvals: no session".to_owned() }, tx.clone()).await;
+            assert_eq!(rx.borrow().as_deref(), Some("the desk stopped: cannot serve approvals: no session"));
+            tx.send_replace(None);
+            fail_node_if_it_ends("the desk", async { panic!("boom") }, tx.clone()).await;
+            let reason = rx.borrow().clone().unwrap();
+            assert!(reason.starts_with("the desk stopped: ") && reason.contains("panicked") && reason.contains("boom"), "{reason}");
+            tx.send_replace(None);
+            let (held, gone) = tokio::sync::oneshot::channel::<()>();
+            let part = async move {
+                let _held = held;
+                std::future::pending::<String>().await
+            };
+            let running = tokio::spawn(fail_node_if_it_ends("the desk", part, tx.clone()));
+            tokio::task::yield_now().await;
+            running.abort();
+            assert!(gone.await.is_err(), "aborting the watcher aborts the part");
+            assert_eq!(*rx.borrow(), None, "an aborted part does not fail the node");
+        });
     }
 
     /// `modes.catch_up_watch_ms` bounds how long the catch-up after a recovery is watched: a
