@@ -414,7 +414,11 @@ impl Behaviour for Modbus {
                     }
                 }
             }
-            let _ = tokio::time::timeout(Duration::from_millis(200), state.connected.changed()).await;
+            // The poller (which reconnects) has stopped: fail, so the supervisor restarts the
+            // actor, rather than spin here until the command expires.
+            if let Ok(Err(_)) = tokio::time::timeout(Duration::from_millis(200), state.connected.changed()).await {
+                return Err("the Modbus poller stopped (see the log above)".into());
+            }
         }
     }
 
