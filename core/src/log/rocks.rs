@@ -282,7 +282,9 @@ fn open_error(path: &Path, e: rocksdb::Error) -> LogError {
     let detail = e.clone().into_string();
     match e.kind() {
         ErrorKind::Corruption => LogError::Corrupt { path: path.to_owned(), detail },
-        _ if detail.contains("lock") || detail.contains("LOCK") => LogError::Locked { path: path.to_owned(), holder: detail },
+        // RocksDB's own message for its LOCK file held elsewhere ("While lock file: <path>/LOCK:
+        // ..."); matching a bare "lock" would take any error under a path like /srv/blocks.
+        _ if detail.contains("While lock file") => LogError::Locked { path: path.to_owned(), holder: detail },
         _ => LogError::Io { path: path.to_owned(), detail },
     }
 }
