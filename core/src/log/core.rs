@@ -154,8 +154,9 @@ impl Entry {
         if self.first == 0 || seq < self.first {
             self.first = seq;
         }
-        self.count += 1;
-        self.bytes += len as u64;
+        // Saturating: figures read from a damaged store must not stop the committer.
+        self.count = self.count.saturating_add(1);
+        self.bytes = self.bytes.saturating_add(len as u64);
     }
 }
 
@@ -243,7 +244,8 @@ impl Core {
     pub(crate) fn load_stream(&mut self, key: StreamKey, stats: StoredStats, backend: &dyn Backend) -> Result<(), LogError> {
         let mut wm = Watermark::new(stats.watermark);
         let prefix = stream_prefix(&key);
-        let mut from = stats.watermark + 1;
+        // Saturating: a store written before seqs were bounded may hold `u64::MAX`.
+        let mut from = stats.watermark.saturating_add(1);
         loop {
             let chunk = backend.scan(&prefix, from, SCAN_CHUNK)?;
             let Some(&(last, _)) = chunk.last() else { break };
@@ -508,13 +510,13 @@ impl Core {
                     // Saturating: figures read from a damaged store must not stop the committer.
                     entry.count = entry.count.saturating_sub(1);
                     entry.bytes = entry.bytes.saturating_sub(value.len() as u64);
-                    entry.removed += 1;
+                    entry.removed = entry.removed.saturating_add(1);
                     // Past a gap, the next record kept is further on.
                     entry.first = entry.wm.next_present(seq + 1);
                     report.removed += 1;
                     report.removed_bytes += value.len() as u64;
                     if slowest_reader.is_some_and(|c| c < seq) {
-                        entry.expired += 1;
+                        entry.expired = entry.expired.saturating_add(1);
                         report.expired += 1;
                     }
                     from = seq + 1;
@@ -675,6 +677,15 @@ mod tests {
     /// A reader that handled every record commits its cursor; a sweep planned while that
     /// commit is written but not yet synced (pipelined), or in the same batch, must not count
     /// what it handled as expired.
+    /// Figures read from a damaged store (or an old one, whose seqs were not bounded) at the
+    /// top of their range saturate: they never overflow and stop the committer.
+    #[test]
+    fn stored_figures_at_their_limit_saturate() {
+        let mut entry = Entry { count: u64::MAX, bytes: u64::MAX, ..Entry::default() };
+        entry.add(1, 10);
+        assert_eq!((entry.count, entry.bytes), (u64::MAX, u64::MAX), "saturates, never panics");
+    }
+
     #[test]
     fn a_cursor_written_but_not_yet_durable_counts_for_retention() {
         let bytes_max = RetentionRule { streams: StreamPattern::new("**").unwrap(), bytes_max: Some(1), age_s_max: None, keep_until_acked: vec![] };

@@ -983,7 +983,7 @@ impl Store for RocksStore {
         if from > last {
             return Ok(Vec::new());
         }
-        let limit = limit.min(usize::try_from(last - from + 1).unwrap_or(usize::MAX));
+        let limit = limit.min(usize::try_from((last - from).saturating_add(1)).unwrap_or(usize::MAX));
         let (db, prefix) = (self.db(), stream_prefix(key));
         // Scanned records that are not readable yet are left out; scanning goes on past them
         // until `limit` readable records are found or there are no more.
