@@ -488,8 +488,9 @@ async fn a_quiet_reader_sees_an_append_to_a_reused_wal_file() {
     };
     let reader = RocksStore::open_read_only(dir.path()).unwrap();
     // An append that fills the memtable moves the writer to another WAL file, which changes
-    // the files' lengths; the append after that one cannot.
-    for attempt in 1..=2u64 {
+    // the files' lengths, and so may a flush finishing meanwhile (more likely on a loaded
+    // machine); an append with neither cannot. A few tries reach that case.
+    for attempt in 1..=5u64 {
         // Bounded wait for the quiet spell after which a refresh no longer opens the store.
         let started = std::time::Instant::now();
         while reader.refresh().unwrap() {
@@ -506,7 +507,7 @@ async fn a_quiet_reader_sees_an_append_to_a_reused_wal_file() {
             return;
         }
     }
-    panic!("both appends changed the WAL files' lengths: the case under test (a reused WAL file) was not reached");
+    panic!("every append changed the WAL files' lengths: the case under test (a reused WAL file) was not reached");
 }
 
 /// With the smallest memtable the writer flushes and moves to a new WAL file every few
