@@ -311,9 +311,12 @@ impl Decider {
                 tokio::spawn(async move {
                     let _permit = permit;
                     let result = match serde_json::from_slice::<DecisionRequest>(&request.payload) {
-                        Ok(req) => match service.answer(&req).await {
-                            Ok(decision) => AnswerResult::Decision(decision),
-                            Err(e) => AnswerResult::Error(e),
+                        // Bounded by the request's budget: past it the requester has given up,
+                        // and a service that hangs must not hold one of the places for ever.
+                        Ok(req) => match tokio::time::timeout(Duration::from_micros(req.budget_us), service.answer(&req)).await {
+                            Ok(Ok(decision)) => AnswerResult::Decision(decision),
+                            Ok(Err(e)) => AnswerResult::Error(e),
+                            Err(_) => AnswerResult::Error(format!("no answer within the request's budget of {} µs", req.budget_us)),
                         },
                         Err(e) => AnswerResult::Error(format!("malformed decision request: {e}")),
                     };
@@ -525,6 +528,52 @@ impl Drop for Decider {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A service that never answers holds a serving place only for the request's budget: with
+    /// one place, a second request is still answered (on a paused clock, over the simulated
+    /// network).
+    #[test]
+    fn a_hung_service_holds_a_serving_place_only_for_the_requests_budget() {
+        struct Hangs;
+        impl Service for Hangs {
+            fn answer<'a>(&'a self, _: &'a DecisionRequest) -> BoxFut<'a, Result<Value, String>> {
+                Box::pin(std::future::pending())
+            }
+        }
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_time().start_paused(true).build().unwrap();
+        runtime.block_on(async {
+            let net = crate::bus::sim::SimNet::new(1, crate::bus::sim::Faults::NONE);
+            let (fog, edge) = (NodeId::new("fog-1").unwrap(), NodeId::new("edge-1").unwrap());
+            net.link(&fog, &edge);
+            let mut config = NodeConfig::parse(std::path::Path::new("t.toml"), "[node]\nid = \"fog-1\"\ntier = \"fog\"\n").unwrap();
+            config.routing.serve_queue_len_max = 1;
+            let (_, mode) = watch::channel(Mode::Full);
+            let decider = Decider::start(&config, net.attach(&fog), mode, Arc::new(|_| {})).await.unwrap();
+            let _guard = decider.serve(&Name::new("inspect").unwrap(), Arc::new(Hangs)).await.unwrap();
+            let asker = net.attach(&edge);
+            let ask = async |id: &str| {
+                let request = DecisionRequest { id: id.into(), capability: "inspect".into(), budget_us: 100_000, probe: false, input: Value::Null };
+                let mut replies =
+                    asker.request(&decide_key("inspect", &fog), "", serde_json::to_vec(&request).unwrap(), Duration::from_secs(60), 1).await.unwrap();
+                let bytes = replies.recv().await.expect("an answer");
+                serde_json::from_slice::<Answer>(&bytes).unwrap().result
+            };
+            let started = tokio::time::Instant::now();
+            // The second comes once the first holds the place (the queue in front holds one).
+            let second = async {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                ask("b").await
+            };
+            let (first, second) = tokio::join!(ask("a"), second);
+            for result in [first, second] {
+                assert_eq!(result, AnswerResult::Error("no answer within the request's budget of 100000 µs".into()));
+            }
+            // 100 ms for the first, then 100 ms for the second once it has the place.
+            assert_eq!(started.elapsed().as_millis() / 10, 20, "{:?}", started.elapsed());
+            assert_eq!(decider.counters().serve_refused, 2);
+            decider.stop();
+        });
+    }
 
     #[test]
     fn serves_keys_round_trip_and_bad_ones_are_ignored() {
