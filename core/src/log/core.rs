@@ -424,6 +424,7 @@ impl Core {
         if seq > super::SEQ_MAX {
             return Err(LogError::SeqOutOfRange { record: envelope.id.to_string() });
         }
+        let known = plan.staged.contains_key(&key) || self.pending.contains_key(&key) || self.streams.contains_key(&key);
         let entry = self.entry(&mut plan.staged, &key);
         match entry.wm.check(seq, self.present_ranges_max) {
             Insert::Duplicate => return Ok(Inserted::Duplicate { watermark: entry.wm.get() }),
@@ -431,7 +432,15 @@ impl Core {
             Insert::New => {}
         }
         scratch.set_key(&key, seq);
-        codec::encode_record_into(envelope, &self.limits, &mut scratch.value)?;
+        if let Err(e) = codec::encode_record_into(envelope, &self.limits, &mut scratch.value) {
+            // Refused (over the size limits): a stream it would have started is not created
+            // empty either.
+            if !known {
+                plan.staged.remove(&key);
+            }
+            return Err(e.into());
+        }
+        let entry = self.entry(&mut plan.staged, &key);
         entry.wm.insert(seq);
         entry.add(seq, scratch.value.len());
         let watermark = entry.wm.get();

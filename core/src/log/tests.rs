@@ -823,6 +823,25 @@ async fn records_stored_under_a_larger_payload_limit_stay_readable() {
     assert_eq!(reader.read(&key, 1, 1).unwrap()[0].payload, payload);
 }
 
+/// A received record refused for its size leaves no trace: a stream it would have started
+/// is not created (empty, in `strata log ls` and after a reopen), and nothing else changes.
+#[tokio::test]
+async fn a_refused_record_of_a_new_stream_creates_no_stream() {
+    let dir = tempfile::tempdir().unwrap();
+    let names = |log: &Log| log.streams().into_iter().map(|i| i.stream.as_str().to_owned()).collect::<Vec<_>>();
+    {
+        let log = rocks(dir.path(), StoreOptions::default());
+        let mut big = remote("fog-9", 1, "q", 1);
+        big.payload = vec![0; 2 * 1024 * 1024];
+        assert!(matches!(log.insert_remote(big).await, Err(LogError::Encode(_))));
+        log.insert_remote(remote("fog-9", 1, "r", 1)).await.unwrap();
+        assert_eq!(names(&log), ["r"]);
+        log.close();
+    }
+    let log = rocks(dir.path(), StoreOptions::default());
+    assert_eq!(names(&log), ["r"], "after a reopen too");
+}
+
 #[tokio::test]
 async fn a_sweep_removes_at_most_sweep_records_max_and_the_next_goes_on() {
     let dir = tempfile::tempdir().unwrap();
