@@ -4,7 +4,10 @@
 //! device receiving a command twice (at-least-once delivery) can drop the repeat.
 //!
 //! The bounds are the node's `[autonomy.<mode>]` for its current mode (`Ctx::mode`).
-//! Decisions with action `none` (nothing to do) are skipped. Resolutions of escalations
+//! Decisions with action `none` (nothing to do) are skipped; a decision taken after its
+//! deadline (`route: "expired"`, stale input) is escalated whatever its action; one that names
+//! no action is refused with a `decision_refused` event. Only this node's own resolutions
+//! (from its desk, on `autonomy.resolutions_stream`) are acted on. Resolutions of escalations
 //! (`strata.resolution/1`, appended by the node's escalation desk to `autonomy.resolutions_stream`,
 //! `decisions` by default) become commands too: the escalated action if an operator approved it,
 //! the safe default otherwise; their idempotency key is the escalation's id.
@@ -50,6 +53,11 @@ impl Behaviour for Arbiter {
     async fn handle(&self, ctx: &mut Ctx, _: &mut (), input: &Envelope) -> Result<(), ActorError> {
         let Ok(decision) = serde_json::from_slice::<serde_json::Value>(&input.payload) else { return Ok(()) };
         if input.payload_type.as_str() == RESOLUTION_TYPE {
+            // Only this node's desk resolves this node's escalations: another node's
+            // resolutions, replicated into an input here, are its own arbiter's to act on.
+            if &input.id.origin != ctx.node() || input.id.stream != ctx.config().autonomy.resolutions_stream {
+                return Ok(());
+            }
             // An operator (or the timeout) resolved an escalation: act on it, keyed by the
             // escalation so a repeat is recognisable.
             let (Some(key), Some(action)) = (decision["escalation"].as_str(), decision["action"].as_str()) else { return Ok(()) };
@@ -57,14 +65,25 @@ impl Behaviour for Arbiter {
             let draft = Draft::new(Kind::Command, PayloadType::new(COMMAND_TYPE)?, doc.to_string().into_bytes());
             return ctx.emit(&self.commands, draft);
         }
-        let action = decision.get("action").and_then(|a| a.as_str()).unwrap_or("log");
+        // A decision that names no action is not acted on as if it were a harmless one.
+        let Some(action) = decision.get("action").and_then(|a| a.as_str()) else {
+            ctx.source().event(serde_json::json!({"event": "decision_refused", "decision": input.id.to_string(), "reason": "it names no action"}));
+            return Ok(());
+        };
         if action == "none" {
             return Ok(());
         }
         let risk = decision.get("risk").and_then(|r| r.as_f64()).unwrap_or(1.0);
         let key = input.id.to_string();
         let mode = ctx.mode();
-        let (stream, draft) = match judge(&ctx.config().autonomy, mode, action, risk) {
+        // Taken after its deadline (a backlog handled late, e.g. after a restart): the input
+        // is stale, so it is not acted on without an operator.
+        let verdict = if decision.get("route").and_then(|r| r.as_str()) == Some("expired") {
+            Verdict::Escalate("decided after its deadline (expired): not acted on autonomously".into())
+        } else {
+            judge(&ctx.config().autonomy, mode, action, risk)
+        };
+        let (stream, draft) = match verdict {
             Verdict::Autonomous => {
                 let doc = serde_json::json!({ "key": key, "action": action, "risk": risk });
                 (&self.commands, Draft::new(Kind::Command, PayloadType::new(COMMAND_TYPE)?, doc.to_string().into_bytes()))

@@ -216,9 +216,14 @@ impl Model for Ewma {
         let anomaly = s.count >= self.warmup && z > self.z_threshold;
         if !anomaly {
             let d = x - s.mean;
-            s.mean += self.alpha * d;
-            s.var = (1.0 - self.alpha) * (s.var + self.alpha * d * d);
-            s.count += 1;
+            let (mean, var) = (s.mean + self.alpha * d, (1.0 - self.alpha) * (s.var + self.alpha * d * d));
+            // A value so far out that the statistics would overflow (1e200 squared) is not
+            // learnt: an infinite variance would hide every later anomaly, and it cannot be
+            // written in a JSON snapshot.
+            if mean.is_finite() && var.is_finite() {
+                (s.mean, s.var) = (mean, var);
+                s.count += 1;
+            }
         }
         let risk = if anomaly { (z / 16.0).clamp(0.0, 1.0) } else { 0.0 };
         Ok(Score { anomaly, score: z, risk })
@@ -398,8 +403,17 @@ impl Behaviour for Inference {
     type State = InferenceState;
 
     async fn start(&self, ctx: &mut Ctx) -> Result<InferenceState, ActorError> {
-        let model = match ctx.snapshot() {
-            Some(bytes) => serde_json::from_slice(bytes)?,
+        let model = match ctx.snapshot().map(serde_json::from_slice::<ModelState>) {
+            Some(Ok(model)) => model,
+            // The model's statistics are relearnt from the readings: better than an actor that
+            // can never start. Said on `events`.
+            Some(Err(e)) => {
+                tracing::error!(actor = %ctx.name(), error = %e, "the model's snapshot cannot be read; starting from an empty model");
+                ctx.source().event(
+                    json!({"event": "snapshot_unreadable", "actor": ctx.name().as_str(), "error": e.to_string(), "action": "started from an empty model"}),
+                );
+                ModelState::default()
+            }
             None => ModelState::default(),
         };
         let shared = Arc::new(Mutex::new(model.clone()));
@@ -439,7 +453,11 @@ impl Behaviour for Inference {
                 let age_us = if &input.id.origin == ctx.node() { unix_us().saturating_sub(input.hlc.unix_us()) } else { 0 };
                 let now = decider.now();
                 let started = MonoTime::from_micros(now.as_micros().saturating_sub(age_us));
-                let deadline = started.saturating_add(Duration::from_millis(budget_ms));
+                // From `now`, not from `started`: the decider's clock starts with the node, so
+                // for a reading older than the node `started` stops at 0, and a deadline counted
+                // from there would make a stale backlog look fresh.
+                let budget_us = budget_ms.saturating_mul(1000).saturating_sub(age_us);
+                let deadline = now.saturating_add(Duration::from_micros(budget_us));
                 let id = input.id.to_string();
                 // Load: how far behind this actor is, as a share of what it can take in one
                 // batch (a full batch waiting or more: saturated).
@@ -477,6 +495,26 @@ mod tests {
         let model = Ewma { alpha: 0.05, z_threshold: 4.0, warmup: 30 };
         let (recall, precision, _, _) = quality(&model, "rate_hz = 100\nseed = 3\nanomaly_rate = 0.01\nshift_rate = 0");
         assert!(recall > 0.8 && precision > 0.8, "recall {recall:.3} precision {precision:.3}");
+    }
+
+    /// A reading so large that the statistics would overflow (here during warm-up, when
+    /// nothing counts as an anomaly yet) is not learnt: the state stays finite, its snapshot
+    /// can be read back, and a later anomaly is still found.
+    #[test]
+    fn a_value_that_would_overflow_the_statistics_is_not_learnt() {
+        let model = Ewma { alpha: 0.05, z_threshold: 4.0, warmup: 30 };
+        let mut s = ModelState::default();
+        let normal = |i: u64| 20.0 + (i % 3) as f64 * 0.1;
+        for i in 0..10 {
+            model.score(&mut s, normal(i)).unwrap();
+        }
+        model.score(&mut s, 1e200).unwrap();
+        assert!(s.mean.is_finite() && s.var.is_finite(), "mean {} var {}", s.mean, s.var);
+        let mut s: ModelState = serde_json::from_slice(&serde_json::to_vec(&s).unwrap()).expect("the snapshot reads back");
+        for i in 10..60 {
+            assert!(!model.score(&mut s, normal(i)).unwrap().anomaly);
+        }
+        assert!(model.score(&mut s, 1000.0).unwrap().anomaly, "still finds an anomaly");
     }
 
     fn shipped(name: &str) -> Onnx {

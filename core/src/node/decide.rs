@@ -347,7 +347,13 @@ impl Decider {
         };
         let bytes = tokio::time::timeout(timeout, exchange).await.ok()??;
         match serde_json::from_slice::<Answer>(&bytes).ok()?.result {
-            AnswerResult::Decision(v) => Some(v),
+            // A decision is a JSON object (the actor adds its own fields to it); anything else
+            // from a peer is no answer, and the local fallback decides.
+            AnswerResult::Decision(v) if v.is_object() => Some(v),
+            AnswerResult::Decision(v) => {
+                tracing::warn!(node = %target.node, decision = %v, "a decision that is not a JSON object was ignored");
+                None
+            }
             AnswerResult::Error(e) => {
                 tracing::debug!(node = %target.node, error = e, "a decision request was refused");
                 None
@@ -571,6 +577,36 @@ mod tests {
             // 100 ms for the first, then 100 ms for the second once it has the place.
             assert_eq!(started.elapsed().as_millis() / 10, 20, "{:?}", started.elapsed());
             assert_eq!(decider.counters().serve_refused, 2);
+            decider.stop();
+        });
+    }
+
+    /// A peer's answer whose decision is not a JSON object (the actor adds fields to it, which
+    /// would panic) counts as no answer; an object is taken.
+    #[test]
+    fn a_decision_that_is_not_an_object_is_no_answer() {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_time().start_paused(true).build().unwrap();
+        runtime.block_on(async {
+            let net = crate::bus::sim::SimNet::new(2, crate::bus::sim::Faults::NONE);
+            let (fog, edge) = (NodeId::new("fog-1").unwrap(), NodeId::new("edge-1").unwrap());
+            net.link(&fog, &edge);
+            let config = NodeConfig::parse(std::path::Path::new("t.toml"), "[node]\nid = \"edge-1\"\ntier = \"edge\"\n").unwrap();
+            let (_, mode) = watch::channel(Mode::Full);
+            let decider = Decider::start(&config, net.attach(&edge), mode, Arc::new(|_| {})).await.unwrap();
+            let server = net.attach(&fog);
+            let mut requests = server.serve(&decide_key("inspect", &fog), 4, crate::bus::accept_all()).await.unwrap();
+            let target = Target { tier: Tier::Fog, node: fog.clone(), capability: "inspect".into() };
+            let request = DecisionRequest { id: "r".into(), capability: "inspect".into(), budget_us: 100_000, probe: false, input: Value::Null };
+            for (decision, taken) in [(json!(5), None), (json!(["stop"]), None), (json!({"action": "stop"}), Some(json!({"action": "stop"})))] {
+                let answer = async {
+                    let mut r = requests.recv().await.unwrap();
+                    let bytes =
+                        serde_json::to_vec(&Answer { node: "fog-1".into(), tier: Tier::Fog, result: AnswerResult::Decision(decision.clone()) }).unwrap();
+                    r.responder.reply(bytes).await.unwrap();
+                };
+                let (got, ()) = tokio::join!(decider.ask(&target, &request, Duration::from_secs(1)), answer);
+                assert_eq!(got, taken, "{decision}");
+            }
             decider.stop();
         });
     }

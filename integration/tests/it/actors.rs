@@ -166,6 +166,21 @@ fn received(seq: u64) -> Envelope {
     strata_integration::reading_envelope("edge-7", 0xabc, "readings", seq)
 }
 
+/// `child` under a root supervisor that restarts it at most once.
+async fn supervise_one(child: supervise::ChildSpec) -> ractor::ActorRef<supervise::SupervisorMsg> {
+    let policy = Policy {
+        strategy: Strategy::OneForOne,
+        restarts_max: 1,
+        window: Duration::from_secs(60),
+        backoff_base: Duration::from_millis(1),
+        backoff_max: Duration::from_millis(1),
+        jitter_pct: 0,
+        child_shutdown_timeout: Duration::from_secs(5),
+    };
+    let args = SupervisorArgs { name: "root".into(), policy, children: vec![child], events: Recorder::default().sink() };
+    Actor::spawn(None, Supervisor, args).await.unwrap().0
+}
+
 /// A cloud node's store holding edge-7's `readings` 1, 2, 4 and 5 (3 was lost live), and an
 /// `Order` actor consuming that stream under a supervisor, with `replication` settings
 /// `replication` (TOML lines). Returns what the actor handled and the events it recorded.
@@ -207,17 +222,7 @@ impl GapRun {
         let e = events.clone();
         env.events = Some(Arc::new(move |doc| e.lock().unwrap().push(doc)));
         let child = registry.child(&config.actors[0], &env).unwrap();
-        let policy = Policy {
-            strategy: Strategy::OneForOne,
-            restarts_max: 1,
-            window: Duration::from_secs(60),
-            backoff_base: Duration::from_millis(1),
-            backoff_max: Duration::from_millis(1),
-            jitter_pct: 0,
-            child_shutdown_timeout: Duration::from_secs(5),
-        };
-        let args = SupervisorArgs { name: "root".into(), policy, children: vec![child], events: Recorder::default().sink() };
-        let (sup, _) = Actor::spawn(None, Supervisor, args).await.unwrap();
+        let sup = supervise_one(child).await;
         GapRun { log, sup, seen, events, _dir: dir }
     }
 
@@ -363,4 +368,60 @@ async fn an_actor_passes_a_long_damaged_region_in_steps_after_one_wait() {
     let (from, to) = (steps[0].0, steps[steps.len() - 1].1);
     let expected: Vec<u64> = (1..=300).filter(|&s| s != 20 && !(from..=to).contains(&s)).collect();
     assert_eq!(seen, expected, "every other record handled once, in order");
+}
+
+/// The arbiter acts only on fresh decisions and on this node's own resolutions: a decision
+/// taken after its deadline (`route: "expired"`) is escalated whatever its action; one that
+/// names no action is refused with an event, not taken for a harmless one; a resolution
+/// replicated from another node is left to that node's arbiter; this node's own resolution and
+/// a fresh decision within the bounds become commands.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_arbiter_escalates_stale_decisions_and_acts_only_on_its_own_resolutions() {
+    use serde_json::{json, Value};
+    let dir = tempfile::tempdir().unwrap();
+    let node = NodeId::new("edge-1").unwrap();
+    let log = Log::new(Arc::new(RocksStore::open(dir.path(), &node, StoreOptions::default()).unwrap()));
+    let decisions = StreamName::new("decisions").unwrap();
+    let decision = |doc: Value| Draft::new(Kind::Decision, PayloadType::new("strata.decision/1").unwrap(), doc.to_string().into_bytes());
+    let resolution = |id: &str| json!({"escalation": id, "outcome": "approved", "action": "stop", "risk": 0.9});
+    let fresh = log.append_durable(decisions.clone(), decision(json!({"action": "alert", "risk": 0.1, "route": "local"}))).await.unwrap();
+    log.append_durable(decisions.clone(), decision(json!({"action": "alert", "risk": 0.1, "route": "expired"}))).await.unwrap();
+    log.append_durable(decisions.clone(), decision(json!({"risk": 0.1, "route": "local"}))).await.unwrap();
+    let own = Draft::new(Kind::Decision, PayloadType::new("strata.resolution/1").unwrap(), resolution("own-escalation").to_string().into_bytes());
+    log.append_durable(decisions.clone(), own).await.unwrap();
+    let mut foreign = strata_integration::reading_envelope("fog-1", 0xf09, "decisions", 1);
+    foreign.payload_type = PayloadType::new("strata.resolution/1").unwrap();
+    foreign.payload = resolution("fog-escalation").to_string().into_bytes();
+    log.insert_remote(foreign.clone()).await.unwrap();
+
+    let config = NodeConfig::parse(
+        "t.toml".as_ref(),
+        "[node]\nid = \"edge-1\"\ntier = \"edge\"\n[[actors]]\nkind = \"arbiter\"\nname = \"arbiter\"\ninputs = [\"decisions\", \"fog-1:decisions\"]\noutputs = [\"commands\", \"escalations\"]\n",
+    )
+    .unwrap();
+    let events = Arc::new(Mutex::new(Vec::new()));
+    let mut env = ActorEnv::fixed(Arc::new(config.clone()), strata_core::mode::Mode::Full, log.clone(), Arc::new(|_| {}));
+    let e = events.clone();
+    env.events = Some(Arc::new(move |doc| e.lock().unwrap().push(doc)));
+    let child = strata_actors::registry().child(&config.actors[0], &env).unwrap();
+    let sup = supervise_one(child).await;
+    let arbiter = Name::new("arbiter").unwrap();
+    let (own_key, foreign_key) = (log.local_key(&decisions), strata_core::log::StreamKey::of(&foreign.id));
+    let t0 = Instant::now();
+    while log.cursor(&arbiter, &own_key) != Some(4) || log.cursor(&arbiter, &foreign_key) != Some(1) {
+        assert!(t0.elapsed() < Duration::from_secs(60), "cursors stuck at {:?} / {:?}", log.cursor(&arbiter, &own_key), log.cursor(&arbiter, &foreign_key));
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    supervise::shutdown(&sup, Duration::from_secs(10)).await;
+    let read = |stream: &str| -> Vec<Value> {
+        let key = log.local_key(&StreamName::new(stream).unwrap());
+        log.read(&key, 1, 100).unwrap().iter().map(|e| serde_json::from_slice(&e.payload).unwrap()).collect()
+    };
+    let commands: Vec<String> = read("commands").iter().map(|c| c["key"].as_str().unwrap().to_owned()).collect();
+    assert_eq!(commands, [fresh.id.to_string(), "own-escalation".to_owned()], "the fresh decision and this node's resolution only");
+    let escalations = read("escalations");
+    assert_eq!(escalations.len(), 1, "{escalations:?}");
+    assert!(escalations[0]["reason"].as_str().unwrap().contains("expired"), "{}", escalations[0]);
+    let events = events.lock().unwrap().clone();
+    assert!(events.iter().any(|e| e["event"] == "decision_refused" && e["reason"] == "it names no action"), "{events:?}");
 }
