@@ -81,13 +81,14 @@ pub trait Responder: Send {
     fn reply(&mut self, payload: Vec<u8>) -> BoxFut<'_, Result<(), BusError>>;
 }
 
-/// Which requests a [`Transport::serve`]r takes, from their key and parameters; it runs on the
-/// transport's own thread, so it must be quick and never block.
-pub type Accept = Arc<dyn Fn(&str, &str) -> bool + Send + Sync>;
+/// Which requests a [`Transport::serve`]r takes, from their key, parameters and body length
+/// in bytes; it runs on the transport's own thread, so it must be quick and never block.
+pub type Accept = Arc<dyn Fn(&str, &str, usize) -> bool + Send + Sync>;
 
-/// Takes every request.
+/// Takes every request (whose body is within [`wire::MESSAGE_BYTES_MAX`]: a transport refuses
+/// a larger one itself).
 pub fn accept_all() -> Accept {
-    Arc::new(|_, _| true)
+    Arc::new(|_, _, _| true)
 }
 
 /// A request received by a [`Transport::serve`]r.
@@ -293,14 +294,16 @@ pub trait Transport: Send + Sync + 'static {
     /// when it is full, `overflow` says whether new samples are dropped (and counted) or the
     /// network is made to wait. A payload over [`wire::MESSAGE_BYTES_MAX`] is dropped.
     fn subscribe(&self, keyexpr: &str, capacity: usize, bytes_max: usize, overflow: Overflow) -> BoxFut<'_, Result<Incoming<Sample>, BusError>>;
-    /// Requests on keys matching `keyexpr` that `accept` takes (given their key and
-    /// parameters), in a queue of `capacity` (full: refused and counted). A request refused
+    /// Requests on keys matching `keyexpr` that `accept` takes (given their key, parameters and
+    /// body length), in a queue of `capacity` (full: refused and counted); one whose body is
+    /// over [`wire::MESSAGE_BYTES_MAX`] is refused whatever `accept` says. A request refused
     /// either way ends at once for this server, as one answered with nothing: its requester
     /// does not wait for it until the timeout.
     fn serve(&self, keyexpr: &str, capacity: usize, accept: Accept) -> BoxFut<'_, Result<Incoming<Request>, BusError>>;
     /// Sends a request (with an optional body, `payload`) to every server of `key`; the
-    /// replies arrive on the returned queue of `capacity`, which closes when all servers
-    /// finished or `timeout` passed.
+    /// replies arrive on the returned queue of `capacity` (a reply over
+    /// [`wire::MESSAGE_BYTES_MAX`] is dropped), which closes when all servers finished or
+    /// `timeout` passed.
     fn request(&self, key: &str, params: &str, payload: Vec<u8>, timeout: Duration, capacity: usize) -> BoxFut<'_, Result<mpsc::Receiver<Vec<u8>>, BusError>>;
     /// Declares a liveliness token, held until the returned guard is dropped.
     fn declare_alive(&self, key: &str) -> BoxFut<'_, Result<Box<dyn Any + Send + Sync>, BusError>>;

@@ -1021,11 +1021,12 @@ fn read_serving(log: &Log, key: &StreamKey, from: u64, to: u64, want: usize, spa
 }
 
 /// Which replay requests this node queues: those naming it as the holder. Every node receives
-/// every request; the others (and malformed ones) end at once here, so their requesters do not
-/// wait for this node's queue, and they take none of its places.
+/// every request; the others (and malformed ones, such as one with a body: a replay request
+/// has none) end at once here, so their requesters do not wait for this node's queue, and
+/// they take none of its places.
 fn replay_requests_for(node: NodeId) -> super::Accept {
-    Arc::new(move |key, params| match ReplayParams::parse(params) {
-        Ok(p) => p.holder == node,
+    Arc::new(move |key, params, body_len| match ReplayParams::parse(params) {
+        Ok(p) => p.holder == node && body_len == 0,
         Err(e) => {
             tracing::debug!(key, params, error = e, "bad replay request");
             false

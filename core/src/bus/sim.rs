@@ -408,7 +408,7 @@ impl Transport for SimTransport {
             let request = Request { key: key.to_owned(), params: params.to_owned(), payload: payload.clone(), responder: Box::new(responder) };
             tokio::spawn(async move {
                 tokio::time::sleep(delay).await;
-                if !accept.is_none_or(|a| a(&request.key, &request.params)) {
+                if !accept.is_none_or(|a| a(&request.key, &request.params, request.payload.len())) {
                     return;
                 }
                 // Counted before the refused request (and its responder) is dropped.

@@ -103,6 +103,9 @@ pub const LIVE_FRAME_VERSION: u8 = 0x81;
 /// Bytes a live frame adds per record (its length) and in all (version and count).
 pub const LIVE_FRAME_RECORD_OVERHEAD: usize = 4;
 pub const LIVE_FRAME_OVERHEAD: usize = 5;
+/// No encoded envelope is shorter (checked by a test): a frame's records are at least this
+/// long, so a forged count or empty records cannot make a small frame cost many records.
+pub const LIVE_FRAME_RECORD_BYTES_MIN: usize = 16;
 
 /// A live frame of `records` (each an encoded envelope): the version byte, the count (u32
 /// little-endian), then each record's length (u32 little-endian) and bytes.
@@ -133,8 +136,9 @@ pub fn decode_live_frame(bytes: &[u8]) -> Result<Vec<Vec<u8>>, WireError> {
         Ok(u32::from_le_bytes(*n) as usize)
     };
     let count = take_u32(&mut rest, "record count")?;
-    // Every record takes at least its length: a forged count cannot reserve much.
-    if count > rest.len() / LIVE_FRAME_RECORD_OVERHEAD {
+    // Every record takes at least its length and the shortest envelope: a forged count
+    // cannot reserve much.
+    if count > rest.len() / (LIVE_FRAME_RECORD_OVERHEAD + LIVE_FRAME_RECORD_BYTES_MIN) {
         return Err(WireError::Malformed(format!("live frame claims {count} records in {} bytes", rest.len())));
     }
     let mut records = Vec::with_capacity(count);
@@ -142,6 +146,9 @@ pub fn decode_live_frame(bytes: &[u8]) -> Result<Vec<Vec<u8>>, WireError> {
         let len = take_u32(&mut rest, "record length")?;
         if len > rest.len() {
             return Err(WireError::Malformed(format!("live frame record {i} claims {len} bytes, {} left", rest.len())));
+        }
+        if len < LIVE_FRAME_RECORD_BYTES_MIN {
+            return Err(WireError::Malformed(format!("live frame record {i} has {len} bytes, fewer than any envelope")));
         }
         let (record, tail) = rest.split_at(len);
         records.push(record.to_vec());
@@ -218,10 +225,28 @@ mod tests {
 
     #[test]
     fn live_frames_round_trip_and_forged_ones_are_errors() {
-        let records = vec![vec![1u8, 2, 3], Vec::new(), vec![9; 300]];
+        let records = vec![vec![1u8; 16], vec![2; 20], vec![9; 300]];
         let frame = encode_live_frame(&records);
-        assert_eq!(frame.len(), LIVE_FRAME_OVERHEAD + 303 + 3 * LIVE_FRAME_RECORD_OVERHEAD);
+        assert_eq!(frame.len(), LIVE_FRAME_OVERHEAD + 336 + 3 * LIVE_FRAME_RECORD_OVERHEAD);
         assert_eq!(decode_live_frame(&frame), Ok(records));
+        // The smallest envelope there can be is not shorter than a frame's records must be.
+        let smallest = crate::Envelope {
+            id: crate::EnvelopeId {
+                origin: NodeId::new("a").unwrap(),
+                incarnation: Incarnation::from_raw(1),
+                stream: StreamName::new("s").unwrap(),
+                seq: crate::Seq::new(1).unwrap(),
+            },
+            kind: crate::Kind::Event,
+            hlc: crate::HlcTime::from_uhlc(uhlc::HLC::default().new_timestamp()),
+            budget_us: None,
+            priority: crate::Priority::NORMAL,
+            trace: crate::Trace::default(),
+            payload_type: crate::PayloadType::new("a").unwrap(),
+            payload: Vec::new(),
+        };
+        let bytes = crate::codec::encode(&smallest, &crate::codec::Limits::STORED).unwrap();
+        assert!(bytes.len() >= LIVE_FRAME_RECORD_BYTES_MIN, "{} bytes", bytes.len());
         assert_ne!(LIVE_FRAME_VERSION, crate::codec::FORMAT_VERSION, "a frame is told from an envelope by its first byte");
         assert_eq!(decode_live_frame(&[crate::codec::FORMAT_VERSION, 0, 0, 0, 0]), Err(WireError::UnknownVersion(crate::codec::FORMAT_VERSION)));
         let error = |bytes: &[u8]| match decode_live_frame(bytes) {
@@ -230,7 +255,15 @@ mod tests {
         };
         assert_eq!(error(&[LIVE_FRAME_VERSION, 1]), "live frame cut in its record count");
         assert_eq!(error(&[LIVE_FRAME_VERSION, 255, 255, 255, 255, 0, 0, 0, 0]), "live frame claims 4294967295 records in 4 bytes");
-        assert_eq!(error(&[LIVE_FRAME_VERSION, 1, 0, 0, 0, 9, 0, 0, 0, 1]), "live frame record 0 claims 9 bytes, 1 left");
+        // Almost a million empty records fit in 4 MiB of lengths: refused.
+        let mut empties = vec![LIVE_FRAME_VERSION];
+        empties.extend_from_slice(&((1u32 << 20) - 2).to_le_bytes());
+        empties.extend(std::iter::repeat_n(0u8, (4 << 20) - 8));
+        assert_eq!(error(&empties), "live frame claims 1048574 records in 4194296 bytes");
+        assert_eq!(error(&encode_live_frame(&[vec![1; 40], Vec::new()])), "live frame record 1 has 0 bytes, fewer than any envelope");
+        let mut cut = vec![LIVE_FRAME_VERSION, 1, 0, 0, 0, 99, 0, 0, 0];
+        cut.extend([1; 20]);
+        assert_eq!(error(&cut), "live frame record 0 claims 99 bytes, 20 left");
         assert_eq!(error(&[LIVE_FRAME_VERSION, 0, 0, 0, 0, 7]), "1 bytes after the last record of a live frame");
     }
 

@@ -307,8 +307,11 @@ impl Transport for ZenohTransport {
                 .session
                 .declare_queryable(keyexpr)
                 .callback(move |query: zenoh::query::Query| {
-                    // Dropping the query without a reply ends it for this node at once.
-                    if !accept(query.key_expr().as_str(), query.parameters().as_str()) {
+                    // Dropping the query without a reply ends it for this node at once. The body
+                    // is bounded like a sample (Zenoh itself would pass up to 1 GiB), before it
+                    // is copied into the queue.
+                    let body_len = query.payload().map_or(0, |p| p.len());
+                    if body_len > super::wire::MESSAGE_BYTES_MAX || !accept(query.key_expr().as_str(), query.parameters().as_str(), body_len) {
                         return;
                     }
                     let request = Request {
@@ -344,8 +347,11 @@ impl Transport for ZenohTransport {
                 .timeout(timeout)
                 .callback(move |reply: zenoh::query::Reply| {
                     if let Ok(sample) = reply.result() {
-                        // Full: the rest of this reply is lost; the requester asks again.
-                        let _ = tx.try_send(sample.payload().to_bytes().into_owned());
+                        // Larger than any answer of ours (Zenoh would pass up to 1 GiB): not
+                        // copied. Full: the rest of this reply is lost; the requester asks again.
+                        if sample.payload().len() <= super::wire::MESSAGE_BYTES_MAX {
+                            let _ = tx.try_send(sample.payload().to_bytes().into_owned());
+                        }
                     }
                 })
                 .await
@@ -452,7 +458,7 @@ mod tests {
         let port = crate::ports::free_loopback_port().unwrap();
         let a = loopback("a", Some(port), None).await;
         let b = loopback("b", None, Some(port)).await;
-        let mut served = a.serve("test/q/**", 1, Arc::new(|_, params| params == "take")).await.unwrap();
+        let mut served = a.serve("test/q/**", 1, Arc::new(|_, params, _| params == "take")).await.unwrap();
         let long = Duration::from_secs(20);
         // Until the queryable has reached `b`, a request ends with nobody asked: ask again
         // until `a` receives one.
@@ -482,6 +488,12 @@ mod tests {
         drop(request);
         assert_eq!(tokio::time::timeout(Duration::from_secs(10), queued.recv()).await, Ok(Some(b"hi".to_vec())));
         assert_eq!(tokio::time::timeout(Duration::from_secs(10), queued.recv()).await, Ok(None));
+        // A body over the largest message is refused before it is copied, whatever `accept`
+        // says; the queue has room, and stays empty.
+        let mut huge = b.request("test/q/x", "take", vec![7; super::super::wire::MESSAGE_BYTES_MAX + 1], long, 4).await.unwrap();
+        assert_eq!(tokio::time::timeout(Duration::from_secs(10), huge.recv()).await, Ok(None), "refused at once, unanswered");
+        assert!(tokio::time::timeout(Duration::from_millis(500), served.recv()).await.is_err(), "nothing was queued");
+        assert_eq!(served.dropped(), 1);
         drop(served);
         a.close().await;
         b.close().await;
