@@ -1081,8 +1081,12 @@ async fn serve_replay(shared: Arc<Shared>, mut requests: super::Incoming<Request
         // failed first), one empty batch says so: the requester then asks another holder for
         // the range, and does not take this one for silent.
         let (mut answered, mut damaged) = (false, 0);
+        // Records read per round follow what fits in one message (large records: few), so a
+        // round never reads much more than it sends; and one answer sends at most this much.
+        let (mut fit, mut bytes_sent) = (batch_len, 0usize);
+        let answer_bytes_max = REPLAY_BATCHES_PER_REQUEST as usize * MESSAGE_BYTES_MAX;
         while from <= to {
-            let want = (to - from + 1).min(batch_len) as usize;
+            let want = (to - from + 1).min(batch_len).min(fit) as usize;
             let served = match read_serving(&shared.log, &key, from, to, want, span) {
                 Ok(s) => s,
                 Err(e) => {
@@ -1125,6 +1129,11 @@ async fn serve_replay(shared: Arc<Shared>, mut requests: super::Incoming<Request
             answered = true;
             if request.responder.reply(wire::encode(&batch)).await.is_err() {
                 break;
+            }
+            fit = if sent < records.len() as u64 { sent } else { fit.saturating_mul(2).min(batch_len) };
+            bytes_sent += size;
+            if bytes_sent >= answer_bytes_max {
+                break; // the requester asks again from what it still misses
             }
             if sent < records.len() as u64 {
                 from = records[sent as usize].id.seq.get();
