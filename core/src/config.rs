@@ -788,6 +788,11 @@ pub struct RoutingSection {
     /// Decision requests a serving node queues and answers at once; beyond it, requests
     /// are refused (no reply: the requester falls back). Default 64.
     pub serve_queue_len_max: usize,
+    /// Decision servers (capability, tier, node) this node keeps track of and probes; one
+    /// announced beyond it is not taken, and counted (`servers_refused`): a broken or hostile
+    /// peer announcing thousands cannot grow the table and its probes without bound. Keep it
+    /// well above the capabilities × nodes of the system. Default 1024.
+    pub servers_max: usize,
 }
 
 impl Default for RoutingSection {
@@ -803,6 +808,7 @@ impl Default for RoutingSection {
             estimate_samples_max: 16,
             estimate_samples_min: 3,
             serve_queue_len_max: 64,
+            servers_max: 1024,
         }
     }
 }
@@ -1064,6 +1070,7 @@ impl NodeConfig {
             ("routing.fallback_ms", rt.fallback_ms, 0, DAY_MS),
             ("routing.estimate_samples_max", rt.estimate_samples_max as u64, 1, QUEUE_LEN_CEILING),
             ("routing.serve_queue_len_max", rt.serve_queue_len_max as u64, 1, QUEUE_LEN_CEILING),
+            ("routing.servers_max", rt.servers_max as u64, 1, QUEUE_LEN_CEILING),
             ("modes.recover_hold_ms", md.recover_hold_ms, 0, DAY_MS),
             ("modes.check_interval_ms", md.check_interval_ms, 1, DAY_MS),
             ("autonomy.escalation_timeout_ms", au.escalation_timeout_ms, 1, DAY_MS),
@@ -1368,6 +1375,7 @@ mod tests {
             ("autonomy", "approvals_queue_len_max", 1, QUEUE_LEN_CEILING),
             ("autonomy", "escalation_batch_len_max", 1, BATCH_LEN_CEILING),
             ("autonomy", "escalation_check_interval_ms", 10, DAY_MS),
+            ("routing", "servers_max", 1, QUEUE_LEN_CEILING),
         ] {
             // MINIMAL ends in its [zenoh] table.
             let header = if section == "zenoh" { String::new() } else { format!("[{section}]\n") };

@@ -138,6 +138,8 @@ pub struct DecideCounters {
     /// Decision servers' announcements (liveliness) dropped because their queue was full; the
     /// servers were read again after each drop.
     pub servers_dropped: u64,
+    /// Decision servers announced while `routing.servers_max` were tracked: not taken.
+    pub servers_refused: u64,
 }
 
 /// Where node events go (the node's bounded `events` queue).
@@ -151,6 +153,7 @@ pub struct Decider {
     probe_interval: Duration,
     probe_timeout: Duration,
     serve_queue_len_max: usize,
+    servers_max: usize,
     clock: MonoClock,
     mode: watch::Receiver<Mode>,
     /// Lock order: `servers` before `estimator` (both are held together when planning).
@@ -198,6 +201,7 @@ impl Decider {
             probe_interval: Duration::from_millis(r.probe_interval_ms),
             probe_timeout: Duration::from_millis(r.default_deadline_ms),
             serve_queue_len_max: r.serve_queue_len_max,
+            servers_max: r.servers_max,
             clock: MonoClock::new(),
             mode,
             estimator: Mutex::new(Estimator::new(r.estimate_samples_max)),
@@ -222,7 +226,11 @@ impl Decider {
                             continue;
                         }
                         if event.alive {
-                            servers.insert(target);
+                            if servers.len() < d.servers_max || servers.contains(&target) {
+                                servers.insert(target);
+                            } else {
+                                d.counters.lock().unwrap_or_else(|p| p.into_inner()).servers_refused += 1;
+                            }
                             continue;
                         }
                         servers.remove(&target);
@@ -232,7 +240,14 @@ impl Decider {
                     // estimates (the whole set cannot show it); its probes refresh them.
                     AliveChange::All { alive, dropped } => {
                         d.counters.lock().unwrap_or_else(|p| p.into_inner()).servers_dropped += dropped;
-                        let now: BTreeSet<Target> = alive.iter().filter_map(|k| parse_serves(k)).filter(|t| t.node != d.node).collect();
+                        let mut now: BTreeSet<Target> = alive.iter().filter_map(|k| parse_serves(k)).filter(|t| t.node != d.node).collect();
+                        // Those already tracked first, then others up to the bound.
+                        if now.len() > d.servers_max {
+                            let (kept, new): (BTreeSet<Target>, BTreeSet<Target>) = now.into_iter().partition(|t| servers.contains(t));
+                            let room = d.servers_max.saturating_sub(kept.len());
+                            d.counters.lock().unwrap_or_else(|p| p.into_inner()).servers_refused += new.len().saturating_sub(room) as u64;
+                            now = kept.into_iter().take(d.servers_max).chain(new.into_iter().take(room)).collect();
+                        }
                         let gone: Vec<Target> = servers.difference(&now).cloned().collect();
                         tracing::warn!(
                             dropped,
@@ -607,6 +622,46 @@ mod tests {
                 let (got, ()) = tokio::join!(decider.ask(&target, &request, Duration::from_secs(1)), answer);
                 assert_eq!(got, taken, "{decision}");
             }
+            decider.stop();
+        });
+    }
+
+    /// Beyond `routing.servers_max`, announced decision servers are not taken, and counted;
+    /// one that goes frees a place (on a paused clock, over the simulated network).
+    #[test]
+    fn decision_servers_beyond_the_bound_are_not_taken() {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_time().start_paused(true).build().unwrap();
+        runtime.block_on(async {
+            let net = crate::bus::sim::SimNet::new(3, crate::bus::sim::Faults::NONE);
+            let (peer, edge) = (NodeId::new("fog-1").unwrap(), NodeId::new("edge-1").unwrap());
+            net.link(&peer, &edge);
+            let mut config = NodeConfig::parse(std::path::Path::new("t.toml"), "[node]\nid = \"edge-1\"\ntier = \"edge\"\n").unwrap();
+            config.routing.servers_max = 2;
+            let (_, mode) = watch::channel(Mode::Full);
+            let decider = Decider::start(&config, net.attach(&edge), mode, Arc::new(|_| {})).await.unwrap();
+            let announcer = net.attach(&peer);
+            let mut tokens = Vec::new();
+            for capability in ["a", "b", "c", "d"] {
+                tokens.push(announcer.declare_alive(&serves_key(capability, Tier::Fog, &peer)).await.unwrap());
+            }
+            let tracked = || decider.servers.lock().unwrap().iter().map(|t| t.capability.clone()).collect::<Vec<_>>();
+            for _ in 0..100 {
+                if decider.counters().servers_refused == 2 {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            assert_eq!((tracked(), decider.counters().servers_refused), (vec!["a".to_owned(), "b".to_owned()], 2));
+            tokens.remove(0);
+            let e = announcer.declare_alive(&serves_key("e", Tier::Fog, &peer)).await.unwrap();
+            for _ in 0..100 {
+                if tracked() == ["b", "e"] {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            assert_eq!(tracked(), ["b", "e"], "a went: its place is taken by the next announced");
+            drop((tokens, e));
             decider.stop();
         });
     }
