@@ -485,8 +485,11 @@ impl Decider {
                     _ = &mut all => rx.recv().await,
                 };
                 {
+                    // Only servers still tracked: one that went meanwhile must come back with
+                    // fresh estimates (its probes fill them), not with this sample.
+                    let servers = self.servers.lock().unwrap_or_else(|p| p.into_inner());
                     let mut e = self.estimator.lock().unwrap_or_else(|p| p.into_inner());
-                    for t in &asked {
+                    for t in asked.iter().filter(|t| servers.contains(*t)) {
                         match &first {
                             Some((winner, _, at)) if winner == t => e.observe(t, *at, us(at.saturating_since(sent))),
                             // The loser of a hedge is not known to be slow: no sample.
