@@ -453,11 +453,15 @@ impl Behaviour for Inference {
                 let age_us = if &input.id.origin == ctx.node() { unix_us().saturating_sub(input.hlc.unix_us()) } else { 0 };
                 let now = decider.now();
                 let started = MonoTime::from_micros(now.as_micros().saturating_sub(age_us));
-                // From `now`, not from `started`: the decider's clock starts with the node, so
-                // for a reading older than the node `started` stops at 0, and a deadline counted
-                // from there would make a stale backlog look fresh.
-                let budget_us = budget_ms.saturating_mul(1000).saturating_sub(age_us);
-                let deadline = now.saturating_add(Duration::from_micros(budget_us));
+                // The decider's clock starts with the node: for a reading older than that,
+                // `started` stops at 0, and a deadline counted from there would make a stale
+                // backlog look fresh. Then it counts from `now` less the reading's age.
+                let budget = Duration::from_millis(budget_ms);
+                let deadline = if now.as_micros() >= age_us {
+                    started.saturating_add(budget)
+                } else {
+                    now.saturating_add(budget.saturating_sub(Duration::from_micros(age_us)))
+                };
                 let id = input.id.to_string();
                 // Load: how far behind this actor is, as a share of what it can take in one
                 // batch (a full batch waiting or more: saturated).

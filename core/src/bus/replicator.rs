@@ -1083,7 +1083,9 @@ async fn serve_replay(shared: Arc<Shared>, mut requests: super::Incoming<Request
         let (mut answered, mut damaged) = (false, 0);
         // Records read per round follow what fits in one message (large records: few), so a
         // round never reads much more than it sends; and one answer sends at most this much.
-        let (mut fit, mut bytes_sent) = (batch_len, 0usize);
+        // The first round guesses from the stream's average record.
+        let average = shared.log.stream(&key).map_or(1, |i| (i.bytes / i.count.max(1)).max(1));
+        let (mut fit, mut bytes_sent) = ((MESSAGE_BYTES_MAX as u64 / average).clamp(1, batch_len), 0usize);
         let answer_bytes_max = REPLAY_BATCHES_PER_REQUEST as usize * MESSAGE_BYTES_MAX;
         while from <= to {
             let want = (to - from + 1).min(batch_len).min(fit) as usize;

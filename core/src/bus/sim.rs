@@ -408,7 +408,9 @@ impl Transport for SimTransport {
             let request = Request { key: key.to_owned(), params: params.to_owned(), payload: payload.clone(), responder: Box::new(responder) };
             tokio::spawn(async move {
                 tokio::time::sleep(delay).await;
-                if !accept.is_none_or(|a| a(&request.key, &request.params, request.payload.len())) {
+                // As Zenoh's transport does: a body over the largest message is refused.
+                let body_len = request.payload.len();
+                if body_len > super::wire::MESSAGE_BYTES_MAX || !accept.is_none_or(|a| a(&request.key, &request.params, body_len)) {
                     return;
                 }
                 // Counted before the refused request (and its responder) is dropped.
@@ -422,17 +424,22 @@ impl Transport for SimTransport {
         drop(tx);
         let (out, rx) = mpsc::channel(capacity);
         tokio::spawn(async move {
-            // Into the requester's queue as they come (full: the reply is lost, as with Zenoh);
-            // at the timeout, what already arrived is passed on and the stream ends.
+            // Into the requester's queue as they come (full, or over the largest message: the
+            // reply is lost, as with Zenoh's transport); at the timeout, what already arrived is
+            // passed on and the stream ends.
             let forward = async {
                 while let Some(reply) = replies.recv().await {
-                    let _ = out.try_send(reply);
+                    if reply.len() <= super::wire::MESSAGE_BYTES_MAX {
+                        let _ = out.try_send(reply);
+                    }
                 }
             };
             if tokio::time::timeout_at(deadline, forward).await.is_err() {
                 replies.close();
                 while let Ok(reply) = replies.try_recv() {
-                    let _ = out.try_send(reply);
+                    if reply.len() <= super::wire::MESSAGE_BYTES_MAX {
+                        let _ = out.try_send(reply);
+                    }
                 }
             }
         });

@@ -399,7 +399,16 @@ impl Core {
             payload_type: draft.payload_type,
             payload: draft.payload,
         };
-        codec::encode_record_into(&envelope, &self.limits, &mut scratch.value)?;
+        if let Err(e) = codec::encode_record_into(&envelope, &self.limits, &mut scratch.value) {
+            // Refused (over the size limits): a stream it would have started is not created
+            // empty either (checked on this path only: appends are the hot path).
+            let key = StreamKey::of(&envelope.id);
+            let new = !self.pending.contains_key(&key) && !self.streams.contains_key(&key);
+            if new && plan.staged.get(&key).is_some_and(|e| e.count == 0 && e.wm.get() == 0) {
+                plan.staged.remove(&key);
+            }
+            return Err(e.into());
+        }
         let inserted = entry.wm.insert(seq.get());
         assert_eq!(inserted, Insert::New, "local seqs have no gaps");
         entry.add(seq.get(), scratch.value.len());

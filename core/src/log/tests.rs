@@ -823,8 +823,8 @@ async fn records_stored_under_a_larger_payload_limit_stay_readable() {
     assert_eq!(reader.read(&key, 1, 1).unwrap()[0].payload, payload);
 }
 
-/// A received record refused for its size leaves no trace: a stream it would have started
-/// is not created (empty, in `strata log ls` and after a reopen), and nothing else changes.
+/// A record refused for its size, received or appended, leaves no trace: a stream it would
+/// have started is not created (empty, in `strata log ls` and after a reopen).
 #[tokio::test]
 async fn a_refused_record_of_a_new_stream_creates_no_stream() {
     let dir = tempfile::tempdir().unwrap();
@@ -835,6 +835,7 @@ async fn a_refused_record_of_a_new_stream_creates_no_stream() {
         big.payload = vec![0; 2 * 1024 * 1024];
         assert!(matches!(log.insert_remote(big).await, Err(LogError::Encode(_))));
         log.insert_remote(remote("fog-9", 1, "r", 1)).await.unwrap();
+        assert!(matches!(log.append_durable(stream("local"), draft(&vec![0; 2 * 1024 * 1024])).await, Err(LogError::Encode(_))));
         assert_eq!(names(&log), ["r"]);
         log.close();
     }
