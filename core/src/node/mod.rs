@@ -252,7 +252,8 @@ impl Node {
             let clock = MonoClock::new();
             let mut tick = tokio::time::interval(every);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            let mut catching_up: Option<tokio::task::JoinHandle<()>> = None;
+            // Aborted with this task at shutdown, and when a new recovery starts another.
+            let mut catching_up: Option<AbortOnDrop<()>> = None;
             loop {
                 tick.tick().await;
                 let reachable = replicator.presence().values().filter(|p| p.alive).map(|p| p.tier).collect();
@@ -267,15 +268,13 @@ impl Node {
                     let recovered = incident["event"] == "incident_closed";
                     events.push(incident);
                     if recovered {
-                        if let Some(old) = catching_up.take() {
-                            old.abort();
-                        }
+                        drop(catching_up.take());
                         let (replicator, events) = (replicator.clone(), events.clone());
                         // Caught up: every acknowledging tier holds what this node had at the recovery.
                         let goal = replicator.own_watermarks();
-                        catching_up = Some(tokio::spawn(async move {
+                        catching_up = Some(AbortOnDrop(tokio::spawn(async move {
                             events.push(watch_catch_up(|| replicator.short_of(&goal, false), catch_up_watch, ack_every).await);
-                        }));
+                        })));
                     }
                 }
             }
@@ -380,17 +379,20 @@ impl Node {
     }
 }
 
+/// A task that ends with its handle: dropped (its owner aborted), it is aborted too.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// Runs `part` of the node (the escalation desk) in a task of its own. If it ends or panics,
 /// the node fails with the reason ([`Node::failed`]), as when the root supervisor gives up:
 /// otherwise the node would go on without it (escalations would never time out to the safe
 /// default) and only a log line would say so. Dropping (aborting) this future aborts it.
 async fn fail_node_if_it_ends(what: &'static str, part: impl std::future::Future<Output = String> + Send + 'static, fatal: Arc<watch::Sender<Option<String>>>) {
-    struct AbortOnDrop(tokio::task::JoinHandle<String>);
-    impl Drop for AbortOnDrop {
-        fn drop(&mut self) {
-            self.0.abort();
-        }
-    }
     let mut task = AbortOnDrop(tokio::spawn(part));
     let why = match (&mut task.0).await {
         Ok(why) => why,
