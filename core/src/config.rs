@@ -771,7 +771,8 @@ pub struct RoutingSection {
     pub safety_margin_ms: u64,
     /// Send to two tiers when estimates are uncertain. Default false.
     pub hedging: bool,
-    /// Period of latency probes to each reachable tier, in ms. Default 500.
+    /// Period of latency probes to each reachable tier, in ms; a probe waits as long as its
+    /// capability's deadline. Default 500.
     pub probe_interval_ms: u64,
     /// Deadline of a decision whose capability has no entry in `deadline_ms`, in ms.
     /// Default 100.

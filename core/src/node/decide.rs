@@ -18,7 +18,7 @@
 //!
 //! On the wire a request carries its remaining budget (`budget_us`), never an absolute time.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -151,7 +151,9 @@ pub struct Decider {
     tier: Tier,
     policy: Policy,
     probe_interval: Duration,
+    /// A probe's timeout: its capability's deadline (`routing.deadline_ms`), else this.
     probe_timeout: Duration,
+    deadlines: BTreeMap<String, Duration>,
     serve_queue_len_max: usize,
     servers_max: usize,
     clock: MonoClock,
@@ -200,6 +202,7 @@ impl Decider {
             policy: Policy::from_config(r),
             probe_interval: Duration::from_millis(r.probe_interval_ms),
             probe_timeout: Duration::from_millis(r.default_deadline_ms),
+            deadlines: r.deadline_ms.iter().map(|(c, ms)| (c.to_string(), Duration::from_millis(*ms))).collect(),
             serve_queue_len_max: r.serve_queue_len_max,
             servers_max: r.servers_max,
             clock: MonoClock::new(),
@@ -377,15 +380,18 @@ impl Decider {
     }
 
     async fn probe(&self, target: Target) {
+        // As long as a request of that capability may wait: with a shorter timeout, a tier
+        // slower than it would be recorded as faster than it is.
+        let timeout = self.deadlines.get(&target.capability).copied().unwrap_or(self.probe_timeout);
         let request = DecisionRequest {
             id: format!("probe@{}", self.node),
             capability: target.capability.clone(),
-            budget_us: us(self.probe_timeout),
+            budget_us: us(timeout),
             probe: true,
             input: Value::Null,
         };
         let start = self.clock.now();
-        let answered = self.ask(&target, &request, self.probe_timeout).await.is_some();
+        let answered = self.ask(&target, &request, timeout).await.is_some();
         let now = self.clock.now();
         // Only a server still known: a probe in flight when it left must not revive it. Lock
         // order everywhere: `servers` before `estimator`.
@@ -397,7 +403,7 @@ impl Decider {
         if answered {
             e.observe(&target, now, us(now.saturating_since(start)));
         } else {
-            e.timed_out(&target, now, us(self.probe_timeout));
+            e.timed_out(&target, now, us(timeout));
         }
     }
 
@@ -666,6 +672,46 @@ mod tests {
             assert_eq!(tracked(), ["b", "e"], "a went: its place is taken by the next announced");
             drop((tokens, e));
             decider.stop();
+        });
+    }
+
+    /// A probe waits as long as a request of its capability may (`routing.deadline_ms`): a
+    /// server that takes 200 ms is estimated at 200 ms, not at the 100 ms default deadline a
+    /// shorter probe would record (over the simulated network, in real time: the decider's
+    /// clock is the machine's; only a lower bound is asserted).
+    #[test]
+    fn probes_wait_as_long_as_their_capabilitys_deadline() {
+        struct Slow;
+        impl Service for Slow {
+            fn answer<'a>(&'a self, _: &'a DecisionRequest) -> BoxFut<'a, Result<Value, String>> {
+                Box::pin(async {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    Ok(json!({"action": "none"}))
+                })
+            }
+        }
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
+        runtime.block_on(async {
+            let net = crate::bus::sim::SimNet::new(4, crate::bus::sim::Faults::NONE);
+            let (fog, edge) = (NodeId::new("fog-1").unwrap(), NodeId::new("edge-1").unwrap());
+            net.link(&fog, &edge);
+            let parse = |text: &str| NodeConfig::parse(std::path::Path::new("t.toml"), text).unwrap();
+            let (_, mode) = watch::channel(Mode::Full);
+            let server = Decider::start(&parse("[node]\nid = \"fog-1\"\ntier = \"fog\"\n"), net.attach(&fog), mode.clone(), Arc::new(|_| {})).await.unwrap();
+            let _guard = server.serve(&Name::new("slow").unwrap(), Arc::new(Slow)).await.unwrap();
+            let edge_config = parse("[node]\nid = \"edge-1\"\ntier = \"edge\"\n[routing]\nprobe_interval_ms = 100\ndeadline_ms = { slow = 500 }\n");
+            let decider = Decider::start(&edge_config, net.attach(&edge), mode, Arc::new(|_| {})).await.unwrap();
+            let p50 = || decider.estimates().as_array().and_then(|rows| rows.first().cloned()).and_then(|r| r["p50_us"].as_u64());
+            for _ in 0..300 {
+                if decider.estimates()[0]["samples"].as_u64().unwrap_or(0) >= 3 {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            let p50 = p50().expect("probed");
+            assert!(p50 >= 200_000, "estimated {p50} µs for a server that takes 200 ms");
+            decider.stop();
+            server.stop();
         });
     }
 
