@@ -897,12 +897,20 @@ async fn receive_ingest(shared: Arc<Shared>, mut incoming: super::Incoming<super
                 let draft = Draft::new(Kind::Reading, PayloadType::new(READING_TYPE).expect("valid"), payload);
                 match shared.log.append(stream, draft).await {
                     Ok(ticket) => {
-                        shared.counters.ingest_accepted.fetch_add(1, Ordering::Relaxed);
                         let shared = shared.clone();
                         tokio::spawn(async move {
                             match ticket.await {
-                                Ok(envelope) => publish(&shared, &envelope),
-                                Err(e) => tracing::error!(error = %e, "an ingested reading was not stored"),
+                                // Accepted once durable: the log may still refuse it (the
+                                // reading as stored can be longer than as sent, e.g. `1e15`).
+                                Ok(envelope) => {
+                                    shared.counters.ingest_accepted.fetch_add(1, Ordering::Relaxed);
+                                    publish(&shared, &envelope);
+                                }
+                                Err(e) => {
+                                    let reason = if matches!(e, LogError::Encode(_)) { "too_large" } else { "not_stored" };
+                                    *lock(&shared.state).ingest_rejected.entry(reason.to_owned()).or_insert(0) += 1;
+                                    tracing::error!(error = %e, "an ingested reading was not stored");
+                                }
                             }
                         });
                     }

@@ -752,3 +752,38 @@ fn an_orderly_stop_publishes_what_is_queued_unless_its_flush_wait_is_zero() {
         }
     });
 }
+
+/// An ingested reading is counted as accepted only once durable: one that the log refuses
+/// (JSON rewritten longer than sent, `1e15` becoming `1000000000000000.0`, over the log's
+/// payload limit) is counted as a `too_large` rejection instead.
+#[test]
+fn an_ingested_reading_the_log_refuses_is_a_rejection_not_accepted() {
+    paused_runtime().block_on(async {
+        let net = SimNet::new(13, Faults::NONE);
+        let mut edge = SimNode::new("edge-1", Tier::Edge, &[], 11);
+        edge.store = Arc::new(MemStore::new(edge.id.clone(), Incarnation::from_raw(11), Limits { max_payload_bytes: 20 }, Vec::new()));
+        edge.log = Log::new(edge.store.clone());
+        let device = NodeId::new("gw-1").unwrap();
+        let peer = net.attach(&device);
+        net.link(&edge.id, &device);
+        let mut s = settings(&edge);
+        s.ingest_streams = vec![StreamPattern::new("readings/**").unwrap()];
+        s.ingest_payload_bytes_max = 20;
+        let replicator = Replicator::start(s, edge.log.clone(), net.attach(&edge.id) as Arc<dyn Transport>).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        peer.publish("strata/ingest/readings/a", br#"{"value": 1}"#.to_vec());
+        peer.publish("strata/ingest/readings/a", br#"{"value": 1e15}"#.to_vec());
+        let counted = || {
+            let c = replicator.counters();
+            (c.ingest_accepted, c.ingest_rejected.get("too_large").copied().unwrap_or(0))
+        };
+        for _ in 0..100 {
+            if counted() == (1, 1) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(counted(), (1, 1), "{:?}", replicator.counters());
+        replicator.stop().await;
+    });
+}
