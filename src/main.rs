@@ -333,7 +333,7 @@ fn run(path: &std::path::Path, format: LogFormat) -> ExitCode {
             }
             reason = node.failed() => {
                 // The incident is on the events stream; a process manager restarts us.
-                tracing::error!(%reason, "the root supervisor gave up; stopping");
+                tracing::error!(%reason, "the node failed (the root supervisor gave up, or a part of the node stopped); stopping");
                 eprintln!("strata run: {reason}");
                 node.shutdown().await;
                 ExitCode::from(EXIT_RUNTIME)

@@ -4,8 +4,8 @@
 //! device receiving a command twice (at-least-once delivery) can drop the repeat.
 //!
 //! The bounds are the node's `[autonomy.<mode>]` for its current mode (`Ctx::mode`).
-//! Decisions with action `none` (nothing to do) are skipped; a decision taken after its
-//! deadline (`route: "expired"`, stale input) is escalated whatever its action; one that names
+//! Decisions with action `none` (nothing to do) are skipped; any other decision taken after
+//! its deadline (`route: "expired"`, stale input) is escalated, whatever the bounds; one that names
 //! no action is refused with a `decision_refused` event. Only this node's own resolutions
 //! (from its desk, on `autonomy.resolutions_stream`) are acted on. Resolutions of escalations
 //! (`strata.resolution/1`, appended by the node's escalation desk to `autonomy.resolutions_stream`,

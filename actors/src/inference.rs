@@ -457,10 +457,13 @@ impl Behaviour for Inference {
                 // `started` stops at 0, and a deadline counted from there would make a stale
                 // backlog look fresh. Then it counts from `now` less the reading's age.
                 let budget = Duration::from_millis(budget_ms);
-                let deadline = if now.as_micros() >= age_us {
-                    started.saturating_add(budget)
+                let (started, deadline) = if now.as_micros() >= age_us {
+                    (started, started.saturating_add(budget))
                 } else {
-                    now.saturating_add(budget.saturating_sub(Duration::from_micros(age_us)))
+                    // `started` as far back as the clock goes, so that the outcome still reports
+                    // the budget as its deadline (its lateness then reads short).
+                    let deadline = now.saturating_add(budget.saturating_sub(Duration::from_micros(age_us)));
+                    (MonoTime::from_micros(deadline.as_micros().saturating_sub(budget.as_micros() as u64)), deadline)
                 };
                 let id = input.id.to_string();
                 // Load: how far behind this actor is, as a share of what it can take in one

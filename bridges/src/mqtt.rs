@@ -38,8 +38,9 @@
 //! `out_of_range`, `bad_timestamp`, `unmapped_topic`, `stream_not_in_outputs`. A message over
 //! `packet_bytes_max` cannot be read: it fails the connection and is counted as
 //! `packet_too_large` (see `packet_bytes_max`). Commands that
-//! cannot be published: `bad_command` (not JSON, a template field missing, a rendered topic
-//! with a wildcard, or too large for `packet_bytes_max`) and `command_refused` (the broker
+//! cannot be published: `bad_command` (not a JSON object, a template field missing, a rendered
+//! topic a publish cannot use (empty, a wildcard or NUL, over 65535 bytes), or too large for
+//! `packet_bytes_max`) and `command_refused` (the broker
 //! refused it with an MQTT 5 reason code); each is recorded as a `command_rejected` event and
 //! not sent again.
 

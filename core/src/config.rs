@@ -790,7 +790,8 @@ pub struct RoutingSection {
     /// are refused (no reply: the requester falls back). Default 64.
     pub serve_queue_len_max: usize,
     /// Decision servers (capability, tier, node) this node keeps track of and probes; one
-    /// announced beyond it is not taken, and counted (`servers_refused`): a broken or hostile
+    /// announced beyond it is not taken (until it is announced again with room, or the servers
+    /// are read again in full), and counted (`servers_refused`): a broken or hostile
     /// peer announcing thousands cannot grow the table and its probes without bound. Keep it
     /// well above the capabilities × nodes of the system. Default 1024.
     pub servers_max: usize,

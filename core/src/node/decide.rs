@@ -154,6 +154,8 @@ pub struct Decider {
     /// A probe's timeout: its capability's deadline (`routing.deadline_ms`), else this.
     probe_timeout: Duration,
     deadlines: BTreeMap<String, Duration>,
+    /// Servers with a probe in flight.
+    probing: Mutex<BTreeSet<Target>>,
     serve_queue_len_max: usize,
     servers_max: usize,
     clock: MonoClock,
@@ -203,6 +205,7 @@ impl Decider {
             probe_interval: Duration::from_millis(r.probe_interval_ms),
             probe_timeout: Duration::from_millis(r.default_deadline_ms),
             deadlines: r.deadline_ms.iter().map(|(c, ms)| (c.to_string(), Duration::from_millis(*ms))).collect(),
+            probing: Mutex::new(BTreeSet::new()),
             serve_queue_len_max: r.serve_queue_len_max,
             servers_max: r.servers_max,
             clock: MonoClock::new(),
@@ -279,8 +282,16 @@ impl Decider {
                 let Some(d) = weak.upgrade() else { return };
                 let servers: Vec<Target> = d.servers.lock().unwrap_or_else(|p| p.into_inner()).iter().cloned().collect();
                 for target in servers {
+                    // One probe per server at a time: a probe waits up to its capability's
+                    // deadline, and new ones piling up on a slow server would take its places.
+                    if !d.probing.lock().unwrap_or_else(|p| p.into_inner()).insert(target.clone()) {
+                        continue;
+                    }
                     let d = d.clone();
-                    tokio::spawn(async move { d.probe(target).await });
+                    tokio::spawn(async move {
+                        d.probe(target.clone()).await;
+                        d.probing.lock().unwrap_or_else(|p| p.into_inner()).remove(&target);
+                    });
                 }
             }
         });
@@ -710,6 +721,36 @@ mod tests {
             }
             let p50 = p50().expect("probed");
             assert!(p50 >= 200_000, "estimated {p50} µs for a server that takes 200 ms");
+            decider.stop();
+            server.stop();
+        });
+    }
+
+    /// A server has one probe in flight at a time: probes to a server that does not answer
+    /// do not pile up at every tick and take its serving places (on a paused clock).
+    #[test]
+    fn probes_do_not_pile_up_on_a_silent_server() {
+        struct Counts(Arc<std::sync::atomic::AtomicU64>);
+        impl Service for Counts {
+            fn answer<'a>(&'a self, _: &'a DecisionRequest) -> BoxFut<'a, Result<Value, String>> {
+                self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                Box::pin(std::future::pending())
+            }
+        }
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_time().start_paused(true).build().unwrap();
+        runtime.block_on(async {
+            let net = crate::bus::sim::SimNet::new(5, crate::bus::sim::Faults::NONE);
+            let (fog, edge) = (NodeId::new("fog-1").unwrap(), NodeId::new("edge-1").unwrap());
+            net.link(&fog, &edge);
+            let parse = |text: &str| NodeConfig::parse(std::path::Path::new("t.toml"), text).unwrap();
+            let (_, mode) = watch::channel(Mode::Full);
+            let server = Decider::start(&parse("[node]\nid = \"fog-1\"\ntier = \"fog\"\n"), net.attach(&fog), mode.clone(), Arc::new(|_| {})).await.unwrap();
+            let asked = Arc::new(std::sync::atomic::AtomicU64::new(0));
+            let _guard = server.serve(&Name::new("slow").unwrap(), Arc::new(Counts(asked.clone()))).await.unwrap();
+            let edge_config = parse("[node]\nid = \"edge-1\"\ntier = \"edge\"\n[routing]\nprobe_interval_ms = 10\ndeadline_ms = { slow = 1000 }\n");
+            let decider = Decider::start(&edge_config, net.attach(&edge), mode, Arc::new(|_| {})).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            assert_eq!(asked.load(std::sync::atomic::Ordering::Relaxed), 1, "one probe in 500 ms of 10 ms ticks, while it waits its 1 s");
             decider.stop();
             server.stop();
         });

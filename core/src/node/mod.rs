@@ -327,9 +327,10 @@ impl Node {
         &self.root
     }
 
-    /// Resolves with the reason once the root supervisor gave up (restart intensity
-    /// exceeded, or it panicked). The incident is already on the `events` stream; the
-    /// caller should [`Node::shutdown`] and exit non-zero.
+    /// Resolves with the reason once the node cannot go on: the root supervisor gave up
+    /// (restart intensity exceeded, or it panicked; the incident is already on the `events`
+    /// stream), or a part of the node such as the escalation desk stopped. The caller should
+    /// [`Node::shutdown`] and exit non-zero.
     pub async fn failed(&self) -> String {
         let mut fatal = self.fatal.clone();
         let reason = match fatal.wait_for(Option::is_some).await {
