@@ -570,6 +570,23 @@ impl Drop for Decider {
 mod tests {
     use super::*;
 
+    /// A current-thread runtime, its clock paused or not.
+    fn runtime(paused: bool) -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread().enable_time().start_paused(paused).build().unwrap()
+    }
+
+    /// `fog-1` and `edge-1` linked on a simulated network of `seed`.
+    fn linked(seed: u64) -> (crate::bus::sim::SimNet, NodeId, NodeId) {
+        let net = crate::bus::sim::SimNet::new(seed, crate::bus::sim::Faults::NONE);
+        let (fog, edge) = (NodeId::new("fog-1").unwrap(), NodeId::new("edge-1").unwrap());
+        net.link(&fog, &edge);
+        (net, fog, edge)
+    }
+
+    fn config(text: &str) -> NodeConfig {
+        NodeConfig::parse(std::path::Path::new("t.toml"), text).unwrap()
+    }
+
     /// A service that never answers holds a serving place only for the request's budget: with
     /// one place, a second request is still answered (on a paused clock, over the simulated
     /// network).
@@ -581,12 +598,10 @@ mod tests {
                 Box::pin(std::future::pending())
             }
         }
-        let runtime = tokio::runtime::Builder::new_current_thread().enable_time().start_paused(true).build().unwrap();
+        let runtime = runtime(true);
         runtime.block_on(async {
-            let net = crate::bus::sim::SimNet::new(1, crate::bus::sim::Faults::NONE);
-            let (fog, edge) = (NodeId::new("fog-1").unwrap(), NodeId::new("edge-1").unwrap());
-            net.link(&fog, &edge);
-            let mut config = NodeConfig::parse(std::path::Path::new("t.toml"), "[node]\nid = \"fog-1\"\ntier = \"fog\"\n").unwrap();
+            let (net, fog, edge) = linked(1);
+            let mut config = config("[node]\nid = \"fog-1\"\ntier = \"fog\"\n");
             config.routing.serve_queue_len_max = 1;
             let (_, mode) = watch::channel(Mode::Full);
             let decider = Decider::start(&config, net.attach(&fog), mode, Arc::new(|_| {})).await.unwrap();
@@ -620,12 +635,10 @@ mod tests {
     /// would panic) counts as no answer; an object is taken.
     #[test]
     fn a_decision_that_is_not_an_object_is_no_answer() {
-        let runtime = tokio::runtime::Builder::new_current_thread().enable_time().start_paused(true).build().unwrap();
+        let runtime = runtime(true);
         runtime.block_on(async {
-            let net = crate::bus::sim::SimNet::new(2, crate::bus::sim::Faults::NONE);
-            let (fog, edge) = (NodeId::new("fog-1").unwrap(), NodeId::new("edge-1").unwrap());
-            net.link(&fog, &edge);
-            let config = NodeConfig::parse(std::path::Path::new("t.toml"), "[node]\nid = \"edge-1\"\ntier = \"edge\"\n").unwrap();
+            let (net, fog, edge) = linked(2);
+            let config = config("[node]\nid = \"edge-1\"\ntier = \"edge\"\n");
             let (_, mode) = watch::channel(Mode::Full);
             let decider = Decider::start(&config, net.attach(&edge), mode, Arc::new(|_| {})).await.unwrap();
             let server = net.attach(&fog);
@@ -650,12 +663,10 @@ mod tests {
     /// one that goes frees a place (on a paused clock, over the simulated network).
     #[test]
     fn decision_servers_beyond_the_bound_are_not_taken() {
-        let runtime = tokio::runtime::Builder::new_current_thread().enable_time().start_paused(true).build().unwrap();
+        let runtime = runtime(true);
         runtime.block_on(async {
-            let net = crate::bus::sim::SimNet::new(3, crate::bus::sim::Faults::NONE);
-            let (peer, edge) = (NodeId::new("fog-1").unwrap(), NodeId::new("edge-1").unwrap());
-            net.link(&peer, &edge);
-            let mut config = NodeConfig::parse(std::path::Path::new("t.toml"), "[node]\nid = \"edge-1\"\ntier = \"edge\"\n").unwrap();
+            let (net, peer, edge) = linked(3);
+            let mut config = config("[node]\nid = \"edge-1\"\ntier = \"edge\"\n");
             config.routing.servers_max = 2;
             let (_, mode) = watch::channel(Mode::Full);
             let decider = Decider::start(&config, net.attach(&edge), mode, Arc::new(|_| {})).await.unwrap();
@@ -701,16 +712,13 @@ mod tests {
                 })
             }
         }
-        let runtime = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
+        let runtime = runtime(false);
         runtime.block_on(async {
-            let net = crate::bus::sim::SimNet::new(4, crate::bus::sim::Faults::NONE);
-            let (fog, edge) = (NodeId::new("fog-1").unwrap(), NodeId::new("edge-1").unwrap());
-            net.link(&fog, &edge);
-            let parse = |text: &str| NodeConfig::parse(std::path::Path::new("t.toml"), text).unwrap();
+            let (net, fog, edge) = linked(4);
             let (_, mode) = watch::channel(Mode::Full);
-            let server = Decider::start(&parse("[node]\nid = \"fog-1\"\ntier = \"fog\"\n"), net.attach(&fog), mode.clone(), Arc::new(|_| {})).await.unwrap();
+            let server = Decider::start(&config("[node]\nid = \"fog-1\"\ntier = \"fog\"\n"), net.attach(&fog), mode.clone(), Arc::new(|_| {})).await.unwrap();
             let _guard = server.serve(&Name::new("slow").unwrap(), Arc::new(Slow)).await.unwrap();
-            let edge_config = parse("[node]\nid = \"edge-1\"\ntier = \"edge\"\n[routing]\nprobe_interval_ms = 100\ndeadline_ms = { slow = 500 }\n");
+            let edge_config = config("[node]\nid = \"edge-1\"\ntier = \"edge\"\n[routing]\nprobe_interval_ms = 100\ndeadline_ms = { slow = 500 }\n");
             let decider = Decider::start(&edge_config, net.attach(&edge), mode, Arc::new(|_| {})).await.unwrap();
             let p50 = || decider.estimates().as_array().and_then(|rows| rows.first().cloned()).and_then(|r| r["p50_us"].as_u64());
             for _ in 0..300 {
@@ -737,17 +745,14 @@ mod tests {
                 Box::pin(std::future::pending())
             }
         }
-        let runtime = tokio::runtime::Builder::new_current_thread().enable_time().start_paused(true).build().unwrap();
+        let runtime = runtime(true);
         runtime.block_on(async {
-            let net = crate::bus::sim::SimNet::new(5, crate::bus::sim::Faults::NONE);
-            let (fog, edge) = (NodeId::new("fog-1").unwrap(), NodeId::new("edge-1").unwrap());
-            net.link(&fog, &edge);
-            let parse = |text: &str| NodeConfig::parse(std::path::Path::new("t.toml"), text).unwrap();
+            let (net, fog, edge) = linked(5);
             let (_, mode) = watch::channel(Mode::Full);
-            let server = Decider::start(&parse("[node]\nid = \"fog-1\"\ntier = \"fog\"\n"), net.attach(&fog), mode.clone(), Arc::new(|_| {})).await.unwrap();
+            let server = Decider::start(&config("[node]\nid = \"fog-1\"\ntier = \"fog\"\n"), net.attach(&fog), mode.clone(), Arc::new(|_| {})).await.unwrap();
             let asked = Arc::new(std::sync::atomic::AtomicU64::new(0));
             let _guard = server.serve(&Name::new("slow").unwrap(), Arc::new(Counts(asked.clone()))).await.unwrap();
-            let edge_config = parse("[node]\nid = \"edge-1\"\ntier = \"edge\"\n[routing]\nprobe_interval_ms = 10\ndeadline_ms = { slow = 1000 }\n");
+            let edge_config = config("[node]\nid = \"edge-1\"\ntier = \"edge\"\n[routing]\nprobe_interval_ms = 10\ndeadline_ms = { slow = 1000 }\n");
             let decider = Decider::start(&edge_config, net.attach(&edge), mode, Arc::new(|_| {})).await.unwrap();
             tokio::time::sleep(Duration::from_millis(500)).await;
             assert_eq!(asked.load(std::sync::atomic::Ordering::Relaxed), 1, "one probe in 500 ms of 10 ms ticks, while it waits its 1 s");
