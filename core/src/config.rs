@@ -698,6 +698,12 @@ pub struct SupervisionSection {
     /// it the status shows the list as unknown (`actors` null, `actors_unlisted_after_ms`).
     /// Default 2000.
     pub status_children_wait_ms: u64,
+    /// Times an actor's handler may fail (an error or a panic) on the same input record, each
+    /// failure restarting the actor into it, before the next instance passes that record over
+    /// with an `input_failed_passed` event. 0: never pass it (the actor is restarted into it
+    /// until its supervisor gives up). At most `restarts_max`, so that the record is passed
+    /// before the supervisor gives up. Default 3.
+    pub input_failures_max: u32,
 }
 
 impl Default for SupervisionSection {
@@ -715,6 +721,7 @@ impl Default for SupervisionSection {
             input_batch_len_max: 256,
             input_idle_wait_ms: 200,
             status_children_wait_ms: 2000,
+            input_failures_max: 3,
         }
     }
 }
@@ -1123,6 +1130,15 @@ impl NodeConfig {
         if s.backoff_jitter_pct > 100 {
             bad("supervision.backoff_jitter_pct", format!("{} is more than 100", s.backoff_jitter_pct));
         }
+        if s.input_failures_max > s.restarts_max {
+            bad(
+                "supervision.input_failures_max",
+                format!(
+                    "{} is more than restarts_max ({}): the supervisor would give up on an actor failing on one input before the input is passed over",
+                    s.input_failures_max, s.restarts_max
+                ),
+            );
+        }
         let span = crate::supervise::policy::backoff_span(&crate::supervise::policy::Policy::from_config(s));
         if span >= std::time::Duration::from_millis(s.restart_window_ms) {
             bad(
@@ -1428,6 +1444,12 @@ mod tests {
             Err("supervision.restart_window_ms: 10000 is not longer than the 13620 ms the backoff can spread restarts_max (8) restarts over"),
         );
         check(&format!("{MINIMAL}[supervision]\nrestarts_max = 8\nrestart_window_ms = 14000\n"), Ok(()));
+        check(
+            &format!("{MINIMAL}[supervision]\nrestarts_max = 2\n"),
+            Err("supervision.input_failures_max: 3 is more than restarts_max (2): the supervisor would give up on an actor failing on one input before the input is passed over"),
+        );
+        check(&format!("{MINIMAL}[supervision]\nrestarts_max = 2\ninput_failures_max = 2\n"), Ok(()));
+        check(&format!("{MINIMAL}[supervision]\nrestarts_max = 0\ninput_failures_max = 0\n"), Ok(()));
         check(
             &format!("{MINIMAL}[[actors]]\nkind = \"sensor\"\nname = \"escalation-desk\"\n"),
             Err("actors[0].name: \"escalation-desk\" is the node's escalation desk's name; choose another"),

@@ -19,6 +19,15 @@
 //! Effects outside the log (a device command, an HTTP call) happen at least once: key them by
 //! [`Ctx::input_id`] so the receiver can drop repeats.
 //!
+//! A handler that fails (an error or a panic) fails the actor, and its supervisor restarts it
+//! into the same input. One that fails on the same input `supervision.input_failures_max`
+//! times (a poison input: a reading it cannot parse, a bug it meets on one value) has that
+//! input passed over by the next instance, which records an `input_failed_passed` event
+//! naming the record, the failures and the last error; without that, one bad record would
+//! restart the actor until its supervisor, and then the node, gave up, and the node would
+//! meet it again at every start. So a handler should fail only for what a restart can cure
+//! or the input itself; it should wait for a peer that is down, not fail.
+//!
 //! A kind is registered by name in a [`Registry`], so a config can say
 //! `[[actors]] kind = "threshold" name = "..." inputs = [...] params = {...}`.
 //!
@@ -91,7 +100,9 @@ pub trait Behaviour: Send + Sync + Sized + 'static {
     /// Builds the state, from [`Ctx::snapshot`] if the actor saved one.
     fn start(&self, ctx: &mut Ctx) -> impl Future<Output = Result<Self::State, ActorError>> + Send;
 
-    /// Handles one input envelope. Outputs go through [`Ctx::emit`].
+    /// Handles one input envelope. Outputs go through [`Ctx::emit`]. Failing (or panicking)
+    /// restarts the actor into the same input; after `supervision.input_failures_max` failures
+    /// on it, that input is passed over (see the module's docs).
     fn handle(&self, ctx: &mut Ctx, state: &mut Self::State, input: &Envelope) -> impl Future<Output = Result<(), ActorError>> + Send;
 
     /// Called every [`Behaviour::tick_interval`], for sources (sensors) and timers.
@@ -267,6 +278,54 @@ pub struct HostArgs<B> {
     pub decider: Option<Arc<crate::node::decide::Decider>>,
     pub events: Option<NodeEvents>,
     pub reports: Reports,
+    /// Kept by the child spec across the actor's restarts.
+    pub failures: InputFailures,
+}
+
+/// The input record an actor's handler last failed on and how many times in a row, kept by
+/// its child spec across restarts: a record that fails it `supervision.input_failures_max`
+/// times is passed over by the next instance. One record at a time: a failure on another
+/// record starts the count again.
+#[derive(Clone, Default)]
+pub struct InputFailures(Arc<std::sync::Mutex<Option<Failing>>>);
+
+struct Failing {
+    key: StreamKey,
+    seq: u64,
+    failures: u32,
+    since: Instant,
+    error: String,
+}
+
+impl InputFailures {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Failing>> {
+        self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The handler failed on `key`'s record `seq` with `error`.
+    fn failed(&self, key: &StreamKey, seq: u64, error: String) {
+        let mut failing = self.lock();
+        match failing.as_mut() {
+            Some(f) if f.key == *key && f.seq == seq => {
+                f.failures = f.failures.saturating_add(1);
+                f.error = error;
+            }
+            _ => *failing = Some(Failing { key: key.clone(), seq, failures: 1, since: Instant::now(), error }),
+        }
+    }
+
+    /// If the handler failed on `key`'s record `seq` at least `max` times (0: never), those
+    /// failures, how long since the first, and the last error.
+    fn to_pass(&self, key: &StreamKey, seq: u64, max: u32) -> Option<(u32, Duration, String)> {
+        let failing = self.lock();
+        let f = failing.as_ref().filter(|f| max > 0 && f.key == *key && f.seq == seq && f.failures >= max)?;
+        Some((f.failures, f.since.elapsed(), f.error.clone()))
+    }
+}
+
+/// The text of a panic's payload (a `&str` or a `String`, as `panic!` makes them).
+fn panic_text(payload: &(dyn std::any::Any + Send)) -> &str {
+    payload.downcast_ref::<&str>().copied().or_else(|| payload.downcast_ref::<String>().map(String::as_str)).unwrap_or("(a payload that is not text)")
 }
 
 pub enum HostMsg {
@@ -292,6 +351,8 @@ pub struct HostState<B: Behaviour> {
     /// Per input, the last seq of the damaged records it just passed over: damage right
     /// after them (a region longer than one look) is passed without a new wait.
     passed_damage: BTreeMap<StreamKey, u64>,
+    /// The input the handler last failed on, across restarts.
+    failures: InputFailures,
 }
 
 /// Runs one [`Behaviour`] as a ractor actor.
@@ -519,19 +580,43 @@ impl<B: Behaviour> HostState<B> {
             };
             self.at_damage.remove(&key);
             self.passed_damage.remove(&key);
-            let Some(last) = batch.last().map(|e| e.id.seq.get()) else {
+            if batch.is_empty() {
                 if self.pass_gap_if_waited(&key, cursor).await? {
                     handled += 1;
                 }
                 continue;
-            };
+            }
             self.at_gap.remove(&key);
+            let failures_max = self.ctx.config.supervision.input_failures_max;
+            let mut last = cursor;
             for envelope in &batch {
+                let seq = envelope.id.seq.get();
+                last = seq;
+                handled += 1;
+                if let Some((failures, waited, error)) = self.failures.to_pass(&key, seq, failures_max) {
+                    tracing::error!(actor = %self.ctx.name, stream = %key, seq, failures, %error, "the handler failed on this input every time; the actor goes on after it");
+                    self.record_passed("input_failed_passed", &key, &(seq..=seq), waited, serde_json::json!({"failures": failures, "error": error}));
+                    // The batch ends here, so the pass is written before anything after it is
+                    // handled: a failure further on must not bring this input back (the count
+                    // follows only the last input failed on).
+                    break;
+                }
                 self.ctx.input = Some(envelope.id.clone());
-                self.behaviour.handle(&mut self.ctx, &mut self.state, envelope).await?;
+                let attempt = std::panic::AssertUnwindSafe(self.behaviour.handle(&mut self.ctx, &mut self.state, envelope));
+                match futures::FutureExt::catch_unwind(attempt).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => {
+                        self.failures.failed(&key, seq, e.to_string());
+                        return Err(e);
+                    }
+                    // Counted, then the panic goes on to fail the actor as before.
+                    Err(panic) => {
+                        self.failures.failed(&key, seq, format!("panicked: {}", panic_text(panic.as_ref())));
+                        std::panic::resume_unwind(panic);
+                    }
+                }
             }
             self.ctx.input = None;
-            handled += batch.len();
             self.commit(vec![(key, last)]).await?;
         }
         Ok(handled)
@@ -544,7 +629,7 @@ impl<B: Behaviour> Actor for Host<B> {
     type Arguments = HostArgs<B>;
 
     async fn pre_start(&self, myself: ActorRef<HostMsg>, args: HostArgs<B>) -> Result<HostState<B>, ActorProcessingErr> {
-        let HostArgs { behaviour, spec, config, mode, log, publish, decider, events, reports } = args;
+        let HostArgs { behaviour, spec, config, mode, log, publish, decider, events, reports, failures } = args;
         // A barrier: writes are made durable in queue order, so once this empty write is
         // durable, so is any write a previous instance queued before it failed. Only then
         // are the snapshot and the cursors read: nothing is handled twice.
@@ -589,6 +674,7 @@ impl<B: Behaviour> Actor for Host<B> {
             at_gap: BTreeMap::new(),
             at_damage: BTreeMap::new(),
             passed_damage: BTreeMap::new(),
+            failures,
         })
     }
 
@@ -674,11 +760,12 @@ impl Registry {
         let factory: Factory = Arc::new(move |spec: &ActorSpec, env: &ActorEnv| {
             make(spec).map_err(|e| e.to_string())?;
             let (spec, env, make) = (spec.clone(), env.clone(), make.clone());
+            let failures = InputFailures::default();
             Ok(ChildSpec {
                 name: spec.name.to_string(),
                 restart: spec.restart,
                 start: Arc::new(move |parent: ActorCell| {
-                    let (spec, env, make) = (spec.clone(), env.clone(), make.clone());
+                    let (spec, env, make, failures) = (spec.clone(), env.clone(), make.clone(), failures.clone());
                     Box::pin(async move {
                         let behaviour = make(&spec).map_err(|e| e.to_string())?;
                         let args = HostArgs {
@@ -691,6 +778,7 @@ impl Registry {
                             decider: env.decider,
                             events: env.events,
                             reports: env.reports,
+                            failures,
                         };
                         Actor::spawn_linked(None, Host::<B>::default(), args, parent).await.map(|(r, _)| r.get_cell()).map_err(|e| e.to_string())
                     })

@@ -425,3 +425,142 @@ async fn the_arbiter_escalates_stale_decisions_and_acts_only_on_its_own_resoluti
     let events = events.lock().unwrap().clone();
     assert!(events.iter().any(|e| e["event"] == "decision_refused" && e["reason"] == "it names no action"), "{events:?}");
 }
+
+/// Fails on every attempt at the seqs in `fail_at` (an error) and `panic_at` (a panic);
+/// otherwise emits one output keyed by the input's id. Counts its attempts per seq.
+struct Poisoned {
+    fail_at: u64,
+    panic_at: u64,
+    attempts: Arc<Mutex<HashMap<u64, u32>>>,
+    out: StreamName,
+}
+
+impl Behaviour for Poisoned {
+    type State = ();
+
+    async fn start(&self, _ctx: &mut Ctx) -> Result<(), ActorError> {
+        Ok(())
+    }
+
+    async fn handle(&self, ctx: &mut Ctx, _state: &mut (), input: &Envelope) -> Result<(), ActorError> {
+        let seq = input.id.seq.get();
+        *self.attempts.lock().unwrap().entry(seq).or_default() += 1;
+        if seq == self.fail_at {
+            return Err(format!("cannot parse reading {seq}").into());
+        }
+        if seq == self.panic_at {
+            panic!("injected panic at reading {seq}");
+        }
+        ctx.emit(&self.out, Draft::new(Kind::Command, PayloadType::new("test.effect/1")?, input.id.to_string().into_bytes()))
+    }
+}
+
+struct PoisonRun {
+    log: Log,
+    sup: ractor::ActorRef<supervise::SupervisorMsg>,
+    rec: Recorder,
+    attempts: Arc<Mutex<HashMap<u64, u32>>>,
+    events: Arc<Mutex<Vec<serde_json::Value>>>,
+    _dir: tempfile::TempDir,
+}
+
+/// Six records in `in`, consumed by a `Poisoned` actor failing on 3 (an error) and 5 (a
+/// panic), under a root supervisor allowing `restarts_max` restarts, with `supervision`
+/// settings (TOML lines).
+async fn poisoned(restarts_max: u32, supervision: &str) -> PoisonRun {
+    let dir = tempfile::tempdir().unwrap();
+    let log = Log::new(Arc::new(RocksStore::open(dir.path(), &NodeId::new("edge-1").unwrap(), StoreOptions::default()).unwrap()));
+    for i in 1..=6u64 {
+        log.append_durable(StreamName::new("in").unwrap(), Draft::new(Kind::Reading, PayloadType::new("test/1").unwrap(), i.to_le_bytes().to_vec()))
+            .await
+            .unwrap();
+    }
+    let config = NodeConfig::parse(
+        "t.toml".as_ref(),
+        &format!(
+            "[node]\nid = \"edge-1\"\ntier = \"edge\"\n[supervision]\nrestarts_max = {restarts_max}\nrestart_window_ms = 60000\n{supervision}\n\
+             [[actors]]\nkind = \"poisoned\"\nname = \"p\"\ninputs = [\"in\"]\noutputs = [\"out\"]\n"
+        ),
+    )
+    .unwrap();
+    let attempts = Arc::new(Mutex::new(HashMap::new()));
+    let mut registry = Registry::new();
+    let a = attempts.clone();
+    registry.register("poisoned", move |spec: &strata_core::config::ActorSpec| {
+        Ok::<_, String>(Poisoned { fail_at: 3, panic_at: 5, attempts: a.clone(), out: spec.outputs[0].clone() })
+    });
+    let events = Arc::new(Mutex::new(Vec::new()));
+    let mut env = ActorEnv::fixed(Arc::new(config.clone()), strata_core::mode::Mode::Full, log.clone(), Arc::new(|_| {}));
+    let e = events.clone();
+    env.events = Some(Arc::new(move |doc| e.lock().unwrap().push(doc)));
+    let child = registry.child(&config.actors[0], &env).unwrap();
+    let policy = Policy {
+        strategy: Strategy::OneForOne,
+        restarts_max,
+        window: Duration::from_secs(60),
+        backoff_base: Duration::from_millis(1),
+        backoff_max: Duration::from_millis(1),
+        jitter_pct: 0,
+        child_shutdown_timeout: Duration::from_secs(5),
+    };
+    let rec = Recorder::default();
+    let args = SupervisorArgs { name: "root".into(), policy, children: vec![child], events: rec.sink() };
+    let (sup, _) = Actor::spawn(None, Supervisor, args).await.unwrap();
+    PoisonRun { log, sup, rec, attempts, events, _dir: dir }
+}
+
+/// A record the handler fails on every time (a poison input) must not restart the actor
+/// until its supervisor, and then the node, gives up: after `input_failures_max` failures on
+/// it (3, the default), the next instance passes it over and records which record, how many
+/// failures and the last error. An error and a panic count alike; every other record is
+/// handled, and its effect written once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_actor_passes_over_an_input_its_handler_fails_on_every_time() {
+    let run = poisoned(10, "").await;
+    let (consumer, key) = (Name::new("p").unwrap(), run.log.local_key(&StreamName::new("in").unwrap()));
+    let t0 = Instant::now();
+    while run.log.cursor(&consumer, &key) != Some(6) {
+        assert!(t0.elapsed() < Duration::from_secs(60), "cursor stuck at {:?}; events {:?}", run.log.cursor(&consumer, &key), run.events.lock().unwrap());
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    supervise::shutdown(&run.sup, Duration::from_secs(10)).await;
+    let attempts = run.attempts.lock().unwrap().clone();
+    assert_eq!((attempts[&3], attempts[&5]), (3, 3), "each poison input tried input_failures_max times: {attempts:?}");
+    let restarts = run.rec.events().iter().filter(|(_, e)| matches!(e, supervise::Event::ChildStarted { restarts, .. } if *restarts > 0)).count();
+    assert_eq!(restarts, 6, "one restart per failure");
+    let events = run.events.lock().unwrap().clone();
+    let passed: Vec<(u64, u64, u64, String)> = events
+        .iter()
+        .map(|e| {
+            assert_eq!(
+                (e["event"].as_str(), e["actor"].as_str(), e["stream"].as_str()),
+                (Some("input_failed_passed"), Some("p"), Some(key.to_string().as_str())),
+                "{e}"
+            );
+            (e["from"].as_u64().unwrap(), e["to"].as_u64().unwrap(), e["failures"].as_u64().unwrap(), e["error"].as_str().unwrap().to_owned())
+        })
+        .collect();
+    assert_eq!(passed, [(3, 3, 3, "cannot parse reading 3".to_owned()), (5, 5, 3, "panicked: injected panic at reading 5".to_owned())], "{events:?}");
+    let out = run.log.read(&run.log.local_key(&StreamName::new("out").unwrap()), 1, 100).unwrap();
+    let effects: Vec<u64> = out.iter().map(|e| String::from_utf8(e.payload.clone()).unwrap().rsplit('#').next().unwrap().parse().unwrap()).collect();
+    assert_eq!(effects, [1, 2, 4, 6], "every other record's effect, once each");
+    report!("poison inputs: 3 (an error) and 5 (a panic) passed over after 3 attempts each, 6 restarts; effects {effects:?}");
+    run.log.close();
+}
+
+/// `input_failures_max = 0` keeps the old behaviour for a node that must never skip an
+/// input: the actor is restarted into the poison input until its supervisor gives up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_input_failures_max_0_a_poison_input_is_never_passed() {
+    let run = poisoned(2, "input_failures_max = 0").await;
+    assert!(
+        run.rec.wait_for(Duration::from_secs(60), |e| matches!(e, supervise::Event::Escalated { .. })).await,
+        "the supervisor gave up: {:?}",
+        run.rec.events()
+    );
+    let attempts = run.attempts.lock().unwrap().clone();
+    assert_eq!(attempts[&3], 3, "tried at each of the 3 starts: {attempts:?}");
+    assert!(!attempts.contains_key(&4), "never handled past it: {attempts:?}");
+    assert!(run.events.lock().unwrap().is_empty(), "{:?}", run.events.lock().unwrap());
+    run.log.close();
+}
