@@ -453,9 +453,10 @@ impl Behaviour for Inference {
                 let age_us = if &input.id.origin == ctx.node() { unix_us().saturating_sub(input.hlc.unix_us()) } else { 0 };
                 let now = decider.now();
                 let started = MonoTime::from_micros(now.as_micros().saturating_sub(age_us));
-                // The decider's clock starts with the node: for a reading older than that,
-                // `started` stops at 0, and a deadline counted from there would make a stale
-                // backlog look fresh. Then it counts from `now` less the reading's age.
+                // The decider's clock reaches about 35 years back (`MonoClock::START`); for a
+                // reading older than that (a clock that jumped), `started` would stop at 0 and a
+                // deadline counted from there would make stale input look fresh: it counts
+                // from `now` less the reading's age instead.
                 let budget = Duration::from_millis(budget_ms);
                 let (started, deadline) = if now.as_micros() >= age_us {
                     (started, started.saturating_add(budget))

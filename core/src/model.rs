@@ -405,18 +405,25 @@ fn duration_us(d: Duration) -> u64 {
 
 /// Reads this node's monotonic clock. The only place in the model that reads a clock;
 /// pure modules (`route`, `mode`) take [`MonoTime`] as an argument instead.
+///
+/// It starts at [`MonoClock::START`], not at zero: a time before the clock was made (when a
+/// reading of a backlog was taken, before a restart) is still a time on it, so a deadline or a
+/// lateness counted from there is not cut short at the start.
 #[derive(Debug, Clone, Copy)]
 pub struct MonoClock {
     start: Instant,
 }
 
 impl MonoClock {
+    /// The clock's first reading: 2^50 µs, about 35 years.
+    pub const START: MonoTime = MonoTime(1 << 50);
+
     pub fn new() -> MonoClock {
         MonoClock { start: Instant::now() }
     }
 
     pub fn now(&self) -> MonoTime {
-        MonoTime(duration_us(self.start.elapsed()))
+        MonoClock::START.saturating_add(self.start.elapsed())
     }
 }
 

@@ -631,6 +631,32 @@ mod tests {
         });
     }
 
+    /// A decision about input taken before the node started (a backlog read after a restart,
+    /// 10 minutes old, with a 20 ms budget) is expired, and its lateness is the real one: the
+    /// clock reaches back before its own start. It used to start at zero, so the input's start
+    /// was cut to the node's and the miss read as a few ms late.
+    #[test]
+    fn lateness_of_input_older_than_the_node_is_counted_in_full() {
+        let runtime = runtime(false);
+        runtime.block_on(async {
+            let (net, _, edge) = linked(3);
+            let config = config("[node]\nid = \"edge-1\"\ntier = \"edge\"\n");
+            let (_, mode) = watch::channel(Mode::Full);
+            let events = Arc::new(std::sync::Mutex::new(Vec::new()));
+            let sink = events.clone();
+            let decider = Decider::start(&config, net.attach(&edge), mode, Arc::new(move |e| sink.lock().unwrap().push(e))).await.unwrap();
+            let age = Duration::from_secs(600);
+            let started = MonoTime::from_micros(decider.now().as_micros().saturating_sub(us(age)));
+            let deadline = started.saturating_add(Duration::from_millis(20));
+            let (_, outcome) = decider.decide("anomaly", "r", &Value::Null, deadline, started, Priority::NORMAL, 0.0, json!({"action": "log"})).await;
+            assert_eq!((outcome.route, outcome.deadline_us, outcome.met), ("expired", 20_000, false));
+            let events = events.lock().unwrap().clone();
+            let late_us = events.iter().find(|e| e["event"] == "deadline_miss").and_then(|e| e["late_us"].as_u64()).expect("a deadline_miss event");
+            assert!(late_us >= us(age) - 20_000, "late by the input's age less the budget: {late_us} µs; {events:?}");
+            decider.stop();
+        });
+    }
+
     /// A peer's answer whose decision is not a JSON object (the actor adds fields to it, which
     /// would panic) counts as no answer; an object is taken.
     #[test]
