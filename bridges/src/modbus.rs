@@ -50,6 +50,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 use serde_json::{json, Value};
+use strata_core::actor::Retry;
 use strata_core::config::ActorSpec;
 use strata_core::{ActorError, Behaviour, Ctx, Envelope, StreamName};
 use tokio::sync::{watch, Mutex};
@@ -415,9 +416,10 @@ impl Behaviour for Modbus {
                 }
             }
             // The poller (which reconnects) has stopped: fail, so the supervisor restarts the
-            // actor, rather than spin here until the command expires.
+            // actor, rather than spin here until the command expires. Not the command's fault:
+            // it does not count towards passing it over.
             if let Ok(Err(_)) = tokio::time::timeout(Duration::from_millis(200), state.connected.changed()).await {
-                return Err("the Modbus poller stopped (see the log above)".into());
+                return Err(Retry("the Modbus poller stopped (see the log above)".into()).into());
             }
         }
     }

@@ -50,6 +50,7 @@ use std::time::Duration;
 use futures::stream::{FuturesOrdered, StreamExt};
 use serde::Deserialize;
 use serde_json::{json, Value};
+use strata_core::actor::Retry;
 use strata_core::config::ActorSpec;
 use strata_core::{ActorError, Behaviour, Ctx, Envelope, StreamName};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -664,15 +665,17 @@ impl Behaviour for Mqtt {
             let _ = tokio::time::timeout(Duration::from_millis(200), state.connected.changed()).await;
         }
         let (done, acked) = oneshot::channel();
-        state.outbound.send(Outbound { topic, payload: input.payload.to_vec(), done }).await.map_err(|_| "the MQTT connection task ended")?;
+        // Failures of the connection, not of the command: a restart cures them, and they do
+        // not count towards passing the command over.
+        state.outbound.send(Outbound { topic, payload: input.payload.to_vec(), done }).await.map_err(|_| Retry("the MQTT connection task ended".into()))?;
         // Sent: the client resends it after a reconnection until the broker acknowledges.
-        match acked.await.map_err(|_| "the MQTT connection task ended before the broker acknowledged a command")? {
+        match acked.await.map_err(|_| Retry("the MQTT connection task ended before the broker acknowledged a command".into()))? {
             Ok(()) => health.count("commands_sent", 1),
             Err(NotSent::Refused(e)) => {
                 health.reject("command_refused", &format!("{}: {e}", input.id));
                 health.event(json!({"event": "command_rejected", "bridge": "mqtt", "command": input.id.to_string(), "key": key, "reason": e}));
             }
-            Err(NotSent::Later(e)) => return Err(e.into()),
+            Err(NotSent::Later(e)) => return Err(Retry(e).into()),
         }
         Ok(())
     }

@@ -698,11 +698,14 @@ pub struct SupervisionSection {
     /// it the status shows the list as unknown (`actors` null, `actors_unlisted_after_ms`).
     /// Default 2000.
     pub status_children_wait_ms: u64,
-    /// Times an actor's handler may fail (an error or a panic) on the same input record, each
-    /// failure restarting the actor into it, before the next instance passes that record over
-    /// with an `input_failed_passed` event. 0: never pass it (the actor is restarted into it
-    /// until its supervisor gives up). At most `restarts_max`, so that the record is passed
-    /// before the supervisor gives up. Default 3.
+    /// Times in a row an actor's handler may fail (an error or a panic) on the same input
+    /// record, each failure restarting the actor into it, before the next instance passes that
+    /// record over with an `input_failed_passed` event. A `Retry` error (not the input's
+    /// fault: a connection that ended) does not count. 0: never pass it (the actor is
+    /// restarted into it until its supervisor gives up). Each failure is a restart, counted
+    /// in `restarts_max` with every other restart of the node's actors: with the defaults,
+    /// two such records in one `restart_window_ms` are passed, a third gives up. At most
+    /// `restarts_max`. Default 2 (one retry after a fresh start).
     pub input_failures_max: u32,
 }
 
@@ -721,7 +724,7 @@ impl Default for SupervisionSection {
             input_batch_len_max: 256,
             input_idle_wait_ms: 200,
             status_children_wait_ms: 2000,
-            input_failures_max: 3,
+            input_failures_max: 2,
         }
     }
 }
@@ -1445,10 +1448,10 @@ mod tests {
         );
         check(&format!("{MINIMAL}[supervision]\nrestarts_max = 8\nrestart_window_ms = 14000\n"), Ok(()));
         check(
-            &format!("{MINIMAL}[supervision]\nrestarts_max = 2\n"),
-            Err("supervision.input_failures_max: 3 is more than restarts_max (2): the supervisor would give up on an actor failing on one input before the input is passed over"),
+            &format!("{MINIMAL}[supervision]\nrestarts_max = 1\n"),
+            Err("supervision.input_failures_max: 2 is more than restarts_max (1): the supervisor would give up on an actor failing on one input before the input is passed over"),
         );
-        check(&format!("{MINIMAL}[supervision]\nrestarts_max = 2\ninput_failures_max = 2\n"), Ok(()));
+        check(&format!("{MINIMAL}[supervision]\nrestarts_max = 1\ninput_failures_max = 1\n"), Ok(()));
         check(&format!("{MINIMAL}[supervision]\nrestarts_max = 0\ninput_failures_max = 0\n"), Ok(()));
         check(
             &format!("{MINIMAL}[[actors]]\nkind = \"sensor\"\nname = \"escalation-desk\"\n"),

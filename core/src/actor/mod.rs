@@ -21,12 +21,14 @@
 //!
 //! A handler that fails (an error or a panic) fails the actor, and its supervisor restarts it
 //! into the same input. One that fails on the same input `supervision.input_failures_max`
-//! times (a poison input: a reading it cannot parse, a bug it meets on one value) has that
-//! input passed over by the next instance, which records an `input_failed_passed` event
-//! naming the record, the failures and the last error; without that, one bad record would
-//! restart the actor until its supervisor, and then the node, gave up, and the node would
-//! meet it again at every start. So a handler should fail only for what a restart can cure
-//! or the input itself; it should wait for a peer that is down, not fail.
+//! times in a row (a poison input: a reading it cannot parse, a bug it meets on one value)
+//! has that input passed over by the next instance, which records an `input_failed_passed`
+//! event naming the record, the failures and the last error; without that, one bad record
+//! would restart the actor until its supervisor, and then the node, gave up, and the node
+//! would meet it again at every start. An error that is not the input's fault and that a
+//! restart should cure is returned as a [`Retry`]: it does not count. Every restart counts
+//! towards the node's restart intensity (`supervision.restarts_max` in `restart_window_ms`,
+//! shared by all its actors).
 //!
 //! A kind is registered by name in a [`Registry`], so a config can say
 //! `[[actors]] kind = "threshold" name = "..." inputs = [...] params = {...}`.
@@ -92,6 +94,21 @@ use crate::supervise::ChildSpec;
 
 /// What a handler may fail with; the actor then fails and its supervisor decides.
 pub type ActorError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A handler error that is not the input's fault and that a restart should cure (a
+/// connection task that ended, a client that cannot take a message now): it fails the actor
+/// like any error, but does not count towards passing the input over
+/// (`supervision.input_failures_max`). `Err(Retry("...".into()).into())`.
+#[derive(Debug)]
+pub struct Retry(pub String);
+
+impl std::fmt::Display for Retry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Retry {}
 
 /// An actor's behaviour. Implementations are built per (re)start by their kind's factory.
 pub trait Behaviour: Send + Sync + Sized + 'static {
@@ -314,6 +331,14 @@ impl InputFailures {
         }
     }
 
+    /// The handler took `key`'s record `seq`, or it was passed over: its failures are over.
+    fn clear(&self, key: &StreamKey, seq: u64) {
+        let mut failing = self.lock();
+        if failing.as_ref().is_some_and(|f| f.key == *key && f.seq == seq) {
+            *failing = None;
+        }
+    }
+
     /// If the handler failed on `key`'s record `seq` at least `max` times (0: never), those
     /// failures, how long since the first, and the last error.
     fn to_pass(&self, key: &StreamKey, seq: u64, max: u32) -> Option<(u32, Duration, String)> {
@@ -482,32 +507,16 @@ impl<B: Behaviour> HostState<B> {
     }
 
     /// When reading `key` from `from` failed with `error` because the records there are
-    /// damaged for good (bytes that do not decode, or a table block RocksDB finds damaged):
-    /// the last seq to pass over, never past the next gap (records not received yet) nor the
-    /// highest seq held. Otherwise (any other error) `None`.
-    /// At most `supervision.input_batch_len_max` seqs are looked at per poll (one read each),
-    /// and the range found is reused while the same failure lasts.
+    /// damaged for good: the last seq to pass over ([`Log::damaged_to`], at most
+    /// `supervision.input_batch_len_max` seqs per poll). Otherwise (any other error) `None`.
+    /// The range found is reused while the same failure lasts.
     fn damaged_from(&self, key: &StreamKey, from: u64, error: &LogError, reuse: bool) -> Result<Option<u64>, ActorError> {
-        if !matches!(error, LogError::CorruptRecord { .. } | LogError::Corrupt { .. }) {
-            return Ok(None);
-        }
         if let Some((damaged, _)) = self.at_damage.get(key).filter(|(d, _)| reuse && *d.start() == from) {
-            return Ok(Some(*damaged.end()));
-        }
-        let log = &self.ctx.log;
-        let Some(last) = log.stream(key).map(|i| i.last) else { return Ok(None) };
-        let end = log.next_gap(key, from).map_or(last, |gap| gap.start().saturating_sub(1).min(last));
-        Ok(match error {
-            LogError::CorruptRecord { seq, .. } if (from..=end).contains(seq) => Some(*seq),
-            LogError::Corrupt { .. } if from <= end => {
-                // The read landed on the first record held from `from` (past what retention
-                // removed), in a damaged block; it and at most a batch's worth after it.
-                let Some(start) = log.next_held(key, from).filter(|&s| s <= end) else { return Ok(None) };
-                let window = end.min(start.saturating_add(self.ctx.config.supervision.input_batch_len_max as u64 - 1));
-                Some(log.readable_after(key, start, window)?.map_or(window, |after| after - 1))
+            if matches!(error, LogError::CorruptRecord { .. } | LogError::Corrupt { .. }) {
+                return Ok(Some(*damaged.end()));
             }
-            _ => None,
-        })
+        }
+        Ok(self.ctx.log.damaged_to(key, from, error, self.ctx.config.supervision.input_batch_len_max as u64)?)
     }
 
     /// Input `key` cannot be read at `damaged` (records RocksDB or the decoder fails on):
@@ -589,24 +598,26 @@ impl<B: Behaviour> HostState<B> {
             self.at_gap.remove(&key);
             let failures_max = self.ctx.config.supervision.input_failures_max;
             let mut last = cursor;
+            let mut passed = None;
             for envelope in &batch {
                 let seq = envelope.id.seq.get();
                 last = seq;
                 handled += 1;
-                if let Some((failures, waited, error)) = self.failures.to_pass(&key, seq, failures_max) {
-                    tracing::error!(actor = %self.ctx.name, stream = %key, seq, failures, %error, "the handler failed on this input every time; the actor goes on after it");
-                    self.record_passed("input_failed_passed", &key, &(seq..=seq), waited, serde_json::json!({"failures": failures, "error": error}));
+                if let Some(failed) = self.failures.to_pass(&key, seq, failures_max) {
                     // The batch ends here, so the pass is written before anything after it is
                     // handled: a failure further on must not bring this input back (the count
                     // follows only the last input failed on).
+                    passed = Some((seq, failed));
                     break;
                 }
                 self.ctx.input = Some(envelope.id.clone());
                 let attempt = std::panic::AssertUnwindSafe(self.behaviour.handle(&mut self.ctx, &mut self.state, envelope));
                 match futures::FutureExt::catch_unwind(attempt).await {
-                    Ok(Ok(())) => {}
+                    Ok(Ok(())) => self.failures.clear(&key, seq),
                     Ok(Err(e)) => {
-                        self.failures.failed(&key, seq, e.to_string());
+                        if e.downcast_ref::<Retry>().is_none() {
+                            self.failures.failed(&key, seq, e.to_string());
+                        }
                         return Err(e);
                     }
                     // Counted, then the panic goes on to fail the actor as before.
@@ -617,7 +628,12 @@ impl<B: Behaviour> HostState<B> {
                 }
             }
             self.ctx.input = None;
-            self.commit(vec![(key, last)]).await?;
+            self.commit(vec![(key.clone(), last)]).await?;
+            if let Some((seq, (failures, waited, error))) = passed {
+                self.failures.clear(&key, seq);
+                tracing::error!(actor = %self.ctx.name, stream = %key, seq, failures, %error, "the handler failed on this input every time; the actor goes on after it");
+                self.record_passed("input_failed_passed", &key, &(seq..=seq), waited, serde_json::json!({"failures": failures, "error": error}));
+            }
         }
         Ok(handled)
     }

@@ -462,6 +462,30 @@ impl Log {
         Ok(None)
     }
 
+    /// When reading `key` from `from` failed with `error` because the records there are
+    /// damaged for good (bytes that do not decode, or a table block RocksDB finds damaged):
+    /// the last seq of that damage, never past the next gap (records not received yet) nor the
+    /// highest seq held, and at most `window` seqs from the first record held (one read each).
+    /// `None` for any other error. What a consumer that cannot handle those records passes over.
+    pub fn damaged_to(&self, key: &StreamKey, from: u64, error: &LogError, window: u64) -> Result<Option<u64>, LogError> {
+        if !matches!(error, LogError::CorruptRecord { .. } | LogError::Corrupt { .. }) {
+            return Ok(None);
+        }
+        let Some(last) = self.stream(key).map(|i| i.last) else { return Ok(None) };
+        let end = self.next_gap(key, from).map_or(last, |gap| gap.start().saturating_sub(1).min(last));
+        Ok(match error {
+            LogError::CorruptRecord { seq, .. } if (from..=end).contains(seq) => Some(*seq),
+            LogError::Corrupt { .. } if from <= end => {
+                // The read landed on the first record held from `from` (past what retention
+                // removed), in a damaged block; it and at most `window` seqs from it.
+                let Some(start) = self.next_held(key, from).filter(|&s| s <= end) else { return Ok(None) };
+                let window = end.min(start.saturating_add(window.max(1) - 1));
+                Some(self.readable_after(key, start, window)?.map_or(window, |after| after - 1))
+            }
+            _ => None,
+        })
+    }
+
     /// Records of `key` from `from`, in seq order, stopping before the first gap: what a
     /// consumer that must handle every record once, in order, reads. A received record past a
     /// gap waits there until replay fills the gap ([`Log::next_gap`] says which); a plain

@@ -16,6 +16,7 @@
 //! escalation is resolved exactly once.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::ops::RangeInclusive;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -102,7 +103,20 @@ struct Desk {
     resolved_above: BTreeSet<u64>,
     pending: BTreeMap<u64, Pending>,
     recent: VecDeque<Resolved>,
+    /// How long a read failing on damaged escalation records is retried before they are
+    /// taken as escalations that cannot be read (`replication.consumer_gap_wait_ms`).
+    damage_wait: Duration,
+    /// The damaged seqs the reads fail on, and since when.
+    at_damage: Option<(RangeInclusive<u64>, std::time::Instant)>,
+    /// The last damaged seq just taken: damage right after it (a region longer than one look,
+    /// `autonomy.escalation_batch_len_max` seqs) is taken without a new wait.
+    passed_damage: Option<u64>,
+    batch_len_max: u64,
 }
+
+/// The action of an escalation whose record cannot be read (damaged, or not JSON): unknown,
+/// so it cannot be approved, only denied or left to time out to the safe default.
+const UNKNOWN_ACTION: &str = "?";
 
 fn unix_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
@@ -115,14 +129,22 @@ impl Desk {
         let key = log.local_key(&a.escalations_stream);
         let cursor = log.register_consumer(&consumer, &key).await?;
         let snap_key = log.local_key(&snapshot_stream(&consumer));
-        let resolved_above = match log.stream(&snap_key) {
+        let snapshot = match log.stream(&snap_key) {
             Some(info) if info.last > 0 => log
-                .read(&snap_key, info.last, 1)?
-                .pop()
-                .and_then(|e| serde_json::from_slice::<Snapshot>(&e.payload).ok())
-                .map(|s| s.resolved.into_iter().filter(|&seq| seq > cursor).collect())
-                .unwrap_or_default(),
-            _ => BTreeSet::new(),
+                .read(&snap_key, info.last, 1)
+                .map_err(|e| e.to_string())
+                .and_then(|mut read| read.pop().map(|e| serde_json::from_slice::<Snapshot>(&e.payload).map_err(|e| e.to_string())).transpose()),
+            _ => Ok(None),
+        };
+        let resolved_above = match snapshot {
+            Ok(s) => s.map(|s| s.resolved.into_iter().filter(|&seq| seq > cursor).collect()).unwrap_or_default(),
+            // Damaged: the escalations it said were resolved above the cursor (answered out of
+            // order) will be resolved again. Starting is worth more than that, and it is said.
+            Err(error) => {
+                tracing::error!(%error, "the escalation desk's snapshot cannot be read; escalations resolved out of order before the restart may be resolved again");
+                events(json!({"event": "snapshot_unreadable", "actor": DESK, "error": error}));
+                BTreeSet::new()
+            }
         };
         Ok(Desk {
             node: config.node.id.clone(),
@@ -141,6 +163,10 @@ impl Desk {
             resolved_above,
             pending: BTreeMap::new(),
             recent: VecDeque::new(),
+            damage_wait: Duration::from_millis(config.replication.consumer_gap_wait_ms),
+            at_damage: None,
+            passed_damage: None,
+            batch_len_max: a.escalation_batch_len_max as u64,
         })
     }
 
@@ -164,16 +190,57 @@ impl Desk {
             (self.events)(json!({"event": "escalation_opened", "id": pending.id, "action": pending.action, "risk": pending.risk,
                                  "mode": doc["mode"], "reason": doc["reason"]}));
             tracing::warn!(id = pending.id, action = pending.action, reason = doc["reason"].as_str().unwrap_or(""), "escalation waiting for an operator");
-            self.pending.insert(seq, pending);
-            // The oldest not displaced yet: several may arrive in one batch, and each
-            // displaced one stays pending until it is resolved.
-            if self.pending.len() - displaced.len() > self.pending_max {
-                if let Some(&oldest) = self.pending.keys().find(|s| !displaced.iter().any(|(d, _)| d == *s)) {
-                    displaced.push((oldest, "displaced"));
-                }
-            }
+            self.admit(pending, &mut displaced);
         }
         displaced
+    }
+
+    /// Makes `pending` wait; beyond `pending_max`, the oldest not displaced yet joins
+    /// `displaced` (several may arrive at once, and each displaced one stays pending until it
+    /// is resolved).
+    fn admit(&mut self, pending: Pending, displaced: &mut Vec<(u64, &'static str)>) {
+        self.pending.insert(pending.seq, pending);
+        if self.pending.len() - displaced.len() > self.pending_max {
+            if let Some(&oldest) = self.pending.keys().find(|s| !displaced.iter().any(|(d, _)| d == *s)) {
+                displaced.push((oldest, "displaced"));
+            }
+        }
+    }
+
+    /// Reading escalations from `from` failed with `error`. If the records there are damaged
+    /// for good (waiting cannot mend them, and retrying for ever would leave every escalation
+    /// after them unread): once the same failure lasted `damage_wait`, each becomes an
+    /// escalation whose action is unknown, pending like any other (an operator can deny it;
+    /// unanswered, it times out to the safe default), and reading goes on after them. Returns
+    /// the escalations displaced, or `None` while waiting, or for any other error.
+    fn take_unreadable(&mut self, from: u64, error: &LogError) -> Result<Option<Vec<(u64, &'static str)>>, LogError> {
+        let Some(to) = self.log.damaged_to(&self.key, from, error, self.batch_len_max)? else { return Ok(None) };
+        // Seqs below the first held are gone (retention), not damaged.
+        let Some(start) = self.log.next_held(&self.key, from).filter(|&s| s <= to) else { return Ok(None) };
+        let now = std::time::Instant::now();
+        let damaged = start..=to;
+        let continues = self.passed_damage.is_some_and(|end| end.checked_add(1) == Some(start));
+        match &self.at_damage {
+            _ if continues => {}
+            Some((seen, since)) if *seen == damaged && now.duration_since(*since) >= self.damage_wait => {}
+            Some((seen, _)) if *seen == damaged => return Ok(None),
+            _ => {
+                tracing::error!(seqs = ?damaged, %error, "escalation records cannot be read; the desk goes on after them unless this clears");
+                self.at_damage = Some((damaged, now));
+                return Ok(None);
+            }
+        }
+        self.at_damage = None;
+        self.passed_damage = Some(to);
+        let mut displaced = Vec::new();
+        for seq in start..=to {
+            let pending = Pending { seq, id: format!("{}#{seq}", self.key), action: UNKNOWN_ACTION.into(), risk: f64::NAN, opened_unix_ms: unix_ms() };
+            tracing::error!(id = pending.id, %error, "an escalation that cannot be read waits for an operator (deny) or its timeout (the safe default)");
+            (self.events)(json!({"event": "escalation_opened", "id": pending.id, "action": pending.action, "unreadable": error.to_string()}));
+            self.admit(pending, &mut displaced);
+        }
+        self.read_to = to;
+        Ok(Some(displaced))
     }
 
     /// Resolves pending `seq` with `outcome`: one atomic write of the resolution, the cursor
@@ -189,6 +256,14 @@ impl Desk {
         let mut resolved_above = self.resolved_above.clone();
         resolved_above.insert(seq);
         let mut cursor = self.cursor;
+        // Escalations that retention removed before the desk resolved them are gone (the log
+        // counts them as expired): the cursor moves over them, or it would wait there for
+        // ever while the resolved ones above it piled up in every snapshot.
+        let held_from = self.log.stream(&self.key).map_or(0, |i| if i.count > 0 { i.first } else { i.last.saturating_add(1) });
+        if cursor.saturating_add(1) < held_from {
+            cursor = held_from - 1;
+            resolved_above.retain(|&s| s > cursor);
+        }
         // The cursor moves over every escalation resolved without a hole below it.
         while resolved_above.remove(&(cursor + 1)) {
             cursor += 1;
@@ -221,6 +296,13 @@ impl Desk {
             Err(e) => return Some(json!({"node": self.node.as_str(), "error": format!("malformed resolution: {e}")})),
         };
         if let Some(seq) = self.pending.values().find(|p| p.id == resolve.id).map(|p| p.seq) {
+            if resolve.verdict == Verdict::Approve && self.pending[&seq].action == UNKNOWN_ACTION {
+                let error = format!(
+                    "escalation {} cannot be approved: its action is unknown (its record cannot be read); deny it, or it times out to the safe default",
+                    resolve.id
+                );
+                return Some(json!({"node": self.node.as_str(), "error": error}));
+            }
             let outcome = match resolve.verdict {
                 Verdict::Approve => "approved",
                 Verdict::Deny => "denied",
@@ -273,16 +355,35 @@ pub async fn run(
             batch = log.tail(&key, from, batch_len_max, idle_wait) => {
                 match batch {
                     Ok(batch) => {
+                        if !batch.is_empty() {
+                            desk.at_damage = None;
+                            desk.passed_damage = None;
+                        }
                         for (seq, outcome) in desk.take(batch) {
                             if let Err(e) = desk.resolve(seq, outcome, "desk").await {
                                 tracing::error!(error = %e, "cannot record a resolution");
                             }
                         }
                     }
-                    Err(e) => {
-                        tracing::error!(error = %e, "cannot read escalations");
-                        tokio::time::sleep(idle_wait).await;
-                    }
+                    Err(e) => match desk.take_unreadable(from, &e) {
+                        Ok(Some(displaced)) => {
+                            for (seq, outcome) in displaced {
+                                if let Err(e) = desk.resolve(seq, outcome, "desk").await {
+                                    tracing::error!(error = %e, "cannot record a resolution");
+                                }
+                            }
+                        }
+                        Ok(None) => {
+                            if desk.at_damage.is_none() {
+                                tracing::error!(error = %e, "cannot read escalations");
+                            }
+                            tokio::time::sleep(idle_wait).await;
+                        }
+                        Err(e) => {
+                            tracing::error!(error = %e, "cannot read escalations");
+                            tokio::time::sleep(idle_wait).await;
+                        }
+                    },
                 }
             }
             request = requests.recv() => {
@@ -331,12 +432,109 @@ mod tests {
 
     /// An in-memory log holding one escalation per id, in order.
     async fn log_with_escalations(ids: &[&str]) -> Log {
-        let log = Log::new(Arc::new(MemStore::new(NodeId::new("edge-1").unwrap(), Incarnation::from_raw(7), Limits::default(), Vec::new())));
+        store_with_escalations(ids, Vec::new()).await.1
+    }
+
+    /// The same, its store too (to damage records), with `retention`.
+    async fn store_with_escalations(ids: &[&str], retention: Vec<crate::config::RetentionRule>) -> (Arc<MemStore>, Log) {
+        let store = Arc::new(MemStore::new(NodeId::new("edge-1").unwrap(), Incarnation::from_raw(7), Limits::default(), retention));
+        let log = Log::new(store.clone());
         let esc = crate::model::StreamName::new("escalations").unwrap();
         for id in ids {
             log.append_durable(esc.clone(), escalation(id)).await.unwrap();
         }
-        log
+        (store, log)
+    }
+
+    fn recorded() -> (super::super::decide::EventSink, Arc<std::sync::Mutex<Vec<Value>>>) {
+        let events = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = events.clone();
+        (Arc::new(move |e| sink.lock().unwrap().push(e)), events)
+    }
+
+    /// An escalation record damaged on disk does not stop the desk for good: once the read
+    /// failed for `consumer_gap_wait_ms`, it is pending with an unknown action (it can be
+    /// denied, not approved; unanswered it times out to the safe default), and the escalations
+    /// after it are read. The desk used to retry the read for ever, leaving every later
+    /// escalation unread and never timed out.
+    #[tokio::test]
+    async fn a_damaged_escalation_is_pending_with_an_unknown_action_after_the_wait() {
+        for (wait_ms, taken) in [(0, true), (60_000, false)] {
+            let (store, log) = store_with_escalations(&["a", "b", "c"], Vec::new()).await;
+            let key = log.local_key(&crate::model::StreamName::new("escalations").unwrap());
+            store.damage_record(&key, 2);
+            let mut config = config(60_000);
+            config.replication.consumer_gap_wait_ms = wait_ms;
+            let (events, recorded) = recorded();
+            let mut desk = Desk::open(&config, log.clone(), Arc::new(|_| {}), events).await.unwrap();
+            assert!(desk.take(log.read(&key, 1, 10).unwrap()).is_empty(), "a, before the damage");
+            let error = log.read(&key, 2, 10).unwrap_err();
+            assert_eq!(desk.take_unreadable(2, &error).unwrap(), None, "the wait starts");
+            let second = desk.take_unreadable(2, &error).unwrap();
+            if !taken {
+                assert_eq!(second, None, "still waiting");
+                assert_eq!(desk.read_to, 1);
+                continue;
+            }
+            assert_eq!(second, Some(Vec::new()));
+            assert_eq!(desk.read_to, 2, "reading goes on after it");
+            desk.take(log.read(&key, 3, 10).unwrap());
+            let damaged_id = format!("{key}#2");
+            let pending: Vec<(&str, &str)> = desk.pending.values().map(|p| (p.id.as_str(), p.action.as_str())).collect();
+            assert_eq!(pending, [("a", "stop"), (damaged_id.as_str(), "?"), ("c", "stop")]);
+            let answer = |verdict| serde_json::to_vec(&Resolve { id: damaged_id.clone(), verdict, by: "ops".into() }).unwrap();
+            let refused = desk.answer(&answer(Verdict::Approve)).await.unwrap();
+            assert!(refused["error"].as_str().unwrap().contains("cannot be approved: its action is unknown"), "{refused}");
+            let denied = desk.answer(&answer(Verdict::Deny)).await.unwrap();
+            assert_eq!((denied["outcome"].as_str(), denied["action"].as_str()), (Some("denied"), Some("hold")), "{denied}");
+            let opened = recorded.lock().unwrap().iter().filter(|e| e["event"] == "escalation_opened" && e["unreadable"].is_string()).count();
+            assert_eq!(opened, 1, "{:?}", recorded.lock().unwrap());
+        }
+    }
+
+    /// Escalations that retention removed before the desk resolved them do not hold its
+    /// cursor back: it moves over them, and the resolved ones above do not pile up in every
+    /// snapshot. It used to stay below them for ever.
+    #[tokio::test]
+    async fn the_cursor_moves_over_escalations_retention_removed() {
+        let rule = crate::config::RetentionRule {
+            streams: crate::config::StreamPattern::new("escalations").unwrap(),
+            bytes_max: None,
+            age_s_max: Some(1),
+            keep_until_acked: Vec::new(),
+        };
+        let (_store, log) = store_with_escalations(&["a", "b", "c"], vec![rule]).await;
+        let mut desk = Desk::open(&config(60_000), log.clone(), Arc::new(|_| {}), Arc::new(|_| {})).await.unwrap();
+        desk.take(log.read(&desk.key, 1, 10).unwrap());
+        desk.resolve(2, "approved", "ops").await.unwrap();
+        assert_eq!(desk.cursor, 0, "a is not resolved yet");
+        let report = log.sweep(unix_ms() + 10_000).await.unwrap();
+        assert_eq!(report.removed, 3, "{report:?}");
+        log.append_durable(crate::model::StreamName::new("escalations").unwrap(), escalation("d")).await.unwrap();
+        desk.take(log.read(&desk.key, 4, 10).unwrap());
+        desk.resolve(4, "denied", "ops").await.unwrap();
+        assert_eq!((desk.cursor, desk.resolved_above.len()), (4, 0), "past the removed ones, nothing left above");
+        assert_eq!(log.cursor(&desk.consumer, &desk.key), Some(4));
+        // Those taken before they were removed can still be resolved.
+        desk.resolve(1, "denied", "ops").await.unwrap();
+        assert_eq!(desk.cursor, 4);
+    }
+
+    /// A desk snapshot that cannot be read does not stop the desk (and with it the node) from
+    /// starting: it starts without it, and says so.
+    #[tokio::test]
+    async fn an_unreadable_desk_snapshot_is_reported_and_the_desk_starts() {
+        let (store, log) = store_with_escalations(&["a", "b"], Vec::new()).await;
+        let mut desk = Desk::open(&config(60_000), log.clone(), Arc::new(|_| {}), Arc::new(|_| {})).await.unwrap();
+        desk.take(log.read(&desk.key, 1, 10).unwrap());
+        desk.resolve(2, "approved", "ops").await.unwrap();
+        let snap_key = log.local_key(&snapshot_stream(&desk.consumer));
+        store.damage_record(&snap_key, log.stream(&snap_key).unwrap().last);
+        let (events, recorded) = recorded();
+        let desk = Desk::open(&config(60_000), log.clone(), Arc::new(|_| {}), events).await.expect("starts");
+        assert!(desk.resolved_above.is_empty());
+        let recorded = recorded.lock().unwrap().clone();
+        assert!(recorded.iter().any(|e| e["event"] == "snapshot_unreadable" && e["actor"] == DESK), "{recorded:?}");
     }
 
     #[tokio::test]

@@ -426,11 +426,14 @@ async fn the_arbiter_escalates_stale_decisions_and_acts_only_on_its_own_resoluti
     assert!(events.iter().any(|e| e["event"] == "decision_refused" && e["reason"] == "it names no action"), "{events:?}");
 }
 
-/// Fails on every attempt at the seqs in `fail_at` (an error) and `panic_at` (a panic);
-/// otherwise emits one output keyed by the input's id. Counts its attempts per seq.
+/// Fails on every attempt at `fail_at` (an error) and `panic_at` (a panic), and with a
+/// `Retry` (not the input's fault) at `retry_at` until `retries_left` runs out; otherwise
+/// emits one output keyed by the input's id. Counts its attempts per seq.
 struct Poisoned {
     fail_at: u64,
     panic_at: u64,
+    retry_at: u64,
+    retries_left: Arc<Mutex<u32>>,
     attempts: Arc<Mutex<HashMap<u64, u32>>>,
     out: StreamName,
 }
@@ -451,6 +454,13 @@ impl Behaviour for Poisoned {
         if seq == self.panic_at {
             panic!("injected panic at reading {seq}");
         }
+        if seq == self.retry_at {
+            let mut left = self.retries_left.lock().unwrap();
+            if *left > 0 {
+                *left -= 1;
+                return Err(strata_core::actor::Retry("the device link is down".into()).into());
+            }
+        }
         ctx.emit(&self.out, Draft::new(Kind::Command, PayloadType::new("test.effect/1")?, input.id.to_string().into_bytes()))
     }
 }
@@ -464,87 +474,125 @@ struct PoisonRun {
     _dir: tempfile::TempDir,
 }
 
-/// Six records in `in`, consumed by a `Poisoned` actor failing on 3 (an error) and 5 (a
-/// panic), under a root supervisor allowing `restarts_max` restarts, with `supervision`
-/// settings (TOML lines).
-async fn poisoned(restarts_max: u32, supervision: &str) -> PoisonRun {
-    let dir = tempfile::tempdir().unwrap();
-    let log = Log::new(Arc::new(RocksStore::open(dir.path(), &NodeId::new("edge-1").unwrap(), StoreOptions::default()).unwrap()));
-    for i in 1..=6u64 {
-        log.append_durable(StreamName::new("in").unwrap(), Draft::new(Kind::Reading, PayloadType::new("test/1").unwrap(), i.to_le_bytes().to_vec()))
-            .await
-            .unwrap();
+impl PoisonRun {
+    /// Six records in `in`, consumed by a `Poisoned` actor failing on 3 (an error) and 5 (a
+    /// panic), and on 2 with `retries` `Retry` errors first, under a root supervisor with the
+    /// node's policy from `supervision` (TOML lines; the defaults otherwise).
+    async fn start(supervision: &str, retries: u32) -> PoisonRun {
+        let dir = tempfile::tempdir().unwrap();
+        let log = Log::new(Arc::new(RocksStore::open(dir.path(), &NodeId::new("edge-1").unwrap(), StoreOptions::default()).unwrap()));
+        for i in 1..=6u64 {
+            log.append_durable(StreamName::new("in").unwrap(), Draft::new(Kind::Reading, PayloadType::new("test/1").unwrap(), i.to_le_bytes().to_vec()))
+                .await
+                .unwrap();
+        }
+        let config = NodeConfig::parse(
+            "t.toml".as_ref(),
+            &format!(
+                "[node]\nid = \"edge-1\"\ntier = \"edge\"\n[supervision]\n{supervision}\n\
+                 [[actors]]\nkind = \"poisoned\"\nname = \"p\"\ninputs = [\"in\"]\noutputs = [\"out\"]\n"
+            ),
+        )
+        .unwrap();
+        let attempts = Arc::new(Mutex::new(HashMap::new()));
+        let retries_left = Arc::new(Mutex::new(retries));
+        let mut registry = Registry::new();
+        let a = attempts.clone();
+        registry.register("poisoned", move |spec: &strata_core::config::ActorSpec| {
+            Ok::<_, String>(Poisoned {
+                fail_at: 3,
+                panic_at: 5,
+                retry_at: 2,
+                retries_left: retries_left.clone(),
+                attempts: a.clone(),
+                out: spec.outputs[0].clone(),
+            })
+        });
+        let events = Arc::new(Mutex::new(Vec::new()));
+        let mut env = ActorEnv::fixed(Arc::new(config.clone()), strata_core::mode::Mode::Full, log.clone(), Arc::new(|_| {}));
+        let e = events.clone();
+        env.events = Some(Arc::new(move |doc| e.lock().unwrap().push(doc)));
+        let child = registry.child(&config.actors[0], &env).unwrap();
+        let rec = Recorder::default();
+        let args = SupervisorArgs { name: "root".into(), policy: Policy::from_config(&config.supervision), children: vec![child], events: rec.sink() };
+        let (sup, _) = Actor::spawn(None, Supervisor, args).await.unwrap();
+        PoisonRun { log, sup, rec, attempts, events, _dir: dir }
     }
-    let config = NodeConfig::parse(
-        "t.toml".as_ref(),
-        &format!(
-            "[node]\nid = \"edge-1\"\ntier = \"edge\"\n[supervision]\nrestarts_max = {restarts_max}\nrestart_window_ms = 60000\n{supervision}\n\
-             [[actors]]\nkind = \"poisoned\"\nname = \"p\"\ninputs = [\"in\"]\noutputs = [\"out\"]\n"
-        ),
-    )
-    .unwrap();
-    let attempts = Arc::new(Mutex::new(HashMap::new()));
-    let mut registry = Registry::new();
-    let a = attempts.clone();
-    registry.register("poisoned", move |spec: &strata_core::config::ActorSpec| {
-        Ok::<_, String>(Poisoned { fail_at: 3, panic_at: 5, attempts: a.clone(), out: spec.outputs[0].clone() })
-    });
-    let events = Arc::new(Mutex::new(Vec::new()));
-    let mut env = ActorEnv::fixed(Arc::new(config.clone()), strata_core::mode::Mode::Full, log.clone(), Arc::new(|_| {}));
-    let e = events.clone();
-    env.events = Some(Arc::new(move |doc| e.lock().unwrap().push(doc)));
-    let child = registry.child(&config.actors[0], &env).unwrap();
-    let policy = Policy {
-        strategy: Strategy::OneForOne,
-        restarts_max,
-        window: Duration::from_secs(60),
-        backoff_base: Duration::from_millis(1),
-        backoff_max: Duration::from_millis(1),
-        jitter_pct: 0,
-        child_shutdown_timeout: Duration::from_secs(5),
-    };
-    let rec = Recorder::default();
-    let args = SupervisorArgs { name: "root".into(), policy, children: vec![child], events: rec.sink() };
-    let (sup, _) = Actor::spawn(None, Supervisor, args).await.unwrap();
-    PoisonRun { log, sup, rec, attempts, events, _dir: dir }
+
+    /// Waits until the actor's cursor reached the last record; returns the seqs of the
+    /// records whose effect was written, in order.
+    async fn effects_once_through(&self) -> Vec<u64> {
+        let (consumer, key) = (Name::new("p").unwrap(), self.log.local_key(&StreamName::new("in").unwrap()));
+        let t0 = Instant::now();
+        while self.log.cursor(&consumer, &key) != Some(6) {
+            assert!(
+                t0.elapsed() < Duration::from_secs(60),
+                "cursor stuck at {:?}; events {:?}; supervision {:?}",
+                self.log.cursor(&consumer, &key),
+                self.events.lock().unwrap(),
+                self.rec.events()
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        supervise::shutdown(&self.sup, Duration::from_secs(10)).await;
+        let out = self.log.read(&self.log.local_key(&StreamName::new("out").unwrap()), 1, 100).unwrap();
+        out.iter().map(|e| String::from_utf8(e.payload.clone()).unwrap().rsplit('#').next().unwrap().parse().unwrap()).collect()
+    }
+
+    fn restarts(&self) -> usize {
+        self.rec.events().iter().filter(|(_, e)| matches!(e, supervise::Event::ChildStarted { restarts, .. } if *restarts > 0)).count()
+    }
+
+    /// The `input_failed_passed` events: (from, to, failures, error).
+    fn passed(&self) -> Vec<(u64, u64, u64, String)> {
+        let key = self.log.local_key(&StreamName::new("in").unwrap()).to_string();
+        self.events
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|e| {
+                assert_eq!(
+                    (e["event"].as_str(), e["actor"].as_str(), e["stream"].as_str()),
+                    (Some("input_failed_passed"), Some("p"), Some(key.as_str())),
+                    "{e}"
+                );
+                (e["from"].as_u64().unwrap(), e["to"].as_u64().unwrap(), e["failures"].as_u64().unwrap(), e["error"].as_str().unwrap().to_owned())
+            })
+            .collect()
+    }
 }
 
 /// A record the handler fails on every time (a poison input) must not restart the actor
-/// until its supervisor, and then the node, gives up: after `input_failures_max` failures on
-/// it (3, the default), the next instance passes it over and records which record, how many
-/// failures and the last error. An error and a panic count alike; every other record is
-/// handled, and its effect written once.
+/// until its supervisor, and then the node, gives up: after `input_failures_max` failures in
+/// a row on it (2, the default), the next instance passes it over and records which record,
+/// how many failures and the last error. An error and a panic count alike; every other
+/// record is handled, and its effect written once. With the default supervision (5 restarts
+/// in 10 s), two such records are passed and the node goes on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_actor_passes_over_an_input_its_handler_fails_on_every_time() {
-    let run = poisoned(10, "").await;
-    let (consumer, key) = (Name::new("p").unwrap(), run.log.local_key(&StreamName::new("in").unwrap()));
-    let t0 = Instant::now();
-    while run.log.cursor(&consumer, &key) != Some(6) {
-        assert!(t0.elapsed() < Duration::from_secs(60), "cursor stuck at {:?}; events {:?}", run.log.cursor(&consumer, &key), run.events.lock().unwrap());
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    supervise::shutdown(&run.sup, Duration::from_secs(10)).await;
+    let run = PoisonRun::start("", 0).await;
+    let effects = run.effects_once_through().await;
     let attempts = run.attempts.lock().unwrap().clone();
-    assert_eq!((attempts[&3], attempts[&5]), (3, 3), "each poison input tried input_failures_max times: {attempts:?}");
-    let restarts = run.rec.events().iter().filter(|(_, e)| matches!(e, supervise::Event::ChildStarted { restarts, .. } if *restarts > 0)).count();
-    assert_eq!(restarts, 6, "one restart per failure");
-    let events = run.events.lock().unwrap().clone();
-    let passed: Vec<(u64, u64, u64, String)> = events
-        .iter()
-        .map(|e| {
-            assert_eq!(
-                (e["event"].as_str(), e["actor"].as_str(), e["stream"].as_str()),
-                (Some("input_failed_passed"), Some("p"), Some(key.to_string().as_str())),
-                "{e}"
-            );
-            (e["from"].as_u64().unwrap(), e["to"].as_u64().unwrap(), e["failures"].as_u64().unwrap(), e["error"].as_str().unwrap().to_owned())
-        })
-        .collect();
-    assert_eq!(passed, [(3, 3, 3, "cannot parse reading 3".to_owned()), (5, 5, 3, "panicked: injected panic at reading 5".to_owned())], "{events:?}");
-    let out = run.log.read(&run.log.local_key(&StreamName::new("out").unwrap()), 1, 100).unwrap();
-    let effects: Vec<u64> = out.iter().map(|e| String::from_utf8(e.payload.clone()).unwrap().rsplit('#').next().unwrap().parse().unwrap()).collect();
+    assert_eq!((attempts[&3], attempts[&5]), (2, 2), "each poison input tried input_failures_max times: {attempts:?}");
+    assert_eq!(run.restarts(), 4, "one restart per failure");
+    assert!(!run.rec.events().iter().any(|(_, e)| matches!(e, supervise::Event::Escalated { .. })), "the root did not give up");
+    assert_eq!(run.passed(), [(3, 3, 2, "cannot parse reading 3".to_owned()), (5, 5, 2, "panicked: injected panic at reading 5".to_owned())]);
     assert_eq!(effects, [1, 2, 4, 6], "every other record's effect, once each");
-    report!("poison inputs: 3 (an error) and 5 (a panic) passed over after 3 attempts each, 6 restarts; effects {effects:?}");
+    report!("poison inputs: 3 (an error) and 5 (a panic) passed over after 2 attempts each, 4 restarts under the default supervision; effects {effects:?}");
+    run.log.close();
+}
+
+/// A `Retry` error is not the input's fault: however many times it fails the actor, the
+/// input is not passed over, and is handled once the fault is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_errors_do_not_count_towards_passing_an_input() {
+    let run = PoisonRun::start("restarts_max = 10\nrestart_window_ms = 60000", 3).await;
+    let effects = run.effects_once_through().await;
+    // 3 retries, then handled (and handled again when a later failure restarts its batch).
+    assert!(run.attempts.lock().unwrap()[&2] >= 4, "{:?}", run.attempts.lock().unwrap());
+    assert_eq!(effects, [1, 2, 4, 6], "2 handled after its retries");
+    let passed: Vec<u64> = run.passed().iter().map(|p| p.0).collect();
+    assert_eq!(passed, [3, 5], "only the poison inputs were passed");
     run.log.close();
 }
 
@@ -552,7 +600,12 @@ async fn an_actor_passes_over_an_input_its_handler_fails_on_every_time() {
 /// input: the actor is restarted into the poison input until its supervisor gives up.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_input_failures_max_0_a_poison_input_is_never_passed() {
-    let run = poisoned(2, "input_failures_max = 0").await;
+    let run = PoisonRun::start(
+        "restarts_max = 2
+input_failures_max = 0",
+        0,
+    )
+    .await;
     assert!(
         run.rec.wait_for(Duration::from_secs(60), |e| matches!(e, supervise::Event::Escalated { .. })).await,
         "the supervisor gave up: {:?}",
