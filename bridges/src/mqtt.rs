@@ -662,7 +662,11 @@ impl Behaviour for Mqtt {
             if *state.connected.borrow_and_update() {
                 break;
             }
-            let _ = tokio::time::timeout(Duration::from_millis(200), state.connected.changed()).await;
+            // The connection task has ended (it holds the sender): fail so that the supervisor
+            // restarts it, rather than spin here until the command expires.
+            if let Ok(Err(_)) = tokio::time::timeout(Duration::from_millis(200), state.connected.changed()).await {
+                return Err(Retry("the MQTT connection task ended".into()).into());
+            }
         }
         let (done, acked) = oneshot::channel();
         // Failures of the connection, not of the command: a restart cures them, and they do

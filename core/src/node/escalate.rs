@@ -233,7 +233,9 @@ impl Desk {
         self.at_damage = None;
         self.passed_damage = Some(to);
         let mut displaced = Vec::new();
-        for seq in start..=to {
+        // Those resolved already (out of order, before a restart) are not opened again.
+        let unresolved: Vec<u64> = (start..=to).filter(|s| !self.resolved_above.contains(s)).collect();
+        for seq in unresolved {
             let pending = Pending { seq, id: format!("{}#{seq}", self.key), action: UNKNOWN_ACTION.into(), risk: f64::NAN, opened_unix_ms: unix_ms() };
             tracing::error!(id = pending.id, %error, "an escalation that cannot be read waits for an operator (deny) or its timeout (the safe default)");
             (self.events)(json!({"event": "escalation_opened", "id": pending.id, "action": pending.action, "unreadable": error.to_string()}));
@@ -262,12 +264,13 @@ impl Desk {
         let held_from = self.log.stream(&self.key).map_or(0, |i| if i.count > 0 { i.first } else { i.last.saturating_add(1) });
         if cursor.saturating_add(1) < held_from {
             cursor = held_from - 1;
-            resolved_above.retain(|&s| s > cursor);
         }
         // The cursor moves over every escalation resolved without a hole below it.
         while resolved_above.remove(&(cursor + 1)) {
             cursor += 1;
         }
+        // One resolved below it (taken before retention removed it) is not kept.
+        resolved_above.retain(|&s| s > cursor);
         let draft = Draft::new(Kind::Decision, PayloadType::new(RESOLUTION_TYPE).expect("valid"), doc.to_string().into_bytes());
         let snapshot = serde_json::to_vec(&Snapshot { resolved: resolved_above.clone() }).expect("serialises");
         let snapshot = Draft::new(Kind::Event, PayloadType::new("strata.snapshot/1").expect("valid"), snapshot);
@@ -298,7 +301,7 @@ impl Desk {
         if let Some(seq) = self.pending.values().find(|p| p.id == resolve.id).map(|p| p.seq) {
             if resolve.verdict == Verdict::Approve && self.pending[&seq].action == UNKNOWN_ACTION {
                 let error = format!(
-                    "escalation {} cannot be approved: its action is unknown (its record cannot be read); deny it, or it times out to the safe default",
+                    "escalation {} cannot be approved: its action is unknown (its record cannot be read, or names none); deny it, or it times out to the safe default",
                     resolve.id
                 );
                 return Some(json!({"node": self.node.as_str(), "error": error}));
@@ -353,12 +356,16 @@ pub async fn run(
         let from = desk.read_to + 1;
         tokio::select! {
             batch = log.tail(&key, from, batch_len_max, idle_wait) => {
+                let batch = match batch {
+                    // RocksDB fails the whole read at a damaged block, maybe past good
+                    // records: one at a time, those are taken first.
+                    Err(LogError::Corrupt { .. }) if batch_len_max > 1 => log.read(&key, from, 1),
+                    batch => batch,
+                };
                 match batch {
                     Ok(batch) => {
-                        if !batch.is_empty() {
-                            desk.at_damage = None;
-                            desk.passed_damage = None;
-                        }
+                        desk.at_damage = None;
+                        desk.passed_damage = None;
                         for (seq, outcome) in desk.take(batch) {
                             if let Err(e) = desk.resolve(seq, outcome, "desk").await {
                                 tracing::error!(error = %e, "cannot record a resolution");
@@ -489,6 +496,15 @@ mod tests {
             assert_eq!((denied["outcome"].as_str(), denied["action"].as_str()), (Some("denied"), Some("hold")), "{denied}");
             let opened = recorded.lock().unwrap().iter().filter(|e| e["event"] == "escalation_opened" && e["unreadable"].is_string()).count();
             assert_eq!(opened, 1, "{:?}", recorded.lock().unwrap());
+            // After a restart (a and c still pending, so the cursor is below it), the denied
+            // one is not opened a second time.
+            drop(desk);
+            let mut desk = Desk::open(&config, log.clone(), Arc::new(|_| {}), Arc::new(|_| {})).await.unwrap();
+            desk.take(log.read(&key, 1, 10).unwrap());
+            assert_eq!(desk.take_unreadable(2, &error).unwrap(), None);
+            assert_eq!(desk.take_unreadable(2, &error).unwrap(), Some(Vec::new()));
+            desk.take(log.read(&key, 3, 10).unwrap());
+            assert_eq!(desk.pending.values().map(|p| p.id.as_str()).collect::<Vec<_>>(), ["a", "c"], "resolved once only");
         }
     }
 
