@@ -561,7 +561,9 @@ pub struct ReplicationSection {
     /// that no holder can supply (removed by retention at their origin before they were
     /// replicated, or damaged everywhere) must not stop a consumer for good. Input records
     /// damaged on this node's disk get the same wait (a fault of a moment is waited out),
-    /// then are passed over with an `input_damaged_passed` event. Default 30000.
+    /// then are passed over with an `input_damaged_passed` event; so does a damaged record of
+    /// the escalation desk's stream, which then waits as an escalation with an unknown action.
+    /// Default 30000.
     pub consumer_gap_wait_ms: u64,
     /// Most received live samples stored as one insert operation. Default 512.
     pub live_batch_len_max: usize,
@@ -991,8 +993,26 @@ impl NodeConfig {
                     }
                 }
             }
-        } else if tls_endpoints {
-            bad("security.tls", "quic/ endpoints need security.tls = true (and the CA, certificate and key files)".into());
+            if z.scouting_multicast {
+                // Multicast discovery would open plain links to any Zenoh on the LAN, and
+                // announce this node there: not every link would be mutual TLS any more.
+                bad("zenoh.scouting_multicast", "must be false with security.tls = true: every link is an explicit quic/ endpoint".into());
+            }
+        } else {
+            if tls_endpoints {
+                bad("security.tls", "quic/ endpoints need security.tls = true (and the CA, certificate and key files)".into());
+            }
+            // Without TLS there is no identity and no access control: these would look like
+            // protection and be none (anyone reaching an endpoint could approve, deny, ingest).
+            // (The file paths are left alone: unused, they restrict nothing.)
+            let set = [("continuum", !sec.continuum.is_empty()), ("operators", !sec.operators.is_empty()), ("ingest_clients", !sec.ingest_clients.is_empty())];
+            for (field, _) in set.iter().filter(|(_, is_set)| *is_set) {
+                bad(
+                    &format!("security.{field}"),
+                    "is set, but security.tls = false: without TLS there is no identity and no access control, so it would protect nothing; set tls = true or remove it"
+                        .into(),
+                );
+            }
         }
         for (field, names) in [("operators", &sec.operators), ("ingest_clients", &sec.ingest_clients)] {
             for (i, n) in names.iter().enumerate() {
@@ -1291,6 +1311,23 @@ pub fn check_continuum(nodes: Vec<(PathBuf, NodeConfig)>) -> Result<Continuum, V
         }
     }
 
+    // Zenoh gives a link the rights of every subject its certificate's name matches: a client
+    // named like a node would give that node's certificate the client's rights (an edge
+    // approving a fog's escalations, say).
+    for (file, cfg) in &nodes {
+        for (field, names) in [("operators", &cfg.security.operators), ("ingest_clients", &cfg.security.ingest_clients)] {
+            for (j, name) in names.iter().enumerate() {
+                if let Some((other, _)) = nodes.iter().find(|(_, c)| c.node.id.as_str() == name) {
+                    report(
+                        file,
+                        format!("security.{field}[{j}]"),
+                        format!("{name:?} is the id of the node in {}; clients need identities of their own", other.display()),
+                    );
+                }
+            }
+        }
+    }
+
     let mut links = Vec::new();
     for (i, (file, cfg)) in nodes.iter().enumerate() {
         for (j, ep) in cfg.zenoh.connect.iter().enumerate() {
@@ -1367,6 +1404,13 @@ mod tests {
         check(&secure.replace("tls = true", "tls = false"), Err("security.tls: quic/ endpoints need security.tls = true"));
         check(&format!("{secure}operators = [\"e\"]\n"), Err("security.operators[0]: \"e\" is this node's own id"));
         check(&format!("{secure}ingest_clients = [\"gw\"]\n"), Err("security.ingest_clients: ingest clients are named but [ingest] streams is empty"));
+        // Without TLS, access lists would protect nothing; multicast discovery with TLS would
+        // open plain links.
+        let plain = "[node]\nid = \"e\"\ntier = \"edge\"\n[zenoh]\nlisten = [\"tcp/127.0.0.1:1\"]\n[security]\n";
+        check(&format!("{plain}operators = [\"ops\"]\n"), Err("security.operators: is set, but security.tls = false"));
+        check(&format!("{plain}continuum = [\"e.toml\"]\n"), Err("security.continuum: is set, but security.tls = false"));
+        check(&format!("{plain}ca_file = \"ca.pem\"\n"), Ok(()));
+        check(&secure.replace("[security]", "scouting_multicast = true\n[security]"), Err("zenoh.scouting_multicast: must be false with security.tls = true"));
     }
 
     /// The bounds that were constants in the code: each is a field now, refused by name out
@@ -1525,6 +1569,12 @@ mod tests {
         assert_eq!(ok.path, [0, 1, 2]);
 
         let render = |r: Result<Continuum, Vec<ConfigError>>| r.unwrap_err().iter().map(|e| e.to_string()).collect::<Vec<_>>().join("\n");
+        // An operator named like another node of the continuum.
+        let mut fog_ops = f.clone();
+        fog_ops.1.security.operators = vec!["edge-1".into()];
+        let err = render(check_continuum(vec![e.clone(), fog_ops, c.clone()]));
+        assert!(err.contains("fog-1.toml: security.operators[0]: \"edge-1\" is the id of the node in edge-1.toml"), "{err}");
+
         let dup = node("edge-1", "edge", &[], &["tcp/127.0.0.1:2"]);
         let err = render(check_continuum(vec![e.clone(), f.clone(), c.clone(), (PathBuf::from("b.toml"), dup.1)]));
         assert!(err.contains("b.toml: node.id: \"edge-1\" is already the id of the node in edge-1.toml"), "{err}");

@@ -76,6 +76,8 @@ fn set_tls(c: &mut zenoh::Config, tls: &TlsFiles) -> Result<(), BusError> {
         ("transport/link/tls/connect_private_key", path(&tls.key)),
         ("transport/link/tls/enable_mtls", "true".into()),
         ("transport/link/tls/verify_name_on_connect", "true".into()),
+        // A link whose peer's certificate expires is closed then, not kept up for good.
+        ("transport/link/tls/close_link_on_expiration", "true".into()),
     ] {
         c.insert_json5(key, &value).map_err(|e| BusError::Zenoh(format!("config {key}: {e}")))?;
     }

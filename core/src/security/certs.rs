@@ -34,6 +34,12 @@ pub enum CertError {
     Exists { path: PathBuf },
     #[error("certificate generation: {0}")]
     Generate(#[from] rcgen::Error),
+    #[error("--days {0}: a certificate must be valid for at least 1 day")]
+    NoDays(u32),
+    #[error(
+        "{path}: the CA expires in {ca_days} day(s), before these certificates would ({days} days): issue them for at most {ca_days} days, or make a new CA"
+    )]
+    OutlivesCa { path: PathBuf, days: u32, ca_days: i64 },
 }
 
 fn file_error(path: &Path, e: impl std::fmt::Display) -> CertError {
@@ -68,14 +74,24 @@ fn civil(days: i64) -> (i32, u8, u8) {
     (year, month, day)
 }
 
-/// Valid from yesterday (clock skew between machines) for `days` days.
-fn validity(params: &mut CertificateParams, days: u32) {
-    let today = (SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0) / 86_400) as i64;
-    let (y, m, d) = civil(today - 1);
+/// Days since 1970-01-01 (UTC) today.
+fn today() -> i64 {
+    (SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0) / 86_400) as i64
+}
+
+/// Valid from the start of day `from` to the start of day `until` (days since 1970-01-01).
+fn validity_between(params: &mut CertificateParams, from: i64, until: i64) {
+    let (y, m, d) = civil(from);
     params.not_before = date_time_ymd(y, m, d);
-    let (y, m, d) = civil(today + i64::from(days));
+    let (y, m, d) = civil(until);
     params.not_after = date_time_ymd(y, m, d);
     params.serial_number = Some(SerialNumber::from_slice(&rand::random::<[u8; 16]>().map(|b| b & 0x7f)));
+}
+
+/// Valid from yesterday (clock skew between machines) to the end of the `days`-th day from
+/// today: at least `days` whole days.
+fn validity(params: &mut CertificateParams, days: u32) {
+    validity_between(params, today() - 1, today() + i64::from(days) + 1);
 }
 
 fn ca_params(days: u32) -> CertificateParams {
@@ -91,6 +107,9 @@ fn ca_params(days: u32) -> CertificateParams {
 
 /// Creates `dir` (if needed) and a new CA in it, valid for `days`. Returns the files written.
 pub fn init(dir: &Path, days: u32) -> Result<Vec<PathBuf>, CertError> {
+    if days == 0 {
+        return Err(CertError::NoDays(days));
+    }
     std::fs::create_dir_all(dir).map_err(|e| file_error(dir, e))?;
     let (cert_path, key_path) = (dir.join(CA_CERT), dir.join(CA_KEY));
     for p in [&cert_path, &key_path] {
@@ -114,6 +133,15 @@ fn usable_name(name: &str) -> bool {
 /// `extra_sans` are added to every certificate's subject alternative names (host names or IP
 /// addresses the holder is reached at). Returns the files written.
 pub fn issue(dir: &Path, names: &[String], extra_sans: &[String], days: u32) -> Result<Vec<PathBuf>, CertError> {
+    if days == 0 {
+        return Err(CertError::NoDays(days));
+    }
+    issue_between(dir, names, extra_sans, today() - 1, today() + i64::from(days) + 1, days)
+}
+
+/// [`issue`], valid from the start of day `from` to the start of day `until` (days since
+/// 1970-01-01; `days` is how the caller asked for it).
+pub(crate) fn issue_between(dir: &Path, names: &[String], extra_sans: &[String], from: i64, until: i64, days: u32) -> Result<Vec<PathBuf>, CertError> {
     if let Some(bad) = names.iter().find(|n| !usable_name(n)) {
         return Err(CertError::BadName(bad.clone()));
     }
@@ -138,6 +166,12 @@ pub fn issue(dir: &Path, names: &[String], extra_sans: &[String], days: u32) -> 
     if ca.public_key().subject_public_key.data.as_ref() != ca_key.public_key_raw() {
         return Err(file_error(&key_path, format!("is not the key of {}", cert_path.display())));
     }
+    // A certificate that outlives its CA stops being accepted when the CA expires, without
+    // saying so in its own dates.
+    let ca_until_day = ca.validity().not_after.timestamp().div_euclid(86_400);
+    if until > ca_until_day {
+        return Err(CertError::OutlivesCa { path: cert_path, days, ca_days: (ca_until_day - today() - 1).max(0) });
+    }
     let issuer = Issuer::new(ca_params(1), ca_key);
 
     let mut written = Vec::new();
@@ -158,7 +192,7 @@ pub fn issue(dir: &Path, names: &[String], extra_sans: &[String], days: u32) -> 
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
         params.use_authority_key_identifier_extension = true;
-        validity(&mut params, days);
+        validity_between(&mut params, from, until);
         let key = KeyPair::generate()?;
         let cert = params.signed_by(&key, &issuer)?;
         write_new(&key_out, &key.serialize_pem(), true)?;
@@ -200,5 +234,23 @@ mod tests {
         std::fs::copy(other.path().join(CA_KEY), dir.path().join(CA_KEY)).unwrap();
         let e = issue(dir.path(), &["x".into()], &[], 30).unwrap_err().to_string();
         assert!(e.contains("is not the key of"), "{e}");
+    }
+
+    /// `--days 0` would write a certificate already expired (it ended at today's midnight);
+    /// one that would outlive its CA is refused, naming how long it can be.
+    #[test]
+    fn validity_is_at_least_a_day_and_within_the_cas() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(matches!(init(dir.path(), 0), Err(CertError::NoDays(0))));
+        init(dir.path(), 30).unwrap();
+        assert!(matches!(issue(dir.path(), &["a".into()], &[], 0), Err(CertError::NoDays(0))));
+        let e = issue(dir.path(), &["a".into()], &[], 365).unwrap_err().to_string();
+        assert!(e.contains("the CA expires in 30 day(s)") && e.contains("at most 30 days"), "{e}");
+        issue(dir.path(), &["a".into()], &[], 30).unwrap();
+        let pem = std::fs::read(dir.path().join("a.pem")).unwrap();
+        let der = rustls_pemfile::certs(&mut pem.as_slice()).next().unwrap().unwrap();
+        let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs() as i64;
+        assert!(cert.validity().not_after.timestamp() >= now + 30 * 86_400, "at least 30 whole days from now");
     }
 }

@@ -57,6 +57,8 @@ pub struct NodeSecurity {
     pub tls: Option<TlsFiles>,
     /// The `access_control` section given to Zenoh, exactly as `strata acl` prints it.
     pub acl: Option<Value>,
+    /// When this node's certificate expires, as printed.
+    pub cert_expires: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -79,14 +81,7 @@ impl NodeSecurity {
             Ok(path)
         };
         let tls = TlsFiles { ca: file("ca_file", &s.ca_file)?, cert: file("cert_file", &s.cert_file)?, key: file("key_file", &s.key_file)? };
-        let cn = cert_common_name(&tls.cert).map_err(|reason| SecurityError::File { field: "cert_file", path: tls.cert.clone(), reason })?;
-        if cn != config.node.id.as_str() {
-            return Err(SecurityError::File {
-                field: "cert_file",
-                path: tls.cert.clone(),
-                reason: format!("its common name is {cn:?}, not this node's id {:?}", config.node.id.as_str()),
-            });
-        }
+        let cert = check_tls_files(&tls, config.node.id.as_str())?;
         let continuum = load_continuum(&s.continuum).map_err(SecurityError::Continuum)?;
         let me =
             continuum.nodes.iter().position(|(_, c)| c.node.id == config.node.id).ok_or_else(|| SecurityError::NotInContinuum(config.node.id.to_string()))?;
@@ -98,12 +93,13 @@ impl NodeSecurity {
                 config.node.id
             )));
         }
-        Ok(NodeSecurity { tls: Some(tls), acl: Some(acl(&continuum, me)) })
+        Ok(NodeSecurity { tls: Some(tls), acl: Some(acl(&continuum, me)), cert_expires: Some(cert.not_after_text) })
     }
 
-    /// For the status document: TLS on or off and the digest of the ACL applied.
+    /// For the status document: TLS on or off, the digest of the ACL applied, and when the
+    /// node's certificate expires.
     pub fn status(&self) -> Value {
-        json!({"tls": self.tls.is_some(), "acl_digest": self.acl.as_ref().map(digest)})
+        json!({"tls": self.tls.is_some(), "acl_digest": self.acl.as_ref().map(digest), "cert_expires": self.cert_expires})
     }
 }
 
@@ -141,13 +137,110 @@ pub fn digest(acl: &Value) -> String {
     format!("{h:016x}")
 }
 
-/// The common name of the first certificate in a PEM file.
-pub fn cert_common_name(path: &Path) -> Result<String, String> {
+/// What a node checks of a certificate (the first in a PEM file) at start.
+#[derive(Debug, Clone)]
+pub struct CertFacts {
+    pub common_name: String,
+    /// Validity, in seconds since 1970 (UTC), and as printed.
+    pub not_before: i64,
+    pub not_after: i64,
+    pub not_after_text: String,
+    issuer: Vec<u8>,
+    subject: Vec<u8>,
+    /// The subject public key's bytes.
+    public_key: Vec<u8>,
+}
+
+/// The DER bytes of the first certificate of a PEM file.
+fn first_cert_der(path: &Path) -> Result<Vec<u8>, String> {
     let pem = std::fs::read(path).map_err(|e| e.to_string())?;
     let der = rustls_pemfile::certs(&mut pem.as_slice()).next().ok_or("no PEM certificate in it")?.map_err(|e| format!("not a PEM certificate: {e}"))?;
+    Ok(der.to_vec())
+}
+
+/// Reads the first certificate of a PEM file.
+pub fn cert_facts(path: &Path) -> Result<CertFacts, String> {
+    let der = first_cert_der(path)?;
     let (_, cert) = x509_parser::parse_x509_certificate(&der).map_err(|e| format!("not an X.509 certificate: {e}"))?;
     let cn = cert.subject().iter_common_name().next().ok_or("its subject has no common name")?;
-    cn.as_str().map(str::to_owned).map_err(|e| format!("its common name is not text: {e}"))
+    let common_name = cn.as_str().map(str::to_owned).map_err(|e| format!("its common name is not text: {e}"))?;
+    let validity = cert.validity();
+    Ok(CertFacts {
+        common_name,
+        not_before: validity.not_before.timestamp(),
+        not_after: validity.not_after.timestamp(),
+        not_after_text: validity.not_after.to_string(),
+        issuer: cert.issuer().as_raw().to_vec(),
+        subject: cert.subject().as_raw().to_vec(),
+        public_key: cert.public_key().subject_public_key.data.to_vec(),
+    })
+}
+
+/// The common name of the first certificate in a PEM file.
+pub fn cert_common_name(path: &Path) -> Result<String, String> {
+    cert_facts(path).map(|f| f.common_name)
+}
+
+/// Certificates expiring within this many days are warned about at start.
+const EXPIRY_WARNING_DAYS: i64 = 30;
+
+/// Checks a node's TLS files as far as can be done before a link is opened: both
+/// certificates valid now, the node's certificate issued by the CA (by name) to `node` (its
+/// common name), and the key a PEM private key of that certificate. Each failure names the
+/// field, the file and the problem; without these checks an expired or mismatched file
+/// leaves the node isolated, with the reason only at Zenoh's debug level. A key other users
+/// can read, and a certificate expiring soon, are warned about. Returns the node
+/// certificate's facts.
+pub fn check_tls_files(tls: &TlsFiles, node: &str) -> Result<CertFacts, SecurityError> {
+    let err = |field: &'static str, path: &Path, reason: String| SecurityError::File { field, path: path.to_owned(), reason };
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
+    let ca = cert_facts(&tls.ca).map_err(|r| err("ca_file", &tls.ca, r))?;
+    let cert = cert_facts(&tls.cert).map_err(|r| err("cert_file", &tls.cert, r))?;
+    for (field, path, facts) in [("ca_file", &tls.ca, &ca), ("cert_file", &tls.cert, &cert)] {
+        if facts.not_after <= now {
+            return Err(err(field, path, format!("the certificate expired on {}", facts.not_after_text)));
+        }
+        if facts.not_before > now {
+            return Err(err(field, path, "the certificate is not valid yet (is this machine's clock right?)".into()));
+        }
+        let days_left = (facts.not_after - now) / 86_400;
+        if days_left < EXPIRY_WARNING_DAYS {
+            tracing::warn!(field, path = %path.display(), expires = facts.not_after_text, days_left, "a certificate expires soon");
+        }
+    }
+    if cert.common_name != node {
+        return Err(err("cert_file", &tls.cert, format!("its common name is {:?}, not this node's id {node:?}", cert.common_name)));
+    }
+    let not_issued = || err("cert_file", &tls.cert, format!("was not issued by the CA in {} ({:?})", tls.ca.display(), ca.common_name));
+    if cert.issuer != ca.subject {
+        return Err(not_issued());
+    }
+    // Same name is not enough (two CAs made alike): the CA's key must have signed it.
+    let (ca_der, cert_der) =
+        (first_cert_der(&tls.ca).map_err(|r| err("ca_file", &tls.ca, r))?, first_cert_der(&tls.cert).map_err(|r| err("cert_file", &tls.cert, r))?);
+    let parsed = x509_parser::parse_x509_certificate(&ca_der).and_then(|(_, ca)| Ok((ca, x509_parser::parse_x509_certificate(&cert_der)?.1)));
+    let (ca_cert, node_cert) = parsed.map_err(|e| err("cert_file", &tls.cert, format!("not an X.509 certificate: {e}")))?;
+    if node_cert.verify_signature(Some(ca_cert.public_key())).is_err() {
+        return Err(not_issued());
+    }
+    let key_pem = std::fs::read_to_string(&tls.key).map_err(|e| err("key_file", &tls.key, e.to_string()))?;
+    if !matches!(rustls_pemfile::private_key(&mut key_pem.as_bytes()), Ok(Some(_))) {
+        return Err(err("key_file", &tls.key, "no PEM private key in it".into()));
+    }
+    // Key types rcgen cannot read are left to the TLS handshake.
+    if let Ok(key) = rcgen::KeyPair::from_pem(&key_pem) {
+        if key.public_key_raw() != cert.public_key.as_slice() {
+            return Err(err("key_file", &tls.key, format!("is not the key of {}", tls.cert.display())));
+        }
+    }
+    use std::os::unix::fs::PermissionsExt;
+    if let Ok(meta) = std::fs::metadata(&tls.key) {
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            tracing::warn!(path = %tls.key.display(), mode = format!("{mode:o}"), "security.key_file can be read by other users; chmod 600 it");
+        }
+    }
+    Ok(cert)
 }
 
 /// What one node does on the bus, as key expressions.
@@ -366,6 +459,42 @@ mod tests {
     fn rule<'a>(acl: &'a Value, id: &str) -> Vec<&'a str> {
         let r = acl["rules"].as_array().unwrap().iter().find(|r| r["id"] == id).unwrap_or_else(|| panic!("no rule {id} in {acl:#}"));
         r["key_exprs"].as_array().unwrap().iter().map(|k| k.as_str().unwrap()).collect()
+    }
+
+    /// A node's TLS files are checked at start, each problem naming the field, the file and
+    /// what is wrong: an expired certificate, one another CA issued, a key of another
+    /// certificate, a file with no key. Before, each of these let the node start and stay
+    /// isolated, the reason only at Zenoh's debug level.
+    #[test]
+    fn tls_files_are_checked_at_start_and_each_problem_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        certs::init(d, 30).unwrap();
+        certs::issue(d, &["edge-1".into(), "fog-1".into()], &[], 10).unwrap();
+        let files = |cert: &str, key: &str| TlsFiles { ca: d.join("ca.pem"), cert: d.join(cert), key: d.join(key) };
+        let facts = check_tls_files(&files("edge-1.pem", "edge-1.key"), "edge-1").unwrap();
+        assert_eq!(facts.common_name, "edge-1");
+        let problem = |tls: TlsFiles, node: &str| check_tls_files(&tls, node).unwrap_err().to_string();
+
+        let e = problem(files("edge-1.pem", "edge-1.key"), "edge-2");
+        assert!(e.starts_with("security.cert_file") && e.contains("not this node's id \"edge-2\""), "{e}");
+        let e = problem(files("edge-1.pem", "fog-1.key"), "edge-1");
+        assert!(e.starts_with("security.key_file") && e.contains("fog-1.key") && e.contains("is not the key of"), "{e}");
+        let e = problem(files("edge-1.pem", "edge-1.pem"), "edge-1");
+        assert!(e.starts_with("security.key_file") && e.contains("no PEM private key in it"), "{e}");
+
+        // Issued by another CA.
+        let other = tempfile::tempdir().unwrap();
+        certs::init(other.path(), 30).unwrap();
+        certs::issue(other.path(), &["edge-1".into()], &[], 10).unwrap();
+        let e = problem(TlsFiles { ca: d.join("ca.pem"), cert: other.path().join("edge-1.pem"), key: other.path().join("edge-1.key") }, "edge-1");
+        assert!(e.starts_with("security.cert_file") && e.contains("was not issued by the CA in"), "{e}");
+
+        // Expired last year.
+        let today = (std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() / 86_400) as i64;
+        certs::issue_between(d, &["old".into()], &[], today - 400, today - 35, 365).unwrap();
+        let e = problem(files("old.pem", "old.key"), "old");
+        assert!(e.starts_with("security.cert_file") && e.contains("old.pem") && e.contains("the certificate expired on"), "{e}");
     }
 
     #[test]
