@@ -767,9 +767,21 @@ async fn receive_heads(shared: Arc<Shared>, mut incoming: super::Incoming<super:
         }
         let (mut more, mut acked_more) = (false, false);
         let mut st = lock(&shared.state);
+        // The tier an acknowledgement counts for is the one the node is alive as (its
+        // liveliness token, which the access control ties to its tier), not the one its heads
+        // claim: an edge claiming to be the cloud would let `keep_until_acked` remove records
+        // the cloud never got. Until its token is seen, its acknowledgements wait.
+        let alive_as = st.presence.get(&heads.node).filter(|p| p.alive).map(|p| p.tier);
+        let acks_trusted = alive_as == Some(heads.tier);
+        if alive_as.is_some_and(|tier| tier != heads.tier) {
+            shared.counters.spoofed.fetch_add(1, Ordering::Relaxed);
+        }
         for head in heads.heads {
             let key = head.key();
             if key.origin == shared.settings.node && key.incarnation == shared.log.incarnation() {
+                if !acks_trusted {
+                    continue;
+                }
                 // An acknowledgement counts only for a stream this node has, and only up to
                 // what it appended: retention trusts it (`keep_until_acked`), so a broken or
                 // forged peer must not make records look replicated before they are, nor fill

@@ -586,9 +586,11 @@ fn with_one_request_per_check_every_holder_is_still_asked() {
     });
 }
 
-/// Acknowledgements of this node's own streams count only for streams it has, and only up to
-/// what it appended: a broken or forged peer's heads must not let retention
-/// (`keep_until_acked`) remove records not yet replicated, nor fill the table.
+/// Acknowledgements of this node's own streams count only for streams it has, only up to
+/// what it appended, and only for the tier the peer is alive as: a broken or forged peer's
+/// heads must not let retention (`keep_until_acked`) remove records not yet replicated, nor
+/// fill the table. Here a fog first claims to be the cloud (counted as spoofed, not taken),
+/// then acknowledges as the fog it is.
 #[test]
 fn acknowledgements_beyond_what_the_origin_holds_are_not_taken() {
     paused_runtime().block_on(async {
@@ -598,6 +600,7 @@ fn acknowledgements_beyond_what_the_origin_holds_are_not_taken() {
         let peer = net.attach(&forger);
         net.link(&edge.id, &forger);
         edge.up(&net).await;
+        let _token = peer.declare_alive(&super::keys::alive(Tier::Fog, &forger)).await.unwrap();
         let stream = StreamName::new("readings/a").unwrap();
         let key = edge.append_readings(&stream, 0..5).await;
         let head = |stream: &str, watermark| super::wire::Head {
@@ -606,8 +609,18 @@ fn acknowledgements_beyond_what_the_origin_holds_are_not_taken() {
             stream: StreamName::new(stream).unwrap(),
             watermark,
         };
-        let heads = super::wire::Heads { node: forger.clone(), tier: Tier::Fog, heads: vec![head("readings/a", u64::MAX - 1), head("readings/ghost", 7)] };
         let acked = || edge.replicator.as_ref().unwrap().acks();
+        let as_cloud = super::wire::Heads { node: forger.clone(), tier: Tier::Cloud, heads: vec![head("readings/a", 5)] };
+        for _ in 0..1000 {
+            if edge.replicator.as_ref().unwrap().counters().spoofed > 0 {
+                break;
+            }
+            peer.publish(&super::keys::heads(&forger), super::wire::encode(&as_cloud));
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(edge.replicator.as_ref().unwrap().counters().spoofed > 0, "the claim was counted as spoofed");
+        assert!(acked().is_empty(), "a fog claiming the cloud's tier acknowledges nothing: {:?}", acked());
+        let heads = super::wire::Heads { node: forger.clone(), tier: Tier::Fog, heads: vec![head("readings/a", u64::MAX - 1), head("readings/ghost", 7)] };
         for _ in 0..1000 {
             if acked().contains_key(&key) {
                 break;
