@@ -193,6 +193,8 @@ enum LogCommand {
 
 const EXIT_CONFIG: u8 = 2;
 const EXIT_RUNTIME: u8 = 1;
+const EXIT_INTERRUPTED: i32 = 130;
+
 /// Records read per batch by `log tail`.
 const TAIL_BATCH_LEN: usize = 512;
 
@@ -327,7 +329,8 @@ fn run(path: &std::path::Path, format: LogFormat) -> ExitCode {
         };
         tokio::select! {
             signal = wait_for_stop() => {
-                tracing::info!(signal, "stopping");
+                tracing::info!(signal, "stopping (a second SIGINT or SIGTERM exits at once)");
+                let _impatient = tokio::spawn(exit_at_second_signal());
                 node.shutdown().await;
                 ExitCode::SUCCESS
             }
@@ -335,6 +338,7 @@ fn run(path: &std::path::Path, format: LogFormat) -> ExitCode {
                 // The incident is on the events stream; a process manager restarts us.
                 tracing::error!(%reason, "the node failed (the root supervisor gave up, or a part of the node stopped); stopping");
                 eprintln!("strata run: {reason}");
+                let _impatient = tokio::spawn(exit_at_second_signal());
                 node.shutdown().await;
                 ExitCode::from(EXIT_RUNTIME)
             }
@@ -355,11 +359,13 @@ fn status(endpoint: &str, timeout_ms: u64, json: bool, tls: &ClientTls) -> ExitC
     docs.sort_by(|a, b| (a["tier"].as_str(), a["node"].as_str()).cmp(&(b["tier"].as_str(), b["node"].as_str())));
     if json {
         println!("{}", serde_json::to_string_pretty(&docs).expect("JSON serialises"));
-    } else if docs.is_empty() {
+    } else if !docs.is_empty() {
+        print!("{}", strata_core::node::status_table(&docs));
+    }
+    if docs.is_empty() {
+        // The same exit code with --json: a script must not take "nobody answered" for health.
         eprintln!("strata status: no node answered through {endpoint} within {timeout_ms} ms");
         return ExitCode::from(EXIT_RUNTIME);
-    } else {
-        print!("{}", strata_core::node::status_table(&docs));
     }
     ExitCode::SUCCESS
 }
@@ -397,6 +403,17 @@ fn resolve(r: Resolve, verdict: strata_core::node::escalate::Verdict) -> ExitCod
         eprintln!("strata {name}: {node}: escalation {} was already resolved: {outcome}, action {action}", r.id);
         ExitCode::from(EXIT_RUNTIME)
     }
+}
+
+/// During an orderly stop (which can take tens of seconds: actors, the events, the handover),
+/// a further SIGINT or SIGTERM ends the process at once, exit code 130. Nothing acknowledged is
+/// lost by that (the log is crash-safe); what the stop would have done (the handover, the
+/// cursors of the batch in hand) is done by replay and the next start instead.
+async fn exit_at_second_signal() {
+    let signal = wait_for_stop().await;
+    tracing::warn!(signal, "second signal during the stop: exiting now");
+    eprintln!("strata run: {signal} during the stop: exiting now");
+    std::process::exit(EXIT_INTERRUPTED);
 }
 
 /// Waits for SIGINT or SIGTERM and names it.

@@ -698,7 +698,8 @@ pub struct SupervisionSection {
     pub input_idle_wait_ms: u64,
     /// How long a status query waits for the root supervisor's list of actors, in ms; past
     /// it the status shows the list as unknown (`actors` null, `actors_unlisted_after_ms`).
-    /// Default 2000.
+    /// Well below `strata status --timeout-ms` (2000), so that a node whose supervisor is busy
+    /// still answers in time, and is not taken for one that is down. Default 500.
     pub status_children_wait_ms: u64,
     /// Times in a row an actor's handler may fail (an error or a panic) on the same input
     /// record, each failure restarting the actor into it, before the next instance passes that
@@ -725,7 +726,7 @@ impl Default for SupervisionSection {
             events_drain_wait_ms: 5000,
             input_batch_len_max: 256,
             input_idle_wait_ms: 200,
-            status_children_wait_ms: 2000,
+            status_children_wait_ms: 500,
             input_failures_max: 2,
         }
     }

@@ -716,8 +716,8 @@ mod tests {
         // A supervisor that did not list its actors in time is shown as unknown, not as none.
         let mut unlisted = gateway;
         unlisted["actors"] = Value::Null;
-        unlisted["actors_unlisted_after_ms"] = json!(2000);
+        unlisted["actors_unlisted_after_ms"] = json!(500);
         let table = status_table(&[unlisted]);
-        assert!(table.lines().nth(1).unwrap().contains("? (no list in 2000 ms)"), "{table}");
+        assert!(table.lines().nth(1).unwrap().contains("? (no list in 500 ms)"), "{table}");
     }
 }
