@@ -7,15 +7,20 @@ TARGET_DIR := $(or $(CARGO_TARGET_DIR),target)
 # loom models build with --cfg loom, in their own target dir so nothing else rebuilds.
 LOOM_TARGET_DIR := $(TARGET_DIR)/loom
 
-.PHONY: deps build test test-rust test-loom demo release clean
+.PHONY: deps deps-build build test test-rust test-loom demo release clean
 
+# Everything the tests need (system packages, a broker, Python packages).
 deps:
-	@.ci/install-deps
+	@.ci/install-deps test
 
-build: deps
+# Only what building needs (the demo needs nothing else).
+deps-build:
+	@.ci/install-deps build
+
+build: deps-build
 	$(CARGO) build --workspace --all-targets --locked
 
-release: deps
+release: deps-build
 	$(CARGO) build --release --locked --bin strata
 
 # The whole test suite: build (timed), every Rust test (timed), the loom models (timed).
