@@ -129,6 +129,26 @@ impl ClientTls {
     fn files(&self) -> Option<strata_core::security::TlsFiles> {
         Some(strata_core::security::TlsFiles { ca: self.ca.clone()?, cert: self.cert.clone()?, key: self.key.clone()? })
     }
+
+    /// The files, checked before any link is tried (expired, from another CA, a key of another
+    /// certificate): the error names the flag and the file, where Zenoh would only say that it
+    /// cannot connect.
+    fn checked(&self) -> Result<Option<strata_core::security::TlsFiles>, String> {
+        use strata_core::security::SecurityError;
+        let Some(files) = self.files() else { return Ok(None) };
+        match strata_core::security::check_tls_files(&files, None) {
+            Ok(_) => Ok(Some(files)),
+            Err(SecurityError::File { field, path, reason }) => {
+                let flag = match field {
+                    "ca_file" => "--ca",
+                    "cert_file" => "--cert",
+                    _ => "--key",
+                };
+                Err(format!("{flag} {}: {reason}", path.display()))
+            }
+            Err(e) => Err(e.to_string()),
+        }
+    }
 }
 
 #[derive(clap::Args)]
@@ -310,6 +330,12 @@ fn run(path: &std::path::Path, format: LogFormat) -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
+    // The certificate files and the continuum's configs are configuration too: a problem with
+    // them exits 2, so that a process manager does not restart into it.
+    if let Err(e) = strata_core::security::NodeSecurity::prepare(&config) {
+        eprintln!("{}: {e}", path.display());
+        return ExitCode::from(EXIT_CONFIG);
+    }
     init_tracing(format);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
@@ -349,7 +375,14 @@ fn run(path: &std::path::Path, format: LogFormat) -> ExitCode {
 fn status(endpoint: &str, timeout_ms: u64, json: bool, tls: &ClientTls) -> ExitCode {
     let runtime = tokio::runtime::Runtime::new().expect("start the async runtime");
     let timeout = std::time::Duration::from_millis(timeout_ms);
-    let mut docs = match runtime.block_on(strata_core::bus::query_status(endpoint, tls.files().as_ref(), timeout)) {
+    let tls = match tls.checked() {
+        Ok(files) => files,
+        Err(e) => {
+            eprintln!("strata status: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let mut docs = match runtime.block_on(strata_core::bus::query_status(endpoint, tls.as_ref(), timeout)) {
         Ok(d) => d,
         Err(e) => {
             eprintln!("strata status: {e}");
@@ -371,7 +404,8 @@ fn status(endpoint: &str, timeout_ms: u64, json: bool, tls: &ClientTls) -> ExitC
 }
 
 /// `strata approve` / `strata deny`: asks every node through `connect`; the one holding the
-/// escalation resolves it and says so. Exit 0 if it was resolved by this answer, 1 otherwise.
+/// escalation resolves it and says so. Exit 0 if it is now resolved as asked (by this answer or an
+/// earlier one), 1 otherwise.
 fn resolve(r: Resolve, verdict: strata_core::node::escalate::Verdict) -> ExitCode {
     use strata_core::node::escalate::{self, Resolve as Msg};
     let name = if verdict == escalate::Verdict::Approve { "approve" } else { "deny" };
@@ -380,7 +414,14 @@ fn resolve(r: Resolve, verdict: strata_core::node::escalate::Verdict) -> ExitCod
     let runtime = tokio::runtime::Runtime::new().expect("start the async runtime");
     let timeout = std::time::Duration::from_millis(r.timeout_ms);
     let payload = serde_json::to_vec(&msg).expect("serialises");
-    let answers = match runtime.block_on(strata_core::bus::query_json(&r.connect, r.tls.files().as_ref(), escalate::RESOLVE_ALL, payload, timeout)) {
+    let tls = match r.tls.checked() {
+        Ok(files) => files,
+        Err(e) => {
+            eprintln!("strata {name}: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let answers = match runtime.block_on(strata_core::bus::query_json(&r.connect, tls.as_ref(), escalate::RESOLVE_ALL, payload, timeout)) {
         Ok(a) => a,
         Err(e) => {
             eprintln!("strata {name}: {e}");
@@ -388,7 +429,11 @@ fn resolve(r: Resolve, verdict: strata_core::node::escalate::Verdict) -> ExitCod
         }
     };
     let Some(answer) = answers.first() else {
-        eprintln!("strata {name}: no node reachable through {} holds escalation {:?} (waited {} ms)", r.connect, r.id, r.timeout_ms);
+        eprintln!(
+            "strata {name}: no answer through {} within {} ms: no node reachable there holds escalation {:?}, or its answer came too late \
+             (if so it was recorded; `strata status` lists what is still pending)",
+            r.connect, r.timeout_ms, r.id
+        );
         return ExitCode::from(EXIT_RUNTIME);
     };
     if let Some(e) = answer["error"].as_str() {
@@ -396,8 +441,13 @@ fn resolve(r: Resolve, verdict: strata_core::node::escalate::Verdict) -> ExitCod
         return ExitCode::from(EXIT_RUNTIME);
     }
     let (node, outcome, action) = (answer["node"].as_str().unwrap_or("?"), answer["outcome"].as_str().unwrap_or("?"), answer["action"].as_str().unwrap_or("?"));
+    let asked = if verdict == escalate::Verdict::Approve { "approved" } else { "denied" };
     if answer["now"].as_bool() == Some(true) {
         println!("{node}: escalation {} {outcome}; action {action}", r.id);
+        ExitCode::SUCCESS
+    } else if outcome == asked {
+        // Asked again (a retry after a lost answer, say): what was asked for holds.
+        println!("{node}: escalation {} was already {outcome}; action {action}", r.id);
         ExitCode::SUCCESS
     } else {
         eprintln!("strata {name}: {node}: escalation {} was already resolved: {outcome}, action {action}", r.id);

@@ -73,14 +73,20 @@ impl Proxy {
             let (cut, generation, connections, delay_us) = (cut.clone(), generation.clone(), connections.clone(), delay_us.clone());
             tokio::spawn(async move {
                 loop {
-                    let Ok((inbound, _)) = listener.accept().await else { continue };
+                    let Ok((inbound, _)) = listener.accept().await else {
+                        // Out of file descriptors, say: not a busy loop.
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    };
+                    // The generation first, then the cut: a cut between the two still ends
+                    // this connection (it bumps the generation after setting the cut).
+                    let mut gen = generation.subscribe();
+                    let born = *gen.borrow_and_update();
                     if cut.load(Ordering::SeqCst) {
                         drop(inbound);
                         continue;
                     }
                     connections.fetch_add(1, Ordering::Relaxed);
-                    let mut gen = generation.subscribe();
-                    let born = *gen.borrow_and_update();
                     let delay_us = delay_us.clone();
                     tokio::spawn(async move {
                         let Ok(outbound) = TcpStream::connect(target).await else { return };

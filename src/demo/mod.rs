@@ -124,9 +124,28 @@ impl Proc {
     fn start(&mut self) -> std::io::Result<()> {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log)?;
         let exe = std::env::current_exe()?;
-        let child = Command::new(exe).arg("run").arg(&self.config).env("RUST_LOG", "info,zenoh=warn").stdout(Stdio::null()).stderr(log).spawn()?;
-        self.child = Some(child);
+        let mut command = Command::new(exe);
+        command.arg("run").arg(&self.config).env("RUST_LOG", "info,zenoh=warn").stdout(Stdio::null()).stderr(log);
+        // The node dies with the demo, however the demo ends (even `kill -9`): no node left
+        // writing into /tmp and holding its ports. (Started from the demo's main thread,
+        // which lives as long as the demo.)
+        use std::os::unix::process::CommandExt;
+        // SAFETY: prctl is async-signal-safe, and nothing else runs between fork and exec.
+        unsafe {
+            command.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        self.child = Some(command.spawn()?);
         Ok(())
+    }
+
+    /// The exit status if the node has exited.
+    fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.as_mut().and_then(|c| c.try_wait().ok().flatten())
     }
 
     fn kill9(&mut self) {
@@ -235,19 +254,51 @@ pub fn run(args: DemoArgs) -> ExitCode {
         return ExitCode::from(2);
     }
     let runtime = tokio::runtime::Runtime::new().expect("start the async runtime");
-    match runtime.block_on(demo(&args)) {
-        Ok(true) => ExitCode::SUCCESS,
-        Ok(false) => ExitCode::from(1),
-        Err(e) => {
+    let dir = std::env::temp_dir().join(format!("strata-demo-{}-{}", std::process::id(), unix_ms()));
+    let outcome = runtime.block_on(async {
+        tokio::select! {
+            outcome = demo(&args, &dir) => Some(outcome),
+            signal = interrupted() => {
+                eprintln!("\nstrata demo: {signal}: stopping the nodes");
+                None
+            }
+        }
+    });
+    // The demo's future is dropped by now, and with it its nodes (killed).
+    match outcome {
+        Some(Ok(true)) => ExitCode::SUCCESS,
+        Some(Ok(false)) => ExitCode::from(1),
+        Some(Err(e)) => {
             eprintln!("\nstrata demo: {e:#}");
             ExitCode::from(1)
+        }
+        None => {
+            if args.keep {
+                eprintln!("stores and node logs kept in {}", dir.display());
+            } else {
+                let _ = std::fs::remove_dir_all(&dir);
+            }
+            ExitCode::from(130)
         }
     }
 }
 
-async fn demo(args: &DemoArgs) -> anyhow::Result<bool> {
+/// Waits for SIGINT, SIGTERM or SIGHUP and names it.
+async fn interrupted() -> &'static str {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut int), Ok(mut term), Ok(mut hup)) = (signal(SignalKind::interrupt()), signal(SignalKind::terminate()), signal(SignalKind::hangup())) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = int.recv() => "SIGINT",
+        _ = term.recv() => "SIGTERM",
+        _ = hup.recv() => "SIGHUP",
+    }
+}
+
+async fn demo(args: &DemoArgs, dir: &Path) -> anyhow::Result<bool> {
     use anyhow::Context;
-    let dir = std::env::temp_dir().join(format!("strata-demo-{}-{}", std::process::id(), unix_ms()));
+    let dir = dir.to_path_buf();
     std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
     let port = strata_core::ports::free_loopback_port;
     let ports = [port()?, port()?, port()?];
@@ -282,6 +333,9 @@ async fn demo(args: &DemoArgs) -> anyhow::Result<bool> {
         };
         if doc.as_ref().is_some_and(|d| d["mode"] == "full") && trusted("cloud-1") && trusted("fog-1") {
             break;
+        }
+        if let Some((id, log, status)) = procs.iter_mut().find_map(|p| p.exited().map(|s| (p.id, p.log.clone(), s))) {
+            anyhow::bail!("{id} exited at start ({status}); its log: {}", log.display());
         }
         if t0.elapsed() > Duration::from_secs(60) {
             anyhow::bail!("the continuum did not come up within 60 s; node logs are in {}", dir.display());

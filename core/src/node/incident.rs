@@ -75,7 +75,8 @@ impl Incidents {
             Event::ChildExited { supervisor, child, failed: true, reason } => self.open(
                 format!("actor:{child}"),
                 format!("actor {child} failed: {reason}"),
-                format!("supervisor {supervisor} restarts it per its policy"),
+                // A temporary actor is not restarted: its incident stays open (it is gone).
+                format!("supervisor {supervisor} restarts it per its policy (a temporary actor is not restarted; the incident then stays open)"),
                 now_unix_ms,
             ),
             Event::ChildStarted { child, restarts, .. } if *restarts > 0 => {

@@ -81,7 +81,7 @@ impl NodeSecurity {
             Ok(path)
         };
         let tls = TlsFiles { ca: file("ca_file", &s.ca_file)?, cert: file("cert_file", &s.cert_file)?, key: file("key_file", &s.key_file)? };
-        let cert = check_tls_files(&tls, config.node.id.as_str())?;
+        let cert = check_tls_files(&tls, Some(config.node.id.as_str()))?;
         let continuum = load_continuum(&s.continuum).map_err(SecurityError::Continuum)?;
         let me =
             continuum.nodes.iter().position(|(_, c)| c.node.id == config.node.id).ok_or_else(|| SecurityError::NotInContinuum(config.node.id.to_string()))?;
@@ -184,14 +184,15 @@ pub fn cert_common_name(path: &Path) -> Result<String, String> {
 /// Certificates expiring within this many days are warned about at start.
 const EXPIRY_WARNING_DAYS: i64 = 30;
 
-/// Checks a node's TLS files as far as can be done before a link is opened: both
-/// certificates valid now, the node's certificate issued by the CA (by name) to `node` (its
-/// common name), and the key a PEM private key of that certificate. Each failure names the
+/// Checks a node's (or, with `node` `None`, a client's) TLS files as far as can be done
+/// before a link is opened: both certificates valid now, the certificate signed by the CA's
+/// key and issued to `node` (its common name), and the key a PEM private key of that
+/// certificate. Each failure names the
 /// field, the file and the problem; without these checks an expired or mismatched file
 /// leaves the node isolated, with the reason only at Zenoh's debug level. A key other users
 /// can read, and a certificate expiring soon, are warned about. Returns the node
 /// certificate's facts.
-pub fn check_tls_files(tls: &TlsFiles, node: &str) -> Result<CertFacts, SecurityError> {
+pub fn check_tls_files(tls: &TlsFiles, node: Option<&str>) -> Result<CertFacts, SecurityError> {
     let err = |field: &'static str, path: &Path, reason: String| SecurityError::File { field, path: path.to_owned(), reason };
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
     let ca = cert_facts(&tls.ca).map_err(|r| err("ca_file", &tls.ca, r))?;
@@ -208,7 +209,7 @@ pub fn check_tls_files(tls: &TlsFiles, node: &str) -> Result<CertFacts, Security
             tracing::warn!(field, path = %path.display(), expires = facts.not_after_text, days_left, "a certificate expires soon");
         }
     }
-    if cert.common_name != node {
+    if let Some(node) = node.filter(|n| cert.common_name != *n) {
         return Err(err("cert_file", &tls.cert, format!("its common name is {:?}, not this node's id {node:?}", cert.common_name)));
     }
     let not_issued = || err("cert_file", &tls.cert, format!("was not issued by the CA in {} ({:?})", tls.ca.display(), ca.common_name));
@@ -472,9 +473,9 @@ mod tests {
         certs::init(d, 30).unwrap();
         certs::issue(d, &["edge-1".into(), "fog-1".into()], &[], 10).unwrap();
         let files = |cert: &str, key: &str| TlsFiles { ca: d.join("ca.pem"), cert: d.join(cert), key: d.join(key) };
-        let facts = check_tls_files(&files("edge-1.pem", "edge-1.key"), "edge-1").unwrap();
+        let facts = check_tls_files(&files("edge-1.pem", "edge-1.key"), Some("edge-1")).unwrap();
         assert_eq!(facts.common_name, "edge-1");
-        let problem = |tls: TlsFiles, node: &str| check_tls_files(&tls, node).unwrap_err().to_string();
+        let problem = |tls: TlsFiles, node: &str| check_tls_files(&tls, Some(node)).unwrap_err().to_string();
 
         let e = problem(files("edge-1.pem", "edge-1.key"), "edge-2");
         assert!(e.starts_with("security.cert_file") && e.contains("not this node's id \"edge-2\""), "{e}");

@@ -44,6 +44,27 @@ fn usage_error_exits_2() {
     assert_eq!(strata(&["frobnicate"]).status.code(), Some(2));
 }
 
+/// A client's TLS files are checked before any link is tried: the error names the flag and
+/// the file (Zenoh itself would only say it cannot connect), and it is a usage error.
+#[test]
+fn client_tls_files_are_checked_and_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    assert!(strata(&["certs", "init", d.to_str().unwrap(), "--days", "30"]).status.success());
+    assert!(strata(&["certs", "issue", d.to_str().unwrap(), "ops", "edge-1", "--days", "10"]).status.success());
+    let path = |f: &str| d.join(f).to_str().unwrap().to_owned();
+    let status =
+        |cert: &str, key: &str| strata(&["status", "--connect", "quic/127.0.0.1:9", "--ca", &path("ca.pem"), "--cert", &path(cert), "--key", &path(key)]);
+    let out = status("ops.pem", "edge-1.key");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("--key") && err.contains("edge-1.key") && err.contains("is not the key of"), "{err}");
+    let out = status("ops.pem", "missing.key");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("--key") && err.contains("missing.key"), "{err}");
+}
+
 #[test]
 fn example_continuum_checks() {
     check(&["configs/edge.toml", "configs/fog.toml", "configs/cloud.toml"], 0, "path edge -> fog -> cloud: edge-1 -> fog-1 -> cloud-1");
