@@ -136,6 +136,7 @@ impl ClientTls {
     fn checked(&self) -> Result<Option<strata_core::security::TlsFiles>, String> {
         use strata_core::security::SecurityError;
         let Some(files) = self.files() else { return Ok(None) };
+        init_cli_warnings();
         match strata_core::security::check_tls_files(&files, None) {
             Ok(_) => Ok(Some(files)),
             Err(SecurityError::File { field, path, reason }) => {
@@ -221,7 +222,10 @@ const TAIL_BATCH_LEN: usize = 512;
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Check { configs } => check(configs),
+        Command::Check { configs } => {
+            init_cli_warnings();
+            check(configs)
+        }
         Command::Run { config, log_format } => run(&config, log_format),
         Command::Status { connect, timeout_ms, json, tls } => status(&connect, timeout_ms, json, &tls),
         Command::Demo(args) => demo::run(args),
@@ -298,6 +302,14 @@ fn init_tracing(format: LogFormat) {
     }
 }
 
+/// For the commands other than `run`: Strata's own warnings (a certificate expiring soon, a
+/// key others can read) on stderr, nothing else.
+fn init_cli_warnings() {
+    let filter = tracing_subscriber::EnvFilter::new("off,strata=warn,strata_core=warn");
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi).without_time().with_target(false).try_init();
+}
+
 /// The actor kinds of the `strata` binary: the standard kinds and the device bridges.
 fn registry() -> strata_core::Registry {
     let mut r = strata_actors::registry();
@@ -330,12 +342,6 @@ fn run(path: &std::path::Path, format: LogFormat) -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    // The certificate files and the continuum's configs are configuration too: a problem with
-    // them exits 2, so that a process manager does not restart into it.
-    if let Err(e) = strata_core::security::NodeSecurity::prepare(&config) {
-        eprintln!("{}: {e}", path.display());
-        return ExitCode::from(EXIT_CONFIG);
-    }
     init_tracing(format);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
@@ -349,8 +355,11 @@ fn run(path: &std::path::Path, format: LogFormat) -> ExitCode {
             Ok(n) => n,
             Err(e) => {
                 tracing::error!(error = %e, "node failed to start");
-                eprintln!("strata run: {e}");
-                return ExitCode::from(EXIT_RUNTIME);
+                eprintln!("strata run: {}: {e}", path.display());
+                // The certificate files and the continuum's configs are configuration too: a
+                // problem with them exits 2, so that a process manager does not restart into it.
+                let config_problem = matches!(e, strata_core::node::NodeError::Security(_));
+                return ExitCode::from(if config_problem { EXIT_CONFIG } else { EXIT_RUNTIME });
             }
         };
         tokio::select! {

@@ -137,92 +137,124 @@ pub fn digest(acl: &Value) -> String {
     format!("{h:016x}")
 }
 
-/// What a node checks of a certificate (the first in a PEM file) at start.
+/// What a node checks of a certificate at start.
 #[derive(Debug, Clone)]
 pub struct CertFacts {
-    pub common_name: String,
+    /// The subject's common name, if it has one.
+    pub common_name: Option<String>,
     /// Validity, in seconds since 1970 (UTC), and as printed.
     pub not_before: i64,
     pub not_after: i64,
     pub not_after_text: String,
-    issuer: Vec<u8>,
-    subject: Vec<u8>,
     /// The subject public key's bytes.
     public_key: Vec<u8>,
 }
 
-/// The DER bytes of the first certificate of a PEM file.
-fn first_cert_der(path: &Path) -> Result<Vec<u8>, String> {
+/// The DER bytes of every certificate of a PEM file, in order (at least one).
+fn cert_ders(path: &Path) -> Result<Vec<Vec<u8>>, String> {
     let pem = std::fs::read(path).map_err(|e| e.to_string())?;
-    let der = rustls_pemfile::certs(&mut pem.as_slice()).next().ok_or("no PEM certificate in it")?.map_err(|e| format!("not a PEM certificate: {e}"))?;
-    Ok(der.to_vec())
+    let ders: Vec<Vec<u8>> = rustls_pemfile::certs(&mut pem.as_slice())
+        .map(|c| c.map(|c| c.to_vec()))
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("not a PEM certificate: {e}"))?;
+    if ders.is_empty() {
+        return Err("no PEM certificate in it".into());
+    }
+    Ok(ders)
+}
+
+fn parse(der: &[u8]) -> Result<x509_parser::certificate::X509Certificate<'_>, String> {
+    x509_parser::parse_x509_certificate(der).map(|(_, c)| c).map_err(|e| format!("not an X.509 certificate: {e}"))
+}
+
+fn facts_of(cert: &x509_parser::certificate::X509Certificate<'_>) -> CertFacts {
+    let validity = cert.validity();
+    CertFacts {
+        common_name: cert.subject().iter_common_name().next().and_then(|cn| cn.as_str().ok()).map(str::to_owned),
+        not_before: validity.not_before.timestamp(),
+        not_after: validity.not_after.timestamp(),
+        not_after_text: validity.not_after.to_string(),
+        public_key: cert.public_key().subject_public_key.data.to_vec(),
+    }
 }
 
 /// Reads the first certificate of a PEM file.
 pub fn cert_facts(path: &Path) -> Result<CertFacts, String> {
-    let der = first_cert_der(path)?;
-    let (_, cert) = x509_parser::parse_x509_certificate(&der).map_err(|e| format!("not an X.509 certificate: {e}"))?;
-    let cn = cert.subject().iter_common_name().next().ok_or("its subject has no common name")?;
-    let common_name = cn.as_str().map(str::to_owned).map_err(|e| format!("its common name is not text: {e}"))?;
-    let validity = cert.validity();
-    Ok(CertFacts {
-        common_name,
-        not_before: validity.not_before.timestamp(),
-        not_after: validity.not_after.timestamp(),
-        not_after_text: validity.not_after.to_string(),
-        issuer: cert.issuer().as_raw().to_vec(),
-        subject: cert.subject().as_raw().to_vec(),
-        public_key: cert.public_key().subject_public_key.data.to_vec(),
-    })
+    Ok(facts_of(&parse(&cert_ders(path)?[0])?))
 }
 
 /// The common name of the first certificate in a PEM file.
 pub fn cert_common_name(path: &Path) -> Result<String, String> {
-    cert_facts(path).map(|f| f.common_name)
+    cert_facts(path)?.common_name.ok_or_else(|| "its subject has no common name".into())
+}
+
+/// Whether `issuer` issued `cert`: its subject is the certificate's issuer and its key signed
+/// the certificate.
+fn issued(issuer: &x509_parser::certificate::X509Certificate<'_>, cert: &x509_parser::certificate::X509Certificate<'_>) -> bool {
+    issuer.subject().as_raw() == cert.issuer().as_raw() && cert.verify_signature(Some(issuer.public_key())).is_ok()
 }
 
 /// Certificates expiring within this many days are warned about at start.
 const EXPIRY_WARNING_DAYS: i64 = 30;
 
 /// Checks a node's (or, with `node` `None`, a client's) TLS files as far as can be done
-/// before a link is opened: both certificates valid now, the certificate signed by the CA's
-/// key and issued to `node` (its common name), and the key a PEM private key of that
-/// certificate. Each failure names the
-/// field, the file and the problem; without these checks an expired or mismatched file
-/// leaves the node isolated, with the reason only at Zenoh's debug level. A key other users
-/// can read, and a certificate expiring soon, are warned about. Returns the node
-/// certificate's facts.
+/// before a link is opened, as the TLS handshake will judge them:
+///
+/// - `cert_file`: the node's certificate first, then any intermediates; each valid now, the
+///   first issued to `node` (its common name), each issued by the next, the last by one of
+///   the CAs in `ca_file` (a bundle during a rotation is fine);
+/// - `key_file`: a PEM private key of the first certificate.
+///
+/// Each failure names the field, the file and the problem; without these checks an expired
+/// or mismatched file leaves the node isolated, with the reason only at Zenoh's debug level.
+/// A CA expired or expiring (the handshake does not judge the CA's own dates), a
+/// certificate expiring within 30 days, and a key other users can read are warned about.
+/// Returns the node certificate's facts.
 pub fn check_tls_files(tls: &TlsFiles, node: Option<&str>) -> Result<CertFacts, SecurityError> {
     let err = |field: &'static str, path: &Path, reason: String| SecurityError::File { field, path: path.to_owned(), reason };
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
-    let ca = cert_facts(&tls.ca).map_err(|r| err("ca_file", &tls.ca, r))?;
-    let cert = cert_facts(&tls.cert).map_err(|r| err("cert_file", &tls.cert, r))?;
-    for (field, path, facts) in [("ca_file", &tls.ca, &ca), ("cert_file", &tls.cert, &cert)] {
+    let anchor_ders = cert_ders(&tls.ca).map_err(|r| err("ca_file", &tls.ca, r))?;
+    let anchors = anchor_ders.iter().map(|d| parse(d)).collect::<Result<Vec<_>, _>>().map_err(|r| err("ca_file", &tls.ca, r))?;
+    let chain_ders = cert_ders(&tls.cert).map_err(|r| err("cert_file", &tls.cert, r))?;
+    let chain = chain_ders.iter().map(|d| parse(d)).collect::<Result<Vec<_>, _>>().map_err(|r| err("cert_file", &tls.cert, r))?;
+    let expiring = |field: &'static str, path: &Path, facts: &CertFacts| {
+        let days_left = (facts.not_after - now).div_euclid(86_400);
+        if days_left < EXPIRY_WARNING_DAYS {
+            tracing::warn!(field, path = %path.display(), subject = facts.common_name.as_deref().unwrap_or("?"), expires = facts.not_after_text, days_left, "a certificate expires soon (or has)");
+        }
+    };
+    for (i, cert) in chain.iter().enumerate() {
+        let facts = facts_of(cert);
+        let which =
+            if i == 0 { "the certificate".to_owned() } else { format!("certificate {} in it ({:?})", i + 1, facts.common_name.as_deref().unwrap_or("?")) };
         if facts.not_after <= now {
-            return Err(err(field, path, format!("the certificate expired on {}", facts.not_after_text)));
+            return Err(err("cert_file", &tls.cert, format!("{which} expired on {}", facts.not_after_text)));
         }
         if facts.not_before > now {
-            return Err(err(field, path, "the certificate is not valid yet (is this machine's clock right?)".into()));
+            return Err(err("cert_file", &tls.cert, format!("{which} is not valid yet (is this machine's clock right?)")));
         }
-        let days_left = (facts.not_after - now) / 86_400;
-        if days_left < EXPIRY_WARNING_DAYS {
-            tracing::warn!(field, path = %path.display(), expires = facts.not_after_text, days_left, "a certificate expires soon");
+        expiring("cert_file", &tls.cert, &facts);
+    }
+    let leaf = facts_of(&chain[0]);
+    if let Some(node) = node.filter(|n| leaf.common_name.as_deref() != Some(*n)) {
+        return Err(err("cert_file", &tls.cert, format!("its common name is {:?}, not this node's id {node:?}", leaf.common_name.as_deref().unwrap_or(""))));
+    }
+    // Up the chain until a CA of `ca_file` issued one (or is one).
+    let mut anchor = None;
+    for (i, cert) in chain.iter().enumerate() {
+        if let Some(a) = anchors.iter().zip(&anchor_ders).find(|(a, der)| *der == &chain_ders[i] || issued(a, cert)) {
+            anchor = Some(a.0);
+            break;
+        }
+        if !chain.get(i + 1).is_some_and(|next| issued(next, cert)) {
+            let names: Vec<&str> = anchors.iter().map(|a| a.subject().iter_common_name().next().and_then(|c| c.as_str().ok()).unwrap_or("?")).collect();
+            let what =
+                if i == 0 { "was not issued by a CA in".to_owned() } else { format!("leads to a certificate not issued by a CA in (at {} in it)", i + 1) };
+            return Err(err("cert_file", &tls.cert, format!("{what} {} ({names:?})", tls.ca.display())));
         }
     }
-    if let Some(node) = node.filter(|n| cert.common_name != *n) {
-        return Err(err("cert_file", &tls.cert, format!("its common name is {:?}, not this node's id {node:?}", cert.common_name)));
-    }
-    let not_issued = || err("cert_file", &tls.cert, format!("was not issued by the CA in {} ({:?})", tls.ca.display(), ca.common_name));
-    if cert.issuer != ca.subject {
-        return Err(not_issued());
-    }
-    // Same name is not enough (two CAs made alike): the CA's key must have signed it.
-    let (ca_der, cert_der) =
-        (first_cert_der(&tls.ca).map_err(|r| err("ca_file", &tls.ca, r))?, first_cert_der(&tls.cert).map_err(|r| err("cert_file", &tls.cert, r))?);
-    let parsed = x509_parser::parse_x509_certificate(&ca_der).and_then(|(_, ca)| Ok((ca, x509_parser::parse_x509_certificate(&cert_der)?.1)));
-    let (ca_cert, node_cert) = parsed.map_err(|e| err("cert_file", &tls.cert, format!("not an X.509 certificate: {e}")))?;
-    if node_cert.verify_signature(Some(ca_cert.public_key())).is_err() {
-        return Err(not_issued());
+    if let Some(anchor) = anchor {
+        expiring("ca_file", &tls.ca, &facts_of(anchor));
     }
     let key_pem = std::fs::read_to_string(&tls.key).map_err(|e| err("key_file", &tls.key, e.to_string()))?;
     if !matches!(rustls_pemfile::private_key(&mut key_pem.as_bytes()), Ok(Some(_))) {
@@ -230,7 +262,7 @@ pub fn check_tls_files(tls: &TlsFiles, node: Option<&str>) -> Result<CertFacts, 
     }
     // Key types rcgen cannot read are left to the TLS handshake.
     if let Ok(key) = rcgen::KeyPair::from_pem(&key_pem) {
-        if key.public_key_raw() != cert.public_key.as_slice() {
+        if key.public_key_raw() != leaf.public_key.as_slice() {
             return Err(err("key_file", &tls.key, format!("is not the key of {}", tls.cert.display())));
         }
     }
@@ -241,7 +273,7 @@ pub fn check_tls_files(tls: &TlsFiles, node: Option<&str>) -> Result<CertFacts, 
             tracing::warn!(path = %tls.key.display(), mode = format!("{mode:o}"), "security.key_file can be read by other users; chmod 600 it");
         }
     }
-    Ok(cert)
+    Ok(leaf)
 }
 
 /// What one node does on the bus, as key expressions.
@@ -474,7 +506,7 @@ mod tests {
         certs::issue(d, &["edge-1".into(), "fog-1".into()], &[], 10).unwrap();
         let files = |cert: &str, key: &str| TlsFiles { ca: d.join("ca.pem"), cert: d.join(cert), key: d.join(key) };
         let facts = check_tls_files(&files("edge-1.pem", "edge-1.key"), Some("edge-1")).unwrap();
-        assert_eq!(facts.common_name, "edge-1");
+        assert_eq!(facts.common_name.as_deref(), Some("edge-1"));
         let problem = |tls: TlsFiles, node: &str| check_tls_files(&tls, Some(node)).unwrap_err().to_string();
 
         let e = problem(files("edge-1.pem", "edge-1.key"), "edge-2");
@@ -489,13 +521,59 @@ mod tests {
         certs::init(other.path(), 30).unwrap();
         certs::issue(other.path(), &["edge-1".into()], &[], 10).unwrap();
         let e = problem(TlsFiles { ca: d.join("ca.pem"), cert: other.path().join("edge-1.pem"), key: other.path().join("edge-1.key") }, "edge-1");
-        assert!(e.starts_with("security.cert_file") && e.contains("was not issued by the CA in"), "{e}");
+        assert!(e.starts_with("security.cert_file") && e.contains("was not issued by a CA in"), "{e}");
 
         // Expired last year.
         let today = (std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() / 86_400) as i64;
         certs::issue_between(d, &["old".into()], &[], today - 400, today - 35, 365).unwrap();
         let e = problem(files("old.pem", "old.key"), "old");
         assert!(e.starts_with("security.cert_file") && e.contains("old.pem") && e.contains("the certificate expired on"), "{e}");
+    }
+
+    /// Real PKIs: a CA bundle in `ca_file` (a rotation: the certificate is from the second),
+    /// and an intermediate CA (`cert_file` holds the node's certificate, then the
+    /// intermediate; `ca_file` the root) are taken, as the TLS handshake takes them; an
+    /// intermediate left out is not.
+    #[test]
+    fn ca_bundles_and_intermediate_cas_are_taken() {
+        use rcgen::{BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, Issuer, KeyPair};
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        // A bundle: another CA first, then the one that issued edge-1.
+        let (old, new) = (d.join("old"), d.join("new"));
+        certs::init(&old, 30).unwrap();
+        certs::init(&new, 30).unwrap();
+        certs::issue(&new, &["edge-1".into()], &[], 10).unwrap();
+        let bundle = d.join("bundle.pem");
+        let text = |p: &std::path::Path| std::fs::read_to_string(p).unwrap();
+        std::fs::write(&bundle, text(&old.join("ca.pem")) + &text(&new.join("ca.pem"))).unwrap();
+        check_tls_files(&TlsFiles { ca: bundle, cert: new.join("edge-1.pem"), key: new.join("edge-1.key") }, Some("edge-1")).unwrap();
+
+        // root -> intermediate -> edge-2.
+        let ca = |name: &str| {
+            let mut p = CertificateParams::default();
+            let mut dn = DistinguishedName::new();
+            dn.push(DnType::CommonName, name);
+            p.distinguished_name = dn;
+            p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            p
+        };
+        let root_key = KeyPair::generate().unwrap();
+        let root = ca("Root").self_signed(&root_key).unwrap();
+        let mid_key = KeyPair::generate().unwrap();
+        let mid = ca("Intermediate").signed_by(&mid_key, &Issuer::new(ca("Root"), &root_key)).unwrap();
+        let leaf_key = KeyPair::generate().unwrap();
+        let mut leaf_params = CertificateParams::new(vec!["edge-2".to_owned()]).unwrap();
+        leaf_params.distinguished_name.push(DnType::CommonName, "edge-2");
+        let leaf = leaf_params.signed_by(&leaf_key, &Issuer::new(ca("Intermediate"), &mid_key)).unwrap();
+        std::fs::write(d.join("root.pem"), root.pem()).unwrap();
+        std::fs::write(d.join("chain.pem"), leaf.pem() + &mid.pem()).unwrap();
+        std::fs::write(d.join("leaf.pem"), leaf.pem()).unwrap();
+        std::fs::write(d.join("leaf.key"), leaf_key.serialize_pem()).unwrap();
+        let files = |cert: &str| TlsFiles { ca: d.join("root.pem"), cert: d.join(cert), key: d.join("leaf.key") };
+        check_tls_files(&files("chain.pem"), Some("edge-2")).unwrap();
+        let e = check_tls_files(&files("leaf.pem"), Some("edge-2")).unwrap_err().to_string();
+        assert!(e.contains("was not issued by a CA in") && e.contains("Root"), "{e}");
     }
 
     #[test]

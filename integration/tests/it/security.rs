@@ -513,7 +513,7 @@ fn a_node_whose_certificate_names_another_node_does_not_start() {
         std::fs::write(d.join(format!("{id}.toml")), text.replace("{data_dir}", d.join(format!("{id}-data")).to_str().unwrap())).unwrap();
     }
     let (code, _, err) = strata(d, &["run", "edge-1.toml"]);
-    assert_eq!(code, 1, "{err}");
+    assert_eq!(code, 2, "a configuration problem: {err}");
     assert!(err.contains("fog-1.pem: its common name is \"fog-1\", not this node's id \"edge-1\""), "{err}");
     report!("strata run with another node's certificate: exit {code}: {}", err.lines().last().unwrap_or(""));
     // `strata check` says the same before anything runs; the fog's files are fine, the
