@@ -1,5 +1,6 @@
 //! `strata`: the command line of a Strata node. Thin: it parses arguments and calls into
-//! `strata-core`. Exit codes: 0 ok, 2 usage or config error, 1 runtime failure.
+//! `strata-core`. Exit codes: 0 ok, 2 usage or config error, 1 runtime failure, 130 a
+//! signal cut `strata run`'s orderly stop (or `strata demo`) short.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -29,7 +30,8 @@ enum Command {
         #[arg(required = true)]
         configs: Vec<PathBuf>,
     },
-    /// Run a node from its config until SIGINT or SIGTERM (then shut down in order, exit 0).
+    /// Run a node from its config until SIGINT or SIGTERM (then shut down in order, exit 0;
+    /// a second signal during that stop exits at once, 130).
     Run {
         /// The node's config file (TOML).
         config: PathBuf,
@@ -252,7 +254,14 @@ fn certs(result: Result<Vec<PathBuf>, strata_core::security::certs::CertError>) 
         }
         Err(e) => {
             eprintln!("strata certs: {e}");
-            ExitCode::from(EXIT_RUNTIME)
+            // What was asked for cannot be (a bad name or --days): a usage error.
+            let usage = matches!(
+                e,
+                strata_core::security::certs::CertError::BadName(_)
+                    | strata_core::security::certs::CertError::NoDays(_)
+                    | strata_core::security::certs::CertError::OutlivesCa { .. }
+            );
+            ExitCode::from(if usage { EXIT_CONFIG } else { EXIT_RUNTIME })
         }
     }
 }
@@ -357,7 +366,8 @@ fn run(path: &std::path::Path, format: LogFormat) -> ExitCode {
                 tracing::error!(error = %e, "node failed to start");
                 eprintln!("strata run: {}: {e}", path.display());
                 // The certificate files and the continuum's configs are configuration too: a
-                // problem with them exits 2, so that a process manager does not restart into it.
+                // problem with them exits 2 (with systemd, `RestartPreventExitStatus=2` then
+                // keeps it from restarting into it).
                 let config_problem = matches!(e, strata_core::node::NodeError::Security(_));
                 return ExitCode::from(if config_problem { EXIT_CONFIG } else { EXIT_RUNTIME });
             }

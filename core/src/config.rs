@@ -707,8 +707,8 @@ pub struct SupervisionSection {
     /// fault: a connection that ended) does not count. 0: never pass it (the actor is
     /// restarted into it until its supervisor gives up). Each failure is a restart, counted
     /// in `restarts_max` with every other restart of the node's actors: with the defaults,
-    /// two such records in one `restart_window_ms` are passed, a third gives up. At most
-    /// `restarts_max`. Default 2 (one retry after a fresh start).
+    /// two such records in one `restart_window_ms` are passed, a third gives up. A value above
+    /// `restarts_max` is taken as `restarts_max`. Default 2 (one retry after a fresh start).
     pub input_failures_max: u32,
 }
 
@@ -1154,15 +1154,6 @@ impl NodeConfig {
         if s.backoff_jitter_pct > 100 {
             bad("supervision.backoff_jitter_pct", format!("{} is more than 100", s.backoff_jitter_pct));
         }
-        if s.input_failures_max > s.restarts_max {
-            bad(
-                "supervision.input_failures_max",
-                format!(
-                    "{} is more than restarts_max ({}): the supervisor would give up on an actor failing on one input before the input is passed over",
-                    s.input_failures_max, s.restarts_max
-                ),
-            );
-        }
         let span = crate::supervise::policy::backoff_span(&crate::supervise::policy::Policy::from_config(s));
         if span >= std::time::Duration::from_millis(s.restart_window_ms) {
             bad(
@@ -1492,12 +1483,9 @@ mod tests {
             Err("supervision.restart_window_ms: 10000 is not longer than the 13620 ms the backoff can spread restarts_max (8) restarts over"),
         );
         check(&format!("{MINIMAL}[supervision]\nrestarts_max = 8\nrestart_window_ms = 14000\n"), Ok(()));
-        check(
-            &format!("{MINIMAL}[supervision]\nrestarts_max = 1\n"),
-            Err("supervision.input_failures_max: 2 is more than restarts_max (1): the supervisor would give up on an actor failing on one input before the input is passed over"),
-        );
-        check(&format!("{MINIMAL}[supervision]\nrestarts_max = 1\ninput_failures_max = 1\n"), Ok(()));
-        check(&format!("{MINIMAL}[supervision]\nrestarts_max = 0\ninput_failures_max = 0\n"), Ok(()));
+        // input_failures_max above restarts_max is taken as restarts_max (not refused: a
+        // config of restarts_max 1 that worked before the key existed still does).
+        check(&format!("{MINIMAL}[supervision]\nrestarts_max = 1\n"), Ok(()));
         check(
             &format!("{MINIMAL}[[actors]]\nkind = \"sensor\"\nname = \"escalation-desk\"\n"),
             Err("actors[0].name: \"escalation-desk\" is the node's escalation desk's name; choose another"),

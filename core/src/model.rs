@@ -373,7 +373,8 @@ impl fmt::Display for HlcTime {
     }
 }
 
-/// An instant on this node's monotonic clock, in microseconds since the clock's start.
+/// An instant on this node's monotonic clock, in microseconds on it (a clock starts at
+/// [`MonoClock::START`]; only differences mean anything).
 /// Never leaves the node: see [`Deadline`] for how time crosses the wire.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 pub struct MonoTime(u64);

@@ -596,7 +596,9 @@ impl<B: Behaviour> HostState<B> {
                 continue;
             }
             self.at_gap.remove(&key);
-            let failures_max = self.ctx.config.supervision.input_failures_max;
+            // Above restarts_max, the supervisor would give up before the pass.
+            let sv = &self.ctx.config.supervision;
+            let failures_max = sv.input_failures_max.min(sv.restarts_max);
             let mut last = cursor;
             let mut passed = None;
             for envelope in &batch {

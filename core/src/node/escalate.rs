@@ -130,10 +130,13 @@ impl Desk {
         let cursor = log.register_consumer(&consumer, &key).await?;
         let snap_key = log.local_key(&snapshot_stream(&consumer));
         let snapshot = match log.stream(&snap_key) {
-            Some(info) if info.last > 0 => log
-                .read(&snap_key, info.last, 1)
-                .map_err(|e| e.to_string())
-                .and_then(|mut read| read.pop().map(|e| serde_json::from_slice::<Snapshot>(&e.payload).map_err(|e| e.to_string())).transpose()),
+            Some(info) if info.last > 0 => match log.read(&snap_key, info.last, 1) {
+                Ok(mut read) => read.pop().map(|e| serde_json::from_slice::<Snapshot>(&e.payload).map_err(|e| e.to_string())).transpose(),
+                // Damaged for good: reported below. Anything else (a closed log, an I/O error)
+                // fails the start, as before: it may pass, and nothing is resolved twice.
+                Err(e @ (LogError::CorruptRecord { .. } | LogError::Corrupt { .. })) => Err(e.to_string()),
+                Err(e) => return Err(e),
+            },
             _ => Ok(None),
         };
         let resolved_above = match snapshot {

@@ -189,9 +189,18 @@ pub fn cert_common_name(path: &Path) -> Result<String, String> {
 }
 
 /// Whether `issuer` issued `cert`: its subject is the certificate's issuer and its key signed
-/// the certificate.
+/// the certificate. A signature algorithm this check cannot verify is left to the handshake
+/// (taken as issued when the names match).
 fn issued(issuer: &x509_parser::certificate::X509Certificate<'_>, cert: &x509_parser::certificate::X509Certificate<'_>) -> bool {
-    issuer.subject().as_raw() == cert.issuer().as_raw() && cert.verify_signature(Some(issuer.public_key())).is_ok()
+    issuer.subject().as_raw() == cert.issuer().as_raw()
+        && match cert.verify_signature(Some(issuer.public_key())) {
+            Ok(()) => true,
+            Err(x509_parser::error::X509Error::SignatureUnsupportedAlgorithm) => {
+                tracing::warn!("a certificate's signature algorithm cannot be checked at start; the TLS handshake will judge it");
+                true
+            }
+            Err(_) => false,
+        }
 }
 
 /// Certificates expiring within this many days are warned about at start.
@@ -223,7 +232,24 @@ pub fn check_tls_files(tls: &TlsFiles, node: Option<&str>) -> Result<CertFacts, 
             tracing::warn!(field, path = %path.display(), subject = facts.common_name.as_deref().unwrap_or("?"), expires = facts.not_after_text, days_left, "a certificate expires soon (or has)");
         }
     };
+    // Up the chain until a CA of `ca_file` issued one (or is one); what follows it in the
+    // file is not used by the handshake, and not judged here.
+    let mut anchor = None;
+    let mut used = chain.len();
     for (i, cert) in chain.iter().enumerate() {
+        if let Some(a) = anchors.iter().zip(&anchor_ders).find(|(a, der)| *der == &chain_ders[i] || issued(a, cert)) {
+            anchor = Some(a.0);
+            used = i + 1;
+            break;
+        }
+        if !chain.get(i + 1).is_some_and(|next| issued(next, cert)) {
+            let names: Vec<&str> = anchors.iter().map(|a| a.subject().iter_common_name().next().and_then(|c| c.as_str().ok()).unwrap_or("?")).collect();
+            let what =
+                if i == 0 { "was not issued by a CA in".to_owned() } else { format!("leads to a certificate not issued by a CA in (at {} in it)", i + 1) };
+            return Err(err("cert_file", &tls.cert, format!("{what} {} ({names:?})", tls.ca.display())));
+        }
+    }
+    for (i, cert) in chain.iter().enumerate().take(used) {
         let facts = facts_of(cert);
         let which =
             if i == 0 { "the certificate".to_owned() } else { format!("certificate {} in it ({:?})", i + 1, facts.common_name.as_deref().unwrap_or("?")) };
@@ -238,20 +264,6 @@ pub fn check_tls_files(tls: &TlsFiles, node: Option<&str>) -> Result<CertFacts, 
     let leaf = facts_of(&chain[0]);
     if let Some(node) = node.filter(|n| leaf.common_name.as_deref() != Some(*n)) {
         return Err(err("cert_file", &tls.cert, format!("its common name is {:?}, not this node's id {node:?}", leaf.common_name.as_deref().unwrap_or(""))));
-    }
-    // Up the chain until a CA of `ca_file` issued one (or is one).
-    let mut anchor = None;
-    for (i, cert) in chain.iter().enumerate() {
-        if let Some(a) = anchors.iter().zip(&anchor_ders).find(|(a, der)| *der == &chain_ders[i] || issued(a, cert)) {
-            anchor = Some(a.0);
-            break;
-        }
-        if !chain.get(i + 1).is_some_and(|next| issued(next, cert)) {
-            let names: Vec<&str> = anchors.iter().map(|a| a.subject().iter_common_name().next().and_then(|c| c.as_str().ok()).unwrap_or("?")).collect();
-            let what =
-                if i == 0 { "was not issued by a CA in".to_owned() } else { format!("leads to a certificate not issued by a CA in (at {} in it)", i + 1) };
-            return Err(err("cert_file", &tls.cert, format!("{what} {} ({names:?})", tls.ca.display())));
-        }
     }
     if let Some(anchor) = anchor {
         expiring("ca_file", &tls.ca, &facts_of(anchor));
