@@ -372,21 +372,33 @@ fn run(path: &std::path::Path, format: LogFormat) -> ExitCode {
                 return ExitCode::from(if config_problem { EXIT_CONFIG } else { EXIT_RUNTIME });
             }
         };
-        tokio::select! {
-            signal = wait_for_stop() => {
+        // Listening from here on, so that no signal falls between two listeners.
+        let mut signals = match StopSignals::new() {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("strata run: cannot listen for SIGINT/SIGTERM: {e}");
+                node.shutdown().await;
+                return ExitCode::from(EXIT_RUNTIME);
+            }
+        };
+        let failed = tokio::select! {
+            signal = signals.recv() => {
                 tracing::info!(signal, "stopping (a second SIGINT or SIGTERM exits at once)");
-                let _impatient = tokio::spawn(exit_at_second_signal());
-                node.shutdown().await;
-                ExitCode::SUCCESS
+                None
             }
-            reason = node.failed() => {
-                // The incident is on the events stream; a process manager restarts us.
-                tracing::error!(%reason, "the node failed (the root supervisor gave up, or a part of the node stopped); stopping");
-                eprintln!("strata run: {reason}");
-                let _impatient = tokio::spawn(exit_at_second_signal());
-                node.shutdown().await;
-                ExitCode::from(EXIT_RUNTIME)
-            }
+            reason = node.failed() => Some(reason),
+        };
+        if let Some(reason) = &failed {
+            // The incident is on the events stream; a process manager restarts us.
+            tracing::error!(%reason, "the node failed (the root supervisor gave up, or a part of the node stopped); stopping");
+            eprintln!("strata run: {reason}");
+        }
+        let _impatient = tokio::spawn(exit_at_signal_during_stop(signals));
+        node.shutdown().await;
+        if failed.is_some() {
+            ExitCode::from(EXIT_RUNTIME)
+        } else {
+            ExitCode::SUCCESS
         }
     })
 }
@@ -475,24 +487,39 @@ fn resolve(r: Resolve, verdict: strata_core::node::escalate::Verdict) -> ExitCod
 }
 
 /// During an orderly stop (which can take tens of seconds: actors, the events, the handover),
-/// a further SIGINT or SIGTERM ends the process at once, exit code 130. Nothing acknowledged is
-/// lost by that (the log is crash-safe); what the stop would have done (the handover, the
-/// cursors of the batch in hand) is done by replay and the next start instead.
-async fn exit_at_second_signal() {
-    let signal = wait_for_stop().await;
-    tracing::warn!(signal, "second signal during the stop: exiting now");
+/// a (further) SIGINT or SIGTERM ends the process at once, exit code 130. Nothing
+/// acknowledged is lost by that (the log is crash-safe); what the stop would have done (the
+/// handover, the cursors of the batch in hand) is done by replay and the next start instead.
+async fn exit_at_signal_during_stop(mut signals: StopSignals) {
+    let signal = signals.recv().await;
+    tracing::warn!(signal, "signal during the stop: exiting now");
     eprintln!("strata run: {signal} during the stop: exiting now");
-    std::process::exit(EXIT_INTERRUPTED);
+    // _exit, not exit: no atexit handlers or C++ static destructors while RocksDB's and the
+    // runtime's threads still run (exit() crashed there, SIGSEGV, one time in three). As a
+    // kill would, which the log is made for. stderr is unbuffered: the lines above are out.
+    // SAFETY: ends the process; nothing after it runs.
+    unsafe { libc::_exit(EXIT_INTERRUPTED) }
 }
 
-/// Waits for SIGINT or SIGTERM and names it.
-async fn wait_for_stop() -> &'static str {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).expect("install a SIGTERM handler");
-    let mut int = signal(SignalKind::interrupt()).expect("install a SIGINT handler");
-    tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
+/// SIGINT and SIGTERM, listened for from when it is made: each one delivered after that is
+/// received once, in order.
+struct StopSignals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    fn new() -> std::io::Result<StopSignals> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(StopSignals { term: signal(SignalKind::terminate())?, int: signal(SignalKind::interrupt())? })
+    }
+
+    /// The next signal, named.
+    async fn recv(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.term.recv() => "SIGTERM",
+            _ = self.int.recv() => "SIGINT",
+        }
     }
 }
 

@@ -130,11 +130,18 @@ impl Proc {
         // writing into /tmp and holding its ports. (Started from the demo's main thread,
         // which lives as long as the demo.)
         use std::os::unix::process::CommandExt;
-        // SAFETY: prctl is async-signal-safe, and nothing else runs between fork and exec.
+        let demo = std::process::id();
+        // SAFETY: prctl and getppid are async-signal-safe, and nothing else runs between fork
+        // and exec.
         unsafe {
-            command.pre_exec(|| {
+            command.pre_exec(move || {
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
                     return Err(std::io::Error::last_os_error());
+                }
+                // The demo died between the fork and the prctl: do not start (no allocation
+                // here, after a fork).
+                if libc::getppid() as u32 != demo {
+                    return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
                 }
                 Ok(())
             });
