@@ -33,9 +33,15 @@ fn a_short_demo_loses_nothing_and_reports_every_phase() {
         assert!(p["decisions"].as_u64().unwrap() >= 50, "every phase takes decisions: {p}");
     }
     let share = |p: &Value, tier: &str| p[tier].as_f64().unwrap() / p["decisions"].as_f64().unwrap();
-    // Normal: remote tiers decide (mostly the cloud; the fog when the cloud's p95 brushes the
-    // budget on a busy machine).
-    assert!(share(&phases[0], "edge") <= 0.1 && share(&phases[0], "cloud") >= 0.2, "normal: the cloud decides: {}", phases[0]);
+    // Normal: remote tiers decide, the cloud among them, and more than once it is slowed. How
+    // much the fog takes depends on the machine: when the cloud's p95 brushes the budget on a
+    // busy machine it goes to the fog (here the cloud's share ranged from 18% to 100% over one
+    // day's CI runs of the same routing code).
+    let (normal, slowed) = (&phases[0], &phases[1]);
+    assert!(
+        share(normal, "edge") <= 0.1 && share(normal, "cloud") >= 0.1 && share(normal, "cloud") > share(slowed, "cloud"),
+        "normal: the remote tiers decide, the cloud too: {normal}; cloud slowed: {slowed}"
+    );
     assert!(share(&phases[1], "fog") >= 0.6, "cloud slowed: the fog decides: {}", phases[1]);
     assert!(share(&phases[2], "edge") >= 0.8, "fog killed: the edge decides: {}", phases[2]);
     // Every fault was seen and recovered from.
