@@ -632,6 +632,9 @@ impl<B: Behaviour> HostState<B> {
             self.ctx.input = None;
             self.commit(vec![(key.clone(), last)]).await?;
             if let Some((seq, (failures, waited, error))) = passed {
+                // Recorded once the pass is durable: a write that fails leaves the record to be
+                // passed again, with its count, and no event claiming it was.
+                self.settle().await?;
                 self.failures.clear(&key, seq);
                 tracing::error!(actor = %self.ctx.name, stream = %key, seq, failures, %error, "the handler failed on this input every time; the actor goes on after it");
                 self.record_passed("input_failed_passed", &key, &(seq..=seq), waited, serde_json::json!({"failures": failures, "error": error}));
