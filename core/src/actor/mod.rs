@@ -304,7 +304,15 @@ pub struct HostArgs<B> {
 /// times is passed over by the next instance. One record at a time: a failure on another
 /// record starts the count again.
 #[derive(Clone, Default)]
-pub struct InputFailures(Arc<std::sync::Mutex<Option<Failing>>>);
+pub struct InputFailures(Arc<FailuresInner>);
+
+#[derive(Default)]
+struct FailuresInner {
+    /// Whether `failing` holds a record: read for every record handled, so that the usual
+    /// case (nothing failing) takes no lock. One actor instance at a time uses it.
+    any: std::sync::atomic::AtomicBool,
+    failing: std::sync::Mutex<Option<Failing>>,
+}
 
 struct Failing {
     key: StreamKey,
@@ -316,7 +324,11 @@ struct Failing {
 
 impl InputFailures {
     fn lock(&self) -> std::sync::MutexGuard<'_, Option<Failing>> {
-        self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.0.failing.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn any(&self) -> bool {
+        self.0.any.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// The handler failed on `key`'s record `seq` with `error`.
@@ -329,19 +341,27 @@ impl InputFailures {
             }
             _ => *failing = Some(Failing { key: key.clone(), seq, failures: 1, since: Instant::now(), error }),
         }
+        self.0.any.store(true, std::sync::atomic::Ordering::Release);
     }
 
     /// The handler took `key`'s record `seq`, or it was passed over: its failures are over.
     fn clear(&self, key: &StreamKey, seq: u64) {
+        if !self.any() {
+            return;
+        }
         let mut failing = self.lock();
         if failing.as_ref().is_some_and(|f| f.key == *key && f.seq == seq) {
             *failing = None;
+            self.0.any.store(false, std::sync::atomic::Ordering::Release);
         }
     }
 
     /// If the handler failed on `key`'s record `seq` at least `max` times (0: never), those
     /// failures, how long since the first, and the last error.
     fn to_pass(&self, key: &StreamKey, seq: u64, max: u32) -> Option<(u32, Duration, String)> {
+        if max == 0 || !self.any() {
+            return None;
+        }
         let failing = self.lock();
         let f = failing.as_ref().filter(|f| max > 0 && f.key == *key && f.seq == seq && f.failures >= max)?;
         Some((f.failures, f.since.elapsed(), f.error.clone()))

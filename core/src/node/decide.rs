@@ -587,6 +587,12 @@ mod tests {
         NodeConfig::parse(std::path::Path::new("t.toml"), text).unwrap()
     }
 
+    /// The decider of `node` (with `config`, in mode full) on `net`, its events to `events`.
+    async fn decider_on(net: &crate::bus::sim::SimNet, node: &NodeId, config: &NodeConfig, events: EventSink) -> Arc<Decider> {
+        let (_, mode) = watch::channel(Mode::Full);
+        Decider::start(config, net.attach(node), mode, events).await.unwrap()
+    }
+
     /// A service that never answers holds a serving place only for the request's budget: with
     /// one place, a second request is still answered (on a paused clock, over the simulated
     /// network).
@@ -603,8 +609,7 @@ mod tests {
             let (net, fog, edge) = linked(1);
             let mut config = config("[node]\nid = \"fog-1\"\ntier = \"fog\"\n");
             config.routing.serve_queue_len_max = 1;
-            let (_, mode) = watch::channel(Mode::Full);
-            let decider = Decider::start(&config, net.attach(&fog), mode, Arc::new(|_| {})).await.unwrap();
+            let decider = decider_on(&net, &fog, &config, Arc::new(|_| {})).await;
             let _guard = decider.serve(&Name::new("inspect").unwrap(), Arc::new(Hangs)).await.unwrap();
             let asker = net.attach(&edge);
             let ask = async |id: &str| {
@@ -641,10 +646,9 @@ mod tests {
         runtime.block_on(async {
             let (net, _, edge) = linked(3);
             let config = config("[node]\nid = \"edge-1\"\ntier = \"edge\"\n");
-            let (_, mode) = watch::channel(Mode::Full);
             let events = Arc::new(std::sync::Mutex::new(Vec::new()));
             let sink = events.clone();
-            let decider = Decider::start(&config, net.attach(&edge), mode, Arc::new(move |e| sink.lock().unwrap().push(e))).await.unwrap();
+            let decider = decider_on(&net, &edge, &config, Arc::new(move |e| sink.lock().unwrap().push(e))).await;
             let age = Duration::from_secs(600);
             let started = MonoTime::from_micros(decider.now().as_micros().saturating_sub(us(age)));
             let deadline = started.saturating_add(Duration::from_millis(20));
@@ -665,8 +669,7 @@ mod tests {
         runtime.block_on(async {
             let (net, fog, edge) = linked(2);
             let config = config("[node]\nid = \"edge-1\"\ntier = \"edge\"\n");
-            let (_, mode) = watch::channel(Mode::Full);
-            let decider = Decider::start(&config, net.attach(&edge), mode, Arc::new(|_| {})).await.unwrap();
+            let decider = decider_on(&net, &edge, &config, Arc::new(|_| {})).await;
             let server = net.attach(&fog);
             let mut requests = server.serve(&decide_key("inspect", &fog), 4, crate::bus::accept_all()).await.unwrap();
             let target = Target { tier: Tier::Fog, node: fog.clone(), capability: "inspect".into() };
@@ -694,8 +697,7 @@ mod tests {
             let (net, peer, edge) = linked(3);
             let mut config = config("[node]\nid = \"edge-1\"\ntier = \"edge\"\n");
             config.routing.servers_max = 2;
-            let (_, mode) = watch::channel(Mode::Full);
-            let decider = Decider::start(&config, net.attach(&edge), mode, Arc::new(|_| {})).await.unwrap();
+            let decider = decider_on(&net, &edge, &config, Arc::new(|_| {})).await;
             let announcer = net.attach(&peer);
             let mut tokens = Vec::new();
             for capability in ["a", "b", "c", "d"] {
