@@ -40,7 +40,7 @@ test: deps
 test-loom:
 	RUSTFLAGS="--cfg loom" LOOM_MAX_PREEMPTIONS=2 $(CARGO) test --locked -p strata-sync --release --target-dir $(LOOM_TARGET_DIR)
 
-# Until `strata demo` exists (issue 7) the demo checks the example continuum's configs.
+# The demo: three nodes on this machine through a fault schedule (README, first screen).
 demo: release
 	$(TARGET_DIR)/release/strata demo
 

@@ -180,8 +180,8 @@ enum LogFormat {
 
 #[derive(Subcommand)]
 enum LogCommand {
-    /// List the streams in a store: origin, incarnation, first/last seq, count, bytes,
-    /// watermark, expired.
+    /// List the streams in a store: origin, incarnation, stream, first/last seq, count,
+    /// bytes, watermark, missing, expired, and whether it is a replica.
     Ls {
         /// The store directory (`node.data_dir` of the node's config).
         path: PathBuf,

@@ -80,6 +80,15 @@ impl Behaviour for Arbiter {
         // is stale, so it is not acted on without an operator.
         let verdict = if decision.get("route").and_then(|r| r.as_str()) == Some("expired") {
             Verdict::Escalate("decided after its deadline (expired): not acted on autonomously".into())
+        } else if decision.get("met").and_then(|m| m.as_bool()) == Some(false) {
+            // Decided, but after its deadline (a fallback that itself ran late): its input may
+            // be stale, so it is judged by the narrowest bounds (mode safe's: a late alert
+            // still goes out, a late stop waits for an operator), whatever the mode. Not all
+            // escalated: under overload, late harmless decisions would fill the desk.
+            match judge(&ctx.config().autonomy, strata_core::mode::Mode::Safe, action, risk) {
+                Verdict::Autonomous => Verdict::Autonomous,
+                Verdict::Escalate(why) => Verdict::Escalate(format!("decided after its deadline (missed), judged by the bounds of mode safe: {why}")),
+            }
         } else {
             judge(&ctx.config().autonomy, mode, action, risk)
         };

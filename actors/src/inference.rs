@@ -223,6 +223,11 @@ impl Model for Ewma {
             if mean.is_finite() && var.is_finite() {
                 (s.mean, s.var) = (mean, var);
                 s.count += 1;
+            } else if s.count == 1 {
+                // One value learnt, so far from this one that nothing can be learnt after it
+                // (a sensor's glitch as the first reading): start again from this value, or the
+                // model would stay in warm-up, blind, for good (its snapshot too).
+                (s.mean, s.var) = (x, 0.0);
             }
         }
         let risk = if anomaly { (z / 16.0).clamp(0.0, 1.0) } else { 0.0 };
@@ -449,8 +454,17 @@ impl Behaviour for Inference {
                 let routing = &ctx.config().routing;
                 let budget_ms = routing.deadline_ms.get(&self.capability).copied().unwrap_or(routing.default_deadline_ms);
                 // A reading of this node: its deadline runs from when it was appended (same
-                // machine, same clock). Another node's: from when it is handled here.
-                let age_us = if &input.id.origin == ctx.node() { unix_us().saturating_sub(input.hlc.unix_us()) } else { 0 };
+                // machine). Another node's: from when it is handled here. The age is the
+                // larger of two lower bounds: since the log saw it durable (monotonic; the
+                // instant the store opened for a reading from before), and the wall clock
+                // less its HLC timestamp, which peers' clocks move ahead (then it reads short).
+                let age_us = if &input.id.origin == ctx.node() {
+                    let durable = ctx.log().durable_by(&StreamKey::of(&input.id), input.id.seq.get());
+                    let since_durable = durable.map_or(0, |t| u64::try_from(t.elapsed().as_micros()).unwrap_or(u64::MAX));
+                    unix_us().saturating_sub(input.hlc.unix_us()).max(since_durable)
+                } else {
+                    0
+                };
                 let now = decider.now();
                 let started = MonoTime::from_micros(now.as_micros().saturating_sub(age_us));
                 // The decider's clock reaches about 35 years back (`MonoClock::START`); for a
@@ -523,6 +537,20 @@ mod tests {
             assert!(!model.score(&mut s, normal(i)).unwrap().anomaly);
         }
         assert!(model.score(&mut s, 1000.0).unwrap().anomaly, "still finds an anomaly");
+    }
+
+    /// A glitch as the very first reading (1e160: every later difference squared overflows)
+    /// does not leave the model in warm-up for good: it starts again from the next reading.
+    #[test]
+    fn a_glitch_as_the_first_reading_does_not_blind_the_model() {
+        let model = Ewma { alpha: 0.05, z_threshold: 4.0, warmup: 30 };
+        let mut s = ModelState::default();
+        model.score(&mut s, 1e160).unwrap();
+        for i in 0..100 {
+            assert!(!model.score(&mut s, 20.0 + (i % 3) as f64 * 0.1).unwrap().anomaly);
+        }
+        assert!(s.count >= 30 && (s.mean - 20.1).abs() < 0.5, "count {} mean {}", s.count, s.mean);
+        assert!(model.score(&mut s, 1000.0).unwrap().anomaly, "finds an anomaly after the glitch");
     }
 
     fn shipped(name: &str) -> Onnx {

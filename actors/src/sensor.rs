@@ -230,6 +230,20 @@ impl Sensor {
         if params.shift_len > SHIFT_LEN_MAX {
             return Err(format!("shift_len: {} readings is more than {SHIFT_LEN_MAX}", params.shift_len));
         }
+        // TOML can write `nan` and `inf`: a generator fed one emits readings no model can use
+        // (JSON stores them as null), so each number is checked by name.
+        let numbers = [
+            ("base", params.base),
+            ("amplitude", params.amplitude),
+            ("period_s", params.period_s),
+            ("drift_per_s", params.drift_per_s),
+            ("noise", params.noise),
+            ("anomaly_size", params.anomaly_size),
+            ("shift_size", params.shift_size),
+        ];
+        if let Some((name, v)) = numbers.iter().find(|(_, v)| !v.is_finite()) {
+            return Err(format!("{name}: {v} is not a finite number"));
+        }
         if params.period_s <= 0.0 || params.noise < 0.0 {
             return Err("period_s must be > 0 and noise >= 0".into());
         }
@@ -340,6 +354,10 @@ mod tests {
         assert_eq!(values, [(1.5, false), (9.0, true), (1.5, false), (9.0, true), (1.5, false)]);
         let once = Sensor::from_spec(&spec(", repeat = false")).unwrap();
         assert!(once.reading(1).is_some() && once.reading(2).is_none());
+        for (field, value) in [("period_s", "nan"), ("noise", "inf"), ("base", "-inf"), ("shift_size", "nan")] {
+            let err = Sensor::from_spec(&spec(&format!(", {field} = {value}"))).err().unwrap();
+            assert_eq!(err, format!("{field}: {} is not a finite number", value.parse::<f64>().unwrap()));
+        }
         let err = Sensor::from_spec(&spec(", csv_bytes_max = 4")).err().unwrap();
         assert!(err.contains("is more than csv_bytes_max (4)"), "{err}");
         std::fs::write(&path, "value\nNaNx\n").unwrap();

@@ -483,7 +483,15 @@ async fn poll(p: ModbusParams, conn: Shared, health: Arc<Health>, connected: wat
                     Table::Discrete => request(timeout, c.read_discrete_inputs(pt.address, 1)).await.map(|b| b.first().map(|b| f64::from(u8::from(*b)))),
                 };
                 match raw {
-                    Ok(Some(raw)) => readings.push((pt.stream.clone(), raw * pt.scale + pt.offset)),
+                    Ok(Some(raw)) => match raw * pt.scale + pt.offset {
+                        // A float register holding NaN or infinity (a sensor's fault code), or a
+                        // scale that overflows: JSON has no such number, so it is refused here,
+                        // named, rather than stored as `null`.
+                        value if !value.is_finite() => {
+                            health.reject("bad_value", &format!("{:?} {}: {raw} scaled is {value}, not a finite number", pt.table, pt.address))
+                        }
+                        value => readings.push((pt.stream.clone(), value)),
+                    },
                     Ok(None) => health.reject("short_answer", &format!("{:?} {}: fewer words than asked", pt.table, pt.address)),
                     Err((reason, false)) => health.reject(&reason, &format!("reading {:?} {}", pt.table, pt.address)),
                     Err((reason, true)) => {

@@ -751,15 +751,20 @@ async fn ingest(
                             let (source, h) = (health.source().clone(), health.clone());
                             appends.push_back(tokio::spawn(async move {
                                 let draft = shared::reading(value, ts_ms)?;
-                                source.append(&stream, draft).await.map_err(|e| e.to_string())?;
+                                source.append(&stream, draft).await.map_err(|e| format!("stream {stream}: {e}"))?;
                                 h.count("accepted", 1);
                                 Ok(*token)
                             }));
                         }
                         Err(Rejected(reason, detail)) => {
                             health.reject(reason, &format!("topic {topic:?}: {detail}"));
-                            // Acknowledged: the broker must not send it again.
-                            let _ = conn.try_ack(&token);
+                            // Acknowledged (the broker must not send it again), in arrival
+                            // order: after the appends still in flight (MQTT 3.1.1 4.6).
+                            if appends.is_empty() {
+                                let _ = conn.try_ack(&token);
+                            } else {
+                                appends.push_back(tokio::spawn(async move { Ok(*token) }));
+                            }
                         }
                     }
                 }

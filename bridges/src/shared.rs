@@ -162,6 +162,10 @@ pub fn record_expired(health: &Health, command: &Envelope, age: Duration, key: O
 
 /// A reading (`strata.reading/1`, the format of ingest and sensors).
 pub fn reading(value: f64, ts_ms: u64) -> Result<Draft, String> {
+    if !value.is_finite() {
+        // JSON has no NaN or infinity: `json!` would store `null`, which ingest itself refuses.
+        return Err(format!("reading value {value} is not a finite number"));
+    }
     let doc = json!({"value": value, "ts_ms": ts_ms});
     let ty = PayloadType::new(strata_core::bus::ingest::READING_TYPE).map_err(|e| e.to_string())?;
     Ok(Draft::new(Kind::Reading, ty, doc.to_string().into_bytes()))
@@ -231,6 +235,14 @@ mod tests {
             tokio::time::sleep(max).await;
             bounds(b.delay(), 100);
         });
+    }
+
+    #[test]
+    fn a_reading_that_json_cannot_hold_is_refused() {
+        assert!(reading(21.5, 1).is_ok());
+        for bad in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY] {
+            assert_eq!(reading(bad, 1).err().unwrap(), format!("reading value {bad} is not a finite number"));
+        }
     }
 
     #[test]

@@ -413,11 +413,12 @@ pub(crate) fn decode_bounded<T: serde::de::DeserializeOwned>(body: &[u8], claims
         ($n:expr; $($bits:literal),*) => {
             match $n {
                 $(n if n <= (1usize << $bits) => decode_limited::<T, { 1usize << $bits }>(body),)*
+                // Not reached while `claims` is clamped to the largest limit (below).
                 n => Err(BoundedError::TooLarge(n)),
             }
         };
     }
-    with_limit_for!(claims; 9, 10, 12, 14, 16, 18, 20, 22, 24, 26)
+    with_limit_for!(claims.min(CLAIM_LIMIT_MAX); 9, 10, 12, 14, 16, 18, 20, 22, 24, 26)
 }
 
 fn decode_limited<T: serde::de::DeserializeOwned, const LIMIT: usize>(body: &[u8]) -> Result<T, BoundedError> {

@@ -160,8 +160,12 @@ pub fn judge(autonomy: &AutonomySection, mode: Mode, action: &str, risk: f64) ->
     if !b.actions.iter().any(|a| a.as_str() == action) {
         return Verdict::Escalate(format!("action {action:?} is not allowed autonomously in mode {mode}"));
     }
-    // NaN is never within bounds.
-    if risk.is_nan() || risk > b.risk_max {
+    // A risk is a share: outside [0, 1] (or NaN) it is a broken or forged decision, never
+    // within bounds (a negative one would pass any risk_max).
+    if !(0.0..=1.0).contains(&risk) {
+        return Verdict::Escalate(format!("risk {risk} is not within [0, 1]"));
+    }
+    if risk > b.risk_max {
         return Verdict::Escalate(format!("risk {risk:.2} > risk_max {:.2} of mode {mode}", b.risk_max));
     }
     Verdict::Autonomous
@@ -217,6 +221,9 @@ mod tests {
         assert_eq!(judge(&a, Mode::Full, "stop", 0.9), Verdict::Autonomous);
         assert_eq!(judge(&a, Mode::Isolated, "stop", 0.5), Verdict::Escalate("risk 0.50 > risk_max 0.40 of mode isolated".into()));
         assert_eq!(judge(&a, Mode::Safe, "stop", 0.0), Verdict::Escalate("action \"stop\" is not allowed autonomously in mode safe".into()));
-        assert!(matches!(judge(&a, Mode::Full, "alert", f64::NAN), Verdict::Escalate(_)));
+        assert_eq!(judge(&a, Mode::Full, "alert", f64::NAN), Verdict::Escalate("risk NaN is not within [0, 1]".into()));
+        assert_eq!(judge(&a, Mode::Isolated, "stop", -1.0), Verdict::Escalate("risk -1 is not within [0, 1]".into()));
+        assert_eq!(judge(&a, Mode::Full, "stop", 1.5), Verdict::Escalate("risk 1.5 is not within [0, 1]".into()));
+        assert_eq!(judge(&a, Mode::Full, "stop", 1.0), Verdict::Autonomous);
     }
 }

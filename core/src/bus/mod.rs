@@ -91,6 +91,17 @@ pub fn accept_all() -> Accept {
     Arc::new(|_, _, _| true)
 }
 
+/// Takes requests whose body is at most `max` bytes. A server whose requests are small says
+/// so: its queue of N requests then holds at most N such bodies, not N of the largest
+/// message a peer may send.
+pub fn accept_bodies_up_to(max: usize) -> Accept {
+    Arc::new(move |_, _, body_len| body_len <= max)
+}
+
+/// Largest body of a control request (status; an operator's approval or denial, a few
+/// names): far above what one holds.
+pub const CONTROL_REQUEST_BYTES_MAX: usize = 64 * 1024;
+
 /// A request received by a [`Transport::serve`]r.
 pub struct Request {
     pub key: String,
@@ -98,6 +109,9 @@ pub struct Request {
     /// The request's body (empty if none).
     pub payload: Vec<u8>,
     pub responder: Box<dyn Responder>,
+    /// When it arrived (before any queue): a server charges the time it waited to the
+    /// request's budget.
+    pub received: tokio::time::Instant,
 }
 
 /// How many bytes an item takes in a receive queue.

@@ -750,7 +750,14 @@ async fn receive_heads(shared: Arc<Shared>, mut incoming: super::Incoming<super:
             shared.counters.heads_dropped.fetch_add(dropped - reported_drops, Ordering::Relaxed);
             reported_drops = dropped;
         }
-        let heads: Heads = match wire::decode(&sample.payload) {
+        let heads: Heads = match wire::decode::<Heads>(&sample.payload) {
+            // A node sends its heads in messages of at most this many entries; more is a
+            // forged or broken message, refused whole.
+            Ok(h) if h.heads.len() > HEADS_PER_MESSAGE_MAX => {
+                shared.counters.malformed.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(key = sample.key, entries = h.heads.len(), max = HEADS_PER_MESSAGE_MAX, "heads message with too many entries");
+                continue;
+            }
             Ok(h) => h,
             Err(e) => {
                 shared.counters.malformed.fetch_add(1, Ordering::Relaxed);

@@ -405,9 +405,17 @@ impl Transport for SimTransport {
                 continue;
             };
             let responder = SimResponder { net: self.net.clone(), from: owner.clone(), to: self.node.clone(), tx: tx.clone(), deadline };
-            let request = Request { key: key.to_owned(), params: params.to_owned(), payload: payload.clone(), responder: Box::new(responder) };
+            let request = Request {
+                key: key.to_owned(),
+                params: params.to_owned(),
+                payload: payload.clone(),
+                responder: Box::new(responder),
+                received: tokio::time::Instant::now(),
+            };
             tokio::spawn(async move {
                 tokio::time::sleep(delay).await;
+                let mut request = request;
+                request.received = tokio::time::Instant::now();
                 // As Zenoh's transport does: a body over the largest message is refused.
                 let body_len = request.payload.len();
                 if body_len > super::wire::MESSAGE_BYTES_MAX || !accept.is_none_or(|a| a(&request.key, &request.params, body_len)) {

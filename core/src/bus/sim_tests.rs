@@ -610,24 +610,29 @@ fn acknowledgements_beyond_what_the_origin_holds_are_not_taken() {
             watermark,
         };
         let acked = || edge.replicator.as_ref().unwrap().acks();
+        let counters = || edge.replicator.as_ref().unwrap().counters();
+        // Publishes `heads` as the forger until `seen` (the simulated network may lose it).
+        let publish_until = async |heads: &super::wire::Heads, seen: &dyn Fn() -> bool| {
+            for _ in 0..1000 {
+                if seen() {
+                    return;
+                }
+                peer.publish(&super::keys::heads(&forger), super::wire::encode(heads));
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        };
         let as_cloud = super::wire::Heads { node: forger.clone(), tier: Tier::Cloud, heads: vec![head("readings/a", 5)] };
-        for _ in 0..1000 {
-            if edge.replicator.as_ref().unwrap().counters().spoofed > 0 {
-                break;
-            }
-            peer.publish(&super::keys::heads(&forger), super::wire::encode(&as_cloud));
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        assert!(edge.replicator.as_ref().unwrap().counters().spoofed > 0, "the claim was counted as spoofed");
+        publish_until(&as_cloud, &|| counters().spoofed > 0).await;
+        assert!(counters().spoofed > 0, "the claim was counted as spoofed");
         assert!(acked().is_empty(), "a fog claiming the cloud's tier acknowledges nothing: {:?}", acked());
+        // A heads message with more entries than a node ever sends in one is refused whole.
+        let oversized =
+            super::wire::Heads { node: forger.clone(), tier: Tier::Fog, heads: vec![head("readings/a", 5); super::wire::HEADS_PER_MESSAGE_MAX + 1] };
+        publish_until(&oversized, &|| counters().malformed > 0).await;
+        assert!(counters().malformed > 0, "the oversized heads message was counted as malformed");
+        assert!(acked().is_empty(), "an oversized heads message acknowledges nothing: {:?}", acked());
         let heads = super::wire::Heads { node: forger.clone(), tier: Tier::Fog, heads: vec![head("readings/a", u64::MAX - 1), head("readings/ghost", 7)] };
-        for _ in 0..1000 {
-            if acked().contains_key(&key) {
-                break;
-            }
-            peer.publish(&super::keys::heads(&forger), super::wire::encode(&heads));
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        publish_until(&heads, &|| acked().contains_key(&key)).await;
         let acks = acked();
         assert_eq!(acks.get(&key).and_then(|a| a.get(&Tier::Fog)).copied(), Some(5), "clamped to the 5 appended: {acks:?}");
         assert_eq!(acks.len(), 1, "no entry for a stream the origin does not have: {acks:?}");

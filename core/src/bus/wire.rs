@@ -223,6 +223,20 @@ mod tests {
         assert_eq!(decode::<Heads>(&[7]), Err(WireError::UnknownVersion(7)));
     }
 
+    /// A message of the largest size allowed decodes: its allocation bound (16 times its
+    /// length) is over the decoder's ceiling, which is then the bound, not a refusal.
+    #[test]
+    fn a_message_of_the_largest_size_decodes() {
+        // Version byte, one-byte record count, five-byte length of the record.
+        let batch = ReplayBatch { records: vec![ByteVec(vec![7; MESSAGE_BYTES_MAX - 7])] };
+        let bytes = encode(&batch);
+        assert_eq!(bytes.len(), MESSAGE_BYTES_MAX);
+        assert_eq!(decode::<ReplayBatch>(&bytes).unwrap(), batch);
+        let mut over = bytes;
+        over.push(0);
+        assert_eq!(decode::<ReplayBatch>(&over), Err(WireError::TooLarge { len: MESSAGE_BYTES_MAX + 1, max: MESSAGE_BYTES_MAX }));
+    }
+
     #[test]
     fn live_frames_round_trip_and_forged_ones_are_errors() {
         let records = vec![vec![1u8; 16], vec![2; 20], vec![9; 300]];

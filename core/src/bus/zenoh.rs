@@ -321,6 +321,7 @@ impl Transport for ZenohTransport {
                         params: query.parameters().as_str().to_owned(),
                         payload: query.payload().map(|p| p.to_bytes().into_owned()).unwrap_or_default(),
                         responder: Box::new(ZenohResponder { query, own_key: own_key.clone() }),
+                        received: tokio::time::Instant::now(),
                     };
                     // Full: the query is dropped, which ends it with no reply; the
                     // requester retries.

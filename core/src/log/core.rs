@@ -12,6 +12,7 @@
 //! ever durable state.
 
 use std::collections::{BTreeMap, HashMap};
+use std::time::Instant;
 
 /// The per-stream maps, with a faster hasher than std's (one lookup per operation at least).
 type Map<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
@@ -209,6 +210,23 @@ pub(crate) struct Core {
     /// Written but not yet durable: each stream's state after the last staged batch that
     /// touched it, tagged with that batch's number. Planning reads it before `streams`.
     pending: Map<StreamKey, (u64, Entry)>,
+    /// When this process saw its own streams' records become durable (see
+    /// [`Core::durable_by`]).
+    durable_times: Map<StreamKey, DurableTimes>,
+    /// When this core was made: what it loaded from disk was durable by then.
+    created: Instant,
+}
+
+/// Most batches whose durable instant is kept per stream; older records get the instant of
+/// the newest batch let go (a bound on their age, not their own).
+const DURABLE_TIMES_MAX: usize = 256;
+
+/// The instants at which one stream's batches became durable, on the monotonic clock.
+struct DurableTimes {
+    /// Every record up to this seq was durable by this instant.
+    floor: (u64, Instant),
+    /// (highest seq of a batch, when it became durable), in seq order.
+    recent: std::collections::VecDeque<(u64, Instant)>,
 }
 
 /// Results of one batch (its writes went to a [`Sink`]), and the state to make current
@@ -236,7 +254,26 @@ impl Core {
             acks: Map::default(),
             retention,
             pending: Map::default(),
+            durable_times: Map::default(),
+            created: Instant::now(),
         }
+    }
+
+    /// An instant (monotonic) by which record `seq` of this node's own stream `key` was
+    /// durable: the age of a record read back is at least its `elapsed()`. Unlike its HLC
+    /// timestamp, which peers' clocks move ahead (up to the HLC's accepted drift), so that
+    /// `now - hlc` can read a stale record as fresh. `None` for other nodes' streams and for
+    /// a record not durable yet.
+    pub(crate) fn durable_by(&self, key: &StreamKey, seq: u64) -> Option<Instant> {
+        if key.origin != self.node || key.incarnation != self.incarnation || seq > self.readable_last(key) {
+            return None;
+        }
+        let Some(times) = self.durable_times.get(key) else { return Some(self.created) };
+        if seq <= times.floor.0 {
+            return Some(times.floor.1);
+        }
+        let at = times.recent.partition_point(|(last, _)| *last < seq);
+        times.recent.get(at).map(|(_, t)| *t)
     }
 
     /// Restores a stream from its persisted stats, re-reading what lies above its
@@ -485,14 +522,15 @@ impl Core {
             'stream: while from <= upper {
                 let chunk = match backend.scan(&prefix, from, SCAN_CHUNK) {
                     Ok(chunk) => chunk,
-                    // A table block RocksDB finds damaged: as with a record that does not
-                    // decode, this stream keeps it and what follows; the others are swept.
-                    Err(e @ LogError::Corrupt { .. }) => {
+                    // A table block RocksDB finds damaged, or a read that failed: as with a
+                    // record that does not decode, this stream keeps it and what follows; the
+                    // others are swept. Not an error for the whole sweep: what was already
+                    // removed in it is in the batch, and must be reported.
+                    Err(e) => {
                         report.unreadable += 1;
                         report.first_unreadable.get_or_insert_with(|| format!("{key} from #{from}: {e}"));
                         break 'stream;
                     }
-                    Err(e) => return Err(e),
                 };
                 if chunk.is_empty() {
                     break;
@@ -529,15 +567,17 @@ impl Core {
                     entry.count = entry.count.saturating_sub(1);
                     entry.bytes = entry.bytes.saturating_sub(value.len() as u64);
                     entry.removed = entry.removed.saturating_add(1);
-                    // Past a gap, the next record kept is further on.
-                    entry.first = entry.wm.next_present(seq + 1);
+                    // Past a gap, the next record kept is further on. Saturating: a damaged
+                    // store's figures may reach `u64::MAX`.
+                    entry.first = entry.wm.next_present(seq.saturating_add(1));
                     report.removed += 1;
                     report.removed_bytes += value.len() as u64;
                     if slowest_reader.is_some_and(|c| c < seq) {
                         entry.expired = entry.expired.saturating_add(1);
                         report.expired += 1;
                     }
-                    from = seq + 1;
+                    let Some(next) = seq.checked_add(1) else { break 'stream };
+                    from = next;
                 }
             }
             if entry.count == 0 {
@@ -566,9 +606,26 @@ impl Core {
     /// Staged batch `batch` is durable: makes its state current (a later staged batch's state
     /// stays pending). Returns the results to hand back.
     pub(crate) fn apply_staged(&mut self, plan: Plan, batch: u64) -> Vec<OpOutcome> {
+        let now = Instant::now();
         for (key, entry) in plan.staged {
             if self.pending.get(&key).is_some_and(|(b, _)| *b == batch) {
                 self.pending.remove(&key);
+            }
+            if key.origin == self.node && key.incarnation == self.incarnation {
+                if !self.durable_times.contains_key(&key) {
+                    // Its first batch in this process: what it held before was durable when
+                    // this core was made.
+                    let before = self.streams.get(&key).map_or(0, |e| e.wm.last());
+                    self.durable_times.insert(key.clone(), DurableTimes { floor: (before, self.created), recent: Default::default() });
+                }
+                let times = self.durable_times.get_mut(&key).expect("inserted above");
+                let last = entry.wm.last();
+                if last > times.recent.back().map_or(times.floor.0, |(s, _)| *s) {
+                    if times.recent.len() == DURABLE_TIMES_MAX {
+                        times.floor = times.recent.pop_front().expect("full");
+                    }
+                    times.recent.push_back((last, now));
+                }
             }
             self.streams.insert(key, entry);
         }
@@ -733,5 +790,46 @@ mod tests {
         // In the same batch as the sweep, ahead of it.
         let plan = core.plan(vec![cursor(4), sweep()], &data, &mut Vec::<Write>::new());
         assert_eq!((swept(&plan.results[1]).removed, swept(&plan.results[1]).expired), (4, 0));
+    }
+
+    /// A read that fails during a sweep (here for the second stream) does not make the whole
+    /// sweep an error: the first stream's removals are in the batch already, so they are
+    /// reported (and counted as expired), and the failed stream is reported as unreadable.
+    #[test]
+    fn a_read_error_in_a_sweep_still_reports_what_it_removed() {
+        struct FailsFor(Data, Vec<u8>);
+        impl Backend for FailsFor {
+            fn scan(&self, prefix: &[u8], from: u64, limit: usize) -> Result<Vec<(u64, Vec<u8>)>, LogError> {
+                if prefix == self.1 {
+                    return Err(LogError::Io { path: "/store".into(), detail: "read failed".into() });
+                }
+                self.0.scan(prefix, from, limit)
+            }
+        }
+        let bytes_max = RetentionRule { streams: StreamPattern::new("**").unwrap(), bytes_max: Some(1), age_s_max: None, keep_until_acked: vec![] };
+        let mut core = Core::new(NodeId::new("edge-1").unwrap(), Incarnation::from_raw(7), Limits::default(), vec![bytes_max]);
+        let (a, b) = (StreamName::new("a").unwrap(), StreamName::new("b").unwrap());
+        let (node, incarnation) = (core.node.clone(), core.incarnation);
+        let key = move |stream: &StreamName| StreamKey { origin: node.clone(), incarnation, stream: stream.clone() };
+        let reader = Name::new("reader").unwrap();
+        let append = |stream: &StreamName| Op::Append {
+            stream: stream.clone(),
+            draft: super::super::Draft::new(Kind::Reading, PayloadType::new("t/1").unwrap(), vec![1; 10]),
+        };
+        let mut ops = vec![Op::Cursor { consumer: reader.clone(), key: key(&a), seq: 0 }];
+        ops.extend([&a, &a, &a, &b, &b].map(append));
+        let mut data = Data::new();
+        let mut writes = Vec::new();
+        let plan = core.plan(ops, &data, &mut writes);
+        write(&mut data, writes);
+        core.apply(plan);
+
+        let failing = FailsFor(data, keys::stream_prefix(&key(&b)));
+        let mut writes = Vec::new();
+        let plan = core.plan(vec![Op::Sweep { now_unix_ms: 0 }], &failing, &mut writes);
+        let report = swept(&plan.results[0]);
+        assert_eq!((report.removed, report.expired, report.unreadable), (3, 3, 1), "{report:?}");
+        assert_eq!(report.first_unreadable, Some(format!("{} from #1: /store: read failed", key(&b))), "{report:?}");
+        assert_eq!(writes.iter().filter(|w| matches!(w, Write::Delete(Cf::Log, _))).count(), 3);
     }
 }

@@ -132,6 +132,10 @@ impl Store for MemStore {
         self.lock().core.cursor(consumer, key)
     }
 
+    fn durable_by(&self, key: &StreamKey, seq: u64) -> Option<std::time::Instant> {
+        self.lock().core.durable_by(key, seq)
+    }
+
     fn record_ack(&self, tier: Tier, key: &StreamKey, watermark: u64) {
         self.lock().core.record_ack(tier, key, watermark)
     }

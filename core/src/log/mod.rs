@@ -241,6 +241,8 @@ pub trait Store: Send + Sync + 'static {
     fn gaps(&self, key: &StreamKey, max: usize) -> Vec<RangeInclusive<u64>>;
     /// Last seq `consumer` committed for `key`; `None` if it never committed one.
     fn cursor(&self, consumer: &Name, key: &StreamKey) -> Option<u64>;
+    /// See [`Log::durable_by`].
+    fn durable_by(&self, key: &StreamKey, seq: u64) -> Option<std::time::Instant>;
     /// Records that nodes of `tier` hold `key` up to `watermark` (for `keep_until_acked`).
     fn record_ack(&self, tier: Tier, key: &StreamKey, watermark: u64);
     /// A counter bumped after every durable batch (for tailing readers).
@@ -567,6 +569,16 @@ impl Log {
 
     pub fn cursor(&self, consumer: &Name, key: &StreamKey) -> Option<u64> {
         self.store.cursor(consumer, key)
+    }
+
+    /// An instant on the monotonic clock by which record `seq` of this node's own stream
+    /// `key` was durable, so that its age is at least `elapsed()`: what a deadline counted
+    /// from the record's append may trust. Its HLC timestamp is not: peers' clocks move the
+    /// HLC ahead (up to its accepted drift), so `now - hlc` can read a stale record as
+    /// fresh. A record durable before this store was opened gets the instant it was opened.
+    /// `None` for another node's (or incarnation's) stream and for a record not durable yet.
+    pub fn durable_by(&self, key: &StreamKey, seq: u64) -> Option<std::time::Instant> {
+        self.store.durable_by(key, seq)
     }
 
     pub fn record_ack(&self, tier: Tier, key: &StreamKey, watermark: u64) {

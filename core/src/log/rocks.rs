@@ -764,7 +764,18 @@ impl Committer {
                     gate.queued.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                     // Waits while `unsynced_max` batches are already waiting for their sync.
                     if let Err(mpsc::SendError(w)) = tx.send(Written { number, plan, completers }) {
-                        let error = stopped(&stop).unwrap_or(LogError::Closed);
+                        // The syncer is gone (it panicked): this batch is written but will
+                        // never be synced or applied, so the store stops, and the next batches
+                        // are refused before they are written.
+                        let error = stopped(&stop).unwrap_or_else(|| {
+                            let error = LogError::Io {
+                                path: self.db.path().to_owned(),
+                                detail: "the WAL sync thread stopped; the store refuses writes until it is reopened".into(),
+                            };
+                            tracing::error!(%error, "the WAL sync thread stopped; the store stops accepting writes");
+                            *stop.lock().unwrap_or_else(|p| p.into_inner()) = Some(error.clone());
+                            error
+                        });
                         refuse(w.completers, &error);
                     }
                 }
@@ -1025,6 +1036,10 @@ impl Store for RocksStore {
 
     fn cursor(&self, consumer: &Name, key: &StreamKey) -> Option<u64> {
         lock_core(&self.core).cursor(consumer, key)
+    }
+
+    fn durable_by(&self, key: &StreamKey, seq: u64) -> Option<std::time::Instant> {
+        lock_core(&self.core).durable_by(key, seq)
     }
 
     fn record_ack(&self, tier: Tier, key: &StreamKey, watermark: u64) {

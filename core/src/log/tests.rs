@@ -1001,3 +1001,63 @@ async fn next_held_skips_gaps_and_what_retention_removed() {
     assert!(first > 1, "retention removed the first records");
     assert_eq!(log.next_held(&own, 1), Some(first));
 }
+
+/// A record of this node's own stream has a monotonic instant by which it was durable, which
+/// a peer's clock cannot move: here a received envelope 450 ms ahead pushes the HLC (within
+/// its accepted drift, 500 ms), so the next append's timestamp is ahead of the wall clock and
+/// `now - hlc` reads it as fresh 30 ms later, while `durable_by` gives its real age. Records durable before the store opened get
+/// the instant it opened; another node's stream and a record not written yet get none.
+#[tokio::test]
+async fn a_records_durable_instant_bounds_its_age_whatever_the_hlc() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = stream("readings/own");
+    let log = rocks(dir.path(), StoreOptions::default());
+    let mut ahead = remote("fog-9", 1, "q", 1);
+    let t = ahead.hlc.as_uhlc();
+    let later = uhlc::NTP64(t.get_time().0 + uhlc::NTP64::from(Duration::from_millis(450)).0);
+    ahead.hlc = HlcTime::from_uhlc(uhlc::Timestamp::new(later, *t.get_id()));
+    log.insert_remote(ahead.clone()).await.unwrap();
+    let before = std::time::Instant::now();
+    let appended = log.append_durable(s.clone(), draft(b"x")).await.unwrap();
+    let after = std::time::Instant::now();
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    let unix_us = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_micros() as u64;
+    assert_eq!(unix_us.saturating_sub(appended.hlc.unix_us()), 0, "the HLC is ahead of the wall clock: it reads the record as fresh");
+    let key = log.local_key(&s);
+    let durable = log.durable_by(&key, 1).expect("durable");
+    assert!(durable >= before && durable <= after, "durable while it was appended");
+    assert!(durable.elapsed() >= Duration::from_millis(30));
+    assert_eq!(log.durable_by(&key, 2), None, "not written yet");
+    assert_eq!(log.durable_by(&StreamKey::of(&ahead.id), 1), None, "another node's stream");
+    log.close();
+    drop(log);
+    let opened = std::time::Instant::now();
+    let log = rocks(dir.path(), StoreOptions::default());
+    let reopened = log.durable_by(&key, 1).expect("durable before the store opened");
+    assert!(reopened >= opened && reopened <= std::time::Instant::now());
+    log.append_durable(s.clone(), draft(b"y")).await.unwrap();
+    assert_eq!(log.durable_by(&key, 1), Some(reopened), "still the open's instant");
+    assert!(log.durable_by(&key, 2).unwrap() > reopened);
+}
+
+/// Beyond the bound of instants kept per stream, older records get the instant of the newest
+/// batch let go: later than their own, never earlier (their age is never overstated).
+#[tokio::test]
+async fn older_records_get_a_later_durable_instant_never_an_earlier_one() {
+    let log = mem(Vec::new());
+    let s = stream("r");
+    let mut instants = Vec::new();
+    for _ in 0..400 {
+        let e = log.append_durable(s.clone(), draft(b"x")).await.unwrap();
+        instants.push(log.durable_by(&log.local_key(&s), e.id.seq.get()).unwrap());
+    }
+    let key = log.local_key(&s);
+    let now: Vec<std::time::Instant> = (1..=400).map(|seq| log.durable_by(&key, seq).unwrap()).collect();
+    assert_eq!(now[399], instants[399], "recent ones keep their own");
+    assert_eq!(now[144], instants[144]);
+    for (seq, (kept, own)) in now.iter().zip(&instants).enumerate() {
+        assert!(kept >= own, "seq {}: an earlier instant than its own", seq + 1);
+    }
+    assert_eq!(now[143], instants[400 - 256 - 1], "the newest let go");
+    assert_eq!(now[0], instants[400 - 256 - 1], "the newest let go");
+}

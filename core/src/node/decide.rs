@@ -16,7 +16,8 @@
 //! decided, why, the estimated and the actual latency, and whether the deadline was met; the
 //! caller records it on its `decisions` stream.
 //!
-//! On the wire a request carries its remaining budget (`budget_us`), never an absolute time.
+//! On the wire a request carries a relative budget (`budget_us`: how long the requester waits
+//! for it), never an absolute time; the server counts it from the request's arrival.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
@@ -43,6 +44,8 @@ pub fn serves_key(capability: &str, tier: Tier, node: &NodeId) -> String {
 }
 
 const SERVES_ALL: &str = "strata/serves/**";
+/// Room in a decision request for what is not its input (id, capability, budget, JSON).
+const REQUEST_FRAME_BYTES: usize = 64 * 1024;
 
 fn parse_serves(key: &str) -> Option<Target> {
     let mut parts = key.strip_prefix("strata/serves/")?.split('/');
@@ -66,7 +69,9 @@ pub struct DecisionRequest {
     /// The requester's id for it (e.g. the envelope id of the input).
     pub id: String,
     pub capability: String,
-    /// Time left before the deadline when sent, in µs.
+    /// How long the requester waits for the answer from when it sends the request, in µs:
+    /// the time left before the deadline less the safety margin and the fallback's time. The
+    /// server counts it from the request's arrival.
     pub budget_us: u64,
     /// A latency probe: answer as usual, but it decides nothing.
     #[serde(default)]
@@ -134,7 +139,11 @@ pub struct DecideCounters {
     pub met: u64,
     pub missed: u64,
     pub served: u64,
+    /// Requests answered with an error: malformed, the service failed or ran out of time, or
+    /// the budget ran out while the request waited (those counted in `serve_expired` too).
     pub serve_refused: u64,
+    /// Requests whose budget ran out while they waited to be served: not served.
+    pub serve_expired: u64,
     /// Decision servers' announcements (liveliness) dropped because their queue was full; the
     /// servers were read again after each drop.
     pub servers_dropped: u64,
@@ -157,6 +166,9 @@ pub struct Decider {
     /// Servers with a probe in flight.
     probing: Mutex<BTreeSet<Target>>,
     serve_queue_len_max: usize,
+    /// Largest decision request served: a reading's largest payload (the input) and room
+    /// for the rest.
+    request_bytes_max: usize,
     servers_max: usize,
     clock: MonoClock,
     mode: watch::Receiver<Mode>,
@@ -207,6 +219,7 @@ impl Decider {
             deadlines: r.deadline_ms.iter().map(|(c, ms)| (c.to_string(), Duration::from_millis(*ms))).collect(),
             probing: Mutex::new(BTreeSet::new()),
             serve_queue_len_max: r.serve_queue_len_max,
+            request_bytes_max: config.log.payload_bytes_max.saturating_add(REQUEST_FRAME_BYTES),
             servers_max: r.servers_max,
             clock: MonoClock::new(),
             mode,
@@ -327,7 +340,8 @@ impl Decider {
 
     /// Serves `capability` with `service` until the guard is dropped.
     pub async fn serve(self: &Arc<Self>, capability: &Name, service: Arc<dyn Service>) -> Result<ServeGuard, BusError> {
-        let mut requests = self.transport.serve(&decide_key(capability.as_str(), &self.node), self.serve_queue_len_max, crate::bus::accept_all()).await?;
+        let accept = crate::bus::accept_bodies_up_to(self.request_bytes_max);
+        let mut requests = self.transport.serve(&decide_key(capability.as_str(), &self.node), self.serve_queue_len_max, accept).await?;
         let token = self.transport.declare_alive(&serves_key(capability.as_str(), self.tier, &self.node)).await?;
         let (node, tier) = (self.node.to_string(), self.tier);
         let permits = Arc::new(Semaphore::new(self.serve_queue_len_max));
@@ -339,15 +353,29 @@ impl Decider {
                 let (service, node, weak) = (service.clone(), node.clone(), weak.clone());
                 tokio::spawn(async move {
                     let _permit = permit;
-                    let result = match serde_json::from_slice::<DecisionRequest>(&request.payload) {
-                        // Bounded by the request's budget: past it the requester has given up,
-                        // and a service that hangs must not hold one of the places for ever.
-                        Ok(req) => match tokio::time::timeout(Duration::from_micros(req.budget_us), service.answer(&req)).await {
-                            Ok(Ok(decision)) => AnswerResult::Decision(decision),
-                            Ok(Err(e)) => AnswerResult::Error(e),
-                            Err(_) => AnswerResult::Error(format!("no answer within the request's budget of {} µs", req.budget_us)),
+                    // The budget runs from the request's arrival: the time it waited in the
+                    // queue and for a place is spent. Past it the requester has given up, so a
+                    // request that waited it out is not served (under overload the places go
+                    // to requests that can still be of use), and a service that hangs must not
+                    // hold one of the places for ever.
+                    let waited = request.received.elapsed();
+                    let (result, expired) = match serde_json::from_slice::<DecisionRequest>(&request.payload) {
+                        Ok(req) => match Duration::from_micros(req.budget_us).checked_sub(waited).filter(|left| !left.is_zero()) {
+                            None => (
+                                AnswerResult::Error(format!(
+                                    "the request's budget of {} µs ran out while it waited {} µs to be served",
+                                    req.budget_us,
+                                    us(waited)
+                                )),
+                                true,
+                            ),
+                            Some(left) => match tokio::time::timeout(left, service.answer(&req)).await {
+                                Ok(Ok(decision)) => (AnswerResult::Decision(decision), false),
+                                Ok(Err(e)) => (AnswerResult::Error(e), false),
+                                Err(_) => (AnswerResult::Error(format!("no answer within the request's budget of {} µs", req.budget_us)), false),
+                            },
                         },
-                        Err(e) => AnswerResult::Error(format!("malformed decision request: {e}")),
+                        Err(e) => (AnswerResult::Error(format!("malformed decision request: {e}")), false),
                     };
                     if let Some(d) = weak.upgrade() {
                         let mut c = d.counters.lock().unwrap_or_else(|p| p.into_inner());
@@ -355,6 +383,7 @@ impl Decider {
                             AnswerResult::Decision(_) => c.served += 1,
                             AnswerResult::Error(_) => c.serve_refused += 1,
                         }
+                        c.serve_expired += u64::from(expired);
                     }
                     let answer = Answer { node, tier, result };
                     let _ = request.responder.reply(serde_json::to_vec(&answer).expect("answers serialise")).await;
@@ -476,7 +505,11 @@ impl Decider {
             Route::Local => {}
             Route::Remote { target, timeout_us, estimate_us } => {
                 outcome.estimate_us = Some(estimate_us);
-                let request = DecisionRequest { id: id.to_owned(), capability: capability.to_owned(), budget_us, probe: false, input: input.clone() };
+                // The server is given what this node waits for (the budget less the margin
+                // and the fallback's time), not the whole budget: an answer later than that
+                // arrives after the fallback decided.
+                let request =
+                    DecisionRequest { id: id.to_owned(), capability: capability.to_owned(), budget_us: timeout_us, probe: false, input: input.clone() };
                 let timeout = Duration::from_micros(timeout_us);
                 let mut asked = vec![target];
                 if let Some((hedge, _)) = plan.hedge {
@@ -593,14 +626,27 @@ mod tests {
         Decider::start(config, net.attach(node), mode, events).await.unwrap()
     }
 
-    /// A service that never answers holds a serving place only for the request's budget: with
-    /// one place, a second request is still answered (on a paused clock, over the simulated
+    /// Sends `request` to `server`'s `inspect` capability from `asker`; its answer, if any came
+    /// within `timeout`.
+    async fn ask_inspect(asker: &dyn Transport, server: &NodeId, request: &DecisionRequest, timeout: Duration) -> Option<AnswerResult> {
+        let mut replies = asker.request(&decide_key("inspect", server), "", serde_json::to_vec(request).unwrap(), timeout, 1).await.unwrap();
+        replies.recv().await.map(|bytes| serde_json::from_slice::<Answer>(&bytes).unwrap().result)
+    }
+
+    /// A service that never answers holds a serving place only for the request's budget, and
+    /// a request's budget runs from its arrival: with one place, a second request that waited
+    /// out its budget for the place is refused without calling the service, and a third that
+    /// still has time when the place frees is served (on a paused clock, over the simulated
     /// network).
     #[test]
-    fn a_hung_service_holds_a_serving_place_only_for_the_requests_budget() {
-        struct Hangs;
+    fn a_hung_service_holds_a_place_for_the_budget_and_queued_requests_spend_theirs() {
+        struct Hangs(std::sync::atomic::AtomicU32);
         impl Service for Hangs {
-            fn answer<'a>(&'a self, _: &'a DecisionRequest) -> BoxFut<'a, Result<Value, String>> {
+            fn answer<'a>(&'a self, req: &'a DecisionRequest) -> BoxFut<'a, Result<Value, String>> {
+                self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if req.id == "c" {
+                    return Box::pin(std::future::ready(Ok(json!({"action": "log"}))));
+                }
                 Box::pin(std::future::pending())
             }
         }
@@ -610,28 +656,60 @@ mod tests {
             let mut config = config("[node]\nid = \"fog-1\"\ntier = \"fog\"\n");
             config.routing.serve_queue_len_max = 1;
             let decider = decider_on(&net, &fog, &config, Arc::new(|_| {})).await;
-            let _guard = decider.serve(&Name::new("inspect").unwrap(), Arc::new(Hangs)).await.unwrap();
+            let service = Arc::new(Hangs(std::sync::atomic::AtomicU32::new(0)));
+            let _guard = decider.serve(&Name::new("inspect").unwrap(), service.clone()).await.unwrap();
             let asker = net.attach(&edge);
-            let ask = async |id: &str| {
-                let request = DecisionRequest { id: id.into(), capability: "inspect".into(), budget_us: 100_000, probe: false, input: Value::Null };
-                let mut replies =
-                    asker.request(&decide_key("inspect", &fog), "", serde_json::to_vec(&request).unwrap(), Duration::from_secs(60), 1).await.unwrap();
-                let bytes = replies.recv().await.expect("an answer");
-                serde_json::from_slice::<Answer>(&bytes).unwrap().result
-            };
             let started = tokio::time::Instant::now();
-            // The second comes once the first holds the place (the queue in front holds one).
-            let second = async {
-                tokio::time::sleep(Duration::from_millis(10)).await;
-                ask("b").await
+            let ask = async |id: &str, after_ms: u64, budget_us: u64| {
+                tokio::time::sleep(Duration::from_millis(after_ms)).await;
+                let request = DecisionRequest { id: id.into(), capability: "inspect".into(), budget_us, probe: false, input: Value::Null };
+                (ask_inspect(&*asker, &fog, &request, Duration::from_secs(60)).await.expect("an answer"), started.elapsed())
             };
-            let (first, second) = tokio::join!(ask("a"), second);
-            for result in [first, second] {
-                assert_eq!(result, AnswerResult::Error("no answer within the request's budget of 100000 µs".into()));
+            // The second and the third come once the first holds the place, one after the other
+            // (the queue in front of the place holds one).
+            let ((first, t1), (second, t2), (third, t3)) = tokio::join!(ask("a", 0, 100_000), ask("b", 10, 50_000), ask("c", 20, 500_000));
+            assert_eq!(first, AnswerResult::Error("no answer within the request's budget of 100000 µs".into()));
+            let AnswerResult::Error(second) = second else { panic!("the second was served: {second:?}") };
+            assert!(second.starts_with("the request's budget of 50000 µs ran out while it waited "), "{second}");
+            assert_eq!(third, AnswerResult::Decision(json!({"action": "log"})));
+            // 100 ms for the first; the second is refused when the place frees, and the third
+            // answered at once.
+            for t in [t1, t2, t3] {
+                assert_eq!(t.as_millis() / 10, 10, "{:?}", [t1, t2, t3]);
             }
-            // 100 ms for the first, then 100 ms for the second once it has the place.
-            assert_eq!(started.elapsed().as_millis() / 10, 20, "{:?}", started.elapsed());
-            assert_eq!(decider.counters().serve_refused, 2);
+            assert_eq!(service.0.load(std::sync::atomic::Ordering::Relaxed), 2, "the expired request did not reach the service");
+            let c = decider.counters();
+            assert_eq!((c.served, c.serve_refused, c.serve_expired), (1, 2, 1), "{c:?}");
+            decider.stop();
+        });
+    }
+
+    /// A decision request larger than a reading's largest payload and its frame is refused
+    /// before it is queued (a queue of N requests holds N bodies); one within is served.
+    #[test]
+    fn a_decision_request_larger_than_a_reading_is_refused_unqueued() {
+        struct Answers;
+        impl Service for Answers {
+            fn answer<'a>(&'a self, _: &'a DecisionRequest) -> BoxFut<'a, Result<Value, String>> {
+                Box::pin(std::future::ready(Ok(json!({"action": "log"}))))
+            }
+        }
+        let runtime = runtime(true);
+        runtime.block_on(async {
+            let (net, fog, edge) = linked(4);
+            let mut config = config("[node]\nid = \"fog-1\"\ntier = \"fog\"\n");
+            config.log.payload_bytes_max = 1000;
+            let decider = decider_on(&net, &fog, &config, Arc::new(|_| {})).await;
+            let _guard = decider.serve(&Name::new("inspect").unwrap(), Arc::new(Answers)).await.unwrap();
+            let asker = net.attach(&edge);
+            let ask = async |input_len: usize| {
+                let input = Value::String("x".repeat(input_len));
+                let request = DecisionRequest { id: "r".into(), capability: "inspect".into(), budget_us: 100_000, probe: false, input };
+                ask_inspect(&*asker, &fog, &request, Duration::from_secs(1)).await
+            };
+            assert_eq!(ask(1000).await, Some(AnswerResult::Decision(json!({"action": "log"}))));
+            assert_eq!(ask(1000 + REQUEST_FRAME_BYTES).await, None, "refused: no answer");
+            assert_eq!(decider.counters().served, 1);
             decider.stop();
         });
     }

@@ -347,7 +347,10 @@ pub async fn run(
         Ok(d) => d,
         Err(e) => return format!("cannot start: {e}"),
     };
-    let mut requests = match transport.serve(&resolve_key(&config.node.id), config.autonomy.approvals_queue_len_max, crate::bus::accept_all()).await {
+    let mut requests = match transport
+        .serve(&resolve_key(&config.node.id), config.autonomy.approvals_queue_len_max, crate::bus::accept_bodies_up_to(crate::bus::CONTROL_REQUEST_BYTES_MAX))
+        .await
+    {
         Ok(r) => r,
         Err(e) => return format!("cannot serve approvals: {e}"),
     };

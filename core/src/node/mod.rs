@@ -222,7 +222,7 @@ impl Node {
                             tracing::info!(removed = r.removed, expired = r.expired, "retention sweep");
                         }
                         if let Some(first) = &r.first_unreadable {
-                            tracing::error!(streams = r.unreadable, first = %first, "retention is stuck at records that cannot be read; they and what follows them in their stream are kept");
+                            tracing::error!(streams = r.unreadable, first = %first, "retention stopped at records it could not read (damaged, or a read that failed); they and what follows them in their stream are kept");
                         }
                     }
                     Err(e) => tracing::error!(error = %e, "retention sweep failed"),
@@ -287,7 +287,14 @@ impl Node {
     }
 
     async fn start_status(&mut self) -> Result<(), NodeError> {
-        let mut requests = self.transport.serve(&keys::status(&self.config.node.id), self.config.node.status_queue_len_max, crate::bus::accept_all()).await?;
+        let mut requests = self
+            .transport
+            .serve(
+                &keys::status(&self.config.node.id),
+                self.config.node.status_queue_len_max,
+                crate::bus::accept_bodies_up_to(crate::bus::CONTROL_REQUEST_BYTES_MAX),
+            )
+            .await?;
         let (log, replicator, config, started) = (self.log.clone(), self.replicator.clone(), self.config.clone(), self.started);
         let (root, dropped, mode) = (self.root.clone(), self.events_dropped.clone(), self.mode.clone());
         let (decider, escalations, reports) = (self.decider.clone(), self.escalations.clone(), self.reports.clone());

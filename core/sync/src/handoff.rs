@@ -144,6 +144,9 @@ impl<T, R> Handoff<T, R> {
     #[cfg(not(loom))]
     pub fn take_batch_until(&self, max: usize, min: usize, deadline: std::time::Instant) -> Vec<(T, Completer<R>)> {
         let mut state = lock(&self.shared.state);
+        // More than the queue holds can never be queued (its producers wait for room): the
+        // committer would wait out the deadline at every batch.
+        let min = min.min(state.capacity);
         while state.queue.len() < min && !state.closed {
             let now = std::time::Instant::now();
             if now >= deadline {
@@ -419,6 +422,13 @@ mod tests {
         let got = h.take_batch_until(8, 3, Instant::now() + Duration::from_secs(30));
         assert_eq!(got.into_iter().map(|(i, _)| i).collect::<Vec<_>>(), vec![10, 11, 12]);
         let _tickets = producer.join().unwrap();
+        // Wanting more than the queue can hold: a full queue is enough (its producers wait for
+        // room, so more never comes before the deadline).
+        let small: Handoff<u32, ()> = Handoff::new(2);
+        let _t: Vec<_> = (0..2).map(|i| small.try_submit(i).unwrap()).collect();
+        let start = Instant::now();
+        assert_eq!(small.take_batch_until(64, 10, start + Duration::from_secs(60)).len(), 2);
+        assert!(start.elapsed() < Duration::from_secs(30), "waited out the deadline: {:?}", start.elapsed());
     }
 
     #[test]

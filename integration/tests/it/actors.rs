@@ -371,7 +371,8 @@ async fn an_actor_passes_a_long_damaged_region_in_steps_after_one_wait() {
 }
 
 /// The arbiter acts only on fresh decisions and on this node's own resolutions: a decision
-/// taken after its deadline (`route: "expired"`) is escalated whatever its action; one that
+/// taken after its deadline (`route: "expired"`) or with a risk outside [0, 1] is escalated
+/// whatever its action, a late one (`met: false`) unless mode safe's bounds allow it; one that
 /// names no action is refused with an event, not taken for a harmless one; a resolution
 /// replicated from another node is left to that node's arbiter; this node's own resolution and
 /// a fresh decision within the bounds become commands.
@@ -387,6 +388,10 @@ async fn the_arbiter_escalates_stale_decisions_and_acts_only_on_its_own_resoluti
     let fresh = log.append_durable(decisions.clone(), decision(json!({"action": "alert", "risk": 0.1, "route": "local"}))).await.unwrap();
     log.append_durable(decisions.clone(), decision(json!({"action": "alert", "risk": 0.1, "route": "expired"}))).await.unwrap();
     log.append_durable(decisions.clone(), decision(json!({"risk": 0.1, "route": "local"}))).await.unwrap();
+    log.append_durable(decisions.clone(), decision(json!({"action": "stop", "risk": 0.1, "route": "fallback", "met": false}))).await.unwrap();
+    let late_alert =
+        log.append_durable(decisions.clone(), decision(json!({"action": "alert", "risk": 0.05, "route": "fallback", "met": false}))).await.unwrap();
+    log.append_durable(decisions.clone(), decision(json!({"action": "alert", "risk": -1.0, "route": "local", "met": true}))).await.unwrap();
     let own = Draft::new(Kind::Decision, PayloadType::new("strata.resolution/1").unwrap(), resolution("own-escalation").to_string().into_bytes());
     log.append_durable(decisions.clone(), own).await.unwrap();
     let mut foreign = strata_integration::reading_envelope("fog-1", 0xf09, "decisions", 1);
@@ -408,7 +413,7 @@ async fn the_arbiter_escalates_stale_decisions_and_acts_only_on_its_own_resoluti
     let arbiter = Name::new("arbiter").unwrap();
     let (own_key, foreign_key) = (log.local_key(&decisions), strata_core::log::StreamKey::of(&foreign.id));
     let t0 = Instant::now();
-    while log.cursor(&arbiter, &own_key) != Some(4) || log.cursor(&arbiter, &foreign_key) != Some(1) {
+    while log.cursor(&arbiter, &own_key) != Some(7) || log.cursor(&arbiter, &foreign_key) != Some(1) {
         assert!(t0.elapsed() < Duration::from_secs(60), "cursors stuck at {:?} / {:?}", log.cursor(&arbiter, &own_key), log.cursor(&arbiter, &foreign_key));
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
@@ -418,10 +423,22 @@ async fn the_arbiter_escalates_stale_decisions_and_acts_only_on_its_own_resoluti
         log.read(&key, 1, 100).unwrap().iter().map(|e| serde_json::from_slice(&e.payload).unwrap()).collect()
     };
     let commands: Vec<String> = read("commands").iter().map(|c| c["key"].as_str().unwrap().to_owned()).collect();
-    assert_eq!(commands, [fresh.id.to_string(), "own-escalation".to_owned()], "the fresh decision and this node's resolution only");
+    assert_eq!(
+        commands,
+        [fresh.id.to_string(), late_alert.id.to_string(), "own-escalation".to_owned()],
+        "the fresh decision, the late one within mode safe's bounds and this node's resolution only"
+    );
     let escalations = read("escalations");
-    assert_eq!(escalations.len(), 1, "{escalations:?}");
-    assert!(escalations[0]["reason"].as_str().unwrap().contains("expired"), "{}", escalations[0]);
+    let reasons: Vec<&str> = escalations.iter().map(|e| e["reason"].as_str().unwrap()).collect();
+    assert_eq!(
+        reasons,
+        [
+            "decided after its deadline (expired): not acted on autonomously",
+            "decided after its deadline (missed), judged by the bounds of mode safe: action \"stop\" is not allowed autonomously in mode safe",
+            "risk -1 is not within [0, 1]"
+        ],
+        "{escalations:?}"
+    );
     let events = events.lock().unwrap().clone();
     assert!(events.iter().any(|e| e["event"] == "decision_refused" && e["reason"] == "it names no action"), "{events:?}");
 }
