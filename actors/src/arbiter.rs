@@ -5,8 +5,9 @@
 //!
 //! The bounds are the node's `[autonomy.<mode>]` for its current mode (`Ctx::mode`).
 //! Decisions with action `none` (nothing to do) are skipped; any other decision taken after
-//! its deadline (`route: "expired"`, stale input) is escalated, whatever the bounds; one that names
-//! no action is refused with a `decision_refused` event. Only this node's own resolutions
+//! its deadline (`route: "expired"`, stale input) or with a risk outside [0, 1] is escalated,
+//! whatever the bounds; one that missed its deadline (`met: false`) is judged by mode safe's
+//! bounds, whatever the mode; one that names no action is refused with a `decision_refused` event. Only this node's own resolutions
 //! (from its desk, on `autonomy.resolutions_stream`) are acted on. Resolutions of escalations
 //! (`strata.resolution/1`, appended by the node's escalation desk to `autonomy.resolutions_stream`,
 //! `decisions` by default) become commands too: the escalated action if an operator approved it,
@@ -81,7 +82,7 @@ impl Behaviour for Arbiter {
         let verdict = if decision.get("route").and_then(|r| r.as_str()) == Some("expired") {
             Verdict::Escalate("decided after its deadline (expired): not acted on autonomously".into())
         } else if decision.get("met").and_then(|m| m.as_bool()) == Some(false) {
-            // Decided, but after its deadline (a fallback that itself ran late): its input may
+            // Decided, but after its deadline (e.g. a fallback that ran late): its input may
             // be stale, so it is judged by the narrowest bounds (mode safe's: a late alert
             // still goes out, a late stop waits for an operator), whatever the mode. Not all
             // escalated: under overload, late harmless decisions would fill the desk.

@@ -576,6 +576,8 @@ impl Log {
     /// from the record's append may trust. Its HLC timestamp is not: peers' clocks move the
     /// HLC ahead (up to its accepted drift), so `now - hlc` can read a stale record as
     /// fresh. A record durable before this store was opened gets the instant it was opened.
+    /// Under `sync = "interval"` or `"never"`, durable means written (not yet synced): the
+    /// instant is still no earlier than the record's append.
     /// `None` for another node's (or incarnation's) stream and for a record not durable yet.
     pub fn durable_by(&self, key: &StreamKey, seq: u64) -> Option<std::time::Instant> {
         self.store.durable_by(key, seq)

@@ -166,8 +166,8 @@ pub struct Decider {
     /// Servers with a probe in flight.
     probing: Mutex<BTreeSet<Target>>,
     serve_queue_len_max: usize,
-    /// Largest decision request served: a reading's largest payload (the input) and room
-    /// for the rest.
+    /// Largest decision request served: a reading's largest payload (more than any input an
+    /// actor sends) and room for the rest.
     request_bytes_max: usize,
     servers_max: usize,
     clock: MonoClock,
