@@ -539,7 +539,13 @@ fn log_ls(path: &std::path::Path, json: bool) -> ExitCode {
     if json {
         println!("{}", serde_json::to_string_pretty(&infos).expect("stream infos serialise"));
     } else {
-        println!("store {} of node {} (incarnation {})", path.display(), store.node(), store.incarnation());
+        let earlier = store.earlier_incarnations();
+        let earlier = if earlier.is_empty() {
+            String::new()
+        } else {
+            format!("; earlier, after restarts that may have lost records: {}", earlier.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(", "))
+        };
+        println!("store {} of node {} (incarnation {}{earlier})", path.display(), store.node(), store.incarnation());
         print!("{}", show::streams_table(&infos));
     }
     ExitCode::SUCCESS
@@ -568,13 +574,17 @@ fn log_tail(path: &std::path::Path, stream: &str, from: u64, incarnation: Option
         }
     };
     let matching = |store: &RocksStore| -> Vec<StreamKey> {
-        store
+        let mut keys: Vec<StreamKey> = store
             .streams()
             .into_iter()
             .filter(|i| i.origin == origin && i.stream == wanted.stream)
             .filter(|i| incarnation.is_none_or(|inc| i.incarnation.get() == inc))
             .map(|i| i.key())
-            .collect()
+            .collect();
+        // The store's own incarnations in the order it had them (others by id).
+        let history = [store.earlier_incarnations(), vec![store.incarnation()]].concat();
+        keys.sort_by_key(|k| (k.origin != *store.node(), history.iter().position(|i| *i == k.incarnation), k.incarnation));
+        keys
     };
     let mut next: Vec<(StreamKey, u64)> = matching(&store).into_iter().map(|k| (k, from.max(1))).collect();
     if next.is_empty() {

@@ -259,7 +259,9 @@ impl fmt::Display for Seq {
 
 /// A random 64-bit id created together with a node's store (see DESIGN.md, Vocabulary).
 /// A node whose disk was wiped comes back with a new incarnation, so its new `seq 1` never
-/// collides with the old one stored upstream.
+/// collides with the old one stored upstream. So does a store that may have lost acknowledged
+/// records (left open under `log.sync = "interval"` or `"never"` across a machine restart):
+/// its seqs go on under a new incarnation instead of naming other records.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct Incarnation(u64);

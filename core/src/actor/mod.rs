@@ -416,8 +416,17 @@ impl<B: Behaviour> HostState<B> {
         let mut keys = Vec::new();
         for input in &self.inputs {
             match &input.origin {
-                None => keys.push(log.local_key(&input.stream)),
-                Some(origin) => keys.extend(log.streams().into_iter().filter(|i| &i.origin == origin && i.stream == input.stream).map(|i| i.key())),
+                // Its own stream in every incarnation, oldest first: what an earlier one held
+                // and the actor had not handled yet is still to be handled. Earlier ones it
+                // never held are left out (no cursor is kept for them).
+                Some(origin) if origin != log.node() => {
+                    keys.extend(log.streams().into_iter().filter(|i| &i.origin == origin && i.stream == input.stream).map(|i| i.key()))
+                }
+                _ => {
+                    let own = log.own_keys(&input.stream);
+                    let current = own.len() - 1;
+                    keys.extend(own.into_iter().enumerate().filter(|(n, key)| *n == current || log.stream(key).is_some()).map(|(_, key)| key));
+                }
             }
         }
         keys
@@ -675,11 +684,7 @@ impl<B: Behaviour> Actor for Host<B> {
         // durable, so is any write a previous instance queued before it failed. Only then
         // are the snapshot and the cursors read: nothing is handled twice.
         log.commit_atomically(Vec::new(), &spec.name, Vec::new()).await?;
-        let snapshot_key = log.local_key(&snapshot_stream(&spec.name));
-        let snapshot = match log.stream(&snapshot_key) {
-            Some(info) if info.last > 0 => log.read(&snapshot_key, info.last, 1)?.pop().map(|e| e.payload),
-            _ => None,
-        };
+        let snapshot = log.latest_own(&snapshot_stream(&spec.name))?.map(|e| e.payload);
         let mut ctx = Ctx {
             node: log.node().clone(),
             name: spec.name.clone(),
@@ -846,5 +851,105 @@ impl Registry {
     pub fn child(&self, spec: &ActorSpec, env: &ActorEnv) -> Result<ChildSpec, String> {
         let (_, factory) = self.kinds.get(spec.kind.as_str()).ok_or_else(|| format!("unknown actor kind {:?}", spec.kind.as_str()))?;
         factory(spec, env)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::supervise::{policy::Policy, Supervisor, SupervisorArgs, SupervisorMsg};
+
+    /// Counts its inputs in its snapshot and records each input's payload.
+    struct Count(Arc<Mutex<Vec<Vec<u8>>>>);
+
+    impl Behaviour for Count {
+        type State = u64;
+
+        async fn start(&self, ctx: &mut Ctx) -> Result<u64, ActorError> {
+            Ok(ctx.snapshot().map_or(0, |b| u64::from_le_bytes(b.try_into().expect("8 bytes"))))
+        }
+
+        async fn handle(&self, ctx: &mut Ctx, count: &mut u64, input: &Envelope) -> Result<(), ActorError> {
+            self.0.lock().unwrap().push(input.payload.clone());
+            *count += 1;
+            ctx.save_snapshot(count.to_le_bytes().to_vec());
+            Ok(())
+        }
+    }
+
+    async fn start(log: &Log, seen: &Arc<Mutex<Vec<Vec<u8>>>>) -> ActorRef<SupervisorMsg> {
+        let config = NodeConfig::parse(
+            "t.toml".as_ref(),
+            "[node]\nid = \"edge-1\"\ntier = \"edge\"\n[zenoh]\nconnect = [\"tcp/127.0.0.1:7448\"]\n[[actors]]\nkind = \"count\"\nname = \"count\"\ninputs = [\"in\"]\n",
+        )
+        .unwrap();
+        let mut registry = Registry::new();
+        let s = seen.clone();
+        registry.register("count", move |_: &crate::config::ActorSpec| Ok::<_, String>(Count(s.clone())));
+        let env = ActorEnv::fixed(Arc::new(config.clone()), Mode::Full, log.clone(), Arc::new(|_| {}));
+        let child = registry.child(&config.actors[0], &env).unwrap();
+        let policy = Policy {
+            strategy: crate::config::Strategy::OneForOne,
+            restarts_max: 0,
+            window: Duration::from_secs(60),
+            backoff_base: Duration::from_millis(1),
+            backoff_max: Duration::from_millis(1),
+            jitter_pct: 0,
+            child_shutdown_timeout: Duration::from_secs(5),
+        };
+        let args = SupervisorArgs { name: "root".into(), policy, children: vec![child], events: Arc::new(|_| {}) };
+        Actor::spawn(None, Supervisor, args).await.unwrap().0
+    }
+
+    async fn wait_for(log: &Log, key: &StreamKey, seq: u64) {
+        let (consumer, t0) = (Name::new("count").unwrap(), std::time::Instant::now());
+        while log.cursor(&consumer, key).is_none_or(|c| c < seq) {
+            assert!(t0.elapsed() < Duration::from_secs(60), "cursor of {key} stuck at {:?}, waiting for {seq}", log.cursor(&consumer, key));
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// After the store moved on to a new incarnation (left open under `sync = interval` when
+    /// the machine restarted), an actor reading its own node's stream handles what the earlier
+    /// incarnation held and it had not handled yet, then the new records, each once, and
+    /// starts from the snapshot it saved under the earlier incarnation.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_actor_goes_on_across_a_new_incarnation_of_its_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let node = NodeId::new("edge-1").unwrap();
+        let open = |boot: &str| crate::log::tests::open_in_boot(dir.path(), &node, boot);
+        let input = StreamName::new("in").unwrap();
+        let append = |log: &Log, n: u8| {
+            let (log, input) = (log.clone(), input.clone());
+            async move { log.append_durable(input, Draft::new(Kind::Reading, PayloadType::new("test/1").unwrap(), vec![n])).await.unwrap() }
+        };
+        let seen = Arc::new(Mutex::new(Vec::new()));
+
+        let log = open("boot-1");
+        for n in 1..=3 {
+            append(&log, n).await;
+        }
+        let sup = start(&log, &seen).await;
+        wait_for(&log, &log.local_key(&input), 3).await;
+        crate::supervise::shutdown(&sup, Duration::from_secs(10)).await;
+        for n in 4..=5 {
+            append(&log, n).await;
+        }
+        crate::log::tests::crash_committer(&log).await;
+        drop(log);
+
+        let log = open("boot-2");
+        let old = log.own_keys(&input)[0].clone();
+        assert_ne!(old, log.local_key(&input), "a new incarnation");
+        append(&log, 6).await;
+        let sup = start(&log, &seen).await;
+        wait_for(&log, &old, 5).await;
+        wait_for(&log, &log.local_key(&input), 1).await;
+        crate::supervise::shutdown(&sup, Duration::from_secs(10)).await;
+        assert_eq!(*seen.lock().unwrap(), (1..=6).map(|n| vec![n]).collect::<Vec<_>>(), "each once, the earlier incarnation's first");
+        let count = log.latest_own(&snapshot_stream(&Name::new("count").unwrap())).unwrap().unwrap().payload;
+        assert_eq!(u64::from_le_bytes(count.try_into().unwrap()), 6, "the count went on from the earlier incarnation's snapshot");
     }
 }

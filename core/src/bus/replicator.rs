@@ -413,9 +413,10 @@ impl Replicator {
         self.shared.wake.notify_one();
     }
 
-    /// The watermark of each of this node's own streams: what the others should hold.
+    /// The watermark of each of this node's own streams, of every incarnation: what the others
+    /// should hold.
     pub fn own_watermarks(&self) -> BTreeMap<StreamKey, u64> {
-        self.shared.log.streams().into_iter().filter(|i| i.local).map(|i| (i.key(), i.watermark)).collect()
+        self.shared.log.streams().into_iter().filter(|i| i.origin == self.shared.settings.node).map(|i| (i.key(), i.watermark)).collect()
     }
 
     /// Records up to `goal` (per own stream, a watermark) that a tier acknowledging the stream
@@ -785,7 +786,8 @@ async fn receive_heads(shared: Arc<Shared>, mut incoming: super::Incoming<super:
         }
         for head in heads.heads {
             let key = head.key();
-            if key.origin == shared.settings.node && key.incarnation == shared.log.incarnation() {
+            // Of this node's own streams, also an earlier incarnation's (see `Log::own_keys`).
+            if key.origin == shared.settings.node {
                 if !acks_trusted {
                     continue;
                 }

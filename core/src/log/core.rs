@@ -263,9 +263,10 @@ impl Core {
     /// durable: the age of a record read back is at least its `elapsed()`. Unlike its HLC
     /// timestamp, which peers' clocks move ahead (up to the HLC's accepted drift), so that
     /// `now - hlc` can read a stale record as fresh. `None` for other nodes' streams and for
-    /// a record not durable yet.
+    /// a record not durable yet. A record of an earlier incarnation of this store was durable
+    /// before the store was opened.
     pub(crate) fn durable_by(&self, key: &StreamKey, seq: u64) -> Option<Instant> {
-        if key.origin != self.node || key.incarnation != self.incarnation || seq > self.readable_last(key) {
+        if key.origin != self.node || seq > self.readable_last(key) {
             return None;
         }
         let Some(times) = self.durable_times.get(key) else { return Some(self.created) };
@@ -459,7 +460,9 @@ impl Core {
 
     fn plan_insert_one(&self, plan: &mut Plan, sink: &mut dyn Sink, scratch: &mut Scratch, envelope: &Envelope) -> Result<Inserted, LogError> {
         let key = StreamKey::of(&envelope.id);
-        if key.origin == self.node && key.incarnation == self.incarnation {
+        // This node's own records, of any incarnation: a copy from elsewhere adds nothing (and
+        // seqs an earlier incarnation lost stay lost, not filled from a peer's copy).
+        if key.origin == self.node {
             return Ok(Inserted::Own);
         }
         // Keep causality: our next timestamps come after what we received. A remote clock
@@ -506,10 +509,10 @@ impl Core {
                 // An actor's latest snapshot is its state: never removed.
                 upper = upper.saturating_sub(1);
             }
-            // Only this node's own streams wait for acknowledgements (only they get any): the
-            // origin keeps its records until the named tiers hold them, and a replica's copy
-            // goes by size and age alone, or it would never go.
-            let own = key.origin == self.node && key.incarnation == self.incarnation;
+            // Only this node's own streams (of every incarnation) wait for acknowledgements
+            // (only they get any): the origin keeps its records until the named tiers hold
+            // them, and a replica's copy goes by size and age alone, or it would never go.
+            let own = key.origin == self.node;
             for tier in rule.keep_until_acked.iter().filter(|_| own) {
                 let acked = self.acks.get(&key).and_then(|a| a.get(tier)).copied().unwrap_or(0);
                 upper = upper.min(acked);
@@ -642,6 +645,7 @@ impl Core {
             incarnation: key.incarnation,
             stream: key.stream.clone(),
             local: key.origin == self.node && key.incarnation == self.incarnation,
+            own: key.origin == self.node,
             first: e.first,
             last: e.wm.last(),
             count: e.count,

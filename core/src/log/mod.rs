@@ -116,6 +116,9 @@ pub struct StreamInfo {
     pub stream: StreamName,
     /// True for this store's own streams (origin and incarnation are the store's).
     pub local: bool,
+    /// True for this node's streams of any incarnation: `local` ones, and those of an earlier
+    /// incarnation ([`Log::own_keys`]), which no longer grow.
+    pub own: bool,
     /// Lowest seq still stored (0 if none).
     pub first: u64,
     /// Highest seq stored (0 if none).
@@ -228,6 +231,11 @@ pub type OpOutcome = Result<OpResult, LogError>;
 pub trait Store: Send + Sync + 'static {
     fn node(&self) -> &NodeId;
     fn incarnation(&self) -> Incarnation;
+    /// The incarnations this store had before its current one, oldest first (see
+    /// [`Log::own_keys`]).
+    fn earlier_incarnations(&self) -> Vec<Incarnation> {
+        Vec::new()
+    }
     /// Queues `op`; resolves once it is queued (its order is then fixed) to the pending
     /// result, which resolves once the op is durable.
     #[doc(hidden)]
@@ -355,9 +363,36 @@ impl Log {
         self.store.incarnation()
     }
 
-    /// The key of this node's own stream `stream`.
+    /// The key of this node's own stream `stream`, where it appends.
     pub fn local_key(&self, stream: &StreamName) -> StreamKey {
         StreamKey { origin: self.node().clone(), incarnation: self.incarnation(), stream: stream.clone() }
+    }
+
+    /// The keys of this node's own stream `stream` in every incarnation the store had, oldest
+    /// first, the current one ([`Log::local_key`]) last. A store not closed cleanly under
+    /// `sync = interval` or `never` opens under a new incarnation (acknowledged records may
+    /// have been lost, and their seqs must not be reused); what it held stays under the old
+    /// keys, and a reader of its own streams reads those too.
+    pub fn own_keys(&self, stream: &StreamName) -> Vec<StreamKey> {
+        let mut keys: Vec<StreamKey> = self
+            .store
+            .earlier_incarnations()
+            .into_iter()
+            .map(|incarnation| StreamKey { origin: self.node().clone(), incarnation, stream: stream.clone() })
+            .collect();
+        keys.push(self.local_key(stream));
+        keys
+    }
+
+    /// The last record of this node's own stream `stream`, in the newest incarnation that
+    /// holds one (an actor's latest snapshot).
+    pub fn latest_own(&self, stream: &StreamName) -> Result<Option<Envelope>, LogError> {
+        for key in self.own_keys(stream).iter().rev() {
+            if let Some(info) = self.stream(key).filter(|i| i.last > 0) {
+                return Ok(self.read(key, info.last, 1)?.pop());
+            }
+        }
+        Ok(None)
     }
 
     /// Queues an append to this node's stream `stream`. Resolves once queued (waiting while

@@ -45,6 +45,22 @@ use super::{LogError, Op, OpOutcome, Pending, PendingInner, Store, StreamInfo, S
 const META_FORMAT: &[u8] = b"format_version";
 const META_INCARNATION: &[u8] = b"incarnation";
 const META_NODE: &[u8] = b"node_id";
+/// The incarnations this store had before its current one, oldest first (8 bytes each).
+const META_EARLIER_INCARNATIONS: &[u8] = b"earlier_incarnations";
+/// Whether the store is open for writing, and under which sync policy: [`OPEN_SYNCED`],
+/// [`OPEN_UNSYNCED`], or [`CLOSED`] once closed with everything synced.
+const META_OPEN: &[u8] = b"open";
+const CLOSED: u8 = 0;
+/// Open with `sync = always`: nothing acknowledged can be lost, closed cleanly or not.
+const OPEN_SYNCED: u8 = 1;
+/// Open with `sync = interval` or `never`, followed by the machine's boot id. Found so at the
+/// next open after the machine restarted (a power loss, a kernel crash), acknowledged records
+/// may have been lost with the page cache, and their seqs must not be handed out again. In
+/// the same boot only the process died: RocksDB had handed every acknowledged write to the
+/// kernel, which keeps it.
+const OPEN_UNSYNCED: u8 = 2;
+/// Linux's id of the current boot, new at every boot.
+const BOOT_ID_FILE: &str = "/proc/sys/kernel/random/boot_id";
 const LOCK_FILE: &str = "strata.lock";
 
 /// How a store is opened; see `[log]` in `configs/reference.toml`.
@@ -68,6 +84,9 @@ pub struct StoreOptions {
     pub present_ranges_max: usize,
     pub info_log_files_max: usize,
     pub info_log_file_bytes_max: usize,
+    /// Tests only: the id of "this boot", in place of the machine's (to act out a restart).
+    #[doc(hidden)]
+    pub boot_id: Option<String>,
 }
 
 impl StoreOptions {
@@ -91,6 +110,7 @@ impl StoreOptions {
             present_ranges_max: log.present_ranges_max,
             info_log_files_max: log.info_log_files_max,
             info_log_file_bytes_max: log.info_log_file_bytes_max,
+            boot_id: None,
         }
     }
 }
@@ -118,6 +138,8 @@ pub struct RocksStore {
     path: PathBuf,
     node: NodeId,
     incarnation: Incarnation,
+    /// The incarnations before `incarnation`, oldest first.
+    earlier: Vec<Incarnation>,
     /// Replaced as a whole when a read-only store is refreshed.
     db: RwLock<Arc<DB>>,
     core: Arc<Mutex<Core>>,
@@ -323,7 +345,7 @@ impl RocksStore {
 
         let meta = cf(&db, Cf::Meta);
         let incarnation = match read_meta(&db, path)? {
-            Some(Meta { node: found_node, incarnation, format }) => {
+            Some(Meta { node: found_node, incarnation, format, .. }) => {
                 if found_node != node.as_str() {
                     return Err(LogError::WrongNode { path: path.to_owned(), found: found_node, expected: node.to_string() });
                 }
@@ -352,6 +374,8 @@ impl RocksStore {
             }
         };
 
+        let (incarnation, earlier) = mark_open(&db, path, incarnation, &opts)?;
+
         let mut core = Core::new(node.clone(), incarnation, opts.limits, opts.retention.clone());
         core.sweep_records_max = opts.sweep_records_max;
         core.present_ranges_max = opts.present_ranges_max;
@@ -360,6 +384,7 @@ impl RocksStore {
             path: path.to_owned(),
             node: node.clone(),
             incarnation,
+            earlier,
             db: RwLock::new(Arc::new(db)),
             core: Arc::new(Mutex::new(core)),
             handoff: Handoff::new(opts.commit_queue_len_max),
@@ -386,7 +411,7 @@ impl RocksStore {
         }
         let listed = Listing::take(path, SystemTime::now());
         let db = open_reader(path)?;
-        let Meta { node, incarnation, .. } = read_meta(&db, path)?.ok_or_else(|| LogError::NotAStore { path: path.to_owned() })?;
+        let Meta { node, incarnation, earlier, .. } = read_meta(&db, path)?.ok_or_else(|| LogError::NotAStore { path: path.to_owned() })?;
         let node = NodeId::new(node).map_err(|e| LogError::Corrupt { path: path.to_owned(), detail: format!("meta node_id: {e}") })?;
         let mut core = Core::new(node.clone(), incarnation, Limits::default(), Vec::new());
         load_state(&db, path, &mut core)?;
@@ -396,6 +421,7 @@ impl RocksStore {
             path: path.to_owned(),
             node,
             incarnation,
+            earlier,
             db: RwLock::new(Arc::new(db)),
             core: Arc::new(Mutex::new(core)),
             handoff,
@@ -465,7 +491,9 @@ impl RocksStore {
 
     fn start_threads(&self, opts: &StoreOptions) {
         let mut threads = self.threads.lock().unwrap_or_else(|p| p.into_inner());
+        let periodic_sync_failed = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let committer = Committer {
+            periodic_sync_failed: periodic_sync_failed.clone(),
             db: self.db(),
             core: self.core.clone(),
             handoff: self.handoff.clone(),
@@ -504,7 +532,10 @@ impl RocksStore {
                 .spawn(move || {
                     while let Err(mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(every) {
                         if let Err(e) = db.flush_wal(true) {
+                            // What it held may never reach the disk, though a later sync
+                            // succeeds (the kernel may drop pages it failed to write).
                             tracing::error!(error = %e, "periodic WAL sync failed");
+                            periodic_sync_failed.store(true, std::sync::atomic::Ordering::SeqCst);
                         }
                     }
                 })
@@ -518,7 +549,71 @@ impl RocksStore {
 struct Meta {
     node: String,
     incarnation: Incarnation,
+    /// Oldest first.
+    earlier: Vec<Incarnation>,
     format: u32,
+    /// [`META_OPEN`] as stored (its first byte, then the boot id for [`OPEN_UNSYNCED`]); `None`
+    /// in a store written before it was kept.
+    open: Option<Vec<u8>>,
+}
+
+/// The id of the machine's current boot, if it can be known.
+fn boot_id() -> Option<String> {
+    std::fs::read_to_string(BOOT_ID_FILE).ok().map(|id| id.trim().to_owned()).filter(|id| !id.is_empty())
+}
+
+/// Marks the store open for writing under `opts.sync`, and returns its incarnation and the
+/// earlier ones. A store found still open from a run under `sync = interval` or `never`, in
+/// an earlier boot of the machine (a power loss, a kernel crash), may have lost records it had
+/// acknowledged, and perhaps already sent to other nodes: their seqs would be handed out
+/// again to different records, which the other nodes would take as duplicates. It goes on
+/// under a new incarnation instead; what survived stays readable under the old one. A process
+/// that only crashed lost nothing (see [`OPEN_UNSYNCED`]): the incarnation stays.
+fn mark_open(db: &DB, path: &Path, incarnation: Incarnation, opts: &StoreOptions) -> Result<(Incarnation, Vec<Incarnation>), LogError> {
+    let io = |e: rocksdb::Error| LogError::Io { path: path.to_owned(), detail: e.into_string() };
+    let meta = read_meta(db, path)?.ok_or_else(|| LogError::Corrupt { path: path.to_owned(), detail: "meta is missing".into() })?;
+    let boot = opts.boot_id.clone().or_else(boot_id);
+    let mut earlier = meta.earlier;
+    let mut batch = WriteBatch::default();
+    let mut current = incarnation;
+    // Left open without every write synced, and the machine restarted since (or its boot
+    // cannot be known): what was acknowledged last may be gone. A value this build does not
+    // know (a later build's) is taken as the worst case. A store written before the marker
+    // was kept has none: whatever happened before cannot be known, and it is not moved.
+    let boot_bytes = boot.as_deref().unwrap_or("").as_bytes();
+    let (lost, unsynced_before) = match meta.open.as_deref() {
+        None => (false, false),
+        Some([CLOSED]) | Some([OPEN_SYNCED]) => (false, false),
+        Some([OPEN_UNSYNCED, id @ ..]) => (boot.is_none() || id != boot_bytes, true),
+        Some(_) => (true, true),
+    };
+    if lost {
+        current = loop {
+            let fresh = Incarnation::random();
+            if fresh != incarnation && !earlier.contains(&fresh) {
+                break fresh;
+            }
+        };
+        earlier.push(incarnation);
+        let history: Vec<u8> = earlier.iter().flat_map(|i| i.get().to_be_bytes()).collect();
+        batch.put_cf(cf(db, Cf::Meta), META_EARLIER_INCARNATIONS, history);
+        batch.put_cf(cf(db, Cf::Meta), META_INCARNATION, current.get().to_be_bytes());
+        tracing::warn!(path = %path.display(), was = %incarnation, now = %current,
+            "the store was left open under sync = interval or never and the machine restarted since: records acknowledged last may be lost, so its streams go on under a new incarnation");
+    }
+    // Under `always` after an unsynced run of this boot that crashed, its writes are not known
+    // to be on disk until this run is closed cleanly (RocksDB's recovery flushes them to
+    // synced table files at open, but that is its default, not a promise): the marker stays
+    // "unsynced" until then.
+    let open = match opts.sync {
+        SyncPolicy::Always if lost || !unsynced_before => vec![OPEN_SYNCED],
+        _ => [&[OPEN_UNSYNCED][..], boot_bytes].concat(),
+    };
+    batch.put_cf(cf(db, Cf::Meta), META_OPEN, open);
+    let mut wo = WriteOptions::default();
+    wo.set_sync(true);
+    db.write_opt(batch, &wo).map_err(io)?;
+    Ok((current, earlier))
 }
 
 /// Reads `meta`, checking that this build reads its format version.
@@ -535,7 +630,16 @@ fn read_meta(db: &DB, path: &Path) -> Result<Option<Meta>, LogError> {
     let inc = Incarnation::from_raw(u64::from_be_bytes(inc.as_slice().try_into().map_err(|_| corrupt("incarnation"))?));
     let node = get(META_NODE)?.ok_or_else(|| corrupt("node_id"))?;
     let node = String::from_utf8(node).map_err(|_| corrupt("node_id"))?;
-    Ok(Some(Meta { node, incarnation: inc, format }))
+    let earlier = match get(META_EARLIER_INCARNATIONS)? {
+        None => Vec::new(),
+        Some(bytes) if bytes.len() % 8 == 0 => {
+            bytes.chunks_exact(8).map(|b| Incarnation::from_raw(u64::from_be_bytes(b.try_into().expect("8 bytes")))).collect()
+        }
+        Some(_) => return Err(corrupt("earlier_incarnations")),
+    };
+    // Read as it is: a value this build does not know is judged by `mark_open`.
+    let open = get(META_OPEN)?;
+    Ok(Some(Meta { node, incarnation: inc, earlier, format, open }))
 }
 
 fn load_state(db: &DB, path: &Path, core: &mut Core) -> Result<(), LogError> {
@@ -556,6 +660,9 @@ fn load_state(db: &DB, path: &Path, core: &mut Core) -> Result<(), LogError> {
 }
 
 struct Committer {
+    /// Set by the `sync = interval` thread when a sync failed: the store is then never marked
+    /// closed cleanly.
+    periodic_sync_failed: Arc<std::sync::atomic::AtomicBool>,
     db: Arc<DB>,
     core: Arc<Mutex<Core>>,
     handoff: Handoff<Op, OpOutcome>,
@@ -788,10 +895,21 @@ impl Committer {
             }
         }
         // Dropping the syncer's thread waits for it to sync what it holds.
-        if syncer.is_none() {
-            if let Err(e) = self.db.flush_wal(true) {
-                tracing::error!(error = %e, "final WAL sync failed");
-            }
+        drop(syncer);
+        if let Some(error) = stopped(&stop) {
+            tracing::warn!(%error, "the store stopped on an error: it is not marked closed cleanly");
+            return;
+        }
+        if self.periodic_sync_failed.load(std::sync::atomic::Ordering::SeqCst) {
+            tracing::warn!("a periodic WAL sync failed: the store is not marked closed cleanly");
+            return;
+        }
+        // Everything acknowledged is synced: the next open goes on under this incarnation.
+        let mut wo = WriteOptions::default();
+        wo.set_sync(true);
+        let closed = self.db.flush_wal(true).and_then(|()| self.db.put_cf_opt(cf(&self.db, Cf::Meta), META_OPEN, [CLOSED], &wo));
+        if let Err(e) = closed {
+            tracing::error!(error = %e, "final WAL sync failed; the store is not marked closed cleanly");
         }
     }
 }
@@ -971,6 +1089,10 @@ impl Store for RocksStore {
 
     fn incarnation(&self) -> Incarnation {
         self.incarnation
+    }
+
+    fn earlier_incarnations(&self) -> Vec<Incarnation> {
+        self.earlier.clone()
     }
 
     fn submit(&self, op: Op) -> Pin<Box<dyn Future<Output = Result<Pending, LogError>> + Send + '_>> {

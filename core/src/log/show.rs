@@ -54,7 +54,12 @@ pub fn streams_table(infos: &[StreamInfo]) -> String {
                 i.watermark.to_string(),
                 i.missing.to_string(),
                 i.expired.to_string(),
-                if i.local { "local".to_owned() } else { "replica".to_owned() },
+                match (i.local, i.own) {
+                    (true, _) => "local",
+                    (false, true) => "local, earlier incarnation",
+                    (false, false) => "replica",
+                }
+                .to_owned(),
             ]
         })
         .collect();

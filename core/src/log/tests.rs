@@ -786,10 +786,7 @@ async fn a_panicking_committer_refuses_what_is_queued_and_what_comes_next() {
     log.append_durable(stream("a"), draft(b"before")).await.unwrap();
     // Only appends and cursor commits may be atomic: anything else is a bug in the caller,
     // and the committer panics on it. That is the way into the panic path here.
-    let bad = Op::Atomic { ops: vec![Op::Sweep { now_unix_ms: 0 }] };
-    let ticket = log.store().submit(bad).await.unwrap();
-    let answered = tokio::time::timeout(Duration::from_secs(30), ticket).await.expect("the op held by the panicking committer resolves");
-    assert!(answered.is_err());
+    crash_committer(&log).await;
     let next = tokio::time::timeout(Duration::from_secs(30), async { log.append(stream("a"), draft(b"after")).await?.await })
         .await
         .expect("an append after the panic is answered");
@@ -800,6 +797,148 @@ async fn a_panicking_committer_refuses_what_is_queued_and_what_comes_next() {
     let log = rocks(dir.path(), StoreOptions::default());
     let key = log.local_key(&stream("a"));
     assert_eq!(log.read(&key, 1, 10).unwrap().iter().map(|e| e.payload.clone()).collect::<Vec<_>>(), [b"before".to_vec()]);
+}
+
+/// The store of `node` in `dir` under `sync = interval`, opened as in boot `boot` of the
+/// machine (a new boot id acts out a restart of the machine since the last open).
+pub(crate) fn open_in_boot(dir: &Path, node: &NodeId, boot: &str) -> Log {
+    let opts = StoreOptions { sync: crate::config::SyncPolicy::Interval, sync_interval_ms: 5, boot_id: Some(boot.into()), ..StoreOptions::default() };
+    Log::new(Arc::new(RocksStore::open(dir, node, opts).unwrap()))
+}
+
+/// Makes the committer of `log` panic (the way in that a crash takes): the store is not
+/// marked closed cleanly.
+pub(crate) async fn crash_committer(log: &Log) {
+    let bad = Op::Atomic { ops: vec![Op::Sweep { now_unix_ms: 0 }] };
+    let ticket = log.store().submit(bad).await.unwrap();
+    let answered = tokio::time::timeout(Duration::from_secs(30), ticket).await.expect("answered");
+    assert!(answered.is_err());
+}
+
+/// Under `sync = interval` or `never`, a store left open when the machine restarted (a power
+/// loss) may have lost records it acknowledged (and perhaps sent on): it goes on under a new
+/// incarnation, so those seqs are never handed out again, and what it held stays readable
+/// under the old one. After a crash of the process alone (same boot), closed cleanly, or under
+/// `sync = always`, it keeps its incarnation.
+#[tokio::test]
+async fn a_store_left_open_across_a_restart_without_sync_always_moves_to_a_new_incarnation() {
+    use crate::config::SyncPolicy;
+    for sync in [SyncPolicy::Interval, SyncPolicy::Never, SyncPolicy::Always] {
+        let dir = tempfile::tempdir().unwrap();
+        // Records of "a" go by age at once, once the cloud holds them.
+        let retention = vec![rule("a", None, Some(0), &[Tier::Cloud])];
+        let boot = |id: &str| StoreOptions { sync, sync_interval_ms: 5, boot_id: Some(id.into()), retention: retention.clone(), ..StoreOptions::default() };
+        let log = rocks(dir.path(), boot("boot-1"));
+        let first = log.incarnation();
+        for p in [b"a1", b"a2", b"a3"] {
+            log.append_durable(stream("a"), draft(p)).await.unwrap();
+        }
+        log.append_durable(stream("only-before"), draft(b"b1")).await.unwrap();
+        crash_committer(&log).await;
+        drop(log);
+        // The process crashed, the machine did not restart: nothing acknowledged was lost.
+        let log = rocks(dir.path(), boot("boot-1"));
+        assert_eq!(log.incarnation(), first, "{sync:?}");
+        crash_committer(&log).await;
+        drop(log);
+
+        let opts = boot("boot-2");
+        let log = rocks(dir.path(), opts.clone());
+        if sync == SyncPolicy::Always {
+            assert_eq!(log.incarnation(), first, "nothing acknowledged can be lost under sync = always");
+            assert_eq!(log.own_keys(&stream("a")), [log.local_key(&stream("a"))]);
+            assert_eq!(log.append_durable(stream("a"), draft(b"a4")).await.unwrap().id.seq.get(), 4);
+            continue;
+        }
+        let second = log.incarnation();
+        assert_ne!(second, first, "{sync:?}");
+        assert_eq!(log.store().earlier_incarnations(), [first]);
+        let old = StreamKey { origin: node(), incarnation: first, stream: stream("a") };
+        assert_eq!(log.own_keys(&stream("a")), [old.clone(), log.local_key(&stream("a"))]);
+        let held: Vec<Vec<u8>> = log.read(&old, 1, 10).unwrap().into_iter().map(|e| e.payload).collect();
+        assert_eq!(held, [b"a1".to_vec(), b"a2".to_vec(), b"a3".to_vec()], "what survived stays under the old key");
+        // A copy of this node's own records from elsewhere adds nothing.
+        let mut copy = log.read(&old, 1, 1).unwrap().remove(0);
+        copy.id.seq = Seq::new(4).unwrap();
+        assert_eq!(log.insert_remote(copy).await.unwrap(), Inserted::Own);
+        let info = log.stream(&old).unwrap();
+        assert!(!info.local && info.own && info.watermark == 3, "{info:?}");
+        assert!(log.durable_by(&old, 3).is_some_and(|t| t <= std::time::Instant::now()), "durable before this open");
+        // Still this node's records: kept until the cloud holds them.
+        assert_eq!(log.sweep(now_ms() + 10).await.unwrap().removed, 0);
+        log.record_ack(Tier::Cloud, &old, 1);
+        assert_eq!(log.sweep(now_ms() + 10).await.unwrap().removed, 1);
+        let next = log.append_durable(stream("a"), draft(b"new")).await.unwrap();
+        assert_eq!((next.id.incarnation, next.id.seq.get()), (second, 1), "the new incarnation starts at seq 1");
+        assert_eq!(log.latest_own(&stream("a")).unwrap().unwrap().payload, b"new", "the newest incarnation's last record");
+        assert_eq!(log.latest_own(&stream("only-before")).unwrap().unwrap().payload, b"b1", "or an earlier one's");
+        assert!(log.latest_own(&stream("never")).unwrap().is_none());
+        log.close();
+        drop(log);
+
+        // Closed cleanly: the same incarnation, after a restart too; the history stays.
+        let log = rocks(dir.path(), boot("boot-2b"));
+        assert_eq!(log.incarnation(), second);
+        assert_eq!(log.append_durable(stream("a"), draft(b"new2")).await.unwrap().id.seq.get(), 2);
+        // A second restart adds to the history, oldest first.
+        crash_committer(&log).await;
+        drop(log);
+        let log = rocks(dir.path(), boot("boot-3"));
+        assert_eq!(log.store().earlier_incarnations(), [first, second]);
+        assert_eq!(log.own_keys(&stream("a")).len(), 3);
+        // A reader sees the same history.
+        log.close();
+        drop(log);
+        let reader = RocksStore::open_read_only(dir.path()).unwrap();
+        assert_eq!(reader.earlier_incarnations(), [first, second]);
+    }
+}
+
+/// The marker's corner cases: a run under `always` after an unsynced run of the same boot
+/// crashed does not vouch for that run's writes until it is closed cleanly; a marker value
+/// this build does not know (a later build's) is taken as a possible loss; a store from
+/// before the marker was kept is not moved.
+#[tokio::test]
+async fn the_open_marker_errs_on_the_side_of_a_new_incarnation() {
+    use crate::config::SyncPolicy;
+    let opts = |sync, boot: &str| StoreOptions { sync, boot_id: Some(boot.into()), ..StoreOptions::default() };
+    let set_marker = |dir: &Path, value: Option<&[u8]>| {
+        let db = rocksdb::DB::open_cf(&db_options_for_test(), dir, ["log", "cursors", "watermarks", "meta"]).unwrap();
+        let meta = db.cf_handle("meta").unwrap();
+        match value {
+            Some(v) => db.put_cf(meta, b"open", v).unwrap(),
+            None => db.delete_cf(meta, b"open").unwrap(),
+        }
+    };
+
+    let dir = tempfile::tempdir().unwrap();
+    let log = rocks(dir.path(), opts(SyncPolicy::Interval, "boot-1"));
+    let first = log.incarnation();
+    log.append_durable(stream("a"), draft(b"1")).await.unwrap();
+    crash_committer(&log).await;
+    drop(log);
+    let log = rocks(dir.path(), opts(SyncPolicy::Always, "boot-1"));
+    assert_eq!(log.incarnation(), first, "same boot: nothing was lost");
+    crash_committer(&log).await;
+    drop(log);
+    let log = rocks(dir.path(), opts(SyncPolicy::Always, "boot-2"));
+    assert_ne!(log.incarnation(), first, "the unsynced run's writes were not vouched for by the crashed `always` run");
+    let second = log.incarnation();
+    log.close();
+    drop(log);
+
+    set_marker(dir.path(), Some(&[9]));
+    let log = rocks(dir.path(), opts(SyncPolicy::Always, "boot-2"));
+    assert_ne!(log.incarnation(), second, "an unknown marker value");
+    let third = log.incarnation();
+    assert_eq!(log.store().earlier_incarnations(), [first, second]);
+    log.close();
+    drop(log);
+    assert!(RocksStore::open_read_only(dir.path()).is_ok());
+
+    set_marker(dir.path(), None);
+    let log = rocks(dir.path(), opts(SyncPolicy::Interval, "boot-3"));
+    assert_eq!(log.incarnation(), third, "no marker (an older build's store): not moved");
 }
 
 #[tokio::test]

@@ -91,7 +91,12 @@ struct Desk {
     publish: Publish,
     events: super::decide::EventSink,
     consumer: Name,
+    /// The escalations stream this desk reads: this incarnation's, or an earlier one's.
     key: StreamKey,
+    /// Where this desk's snapshot is written.
+    snapshot: crate::model::StreamName,
+    /// An earlier incarnation's desk has read every escalation of its stream (it is frozen).
+    drained: bool,
     resolutions: crate::model::StreamName,
     timeout_ms: u64,
     safe_default: String,
@@ -122,22 +127,69 @@ fn unix_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
+/// The stream where the desk of an earlier incarnation's escalations (`incarnation`) keeps
+/// its snapshot once the store has moved on to a later one.
+fn earlier_snapshot_stream(consumer: &Name, incarnation: crate::model::Incarnation) -> crate::model::StreamName {
+    crate::model::StreamName::new(format!("{}/{incarnation}", snapshot_stream(consumer))).expect("valid stream name")
+}
+
 impl Desk {
+    /// The desk of this incarnation's escalations.
     async fn open(config: &NodeConfig, log: Log, publish: Publish, events: super::decide::EventSink) -> Result<Desk, LogError> {
+        let consumer = Name::new(DESK).expect("valid name");
+        let key = log.local_key(&config.autonomy.escalations_stream);
+        let snapshot = snapshot_stream(&consumer);
+        let sources = vec![log.local_key(&snapshot)];
+        Desk::open_at(config, log, publish, events, key, snapshot, &sources).await
+    }
+
+    /// The desks of the escalations of the store's earlier incarnations (see
+    /// [`Log::own_keys`]) not all read and resolved yet, oldest first. The store moved on
+    /// after a crash (`sync = interval` or `never`); an escalation waiting then still waits for
+    /// an operator, or for its timeout, measured from its own timestamp.
+    async fn open_earlier(config: &NodeConfig, log: &Log, publish: &Publish, events: &super::decide::EventSink) -> Result<Vec<Desk>, LogError> {
+        let consumer = Name::new(DESK).expect("valid name");
+        let keys = log.own_keys(&config.autonomy.escalations_stream);
+        let mut desks = Vec::new();
+        for key in &keys[..keys.len() - 1] {
+            let Some(info) = log.stream(key) else { continue };
+            if log.cursor(&consumer, key).unwrap_or(0) >= info.last {
+                continue;
+            }
+            // Its snapshot: written under its own incarnation while that was the current one,
+            // then under later ones (the newest wins).
+            let snapshot = earlier_snapshot_stream(&consumer, key.incarnation);
+            let mut sources: Vec<StreamKey> = log.own_keys(&snapshot).into_iter().filter(|k| k.incarnation != key.incarnation).rev().collect();
+            sources.push(StreamKey { stream: snapshot_stream(&consumer), ..key.clone() });
+            desks.push(Desk::open_at(config, log.clone(), publish.clone(), events.clone(), key.clone(), snapshot, &sources).await?);
+        }
+        Ok(desks)
+    }
+
+    /// The desk of escalations `key`, its snapshot written to `snapshot_to` and read from the
+    /// first of `sources` that holds one.
+    async fn open_at(
+        config: &NodeConfig,
+        log: Log,
+        publish: Publish,
+        events: super::decide::EventSink,
+        key: StreamKey,
+        snapshot_to: crate::model::StreamName,
+        sources: &[StreamKey],
+    ) -> Result<Desk, LogError> {
         let a = &config.autonomy;
         let consumer = Name::new(DESK).expect("valid name");
-        let key = log.local_key(&a.escalations_stream);
         let cursor = log.register_consumer(&consumer, &key).await?;
-        let snap_key = log.local_key(&snapshot_stream(&consumer));
-        let snapshot = match log.stream(&snap_key) {
-            Some(info) if info.last > 0 => match log.read(&snap_key, info.last, 1) {
+        let held = sources.iter().find_map(|k| log.stream(k).filter(|i| i.last > 0).map(|i| (k, i.last)));
+        let snapshot = match held {
+            Some((snap_key, last)) => match log.read(snap_key, last, 1) {
                 Ok(mut read) => read.pop().map(|e| serde_json::from_slice::<Snapshot>(&e.payload).map_err(|e| e.to_string())).transpose(),
                 // Damaged for good: reported below. Anything else (a closed log, an I/O error)
                 // fails the start, as before: it may pass, and nothing is resolved twice.
                 Err(e @ (LogError::CorruptRecord { .. } | LogError::Corrupt { .. })) => Err(e.to_string()),
                 Err(e) => return Err(e),
             },
-            _ => Ok(None),
+            None => Ok(None),
         };
         let resolved_above = match snapshot {
             Ok(s) => s.map(|s| s.resolved.into_iter().filter(|&seq| seq > cursor).collect()).unwrap_or_default(),
@@ -156,6 +208,8 @@ impl Desk {
             events,
             consumer,
             key,
+            snapshot: snapshot_to,
+            drained: false,
             resolutions: a.resolutions_stream.clone(),
             timeout_ms: a.escalation_timeout_ms,
             safe_default: a.safe_default_action.to_string(),
@@ -278,8 +332,7 @@ impl Desk {
         let snapshot = serde_json::to_vec(&Snapshot { resolved: resolved_above.clone() }).expect("serialises");
         let snapshot = Draft::new(Kind::Event, PayloadType::new("strata.snapshot/1").expect("valid"), snapshot);
         let cursors = if cursor > self.cursor { vec![(self.key.clone(), cursor)] } else { Vec::new() };
-        let appended =
-            self.log.commit_atomically(vec![(self.resolutions.clone(), draft), (snapshot_stream(&self.consumer), snapshot)], &self.consumer, cursors).await?;
+        let appended = self.log.commit_atomically(vec![(self.resolutions.clone(), draft), (self.snapshot.clone(), snapshot)], &self.consumer, cursors).await?;
         if let Some(e) = appended.first() {
             (self.publish)(e);
         }
@@ -289,11 +342,16 @@ impl Desk {
         (self.events)(json!({"event": "escalation_resolved", "id": p.id, "outcome": outcome, "action": action, "by": by, "waited_ms": waited_ms}));
         tracing::warn!(id = p.id, outcome, action, by, waited_ms, "escalation resolved");
         let r = Resolved { node: self.node.to_string(), id: p.id, outcome: outcome.to_owned(), action, now: true };
+        self.remember(Resolved { now: false, ..r.clone() });
+        Ok(r)
+    }
+
+    /// Keeps `resolved` among the resolutions remembered for late answers.
+    fn remember(&mut self, resolved: Resolved) {
         while self.recent.len() >= self.recent_max {
             self.recent.pop_front();
         }
-        self.recent.push_back(Resolved { now: false, ..r.clone() });
-        Ok(r)
+        self.recent.push_back(resolved);
     }
 
     async fn answer(&mut self, payload: &[u8]) -> Option<Value> {
@@ -322,14 +380,85 @@ impl Desk {
         self.recent.iter().rev().find(|r| r.id == resolve.id).map(|r| serde_json::to_value(r).expect("serialises"))
     }
 
-    fn pending_json(&self) -> Value {
+    fn pending_json(&self) -> Vec<Value> {
         let now = unix_ms();
-        Value::Array(
-            self.pending
-                .values()
-                .map(|p| json!({"id": p.id, "action": p.action, "risk": p.risk, "waiting_ms": now.saturating_sub(p.opened_unix_ms)}))
-                .collect(),
-        )
+        self.pending.values().map(|p| json!({"id": p.id, "action": p.action, "risk": p.risk, "waiting_ms": now.saturating_sub(p.opened_unix_ms)})).collect()
+    }
+
+    /// Takes what a read of escalations from `from` gave. Returns false if the reader should
+    /// wait before it reads again (the read failed).
+    async fn handle_read(&mut self, from: u64, batch: Result<Vec<Envelope>, LogError>) -> bool {
+        match batch {
+            Ok(batch) => {
+                self.at_damage = None;
+                self.passed_damage = None;
+                for (seq, outcome) in self.take(batch) {
+                    if let Err(e) = self.resolve(seq, outcome, "desk").await {
+                        tracing::error!(error = %e, "cannot record a resolution");
+                    }
+                }
+                true
+            }
+            Err(e) => match self.take_unreadable(from, &e) {
+                Ok(Some(displaced)) => {
+                    for (seq, outcome) in displaced {
+                        if let Err(e) = self.resolve(seq, outcome, "desk").await {
+                            tracing::error!(error = %e, "cannot record a resolution");
+                        }
+                    }
+                    true
+                }
+                Ok(None) => {
+                    if self.at_damage.is_none() {
+                        tracing::error!(error = %e, "cannot read escalations");
+                    }
+                    false
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot read escalations");
+                    false
+                }
+            },
+        }
+    }
+
+    /// An earlier incarnation's desk: reads what its stream holds after what it read, until
+    /// the end (the stream no longer grows) or a read that fails (tried again next time).
+    async fn drain(&mut self, batch_len_max: usize) {
+        while !self.drained {
+            let from = self.read_to + 1;
+            let batch = match self.log.read(&self.key, from, batch_len_max) {
+                Err(LogError::Corrupt { .. }) if batch_len_max > 1 => self.log.read(&self.key, from, 1),
+                batch => batch,
+            };
+            if matches!(&batch, Ok(b) if b.is_empty()) {
+                self.drained = true;
+            } else if !self.handle_read(from, batch).await {
+                return;
+            }
+        }
+    }
+
+    /// Resolves the escalations that waited `autonomy.escalation_timeout_ms`.
+    async fn time_out(&mut self) {
+        let now = unix_ms();
+        let due: Vec<u64> = self.pending.values().filter(|p| now >= p.opened_unix_ms.saturating_add(self.timeout_ms)).map(|p| p.seq).collect();
+        for seq in due {
+            if let Err(e) = self.resolve(seq, "timed_out", "timeout").await {
+                tracing::error!(error = %e, "cannot record a resolution");
+            }
+        }
+    }
+}
+
+/// An operator's answer: the desk holding the escalation pending (an earlier incarnation's, or
+/// `current`) takes it; else `current` replies (what happened to one resolved lately, earlier
+/// desks' included once they are done, or that the request is malformed).
+async fn answer_any(earlier: &mut [Desk], current: &mut Desk, payload: &[u8]) -> Option<Value> {
+    let id = serde_json::from_slice::<Resolve>(payload).ok().map(|r| r.id);
+    match id.and_then(|id| earlier.iter().position(|d| d.pending.values().any(|p| p.id == id))) {
+        Some(n) => earlier[n].answer(payload).await,
+        None => current.answer(payload).await,
     }
 }
 
@@ -354,11 +483,30 @@ pub async fn run(
         Ok(r) => r,
         Err(e) => return format!("cannot serve approvals: {e}"),
     };
+    let mut earlier = match Desk::open_earlier(&config, &desk.log, &desk.publish, &desk.events).await {
+        Ok(d) => d,
+        Err(e) => return format!("cannot start: {e}"),
+    };
     let (log, key) = (desk.log.clone(), desk.key.clone());
     let a = &config.autonomy;
     // Longest wait for new escalations between timeout checks.
     let (batch_len_max, idle_wait) = (a.escalation_batch_len_max, Duration::from_millis(a.escalation_check_interval_ms));
     loop {
+        for d in &mut earlier {
+            d.drain(batch_len_max).await;
+        }
+        // An earlier incarnation's desk with nothing left: its resolutions are remembered by
+        // this one's, for late answers.
+        let mut n = 0;
+        while n < earlier.len() {
+            if earlier[n].drained && earlier[n].pending.is_empty() {
+                for r in earlier.remove(n).recent {
+                    desk.remember(r);
+                }
+            } else {
+                n += 1;
+            }
+        }
         let from = desk.read_to + 1;
         tokio::select! {
             batch = log.tail(&key, from, batch_len_max, idle_wait) => {
@@ -368,53 +516,24 @@ pub async fn run(
                     Err(LogError::Corrupt { .. }) if batch_len_max > 1 => log.read(&key, from, 1),
                     batch => batch,
                 };
-                match batch {
-                    Ok(batch) => {
-                        desk.at_damage = None;
-                        desk.passed_damage = None;
-                        for (seq, outcome) in desk.take(batch) {
-                            if let Err(e) = desk.resolve(seq, outcome, "desk").await {
-                                tracing::error!(error = %e, "cannot record a resolution");
-                            }
-                        }
-                    }
-                    Err(e) => match desk.take_unreadable(from, &e) {
-                        Ok(Some(displaced)) => {
-                            for (seq, outcome) in displaced {
-                                if let Err(e) = desk.resolve(seq, outcome, "desk").await {
-                                    tracing::error!(error = %e, "cannot record a resolution");
-                                }
-                            }
-                        }
-                        Ok(None) => {
-                            if desk.at_damage.is_none() {
-                                tracing::error!(error = %e, "cannot read escalations");
-                            }
-                            tokio::time::sleep(idle_wait).await;
-                        }
-                        Err(e) => {
-                            tracing::error!(error = %e, "cannot read escalations");
-                            tokio::time::sleep(idle_wait).await;
-                        }
-                    },
+                if !desk.handle_read(from, batch).await {
+                    tokio::time::sleep(idle_wait).await;
                 }
             }
             request = requests.recv() => {
                 let Some(mut request) = request else { return "its queue of approvals closed".into() };
                 let payload = std::mem::take(&mut request.payload);
-                if let Some(reply) = desk.answer(&payload).await {
+                if let Some(reply) = answer_any(&mut earlier, &mut desk, &payload).await {
                     let _ = request.responder.reply(reply.to_string().into_bytes()).await;
                 }
             }
         }
-        let now = unix_ms();
-        let due: Vec<u64> = desk.pending.values().filter(|p| now >= p.opened_unix_ms.saturating_add(desk.timeout_ms)).map(|p| p.seq).collect();
-        for seq in due {
-            if let Err(e) = desk.resolve(seq, "timed_out", "timeout").await {
-                tracing::error!(error = %e, "cannot record a resolution");
-            }
+        let mut pending_json = Vec::new();
+        for d in earlier.iter_mut().chain(std::iter::once(&mut desk)) {
+            d.time_out().await;
+            pending_json.extend(d.pending_json());
         }
-        *pending.lock().unwrap_or_else(|p| p.into_inner()) = desk.pending_json();
+        *pending.lock().unwrap_or_else(|p| p.into_inner()) = Value::Array(pending_json);
     }
 }
 
@@ -540,6 +659,67 @@ mod tests {
         // Those taken before they were removed can still be resolved.
         desk.resolve(1, "denied", "ops").await.unwrap();
         assert_eq!(desk.cursor, 4);
+    }
+
+    /// A store left open under `sync = interval` when the machine restarted goes on under a
+    /// new incarnation; the escalations of the earlier one that were waiting still wait (an
+    /// operator can answer them), those resolved stay resolved, and each is resolved once
+    /// across restarts.
+    #[tokio::test]
+    async fn escalations_of_an_earlier_incarnation_still_wait_and_are_resolved_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let node = NodeId::new("edge-1").unwrap();
+        // Each open as in a new boot of the machine (a power loss in between).
+        let open = |boot: &str| crate::log::tests::open_in_boot(dir.path(), &node, boot);
+        let (config, publish, events): (_, Publish, super::super::decide::EventSink) = (config(60_000), Arc::new(|_| {}), Arc::new(|_| {}));
+        let approve = |id: &str| serde_json::to_vec(&Resolve { id: id.into(), verdict: Verdict::Approve, by: "ops".into() }).unwrap();
+        let esc = crate::model::StreamName::new("escalations").unwrap();
+
+        let log = open("boot-1");
+        for id in ["a", "b", "c"] {
+            log.append_durable(esc.clone(), escalation(id)).await.unwrap();
+        }
+        let mut desk = Desk::open(&config, log.clone(), publish.clone(), events.clone()).await.unwrap();
+        desk.take(log.read(&desk.key, 1, 10).unwrap());
+        assert_eq!(desk.answer(&approve("b")).await.unwrap()["outcome"], "approved");
+        drop(desk);
+        crate::log::tests::crash_committer(&log).await;
+        drop(log);
+
+        let log = open("boot-2");
+        let old = StreamKey { incarnation: log.store().earlier_incarnations()[0], ..log.local_key(&esc) };
+        let mut desk = Desk::open(&config, log.clone(), publish.clone(), events.clone()).await.unwrap();
+        assert!(desk.key != old && desk.pending.is_empty() && desk.resolved_above.is_empty(), "this incarnation's desk starts empty");
+        // The same id escalated again under the new incarnation, and resolved there.
+        log.append_durable(esc.clone(), escalation("a")).await.unwrap();
+        desk.take(log.read(&desk.key, 1, 10).unwrap());
+        let mut earlier = Desk::open_earlier(&config, &log, &publish, &events).await.unwrap();
+        assert_eq!(earlier.len(), 1);
+        assert_eq!(earlier[0].key, old);
+        earlier[0].drain(10).await;
+        assert!(earlier[0].drained);
+        let waiting = |d: &Desk| d.pending.values().map(|p| p.id.clone()).collect::<Vec<_>>();
+        assert_eq!(waiting(&earlier[0]), ["a", "c"], "b was resolved before the crash");
+        // Each answer goes to the desk holding it pending, the earliest first.
+        assert_eq!(answer_any(&mut earlier, &mut desk, &approve("a")).await.unwrap()["now"], true);
+        assert_eq!(log.cursor(&earlier[0].consumer, &old), Some(2), "a and b resolved: the old key's cursor moves");
+        assert_eq!(answer_any(&mut earlier, &mut desk, &approve("a")).await.unwrap()["now"], true, "then the new one");
+        assert!(desk.pending.is_empty());
+        assert_eq!(answer_any(&mut earlier, &mut desk, b"{").await.unwrap()["error"].as_str().map(|e| e.starts_with("malformed")), Some(true));
+        log.close();
+        drop((earlier, desk, log));
+
+        // Closed cleanly: same incarnation; only c still waits, once.
+        let log = open("boot-3");
+        let mut earlier = Desk::open_earlier(&config, &log, &publish, &events).await.unwrap();
+        let d = &mut earlier[0];
+        d.drain(10).await;
+        assert_eq!(d.pending.values().map(|p| p.id.as_str()).collect::<Vec<_>>(), ["c"]);
+        assert_eq!(d.answer(&approve("a")).await, None, "a's resolution is not remembered across a restart here, and it is not pending");
+        d.resolve(3, "denied", "ops").await.unwrap();
+        assert!(Desk::open_earlier(&config, &log, &publish, &events).await.unwrap().is_empty(), "nothing left to read or resolve");
+        let resolved: Vec<String> = resolutions(&log).iter().map(|r| r["escalation"].as_str().unwrap().to_owned()).collect();
+        assert_eq!(resolved, ["a", "a", "c"], "this incarnation's resolutions (b's is under the old one)");
     }
 
     /// A desk snapshot that cannot be read does not stop the desk (and with it the node) from

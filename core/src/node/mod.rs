@@ -511,7 +511,7 @@ fn status(config: &NodeConfig, log: &Log, replicator: &Replicator, started: Inst
                 acks.get(&key).map(|a| a.iter().map(|(t, wm)| (t.to_string(), json!(wm))).collect()).unwrap_or_default();
             json!({
                 "origin": i.origin.as_str(), "incarnation": i.incarnation.to_string(), "stream": i.stream.as_str(),
-                "local": i.local, "first": i.first, "last": i.last, "count": i.count, "bytes": i.bytes,
+                "local": i.local, "own": i.own, "first": i.first, "last": i.last, "count": i.count, "bytes": i.bytes,
                 "watermark": i.watermark, "missing": i.missing, "expired": i.expired, "acked": acked, "peers": peers,
             })
         })
@@ -564,7 +564,8 @@ pub fn status_table(docs: &[Value]) -> String {
             let streams = d["streams"].as_array().map_or(&[][..], |v| v.as_slice());
             for s in streams {
                 let watermark = s["watermark"].as_u64().unwrap_or(0);
-                if s["local"].as_bool() == Some(true) {
+                // This node's own streams, also of an earlier incarnation.
+                if s["own"].as_bool().or(s["local"].as_bool()) == Some(true) {
                     for (tier, acked) in s["acked"].as_object().into_iter().flatten() {
                         let e = unacked.entry(tier.clone()).or_default();
                         *e = (*e).max(watermark.saturating_sub(acked.as_u64().unwrap_or(0)));
