@@ -43,7 +43,7 @@ enum Command {
     /// state and restarts, streams, replication lag per peer.
     Status {
         /// A Zenoh endpoint of the continuum, e.g. `tcp/127.0.0.1:7448` (a fog router).
-        #[arg(long)]
+        #[arg(long, value_parser = endpoint)]
         connect: String,
         /// How long to collect answers, in ms.
         #[arg(long, default_value_t = 2000)]
@@ -160,7 +160,7 @@ struct Resolve {
     /// each node's `escalations_pending`).
     id: String,
     /// A Zenoh endpoint of the continuum, e.g. `tcp/127.0.0.1:7448` (a fog router).
-    #[arg(long)]
+    #[arg(long, value_parser = endpoint)]
     connect: String,
     /// Who answers (recorded with the resolution). Default: $USER.
     #[arg(long)]
@@ -212,6 +212,12 @@ enum LogCommand {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// `--connect`: checked as a config's endpoint is, so that a mistyped one is a usage error
+/// (exit 2) naming what is wrong, not a connection failure.
+fn endpoint(value: &str) -> Result<String, String> {
+    strata_core::config::Endpoint::new(value).map(|e| e.as_str().to_owned())
 }
 
 const EXIT_CONFIG: u8 = 2;
@@ -526,7 +532,12 @@ impl StopSignals {
 fn open_store(path: &std::path::Path) -> Result<RocksStore, ExitCode> {
     RocksStore::open_read_only(path).map_err(|e| {
         eprintln!("strata log: {e}");
-        ExitCode::from(EXIT_RUNTIME)
+        // A path that is no store is the caller's mistake (usage); a store that cannot be
+        // read is a failure.
+        match e {
+            LogError::NotAStore { .. } | LogError::PathIsFile { .. } => ExitCode::from(EXIT_CONFIG),
+            _ => ExitCode::from(EXIT_RUNTIME),
+        }
     })
 }
 

@@ -34,7 +34,7 @@ pub enum CertError {
     Exists { path: PathBuf },
     #[error("certificate generation: {0}")]
     Generate(#[from] rcgen::Error),
-    #[error("--days {0}: a certificate must be valid for at least 1 day")]
+    #[error("--days {0}: a certificate must be valid for 1 to {DAYS_MAX} days")]
     NoDays(u32),
     #[error(
         "{path}: the CA expires in {ca_days} day(s), before these certificates would ({days} days): issue them for at most {ca_days} days, or make a new CA"
@@ -74,6 +74,18 @@ fn civil(days: i64) -> (i32, u8, u8) {
     (year, month, day)
 }
 
+/// The longest validity asked for, in days (100 years): a certificate's dates must stay
+/// within what X.509 and the date library can write (the year 9999).
+pub const DAYS_MAX: u32 = 36_500;
+
+/// `days` as asked for (`--days`), or why not.
+fn check_days(days: u32) -> Result<(), CertError> {
+    if days == 0 || days > DAYS_MAX {
+        return Err(CertError::NoDays(days));
+    }
+    Ok(())
+}
+
 /// Days since 1970-01-01 (UTC) today.
 fn today() -> i64 {
     (SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0) / 86_400) as i64
@@ -107,9 +119,7 @@ fn ca_params(days: u32) -> CertificateParams {
 
 /// Creates `dir` (if needed) and a new CA in it, valid for `days`. Returns the files written.
 pub fn init(dir: &Path, days: u32) -> Result<Vec<PathBuf>, CertError> {
-    if days == 0 {
-        return Err(CertError::NoDays(days));
-    }
+    check_days(days)?;
     std::fs::create_dir_all(dir).map_err(|e| file_error(dir, e))?;
     let (cert_path, key_path) = (dir.join(CA_CERT), dir.join(CA_KEY));
     for p in [&cert_path, &key_path] {
@@ -133,9 +143,7 @@ fn usable_name(name: &str) -> bool {
 /// `extra_sans` are added to every certificate's subject alternative names (host names or IP
 /// addresses the holder is reached at). Returns the files written.
 pub fn issue(dir: &Path, names: &[String], extra_sans: &[String], days: u32) -> Result<Vec<PathBuf>, CertError> {
-    if days == 0 {
-        return Err(CertError::NoDays(days));
-    }
+    check_days(days)?;
     issue_between(dir, names, extra_sans, today() - 1, today() + i64::from(days) + 1, days)
 }
 
@@ -174,14 +182,19 @@ pub(crate) fn issue_between(dir: &Path, names: &[String], extra_sans: &[String],
     }
     let issuer = Issuer::new(ca_params(1), ca_key);
 
-    let mut written = Vec::new();
+    // Every file checked before any is written: a refusal leaves nothing half done.
+    let mut seen = std::collections::BTreeSet::new();
     for name in names {
         let (cert_out, key_out) = (dir.join(format!("{name}.pem")), dir.join(format!("{name}.key")));
         for p in [&cert_out, &key_out] {
-            if p.exists() {
+            if p.exists() || !seen.insert(p.clone()) {
                 return Err(CertError::Exists { path: p.clone() });
             }
         }
+    }
+    let mut written = Vec::new();
+    for name in names {
+        let (cert_out, key_out) = (dir.join(format!("{name}.pem")), dir.join(format!("{name}.key")));
         let mut sans = vec![name.clone(), "localhost".to_owned(), "127.0.0.1".to_owned()];
         sans.extend(extra_sans.iter().filter(|s| !sans.contains(s)).cloned().collect::<Vec<_>>());
         let mut params = CertificateParams::new(sans)?;
@@ -224,6 +237,11 @@ mod tests {
         assert_eq!(super::super::cert_common_name(&dir.path().join("edge-1.pem")).unwrap(), "edge-1");
         assert!(matches!(issue(dir.path(), &["ops".into()], &[], 30), Err(CertError::Exists { .. })));
         assert!(matches!(issue(dir.path(), &["bad name".into()], &[], 30), Err(CertError::BadName(_))));
+        // One name refused (exists, or given twice): nothing is written, not even the others.
+        for names in [vec!["fresh".to_owned(), "ops".into()], vec!["fresh".into(), "fresh".into()]] {
+            assert!(matches!(issue(dir.path(), &names, &[], 30), Err(CertError::Exists { .. })), "{names:?}");
+            assert!(!dir.path().join("fresh.pem").exists() && !dir.path().join("fresh.key").exists(), "{names:?}");
+        }
         use std::os::unix::fs::PermissionsExt;
         let mode = std::fs::metadata(dir.path().join("edge-1.key")).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
@@ -237,11 +255,16 @@ mod tests {
     }
 
     /// `--days 0` would write a certificate already expired (it ended at today's midnight);
-    /// one that would outlive its CA is refused, naming how long it can be.
+    /// more than `DAYS_MAX` cannot be written; one that would outlive its CA is refused, naming
+    /// how long it can be.
     #[test]
     fn validity_is_at_least_a_day_and_within_the_cas() {
         let dir = tempfile::tempdir().unwrap();
         assert!(matches!(init(dir.path(), 0), Err(CertError::NoDays(0))));
+        // Past the year 9999 the date cannot be written (it used to panic).
+        for days in [DAYS_MAX + 1, 3_000_000, u32::MAX] {
+            assert!(matches!(init(dir.path(), days), Err(CertError::NoDays(_))), "{days}");
+        }
         init(dir.path(), 30).unwrap();
         assert!(matches!(issue(dir.path(), &["a".into()], &[], 0), Err(CertError::NoDays(0))));
         let e = issue(dir.path(), &["a".into()], &[], 365).unwrap_err().to_string();

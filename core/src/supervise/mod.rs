@@ -161,14 +161,15 @@ impl SupervisorState {
     }
 
     /// Child `i` exited (or failed to start). Restarts what the strategy says after the
-    /// backoff, or gives up (Err) when the intensity is exceeded.
-    async fn on_exit(&mut self, myself: &ActorRef<SupervisorMsg>, i: usize, failed: bool, reason: String) -> Result<(), ActorProcessingErr> {
+    /// backoff, or gives up (Err) when the intensity is exceeded. Returns whether a restart
+    /// was scheduled.
+    async fn on_exit(&mut self, myself: &ActorRef<SupervisorMsg>, i: usize, failed: bool, reason: String) -> Result<bool, ActorProcessingErr> {
         let child = self.slots[i].spec.name.clone();
         self.slots[i].cell = None;
         self.emit(Event::ChildExited { supervisor: self.name.clone(), child: child.clone(), failed, reason: reason.clone() });
         if !should_restart(self.slots[i].spec.restart, failed) {
             self.slots[i].status = Status::Stopped;
-            return Ok(());
+            return Ok(false);
         }
         if !self.intensity.record(self.clock.now()) {
             let why = format!(
@@ -184,7 +185,9 @@ impl SupervisorState {
         for j in stop {
             if self.slots[j].status == Status::Running {
                 self.stop_child(j).await;
-                self.slots[j].status = Status::Waiting;
+                // A temporary child is never restarted, also when a sibling's failure stopped
+                // it (as in OTP).
+                self.slots[j].status = if self.slots[j].spec.restart == RestartType::Temporary { Status::Stopped } else { Status::Waiting };
             }
         }
         let restart: Vec<usize> = restart.into_iter().filter(|&j| j == i || self.slots[j].status == Status::Waiting).collect();
@@ -202,7 +205,7 @@ impl SupervisorState {
         } else {
             myself.send_after(delay, || SupervisorMsg::Restart);
         }
-        Ok(())
+        Ok(true)
     }
 
     fn index_of(&self, cell: &ActorCell) -> Option<usize> {
@@ -243,9 +246,11 @@ impl Actor for Supervisor {
                         continue;
                     }
                     if let Err(e) = state.start_child(&myself, i).await {
-                        state.on_exit(&myself, i, true, format!("start failed: {e}")).await?;
-                        // The failed start scheduled another restart; the rest wait for it.
-                        break;
+                        // A failed start that scheduled another restart: the rest wait for it.
+                        // One that did not (the child is not restarted) leaves them to start now.
+                        if state.on_exit(&myself, i, true, format!("start failed: {e}")).await? {
+                            break;
+                        }
                     }
                 }
             }
@@ -285,7 +290,7 @@ impl Actor for Supervisor {
         };
         // Children we stopped ourselves, or from an earlier life, are not ours any more.
         let Some(i) = state.index_of(&cell) else { return Ok(()) };
-        state.on_exit(&myself, i, failed, reason).await
+        state.on_exit(&myself, i, failed, reason).await.map(|_| ())
     }
 
     async fn post_stop(&self, _myself: ActorRef<Self::Msg>, state: &mut SupervisorState) -> Result<(), ActorProcessingErr> {

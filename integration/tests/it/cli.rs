@@ -42,6 +42,13 @@ fn version() {
 fn usage_error_exits_2() {
     assert_eq!(strata(&["check"]).status.code(), Some(2));
     assert_eq!(strata(&["frobnicate"]).status.code(), Some(2));
+    // A mistyped endpoint is named, not tried.
+    for args in [&["status", "--connect", "127.0.0.1:7448"][..], &["approve", "x", "--connect", "tcp/127.0.0.1"], &["deny", "x", "--connect", "udp/h:1"]] {
+        let out = strata(args);
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains("is not a valid endpoint"), "{args:?}: {err}");
+    }
 }
 
 /// A client's TLS files are checked before any link is tried: the error names the flag and
@@ -360,13 +367,14 @@ mod log {
     #[tokio::test]
     async fn broken_stores_give_clear_errors() {
         let dir = tempfile::tempdir().unwrap();
+        // A path that is no store: a usage error (2).
         let out = strata(&["log", "ls", dir.path().to_str().unwrap()]);
-        assert_eq!(out.status.code(), Some(1));
+        assert_eq!(out.status.code(), Some(2));
         assert!(text(&out.stderr).contains("no store here"), "{}", text(&out.stderr));
 
         let file = write(dir.path(), "file", "x");
         let out = strata(&["log", "ls", &file]);
-        assert_eq!(out.status.code(), Some(1));
+        assert_eq!(out.status.code(), Some(2));
         assert!(text(&out.stderr).contains(&format!("{file}: is a file, not a store directory")), "{}", text(&out.stderr));
 
         let store_dir = dir.path().join("store");

@@ -111,6 +111,24 @@ async fn restart_types_decide_what_is_restarted() {
     supervise::shutdown(&sup, WAIT).await;
 }
 
+/// A temporary child that a sibling's failure stops (one_for_all, rest_for_one) is not
+/// started again: temporary means never restarted, as in OTP. It used to be restarted with
+/// the others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_temporary_child_stopped_for_a_sibling_is_not_restarted() {
+    for strategy in [Strategy::OneForAll, Strategy::RestForOne] {
+        let (probes, rec) = (Probes::default(), Recorder::default());
+        let children = [("a", RestartType::Permanent), ("t", RestartType::Temporary), ("c", RestartType::Permanent)];
+        let sup = start(policy(strategy), &probes, &children, &rec).await;
+        fail_and_wait(&probes, "a", ProbeMsg::Fail, &[("a", 2), ("c", 2)]).await;
+        assert_eq!(starts(&probes, &["a", "t", "c"]), [2, 1, 2], "{strategy:?}");
+        assert_eq!(restarted(&rec), [vec!["a".to_owned(), "c".into()]], "{strategy:?}");
+        let states: Vec<(String, &str)> = supervise::children(&sup, WAIT).await.unwrap().into_iter().map(|c| (c.name, c.state)).collect();
+        assert_eq!(states, [("a".into(), "running"), ("t".into(), "stopped"), ("c".into(), "running")], "{strategy:?}");
+        supervise::shutdown(&sup, WAIT).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_failure_past_the_intensity_escalates_to_the_parent() {
     let (probes, rec) = (Probes::default(), Recorder::default());
