@@ -146,5 +146,11 @@ impl Store for MemStore {
 
     fn close(&self) {
         self.lock().closed = true;
+        // Wakes tailing readers, which then see it closed.
+        self.commits.send_modify(|n| *n += 1);
+    }
+
+    fn is_closed(&self) -> bool {
+        self.lock().closed
     }
 }

@@ -257,6 +257,8 @@ pub trait Store: Send + Sync + 'static {
     fn commits(&self) -> tokio::sync::watch::Receiver<u64>;
     /// Refuses new operations and waits until queued ones are durable.
     fn close(&self);
+    /// Closed for writing ([`Store::close`]); a read-only store is not.
+    fn is_closed(&self) -> bool;
 }
 
 /// The result of a queued operation; resolves once it is durable.
@@ -571,16 +573,22 @@ impl Log {
     }
 
     /// Like [`Log::read`], but waits up to `wait` for records if there are none yet.
-    /// Returns an empty batch if none arrived in time.
+    /// Returns an empty batch if none arrived in time, and `Closed` once the store is closed
+    /// with nothing more to read (nothing more can come).
     pub async fn tail(&self, key: &StreamKey, from: u64, limit: usize, wait: Duration) -> Result<Vec<Envelope>, LogError> {
         let mut commits = self.store.commits();
-        let deadline = tokio::time::Instant::now() + wait;
+        let now = tokio::time::Instant::now();
+        // A wait too long to add to the clock is as good as a year.
+        let deadline = now.checked_add(wait).unwrap_or_else(|| now + Duration::from_secs(365 * 86_400));
         loop {
             // Mark the current value seen before reading, so no commit slips between.
             commits.borrow_and_update();
             let batch = self.store.read(key, from, limit)?;
             if !batch.is_empty() {
                 return Ok(batch);
+            }
+            if self.store.is_closed() {
+                return Err(LogError::Closed);
             }
             match tokio::time::timeout_at(deadline, commits.changed()).await {
                 Ok(Ok(())) => continue,

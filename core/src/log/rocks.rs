@@ -1184,6 +1184,12 @@ impl Store for RocksStore {
             drop(stop);
             let _ = handle.join();
         }
+        // Wakes tailing readers, which then see it closed.
+        self.commits.send_modify(|n| *n += 1);
+    }
+
+    fn is_closed(&self) -> bool {
+        !self.read_only && self.handoff.is_closed()
     }
 }
 

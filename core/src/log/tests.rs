@@ -157,6 +157,29 @@ async fn remote_inserts_are_idempotent_and_track_watermarks_and_gaps() {
     .await;
 }
 
+/// A reader tailing a stream when the store closes is told at once (it waited out its whole
+/// wait, and then again and again, before).
+#[tokio::test]
+async fn a_tail_ends_with_closed_when_the_store_closes() {
+    both(Vec::new(), |log| async move {
+        log.append_durable(stream("s"), draft(b"1")).await.unwrap();
+        let key = log.local_key(&stream("s"));
+        let tail = tokio::spawn({
+            let log = log.clone();
+            async move { log.tail(&key, 2, 10, Duration::from_secs(600)).await }
+        });
+        // The tail reads, finds nothing and waits (a current-thread runtime: it runs here).
+        tokio::task::yield_now().await;
+        log.close();
+        let ended = tokio::time::timeout(Duration::from_secs(60), tail).await.expect("the tail ends").unwrap();
+        assert!(matches!(ended, Err(LogError::Closed)), "{ended:?}");
+        // What is held stays readable; a tail with nothing more to read is told at once.
+        assert_eq!(log.tail(&log.local_key(&stream("s")), 1, 10, Duration::MAX).await.unwrap().len(), 1);
+        assert!(matches!(log.tail(&log.local_key(&stream("s")), 2, 10, Duration::MAX).await, Err(LogError::Closed)));
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn tail_waits_for_new_records() {
     both(vec![], |log| async move {

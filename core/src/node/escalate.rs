@@ -514,6 +514,8 @@ pub async fn run(
                     // RocksDB fails the whole read at a damaged block, maybe past good
                     // records: one at a time, those are taken first.
                     Err(LogError::Corrupt { .. }) if batch_len_max > 1 => log.read(&key, from, 1),
+                    // Nothing more can come, and nothing resolved could be recorded.
+                    Err(LogError::Closed) => return "its log closed".into(),
                     batch => batch,
                 };
                 if !desk.handle_read(from, batch).await {
