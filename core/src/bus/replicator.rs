@@ -773,7 +773,7 @@ async fn receive_heads(shared: Arc<Shared>, mut incoming: super::Incoming<super:
         if heads.node == shared.settings.node {
             continue;
         }
-        let (mut more, mut acked_more) = (false, false);
+        let mut acked_more = false;
         let mut st = lock(&shared.state);
         // The tier an acknowledgement counts for is the one the node is alive as (its
         // liveliness token, which the access control ties to its tier), not the one its heads
@@ -802,15 +802,14 @@ async fn receive_heads(shared: Arc<Shared>, mut incoming: super::Incoming<super:
                 *acked = (*acked).max(watermark);
                 shared.log.record_ack(heads.tier, &key, watermark);
             } else if shared.settings.subscribed(&key) {
-                let mine = shared.log.stream(&key).map_or(0, |i| i.watermark);
-                more |= head.watermark > mine;
+                // The next check replays what is still missing then (no wake-up here: one
+                // per heads message made a check run at every peer's heads, so that a gap
+                // was "old" after a few ms and a hole nobody fills was asked for many
+                // times a second).
                 st.holders.entry(key).or_default().insert(heads.node.clone(), head.watermark);
             }
         }
         drop(st);
-        if more {
-            shared.wake.notify_one();
-        }
         if acked_more {
             shared.acked.notify_waiters();
         }
@@ -1358,7 +1357,9 @@ async fn replay_from(shared: &Arc<Shared>, key: &StreamKey, goal: u64, at: Resum
             let mut records = Vec::with_capacity(batch.records.len());
             for record in batch.records {
                 let Some(envelope) = accept(shared, None, &record.0) else { continue };
-                if StreamKey::of(&envelope.id) != *key {
+                // Only what was asked for: any node can answer a replay query, and a record
+                // stored ahead of its origin would make the origin's own copy a "duplicate".
+                if StreamKey::of(&envelope.id) != *key || !range.contains(&envelope.id.seq.get()) {
                     shared.counters.spoofed.fetch_add(1, Ordering::Relaxed);
                     continue;
                 }

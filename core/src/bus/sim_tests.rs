@@ -640,6 +640,116 @@ fn acknowledgements_beyond_what_the_origin_holds_are_not_taken() {
     });
 }
 
+/// A peer `fog-9`, alive as a fog and linked to `to`, that serves replay requests for `key`
+/// with `answer` (an encoded `ReplayBatch`) and counts them.
+struct Forger {
+    peer: Arc<dyn Transport>,
+    id: NodeId,
+    key: StreamKey,
+    served: Arc<std::sync::atomic::AtomicU64>,
+    server: tokio::task::JoinHandle<()>,
+    _token: Box<dyn std::any::Any + Send + Sync>,
+}
+
+impl Forger {
+    async fn start(net: &SimNet, to: &NodeId, key: &StreamKey, answer: Vec<u8>) -> Forger {
+        let id = NodeId::new("fog-9").unwrap();
+        let peer = net.attach(&id) as Arc<dyn Transport>;
+        net.link(to, &id);
+        let token = peer.declare_alive(&super::keys::alive(Tier::Fog, &id)).await.unwrap();
+        let mut requests = peer.serve(&super::keys::replay(&key.origin, &key.stream), 16, Arc::new(|_, _, _| true)).await.unwrap();
+        let served = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let count = served.clone();
+        let server = tokio::spawn(async move {
+            while let Some(mut request) = requests.recv().await {
+                count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let _ = request.responder.reply(answer.clone()).await;
+            }
+        });
+        Forger { peer, id, key: key.clone(), served, server, _token: token }
+    }
+
+    /// Announces that it holds the stream up to `watermark`.
+    fn announce(&self, watermark: u64) {
+        let head = super::wire::Head { origin: self.key.origin.clone(), incarnation: self.key.incarnation, stream: self.key.stream.clone(), watermark };
+        let heads = super::wire::Heads { node: self.id.clone(), tier: Tier::Fog, heads: vec![head] };
+        self.peer.publish(&super::keys::heads(&self.id), super::wire::encode(&heads));
+    }
+}
+
+/// edge-1's stream `readings/a` holding readings 0..5 (the node never comes up), and a cloud
+/// subscribing to it.
+async fn origin_records_and_a_cloud(net: &SimNet) -> (SimNode, StreamKey, SimNode) {
+    let edge = SimNode::new("edge-1", Tier::Edge, &[], 11);
+    let stream = StreamName::new("readings/a").unwrap();
+    for i in 0..5 {
+        edge.log.append_durable(stream.clone(), reading(i)).await.unwrap();
+    }
+    let key = StreamKey { origin: edge.id.clone(), incarnation: edge.log.incarnation(), stream };
+    let mut cloud = SimNode::new("cloud-1", Tier::Cloud, &["edge-1/**"], 33);
+    cloud.up(net).await;
+    (edge, key, cloud)
+}
+
+/// Any node can answer a replay query: records outside the range asked for are refused and
+/// counted as spoofed. Stored, a forged record ahead of the origin's stream would make the
+/// origin's real record with that seq a "duplicate", dropped for good.
+#[test]
+fn replayed_records_outside_the_range_asked_for_are_refused() {
+    paused_runtime().block_on(async {
+        let net = SimNet::new(12, Faults::NONE);
+        let (edge, key, mut cloud) = origin_records_and_a_cloud(&net).await;
+        // The only holder serves 1..=5 as they are, and a forged 9 with them.
+        let mut records: Vec<_> = edge.log.read(&key, 1, 10).unwrap();
+        let mut forged = records[4].clone();
+        forged.id.seq = crate::model::Seq::new(9).unwrap();
+        records.push(forged);
+        let batch =
+            super::wire::ReplayBatch { records: records.iter().map(|e| super::wire::ByteVec(crate::codec::encode(e, &Limits::STORED).unwrap())).collect() };
+        let forger = Forger::start(&net, &cloud.id, &key, super::wire::encode(&batch)).await;
+        let counters = || cloud.replicator.as_ref().unwrap().counters();
+        for _ in 0..1000 {
+            if watermark(&cloud.log, &key) == 5 && counters().spoofed > 0 {
+                break;
+            }
+            forger.announce(5);
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(watermark(&cloud.log, &key), 5, "1..=5 were asked for and stored; {:?}", counters());
+        assert!(counters().spoofed > 0, "{:?}", counters());
+        assert_eq!(cloud.log.stream(&key).unwrap().last, 5, "the forged seq 9 is not stored");
+        forger.server.abort();
+        cloud.down(&net).await;
+    });
+}
+
+/// A hole nobody can fill (the only holder answers with nothing) is asked for once per
+/// `replay_check_interval_ms`, however often heads arrive. Every heads message that showed a
+/// peer holding more used to start a check, so that with heads four times per check the hole
+/// was asked for four times as often (and a gap counted as "old" after a few ms).
+#[test]
+fn a_hole_nobody_fills_is_asked_for_once_per_check_not_per_heads_message() {
+    paused_runtime().block_on(async {
+        let net = SimNet::new(13, Faults::NONE);
+        let (_edge, key, mut cloud) = origin_records_and_a_cloud(&net).await;
+        let empty = super::wire::encode(&super::wire::ReplayBatch { records: Vec::new() });
+        let forger = Forger::start(&net, &cloud.id, &key, empty).await;
+        let interval_ms = settings(&cloud).replication.replay_check_interval_ms;
+        // 20 checks' worth of virtual time, heads four times per check (as the defaults,
+        // 250 and 1000 ms, have it).
+        let start = tokio::time::Instant::now();
+        while start.elapsed() < Duration::from_millis(20 * interval_ms) {
+            forger.announce(5);
+            tokio::time::sleep(Duration::from_millis(interval_ms / 4)).await;
+        }
+        let served = forger.served.load(std::sync::atomic::Ordering::Relaxed);
+        assert!((10..=22).contains(&served), "asked {served} times in 20 check intervals");
+        assert_eq!(watermark(&cloud.log, &key), 0);
+        forger.server.abort();
+        cloud.down(&net).await;
+    });
+}
+
 /// Liveliness changes dropped by a full queue (here a queue of one) are not lost for good:
 /// the node reads who is alive again, counts the drops, and its table ends true.
 #[test]
