@@ -1222,8 +1222,12 @@ async fn check_and_replay(shared: &Arc<Shared>) {
     if urgent && !work.is_empty() {
         tracing::info!(streams = work.len(), "catching up after a node came back");
     }
+    // A holder that did not answer for one stream is not asked for the next ones in this
+    // check: a busy or slow holder (often the origin, asked first) would otherwise cost one
+    // replay timeout per stream, and every stream after them would wait behind those.
+    let mut silent = Vec::new();
     for (key, goal) in work {
-        replay_stream(shared, &key, goal).await;
+        replay_stream(shared, &key, goal, &mut silent).await;
     }
 }
 
@@ -1276,27 +1280,43 @@ struct Resume {
 }
 
 /// One check's replay of `key` up to `goal`, at most `replay_requests_per_check_max`
-/// requests. A check that stops before the goal (out of requests, nobody left to ask, an
+/// requests, passing over the holders of `silent_in_check` (those that did not answer for an
+/// earlier stream of this check), to which it adds those that do not answer for this one. A check that stops before the goal (out of requests, nobody left to ask, an
 /// error) leaves the next one to go on where it stopped, passing over the same holders for
 /// the same range; one that started there and reaches the goal goes on at the watermark with
 /// the requests left (still passing over the silent holders).
-async fn replay_stream(shared: &Arc<Shared>, key: &StreamKey, goal: u64) {
+async fn replay_stream(shared: &Arc<Shared>, key: &StreamKey, goal: u64, silent_in_check: &mut Vec<NodeId>) {
     let stored = lock(&shared.state).replay_resume.remove(key);
     let resumed_above = stored.as_ref().is_some_and(|r| r.from > 0);
-    let mut requests = 0;
-    let (mut at, mut done) = replay_from(shared, key, goal, stored.unwrap_or_default(), &mut requests).await;
+    let mut resume = stored.unwrap_or_default();
+    let passed_over_before = resume.silent.clone();
+    for n in silent_in_check.iter() {
+        if !resume.silent.contains(n) {
+            resume.silent.push(n.clone());
+        }
+    }
+    let (mut requests, mut timed_out) = (0, Vec::new());
+    let (mut at, mut done) = replay_from(shared, key, goal, resume, &mut requests, &mut timed_out).await;
     if done && resumed_above {
-        (at, done) = replay_from(shared, key, goal, Resume { silent: at.silent, ..Resume::default() }, &mut requests).await;
+        (at, done) = replay_from(shared, key, goal, Resume { silent: at.silent, ..Resume::default() }, &mut requests, &mut timed_out).await;
+    }
+    for n in &timed_out {
+        if !silent_in_check.contains(n) {
+            silent_in_check.push(n.clone());
+        }
     }
     if !done {
+        // Passed over in the next check too: those this stream itself found silent, not those
+        // passed over here only because another stream did.
+        at.silent.retain(|n| passed_over_before.contains(n) || timed_out.contains(n));
         lock(&shared.state).replay_resume.insert(key.clone(), at);
     }
 }
 
 /// Asks for the missing ranges of `key` from `at.from` up to `goal`, counting requests in
-/// `requests`; returns where it stopped and whether nothing up to `goal` is missing above
+/// `requests` and the holders that did not answer in `timed_out`; returns where it stopped and whether nothing up to `goal` is missing above
 /// where it started (then only the silent holders matter).
-async fn replay_from(shared: &Arc<Shared>, key: &StreamKey, goal: u64, at: Resume, requests: &mut usize) -> (Resume, bool) {
+async fn replay_from(shared: &Arc<Shared>, key: &StreamKey, goal: u64, at: Resume, requests: &mut usize, timed_out: &mut Vec<NodeId>) -> (Resume, bool) {
     let settings = &shared.settings;
     let Resume { mut from, mut stuck_at, mut stuck, mut silent } = at;
     loop {
@@ -1423,6 +1443,7 @@ async fn replay_from(shared: &Arc<Shared>, key: &StreamKey, goal: u64, at: Resum
             None => {
                 tracing::debug!(%key, from = range.start(), to = range.end(), %holder, "the holder did not answer; not asking it again until this pass ends or nobody else is left");
                 shared.counters.replay_stalled.fetch_add(1, Ordering::Relaxed);
+                timed_out.push(holder.clone());
                 silent.push(holder);
             }
         }

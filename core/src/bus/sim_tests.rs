@@ -640,40 +640,55 @@ fn acknowledgements_beyond_what_the_origin_holds_are_not_taken() {
     });
 }
 
-/// A peer `fog-9`, alive as a fog and linked to `to`, that serves replay requests for `key`
-/// with `answer` (an encoded `ReplayBatch`) and counts them.
+/// A peer `fog-9`, alive as a fog and linked to `to`, that serves replay requests on
+/// `pattern` with `answer` (an encoded `ReplayBatch`), or never answers them (`None`), and
+/// counts them.
 struct Forger {
     peer: Arc<dyn Transport>,
     id: NodeId,
-    key: StreamKey,
     served: Arc<std::sync::atomic::AtomicU64>,
     server: tokio::task::JoinHandle<()>,
     _token: Box<dyn std::any::Any + Send + Sync>,
 }
 
 impl Forger {
-    async fn start(net: &SimNet, to: &NodeId, key: &StreamKey, answer: Vec<u8>) -> Forger {
+    async fn start(net: &SimNet, to: &NodeId, pattern: &str, answer: Option<Vec<u8>>) -> Forger {
         let id = NodeId::new("fog-9").unwrap();
         let peer = net.attach(&id) as Arc<dyn Transport>;
         net.link(to, &id);
         let token = peer.declare_alive(&super::keys::alive(Tier::Fog, &id)).await.unwrap();
-        let mut requests = peer.serve(&super::keys::replay(&key.origin, &key.stream), 16, Arc::new(|_, _, _| true)).await.unwrap();
+        // Only the requests addressed to it, as a node serves replays.
+        let me = id.clone();
+        let accept: super::Accept = Arc::new(move |_, params, _| super::wire::ReplayParams::parse(params).is_ok_and(|p| p.holder == me));
+        let mut requests = peer.serve(pattern, 16, accept).await.unwrap();
         let served = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let count = served.clone();
         let server = tokio::spawn(async move {
+            let mut unanswered = Vec::new();
             while let Some(mut request) = requests.recv().await {
                 count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let _ = request.responder.reply(answer.clone()).await;
+                match &answer {
+                    Some(answer) => {
+                        let _ = request.responder.reply(answer.clone()).await;
+                    }
+                    // Held, never answered: the request times out.
+                    None => unanswered.push(request),
+                }
             }
         });
-        Forger { peer, id, key: key.clone(), served, server, _token: token }
+        Forger { peer, id, served, server, _token: token }
     }
 
-    /// Announces that it holds the stream up to `watermark`.
-    fn announce(&self, watermark: u64) {
-        let head = super::wire::Head { origin: self.key.origin.clone(), incarnation: self.key.incarnation, stream: self.key.stream.clone(), watermark };
-        let heads = super::wire::Heads { node: self.id.clone(), tier: Tier::Fog, heads: vec![head] };
+    /// Announces that it holds `keys` up to `watermark`.
+    fn announce(&self, keys: &[&StreamKey], watermark: u64) {
+        let heads =
+            keys.iter().map(|k| super::wire::Head { origin: k.origin.clone(), incarnation: k.incarnation, stream: k.stream.clone(), watermark }).collect();
+        let heads = super::wire::Heads { node: self.id.clone(), tier: Tier::Fog, heads };
         self.peer.publish(&super::keys::heads(&self.id), super::wire::encode(&heads));
+    }
+
+    fn served(&self) -> u64 {
+        self.served.load(std::sync::atomic::Ordering::Relaxed)
     }
 }
 
@@ -706,13 +721,13 @@ fn replayed_records_outside_the_range_asked_for_are_refused() {
         records.push(forged);
         let batch =
             super::wire::ReplayBatch { records: records.iter().map(|e| super::wire::ByteVec(crate::codec::encode(e, &Limits::STORED).unwrap())).collect() };
-        let forger = Forger::start(&net, &cloud.id, &key, super::wire::encode(&batch)).await;
+        let forger = Forger::start(&net, &cloud.id, &super::keys::replay(&key.origin, &key.stream), Some(super::wire::encode(&batch))).await;
         let counters = || cloud.replicator.as_ref().unwrap().counters();
         for _ in 0..1000 {
             if watermark(&cloud.log, &key) == 5 && counters().spoofed > 0 {
                 break;
             }
-            forger.announce(5);
+            forger.announce(&[&key], 5);
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         assert_eq!(watermark(&cloud.log, &key), 5, "1..=5 were asked for and stored; {:?}", counters());
@@ -733,20 +748,69 @@ fn a_hole_nobody_fills_is_asked_for_once_per_check_not_per_heads_message() {
         let net = SimNet::new(13, Faults::NONE);
         let (_edge, key, mut cloud) = origin_records_and_a_cloud(&net).await;
         let empty = super::wire::encode(&super::wire::ReplayBatch { records: Vec::new() });
-        let forger = Forger::start(&net, &cloud.id, &key, empty).await;
+        let forger = Forger::start(&net, &cloud.id, &super::keys::replay(&key.origin, &key.stream), Some(empty)).await;
         let interval_ms = settings(&cloud).replication.replay_check_interval_ms;
         // 20 checks' worth of virtual time, heads four times per check (as the defaults,
         // 250 and 1000 ms, have it).
         let start = tokio::time::Instant::now();
         while start.elapsed() < Duration::from_millis(20 * interval_ms) {
-            forger.announce(5);
+            forger.announce(&[&key], 5);
             tokio::time::sleep(Duration::from_millis(interval_ms / 4)).await;
         }
-        let served = forger.served.load(std::sync::atomic::Ordering::Relaxed);
+        let served = forger.served();
         assert!((10..=22).contains(&served), "asked {served} times in 20 check intervals");
         assert_eq!(watermark(&cloud.log, &key), 0);
         forger.server.abort();
         cloud.down(&net).await;
+    });
+}
+
+/// A holder that does not answer (busy, or slow) costs one replay timeout per check, not one
+/// per stream: the cloud catches up three streams, all held by fog-1 and by a silent fog-9,
+/// which it asks first (equal watermarks: the last) and then not again for the other streams
+/// of that check. Each stream used to ask it anew, and every stream waited behind those
+/// timeouts.
+#[test]
+fn a_holder_that_does_not_answer_costs_one_timeout_per_check_not_one_per_stream() {
+    paused_runtime().block_on(async {
+        let net = SimNet::new(14, Faults::NONE);
+        let mut edge = SimNode::new("edge-1", Tier::Edge, &[], 11);
+        let mut fog = SimNode::new("fog-1", Tier::Fog, &["edge-1/**"], 22);
+        let mut cloud = SimNode::new("cloud-1", Tier::Cloud, &["edge-1/**"], 33);
+        net.link(&edge.id, &fog.id);
+        net.link(&fog.id, &cloud.id);
+        edge.up(&net).await;
+        fog.up(&net).await;
+        let mut keys = Vec::new();
+        for s in ["readings/a", "readings/b", "readings/c"] {
+            keys.push(edge.append_readings(&StreamName::new(s).unwrap(), 0..5).await);
+        }
+        for _ in 0..10_000 {
+            if keys.iter().all(|k| watermark(&fog.log, k) == 5) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        assert!(keys.iter().all(|k| watermark(&fog.log, k) == 5), "the fog should hold every stream first");
+        edge.down(&net).await;
+        let forger = Forger::start(&net, &cloud.id, "strata/replay/edge-1/**", None).await;
+        let interval_ms = settings(&cloud).replication.replay_check_interval_ms;
+        forger.announce(&keys.iter().collect::<Vec<_>>(), 5);
+        cloud.up(&net).await;
+        for _ in 0..1000 {
+            if keys.iter().all(|k| watermark(&cloud.log, k) == 5) {
+                break;
+            }
+            forger.announce(&keys.iter().collect::<Vec<_>>(), 5);
+            tokio::time::sleep(Duration::from_millis(interval_ms / 4)).await;
+        }
+        let counters = cloud.replicator.as_ref().unwrap().counters();
+        assert!(keys.iter().all(|k| watermark(&cloud.log, k) == 5), "{counters:?}");
+        assert_eq!(forger.served(), 1, "the silent holder was asked once in the check that caught up (asked {}); {counters:?}", forger.served());
+        forger.server.abort();
+        for mut n in [fog, cloud] {
+            n.down(&net).await;
+        }
     });
 }
 
