@@ -264,6 +264,7 @@ fn certs(result: Result<Vec<PathBuf>, strata_core::security::certs::CertError>) 
             let usage = matches!(
                 e,
                 strata_core::security::certs::CertError::BadName(_)
+                    | strata_core::security::certs::CertError::DuplicateName(_)
                     | strata_core::security::certs::CertError::NoDays(_)
                     | strata_core::security::certs::CertError::OutlivesCa { .. }
             );

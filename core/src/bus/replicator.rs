@@ -10,8 +10,8 @@
 //!   durable watermark) on `strata/heads/<node>`. An origin takes the heads of others as
 //!   acknowledgements (per tier, for `keep_until_acked`); a subscriber learns from them who
 //!   holds more than it does.
-//! - **Replay**: a periodic check (every `replay_check_interval_ms`), a liveliness token
-//!   coming back, or heads showing more than we hold, start replay: a request to
+//! - **Replay**: a periodic check (every `replay_check_interval_ms`), or a liveliness token
+//!   coming back and that node's first heads after it, start replay: a request to
 //!   `strata/replay/<origin>/<stream>` naming one holder (the origin if alive and ahead of us, else the
 //!   holder with the most) and one missing range, answered from that holder's log in batches
 //!   of at most `replay_batch_len_max`, up to 16 batches' worth of seqs from the first record
@@ -253,6 +253,10 @@ struct State {
     ingest_oversized: Option<Arc<AtomicU64>>,
     /// Replay now, without waiting for a gap to outlive a check.
     urgent: bool,
+    /// Nodes that came back (liveliness) and whose heads have not arrived since: their first
+    /// heads start an urgent check too (the token usually comes first, so the check it starts
+    /// does not know yet what the node holds).
+    returned: BTreeSet<NodeId>,
 }
 
 struct Shared {
@@ -470,7 +474,8 @@ impl Replicator {
     /// Waits until the reachable tiers hold everything of ours, or `shutdown_handover` passed.
     /// A record lost live (dropped, or still in flight when the link went quiet) is found by
     /// the subscribers from our heads, published now rather than at the next tick, and replayed
-    /// from us while we wait.
+    /// from us while we wait (once it outlived one of their replay checks: one to two
+    /// `replay_check_interval_ms`).
     async fn hand_over(&self) {
         let shared = &self.shared;
         let limit = Duration::from_millis(shared.settings.replication.shutdown_handover_ms);
@@ -802,14 +807,22 @@ async fn receive_heads(shared: Arc<Shared>, mut incoming: super::Incoming<super:
                 *acked = (*acked).max(watermark);
                 shared.log.record_ack(heads.tier, &key, watermark);
             } else if shared.settings.subscribed(&key) {
-                // The next check replays what is still missing then (no wake-up here: one
-                // per heads message made a check run at every peer's heads, so that a gap
+                // The checks replay what is still missing once it outlived one (no wake-up
+                // per heads message: a check then ran at every peer's heads, so that a gap
                 // was "old" after a few ms and a hole nobody fills was asked for many
-                // times a second).
+                // times a second). A node's first heads after it came back are urgent (below).
                 st.holders.entry(key).or_default().insert(heads.node.clone(), head.watermark);
             }
         }
+        // The first heads of a node that came back: catch up on what it holds now.
+        let returned = st.returned.remove(&heads.node);
+        if returned {
+            st.urgent = true;
+        }
         drop(st);
+        if returned {
+            shared.wake.notify_one();
+        }
         if acked_more {
             shared.acked.notify_waiters();
         }
@@ -852,16 +865,20 @@ async fn watch_presence(shared: Arc<Shared>, mut watch: AliveWatch) {
                         continue;
                     }
                     tracing::info!(%node, %tier, alive = event.alive, "liveliness");
+                    if event.alive {
+                        st.returned.insert(node.clone());
+                    }
                     st.presence.insert(node, Presence { tier, alive: event.alive, since_ms });
                     (event.alive, !event.alive)
                 }
                 // A node that went and came back within the dropped changes is alive before
-                // and after: it is not among `came`, and no catch-up is started for it (its
-                // heads, which come again every ack_interval_ms, still start one if it holds more).
+                // and after: it is not among `came`, and no catch-up is started for it (the
+                // next checks replay what its heads show missing).
                 AliveChange::All { alive, dropped } => {
                     shared.counters.presence_dropped.fetch_add(dropped, Ordering::Relaxed);
                     let alive: BTreeMap<NodeId, Tier> = alive.iter().filter_map(|k| keys::parse_alive(k)).map(|(tier, node)| (node, tier)).collect();
                     let (came, went) = reconcile_presence(&mut st.presence, &alive, &shared.settings.node, since_ms);
+                    st.returned.extend(came.iter().cloned());
                     tracing::warn!(
                         dropped,
                         alive = alive.len(),
@@ -1290,10 +1307,17 @@ async fn replay_stream(shared: &Arc<Shared>, key: &StreamKey, goal: u64, silent_
     let resumed_above = stored.as_ref().is_some_and(|r| r.from > 0);
     let mut resume = stored.unwrap_or_default();
     let passed_over_before = resume.silent.clone();
+    // Passed over only if someone else can be asked: a stream whose only holders did not
+    // answer for another stream asks them itself, or it would wait as long as they do not.
+    let mine = shared.log.stream(key).map_or(0, |i| i.watermark);
+    let mut skip = resume.silent.clone();
     for n in silent_in_check.iter() {
-        if !resume.silent.contains(n) {
-            resume.silent.push(n.clone());
+        if !skip.contains(n) {
+            skip.push(n.clone());
         }
+    }
+    if choose_holder(shared, key, mine, &skip).is_some() {
+        resume.silent = skip;
     }
     let (mut requests, mut timed_out) = (0, Vec::new());
     let (mut at, mut done) = replay_from(shared, key, goal, resume, &mut requests, &mut timed_out).await;

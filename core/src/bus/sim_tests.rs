@@ -657,13 +657,29 @@ impl Forger {
         let peer = net.attach(&id) as Arc<dyn Transport>;
         net.link(to, &id);
         let token = peer.declare_alive(&super::keys::alive(Tier::Fog, &id)).await.unwrap();
+        let served = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let server = Forger::serve(&peer, &id, &served, pattern, answer).await;
+        Forger { peer, id, served, server, _token: token }
+    }
+
+    /// Serves replay requests on `pattern` too, with `answer` (see [`Forger::start`]).
+    async fn serve_also(&self, pattern: &str, answer: Option<Vec<u8>>) -> tokio::task::JoinHandle<()> {
+        Forger::serve(&self.peer, &self.id, &self.served, pattern, answer).await
+    }
+
+    async fn serve(
+        peer: &Arc<dyn Transport>,
+        id: &NodeId,
+        served: &Arc<std::sync::atomic::AtomicU64>,
+        pattern: &str,
+        answer: Option<Vec<u8>>,
+    ) -> tokio::task::JoinHandle<()> {
         // Only the requests addressed to it, as a node serves replays.
         let me = id.clone();
         let accept: super::Accept = Arc::new(move |_, params, _| super::wire::ReplayParams::parse(params).is_ok_and(|p| p.holder == me));
         let mut requests = peer.serve(pattern, 16, accept).await.unwrap();
-        let served = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let count = served.clone();
-        let server = tokio::spawn(async move {
+        tokio::spawn(async move {
             let mut unanswered = Vec::new();
             while let Some(mut request) = requests.recv().await {
                 count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -675,8 +691,7 @@ impl Forger {
                     None => unanswered.push(request),
                 }
             }
-        });
-        Forger { peer, id, served, server, _token: token }
+        })
     }
 
     /// Announces that it holds `keys` up to `watermark`.
@@ -811,6 +826,42 @@ fn a_holder_that_does_not_answer_costs_one_timeout_per_check_not_one_per_stream(
         for mut n in [fog, cloud] {
             n.down(&net).await;
         }
+    });
+}
+
+/// A holder passed over for the rest of a check because it did not answer for one stream is
+/// still asked for a stream nobody else holds: fog-9 does not answer for `readings/a` (checked
+/// first) but does for `readings/b`, which only it holds. Passed over for every stream of the
+/// check, `readings/b` would never be replayed while `readings/a` goes unanswered.
+#[test]
+fn a_holder_silent_for_one_stream_is_still_asked_for_a_stream_only_it_holds() {
+    paused_runtime().block_on(async {
+        let net = SimNet::new(15, Faults::NONE);
+        let (edge, a, mut cloud) = origin_records_and_a_cloud(&net).await;
+        let b_stream = StreamName::new("readings/b").unwrap();
+        for i in 0..5 {
+            edge.log.append_durable(b_stream.clone(), reading(i)).await.unwrap();
+        }
+        let b = StreamKey { stream: b_stream.clone(), ..a.clone() };
+        let records = edge.log.read(&b, 1, 10).unwrap();
+        let batch =
+            super::wire::ReplayBatch { records: records.iter().map(|e| super::wire::ByteVec(crate::codec::encode(e, &Limits::STORED).unwrap())).collect() };
+        let forger = Forger::start(&net, &cloud.id, &super::keys::replay(&a.origin, &a.stream), None).await;
+        let also = forger.serve_also(&super::keys::replay(&b.origin, &b.stream), Some(super::wire::encode(&batch))).await;
+        let interval_ms = settings(&cloud).replication.replay_check_interval_ms;
+        for _ in 0..200 {
+            if watermark(&cloud.log, &b) == 5 {
+                break;
+            }
+            forger.announce(&[&a, &b], 5);
+            tokio::time::sleep(Duration::from_millis(interval_ms / 4)).await;
+        }
+        let counters = cloud.replicator.as_ref().unwrap().counters();
+        assert_eq!(watermark(&cloud.log, &b), 5, "{counters:?}");
+        assert_eq!(watermark(&cloud.log, &a), 0);
+        forger.server.abort();
+        also.abort();
+        cloud.down(&net).await;
     });
 }
 

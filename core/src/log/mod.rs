@@ -257,7 +257,8 @@ pub trait Store: Send + Sync + 'static {
     fn commits(&self) -> tokio::sync::watch::Receiver<u64>;
     /// Refuses new operations and waits until queued ones are durable.
     fn close(&self);
-    /// Closed for writing ([`Store::close`]); a read-only store is not.
+    /// [`Store::close`] has returned: nothing more will be written. A read-only store is
+    /// never closed.
     fn is_closed(&self) -> bool;
 }
 

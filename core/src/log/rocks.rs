@@ -150,6 +150,8 @@ pub struct RocksStore {
     _lock: Option<File>,
     /// Opened with [`RocksStore::open_read_only`].
     read_only: bool,
+    /// Set once [`Store::close`] has made everything queued durable.
+    closed: std::sync::atomic::AtomicBool,
     /// A read-only store's files as listed just before it was last opened.
     listed: Mutex<Option<Listing>>,
 }
@@ -392,6 +394,7 @@ impl RocksStore {
             threads: Mutex::new(Threads::default()),
             _lock: Some(lock),
             read_only: false,
+            closed: std::sync::atomic::AtomicBool::new(false),
             listed: Mutex::new(None),
         };
         store.start_threads(&opts);
@@ -429,6 +432,7 @@ impl RocksStore {
             threads: Mutex::new(Threads::default()),
             _lock: None,
             read_only: true,
+            closed: std::sync::atomic::AtomicBool::new(false),
             listed: Mutex::new(listed),
         })
     }
@@ -1184,12 +1188,15 @@ impl Store for RocksStore {
             drop(stop);
             let _ = handle.join();
         }
+        if !self.read_only {
+            self.closed.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
         // Wakes tailing readers, which then see it closed.
         self.commits.send_modify(|n| *n += 1);
     }
 
     fn is_closed(&self) -> bool {
-        !self.read_only && self.handoff.is_closed()
+        self.closed.load(std::sync::atomic::Ordering::SeqCst)
     }
 }
 

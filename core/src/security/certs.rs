@@ -32,6 +32,8 @@ pub enum CertError {
     BadName(String),
     #[error("{path} already exists; remove it first to replace it")]
     Exists { path: PathBuf },
+    #[error("{0:?} is given twice")]
+    DuplicateName(String),
     #[error("certificate generation: {0}")]
     Generate(#[from] rcgen::Error),
     #[error("--days {0}: a certificate must be valid for 1 to {DAYS_MAX} days")]
@@ -185,10 +187,12 @@ pub(crate) fn issue_between(dir: &Path, names: &[String], extra_sans: &[String],
     // Every file checked before any is written: a refusal leaves nothing half done.
     let mut seen = std::collections::BTreeSet::new();
     for name in names {
-        let (cert_out, key_out) = (dir.join(format!("{name}.pem")), dir.join(format!("{name}.key")));
-        for p in [&cert_out, &key_out] {
-            if p.exists() || !seen.insert(p.clone()) {
-                return Err(CertError::Exists { path: p.clone() });
+        if !seen.insert(name) {
+            return Err(CertError::DuplicateName(name.clone()));
+        }
+        for p in [dir.join(format!("{name}.pem")), dir.join(format!("{name}.key"))] {
+            if p.exists() {
+                return Err(CertError::Exists { path: p });
             }
         }
     }
@@ -239,7 +243,8 @@ mod tests {
         assert!(matches!(issue(dir.path(), &["bad name".into()], &[], 30), Err(CertError::BadName(_))));
         // One name refused (exists, or given twice): nothing is written, not even the others.
         for names in [vec!["fresh".to_owned(), "ops".into()], vec!["fresh".into(), "fresh".into()]] {
-            assert!(matches!(issue(dir.path(), &names, &[], 30), Err(CertError::Exists { .. })), "{names:?}");
+            let refused = issue(dir.path(), &names, &[], 30);
+            assert!(matches!(refused, Err(CertError::Exists { .. } | CertError::DuplicateName(_))), "{names:?}: {refused:?}");
             assert!(!dir.path().join("fresh.pem").exists() && !dir.path().join("fresh.key").exists(), "{names:?}");
         }
         use std::os::unix::fs::PermissionsExt;
