@@ -53,6 +53,9 @@ const HOLD_MS: u64 = 1500;
 const DEADLINE_MS: u64 = 20;
 const SLOW_ONE_WAY_MS: u64 = 15;
 const ESCALATION_TIMEOUT_MS: u64 = 5000;
+/// Longest wait, once the edge trusts both servers' estimates, for them to settle before the
+/// schedule starts.
+const SETTLE_WAIT_S: u64 = 5;
 /// The demo's nodes fsync their logs every 100 ms (`log.sync = "interval"`) instead of at every
 /// commit: a process crash (the SIGKILL below) still loses nothing. On a disk that stalls now
 /// and then for 100-300 ms under three nodes, `always` makes the edge's readings wait and a
@@ -331,15 +334,24 @@ async fn demo(args: &DemoArgs, dir: &Path) -> anyhow::Result<bool> {
     let edge_view = observer(&format!("tcp/127.0.0.1:{}", ports[0])).await?;
     let cloud_view = observer(&format!("tcp/127.0.0.1:{}", ports[2])).await?;
 
-    // Ready: the edge sees the whole continuum and trusts both servers' latency estimates.
+    // Ready: the edge sees the whole continuum and trusts both servers' latency estimates, and
+    // these have settled (a p95 within three quarters of the deadline, about what a request
+    // has once the margin and the fallback are set aside), so that "normal" starts as normal:
+    // a model's first inferences are slow, and until they leave the estimate the edge rightly
+    // decides itself (a CI run on 2026-11-30: 72 of 154 normal-phase decisions). On a machine
+    // where they never settle, it starts anyway after `SETTLE_WAIT_S`.
     let t0 = Instant::now();
+    let mut trusted_since = None;
     loop {
         let doc = status(&edge_view, "edge-1").await;
-        let trusted = |node: &str| {
-            doc.as_ref().is_some_and(|d| d["estimates"].as_array().into_iter().flatten().any(|e| e["node"] == node && e["samples"].as_u64() >= Some(3)))
-        };
+        let estimate = |node: &str| doc.as_ref().and_then(|d| d["estimates"].as_array().into_iter().flatten().find(|e| e["node"] == node).cloned());
+        let trusted = |node: &str| estimate(node).is_some_and(|e| e["samples"].as_u64() >= Some(3));
+        let settled = |node: &str| estimate(node).is_some_and(|e| e["p95_us"].as_u64().is_some_and(|p95| p95 <= DEADLINE_MS * 1000 * 3 / 4));
         if doc.as_ref().is_some_and(|d| d["mode"] == "full") && trusted("cloud-1") && trusted("fog-1") {
-            break;
+            let since = *trusted_since.get_or_insert_with(Instant::now);
+            if (settled("cloud-1") && settled("fog-1")) || since.elapsed() > Duration::from_secs(SETTLE_WAIT_S) {
+                break;
+            }
         }
         if let Some((id, log, status)) = procs.iter_mut().find_map(|p| p.exited().map(|s| (p.id, p.log.clone(), s))) {
             anyhow::bail!("{id} exited at start ({status}); its log: {}", log.display());
