@@ -352,6 +352,8 @@ async fn demo(args: &DemoArgs, dir: &Path) -> anyhow::Result<bool> {
             if (settled("cloud-1") && settled("fog-1")) || since.elapsed() > Duration::from_secs(SETTLE_WAIT_S) {
                 break;
             }
+        } else {
+            trusted_since = None;
         }
         if let Some((id, log, status)) = procs.iter_mut().find_map(|p| p.exited().map(|s| (p.id, p.log.clone(), s))) {
             anyhow::bail!("{id} exited at start ({status}); its log: {}", log.display());

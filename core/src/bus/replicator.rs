@@ -1307,22 +1307,15 @@ async fn replay_stream(shared: &Arc<Shared>, key: &StreamKey, goal: u64, silent_
     let resumed_above = stored.as_ref().is_some_and(|r| r.from > 0);
     let mut resume = stored.unwrap_or_default();
     let passed_over_before = resume.silent.clone();
-    // Passed over only if someone else can be asked: a stream whose only holders did not
-    // answer for another stream asks them itself, or it would wait as long as they do not.
-    let mine = shared.log.stream(key).map_or(0, |i| i.watermark);
-    let mut skip = resume.silent.clone();
-    for n in silent_in_check.iter() {
-        if !skip.contains(n) {
-            skip.push(n.clone());
-        }
-    }
-    if choose_holder(shared, key, mine, &skip).is_some() {
-        resume.silent = skip;
-    }
+    // Passed over, but asked as a last resort (`replay_from`): a range that only they can
+    // serve would otherwise wait as long as they do not answer for another stream.
+    let mut borrowed: Vec<NodeId> = silent_in_check.iter().filter(|n| !resume.silent.contains(n)).cloned().collect();
+    resume.silent.extend(borrowed.iter().cloned());
     let (mut requests, mut timed_out) = (0, Vec::new());
-    let (mut at, mut done) = replay_from(shared, key, goal, resume, &mut requests, &mut timed_out).await;
+    let (mut at, mut done) = replay_from(shared, key, goal, resume, &mut requests, &mut timed_out, &mut borrowed).await;
     if done && resumed_above {
-        (at, done) = replay_from(shared, key, goal, Resume { silent: at.silent, ..Resume::default() }, &mut requests, &mut timed_out).await;
+        let again = Resume { silent: at.silent, ..Resume::default() };
+        (at, done) = replay_from(shared, key, goal, again, &mut requests, &mut timed_out, &mut borrowed).await;
     }
     for n in &timed_out {
         if !silent_in_check.contains(n) {
@@ -1338,9 +1331,18 @@ async fn replay_stream(shared: &Arc<Shared>, key: &StreamKey, goal: u64, silent_
 }
 
 /// Asks for the missing ranges of `key` from `at.from` up to `goal`, counting requests in
-/// `requests` and the holders that did not answer in `timed_out`; returns where it stopped and whether nothing up to `goal` is missing above
+/// `requests` and the holders that did not answer in `timed_out`, passing over `borrowed`
+/// (among `at.silent`) until nobody else is left; returns where it stopped and whether nothing up to `goal` is missing above
 /// where it started (then only the silent holders matter).
-async fn replay_from(shared: &Arc<Shared>, key: &StreamKey, goal: u64, at: Resume, requests: &mut usize, timed_out: &mut Vec<NodeId>) -> (Resume, bool) {
+async fn replay_from(
+    shared: &Arc<Shared>,
+    key: &StreamKey,
+    goal: u64,
+    at: Resume,
+    requests: &mut usize,
+    timed_out: &mut Vec<NodeId>,
+    borrowed: &mut Vec<NodeId>,
+) -> (Resume, bool) {
     let settings = &shared.settings;
     let Resume { mut from, mut stuck_at, mut stuck, mut silent } = at;
     loop {
@@ -1354,6 +1356,13 @@ async fn replay_from(shared: &Arc<Shared>, key: &StreamKey, goal: u64, at: Resum
         let mine = shared.log.stream(key).map_or(0, |i| i.watermark);
         let skip: Vec<NodeId> = stuck.iter().chain(&silent).cloned().collect();
         let Some(holder) = choose_holder(shared, key, mine, &skip) else {
+            // Nobody else: those passed over only because another stream found them silent
+            // are asked after all (once).
+            if !borrowed.is_empty() {
+                silent.retain(|n| !borrowed.contains(n));
+                borrowed.clear();
+                continue;
+            }
             if stuck.is_empty() {
                 // Nobody (else) to ask: the next check asks the silent ones again.
                 return (Resume { from, stuck_at, stuck, silent: Vec::new() }, false);

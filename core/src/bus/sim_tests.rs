@@ -653,7 +653,11 @@ struct Forger {
 
 impl Forger {
     async fn start(net: &SimNet, to: &NodeId, pattern: &str, answer: Option<Vec<u8>>) -> Forger {
-        let id = NodeId::new("fog-9").unwrap();
+        Forger::start_as("fog-9", net, to, pattern, answer).await
+    }
+
+    async fn start_as(name: &str, net: &SimNet, to: &NodeId, pattern: &str, answer: Option<Vec<u8>>) -> Forger {
+        let id = NodeId::new(name).unwrap();
         let peer = net.attach(&id) as Arc<dyn Transport>;
         net.link(to, &id);
         let token = peer.declare_alive(&super::keys::alive(Tier::Fog, &id)).await.unwrap();
@@ -829,6 +833,17 @@ fn a_holder_that_does_not_answer_costs_one_timeout_per_check_not_one_per_stream(
     });
 }
 
+/// edge-1's `readings/b` beside `a` (readings 0..5), and a replay answer holding all of it.
+async fn second_stream(edge: &SimNode, a: &StreamKey) -> (StreamKey, super::wire::ReplayBatch) {
+    let b = StreamKey { stream: StreamName::new("readings/b").unwrap(), ..a.clone() };
+    for i in 0..5 {
+        edge.log.append_durable(b.stream.clone(), reading(i)).await.unwrap();
+    }
+    let records = edge.log.read(&b, 1, 10).unwrap();
+    let batch = super::wire::ReplayBatch { records: records.iter().map(|e| super::wire::ByteVec(crate::codec::encode(e, &Limits::STORED).unwrap())).collect() };
+    (b, batch)
+}
+
 /// A holder passed over for the rest of a check because it did not answer for one stream is
 /// still asked for a stream nobody else holds: fog-9 does not answer for `readings/a` (checked
 /// first) but does for `readings/b`, which only it holds. Passed over for every stream of the
@@ -838,14 +853,7 @@ fn a_holder_silent_for_one_stream_is_still_asked_for_a_stream_only_it_holds() {
     paused_runtime().block_on(async {
         let net = SimNet::new(15, Faults::NONE);
         let (edge, a, mut cloud) = origin_records_and_a_cloud(&net).await;
-        let b_stream = StreamName::new("readings/b").unwrap();
-        for i in 0..5 {
-            edge.log.append_durable(b_stream.clone(), reading(i)).await.unwrap();
-        }
-        let b = StreamKey { stream: b_stream.clone(), ..a.clone() };
-        let records = edge.log.read(&b, 1, 10).unwrap();
-        let batch =
-            super::wire::ReplayBatch { records: records.iter().map(|e| super::wire::ByteVec(crate::codec::encode(e, &Limits::STORED).unwrap())).collect() };
+        let (b, batch) = second_stream(&edge, &a).await;
         let forger = Forger::start(&net, &cloud.id, &super::keys::replay(&a.origin, &a.stream), None).await;
         let also = forger.serve_also(&super::keys::replay(&b.origin, &b.stream), Some(super::wire::encode(&batch))).await;
         let interval_ms = settings(&cloud).replication.replay_check_interval_ms;
@@ -861,6 +869,38 @@ fn a_holder_silent_for_one_stream_is_still_asked_for_a_stream_only_it_holds() {
         assert_eq!(watermark(&cloud.log, &a), 0);
         forger.server.abort();
         also.abort();
+        cloud.down(&net).await;
+    });
+}
+
+/// The same when another holder is there but cannot serve the range: fog-5 announces
+/// `readings/b` and answers with nothing; fog-9, silent for `readings/a`, is then asked for
+/// it after all. Passed over for the check, it was not, and the range was taken for a hole.
+#[test]
+fn a_holder_silent_for_one_stream_is_asked_when_the_others_cannot_serve_the_range() {
+    paused_runtime().block_on(async {
+        let net = SimNet::new(16, Faults::NONE);
+        let (edge, a, mut cloud) = origin_records_and_a_cloud(&net).await;
+        let (b, batch) = second_stream(&edge, &a).await;
+        let silent = Forger::start(&net, &cloud.id, &super::keys::replay(&a.origin, &a.stream), None).await;
+        let serves_b = silent.serve_also(&super::keys::replay(&b.origin, &b.stream), Some(super::wire::encode(&batch))).await;
+        let empty = super::wire::encode(&super::wire::ReplayBatch { records: Vec::new() });
+        let lacking = Forger::start_as("fog-5", &net, &cloud.id, &super::keys::replay(&b.origin, &b.stream), Some(empty)).await;
+        let interval_ms = settings(&cloud).replication.replay_check_interval_ms;
+        for _ in 0..200 {
+            if watermark(&cloud.log, &b) == 5 {
+                break;
+            }
+            silent.announce(&[&a, &b], 5);
+            lacking.announce(&[&b], 5);
+            tokio::time::sleep(Duration::from_millis(interval_ms / 4)).await;
+        }
+        let counters = cloud.replicator.as_ref().unwrap().counters();
+        assert_eq!(watermark(&cloud.log, &b), 5, "{counters:?}");
+        assert!(lacking.served() >= 1, "the holder lacking the range was asked first: the case tests nothing");
+        for task in [silent.server, serves_b, lacking.server] {
+            task.abort();
+        }
         cloud.down(&net).await;
     });
 }

@@ -150,8 +150,9 @@ pub struct RocksStore {
     _lock: Option<File>,
     /// Opened with [`RocksStore::open_read_only`].
     read_only: bool,
-    /// Set once [`Store::close`] has made everything queued durable.
-    closed: std::sync::atomic::AtomicBool,
+    /// Set once [`Store::close`] has made everything queued durable, or the committer thread
+    /// panicked (nothing more will be written either way).
+    closed: Arc<std::sync::atomic::AtomicBool>,
     /// A read-only store's files as listed just before it was last opened.
     listed: Mutex<Option<Listing>>,
 }
@@ -394,7 +395,7 @@ impl RocksStore {
             threads: Mutex::new(Threads::default()),
             _lock: Some(lock),
             read_only: false,
-            closed: std::sync::atomic::AtomicBool::new(false),
+            closed: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             listed: Mutex::new(None),
         };
         store.start_threads(&opts);
@@ -432,7 +433,7 @@ impl RocksStore {
             threads: Mutex::new(Threads::default()),
             _lock: None,
             read_only: true,
-            closed: std::sync::atomic::AtomicBool::new(false),
+            closed: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             listed: Mutex::new(listed),
         })
     }
@@ -510,7 +511,7 @@ impl RocksStore {
             sync: opts.sync == SyncPolicy::Always,
             unsynced_max: opts.commit_unsynced_batches_max.max(1),
         };
-        let (handoff, path) = (self.handoff.clone(), self.path.clone());
+        let (handoff, path, closed, commits) = (self.handoff.clone(), self.path.clone(), self.closed.clone(), self.commits.clone());
         let run = move || {
             let Err(panic) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| committer.run())) else { return };
             // A bug, not an IO error: still, nobody may wait for an answer that cannot come.
@@ -525,6 +526,9 @@ impl RocksStore {
                     done.complete(Err(error.clone()));
                 }
             }
+            // Tailing readers are told: nothing more will come.
+            closed.store(true, std::sync::atomic::Ordering::SeqCst);
+            commits.send_modify(|n| *n += 1);
         };
         threads.committer = Some(std::thread::Builder::new().name("strata-commit".into()).spawn(run).expect("spawn the committer thread"));
         if opts.sync == SyncPolicy::Interval {
