@@ -1298,10 +1298,11 @@ struct Resume {
 
 /// One check's replay of `key` up to `goal`, at most `replay_requests_per_check_max`
 /// requests, passing over the holders of `silent_in_check` (those that did not answer for an
-/// earlier stream of this check), to which it adds those that do not answer for this one. A check that stops before the goal (out of requests, nobody left to ask, an
-/// error) leaves the next one to go on where it stopped, passing over the same holders for
-/// the same range; one that started there and reaches the goal goes on at the watermark with
-/// the requests left (still passing over the silent holders).
+/// earlier stream of this check) until nobody else is left, and adding to it those that do
+/// not answer for this one. A check that stops before the goal (out of requests, nobody left
+/// to ask, an error) leaves the next one to go on where it stopped, passing over the same
+/// holders for the same range; one that started there and reaches the goal goes on at the
+/// watermark with the requests left (still passing over the silent holders).
 async fn replay_stream(shared: &Arc<Shared>, key: &StreamKey, goal: u64, silent_in_check: &mut Vec<NodeId>) {
     let stored = lock(&shared.state).replay_resume.remove(key);
     let resumed_above = stored.as_ref().is_some_and(|r| r.from > 0);
@@ -1332,7 +1333,8 @@ async fn replay_stream(shared: &Arc<Shared>, key: &StreamKey, goal: u64, silent_
 
 /// Asks for the missing ranges of `key` from `at.from` up to `goal`, counting requests in
 /// `requests` and the holders that did not answer in `timed_out`, passing over `borrowed`
-/// (among `at.silent`) until nobody else is left; returns where it stopped and whether nothing up to `goal` is missing above
+/// (among `at.silent`) until nobody else is left; returns where it stopped and whether
+/// nothing up to `goal` is missing above
 /// where it started (then only the silent holders matter).
 async fn replay_from(
     shared: &Arc<Shared>,

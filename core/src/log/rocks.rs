@@ -347,8 +347,9 @@ impl RocksStore {
         let io = |e: rocksdb::Error| LogError::Io { path: path.to_owned(), detail: e.into_string() };
 
         let meta = cf(&db, Cf::Meta);
-        let incarnation = match read_meta(&db, path)? {
-            Some(Meta { node: found_node, incarnation, format, .. }) => {
+        // The incarnation, the earlier ones and the open marker as found.
+        let (incarnation, earlier, open) = match read_meta(&db, path)? {
+            Some(Meta { node: found_node, incarnation, format, earlier, open }) => {
                 if found_node != node.as_str() {
                     return Err(LogError::WrongNode { path: path.to_owned(), found: found_node, expected: node.to_string() });
                 }
@@ -359,7 +360,7 @@ impl RocksStore {
                     db.put_cf_opt(meta, META_FORMAT, STORE_FORMAT_VERSION.to_be_bytes(), &wo).map_err(io)?;
                     tracing::info!(path = %path.display(), from = format, to = STORE_FORMAT_VERSION, "store format upgraded");
                 }
-                incarnation
+                (incarnation, earlier, open)
             }
             None => {
                 if db.iterator_cf(cf(&db, Cf::Log), IteratorMode::Start).next().is_some() {
@@ -373,11 +374,11 @@ impl RocksStore {
                 let mut wo = WriteOptions::default();
                 wo.set_sync(true);
                 db.write_opt(batch, &wo).map_err(io)?;
-                incarnation
+                (incarnation, Vec::new(), None)
             }
         };
 
-        let (incarnation, earlier) = mark_open(&db, path, incarnation, &opts)?;
+        let (incarnation, earlier) = mark_open(&db, path, incarnation, earlier, open.as_deref(), &opts)?;
 
         let mut core = Core::new(node.clone(), incarnation, opts.limits, opts.retention.clone());
         core.sweep_records_max = opts.sweep_records_max;
@@ -570,18 +571,23 @@ fn boot_id() -> Option<String> {
     std::fs::read_to_string(BOOT_ID_FILE).ok().map(|id| id.trim().to_owned()).filter(|id| !id.is_empty())
 }
 
-/// Marks the store open for writing under `opts.sync`, and returns its incarnation and the
-/// earlier ones. A store found still open from a run under `sync = interval` or `never`, in
+/// Marks the store open for writing under `opts.sync` (`earlier` and `open` as `meta` holds
+/// them), and returns its incarnation and the earlier ones. A store found still open from a run under `sync = interval` or `never`, in
 /// an earlier boot of the machine (a power loss, a kernel crash), may have lost records it had
 /// acknowledged, and perhaps already sent to other nodes: their seqs would be handed out
 /// again to different records, which the other nodes would take as duplicates. It goes on
 /// under a new incarnation instead; what survived stays readable under the old one. A process
 /// that only crashed lost nothing (see [`OPEN_UNSYNCED`]): the incarnation stays.
-fn mark_open(db: &DB, path: &Path, incarnation: Incarnation, opts: &StoreOptions) -> Result<(Incarnation, Vec<Incarnation>), LogError> {
+fn mark_open(
+    db: &DB,
+    path: &Path,
+    incarnation: Incarnation,
+    mut earlier: Vec<Incarnation>,
+    open: Option<&[u8]>,
+    opts: &StoreOptions,
+) -> Result<(Incarnation, Vec<Incarnation>), LogError> {
     let io = |e: rocksdb::Error| LogError::Io { path: path.to_owned(), detail: e.into_string() };
-    let meta = read_meta(db, path)?.ok_or_else(|| LogError::Corrupt { path: path.to_owned(), detail: "meta is missing".into() })?;
     let boot = opts.boot_id.clone().or_else(boot_id);
-    let mut earlier = meta.earlier;
     let mut batch = WriteBatch::default();
     let mut current = incarnation;
     // Left open without every write synced, and the machine restarted since (or its boot
@@ -589,7 +595,7 @@ fn mark_open(db: &DB, path: &Path, incarnation: Incarnation, opts: &StoreOptions
     // know (a later build's) is taken as the worst case. A store written before the marker
     // was kept has none: whatever happened before cannot be known, and it is not moved.
     let boot_bytes = boot.as_deref().unwrap_or("").as_bytes();
-    let (lost, unsynced_before) = match meta.open.as_deref() {
+    let (lost, unsynced_before) = match open {
         None => (false, false),
         Some([CLOSED]) | Some([OPEN_SYNCED]) => (false, false),
         Some([OPEN_UNSYNCED, id @ ..]) => (boot.is_none() || id != boot_bytes, true),
