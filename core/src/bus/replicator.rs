@@ -92,6 +92,9 @@ pub struct Counters {
     pub live_frames: AtomicU64,
     pub live_stored: AtomicU64,
     pub live_duplicates: AtomicU64,
+    /// Received records not stored because too many disjoint ranges were pending above their
+    /// stream's watermark (`log.present_ranges_max`): replay brings them again, in order.
+    pub live_deferred: AtomicU64,
     pub live_dropped: AtomicU64,
     /// Heads messages dropped because their receive queue was full (in messages or bytes).
     pub heads_dropped: AtomicU64,
@@ -107,6 +110,8 @@ pub struct Counters {
     pub replay_stalled: AtomicU64,
     pub replay_received: AtomicU64,
     pub replay_stored: AtomicU64,
+    /// Replayed records not stored, as `live_deferred`: asked for again.
+    pub replay_deferred: AtomicU64,
     pub replay_served_requests: AtomicU64,
     /// Replay requests naming this node that were dropped because `request_queue_len_max`
     /// others were waiting: each ended unanswered, and its sender asks another holder, or
@@ -201,6 +206,7 @@ pub struct CounterSnapshot {
     pub live_frames: u64,
     pub live_stored: u64,
     pub live_duplicates: u64,
+    pub live_deferred: u64,
     pub live_dropped: u64,
     pub heads_dropped: u64,
     pub presence_dropped: u64,
@@ -210,6 +216,7 @@ pub struct CounterSnapshot {
     pub replay_stalled: u64,
     pub replay_received: u64,
     pub replay_stored: u64,
+    pub replay_deferred: u64,
     pub replay_served_requests: u64,
     pub replay_requests_dropped: u64,
     pub replay_served_records: u64,
@@ -367,6 +374,7 @@ impl Replicator {
             live_frames: get(&c.live_frames),
             live_stored: get(&c.live_stored),
             live_duplicates: get(&c.live_duplicates),
+            live_deferred: get(&c.live_deferred),
             live_dropped: get(&c.live_dropped),
             heads_dropped: get(&c.heads_dropped),
             presence_dropped: get(&c.presence_dropped),
@@ -376,6 +384,7 @@ impl Replicator {
             replay_stalled: get(&c.replay_stalled),
             replay_received: get(&c.replay_received),
             replay_stored: get(&c.replay_stored),
+            replay_deferred: get(&c.replay_deferred),
             replay_served_requests: get(&c.replay_served_requests),
             replay_requests_dropped: get(&c.replay_requests_dropped),
             replay_served_records: get(&c.replay_served_records),
@@ -631,7 +640,10 @@ async fn settle_inserts(shared: Arc<Shared>, mut tickets: mpsc::Receiver<(Insert
                 Ok(Inserted::Duplicate { .. }) => {
                     c.live_duplicates.fetch_add(1, Ordering::Relaxed);
                 }
-                Ok(_) => {}
+                Ok(Inserted::Deferred { .. }) => {
+                    c.live_deferred.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(Inserted::Own) => {}
                 Err(e) => {
                     c.insert_errors.fetch_add(1, Ordering::Relaxed);
                     tracing::error!(error = %e, "storing a received envelope failed");
@@ -1127,11 +1139,15 @@ async fn serve_replay(shared: Arc<Shared>, mut requests: super::Incoming<Request
         // the range, and does not take this one for silent.
         let (mut answered, mut damaged) = (false, 0);
         // Records read per round follow what fits in one message (large records: few), so a
-        // round never reads much more than it sends; and one answer sends at most this much.
-        // The first round guesses from the stream's average record.
+        // round never reads much more than it sends. The first round guesses from the
+        // stream's average record.
         let average = shared.log.stream(&key).map_or(1, |i| (i.bytes / i.count.max(1)).max(1));
-        let (mut fit, mut bytes_sent) = ((MESSAGE_BYTES_MAX as u64 / average).clamp(1, batch_len), 0usize);
-        let answer_bytes_max = REPLAY_BATCHES_PER_REQUEST as usize * MESSAGE_BYTES_MAX;
+        let mut fit = (MESSAGE_BYTES_MAX as u64 / average).clamp(1, batch_len);
+        // One answer is at most this many messages: the requester's queue holds one more (an
+        // empty answer), and what does not fit in it is lost on the way. Records of just over
+        // half a message go one per message, so a cap on bytes alone would let twice as many
+        // out.
+        let mut replies = 0;
         while from <= to {
             let want = (to - from + 1).min(batch_len).min(fit) as usize;
             let served = match read_serving(&shared.log, &key, from, to, want, span) {
@@ -1178,8 +1194,8 @@ async fn serve_replay(shared: Arc<Shared>, mut requests: super::Incoming<Request
                 break;
             }
             fit = if sent < records.len() as u64 { sent } else { fit.saturating_mul(2).min(batch_len) };
-            bytes_sent += size;
-            if bytes_sent >= answer_bytes_max {
+            replies += 1;
+            if replies == REPLAY_BATCHES_PER_REQUEST {
                 break; // the requester asks again from what it still misses
             }
             if sent < records.len() as u64 {
@@ -1436,7 +1452,8 @@ async fn replay_from(
             let results = match t.await {
                 Ok(r) => r,
                 Err(e) => {
-                    shared.counters.insert_errors.fetch_add(1, Ordering::Relaxed);
+                    // Every record of the batch, as on the live path.
+                    shared.counters.insert_errors.fetch_add(seqs.len() as u64, Ordering::Relaxed);
                     tracing::error!(error = %e, "storing replayed envelopes failed");
                     return (Resume { from, stuck_at, stuck, silent }, false);
                 }
@@ -1448,7 +1465,10 @@ async fn replay_from(
                         held.push(seq);
                     }
                     Ok(Inserted::Duplicate { .. }) => held.push(seq),
-                    Ok(_) => {}
+                    Ok(Inserted::Deferred { .. }) => {
+                        shared.counters.replay_deferred.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok(Inserted::Own) => {}
                     Err(e) => {
                         shared.counters.insert_errors.fetch_add(1, Ordering::Relaxed);
                         tracing::error!(error = %e, "storing a replayed envelope failed");

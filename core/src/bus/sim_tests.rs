@@ -757,6 +757,51 @@ fn replayed_records_outside_the_range_asked_for_are_refused() {
     });
 }
 
+/// Records a fragmented stream cannot take yet (`log.present_ranges_max` disjoint ranges
+/// pending above its watermark) are counted as deferred, live and replayed apart; they used to
+/// go uncounted. Here the cloud takes one range: live 2 is stored, live 4 deferred; a replay
+/// answer of 3 and 5 stores 3 and defers 5.
+#[test]
+fn records_a_fragmented_stream_cannot_take_yet_are_counted_as_deferred() {
+    paused_runtime().block_on(async {
+        let net = SimNet::new(16, Faults::NONE);
+        let (edge, key, mut cloud) = origin_records_and_a_cloud(&net).await;
+        cloud.store.set_present_ranges_max(1);
+        let records: Vec<Vec<u8>> = edge.log.read(&key, 1, 10).unwrap().iter().map(|e| crate::codec::encode(e, &Limits::STORED).unwrap()).collect();
+        let answer = super::wire::ReplayBatch { records: vec![super::wire::ByteVec(records[2].clone()), super::wire::ByteVec(records[4].clone())] };
+        // Silent until the live records are in: the cloud's first check would find 1..=5
+        // missing (and ask) before they are.
+        let forger = Forger::start(&net, &cloud.id, &super::keys::replay(&key.origin, &key.stream), None).await;
+        let counters = || cloud.replicator.as_ref().unwrap().counters();
+        for seq in [2, 4] {
+            forger.peer.publish(&super::keys::stream(&key.origin, &key.stream), records[seq - 1].clone());
+        }
+        for _ in 0..1000 {
+            if counters().live_stored + counters().live_deferred == 2 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!((counters().live_stored, counters().live_deferred), (1, 1), "{:?}", counters());
+        assert_eq!(cloud.log.gaps(&key, 10), vec![1..=1]);
+        let serving = forger.serve_also(&super::keys::replay(&key.origin, &key.stream), Some(super::wire::encode(&answer))).await;
+        forger.server.abort();
+        for _ in 0..1000 {
+            if counters().replay_deferred > 0 {
+                break;
+            }
+            forger.announce(&[&key], 5);
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(counters().replay_deferred > 0, "{:?}", counters());
+        assert_eq!(counters().live_deferred, 1);
+        let info = cloud.log.stream(&key).unwrap();
+        assert_eq!((info.count, info.last), (2, 3), "2 and 3 stored, 4 and 5 deferred");
+        serving.abort();
+        cloud.down(&net).await;
+    });
+}
+
 /// A hole nobody can fill (the only holder answers with nothing) is asked for once per
 /// `replay_check_interval_ms`, however often heads arrive. Every heads message that showed a
 /// peer holding more used to start a check, so that with heads four times per check the hole
@@ -993,6 +1038,57 @@ fn replay_requests_beyond_the_queue_are_dropped_counted_and_end_at_once() {
         assert_eq!(got, 10);
         let counters = edge.replicator.as_ref().unwrap().counters();
         assert_eq!((counters.replay_requests_dropped, counters.replay_served_requests), (3, 2), "{counters:?}");
+        edge.down(&net).await;
+    });
+}
+
+/// One replay answer is at most `REPLAY_BATCHES_PER_REQUEST` (16) messages, whatever the
+/// size of the records: the requester's queue holds 17, and replies beyond it are lost on the
+/// way. Records of just over half a message go one per message; the answer used to be capped
+/// by bytes only (16 full messages' worth), which let about 30 of them out. The asker here
+/// takes up to 64, so that an answer over the cap shows.
+#[test]
+fn a_replay_answer_is_at_most_sixteen_messages_however_large_its_records() {
+    paused_runtime().block_on(async {
+        use super::wire::{self, ReplayBatch, ReplayParams};
+        let net = SimNet::new(15, Faults::NONE);
+        let mut edge = SimNode::new("edge-1", Tier::Edge, &[], 11);
+        let half = super::wire::MESSAGE_BYTES_MAX / 2;
+        edge.store = Arc::new(MemStore::new(edge.id.clone(), Incarnation::from_raw(11), Limits { max_payload_bytes: 2 * half }, Vec::new()));
+        edge.log = Log::new(edge.store.clone());
+        let stream = StreamName::new("frames/a").unwrap();
+        for i in 0..20u8 {
+            let frame = Draft::new(Kind::Reading, PayloadType::new("sim/frame").unwrap(), vec![i; half + 1024]);
+            edge.log.append_durable(stream.clone(), frame).await.unwrap();
+        }
+        let asker = NodeId::new("fog-9").unwrap();
+        let peer = net.attach(&asker);
+        net.link(&edge.id, &asker);
+        edge.up(&net).await;
+        let key = StreamKey { origin: edge.id.clone(), incarnation: edge.log.incarnation(), stream };
+        let ask = async |from: u64| {
+            let params = ReplayParams { incarnation: key.incarnation, from, to: 20, holder: edge.id.clone() };
+            let mut replies =
+                peer.request(&super::keys::replay(&key.origin, &key.stream), &params.to_params(), Vec::new(), Duration::from_secs(60), 64).await.unwrap();
+            let mut answer = Vec::new();
+            while let Some(bytes) = replies.recv().await {
+                let seqs: Vec<u64> = wire::decode::<ReplayBatch>(&bytes)
+                    .unwrap()
+                    .records
+                    .iter()
+                    .map(|r| crate::codec::decode(&r.0, &Limits::STORED).unwrap().id.seq.get())
+                    .collect();
+                answer.push(seqs);
+            }
+            answer
+        };
+        let first = ask(1).await;
+        assert_eq!(first.len(), 16, "one record per message, 16 messages: {first:?}");
+        assert!(first.iter().all(|seqs| seqs.len() == 1), "{first:?}");
+        assert_eq!(first.concat(), (1..=16).collect::<Vec<u64>>());
+        // Asked again from what it misses, the rest comes.
+        let rest = ask(17).await;
+        assert_eq!(rest.concat(), (17..=20).collect::<Vec<u64>>(), "{rest:?}");
         edge.down(&net).await;
     });
 }

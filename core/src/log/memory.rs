@@ -60,6 +60,13 @@ impl MemStore {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Sets `log.present_ranges_max` (see [`super::StoreOptions`]), for tests of deferred
+    /// records.
+    #[cfg(test)]
+    pub(crate) fn set_present_ranges_max(&self, n: usize) {
+        self.lock().core.present_ranges_max = n;
+    }
+
     /// Overwrites the stored record `seq` of `key` with bytes no decoder accepts, as a damaged
     /// disk block would (for tests of what reads and replication do then).
     #[cfg(test)]
