@@ -225,6 +225,34 @@ fn check_filter(filter: &str) -> Result<(), String> {
 #[derive(Debug, PartialEq)]
 pub struct Rejected(pub &'static str, pub String);
 
+/// `template` with each `{N}` replaced by the topic's N-th `+` level, in one pass: a level
+/// that itself reads `{2}` is not replaced again (replaced one placeholder after another, the
+/// topic `{2}/b` of `+/+` made `readings/{1}-{2}` into `readings/b-b`, the stream of `b/b`).
+fn fill_levels(template: &str, plus: &[String]) -> String {
+    let mut out = String::with_capacity(template.len());
+    let mut rest = template;
+    while let Some(open) = rest.find('{') {
+        out.push_str(&rest[..open]);
+        let after = &rest[open + 1..];
+        let level = after.find('}').and_then(|close| {
+            let n: usize = after[..close].parse().ok()?;
+            plus.get(n.checked_sub(1)?).map(|level| (close, level))
+        });
+        match level {
+            Some((close, level)) => {
+                out.push_str(level);
+                rest = &after[close + 1..];
+            }
+            None => {
+                out.push('{');
+                rest = after;
+            }
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
 /// The stream and reading of one message, or why not.
 pub fn map_message(maps: &[ReadingMap], outputs: &[StreamName], topic: &str, payload: &[u8], bytes_max: usize) -> Result<(StreamName, f64, u64), Rejected> {
     if payload.len() > bytes_max {
@@ -234,10 +262,7 @@ pub fn map_message(maps: &[ReadingMap], outputs: &[StreamName], topic: &str, pay
         .iter()
         .find_map(|m| matches(&m.topic, topic).map(|p| (m, p)))
         .ok_or_else(|| Rejected("unmapped_topic", format!("no mapping for topic {topic:?}")))?;
-    let mut stream = map.stream.clone();
-    for (i, level) in plus.iter().enumerate() {
-        stream = stream.replace(&format!("{{{}}}", i + 1), level);
-    }
+    let stream = fill_levels(&map.stream, &plus);
     let stream = StreamName::new(stream.as_str())
         .ok()
         .filter(|s| outputs.contains(s))
@@ -399,7 +424,11 @@ enum AckToken {
 
 /// What the event loop saw, for either protocol version.
 enum Seen {
-    Connected,
+    /// Connected; `session_present`: the broker kept the session of the previous connection
+    /// (and with it what was in flight).
+    Connected {
+        session_present: bool,
+    },
     Message {
         topic: String,
         payload: Vec<u8>,
@@ -430,9 +459,13 @@ fn connect(p: &MqttParams, client_id: String) -> Result<(Client, Events), String
         Some(tls) => rumqttc::Transport::tls_with_config(rumqttc::TlsConfiguration::Rustls(tls_config(tls)?)),
     };
     let keep_alive = Duration::from_millis(p.keep_alive_ms);
-    // The request channel holds acks of every message in flight, subscriptions and one
-    // command: it never fills, so the loop never waits on itself.
-    let cap = p.in_flight_len_max + p.readings.len() + 16;
+    // The request channel holds the acks of every message the broker may have in flight
+    // (at most 65535: a packet id each), subscriptions and one command: it never fills, so the
+    // loop never waits on itself and no ack is lost. Acks queue while the client reads
+    // (buffered messages come first, and a read then competes with sending at random), so
+    // `in_flight_len_max` (appends in flight) does not bound them; the channel allocates only
+    // what it holds.
+    let cap = usize::from(u16::MAX) + p.in_flight_len_max + p.readings.len() + 16;
     Ok(if p.protocol == "5" {
         let mut o = rumqttc::v5::MqttOptions::new(client_id, p.host.clone(), p.port);
         o.set_keep_alive(keep_alive).set_clean_start(false).set_manual_acks(true).set_transport(transport);
@@ -463,7 +496,7 @@ impl Events {
             Events::V4(e) => {
                 use rumqttc::{Event, Packet};
                 Ok(match e.poll().await.map_err(|e| e.to_string())? {
-                    Event::Incoming(Packet::ConnAck(_)) => Seen::Connected,
+                    Event::Incoming(Packet::ConnAck(a)) => Seen::Connected { session_present: a.session_present },
                     Event::Incoming(Packet::Publish(p)) => {
                         Seen::Message { topic: p.topic.clone(), payload: p.payload.to_vec(), token: Box::new(AckToken::V4(p)) }
                     }
@@ -476,7 +509,7 @@ impl Events {
                 use rumqttc::v5::mqttbytes::v5::{Packet, PubAckReason, PubRecReason};
                 use rumqttc::v5::Event;
                 Ok(match e.poll().await.map_err(|e| e.to_string())? {
-                    Event::Incoming(Packet::ConnAck(_)) => Seen::Connected,
+                    Event::Incoming(Packet::ConnAck(a)) => Seen::Connected { session_present: a.session_present },
                     Event::Incoming(Packet::Publish(p)) => {
                         Seen::Message { topic: String::from_utf8_lossy(&p.topic).into_owned(), payload: p.payload.to_vec(), token: Box::new(AckToken::V5(p)) }
                     }
@@ -724,15 +757,16 @@ async fn ingest(
                     Ok(Err(e)) => return tracing::error!(error = %e, "mqtt: a reading could not be appended; the connection stops"),
                     Err(e) => return tracing::error!(error = %e, "mqtt: an append task failed; the connection stops"),
                 };
-                // The queue holds in_flight_len_max acks: never full here. After a
-                // reconnection the client drops acks of the old connection; the broker sends
-                // those messages again (stored twice at worst, never lost).
+                // The queue has room for an ack of every message the broker may have in
+                // flight (`connect`): never full here. After a reconnection the client drops
+                // acks of the old connection; the broker sends those messages again (stored
+                // twice at worst, never lost).
                 if let Err(e) = conn.try_ack(&token) {
                     tracing::warn!(error = %e, "mqtt: could not acknowledge a message (the broker will send it again)");
                 }
             }
             seen = events.poll(), if appends.len() < p.in_flight_len_max => match seen {
-                Ok(Seen::Connected) => {
+                Ok(Seen::Connected { .. }) => {
                     backoff.connected();
                     // At every connection: a broker that lost our session has lost our
                     // subscriptions too (subscribing again is harmless otherwise).
@@ -807,8 +841,17 @@ async fn commands(p: MqttParams, qos: rumqttc::QoS, conn: Client, mut events: Ev
                 }
             }
             seen = events.poll() => match seen {
-                Ok(Seen::Connected) => {
+                Ok(Seen::Connected { session_present }) => {
                     backoff.connected();
+                    // A broker that lost the session (restarted without persistence, or the
+                    // session expired) lost the command in flight, and the client drops it too
+                    // (it sends again only within a session): it would wait for an
+                    // acknowledgement forever, and every command behind it. It is sent again.
+                    if !session_present {
+                        if let Some(done) = waiting.take() {
+                            let _ = done.send(Err(NotSent::Later("the broker lost the session before acknowledging a command; it is sent again".into())));
+                        }
+                    }
                     connected.send_replace(true);
                 }
                 Ok(Seen::PublishAcked) => {
@@ -877,6 +920,19 @@ mod tests {
         assert_eq!(reason(map("plant/p2/temp", r#"{"c": 1}"#)), "stream_not_in_outputs");
         assert_eq!(reason(map("other", "1")), "unmapped_topic");
         assert_eq!(reason(map("raw/p1", &"1".repeat(65))), "too_large");
+    }
+
+    /// A `+` level is put into the stream as it is, never read as a placeholder itself: a
+    /// device publishing on `{2}/b` must not write into the stream of `b/b`.
+    #[test]
+    fn a_topic_level_cannot_rewrite_the_stream_template() {
+        let m = maps("[[readings]]\ntopic = \"+/+\"\nstream = \"readings/{1}-{2}\"");
+        let outs = vec![StreamName::new("readings/b-b").unwrap(), StreamName::new("readings/a-b").unwrap()];
+        let map = |topic: &str| map_message(&m, &outs, topic, b"1", 64).map(|r| r.0.to_string()).map_err(|r| r.0);
+        assert_eq!(map("b/b"), Ok("readings/b-b".to_string()));
+        assert_eq!(map("a/b"), Ok("readings/a-b".to_string()));
+        assert_eq!(map("{2}/b"), Err("stream_not_in_outputs"));
+        assert_eq!(fill_levels("r/{1}-{2}/{3}/{x}/{", &["{2}".into(), "b".into()]), "r/{2}-b/{3}/{x}/{");
     }
 
     #[test]

@@ -1210,7 +1210,7 @@ impl NodeConfig {
 }
 
 /// Longest duration any `*_ms` setting may have: one day.
-const DAY_MS: u64 = 86_400_000;
+pub(crate) const DAY_MS: u64 = 86_400_000;
 /// Most entries any queue, and any list of samples, may be configured to hold.
 const QUEUE_LEN_CEILING: u64 = 1_048_576;
 /// Most records any batch may be configured to hold.

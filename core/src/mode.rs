@@ -81,15 +81,17 @@ pub struct ModeMachine {
     own: Tier,
     mode: Mode,
     hold: Duration,
-    /// Since when the target has been above the mode, and the lowest target seen since.
-    better: Option<(MonoTime, Mode)>,
+    /// Per mode above the current one (indexed by `Mode as usize`): since when the target has
+    /// been at or above it without a break. Kept for the modes still above after a partial
+    /// rise, so that their holds go on from where they started.
+    above: [Option<MonoTime>; 4],
 }
 
 impl ModeMachine {
     /// Starts in `Isolated` (nothing is known to be reachable yet): the first observations can
     /// only raise it after the hold, like any recovery.
     pub fn new(own: Tier, hold: Duration) -> ModeMachine {
-        ModeMachine { own, mode: if own == Tier::Cloud { Mode::Full } else { Mode::Isolated }, hold, better: None }
+        ModeMachine { own, mode: if own == Tier::Cloud { Mode::Full } else { Mode::Isolated }, hold, above: [None; 4] }
     }
 
     pub fn mode(&self) -> Mode {
@@ -99,31 +101,29 @@ impl ModeMachine {
     /// Feeds an observation at `now`; returns the transition if the mode changed.
     pub fn observe(&mut self, now: MonoTime, health: &Health) -> Option<Transition> {
         let want = target(self.own, health);
+        // The holds of the modes the target is below now are broken.
+        for (level, since) in self.above.iter_mut().enumerate() {
+            if level > want as usize || level <= self.mode as usize {
+                *since = None;
+            } else if since.is_none() {
+                *since = Some(now);
+            }
+        }
         if want < self.mode {
-            self.better = None;
             return Some(self.change(now, want, format!("degraded: {}", describe(self.own, health))));
         }
-        if want == self.mode {
-            self.better = None;
-            return None;
-        }
-        let (since, lowest) = match self.better {
-            Some((since, lowest)) => (since, lowest.min(want)),
-            None => (now, want),
-        };
-        self.better = Some((since, lowest));
-        let held = now.saturating_since(since);
-        if held >= self.hold {
-            self.better = None;
-            let reason = format!("recovered: {} for {} ms", describe(self.own, health), held.as_millis());
-            return Some(self.change(now, lowest, reason));
-        }
-        None
+        // Up to the highest mode held for `hold`: the target may have risen further during
+        // the hold, and that higher mode then has its own, later start.
+        let (level, since) = self.above.iter().enumerate().rev().find_map(|(l, s)| s.filter(|s| now.saturating_since(*s) >= self.hold).map(|s| (l, s)))?;
+        let to = [Mode::Safe, Mode::Isolated, Mode::NoCloud, Mode::Full][level];
+        self.above[..=level].iter_mut().for_each(|s| *s = None);
+        let reason = format!("recovered: {} for {} ms", describe(self.own, health), now.saturating_since(since).as_millis());
+        Some(self.change(now, to, reason))
     }
 
     /// When the pending recovery (if any) may happen: for the caller's timer.
     pub fn recovery_due(&self) -> Option<MonoTime> {
-        self.better.map(|(since, _)| since.saturating_add(self.hold))
+        self.above.iter().flatten().min().map(|since| since.saturating_add(self.hold))
     }
 
     fn change(&mut self, at: MonoTime, to: Mode, reason: String) -> Transition {
@@ -213,6 +213,36 @@ mod tests {
         assert_eq!(m.observe(at(500), &health(&[Tier::Fog], true)), None);
         assert_eq!(m.observe(at(1000), &all).map(|t| t.to), Some(Mode::NoCloud));
         assert_eq!(m.observe(at(1100), &health(&[], false)).map(|t| t.to), Some(Mode::Safe));
+    }
+
+    /// A recovery that rose only part of the way (the higher mode was reached later in the
+    /// hold) goes on to the higher mode once that has held for the hold from its own start,
+    /// not after a whole new hold. The higher mode's wait used to start again at the partial
+    /// rise: the cloud, reachable from 100 ms, came into use at 6,100 ms instead of 3,100.
+    #[test]
+    fn after_a_partial_recovery_the_higher_mode_keeps_its_own_hold() {
+        let at = |ms: u64| MonoTime::from_micros(ms * 1000);
+        let (fog, all) = (health(&[Tier::Fog], true), health(&[Tier::Fog, Tier::Cloud], true));
+        let mut m = ModeMachine::new(Tier::Edge, Duration::from_millis(3000));
+        assert_eq!(m.observe(at(0), &fog), None);
+        assert_eq!(m.observe(at(100), &all), None);
+        assert_eq!(m.recovery_due(), Some(at(3000)));
+        let t = m.observe(at(3000), &all).unwrap();
+        assert_eq!((t.from, t.to, t.reason.as_str()), (Mode::Isolated, Mode::NoCloud, "recovered: reaches fog, cloud for 3000 ms"));
+        assert_eq!(m.recovery_due(), Some(at(3100)));
+        assert_eq!(m.observe(at(3099), &all), None);
+        let t = m.observe(at(3100), &all).unwrap();
+        assert_eq!((t.from, t.to, t.reason.as_str()), (Mode::NoCloud, Mode::Full, "recovered: reaches fog, cloud for 3000 ms"));
+        assert_eq!(m.recovery_due(), None);
+        // A break of the higher mode's hold still restarts it: the cloud lost at 4,000 (down
+        // at once), back at 4,500 with the fog lost meanwhile and back at 5,000.
+        assert_eq!(m.observe(at(4000), &fog).map(|t| t.to), Some(Mode::NoCloud));
+        assert_eq!(m.observe(at(4500), &all), None);
+        assert_eq!(m.observe(at(4800), &health(&[Tier::Cloud], true)), None, "the edge reaches the cloud: still full as a target");
+        assert_eq!(m.observe(at(5000), &fog), None);
+        assert_eq!(m.observe(at(5200), &all), None);
+        assert_eq!(m.observe(at(7600), &all), None, "held since 5,200 only");
+        assert_eq!(m.observe(at(8200), &all).map(|t| t.to), Some(Mode::Full));
     }
 
     #[test]

@@ -43,7 +43,7 @@ pub struct NetStats {
 }
 
 /// Where a publication goes: a subscription's queue, its byte bound, its drop count, its node.
-type SubTarget = (mpsc::Sender<Sample>, Option<Arc<ByteBudget>>, Arc<AtomicU64>, NodeId);
+type SubTarget = (mpsc::Sender<Sample>, Option<Arc<ByteBudget>>, Arc<AtomicU64>, Arc<AtomicU64>, NodeId);
 /// A server a request goes to: its queue, drop counter, filter and node.
 type ServerTarget = (mpsc::Sender<Request>, Arc<AtomicU64>, Option<Accept>, NodeId);
 
@@ -52,6 +52,9 @@ struct Sub<T> {
     pattern: String,
     tx: mpsc::Sender<T>,
     dropped: Arc<AtomicU64>,
+    /// Samples over [`super::wire::MESSAGE_BYTES_MAX`] refused (subscriptions), as Zenoh's
+    /// transport counts them.
+    oversized: Arc<AtomicU64>,
     /// The queue's bound in bytes, for subscriptions.
     budget: Option<Arc<ByteBudget>>,
     /// Which requests a server takes.
@@ -335,11 +338,12 @@ impl SimTransport {
     ) -> Incoming<T> {
         let mut s = self.net.lock();
         let (tx, rx) = mpsc::channel(capacity);
-        let dropped = Arc::new(AtomicU64::new(0));
+        let (dropped, oversized) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
         let id = s.next_id;
         s.next_id += 1;
-        list(&mut s).push(Sub { owner: self.node.clone(), pattern: keyexpr.to_owned(), tx, dropped: dropped.clone(), budget, accept, id });
-        Incoming::new(rx, dropped, Box::new(SimGuard { net: self.net.clone(), id }))
+        let sub = Sub { owner: self.node.clone(), pattern: keyexpr.to_owned(), tx, dropped: dropped.clone(), oversized: oversized.clone(), budget, accept, id };
+        list(&mut s).push(sub);
+        Incoming::new(rx, dropped, Box::new(SimGuard { net: self.net.clone(), id })).with_oversized(oversized)
     }
 }
 
@@ -354,11 +358,17 @@ impl Transport for SimTransport {
             .subs
             .iter()
             .filter(|sub| keys::matches(&sub.pattern, key))
-            .map(|sub| (sub.tx.clone(), sub.budget.clone(), sub.dropped.clone(), sub.owner.clone()))
+            .map(|sub| (sub.tx.clone(), sub.budget.clone(), sub.dropped.clone(), sub.oversized.clone(), sub.owner.clone()))
             .collect();
-        for (tx, budget, dropped, owner) in targets {
+        for (tx, budget, dropped, oversized, owner) in targets {
             if !s.reachable(&self.node, &owner) {
                 s.stats.unreachable += 1;
+                continue;
+            }
+            // As Zenoh's transport does: refused unread, counted.
+            if payload.len() > super::wire::MESSAGE_BYTES_MAX {
+                dropped.fetch_add(1, Ordering::Relaxed);
+                oversized.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
             let delays = s.plan();

@@ -1166,3 +1166,24 @@ fn an_ingested_reading_the_log_refuses_is_a_rejection_not_accepted() {
         replicator.stop().await;
     });
 }
+
+/// The simulated network refuses a sample over `MESSAGE_BYTES_MAX` unread and counts it
+/// (`dropped` and `oversized`), as Zenoh's transport does; it used to deliver it, so a test
+/// of a large sample passed for another reason than a real node would.
+#[test]
+fn the_simulated_network_refuses_samples_over_the_largest_message() {
+    paused_runtime().block_on(async {
+        let net = SimNet::new(17, Faults::NONE);
+        let (a, b) = (NodeId::new("edge-1").unwrap(), NodeId::new("fog-1").unwrap());
+        net.link(&a, &b);
+        let (from, to) = (net.attach(&a), net.attach(&b));
+        let mut incoming = to.subscribe("t/**", 8, 2 * super::wire::MESSAGE_BYTES_MAX, super::Overflow::Drop).await.unwrap();
+        from.publish("t/big", vec![0; super::wire::MESSAGE_BYTES_MAX + 1]);
+        from.publish("t/fits", vec![1; super::wire::MESSAGE_BYTES_MAX]);
+        let sample = tokio::time::timeout(Duration::from_secs(5), incoming.recv()).await.unwrap().unwrap();
+        assert_eq!((sample.key.as_str(), sample.payload.len()), ("t/fits", super::wire::MESSAGE_BYTES_MAX));
+        assert!(incoming.try_recv().is_none());
+        let oversized = incoming.oversized.load(std::sync::atomic::Ordering::Relaxed);
+        assert_eq!((incoming.dropped(), oversized), (1, 1));
+    });
+}

@@ -338,7 +338,8 @@ impl Decider {
         Value::Array(rows)
     }
 
-    /// Serves `capability` with `service` until the guard is dropped.
+    /// Serves `capability` with `service` until the guard is dropped. A request's budget holds
+    /// a serving place at most that long; one over [`BUDGET_US_MAX`] is refused.
     pub async fn serve(self: &Arc<Self>, capability: &Name, service: Arc<dyn Service>) -> Result<ServeGuard, BusError> {
         let accept = crate::bus::accept_bodies_up_to(self.request_bytes_max);
         let mut requests = self.transport.serve(&decide_key(capability.as_str(), &self.node), self.serve_queue_len_max, accept).await?;
@@ -360,6 +361,15 @@ impl Decider {
                     // hold one of the places for ever.
                     let waited = request.received.elapsed();
                     let (result, expired) = match serde_json::from_slice::<DecisionRequest>(&request.payload) {
+                        // No config makes a deadline over a day: a broken or hostile requester
+                        // must not hold a place for ages.
+                        Ok(req) if req.budget_us > BUDGET_US_MAX => (
+                            AnswerResult::Error(format!(
+                                "the request's budget of {} µs is over a day ({BUDGET_US_MAX} µs), longer than any deadline a config allows",
+                                req.budget_us
+                            )),
+                            false,
+                        ),
                         Ok(req) => match Duration::from_micros(req.budget_us).checked_sub(waited).filter(|left| !left.is_zero()) {
                             None => (
                                 AnswerResult::Error(format!(
@@ -599,6 +609,10 @@ impl Drop for Decider {
     }
 }
 
+/// Longest budget a decision request is served with: a day, the longest deadline a config
+/// allows (`routing.deadline_ms`).
+pub const BUDGET_US_MAX: u64 = crate::config::DAY_MS * 1000;
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -680,6 +694,16 @@ mod tests {
             assert_eq!(service.0.load(std::sync::atomic::Ordering::Relaxed), 2, "the expired request did not reach the service");
             let c = decider.counters();
             assert_eq!((c.served, c.serve_refused, c.serve_expired), (1, 2, 1), "{c:?}");
+            // A budget over a day (no config makes one) is refused at once: held for its budget,
+            // it would keep the place for ages.
+            let before = tokio::time::Instant::now();
+            let (over, _) = ask("d", 0, BUDGET_US_MAX + 1).await;
+            let AnswerResult::Error(over) = over else { panic!("served: {over:?}") };
+            assert!(over.contains("is over a day"), "{over}");
+            assert!(before.elapsed() < Duration::from_secs(1), "{:?}", before.elapsed());
+            assert_eq!(service.0.load(std::sync::atomic::Ordering::Relaxed), 2, "it did not reach the service");
+            let (fits, _) = ask("c", 0, BUDGET_US_MAX).await;
+            assert_eq!(fits, AnswerResult::Decision(json!({"action": "log"})));
             decider.stop();
         });
     }

@@ -12,6 +12,10 @@
 //! - **actor**: a supervised actor failed. The node's reaction is the supervisor's restart; it
 //!   closes when the actor runs again.
 //!
+//! Incidents are numbered from 1 in each run of the node; both events carry the run's start
+//! (`node_started_unix_ms`), so that (node, `node_started_unix_ms`, `incident`) names one
+//! across restarts: a crash's incident, never closed, is not paired with the next run's.
+//!
 //! The tracker is pure (time is an argument); the node feeds it.
 
 use std::collections::BTreeMap;
@@ -32,25 +36,35 @@ struct Open {
 #[derive(Debug, Default)]
 pub struct Incidents {
     next_id: u64,
+    /// When this run of the node started.
+    started_unix_ms: u64,
     open: BTreeMap<String, Open>,
 }
 
 impl Incidents {
+    /// The tracker of a node run started at `started_unix_ms`.
+    pub fn new(started_unix_ms: u64) -> Incidents {
+        Incidents { started_unix_ms, ..Incidents::default() }
+    }
+
     fn open(&mut self, key: String, what: String, did: String, now_unix_ms: u64) -> Option<Value> {
         if self.open.contains_key(&key) {
             return None;
         }
         self.next_id += 1;
         let id = self.next_id;
-        let event = json!({"event": "incident_opened", "incident": id, "what": what, "detected_unix_ms": now_unix_ms, "did": did});
+        let event = json!({"event": "incident_opened", "incident": id, "node_started_unix_ms": self.started_unix_ms, "what": what,
+                           "detected_unix_ms": now_unix_ms, "did": did});
         self.open.insert(key, Open { id, what, detected_unix_ms: now_unix_ms });
         Some(event)
     }
 
     fn close(&mut self, key: &str, restored: String, now_unix_ms: u64) -> Option<Value> {
         let o = self.open.remove(key)?;
-        Some(json!({"event": "incident_closed", "incident": o.id, "what": o.what, "detected_unix_ms": o.detected_unix_ms,
-                    "restored_unix_ms": now_unix_ms, "duration_ms": now_unix_ms.saturating_sub(o.detected_unix_ms), "restored": restored}))
+        Some(
+            json!({"event": "incident_closed", "incident": o.id, "node_started_unix_ms": self.started_unix_ms, "what": o.what, "detected_unix_ms": o.detected_unix_ms,
+                    "restored_unix_ms": now_unix_ms, "duration_ms": now_unix_ms.saturating_sub(o.detected_unix_ms), "restored": restored}),
+        )
     }
 
     /// A mode change. `behind` says, at recovery, how many records the other tiers miss.
@@ -104,9 +118,10 @@ mod tests {
 
     #[test]
     fn a_reachability_incident_opens_once_and_closes_at_full() {
-        let mut i = Incidents::default();
+        let mut i = Incidents::new(500);
         let opened = i.on_mode(&t(Mode::Full, Mode::NoCloud, "degraded: reaches fog"), 1_000, || 0).unwrap();
         assert_eq!(opened["event"], "incident_opened");
+        assert_eq!((opened["incident"].as_u64(), opened["node_started_unix_ms"].as_u64()), (Some(1), Some(500)), "{opened}");
         assert_eq!(opened["what"], "degraded: reaches fog (no_cloud)");
         assert!(opened["did"].as_str().unwrap().contains("autonomy bounds of no_cloud"));
         // Further down, then partly up: still the same incident.
@@ -114,6 +129,7 @@ mod tests {
         assert_eq!(i.on_mode(&t(Mode::Isolated, Mode::NoCloud, "recovered"), 3_000, || 0), None);
         let closed = i.on_mode(&t(Mode::NoCloud, Mode::Full, "recovered: reaches fog, cloud for 3000 ms"), 7_500, || 42).unwrap();
         assert_eq!((closed["incident"].as_u64(), closed["duration_ms"].as_u64()), (Some(1), Some(6_500)));
+        assert_eq!(closed["node_started_unix_ms"].as_u64(), Some(500), "{closed}");
         assert!(closed["restored"].as_str().unwrap().contains("behind by 42 records"));
         // The initial rise at start-up (isolated -> full) closes nothing and opens nothing.
         assert_eq!(i.on_mode(&t(Mode::Isolated, Mode::Full, "recovered"), 8_000, || 0), None);

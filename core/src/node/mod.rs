@@ -118,7 +118,7 @@ impl Node {
         let (events_finish, finish_events) = tokio::sync::oneshot::channel();
         let events_task = tokio::spawn(append_events(config.clone(), replicator.clone(), events_rx, finish_events));
         let mode_events = EventQueue { tx: events_tx.clone(), dropped: events_dropped.clone() };
-        let incidents = Arc::new(std::sync::Mutex::new(incident::Incidents::default()));
+        let incidents = Arc::new(std::sync::Mutex::new(incident::Incidents::new(unix_ms())));
         let sink: supervise::EventSink = {
             let queue = EventQueue { tx: events_tx, dropped: events_dropped.clone() };
             let (fatal_tx, incidents) = (fatal_tx.clone(), incidents.clone());

@@ -628,13 +628,46 @@ async fn mqtt_bridge_connects_with_tls_and_a_password() {
     node.shutdown().await;
 }
 
+/// The node `edge-1` in `dir` with the bridge `actors(port)`, whose broker is the test's own,
+/// listening on that port.
+async fn bridge_to_own_broker(dir: &Path, actors: impl FnOnce(u16) -> String) -> (Node, tokio::net::TcpListener) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let actors = actors(listener.local_addr().unwrap().port());
+    let mut registry = strata_actors::registry();
+    strata_bridges::register(&mut registry);
+    let node = Node::start(NodeConfig::parse("edge-1.toml".as_ref(), &node_config(dir, &actors)).unwrap(), &registry).await.unwrap();
+    (node, listener)
+}
+
+/// An MQTT bridge `plant` of readings `plant/p1/temp` into `readings/p1`, with `params`.
+fn readings_bridge(port: u16, params: &str) -> String {
+    format!(
+        "[[actors]]\nkind = \"mqtt\"\nname = \"plant\"\noutputs = [\"readings/p1\"]\n[actors.params]\nhost = \"127.0.0.1\"\nport = {port}\n{params}\
+         [[actors.params.readings]]\ntopic = \"plant/p1/temp\"\nstream = \"readings/p1\"\n"
+    )
+}
+
+/// The bridge's connection, its CONNECT answered.
+async fn connected(listener: &tokio::net::TcpListener) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let (mut sock, _) = tokio::time::timeout(Duration::from_secs(30), listener.accept()).await.expect("the bridge connects").unwrap();
+    assert_eq!(mqtt_packet(&mut sock).await.0 >> 4, 1, "CONNECT first");
+    sock.write_all(&[0x20, 2, 0, 0]).await.unwrap();
+    sock
+}
+
 /// Reads one MQTT packet: its first byte (type and flags) and its body.
 async fn mqtt_packet(sock: &mut tokio::net::TcpStream) -> (u8, Vec<u8>) {
+    mqtt_packet_or_closed(sock).await.expect("the bridge closed the connection")
+}
+
+/// One MQTT packet, or `None` if the connection closed (or failed).
+async fn mqtt_packet_or_closed(sock: &mut tokio::net::TcpStream) -> Option<(u8, Vec<u8>)> {
     use tokio::io::AsyncReadExt;
-    let first = sock.read_u8().await.unwrap();
+    let first = sock.read_u8().await.ok()?;
     let (mut len, mut shift) = (0usize, 0);
     loop {
-        let b = sock.read_u8().await.unwrap();
+        let b = sock.read_u8().await.ok()?;
         len |= usize::from(b & 0x7f) << shift;
         shift += 7;
         if b & 0x80 == 0 {
@@ -642,8 +675,8 @@ async fn mqtt_packet(sock: &mut tokio::net::TcpStream) -> (u8, Vec<u8>) {
         }
     }
     let mut body = vec![0; len];
-    sock.read_exact(&mut body).await.unwrap();
-    (first, body)
+    sock.read_exact(&mut body).await.ok()?;
+    Some((first, body))
 }
 
 /// A QoS 1 PUBLISH (MQTT 3.1.1, bodies under 128 bytes).
@@ -666,19 +699,9 @@ fn mqtt_publish(id: u16, topic: &str, payload: &[u8]) -> Vec<u8> {
 async fn mqtt_acknowledges_refused_messages_in_arrival_order() {
     use tokio::io::AsyncWriteExt;
     let dir = tempfile::tempdir().unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let actors = format!(
-        "[[actors]]\nkind = \"mqtt\"\nname = \"plant\"\noutputs = [\"readings/p1\"]\n[actors.params]\nhost = \"127.0.0.1\"\nport = {port}\n\
-         [[actors.params.readings]]\ntopic = \"plant/p1/temp\"\nstream = \"readings/p1\"\n"
-    );
-    let mut registry = strata_actors::registry();
-    strata_bridges::register(&mut registry);
-    let node = Node::start(NodeConfig::parse("edge-1.toml".as_ref(), &node_config(dir.path(), &actors)).unwrap(), &registry).await.unwrap();
-    let (mut sock, _) = tokio::time::timeout(Duration::from_secs(30), listener.accept()).await.expect("the bridge connects").unwrap();
+    let (node, listener) = bridge_to_own_broker(dir.path(), |port| readings_bridge(port, "")).await;
+    let mut sock = connected(&listener).await;
     let exchange = async {
-        assert_eq!(mqtt_packet(&mut sock).await.0 >> 4, 1, "CONNECT first");
-        sock.write_all(&[0x20, 2, 0, 0]).await.unwrap();
         let (mut acks, mut published) = (Vec::new(), false);
         while acks.len() < 3 {
             let (first, body) = mqtt_packet(&mut sock).await;
@@ -705,5 +728,105 @@ async fn mqtt_acknowledges_refused_messages_in_arrival_order() {
     let acks = tokio::time::timeout(Duration::from_secs(30), exchange).await.expect("three acknowledgements");
     assert_eq!(acks, [1, 2, 3], "acknowledged in arrival order");
     assert_eq!(payloads_live(&node, "readings/p1").len(), 2, "the two readings are stored");
+    node.shutdown().await;
+}
+
+/// A command in flight when the broker loses the session (restarted without persistence, or
+/// the session expired) is sent again, and the commands behind it follow. The client drops
+/// what is in flight when it finds the session new; the bridge used to wait for that
+/// command's acknowledgement forever. The broker here is the test's own: it answers every
+/// CONNECT with "no session", drops the connection at the first PUBLISH unanswered, and
+/// acknowledges the next ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt_sends_a_command_again_when_the_broker_lost_the_session() {
+    use tokio::io::AsyncWriteExt;
+    let dir = tempfile::tempdir().unwrap();
+    let (node, listener) = bridge_to_own_broker(dir.path(), |port| {
+        format!(
+            "[[actors]]\nkind = \"mqtt\"\nname = \"plant\"\ninputs = [\"commands\"]\n[actors.params]\nhost = \"127.0.0.1\"\nport = {port}\n\
+             command_topic = \"plant/cmd/{{action}}\"\ncommand_expiry_ms = 600000\nreconnect_min_ms = 50\nreconnect_max_ms = 200\n"
+        )
+    })
+    .await;
+    for (key, action) in [("c-1", "stop"), ("c-2", "start")] {
+        node.log().append_durable(StreamName::new("commands").unwrap(), command(key, action)).await.unwrap();
+    }
+    // Every PUBLISH's topic, and whether it was dropped or acknowledged.
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let broker = {
+        let seen = seen.clone();
+        tokio::spawn(async move {
+            loop {
+                let (mut sock, _) = listener.accept().await.unwrap();
+                let seen = seen.clone();
+                // A connection the bridge closes (its actor restarting) ends its task.
+                tokio::spawn(async move {
+                    while let Some((first, body)) = mqtt_packet_or_closed(&mut sock).await {
+                        let reply = match first >> 4 {
+                            1 => vec![0x20, 2, 0, 0],
+                            3 => {
+                                let topic_len = usize::from(u16::from_be_bytes([body[0], body[1]]));
+                                let topic = String::from_utf8_lossy(&body[2..2 + topic_len]).into_owned();
+                                let mut seen = seen.lock().unwrap();
+                                if seen.is_empty() {
+                                    seen.push(format!("{topic} dropped"));
+                                    return;
+                                }
+                                seen.push(format!("{topic} acked"));
+                                vec![0x40, 2, body[2 + topic_len], body[3 + topic_len]]
+                            }
+                            12 => vec![0xd0, 0],
+                            _ => continue,
+                        };
+                        if sock.write_all(&reply).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        })
+    };
+    let sent = |doc: &Value| report(doc, "plant")["counters"]["commands_sent"] == 2;
+    let done = wait_status(&node, Duration::from_secs(60), sent).await;
+    assert!(done, "{} {:?}", node.status().await["reports"]["plant"], seen.lock().unwrap());
+    assert_eq!(*seen.lock().unwrap(), ["plant/cmd/stop dropped", "plant/cmd/stop acked", "plant/cmd/start acked"]);
+    broker.abort();
+    node.shutdown().await;
+}
+
+/// Acknowledgements never overflow the client's queue, however many messages the broker has
+/// in flight: each failed one used to take a place in the broker's window for good, and
+/// ingest stopped once the window was full. The broker here sends 300 readings at once to a
+/// bridge with two appends in flight, and counts the PUBACKs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt_acknowledges_every_message_of_a_large_broker_window() {
+    use tokio::io::AsyncWriteExt;
+    const MESSAGES: u16 = 300;
+    let dir = tempfile::tempdir().unwrap();
+    let (node, listener) = bridge_to_own_broker(dir.path(), |port| readings_bridge(port, "in_flight_len_max = 2\n")).await;
+    let mut sock = connected(&listener).await;
+    let exchange = async {
+        let mut acks = BTreeSet::new();
+        while acks.len() < usize::from(MESSAGES) {
+            let (first, body) = mqtt_packet(&mut sock).await;
+            match first >> 4 {
+                8 => {
+                    sock.write_all(&[0x90, 3, body[0], body[1], 1]).await.unwrap();
+                    let all: Vec<u8> = (1..=MESSAGES).flat_map(|id| mqtt_publish(id, "plant/p1/temp", id.to_string().as_bytes())).collect();
+                    sock.write_all(&all).await.unwrap();
+                }
+                4 => {
+                    acks.insert(u16::from_be_bytes([body[0], body[1]]));
+                }
+                12 => sock.write_all(&[0xd0, 0]).await.unwrap(),
+                _ => {}
+            }
+        }
+        acks
+    };
+    let acks = tokio::time::timeout(Duration::from_secs(60), exchange).await;
+    let stored = payloads_live(&node, "readings/p1").len();
+    assert!(acks.is_ok(), "not every message was acknowledged; {stored} stored");
+    assert_eq!(stored, usize::from(MESSAGES));
     node.shutdown().await;
 }
