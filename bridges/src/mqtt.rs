@@ -833,7 +833,10 @@ async fn commands(p: MqttParams, qos: rumqttc::QoS, conn: Client, mut events: Ev
     let mut waiting: Option<oneshot::Sender<Result<(), NotSent>>> = None;
     loop {
         tokio::select! {
-            Some(cmd) = outbound.recv(), if waiting.is_none() => {
+            // Only while connected: a publish queued in the client while it reconnects would
+            // go out on the new connection even when a lost session fails its command (sent
+            // again, then, twice).
+            Some(cmd) = outbound.recv(), if waiting.is_none() && *connected.borrow() => {
                 match conn.try_publish(cmd.topic, qos, cmd.payload) {
                     Ok(()) if qos == rumqttc::QoS::AtMostOnce => { let _ = cmd.done.send(Ok(())); }
                     Ok(()) => waiting = Some(cmd.done),

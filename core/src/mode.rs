@@ -235,7 +235,8 @@ mod tests {
         assert_eq!((t.from, t.to, t.reason.as_str()), (Mode::NoCloud, Mode::Full, "recovered: reaches fog, cloud for 3000 ms"));
         assert_eq!(m.recovery_due(), None);
         // A break of the higher mode's hold still restarts it: the cloud lost at 4,000 (down
-        // at once), back at 4,500 with the fog lost meanwhile and back at 5,000.
+        // at once) and back at 4,500; the cloud alone at 4,800 keeps full as the target; the
+        // fog alone at 5,000 breaks the hold; both again from 5,200.
         assert_eq!(m.observe(at(4000), &fog).map(|t| t.to), Some(Mode::NoCloud));
         assert_eq!(m.observe(at(4500), &all), None);
         assert_eq!(m.observe(at(4800), &health(&[Tier::Cloud], true)), None, "the edge reaches the cloud: still full as a target");

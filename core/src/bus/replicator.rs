@@ -1447,15 +1447,17 @@ async fn replay_from(
             }
         }
         // The seqs of the range now held thanks to this answer (stored, or held already).
-        let mut held = Vec::new();
+        let (mut held, mut failed) = (Vec::new(), false);
         for (seqs, t) in tickets {
             let results = match t.await {
                 Ok(r) => r,
                 Err(e) => {
-                    // Every record of the batch, as on the live path.
+                    // Every record of the batch, and of each batch after it that fails too,
+                    // as on the live path; those that were stored are counted as such.
                     shared.counters.insert_errors.fetch_add(seqs.len() as u64, Ordering::Relaxed);
                     tracing::error!(error = %e, "storing replayed envelopes failed");
-                    return (Resume { from, stuck_at, stuck, silent }, false);
+                    failed = true;
+                    continue;
                 }
             };
             for (seq, r) in seqs.into_iter().zip(results) {
@@ -1475,6 +1477,9 @@ async fn replay_from(
                     }
                 }
             }
+        }
+        if failed {
+            return (Resume { from, stuck_at, stuck, silent }, false);
         }
         match first_run(held, &range) {
             // The holder lacks the start of the range (its retention removed it, or its copy
