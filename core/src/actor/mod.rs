@@ -241,10 +241,17 @@ impl Ctx {
     }
 
     /// Queues `draft` for the output stream `stream` (one of the actor's `outputs`). It is
-    /// appended with the batch's cursor, atomically, after the handler returns.
+    /// appended with the batch's cursor, atomically, after the handler returns. A payload over
+    /// `log.payload_bytes_max` is refused here, as the handler's error: the log would refuse
+    /// the whole write, and the actor would fail on it at every restart without the input
+    /// ever being passed over.
     pub fn emit(&mut self, stream: &StreamName, mut draft: Draft) -> Result<(), ActorError> {
         if !self.outputs.contains(stream) {
             return Err(format!("actor {}: {stream:?} is not one of its outputs {:?}", self.name, self.outputs).into());
+        }
+        let max = self.log.payload_bytes_max();
+        if draft.payload.len() > max {
+            return Err(format!("actor {}: an output of {} bytes for {stream} is over log.payload_bytes_max {max}", self.name, draft.payload.len()).into());
         }
         if let Some(input) = &self.input {
             // Trace: the output names its cause.

@@ -94,9 +94,10 @@ impl Sink for Vec<Write> {
 
 /// Reads a backend needs to offer the planner.
 pub(crate) trait Backend {
-    /// `(seq, value)` of the records of the stream with `prefix`, seq >= `from`, in seq
-    /// order, at most `limit`.
-    fn scan(&self, prefix: &[u8], from: u64, limit: usize) -> Result<Vec<(u64, Vec<u8>)>, LogError>;
+    /// `(seq, value)` of the records of the stream with `prefix`, `from` <= seq <= `to`, in
+    /// seq order, at most `limit`. A scan that reaches `to` reads nothing past it: not the
+    /// next stream's records, whose table block may be damaged.
+    fn scan(&self, prefix: &[u8], from: u64, to: u64, limit: usize) -> Result<Vec<(u64, Vec<u8>)>, LogError>;
 }
 
 /// A stream's figures as persisted in the `watermarks` column family.
@@ -278,21 +279,26 @@ impl Core {
     }
 
     /// Restores a stream from its persisted stats, re-reading what lies above its
-    /// watermark (received out of order before a restart).
+    /// watermark (received out of order before a restart). This node's own streams (of every
+    /// incarnation) are appended without holes, so nothing lies above theirs: they are not
+    /// scanned, and a damaged table block past them cannot fail the open.
     pub(crate) fn load_stream(&mut self, key: StreamKey, stats: StoredStats, backend: &dyn Backend) -> Result<(), LogError> {
         let mut wm = Watermark::new(stats.watermark);
         let prefix = stream_prefix(&key);
         // Saturating: a store written before seqs were bounded may hold `u64::MAX`.
         let mut from = stats.watermark.saturating_add(1);
-        loop {
-            let chunk = backend.scan(&prefix, from, SCAN_CHUNK)?;
-            let Some(&(last, _)) = chunk.last() else { break };
-            for (seq, _) in &chunk {
-                wm.insert(*seq);
+        // (Not for this node's own streams: see above.)
+        if key.origin != self.node {
+            loop {
+                let chunk = backend.scan(&prefix, from, u64::MAX, SCAN_CHUNK)?;
+                let Some(&(last, _)) = chunk.last() else { break };
+                for (seq, _) in &chunk {
+                    wm.insert(*seq);
+                }
+                // A store written before seqs were bounded may end at `u64::MAX`.
+                let Some(next) = last.checked_add(1) else { break };
+                from = next;
             }
-            // A store written before seqs were bounded may end at `u64::MAX`.
-            let Some(next) = last.checked_add(1) else { break };
-            from = next;
         }
         let entry = Entry { wm, first: stats.first, count: stats.count, bytes: stats.bytes, expired: stats.expired, removed: stats.removed };
         self.streams.insert(key, entry);
@@ -523,7 +529,7 @@ impl Core {
             let entry = self.entry(&mut plan.staged, &key);
             let mut from = entry.first.max(1);
             'stream: while from <= upper {
-                let chunk = match backend.scan(&prefix, from, SCAN_CHUNK) {
+                let chunk = match backend.scan(&prefix, from, upper, SCAN_CHUNK) {
                     Ok(chunk) => chunk,
                     // A table block RocksDB finds damaged, or a read that failed: as with a
                     // record that does not decode, this stream keeps it and what follows; the
@@ -803,11 +809,11 @@ mod tests {
     fn a_read_error_in_a_sweep_still_reports_what_it_removed() {
         struct FailsFor(Data, Vec<u8>);
         impl Backend for FailsFor {
-            fn scan(&self, prefix: &[u8], from: u64, limit: usize) -> Result<Vec<(u64, Vec<u8>)>, LogError> {
+            fn scan(&self, prefix: &[u8], from: u64, to: u64, limit: usize) -> Result<Vec<(u64, Vec<u8>)>, LogError> {
                 if prefix == self.1 {
                     return Err(LogError::Io { path: "/store".into(), detail: "read failed".into() });
                 }
-                self.0.scan(prefix, from, limit)
+                self.0.scan(prefix, from, to, limit)
             }
         }
         let bytes_max = RetentionRule { streams: StreamPattern::new("**").unwrap(), bytes_max: Some(1), age_s_max: None, keep_until_acked: vec![] };

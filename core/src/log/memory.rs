@@ -27,13 +27,14 @@ fn cf_id(cf: Cf) -> u8 {
 }
 
 impl Backend for BTreeMap<(u8, Vec<u8>), Vec<u8>> {
-    fn scan(&self, prefix: &[u8], from: u64, limit: usize) -> Result<Vec<(u64, Vec<u8>)>, LogError> {
+    fn scan(&self, prefix: &[u8], from: u64, to: u64, limit: usize) -> Result<Vec<(u64, Vec<u8>)>, LogError> {
         let mut start = prefix.to_vec();
         start.extend_from_slice(&from.to_be_bytes());
         Ok(self
             .range((cf_id(Cf::Log), start)..)
             .take_while(|((cf, k), _)| *cf == cf_id(Cf::Log) && k.starts_with(prefix))
             .filter_map(|((_, k), v)| record_seq(prefix, k).map(|s| (s.get(), v.clone())))
+            .take_while(|(seq, _)| *seq <= to)
             .take(limit)
             .collect())
     }
@@ -112,6 +113,10 @@ impl Store for MemStore {
         self.incarnation
     }
 
+    fn payload_bytes_max(&self) -> usize {
+        self.lock().core.limits.max_payload_bytes.min(crate::codec::PAYLOAD_BYTES_CEILING)
+    }
+
     fn submit(&self, op: Op) -> Pin<Box<dyn Future<Output = Result<Pending, LogError>> + Send + '_>> {
         let result = self.run(op);
         Box::pin(async move { result })
@@ -119,7 +124,7 @@ impl Store for MemStore {
 
     fn read(&self, key: &StreamKey, from: u64, limit: usize) -> Result<Vec<Envelope>, LogError> {
         let inner = self.lock();
-        let records = inner.data.scan(&stream_prefix(key), from, limit)?;
+        let records = inner.data.scan(&stream_prefix(key), from, u64::MAX, limit)?;
         decode_records(key, &records)
     }
 

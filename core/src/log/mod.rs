@@ -231,6 +231,9 @@ pub type OpOutcome = Result<OpResult, LogError>;
 pub trait Store: Send + Sync + 'static {
     fn node(&self) -> &NodeId;
     fn incarnation(&self) -> Incarnation;
+    /// The largest payload an append takes (`log.payload_bytes_max`, at most
+    /// [`crate::codec::PAYLOAD_BYTES_CEILING`]).
+    fn payload_bytes_max(&self) -> usize;
     /// The incarnations this store had before its current one, oldest first (see
     /// [`Log::own_keys`]).
     fn earlier_incarnations(&self) -> Vec<Incarnation> {
@@ -364,6 +367,11 @@ impl Log {
 
     pub fn incarnation(&self) -> Incarnation {
         self.store.incarnation()
+    }
+
+    /// The largest payload an append takes (`log.payload_bytes_max`).
+    pub fn payload_bytes_max(&self) -> usize {
+        self.store.payload_bytes_max()
     }
 
     /// The key of this node's own stream `stream`, where it appends.

@@ -59,6 +59,10 @@ const OPEN_SYNCED: u8 = 1;
 /// the same boot only the process died: RocksDB had handed every acknowledged write to the
 /// kernel, which keeps it.
 const OPEN_UNSYNCED: u8 = 2;
+/// A periodic WAL sync failed: what it held may never reach the disk (the kernel may drop
+/// pages it failed to write), even in the same boot. The next open goes on under a new
+/// incarnation.
+const SYNC_FAILED: u8 = 3;
 /// Linux's id of the current boot, new at every boot.
 const BOOT_ID_FILE: &str = "/proc/sys/kernel/random/boot_id";
 const LOCK_FILE: &str = "strata.lock";
@@ -203,6 +207,8 @@ impl Listing {
 struct Threads {
     committer: Option<JoinHandle<()>>,
     syncer: Option<(mpsc::Sender<()>, JoinHandle<()>)>,
+    /// Set by the `sync = interval` thread when a sync failed ([`on_periodic_sync_failure`]).
+    sync_failed: Arc<std::sync::atomic::AtomicBool>,
 }
 
 fn lock_core(core: &Mutex<Core>) -> MutexGuard<'_, Core> {
@@ -212,8 +218,8 @@ fn lock_core(core: &Mutex<Core>) -> MutexGuard<'_, Core> {
 struct DbBackend<'a>(&'a DB);
 
 impl Backend for DbBackend<'_> {
-    fn scan(&self, prefix: &[u8], from: u64, limit: usize) -> Result<Vec<(u64, Vec<u8>)>, LogError> {
-        scan(self.0, prefix, from, limit).map_err(|e| read_error(self.0.path(), e))
+    fn scan(&self, prefix: &[u8], from: u64, to: u64, limit: usize) -> Result<Vec<(u64, Vec<u8>)>, LogError> {
+        scan(self.0, prefix, from, to, limit).map_err(|e| read_error(self.0.path(), e))
     }
 }
 
@@ -221,13 +227,23 @@ fn cf(db: &DB, cf: Cf) -> &rocksdb::ColumnFamily {
     db.cf_handle(cf.name()).expect("column families are created at open")
 }
 
-fn scan(db: &DB, prefix: &[u8], from: u64, limit: usize) -> Result<Vec<(u64, Vec<u8>)>, rocksdb::Error> {
+/// See [`Backend::scan`](super::core::Backend::scan).
+fn scan(db: &DB, prefix: &[u8], from: u64, to: u64, limit: usize) -> Result<Vec<(u64, Vec<u8>)>, rocksdb::Error> {
     let mut start = prefix.to_vec();
     start.extend_from_slice(&from.to_be_bytes());
+    // RocksDB itself stops at the bound, without reading past it where it can tell from a
+    // table's index.
+    let mut end = prefix.to_vec();
+    match to.checked_add(1) {
+        Some(after) => end.extend_from_slice(&after.to_be_bytes()),
+        None => end.extend_from_slice(&[0xFF; 9]),
+    }
+    let mut read = rocksdb::ReadOptions::default();
+    read.set_iterate_upper_bound(end);
     let mut out = Vec::new();
-    let mut records = db.iterator_cf(cf(db, Cf::Log), IteratorMode::From(&start, Direction::Forward));
-    // The limit is checked before the next step: a read of n records does not fail on an
-    // unreadable block just past them.
+    let mut records = db.iterator_cf_opt(cf(db, Cf::Log), read, IteratorMode::From(&start, Direction::Forward));
+    // The limit and `to` are checked before the next step: a read of n records, or up to the
+    // stream's last, does not fail on an unreadable block just past them.
     while out.len() < limit {
         let Some(item) = records.next() else { break };
         let (k, v) = item?;
@@ -236,6 +252,9 @@ fn scan(db: &DB, prefix: &[u8], from: u64, limit: usize) -> Result<Vec<(u64, Vec
         }
         if let Some(seq) = record_seq(prefix, &k) {
             out.push((seq.get(), v.into_vec()));
+            if seq.get() >= to {
+                break;
+            }
         }
     }
     Ok(out)
@@ -495,9 +514,16 @@ impl RocksStore {
         running + waiting
     }
 
+    /// What a failed periodic WAL sync does ([`on_periodic_sync_failure`]), for tests.
+    #[cfg(test)]
+    pub(crate) fn fail_a_periodic_sync(&self) {
+        let flag = self.threads.lock().unwrap_or_else(|p| p.into_inner()).sync_failed.clone();
+        on_periodic_sync_failure(&self.db(), &flag, "injected by a test");
+    }
+
     fn start_threads(&self, opts: &StoreOptions) {
         let mut threads = self.threads.lock().unwrap_or_else(|p| p.into_inner());
-        let periodic_sync_failed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let periodic_sync_failed = threads.sync_failed.clone();
         let committer = Committer {
             periodic_sync_failed: periodic_sync_failed.clone(),
             db: self.db(),
@@ -541,16 +567,28 @@ impl RocksStore {
                 .spawn(move || {
                     while let Err(mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(every) {
                         if let Err(e) = db.flush_wal(true) {
-                            // What it held may never reach the disk, though a later sync
-                            // succeeds (the kernel may drop pages it failed to write).
-                            tracing::error!(error = %e, "periodic WAL sync failed");
-                            periodic_sync_failed.store(true, std::sync::atomic::Ordering::SeqCst);
+                            on_periodic_sync_failure(&db, &periodic_sync_failed, &e.into_string());
                         }
                     }
                 })
                 .expect("spawn the WAL sync thread");
             threads.syncer = Some((stop, handle));
         }
+    }
+}
+
+/// A periodic WAL sync failed: what it held may never reach the disk, though a later sync
+/// succeeds (the kernel may drop pages it failed to write). The store is not marked closed
+/// cleanly at its end, and is marked as having failed a sync ([`SYNC_FAILED`]), so that the
+/// next open moves to a new incarnation even in the same boot. The mark is synced with its
+/// write if RocksDB still takes one; if it does not, nothing more is acknowledged either.
+fn on_periodic_sync_failure(db: &DB, flag: &std::sync::atomic::AtomicBool, error: &str) {
+    tracing::error!(error, "periodic WAL sync failed");
+    flag.store(true, std::sync::atomic::Ordering::SeqCst);
+    let mut wo = WriteOptions::default();
+    wo.set_sync(true);
+    if let Err(e) = db.put_cf_opt(cf(db, Cf::Meta), META_OPEN, [SYNC_FAILED], &wo) {
+        tracing::error!(error = %e, "could not mark the store as having failed a WAL sync");
     }
 }
 
@@ -612,8 +650,12 @@ fn mark_open(
         let history: Vec<u8> = earlier.iter().flat_map(|i| i.get().to_be_bytes()).collect();
         batch.put_cf(cf(db, Cf::Meta), META_EARLIER_INCARNATIONS, history);
         batch.put_cf(cf(db, Cf::Meta), META_INCARNATION, current.get().to_be_bytes());
+        let why = match open {
+            Some([SYNC_FAILED]) => "a WAL sync of the store's last run failed",
+            _ => "the store was left open under sync = interval or never and the machine restarted since",
+        };
         tracing::warn!(path = %path.display(), was = %incarnation, now = %current,
-            "the store was left open under sync = interval or never and the machine restarted since: records acknowledged last may be lost, so its streams go on under a new incarnation");
+            "{why}: records acknowledged last may be lost, so its streams go on under a new incarnation");
     }
     // Under `always` after an unsynced run of this boot that crashed, its writes are not known
     // to be on disk until this run is closed cleanly (RocksDB's recovery flushes them to
@@ -1105,6 +1147,10 @@ impl Store for RocksStore {
         self.incarnation
     }
 
+    fn payload_bytes_max(&self) -> usize {
+        lock_core(&self.core).limits.max_payload_bytes.min(crate::codec::PAYLOAD_BYTES_CEILING)
+    }
+
     fn earlier_incarnations(&self) -> Vec<Incarnation> {
         self.earlier.clone()
     }
@@ -1138,7 +1184,7 @@ impl Store for RocksStore {
         let mut next = from;
         while records.len() < limit && next <= last {
             let want = limit - records.len();
-            let chunk = scan(&db, &prefix, next, want).map_err(|e| read_error(&self.path, e))?;
+            let chunk = scan(&db, &prefix, next, last, want).map_err(|e| read_error(&self.path, e))?;
             let (scanned, highest) = (chunk.len(), chunk.last().map(|(seq, _)| *seq));
             records.extend(chunk.into_iter().filter(|(seq, _)| *seq <= last && !in_gaps(*seq, &gaps)));
             match highest.and_then(|h| h.checked_add(1)) {

@@ -670,7 +670,7 @@ async fn pipelined_commits_acknowledge_every_seq_in_order_and_keep_them() {
 struct Empty;
 
 impl super::core::Backend for Empty {
-    fn scan(&self, _: &[u8], _: u64, _: usize) -> Result<Vec<(u64, Vec<u8>)>, LogError> {
+    fn scan(&self, _: &[u8], _: u64, _: u64, _: usize) -> Result<Vec<(u64, Vec<u8>)>, LogError> {
         Ok(Vec::new())
     }
 }
@@ -964,6 +964,34 @@ async fn the_open_marker_errs_on_the_side_of_a_new_incarnation() {
     assert_eq!(log.incarnation(), third, "no marker (an older build's store): not moved");
 }
 
+/// A failed periodic WAL sync (`sync = interval`) may lose what it held even in the same boot
+/// (the kernel may drop the pages it failed to write): the next open goes on under a new
+/// incarnation, though the store was then closed cleanly and reopened in the same boot. The
+/// failure used to only keep the store from being marked closed, which a reopen in the same
+/// boot took for a crash of the process alone.
+#[tokio::test]
+async fn after_a_failed_periodic_sync_the_next_open_moves_to_a_new_incarnation() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = || StoreOptions { sync: crate::config::SyncPolicy::Interval, sync_interval_ms: 5, boot_id: Some("boot-1".into()), ..StoreOptions::default() };
+    let store = Arc::new(RocksStore::open(dir.path(), &node(), opts()).unwrap());
+    let log = Log::new(store.clone());
+    let first = log.incarnation();
+    log.append_durable(stream("a"), draft(b"1")).await.unwrap();
+    store.fail_a_periodic_sync();
+    log.append_durable(stream("a"), draft(b"2")).await.unwrap();
+    log.close();
+    drop((log, store));
+    let log = rocks(dir.path(), opts());
+    assert_ne!(log.incarnation(), first, "same boot, but a sync failed");
+    assert_eq!(log.store().earlier_incarnations(), [first]);
+    let old = StreamKey { origin: node(), incarnation: first, stream: stream("a") };
+    assert_eq!(log.read(&old, 1, 10).unwrap().len(), 2, "what it held stays readable");
+    log.close();
+    drop(log);
+    let log = rocks(dir.path(), opts());
+    assert_eq!(log.store().earlier_incarnations(), [first], "closed cleanly since: not moved again");
+}
+
 #[tokio::test]
 async fn records_stored_under_a_larger_payload_limit_stay_readable() {
     let dir = tempfile::tempdir().unwrap();
@@ -1140,6 +1168,45 @@ async fn a_damaged_table_block_stops_retention_in_its_stream_only() {
     assert_eq!(log.stream(&a).unwrap().count, 300, "stream a kept as it was");
     let kept = log.stream(&b).unwrap();
     assert!(kept.bytes <= 1000 && kept.count < 300, "stream b swept to its 1000 bytes: {kept:?}");
+}
+
+/// A damaged table block holding the start of stream `b` harms `b` alone: the store opens,
+/// and stream `a`, which sorts just before it, is read and swept to its end. Scans used to run
+/// past a stream's last record into the next one's first block: the open failed (every stream
+/// was probed above its watermark), `a`'s sweep was reported unreadable, and a read of `a`
+/// after retention removed its first records failed.
+#[tokio::test]
+async fn a_damaged_block_at_the_start_of_a_stream_harms_only_that_stream() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = rocks(dir.path(), StoreOptions::default());
+    // `a`'s last record and `b`'s first are larger than a table block (4 KiB): `b`'s first
+    // record then starts a block of its own, found in the table file by its marker.
+    let big = |marker: &str| format!("{{\"value\":1,\"pad\":\"{marker}{}\"}}", "x".repeat(8000));
+    for i in 0..300u32 {
+        let payload = if i == 299 { big("LAST-OF-A") } else { format!("{{\"value\":{i},\"pad\":\"{}\"}}", "x".repeat(40)) };
+        log.append_durable(stream("a"), draft(payload.as_bytes())).await.unwrap();
+    }
+    log.append_durable(stream("b"), draft(big("FIRST-OF-B").as_bytes())).await.unwrap();
+    for i in 0..300u32 {
+        log.append_durable(stream("b"), draft(format!("{{\"value\":{i}}}").as_bytes())).await.unwrap();
+    }
+    let (a, b) = (log.local_key(&stream("a")), log.local_key(&stream("b")));
+    log.close();
+    drop(log);
+    let table = damage_table_blocks(dir.path(), &[]);
+    let bytes = std::fs::read(&table).unwrap();
+    let at = bytes.windows(10).position(|w| w == b"FIRST-OF-B").expect("b's first record in the table file");
+    damage_table_blocks(dir.path(), &[at]);
+
+    let log = rocks(dir.path(), StoreOptions { retention: vec![rule("a", Some(20_000), None, &[])], ..StoreOptions::default() });
+    assert!(matches!(log.read(&b, 1, 1), Err(LogError::Corrupt { .. })), "b's first block is damaged");
+    assert_eq!(log.read(&a, 1, 1000).unwrap().len(), 300, "all of a");
+    let report = log.sweep(now_ms()).await.unwrap();
+    assert_eq!(report.unreadable, 0, "a is swept to its end: {report:?}");
+    let kept = log.stream(&a).unwrap();
+    assert!(kept.count < 300 && kept.bytes <= 20_000, "{kept:?}");
+    let read = log.read(&a, 1, 1000).unwrap();
+    assert_eq!((read.len() as u64, read.last().map(|e| e.id.seq.get())), (kept.count, Some(300)), "what retention kept, to the end");
 }
 
 /// `next_held`: where a read from a seq lands, past a gap or what retention removed.

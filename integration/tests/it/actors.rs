@@ -444,12 +444,14 @@ async fn the_arbiter_escalates_stale_decisions_and_acts_only_on_its_own_resoluti
 }
 
 /// Fails on every attempt at `fail_at` (an error) and `panic_at` (a panic), and with a
-/// `Retry` (not the input's fault) at `retry_at` until `retries_left` runs out; otherwise
-/// emits one output keyed by the input's id. Counts its attempts per seq.
+/// `Retry` (not the input's fault) at `retry_at` until `retries_left` runs out; at
+/// `oversized_at` it emits an output over `log.payload_bytes_max`; otherwise it emits one
+/// output keyed by the input's id. Counts its attempts per seq.
 struct Poisoned {
     fail_at: u64,
     panic_at: u64,
     retry_at: u64,
+    oversized_at: u64,
     retries_left: Arc<Mutex<u32>>,
     attempts: Arc<Mutex<HashMap<u64, u32>>>,
     out: StreamName,
@@ -470,6 +472,10 @@ impl Behaviour for Poisoned {
         }
         if seq == self.panic_at {
             panic!("injected panic at reading {seq}");
+        }
+        if seq == self.oversized_at {
+            let payload = vec![b'x'; ctx.log().payload_bytes_max() + 1];
+            return ctx.emit(&self.out, Draft::new(Kind::Command, PayloadType::new("test.effect/1")?, payload));
         }
         if seq == self.retry_at {
             let mut left = self.retries_left.lock().unwrap();
@@ -493,9 +499,10 @@ struct PoisonRun {
 
 impl PoisonRun {
     /// Six records in `in`, consumed by a `Poisoned` actor failing on 3 (an error) and 5 (a
-    /// panic), and on 2 with `retries` `Retry` errors first, under a root supervisor with the
-    /// node's policy from `supervision` (TOML lines; the defaults otherwise).
-    async fn start(supervision: &str, retries: u32) -> PoisonRun {
+    /// panic), and on 2 with `retries` `Retry` errors first, emitting an oversized output at
+    /// `oversized_at` (0: none), under a root supervisor with the node's policy from
+    /// `supervision` (TOML lines; the defaults otherwise).
+    async fn start(supervision: &str, retries: u32, oversized_at: u64) -> PoisonRun {
         let dir = tempfile::tempdir().unwrap();
         let log = Log::new(Arc::new(RocksStore::open(dir.path(), &NodeId::new("edge-1").unwrap(), StoreOptions::default()).unwrap()));
         for i in 1..=6u64 {
@@ -520,6 +527,7 @@ impl PoisonRun {
                 fail_at: 3,
                 panic_at: 5,
                 retry_at: 2,
+                oversized_at,
                 retries_left: retries_left.clone(),
                 attempts: a.clone(),
                 out: spec.outputs[0].clone(),
@@ -587,7 +595,7 @@ impl PoisonRun {
 /// in 10 s), two such records are passed and the node goes on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_actor_passes_over_an_input_its_handler_fails_on_every_time() {
-    let run = PoisonRun::start("", 0).await;
+    let run = PoisonRun::start("", 0, 0).await;
     let effects = run.effects_once_through().await;
     let attempts = run.attempts.lock().unwrap().clone();
     assert_eq!((attempts[&3], attempts[&5]), (2, 2), "each poison input tried input_failures_max times: {attempts:?}");
@@ -599,11 +607,27 @@ async fn an_actor_passes_over_an_input_its_handler_fails_on_every_time() {
     run.log.close();
 }
 
+/// An output over `log.payload_bytes_max` is the handler's error (`Ctx::emit` refuses it), so
+/// the input is passed over like any poison input. The log used to refuse the whole write
+/// after the handler returned, outside the count of failures: the actor failed on it at
+/// every restart until its supervisor, and then the node, gave up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_input_whose_output_is_over_the_payload_limit_is_passed_over() {
+    let run = PoisonRun::start("restarts_max = 10\nrestart_window_ms = 60000", 0, 4).await;
+    let effects = run.effects_once_through().await;
+    assert_eq!(run.attempts.lock().unwrap()[&4], 2, "{:?}", run.attempts.lock().unwrap());
+    let passed: Vec<(u64, String)> = run.passed().into_iter().map(|p| (p.0, p.3)).collect();
+    assert_eq!(passed[1].0, 4, "{passed:?}");
+    assert!(passed[1].1.contains("is over log.payload_bytes_max 1048576"), "{passed:?}");
+    assert_eq!(effects, [1, 2, 6], "every other record's effect, once each");
+    run.log.close();
+}
+
 /// A `Retry` error is not the input's fault: however many times it fails the actor, the
 /// input is not passed over, and is handled once the fault is gone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retry_errors_do_not_count_towards_passing_an_input() {
-    let run = PoisonRun::start("restarts_max = 10\nrestart_window_ms = 60000", 3).await;
+    let run = PoisonRun::start("restarts_max = 10\nrestart_window_ms = 60000", 3, 0).await;
     let effects = run.effects_once_through().await;
     // 3 retries, then handled (and handled again when a later failure restarts its batch).
     assert!(run.attempts.lock().unwrap()[&2] >= 4, "{:?}", run.attempts.lock().unwrap());
@@ -620,6 +644,7 @@ async fn with_input_failures_max_0_a_poison_input_is_never_passed() {
     let run = PoisonRun::start(
         "restarts_max = 2
 input_failures_max = 0",
+        0,
         0,
     )
     .await;
