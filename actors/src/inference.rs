@@ -378,8 +378,8 @@ impl Inference {
                 if !(p.alpha > 0.0 && p.alpha <= 1.0) {
                     return Err(format!("alpha: {} is not in (0, 1]", p.alpha));
                 }
-                if p.z_threshold <= 0.0 {
-                    return Err(format!("z_threshold: {} must be > 0", p.z_threshold));
+                if !(p.z_threshold.is_finite() && p.z_threshold > 0.0) {
+                    return Err(format!("z_threshold: {} must be a finite number > 0", p.z_threshold));
                 }
                 Arc::new(Ewma { alpha: p.alpha, z_threshold: p.z_threshold, warmup: p.warmup })
             }
@@ -618,6 +618,15 @@ mod tests {
         }
         assert!(recent_of(&json!(["x"])).unwrap_err().contains("not a finite number"));
         assert!(recent_of(&json!(vec![1.0; CONTEXT_LEN_MAX + 1])).unwrap_err().contains("more than 1024"));
+    }
+
+    #[test]
+    fn z_thresholds_that_are_not_finite_are_refused() {
+        for z in ["nan", "inf"] {
+            let spec: ActorSpec = toml::from_str(&format!("kind = \"inference\"\nname = \"i\"\ninputs = [\"r\"]\noutputs = [\"d\"]\nparams = {{ capability = \"anomaly\", model = \"ewma\", z_threshold = {z} }}")).unwrap();
+            let err = Inference::from_spec(&spec).err().unwrap();
+            assert!(err.starts_with("z_threshold: ") && err.ends_with("must be a finite number > 0"), "{err}");
+        }
     }
 
     #[test]

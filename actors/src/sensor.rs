@@ -298,6 +298,11 @@ impl Behaviour for Sensor {
             let doc = serde_json::json!({ "value": r.value, "ts_ms": ts_ms, "n": n, "label": label });
             ctx.emit(&self.out, Draft::new(Kind::Reading, PayloadType::new(READING_TYPE)?, doc.to_string().into_bytes()))?;
         }
+        if until == s.emitted {
+            // A CSV file played once has ended: nothing to write (the snapshot would be written
+            // again at every tick, and wake every idle actor with it).
+            return Ok(());
+        }
         s.emitted = until;
         if due > until {
             // Far behind (a long pause): skip ahead rather than burst forever.

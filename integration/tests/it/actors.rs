@@ -659,3 +659,40 @@ input_failures_max = 0",
     assert!(run.events.lock().unwrap().is_empty(), "{:?}", run.events.lock().unwrap());
     run.log.close();
 }
+
+/// A CSV sensor played once (`repeat = false`) writes nothing more once its file has ended:
+/// it used to write its snapshot again at every tick (a durable write every 10 ms at 100 Hz,
+/// waking every idle actor with it), for as long as the node ran.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_csv_sensor_played_once_writes_nothing_after_its_file_ends() {
+    let dir = tempfile::tempdir().unwrap();
+    let csv = dir.path().join("line.csv");
+    std::fs::write(&csv, "value\n1.5\n2.5\n3.5\n").unwrap();
+    let log = Log::new(Arc::new(RocksStore::open(&dir.path().join("store"), &NodeId::new("edge-1").unwrap(), StoreOptions::default()).unwrap()));
+    let config = NodeConfig::parse(
+        "t.toml".as_ref(),
+        &format!(
+            "[node]\nid = \"edge-1\"\ntier = \"edge\"\n[[actors]]\nkind = \"sensor\"\nname = \"s\"\noutputs = [\"readings/s\"]\n\
+             params = {{ rate_hz = 100, csv = {:?}, repeat = false }}\n",
+            csv.display().to_string()
+        ),
+    )
+    .unwrap();
+    let env = ActorEnv::fixed(Arc::new(config.clone()), strata_core::mode::Mode::Full, log.clone(), Arc::new(|_| {}));
+    let child = strata_actors::registry().child(&config.actors[0], &env).unwrap();
+    let args = SupervisorArgs { name: "root".into(), policy: Policy::from_config(&config.supervision), children: vec![child], events: Arc::new(|_| {}) };
+    let (sup, _) = Actor::spawn(None, Supervisor, args).await.unwrap();
+    let count = |stream: &str| log.stream(&log.local_key(&StreamName::new(stream).unwrap())).map_or(0, |i| i.count);
+    let snapshots = snapshot_stream(&Name::new("s").unwrap()).to_string();
+    let t0 = Instant::now();
+    while count("readings/s") < 3 {
+        assert!(t0.elapsed() < Duration::from_secs(60), "{} readings", count("readings/s"));
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let written = count(&snapshots);
+    // 50 ticks at 100 Hz: the file has ended, nothing is written.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!((count("readings/s"), count(&snapshots)), (3, written), "nothing after the file ended");
+    supervise::shutdown(&sup, Duration::from_secs(10)).await;
+    log.close();
+}
