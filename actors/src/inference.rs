@@ -84,6 +84,9 @@ pub struct ModelState {
     /// The last readings, oldest first (at most the actor's context length).
     #[serde(default)]
     pub recent: VecDeque<f64>,
+    /// Anomalies in a row, up to the latest reading (EWMA: see [`Ewma::relearn_after`]).
+    #[serde(default)]
+    pub anomaly_run: u64,
 }
 
 impl ModelState {
@@ -198,6 +201,11 @@ pub struct Ewma {
     pub alpha: f64,
     pub z_threshold: f64,
     pub warmup: u64,
+    /// After this many anomalies in a row the level has moved for good (a recalibrated
+    /// sensor, a new operating point, a constant sensor that changed value): the model starts
+    /// learning again from the latest value, warm-up included. Without it, such a move is an
+    /// anomaly at every reading for ever, since anomalies are not learnt. 0: never.
+    pub relearn_after: u64,
 }
 
 impl Model for Ewma {
@@ -214,7 +222,13 @@ impl Model for Ewma {
         let sd = s.var.sqrt().max(1e-9);
         let z = (x - s.mean).abs() / sd;
         let anomaly = s.count >= self.warmup && z > self.z_threshold;
-        if !anomaly {
+        if anomaly {
+            s.anomaly_run += 1;
+            if self.relearn_after > 0 && s.anomaly_run >= self.relearn_after {
+                (s.mean, s.var, s.count, s.anomaly_run) = (x, 0.0, 1, 0);
+            }
+        } else {
+            s.anomaly_run = 0;
             let d = x - s.mean;
             let (mean, var) = (s.mean + self.alpha * d, (1.0 - self.alpha) * (s.var + self.alpha * d * d));
             // A value so far out that the statistics would overflow (1e200 squared) is not
@@ -265,6 +279,10 @@ pub struct InferenceParams {
     /// Values learnt before any is called an anomaly. Default 30.
     #[serde(default = "d_warmup")]
     pub warmup: u64,
+    /// Anomalies in a row after which the EWMA takes the level as moved for good and learns
+    /// again from the latest value (warm-up included); 0: never. Default 100.
+    #[serde(default = "d_relearn_after")]
+    pub relearn_after: u64,
     /// Emit a decision for every reading, not only anomalies. Default false.
     #[serde(default)]
     pub emit_all: bool,
@@ -285,6 +303,9 @@ fn d_z() -> f64 {
 }
 fn d_warmup() -> u64 {
     30
+}
+fn d_relearn_after() -> u64 {
+    100
 }
 fn d_threshold() -> f64 {
     0.5
@@ -381,7 +402,7 @@ impl Inference {
                 if !(p.z_threshold.is_finite() && p.z_threshold > 0.0) {
                     return Err(format!("z_threshold: {} must be a finite number > 0", p.z_threshold));
                 }
-                Arc::new(Ewma { alpha: p.alpha, z_threshold: p.z_threshold, warmup: p.warmup })
+                Arc::new(Ewma { alpha: p.alpha, z_threshold: p.z_threshold, warmup: p.warmup, relearn_after: p.relearn_after })
             }
             "onnx" => {
                 let path = p.onnx_path.as_deref().ok_or("onnx_path: required with model = \"onnx\"")?;
@@ -514,9 +535,32 @@ mod tests {
 
     #[test]
     fn ewma_finds_the_injected_spikes() {
-        let model = Ewma { alpha: 0.05, z_threshold: 4.0, warmup: 30 };
+        let model = Ewma { alpha: 0.05, z_threshold: 4.0, warmup: 30, relearn_after: 100 };
         let (recall, precision, _, _) = quality(&model, "rate_hz = 100\nseed = 3\nanomaly_rate = 0.01\nshift_rate = 0");
         assert!(recall > 0.8 && precision > 0.8, "recall {recall:.3} precision {precision:.3}");
+    }
+
+    /// A level that moved for good (here a constant sensor, 20 then 21: its variance is 0, so
+    /// every 21 is far out) is an anomaly for `relearn_after` readings, then learnt: the model
+    /// starts again from the new level (warm-up included) and still finds a spike after it.
+    /// Anomalies are not learnt, so it used to call every later reading an anomaly, for ever.
+    #[test]
+    fn a_level_that_moved_for_good_is_learnt_after_relearn_after_anomalies() {
+        let model = Ewma { alpha: 0.05, z_threshold: 4.0, warmup: 30, relearn_after: 100 };
+        let mut s = ModelState::default();
+        for _ in 0..40 {
+            assert!(!model.score(&mut s, 20.0).unwrap().anomaly);
+        }
+        let flagged: Vec<bool> = (0..300).map(|_| model.score(&mut s, 21.0).unwrap().anomaly).collect();
+        assert!(flagged[..100].iter().all(|a| *a), "the move is flagged for 100 readings");
+        assert!(flagged[100..].iter().all(|a| !*a), "then learnt: {} more flagged", flagged[100..].iter().filter(|a| **a).count());
+        assert!(model.score(&mut s, 30.0).unwrap().anomaly, "a spike after it is still found");
+        let never = Ewma { relearn_after: 0, ..model };
+        let mut s = ModelState::default();
+        for _ in 0..40 {
+            never.score(&mut s, 20.0).unwrap();
+        }
+        assert!((0..300).all(|_| never.score(&mut s, 21.0).unwrap().anomaly), "relearn_after = 0: never learnt");
     }
 
     /// A reading so large that the statistics would overflow (here during warm-up, when
@@ -524,7 +568,7 @@ mod tests {
     /// can be read back, and a later anomaly is still found.
     #[test]
     fn a_value_that_would_overflow_the_statistics_is_not_learnt() {
-        let model = Ewma { alpha: 0.05, z_threshold: 4.0, warmup: 30 };
+        let model = Ewma { alpha: 0.05, z_threshold: 4.0, warmup: 30, relearn_after: 100 };
         let mut s = ModelState::default();
         let normal = |i: u64| 20.0 + (i % 3) as f64 * 0.1;
         for i in 0..10 {
@@ -543,7 +587,7 @@ mod tests {
     /// does not leave the model in warm-up for good: it starts again from the next reading.
     #[test]
     fn a_glitch_as_the_first_reading_does_not_blind_the_model() {
-        let model = Ewma { alpha: 0.05, z_threshold: 4.0, warmup: 30 };
+        let model = Ewma { alpha: 0.05, z_threshold: 4.0, warmup: 30, relearn_after: 100 };
         let mut s = ModelState::default();
         model.score(&mut s, 1e160).unwrap();
         for i in 0..100 {
@@ -587,7 +631,7 @@ mod tests {
 
     #[test]
     fn bigger_models_find_more_of_the_anomalies() {
-        let ewma = Ewma { alpha: 0.05, z_threshold: 4.0, warmup: 30 };
+        let ewma = Ewma { alpha: 0.05, z_threshold: 4.0, warmup: 30, relearn_after: 100 };
         let (fog, cloud) = (shipped("fog"), shipped("cloud"));
         assert_eq!((fog.context_len(), cloud.context_len()), (23, 63));
         assert!(fog.version().starts_with("onnx:fog/") && cloud.version().starts_with("onnx:cloud/"), "{} {}", fog.version(), cloud.version());
