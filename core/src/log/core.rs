@@ -279,16 +279,18 @@ impl Core {
     }
 
     /// Restores a stream from its persisted stats, re-reading what lies above its
-    /// watermark (received out of order before a restart). This node's own streams (of every
-    /// incarnation) are appended without holes, so nothing lies above theirs: they are not
-    /// scanned, and a damaged table block past them cannot fail the open.
+    /// watermark (received out of order before a restart). This node's streams of the current
+    /// incarnation are appended without holes, so nothing lies above theirs: they are not
+    /// scanned, and a damaged table block past them cannot fail the open. (Those of earlier
+    /// incarnations are: a store from before own records were refused in every incarnation
+    /// may hold some received above the watermark.)
     pub(crate) fn load_stream(&mut self, key: StreamKey, stats: StoredStats, backend: &dyn Backend) -> Result<(), LogError> {
         let mut wm = Watermark::new(stats.watermark);
         let prefix = stream_prefix(&key);
         // Saturating: a store written before seqs were bounded may hold `u64::MAX`.
         let mut from = stats.watermark.saturating_add(1);
-        // (Not for this node's own streams: see above.)
-        if key.origin != self.node {
+        // (Not for this node's own streams of this incarnation: see above.)
+        if key.origin != self.node || key.incarnation != self.incarnation {
             loop {
                 let chunk = backend.scan(&prefix, from, u64::MAX, SCAN_CHUNK)?;
                 let Some(&(last, _)) = chunk.last() else { break };

@@ -587,7 +587,10 @@ fn on_periodic_sync_failure(db: &DB, flag: &std::sync::atomic::AtomicBool, error
     flag.store(true, std::sync::atomic::Ordering::SeqCst);
     let mut wo = WriteOptions::default();
     wo.set_sync(true);
-    if let Err(e) = db.put_cf_opt(cf(db, Cf::Meta), META_OPEN, [SYNC_FAILED], &wo) {
+    // Flushed to a table file of its own as well: in the WAL it would come after the writes
+    // that may be lost, and a recovery that stops at them would lose the mark too.
+    let marked = db.put_cf_opt(cf(db, Cf::Meta), META_OPEN, [SYNC_FAILED], &wo).and_then(|()| db.flush_cf(cf(db, Cf::Meta)));
+    if let Err(e) = marked {
         tracing::error!(error = %e, "could not mark the store as having failed a WAL sync");
     }
 }
@@ -966,6 +969,10 @@ impl Committer {
         let closed = self.db.flush_wal(true).and_then(|()| self.db.put_cf_opt(cf(&self.db, Cf::Meta), META_OPEN, [CLOSED], &wo));
         if let Err(e) = closed {
             tracing::error!(error = %e, "final WAL sync failed; the store is not marked closed cleanly");
+        }
+        // A periodic sync that failed meanwhile: its mark must not stay overwritten.
+        if self.periodic_sync_failed.load(std::sync::atomic::Ordering::SeqCst) {
+            on_periodic_sync_failure(&self.db, &self.periodic_sync_failed, "failed while the store closed");
         }
     }
 }
