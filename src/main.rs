@@ -372,10 +372,20 @@ fn run(path: &std::path::Path, format: LogFormat) -> ExitCode {
             Err(e) => {
                 tracing::error!(error = %e, "node failed to start");
                 eprintln!("strata run: {}: {e}", path.display());
-                // The certificate files and the continuum's configs are configuration too: a
-                // problem with them exits 2 (with systemd, `RestartPreventExitStatus=2` then
-                // keeps it from restarting into it).
-                let config_problem = matches!(e, strata_core::node::NodeError::Security(_));
+                // The certificate files and the continuum's configs are configuration too, and
+                // so is a `data_dir` that a restart cannot fix (another node's store, a file,
+                // something not a store, a store of another format): a problem with them exits
+                // 2 (with systemd, `RestartPreventExitStatus=2` then keeps it from restarting
+                // into it).
+                use strata_core::log::LogError;
+                use strata_core::node::NodeError;
+                let config_problem = matches!(
+                    e,
+                    NodeError::Security(_)
+                        | NodeError::Log(
+                            LogError::WrongNode { .. } | LogError::PathIsFile { .. } | LogError::NotAStore { .. } | LogError::IncompatibleFormat { .. }
+                        )
+                );
                 return ExitCode::from(if config_problem { EXIT_CONFIG } else { EXIT_RUNTIME });
             }
         };

@@ -1229,7 +1229,9 @@ fn parse_toml(text: &str) -> Result<NodeConfig, Problem> {
     serde_path_to_error::deserialize(deserializer).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();
-        let line = inner.span().map(|span| text[..span.start.min(text.len())].lines().count().max(1));
+        // Newlines before the span, plus one: an error starting a line (an unknown key) is on
+        // that line, not the one before.
+        let line = inner.span().map(|span| text[..span.start.min(text.len())].matches('\n').count() + 1);
         let path = if path == "." { String::new() } else { path };
         Problem { path, message: inner.message().trim().to_owned(), line }
     })
@@ -1509,6 +1511,8 @@ mod tests {
         check(&format!("{MINIMAL}[replication]\nsubscribe = [\"edge-1\"]\n"), Err("replication.subscribe[0]: \"edge-1\" is not a valid subscription"));
         check(&format!("{MINIMAL}[[log.retention]]\nstreams = \"readings/**\"\n"), Err("log.retention[0]: a rule needs bytes_max, age_s_max or both"));
         check("[node\n", Err("line 1"));
+        check("[node]\nid = \"e\"\ntier = \"fog\"\n[zenoh]\nleese_ms = 100\n", Err("(line 5)"));
+        check("[node]\nid = \"e\"\ntier = \"fog\"\n[node]\n", Err("(line 4)"));
     }
 
     #[test]

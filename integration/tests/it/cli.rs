@@ -134,6 +134,21 @@ fn bad_configs_exit_2_naming_file_key_and_problem() {
     let out = strata(&["run", &kind]);
     assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
     assert!(text(&out.stderr).contains("unknown actor kind \"sensr\""), "{}", text(&out.stderr));
+
+    // A `data_dir` no restart can fix is configuration too (exit 2, so that systemd's
+    // `RestartPreventExitStatus=2` stops): another node's store (a config copied for a new
+    // node, its `data_dir` left as it was), and a file.
+    let other = dir.path().join("fog-store");
+    strata_core::log::RocksStore::open(&other, &strata_core::NodeId::new("fog-1").unwrap(), strata_core::log::StoreOptions::default()).unwrap();
+    let file = write(dir.path(), "not-a-dir", "x");
+    for (data_dir, expected) in
+        [(other.display().to_string(), "store belongs to node \"fog-1\", not \"edge-1\""), (file.clone(), "is a file, not a store directory")]
+    {
+        let config = write(dir.path(), "data.toml", &edge.replace("data_dir = \"data/edge-1\"", &format!("data_dir = {data_dir:?}")));
+        let out = strata(&["run", &config]);
+        assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+        assert!(text(&out.stderr).contains(expected), "{}", text(&out.stderr));
+    }
 }
 
 mod log {
