@@ -134,10 +134,15 @@ impl ClientTls {
 
     /// The files, checked before any link is tried (expired, from another CA, a key of another
     /// certificate): the error names the flag and the file, where Zenoh would only say that it
-    /// cannot connect.
-    fn checked(&self) -> Result<Option<strata_core::security::TlsFiles>, String> {
+    /// cannot connect. A `quic/` endpoint (a secured node's) needs them.
+    fn checked(&self, endpoint: &str) -> Result<Option<strata_core::security::TlsFiles>, String> {
         use strata_core::security::SecurityError;
-        let Some(files) = self.files() else { return Ok(None) };
+        let Some(files) = self.files() else {
+            if endpoint.starts_with("quic/") {
+                return Err(format!("{endpoint} is a secured node's endpoint: --ca, --cert and --key are required"));
+            }
+            return Ok(None);
+        };
         init_cli_warnings();
         match strata_core::security::check_tls_files(&files, None) {
             Ok(_) => Ok(Some(files)),
@@ -423,7 +428,7 @@ fn run(path: &std::path::Path, format: LogFormat) -> ExitCode {
 fn status(endpoint: &str, timeout_ms: u64, json: bool, tls: &ClientTls) -> ExitCode {
     let runtime = tokio::runtime::Runtime::new().expect("start the async runtime");
     let timeout = std::time::Duration::from_millis(timeout_ms);
-    let tls = match tls.checked() {
+    let tls = match tls.checked(endpoint) {
         Ok(files) => files,
         Err(e) => {
             eprintln!("strata status: {e}");
@@ -462,7 +467,7 @@ fn resolve(r: Resolve, verdict: strata_core::node::escalate::Verdict) -> ExitCod
     let runtime = tokio::runtime::Runtime::new().expect("start the async runtime");
     let timeout = std::time::Duration::from_millis(r.timeout_ms);
     let payload = serde_json::to_vec(&msg).expect("serialises");
-    let tls = match r.tls.checked() {
+    let tls = match r.tls.checked(&r.connect) {
         Ok(files) => files,
         Err(e) => {
             eprintln!("strata {name}: {e}");

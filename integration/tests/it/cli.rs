@@ -49,6 +49,14 @@ fn usage_error_exits_2() {
         assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
         assert!(err.contains("is not a valid endpoint"), "{args:?}: {err}");
     }
+    // A secured node's endpoint without the client's TLS files is named, not tried (it would
+    // end as "cannot reach" after the timeout).
+    for args in [&["status", "--connect", "quic/127.0.0.1:9"][..], &["approve", "x", "--connect", "quic/127.0.0.1:9"]] {
+        let out = strata(args);
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains("quic/127.0.0.1:9 is a secured node's endpoint: --ca, --cert and --key are required"), "{args:?}: {err}");
+    }
 }
 
 /// A client's TLS files are checked before any link is tried: the error names the flag and
