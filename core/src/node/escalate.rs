@@ -453,8 +453,14 @@ impl Desk {
 
 /// An operator's answer: the desk holding the escalation pending (an earlier incarnation's, or
 /// `current`) takes it; else `current` replies (what happened to one resolved lately, earlier
-/// desks' included once they are done, or that the request is malformed).
+/// desks' included once they are done, or that the request is malformed). Escalations whose
+/// timeout has passed are resolved to the safe default first: an answer that comes after it
+/// is told so, and does not win over it (the desk's own check runs only between reads).
 async fn answer_any(earlier: &mut [Desk], current: &mut Desk, payload: &[u8]) -> Option<Value> {
+    for desk in earlier.iter_mut() {
+        desk.time_out().await;
+    }
+    current.time_out().await;
     let id = serde_json::from_slice::<Resolve>(payload).ok().map(|r| r.id);
     match id.and_then(|id| earlier.iter().position(|d| d.pending.values().any(|p| p.id == id))) {
         Some(n) => earlier[n].answer(payload).await,
@@ -787,6 +793,27 @@ mod tests {
         let outcomes: Vec<String> = resolutions(&log).iter().map(|d| d["escalation"].as_str().unwrap().to_owned()).collect();
         assert_eq!(outcomes, ["a", "b", "c"]);
         assert!(desk.resolve(1, "approved", "ops").await.is_err(), "resolving one that is not pending is an error, not a panic");
+    }
+
+    /// An approval that comes after the escalation's timeout does not win over the safe
+    /// default: the desk's timeout check runs between reads, and an answer arriving first used
+    /// to be applied though the wait was over.
+    #[tokio::test]
+    async fn an_answer_after_the_timeout_is_told_it_timed_out() {
+        let log = log_with_escalations(&["a", "b"]).await;
+        let (publish, events): (Publish, super::super::decide::EventSink) = (Arc::new(|_| {}), Arc::new(|_| {}));
+        let mut desk = Desk::open(&config(1), log.clone(), publish, events).await.unwrap();
+        let batch = log.read(&desk.key, 1, 10).unwrap();
+        desk.take(batch);
+        let opened = desk.pending.values().map(|p| p.opened_unix_ms).max().unwrap();
+        while unix_ms() <= opened + 1 {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        let approve = serde_json::to_vec(&Resolve { id: "a".into(), verdict: Verdict::Approve, by: "ops".into() }).unwrap();
+        let told = answer_any(&mut [], &mut desk, &approve).await.unwrap();
+        assert_eq!((told["outcome"].as_str(), told["now"].as_bool()), (Some("timed_out"), Some(false)), "{told}");
+        let outcomes: Vec<Value> = resolutions(&log).iter().map(|r| r["outcome"].clone()).collect();
+        assert_eq!(outcomes, ["timed_out", "timed_out"], "both waited out their timeout");
     }
 
     #[tokio::test]
