@@ -292,8 +292,14 @@ impl Desk {
         let mut displaced = Vec::new();
         // Those resolved already (out of order, before a restart) are not opened again.
         let unresolved: Vec<u64> = (start..=to).filter(|s| !self.resolved_above.contains(s)).collect();
+        // Their own timestamps cannot be read: they were opened no earlier than the record
+        // before them, whose timestamp every restart reads alike, so that a restart does not
+        // reset their wait (it may end a little early: towards the safe default). Without one
+        // (the first record, or the one before unreadable too), from now.
+        let before = start.checked_sub(1).filter(|&s| s >= 1).and_then(|s| self.log.read(&self.key, s, 1).ok()).and_then(|b| b.into_iter().next());
+        let opened_unix_ms = before.filter(|e| e.id.seq.get() < start).map_or_else(unix_ms, |e| e.hlc.unix_ms());
         for seq in unresolved {
-            let pending = Pending { seq, id: format!("{}#{seq}", self.key), action: UNKNOWN_ACTION.into(), risk: f64::NAN, opened_unix_ms: unix_ms() };
+            let pending = Pending { seq, id: format!("{}#{seq}", self.key), action: UNKNOWN_ACTION.into(), risk: f64::NAN, opened_unix_ms };
             tracing::error!(id = pending.id, %error, "an escalation that cannot be read waits for an operator (deny) or its timeout (the safe default)");
             (self.events)(json!({"event": "escalation_opened", "id": pending.id, "action": pending.action, "unreadable": error.to_string()}));
             self.admit(pending, &mut displaced);
@@ -608,6 +614,11 @@ mod tests {
             let (events, recorded) = recorded();
             let mut desk = Desk::open(&config, log.clone(), Arc::new(|_| {}), events).await.unwrap();
             assert!(desk.take(log.read(&key, 1, 10).unwrap()).is_empty(), "a, before the damage");
+            // Later than a's timestamp, so that a wait from now would differ from one from a's.
+            let a_at = log.read(&key, 1, 1).unwrap()[0].hlc.unix_ms();
+            while unix_ms() <= a_at {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
             let error = log.read(&key, 2, 10).unwrap_err();
             assert_eq!(desk.take_unreadable(2, &error).unwrap(), None, "the wait starts");
             let second = desk.take_unreadable(2, &error).unwrap();
@@ -622,6 +633,9 @@ mod tests {
             let damaged_id = format!("{key}#2");
             let pending: Vec<(&str, &str)> = desk.pending.values().map(|p| (p.id.as_str(), p.action.as_str())).collect();
             assert_eq!(pending, [("a", "stop"), (damaged_id.as_str(), "?"), ("c", "stop")]);
+            // Its wait runs from a's timestamp (the record before it), which every restart
+            // reads alike: a restart does not start it again.
+            assert_eq!(desk.pending[&2].opened_unix_ms, a_at);
             let answer = |verdict| serde_json::to_vec(&Resolve { id: damaged_id.clone(), verdict, by: "ops".into() }).unwrap();
             let refused = desk.answer(&answer(Verdict::Approve)).await.unwrap();
             assert!(refused["error"].as_str().unwrap().contains("cannot be approved: its action is unknown"), "{refused}");
