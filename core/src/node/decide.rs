@@ -20,6 +20,7 @@
 //! for it), never an absolute time; the server counts it from the request's arrival.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write as _;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -404,7 +405,7 @@ impl Decider {
     }
 
     /// Sends `request` to `target` and waits at most `timeout` for a decision.
-    async fn ask(&self, target: &Target, request: &DecisionRequest, timeout: Duration) -> Option<Value> {
+    async fn ask(&self, target: &Target, request: &DecisionRequest, timeout: Duration) -> Result<Value, NotAnswered> {
         let payload = serde_json::to_vec(request).expect("requests serialise");
         let key = decide_key(&target.capability, &target.node);
         // The whole exchange, sending included, is bounded: a congested link must not hold
@@ -413,18 +414,18 @@ impl Decider {
             let mut replies = self.transport.request(&key, "", payload, timeout, 1).await.ok()?;
             replies.recv().await
         };
-        let bytes = tokio::time::timeout(timeout, exchange).await.ok()??;
-        match serde_json::from_slice::<Answer>(&bytes).ok()?.result {
+        let bytes = tokio::time::timeout(timeout, exchange).await.ok().flatten().ok_or(NotAnswered::NoAnswer)?;
+        match serde_json::from_slice::<Answer>(&bytes).map_err(|_| NotAnswered::NoAnswer)?.result {
             // A decision is a JSON object (the actor adds its own fields to it); anything else
             // from a peer is no answer, and the local fallback decides.
-            AnswerResult::Decision(v) if v.is_object() => Some(v),
+            AnswerResult::Decision(v) if v.is_object() => Ok(v),
             AnswerResult::Decision(v) => {
                 tracing::warn!(node = %target.node, decision = %v, "a decision that is not a JSON object was ignored");
-                None
+                Err(NotAnswered::NoAnswer)
             }
             AnswerResult::Error(e) => {
                 tracing::debug!(node = %target.node, error = e, "a decision request was refused");
-                None
+                Err(NotAnswered::Refused(e))
             }
         }
     }
@@ -441,7 +442,8 @@ impl Decider {
             input: Value::Null,
         };
         let start = self.clock.now();
-        let answered = self.ask(&target, &request, timeout).await.is_some();
+        // A refusal is an answer too: its round trip is the server's.
+        let answered = !matches!(self.ask(&target, &request, timeout).await, Err(NotAnswered::NoAnswer));
         let now = self.clock.now();
         // Only a server still known: a probe in flight when it left must not revive it. Lock
         // order everywhere: `servers` before `estimator`.
@@ -530,20 +532,40 @@ impl Decider {
                 // Both (with hedging) are asked at once; the first answer wins.
                 let senders: Vec<_> = asked.iter().map(|_| tx.clone()).collect();
                 drop(tx);
+                // Each ask reports once, answered or not.
                 let asks = asked.iter().zip(senders).map(|(t, tx)| {
                     let request = &request;
                     async move {
-                        if let Some(v) = self.ask(t, request, timeout).await {
-                            let _ = tx.try_send((t.clone(), v, self.clock.now()));
-                        }
+                        let answer = self.ask(t, request, timeout).await;
+                        let _ = tx.try_send((t.clone(), answer, self.clock.now()));
                     }
                 });
                 let all = futures::future::join_all(asks);
                 tokio::pin!(all);
-                let first = tokio::select! {
-                    first = rx.recv() => first,
-                    _ = &mut all => rx.recv().await,
+                // The first decision, and the servers that refused meanwhile.
+                let (mut first, mut refused) = (None, Vec::new());
+                let take = |report: (Target, Result<Value, NotAnswered>, MonoTime), first: &mut Option<_>, refused: &mut Vec<_>| match report {
+                    (t, Ok(v), at) => *first = Some((t, v, at)),
+                    (t, Err(NotAnswered::Refused(e)), _) => refused.push((t, e)),
+                    (_, Err(NotAnswered::NoAnswer), _) => {}
                 };
+                let mut reported = 0;
+                while reported < asked.len() && first.is_none() {
+                    tokio::select! {
+                        Some(report) = rx.recv() => {
+                            reported += 1;
+                            take(report, &mut first, &mut refused);
+                        }
+                        _ = &mut all => {
+                            while let Ok(report) = rx.try_recv() {
+                                if first.is_none() {
+                                    take(report, &mut first, &mut refused);
+                                }
+                            }
+                            break;
+                        }
+                    }
+                }
                 {
                     // Only servers still tracked: one that went meanwhile must come back with
                     // fresh estimates (its probes fill them), not with this sample.
@@ -554,6 +576,9 @@ impl Decider {
                             Some((winner, _, at)) if winner == t => e.observe(t, *at, us(at.saturating_since(sent))),
                             // The loser of a hedge is not known to be slow: no sample.
                             Some(_) => {}
+                            // A server that refused this request (it cannot decide on this
+                            // input) is not slow either: no sample.
+                            None if refused.iter().any(|(r, _)| r == t) => {}
                             None => e.timed_out(t, self.clock.now(), timeout_us),
                         }
                     }
@@ -568,7 +593,12 @@ impl Decider {
                     None => {
                         outcome.route = "fallback";
                         outcome.fallback = true;
-                        outcome.reason.push_str("; no answer in time: local fallback");
+                        match refused.first() {
+                            Some((t, e)) => {
+                                let _ = write!(outcome.reason, "; refused by {} {}: {e}: local fallback", t.tier, t.node);
+                            }
+                            None => outcome.reason.push_str("; no answer in time: local fallback"),
+                        }
                     }
                 }
             }
@@ -607,6 +637,15 @@ impl Drop for Decider {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// Why [`Decider::ask`] brought no decision.
+#[derive(Debug, Clone, PartialEq)]
+enum NotAnswered {
+    /// None in time (lost, slow, unreachable), or one that was not a decision.
+    NoAnswer,
+    /// The server answered that it cannot decide on this request, and why.
+    Refused(String),
 }
 
 /// Longest budget a decision request is served with: a day, the longest deadline a config
@@ -776,7 +815,11 @@ mod tests {
             let mut requests = server.serve(&decide_key("inspect", &fog), 4, crate::bus::accept_all()).await.unwrap();
             let target = Target { tier: Tier::Fog, node: fog.clone(), capability: "inspect".into() };
             let request = DecisionRequest { id: "r".into(), capability: "inspect".into(), budget_us: 100_000, probe: false, input: Value::Null };
-            for (decision, taken) in [(json!(5), None), (json!(["stop"]), None), (json!({"action": "stop"}), Some(json!({"action": "stop"})))] {
+            for (decision, taken) in [
+                (json!(5), Err(NotAnswered::NoAnswer)),
+                (json!(["stop"]), Err(NotAnswered::NoAnswer)),
+                (json!({"action": "stop"}), Ok(json!({"action": "stop"}))),
+            ] {
                 let answer = async {
                     let mut r = requests.recv().await.unwrap();
                     let bytes =
@@ -886,6 +929,51 @@ mod tests {
             let decider = Decider::start(&edge_config, net.attach(&edge), mode, Arc::new(|_| {})).await.unwrap();
             tokio::time::sleep(Duration::from_millis(500)).await;
             assert_eq!(asked.load(std::sync::atomic::Ordering::Relaxed), 1, "one probe in 500 ms of 10 ms ticks, while it waits its 1 s");
+            decider.stop();
+            server.stop();
+        });
+    }
+
+    /// A server that refuses a request (it cannot decide on that input: a window model given
+    /// too short a context, say) is not slow: the decision falls back at once, its reason names
+    /// the refusal, and the estimate keeps the server's real round trip. A refusal used to be
+    /// recorded as a timeout, which made a healthy server look too slow to be asked.
+    #[test]
+    fn a_refused_request_falls_back_without_marking_the_server_slow() {
+        struct Refuses;
+        impl Service for Refuses {
+            fn answer<'a>(&'a self, req: &'a DecisionRequest) -> BoxFut<'a, Result<Value, String>> {
+                let answer = if req.probe { Ok(json!({"action": "none"})) } else { Err("too short a context".to_owned()) };
+                Box::pin(std::future::ready(answer))
+            }
+        }
+        let runtime = runtime(true);
+        runtime.block_on(async {
+            let (net, fog, edge) = linked(6);
+            let (_, mode) = watch::channel(Mode::Full);
+            let server = Decider::start(&config("[node]\nid = \"fog-1\"\ntier = \"fog\"\n"), net.attach(&fog), mode.clone(), Arc::new(|_| {})).await.unwrap();
+            let _guard = server.serve(&Name::new("inspect").unwrap(), Arc::new(Refuses)).await.unwrap();
+            let edge_config = config("[node]\nid = \"edge-1\"\ntier = \"edge\"\n[routing]\nprobe_interval_ms = 10\ndeadline_ms = { inspect = 1000 }\n");
+            let decider = Decider::start(&edge_config, net.attach(&edge), mode, Arc::new(|_| {})).await.unwrap();
+            let summary = |field: &str| decider.estimates().as_array().and_then(|rows| rows.first().cloned()).and_then(|r| r[field].as_u64());
+            for _ in 0..300 {
+                if summary("samples").unwrap_or(0) >= 3 {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            assert!(summary("samples").unwrap_or(0) >= 3, "probed: {}", decider.estimates());
+            for n in 0..10 {
+                let now = decider.now();
+                let deadline = now.saturating_add(Duration::from_millis(1000));
+                let (_, outcome) =
+                    decider.decide("inspect", &format!("r{n}"), &Value::Null, deadline, now, Priority::NORMAL, 0.0, json!({"action": "log"})).await;
+                assert_eq!((outcome.route, outcome.tier, outcome.fallback), ("fallback", Tier::Edge, true), "{outcome:?}");
+                assert!(outcome.reason.ends_with("; refused by fog fog-1: too short a context: local fallback"), "{}", outcome.reason);
+                assert!(decider.now().saturating_since(now) < Duration::from_millis(100), "at once, not after the timeout");
+            }
+            let p95 = summary("p95_us").unwrap();
+            assert!(p95 < 100_000, "the estimate is the probes' round trip, not a timeout: p95 {p95} µs");
             decider.stop();
             server.stop();
         });
