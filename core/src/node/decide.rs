@@ -686,6 +686,18 @@ mod tests {
         replies.recv().await.map(|bytes| serde_json::from_slice::<Answer>(&bytes).unwrap().result)
     }
 
+    /// `fog-1` serving `capability` with `service`, and `edge-1` (its `[routing]` lines after
+    /// `routing`) asking it, linked on a simulated network of `seed`, both in mode full.
+    async fn fog_serving_edge(seed: u64, capability: &str, service: Arc<dyn Service>, routing: &str) -> (Arc<Decider>, ServeGuard, Arc<Decider>) {
+        let (net, fog, edge) = linked(seed);
+        let (_, mode) = watch::channel(Mode::Full);
+        let server = Decider::start(&config("[node]\nid = \"fog-1\"\ntier = \"fog\"\n"), net.attach(&fog), mode.clone(), Arc::new(|_| {})).await.unwrap();
+        let guard = server.serve(&Name::new(capability).unwrap(), service).await.unwrap();
+        let edge_config = config(&format!("[node]\nid = \"edge-1\"\ntier = \"edge\"\n[routing]\n{routing}"));
+        let decider = Decider::start(&edge_config, net.attach(&edge), mode, Arc::new(|_| {})).await.unwrap();
+        (server, guard, decider)
+    }
+
     /// A service that never answers holds a serving place only for the request's budget, and
     /// a request's budget runs from its arrival: with one place, a second request that waited
     /// out its budget for the place is refused without calling the service, and a third that
@@ -887,12 +899,7 @@ mod tests {
         }
         let runtime = runtime(false);
         runtime.block_on(async {
-            let (net, fog, edge) = linked(4);
-            let (_, mode) = watch::channel(Mode::Full);
-            let server = Decider::start(&config("[node]\nid = \"fog-1\"\ntier = \"fog\"\n"), net.attach(&fog), mode.clone(), Arc::new(|_| {})).await.unwrap();
-            let _guard = server.serve(&Name::new("slow").unwrap(), Arc::new(Slow)).await.unwrap();
-            let edge_config = config("[node]\nid = \"edge-1\"\ntier = \"edge\"\n[routing]\nprobe_interval_ms = 100\ndeadline_ms = { slow = 500 }\n");
-            let decider = Decider::start(&edge_config, net.attach(&edge), mode, Arc::new(|_| {})).await.unwrap();
+            let (server, _guard, decider) = fog_serving_edge(4, "slow", Arc::new(Slow), "probe_interval_ms = 100\ndeadline_ms = { slow = 500 }\n").await;
             let p50 = || decider.estimates().as_array().and_then(|rows| rows.first().cloned()).and_then(|r| r["p50_us"].as_u64());
             for _ in 0..300 {
                 if decider.estimates()[0]["samples"].as_u64().unwrap_or(0) >= 3 {
@@ -920,13 +927,9 @@ mod tests {
         }
         let runtime = runtime(true);
         runtime.block_on(async {
-            let (net, fog, edge) = linked(5);
-            let (_, mode) = watch::channel(Mode::Full);
-            let server = Decider::start(&config("[node]\nid = \"fog-1\"\ntier = \"fog\"\n"), net.attach(&fog), mode.clone(), Arc::new(|_| {})).await.unwrap();
             let asked = Arc::new(std::sync::atomic::AtomicU64::new(0));
-            let _guard = server.serve(&Name::new("slow").unwrap(), Arc::new(Counts(asked.clone()))).await.unwrap();
-            let edge_config = config("[node]\nid = \"edge-1\"\ntier = \"edge\"\n[routing]\nprobe_interval_ms = 10\ndeadline_ms = { slow = 1000 }\n");
-            let decider = Decider::start(&edge_config, net.attach(&edge), mode, Arc::new(|_| {})).await.unwrap();
+            let (server, _guard, decider) =
+                fog_serving_edge(5, "slow", Arc::new(Counts(asked.clone())), "probe_interval_ms = 10\ndeadline_ms = { slow = 1000 }\n").await;
             tokio::time::sleep(Duration::from_millis(500)).await;
             assert_eq!(asked.load(std::sync::atomic::Ordering::Relaxed), 1, "one probe in 500 ms of 10 ms ticks, while it waits its 1 s");
             decider.stop();
@@ -949,12 +952,8 @@ mod tests {
         }
         let runtime = runtime(true);
         runtime.block_on(async {
-            let (net, fog, edge) = linked(6);
-            let (_, mode) = watch::channel(Mode::Full);
-            let server = Decider::start(&config("[node]\nid = \"fog-1\"\ntier = \"fog\"\n"), net.attach(&fog), mode.clone(), Arc::new(|_| {})).await.unwrap();
-            let _guard = server.serve(&Name::new("inspect").unwrap(), Arc::new(Refuses)).await.unwrap();
-            let edge_config = config("[node]\nid = \"edge-1\"\ntier = \"edge\"\n[routing]\nprobe_interval_ms = 10\ndeadline_ms = { inspect = 1000 }\n");
-            let decider = Decider::start(&edge_config, net.attach(&edge), mode, Arc::new(|_| {})).await.unwrap();
+            let (server, _guard, decider) =
+                fog_serving_edge(6, "inspect", Arc::new(Refuses), "probe_interval_ms = 10\ndeadline_ms = { inspect = 1000 }\n").await;
             let summary = |field: &str| decider.estimates().as_array().and_then(|rows| rows.first().cloned()).and_then(|r| r[field].as_u64());
             for _ in 0..300 {
                 if summary("samples").unwrap_or(0) >= 3 {
