@@ -376,13 +376,6 @@ impl Service for Served {
             if let Some(recent) = request.input.get("recent") {
                 state.recent = recent_of(recent)?;
             }
-            // Too short a context would be scored as "no anomaly" (a model's warm-up): a
-            // successful answer that detects nothing. Refused, the requester decides itself
-            // (and does not take this node for slow).
-            let needed = self.model.context_len();
-            if !request.probe && state.recent.len() < needed {
-                return Err(format!("input: \"recent\" has {} readings; model {} needs {needed}", state.recent.len(), self.model.version()));
-            }
             let (score, took) = timed(self.model.as_ref(), &mut state, value)?;
             Ok(decision(self.model.as_ref(), &score, took, self.tier, &self.node))
         })
@@ -669,25 +662,6 @@ mod tests {
         }
         assert!(recent_of(&json!(["x"])).unwrap_err().contains("not a finite number"));
         assert!(recent_of(&json!(vec![1.0; CONTEXT_LEN_MAX + 1])).unwrap_err().contains("more than 1024"));
-    }
-
-    /// A served window model asked with a context shorter than its window refuses: scored, it
-    /// would answer "no anomaly" (its warm-up), a successful answer that detects nothing, and
-    /// the requester's own fallback would never run. A full context is answered; so is a probe.
-    #[test]
-    fn a_served_window_model_refuses_too_short_a_context() {
-        let model = Arc::new(shipped("cloud"));
-        let needed = model.context_len();
-        let served = Served { model, state: Arc::default(), tier: Tier::Cloud, node: NodeId::new("cloud-1").unwrap() };
-        let ask = |recent: Vec<f64>, probe: bool| {
-            let request =
-                DecisionRequest { id: "r".into(), capability: "anomaly".into(), budget_us: 1_000_000, probe, input: json!({"value": 20.0, "recent": recent}) };
-            tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(served.answer(&request))
-        };
-        let err = ask(vec![20.0; needed - 1], false).unwrap_err();
-        assert!(err.contains(&format!("has {} readings; model", needed - 1)) && err.ends_with(&format!("needs {needed}")), "{err}");
-        assert!(ask(vec![20.0; needed], false).is_ok());
-        assert!(ask(Vec::new(), true).is_ok(), "a probe");
     }
 
     #[test]

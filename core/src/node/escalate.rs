@@ -467,8 +467,12 @@ async fn answer_any(earlier: &mut [Desk], current: &mut Desk, payload: &[u8]) ->
         desk.time_out().await;
     }
     current.time_out().await;
-    let id = serde_json::from_slice::<Resolve>(payload).ok().map(|r| r.id);
-    match id.and_then(|id| earlier.iter().position(|d| d.pending.values().any(|p| p.id == id))) {
+    let Some(id) = serde_json::from_slice::<Resolve>(payload).ok().map(|r| r.id) else { return current.answer(payload).await };
+    // Where it is pending; else, if not pending here either, the earlier desk that resolved it
+    // lately (just above, perhaps, by its timeout), which tells what happened.
+    let pending = earlier.iter().position(|d| d.pending.values().any(|p| p.id == id));
+    let resolved = || earlier.iter().position(|d| d.recent.iter().any(|r| r.id == id));
+    match pending.or_else(|| if current.pending.values().any(|p| p.id == id) { None } else { resolved() }) {
         Some(n) => earlier[n].answer(payload).await,
         None => current.answer(payload).await,
     }
@@ -742,6 +746,33 @@ mod tests {
         assert!(Desk::open_earlier(&config, &log, &publish, &events).await.unwrap().is_empty(), "nothing left to read or resolve");
         let resolved: Vec<String> = resolutions(&log).iter().map(|r| r["escalation"].as_str().unwrap().to_owned()).collect();
         assert_eq!(resolved, ["a", "a", "c"], "this incarnation's resolutions (b's is under the old one)");
+    }
+
+    /// An answer to an earlier incarnation's escalation whose timeout has passed is told it
+    /// timed out, by the desk that resolved it, and is not taken by the current desk.
+    #[tokio::test]
+    async fn a_late_answer_to_an_earlier_incarnations_escalation_is_told_it_timed_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let node = NodeId::new("edge-1").unwrap();
+        let open = |boot: &str| crate::log::tests::open_in_boot(dir.path(), &node, boot);
+        let (config, publish, events): (_, Publish, super::super::decide::EventSink) = (config(1), Arc::new(|_| {}), Arc::new(|_| {}));
+        let esc = crate::model::StreamName::new("escalations").unwrap();
+        let log = open("boot-1");
+        log.append_durable(esc.clone(), escalation("x")).await.unwrap();
+        crate::log::tests::crash_committer(&log).await;
+        drop(log);
+        let log = open("boot-2");
+        let mut desk = Desk::open(&config, log.clone(), publish.clone(), events.clone()).await.unwrap();
+        let mut earlier = Desk::open_earlier(&config, &log, &publish, &events).await.unwrap();
+        earlier[0].drain(10).await;
+        let opened = earlier[0].pending.values().map(|p| p.opened_unix_ms).max().expect("x pending");
+        while unix_ms() <= opened + 1 {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        let approve = serde_json::to_vec(&Resolve { id: "x".into(), verdict: Verdict::Approve, by: "ops".into() }).unwrap();
+        let told = answer_any(&mut earlier, &mut desk, &approve).await.expect("told what happened");
+        assert_eq!((told["outcome"].as_str(), told["now"].as_bool()), (Some("timed_out"), Some(false)), "{told}");
+        log.close();
     }
 
     /// A desk snapshot that cannot be read does not stop the desk (and with it the node) from
