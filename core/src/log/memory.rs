@@ -43,6 +43,8 @@ impl Backend for BTreeMap<(u8, Vec<u8>), Vec<u8>> {
 pub struct MemStore {
     node: NodeId,
     incarnation: Incarnation,
+    /// `limits.max_payload_bytes` within the ceiling.
+    payload_bytes_max: usize,
     inner: Mutex<Inner>,
     commits: tokio::sync::watch::Sender<u64>,
 }
@@ -52,6 +54,7 @@ impl MemStore {
         MemStore {
             node: node.clone(),
             incarnation,
+            payload_bytes_max: limits.max_payload_bytes.min(crate::codec::PAYLOAD_BYTES_CEILING),
             inner: Mutex::new(Inner { core: Core::new(node, incarnation, limits, retention), data: BTreeMap::new(), closed: false }),
             commits: tokio::sync::watch::channel(0).0,
         }
@@ -114,7 +117,7 @@ impl Store for MemStore {
     }
 
     fn payload_bytes_max(&self) -> usize {
-        self.lock().core.limits.max_payload_bytes.min(crate::codec::PAYLOAD_BYTES_CEILING)
+        self.payload_bytes_max
     }
 
     fn submit(&self, op: Op) -> Pin<Box<dyn Future<Output = Result<Pending, LogError>> + Send + '_>> {

@@ -142,6 +142,8 @@ pub struct RocksStore {
     path: PathBuf,
     node: NodeId,
     incarnation: Incarnation,
+    /// `log.payload_bytes_max` within the ceiling (fixed at open).
+    payload_bytes_max: usize,
     /// The incarnations before `incarnation`, oldest first.
     earlier: Vec<Incarnation>,
     /// Replaced as a whole when a read-only store is refreshed.
@@ -409,6 +411,7 @@ impl RocksStore {
             incarnation,
             earlier,
             db: RwLock::new(Arc::new(db)),
+            payload_bytes_max: core.limits.max_payload_bytes.min(crate::codec::PAYLOAD_BYTES_CEILING),
             core: Arc::new(Mutex::new(core)),
             handoff: Handoff::new(opts.commit_queue_len_max),
             commits: tokio::sync::watch::channel(0).0,
@@ -447,6 +450,7 @@ impl RocksStore {
             incarnation,
             earlier,
             db: RwLock::new(Arc::new(db)),
+            payload_bytes_max: core.limits.max_payload_bytes.min(crate::codec::PAYLOAD_BYTES_CEILING),
             core: Arc::new(Mutex::new(core)),
             handoff,
             commits: tokio::sync::watch::channel(0).0,
@@ -1155,7 +1159,7 @@ impl Store for RocksStore {
     }
 
     fn payload_bytes_max(&self) -> usize {
-        lock_core(&self.core).limits.max_payload_bytes.min(crate::codec::PAYLOAD_BYTES_CEILING)
+        self.payload_bytes_max
     }
 
     fn earlier_incarnations(&self) -> Vec<Incarnation> {
